@@ -3,6 +3,8 @@
 Activations are quantized on the fly to e4m3 with one scale per (row, 128 columns); weights come from the
 checkpoint as e4m3 with one `weight_scale_inv` per 128x128 block (see `kernels/quant.py`). The GEMM keeps
 fp32 accumulators and multiplies each K-block's partial product by `a_scale[row] * w_scale[col block]`.
+On Hopper, cuBLASLt (CUDA >= 12.9) runs the same recipe natively through `torch._scaled_mm`
+(`w8a8_block_fp8_matmul_cublas`); `fp8_block_linear` switches to it from a caller-chosen M.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
 
 # Smallest amax a group may have, so an all-zero group gets a finite scale.
 _AMAX_EPS = 1e-10
+# Floor on a_scale * w_scale in the rescaling GEMM, so the ratio of consecutive scales stays finite.
+_MIN_SCALE = 1e-20
+# Elements per program of the split-K reduction.
+_REDUCE_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,35 +45,42 @@ def per_token_group_quant_fp8_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    M,
     K,
     num_groups,
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_sg,
     GROUP: tl.constexpr,
     GROUPS_PER_PROG: tl.constexpr,
     FP8_MAX_C: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns.
+    # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns. Rows >= M are padding
+    # (cuBLAS wants M a multiple of 4): they read nothing and store zeros with the smallest scale.
     row = tl.program_id(0)
     g0 = tl.program_id(1) * GROUPS_PER_PROG
     groups = g0 + tl.arange(0, GROUPS_PER_PROG)  # [G]
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [G, GROUP]
     mask = (groups[:, None] < num_groups) & (cols < K)
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    k_read = tl.where(row < M, K, 0)  # padding rows read no columns
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < k_read, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [G]
     scale = amax / FP8_MAX_C
     q = round_to_e4m3_mantissa(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * stride_sm + groups, scale, mask=groups < num_groups)
+    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 
-def per_token_group_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_group_quant_fp8(
+    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [M, K] to e4m3 with one float32 scale per (row, group of columns).
 
-    Returns (x_fp8 [M, K], scales [M, ceil(K/group)]) with scale = amax / 448, so x ~= x_fp8 * scale.
-    A partial last group (K not a multiple of `group`) is allowed.
+    Returns (x_fp8 [Mp, K], scales [Mp, ceil(K/group)]) with scale = amax / 448, so x ~= x_fp8 * scale;
+    Mp is M rounded up to `pad_rows_to` (padding rows are zeros). `column_major_scales` gives the scales
+    strides (1, Mp), the layout cuBLAS's 1x128 block scaling reads. A partial last group is allowed.
     """
     if x.dim() != 2:
         raise ValueError(f"per_token_group_quant_fp8 wants a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
@@ -75,16 +88,22 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.
         raise ValueError(f"group must be a power of two, got {group}")
     if x.stride(1) != 1:
         x = x.contiguous()
+    if pad_rows_to < 1:
+        raise ValueError(f"pad_rows_to must be >= 1, got {pad_rows_to}")
     m, k = x.shape
+    mp = triton.cdiv(m, pad_rows_to) * pad_rows_to
     num_groups = triton.cdiv(k, group)
-    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
-    if m == 0:
+    q = torch.empty((mp, k), dtype=FP8_DTYPE, device=x.device)
+    if column_major_scales:
+        s = torch.empty((num_groups, mp), dtype=torch.float32, device=x.device).t()  # [Mp, G], strides (1, Mp)
+    else:
+        s = torch.empty((mp, num_groups), dtype=torch.float32, device=x.device)
+    if mp == 0:
         return q, s
     groups_per_prog = min(triton.next_power_of_2(num_groups), max(1, 2048 // group))
-    grid = (m, triton.cdiv(num_groups, groups_per_prog))
+    grid = (mp, triton.cdiv(num_groups, groups_per_prog))
     per_token_group_quant_fp8_kernel[grid](
-        x, q, s, k, num_groups, x.stride(0), q.stride(0), s.stride(0),
+        x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
         GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
     )  # fmt: skip
     return q, s
@@ -114,6 +133,20 @@ def dequant_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor, group: int =
 
 
 @triton.jit
+def load_a_block(a_ptrs, as_ptrs, kb, k_ok, QUANT_A: tl.constexpr, FP8_MAX_C: tl.constexpr, EPS: tl.constexpr):
+    """One K block of A as e4m3 plus its per-row scales: loaded, or (QUANT_A) quantized here from 16/32-bit x."""
+    if QUANT_A:
+        # Same arithmetic as per_token_group_quant_fp8_kernel, so the product is bit-identical to quant + GEMM.
+        x = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
+        a_s = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C  # [BLOCK_M]
+        a = round_to_e4m3_mantissa(tl.clamp(x / a_s[:, None], -FP8_MAX_C, FP8_MAX_C)).to(tl.float8e4nv)
+    else:
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb)
+    return a, a_s
+
+
+@triton.jit
 def w8a8_block_fp8_matmul_kernel(
     a_ptr,
     as_ptr,
@@ -135,9 +168,16 @@ def w8a8_block_fp8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    RESCALE: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
+    QUANT_A: tl.constexpr,
+    FP8_MAX_C: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     # C[split] [M, N] = sum over this split's K blocks of (A_blk @ B_blk^T) * a_scale[:, kb] * b_scale[nb, kb].
     # NOTE: BLOCK_K equals the scale block along K, so every K step has exactly one scale per row / column.
+    # With QUANT_A, a_ptr holds the unquantized activations and each program quantizes the blocks it reads
+    # (as_ptr unused): the quantization launch disappears, at the price of redundant work per column tile.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -160,22 +200,50 @@ def w8a8_block_fp8_matmul_kernel(
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + safe_n[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     as_ptrs = as_ptr + safe_m * stride_asm  # [BLOCK_M]
-    bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
 
     kb_start = split * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
-        k0 = kb * BLOCK_K
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
-        a_s = tl.load(as_ptrs + kb)
-        b_s = tl.load(bs_ptrs + kb)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    if RESCALE:
+        # The accumulator is kept in units of the current block's scale s = a_s * b_s (one b_s per tile:
+        # BLOCK_N divides SCALE_BLOCK_N), so each step is one wgmma accumulating in place,
+        # acc = acc * (s_prev / s) + A_blk @ B_blk, instead of a wgmma into a temporary plus an FMA into acc:
+        # one [BLOCK_M, BLOCK_N] fp32 tile fewer in registers. MIN_SCALE keeps the ratio finite for a
+        # zero scale (an all-zero block, whose product is zero anyway).
+        bs_tile_ptr = bs_ptr + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * stride_bsn
+        s_prev = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        for kb in range(kb_start, kb_end):
+            k0 = kb * BLOCK_K
+            k_ok = offs_k < K - k0
+            a, a_s = load_a_block(a_ptrs + k0, as_ptrs, kb, k_ok, QUANT_A, FP8_MAX_C, EPS)
+            b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
+            s = tl.maximum(a_s * tl.load(bs_tile_ptr + kb), MIN_SCALE)  # [BLOCK_M]
+            acc = tl.dot(a, b, acc * (s_prev / s)[:, None])
+            s_prev = s
+        acc = acc * s_prev[:, None]
+    else:
+        bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+        for kb in range(kb_start, kb_end):
+            k0 = kb * BLOCK_K
+            k_ok = offs_k < K - k0
+            a, a_s = load_a_block(a_ptrs + k0, as_ptrs, kb, k_ok, QUANT_A, FP8_MAX_C, EPS)
+            b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
+            b_s = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
 
     c_ptrs = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl.constexpr):
+    # out [M*N] = sum over splits of c [split, M*N] (fp32, fixed order: deterministic), cast on the store.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sp in range(num_splits):
+        acc += tl.load(c_ptr + sp * stride_cs + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -188,6 +256,8 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    # Keep the accumulator in units of the current K block's scale (see the kernel); needs block_n | 128.
+    rescale: bool = False
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -242,35 +312,81 @@ def w8a8_block_fp8_matmul(
     w_fp8 [N, K] e4m3 with w_scale_inv [ceil(N/bn), ceil(K/128)] fp32. N and K need not be multiples of
     the block. `tiles` overrides the heuristic (benchmarks sweep it).
     """
-    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
+    x_scale = x_scale.to(torch.float32).contiguous()
+    return _launch_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block, out_dtype, tiles)
+
+
+def quant_w8a8_block_fp8_matmul(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+    tiles: GemmTiles | None = None,
+) -> torch.Tensor:
+    """`per_token_group_quant_fp8` + `w8a8_block_fp8_matmul` in one launch (plus the split-K sum).
+
+    x [M, K] bf16/fp16/fp32 (unquantized); the GEMM quantizes each 1x128 group as it loads it, with the
+    same arithmetic as the quantization kernel, so the result equals the two-launch path. Meant for small M
+    (decode), where the separate quantization launch costs about as much as it does work.
+    """
+    if x.dim() != 2 or w_fp8.dim() != 2 or x.shape[1] != w_fp8.shape[1]:
+        raise ValueError(f"expected x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w_fp8.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32 (it is quantized here), got {x.dtype}")
+    k = x.shape[1]
+    # Shape checks on a stand-in scale: the activation scales never exist in memory on this path.
+    _check_gemm_inputs(w_fp8[:0], x.new_empty((0, triton.cdiv(k, block[1]))), w_fp8, w_scale_inv, block)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _launch_block_gemm(x, None, w_fp8, w_scale_inv, block, out_dtype, tiles)
+
+
+def _launch_block_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    tiles: GemmTiles | None,
+) -> torch.Tensor:
+    # a [M, K]: e4m3 with a_scale [M, G] fp32, or (a_scale None) unquantized activations.
+    m, k = a.shape
+    n = w_fp8.shape[0]
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
-    x_scale = x_scale.to(torch.float32).contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
     if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
-    t = tiles or pick_gemm_tiles(m, n, k, _num_sms(x_fp8.device))
+        return torch.empty((0, n), dtype=out_dtype, device=a.device)
+    t = tiles or pick_gemm_tiles(m, n, k, _num_sms(a.device))
+    if t.rescale and block[0] % t.block_n:
+        raise ValueError(f"rescale tiles need block_n to divide the weight block {block[0]}, got {t.block_n}")
     k_blocks = triton.cdiv(k, 128)
     split = max(1, min(t.split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
-    # Split-K writes fp32 partials [split, M, N] that one sum reduces; otherwise write the output directly.
-    if split == 1:
-        c = torch.empty((1, m, n), dtype=out_dtype, device=x_fp8.device)
-    else:
-        c = torch.empty((split, m, n), dtype=torch.float32, device=x_fp8.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    # Split-K writes fp32 partials [split, M, N] that one more launch sums (in split order) and casts.
+    c = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), split)
+    a_s = w_scale_inv if a_scale is None else a_scale  # never read when the kernel quantizes A itself
     w8a8_block_fp8_matmul_kernel[grid](
-        x_fp8, x_scale, w_fp8, w_scale_inv, c, m, n, k, k_per_split,
-        x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), c.stride(0), c.stride(1),
+        a, a_s, w_fp8, w_scale_inv, c, m, n, k, k_per_split,
+        a.stride(0), a_s.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), c.stride(0), c.stride(1),
         SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, GROUP_M=t.group_m,
+        RESCALE=t.rescale, MIN_SCALE=_MIN_SCALE, QUANT_A=a_scale is None, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-    if split == 1:
-        return c[0]
-    return c.sum(dim=0, dtype=torch.float32).to(out_dtype)
+    if split > 1:
+        numel = m * n
+        splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+            c, out, split, numel, c.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
+        )
+    return out
 
 
 def w8a8_block_fp8_matmul_ref(
@@ -295,6 +411,87 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# cuBLASLt block scaling (Hopper, CUDA >= 12.9) through torch._scaled_mm
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cublas_block_fp8_supported(device: torch.device) -> bool:
+    """Whether torch._scaled_mm runs DeepSeek's 1x128 x 128x128 recipe on `device` (sm_90, CUDA >= 12.9).
+
+    Call it once, when the model is built; the answer does not change while the process runs.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.cuda is None:
+        return False
+    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    # NOTE: torch only routes this recipe to cuBLASLt on compute capability 9.x (its deepseek check).
+    return (major, minor) >= (12, 9) and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def cublas_block_fp8_shape_ok(n: int, k: int, block: tuple[int, int] = (128, 128)) -> bool:
+    """Whether an [N, K] weight fits the cuBLAS recipe as torch._scaled_mm passes it.
+
+    cuBLAS wants N and K multiples of 16 and reads the 128x128 scales with a leading dimension of
+    ceil(K/128) rounded up to 4, while the (v1) _scaled_mm API accepts only the unpadded layout: so the
+    number of K blocks must already be a multiple of 4 (true for every DeepSeek-V3 linear).
+    """
+    return tuple(block) == (128, 128) and n % 16 == 0 and k % 16 == 0 and triton.cdiv(k, 128) % 4 == 0
+
+
+def cublas_weight_scale(w_scale_inv: torch.Tensor) -> torch.Tensor:
+    """The weight scales as _scaled_mm's scale_b: [ceil(K/128), ceil(N/128)] fp32 with strides (1, ceil(K/128)).
+
+    For the checkpoint's contiguous fp32 `weight_scale_inv` this is a free view (`.t()`), so a model may
+    keep it next to the weight once, at load time; other dtypes or layouts cost one copy per call.
+    """
+    return w_scale_inv.to(torch.float32).contiguous().t()
+
+
+def w8a8_block_fp8_matmul_cublas(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`w8a8_block_fp8_matmul` on cuBLASLt: same operands, same result up to accumulation order.
+
+    x_fp8 [M, K] e4m3, x_scale [M, ceil(K/128)] fp32, w_fp8 [N, K] e4m3, w_scale_inv [ceil(N/128),
+    ceil(K/128)] fp32; returns [M, N] in out_dtype (bf16, fp16 or fp32). cuBLAS wants M a multiple of 4 and
+    the activation scales column-major (strides (1, M)): operands already in that form (from
+    `per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)`) are used as they are, others
+    are padded / copied here. The weight must pass `cublas_block_fp8_shape_ok`.
+    """
+    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    if not cublas_block_fp8_shape_ok(n, k, block):
+        raise ValueError(
+            f"cuBLAS block scaling needs a 128x128 block, N and K multiples of 16 and ceil(K/128) a multiple of "
+            f"4; got N={n}, K={k}, block={block}: use w8a8_block_fp8_matmul"
+        )
+    if m == 0:
+        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
+    mp = triton.cdiv(m, 4) * 4
+    if x_fp8.stride(1) != 1:
+        x_fp8 = x_fp8.contiguous()
+    if mp != m:
+        pad = torch.zeros((mp - m, k), dtype=torch.uint8, device=x_fp8.device)
+        x_fp8 = torch.cat([x_fp8.view(torch.uint8), pad]).view(FP8_DTYPE)  # bytes: fp8 has few CUDA ops
+    # torch's check: strides (1, M), each relaxed where that dimension has size 1.
+    groups = x_scale.shape[1]
+    scale_ok = x_scale.dtype == torch.float32 and x_scale.stride(0) == 1 and (groups == 1 or x_scale.stride(1) == m)
+    if mp != m or not scale_ok:
+        padded = torch.ones((groups, mp), dtype=torch.float32, device=x_scale.device)
+        padded[:, :m] = x_scale.t()
+        x_scale = padded.t()  # [Mp, G], strides (1, Mp)
+    if w_fp8.stride(1) != 1:
+        w_fp8 = w_fp8.contiguous()
+    # mat2 = W^T [K, N] column-major; scale_b [ceil(K/128), ceil(N/128)] is read as 128x128 blocks.
+    w_scale_t = cublas_weight_scale(w_scale_inv)
+    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale_t, out_dtype=out_dtype)
+    return out[:m]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The entry the model calls
 # ---------------------------------------------------------------------------------------------------------
 
@@ -305,17 +502,31 @@ def fp8_block_linear(
     weight_scale_inv: torch.Tensor,
     block_size: tuple[int, int] = (128, 128),
     bias: torch.Tensor | None = None,
+    cublas_min_m: int | None = None,
+    fuse_quant_max_m: int | None = None,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) for a block-FP8 weight W [N, K], in x's dtype.
 
-    On CUDA the activations are quantized per token per 128 columns and the Triton GEMM runs (W8A8);
-    elsewhere the reference path dequantizes the weight and multiplies in float32 (no activation rounding).
+    On CUDA the activations are quantized per token per 128 columns and a W8A8 GEMM runs: cuBLASLt
+    block scaling when `cublas_min_m` is set, M >= cublas_min_m and the weight fits it
+    (`cublas_block_fp8_shape_ok`); else the Triton kernel, which quantizes inside the GEMM (one launch
+    fewer) when M <= `fuse_quant_max_m`. The caller picks both thresholds once, from measured crossovers,
+    and sets `cublas_min_m` only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
+    reference path dequantizes the weight and multiplies in float32 (no activation rounding).
     """
     lead = x.shape[:-1]
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
-    if x.is_cuda:
+    m = x2.shape[0]
+    use_cublas = cublas_min_m is not None and m >= cublas_min_m and cublas_block_fp8_shape_ok(n, k, block_size)
+    if x.is_cuda and use_cublas:
+        # Quantize straight into the padded, column-major-scale layout cuBLAS reads: no copies.
+        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], column_major_scales=True, pad_rows_to=4)
+        y = w8a8_block_fp8_matmul_cublas(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)[:m]
+    elif x.is_cuda and fuse_quant_max_m is not None and m <= fuse_quant_max_m:
+        y = quant_w8a8_block_fp8_matmul(x2, weight, weight_scale_inv, block_size, x.dtype)
+    elif x.is_cuda:
         x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1])
         y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)
     else:

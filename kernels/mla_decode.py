@@ -6,6 +6,13 @@ them (the K/V bytes read from HBM are shared by BLOCK_H heads). Long contexts ar
 run as separate programs, each writing a normalised partial output and its log-sum-exp; a merge kernel
 combines them. The split count is a launch parameter (fixed per batch size, so CUDA graphs can capture it);
 each program derives its chunk from the device-side sequence length.
+
+Two kernel forms. `mla_decode_kernel` puts heads on the MMA's M axis: with 8 warps and 64 heads Triton gives
+both warpgroups the whole [heads, tokens] score tile (a chained dot gets all warps on M), so the 576-deep QK
+product is computed twice. `mla_decode_tokm_kernel` puts tokens on M instead (S^T = K Q^T, O^T += V^T P^T):
+a 128-token block gives each warpgroup its own 64 tokens for QK and its own 256 output columns for PV, with
+P^T passed through shared memory, the split FlashMLA uses; its KV block can arrive by TMA when a page holds
+whole blocks, which keeps the 144 KB block out of registers.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 
@@ -44,6 +52,7 @@ def mla_decode_kernel(
     stride_lse_b,
     stride_lse_h,
     num_splits,
+    num_col_programs,
     PAGE_SIZE: tl.constexpr,
     D_LATENT: tl.constexpr,
     D_ROPE: tl.constexpr,
@@ -53,16 +62,17 @@ def mla_decode_kernel(
     STORE_LSE: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr,
 ):
-    # Program (b, head block x value block, split): heads [h0, h0 + BLOCK_H) of sequence b over its split-th
-    # KV chunk, producing output columns [dv0, dv0 + BLOCK_DV). With BLOCK_DV = D_LATENT / 2 two programs
+    # Program (b x head block x value block, split); head blocks vary fastest so the programs that read the
+    # same sequence's rows run side by side and share them through L2. It covers heads [h0, h0 + BLOCK_H)
+    # of sequence b over its split-th KV chunk, producing output columns [dv0, dv0 + BLOCK_DV). With BLOCK_DV = D_LATENT / 2 two programs
     # share a head block: both compute the full scores (latent halves "own" + "other", and rope), each
     # accumulates its own half of P @ V; that halves the accumulator so 64 heads fit one warpgroup.
-    b = tl.program_id(0)
     NUM_DV: tl.constexpr = D_LATENT // BLOCK_DV
-    h0 = (tl.program_id(1) // NUM_DV) * BLOCK_H
-    dv0 = (tl.program_id(1) % NUM_DV) * BLOCK_DV
+    b = tl.program_id(0) // num_col_programs
+    h0 = (tl.program_id(0) % num_col_programs // NUM_DV) * BLOCK_H
+    dv0 = (tl.program_id(0) % NUM_DV) * BLOCK_DV
     other0 = (dv0 + BLOCK_DV) % D_LATENT  # the other half's start (unused when NUM_DV == 1)
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     offs_h = h0 + tl.arange(0, BLOCK_H)
     mask_h = offs_h < num_heads
     offs_c = tl.arange(0, BLOCK_DV)
@@ -128,6 +138,112 @@ def mla_decode_kernel(
 
 
 @triton.jit
+def _tokm_block(kv, k_pe, q_t, qpe_t, mask_n, m_i, l_i, acc, sm_scale_log2):
+    # One KV block, tokens on M. kv [BLOCK_N, D_LATENT], k_pe [BLOCK_N, D_ROPE]; q_t [D_LATENT, BLOCK_H] and
+    # qpe_t [D_ROPE, BLOCK_H] stay in shared memory as wgmma B operands; acc [D_LATENT, BLOCK_H] is O^T.
+    s = tl.dot(kv, q_t) + tl.dot(k_pe, qpe_t)  # [BLOCK_N, BLOCK_H]
+    s = tl.where(mask_n[:, None], s * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, BLOCK_H]; goes to shared memory as the PV B operand
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def mla_decode_tokm_kernel(
+    q_nope_ptr,
+    q_pe_ptr,
+    cache_ptr,
+    kv_desc,
+    pe_desc,
+    page_table_ptr,
+    seq_lens_ptr,
+    seq_idx_ptr,
+    o_ptr,
+    lse_ptr,
+    sm_scale_log2,
+    num_heads,
+    stride_qn_b,
+    stride_qn_h,
+    stride_qp_b,
+    stride_qp_h,
+    stride_cache_tok,
+    stride_pt_b,
+    stride_o_b,
+    stride_o_h,
+    stride_o_s,
+    stride_lse_b,
+    stride_lse_h,
+    num_splits,
+    num_col_programs,
+    PAGE_SIZE: tl.constexpr,
+    D_LATENT: tl.constexpr,
+    D_ROPE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+):
+    # Program (b x head block, split) as in mla_decode_kernel, computing the transposed problem: scores
+    # S^T = K Q^T [BLOCK_N, BLOCK_H] and output O^T [D_LATENT, BLOCK_H]. With USE_TMA (PAGE_SIZE a multiple
+    # of BLOCK_N) blocks come by TMA straight into shared memory instead of through registers.
+    # NOTE: TMA reads whole blocks, so cache rows past a sequence's end (in its last block) must be finite:
+    # a NaN there times p = 0 is still NaN. The KV cache is zero-initialised, so they are.
+    b = tl.program_id(0) // num_col_programs
+    h0 = (tl.program_id(0) % num_col_programs) * BLOCK_H
+    split = tl.program_id(1)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < num_heads
+    offs_c = tl.arange(0, D_LATENT)
+    offs_r = tl.arange(0, D_ROPE)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    q_cols = q_nope_ptr + b * stride_qn_b + offs_h[None, :] * stride_qn_h
+    q_t = tl.load(q_cols + offs_c[:, None], mask=mask_h[None, :], other=0.0)  # [D_LATENT, BLOCK_H]
+    qpe_cols = q_pe_ptr + b * stride_qp_b + offs_h[None, :] * stride_qp_h
+    qpe_t = tl.load(qpe_cols + offs_r[:, None], mask=mask_h[None, :], other=0.0)  # [D_ROPE, BLOCK_H]
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((D_LATENT, BLOCK_H), dtype=tl.float32)
+    if HAS_SEQ_IDX:
+        pt_row = page_table_ptr + tl.load(seq_idx_ptr + b).to(tl.int64) * stride_pt_b
+    else:
+        pt_row = page_table_ptr + b * stride_pt_b
+    for t0 in range(start, end, BLOCK_N):
+        toks = t0 + offs_n
+        mask_n = toks < end
+        if USE_TMA:
+            # A page holds whole blocks, so the block is rows [row0, row0 + BLOCK_N) of one page; past `end`
+            # they are other tokens' or unwritten (zeroed) rows, finite, and their scores are masked to -inf.
+            row0 = (tl.load(pt_row + t0 // PAGE_SIZE) * PAGE_SIZE + t0 % PAGE_SIZE).to(tl.int32)
+            kv = kv_desc.load([row0, 0])  # [BLOCK_N, D_LATENT]
+            k_pe = pe_desc.load([row0, 0])  # [BLOCK_N, D_ROPE]
+        else:
+            pages = tl.load(pt_row + toks // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+            row_ptrs = cache_ptr + (pages * PAGE_SIZE + toks % PAGE_SIZE) * stride_cache_tok  # [BLOCK_N]
+            kv = tl.load(row_ptrs[:, None] + offs_c[None, :], mask=mask_n[:, None], other=0.0)
+            k_pe = tl.load(row_ptrs[:, None] + D_LATENT + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+        m_i, l_i, acc = _tokm_block(kv, k_pe, q_t, qpe_t, mask_n, m_i, l_i, acc, sm_scale_log2)
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[None, :]  # [D_LATENT, BLOCK_H]
+    o_ptrs = o_ptr + b * stride_o_b + offs_h[None, :] * stride_o_h + split * stride_o_s + offs_c[:, None]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_h[None, :])
+    if STORE_LSE:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # log2 domain
+        tl.store(lse_ptr + b * stride_lse_b + offs_h * stride_lse_h + split, lse, mask=mask_h)
+
+
+@triton.jit
 def mla_decode_merge_kernel(
     o_part_ptr,
     lse_ptr,
@@ -171,6 +287,10 @@ class MlaDecodeTiles:
     """Launch parameters of the decode kernel (heads per program, KV rows per step, warps, stages).
 
     split_dv: two programs per head block, each owning half of the output columns (see the kernel).
+    tokens_on_m: the transposed form, `mla_decode_tokm_kernel` (tokens on the MMA's M axis; block_n 128
+    with 8 warps gives each warpgroup 64 tokens); split_dv does not apply to it.
+    tma: with tokens_on_m, load full KV blocks by TMA when the page size is a multiple of block_n (other
+    page sizes fall back to pointer loads, so one tiles value serves every cache).
     """
 
     block_h: int
@@ -178,6 +298,8 @@ class MlaDecodeTiles:
     num_warps: int
     num_stages: int
     split_dv: bool = False
+    tokens_on_m: bool = False
+    tma: bool = False
 
 
 def pick_mla_decode_tiles(num_heads: int) -> MlaDecodeTiles:
@@ -259,8 +381,6 @@ def mla_decode(
     if splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
     scale_log2 = float(sm_scale) * _LOG2E
-    num_dv = 2 if t.split_dv else 1
-    grid = (batch, num_head_blocks * num_dv, splits)
     if splits == 1:
         o_part, lse = out, out  # lse unused (STORE_LSE=False)
         strides = (out.stride(0), out.stride(1), 0, 0, 0)
@@ -268,16 +388,31 @@ def mla_decode(
         o_part = torch.empty((batch, num_heads, splits, d_latent), dtype=torch.float32, device=q_nope.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q_nope.device)
         strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1))
-    mla_decode_kernel[grid](
-        q_nope, q_pe, cache, page_table, seq_lens, seq_idx if seq_idx is not None else seq_lens,
-        o_part, lse, scale_log2, num_heads,
+    common = (
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(1), page_table.stride(0),
         *strides, splits,
-        PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope,
-        BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_DV=d_latent // num_dv, STORE_LSE=splits > 1,
-        HAS_SEQ_IDX=seq_idx is not None,
-        num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
+    seq_rows = seq_idx if seq_idx is not None else seq_lens
+    if t.tokens_on_m:
+        descs = _kv_descriptors(cache, d_latent, t.block_n) if t.tma and page_size % t.block_n == 0 else None
+        kv_desc, pe_desc = descs if descs is not None else (None, None)
+        mla_decode_tokm_kernel[(batch * num_head_blocks, splits)](
+            q_nope, q_pe, cache, kv_desc, pe_desc, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, num_heads,
+            *common, num_head_blocks,
+            PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_H=t.block_h, BLOCK_N=t.block_n,
+            USE_TMA=descs is not None, STORE_LSE=splits > 1, HAS_SEQ_IDX=seq_idx is not None,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+    else:
+        num_dv = 2 if t.split_dv else 1
+        mla_decode_kernel[(batch * num_head_blocks * num_dv, splits)](
+            q_nope, q_pe, cache, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, num_heads,
+            *common, num_head_blocks * num_dv,
+            PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope,
+            BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_DV=d_latent // num_dv, STORE_LSE=splits > 1,
+            HAS_SEQ_IDX=seq_idx is not None,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
     if splits > 1:
         block_d = min(d_latent, 128)
         mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
@@ -312,6 +447,22 @@ def mla_decode_ref(
         p = torch.softmax((q @ kv.t()) * sm_scale, dim=-1)  # [H, seq_len]
         out[b] = (p @ kv[:, :d_latent]).to(out.dtype)
     return out
+
+
+def _kv_descriptors(cache: torch.Tensor, d_latent: int, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """TMA descriptors over the cache's latent and rope columns as [num_pages * page_size, D] matrices.
+
+    None when TMA cannot address them (row stride or base not 16-byte aligned): pointer loads then.
+    """
+    item = cache.element_size()
+    rope = cache[..., d_latent:]  # [num_pages, page_size, D_ROPE], starts d_latent values into each row
+    if (cache.stride(1) * item) % 16 or cache.data_ptr() % 16 or rope.data_ptr() % 16:
+        return None
+    rows, row_stride = cache.shape[0] * cache.shape[1], cache.stride(1)
+    return (
+        TensorDescriptor(cache, [rows, d_latent], [row_stride, 1], [block_n, d_latent]),
+        TensorDescriptor(rope, [rows, rope.shape[2]], [row_stride, 1], [block_n, rope.shape[2]]),
+    )
 
 
 def _num_sms(device: torch.device) -> int:

@@ -129,7 +129,7 @@ class Driver:
         return (time.perf_counter() - t) / steps
 
 
-def profile_decode(d: Driver, slots: list[int], bs: int, steps: int = 4) -> None:
+def profile_decode(d: Driver, slots: list[int], bs: int, steps: int = 4, top: int = 12) -> None:
     """Top kernels by GPU time over `steps` overlapped decode steps, and the GPU-busy share of the wall time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -139,7 +139,7 @@ def profile_decode(d: Driver, slots: list[int], bs: int, steps: int = 4) -> None
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if torch.cuda.is_available() else []
     total = sum(e.self_device_time_total for e in events) / 1e3  # ms over all steps
     print(f"## profile, batch {bs}: GPU busy {total / steps:.2f} ms of {wall / steps * 1e3:.2f} ms per step")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         share = e.self_device_time_total / 1e3 / max(total, 1e-9)
         print(f"  {e.self_device_time_total / 1e3 / steps:8.3f} ms/step {share:6.1%}  x{e.count // steps:<4} {e.key[:90]}")
 
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of a few decode steps")
+    ap.add_argument("--profile-top", type=int, default=12, help="how many kernels --profile lists")
     args = ap.parse_args()
 
     cuda = args.device.startswith("cuda")
@@ -205,7 +206,7 @@ def main() -> None:
         serial = times[len(times) // 2]
         step = d.decode_overlapped(slots, args.decode_steps)
         if args.profile:
-            profile_decode(d, slots, bs)
+            profile_decode(d, slots, bs, top=args.profile_top)
         wbytes, ebytes = weight_bytes(runner, cfg, bs)
         kv = bs * (args.context_len + 8) * cfg.kv_cache_dim * runner.kv_cache.layers[0].element_size() * cfg.num_hidden_layers
         roof = (wbytes + kv) / HBM_BYTES_PER_S

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baleen.kernels.activation import silu_and_mul
+from baleen.kernels.mla_prep import mla_prep
 from baleen.kernels.quant import block_dequant
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
@@ -21,6 +23,7 @@ from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
+    FusedLinear,
     LinearBase,
     LinearMethod,
     ParallelLMHead,
@@ -30,6 +33,7 @@ from baleen.model.layers import (
     TensorSource,
     UnquantizedLinearMethod,
     VocabParallelEmbedding,
+    fuse_linears,
     get_weight_loader,
     make_linear_method,
 )
@@ -157,6 +161,8 @@ class DeepseekV3Attention(nn.Module):
         # Filled by post_load(): kv_b_proj split into its key and value halves, per head.
         self.w_uk: torch.Tensor | None = None  # [H, nope, kv_lora_rank]
         self.w_uv: torch.Tensor | None = None  # [H, v_head_dim, kv_lora_rank]
+        # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM after post_load() when they can share it.
+        self.qkv_a: FusedLinear | None = None
 
     def post_load(self) -> None:
         """Derive W_UK / W_UV from kv_b_proj (dequantized when FP8) for the absorbed form."""
@@ -167,23 +173,34 @@ class DeepseekV3Attention(nn.Module):
         w = w.to(self.dtype).view(self.num_heads, self.nope + self.v_dim, self.rank)
         self.w_uk = w[:, : self.nope].contiguous()
         self.w_uv = w[:, self.nope :].contiguous()
+        if self.q_lora:
+            self.qkv_a = fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         num_tokens = x.shape[0]
         if num_tokens == 0:
             # An idle DP rank: it only joins the MLP collectives (its DP group's ranks all skip this).
             return x.new_zeros((0, self.o_proj.out_features))
-        if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.qkv_a is not None:
+            q_c, latent = self.qkv_a(x)  # [T, q_lora_rank], [T, kv_lora_rank + rope]
         else:
-            q = self.q_proj(x)
+            q_c, latent = (self.q_a_proj(x) if self.q_lora else x), self.kv_a_proj_with_mqa(x)
+        q = self.q_b_proj(self.q_a_layernorm(q_c)) if self.q_lora else self.q_proj(q_c)
         q = q.view(num_tokens, self.num_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
-        latent = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
-        c_kv = self.kv_a_layernorm(latent[:, : self.rank])  # [T, kv_lora_rank]
-        k_pe = apply_rotary(latent[:, self.rank :], ctx.cos_sin)  # [T, rope]
-        q_pe = apply_rotary(q_pe, ctx.cos_sin)
-        ctx.kv_cache.write(self.layer_id, ctx.batch.out_loc, torch.cat([c_kv, k_pe], dim=-1))
+        if x.is_cuda:
+            # One launch: normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row.
+            kv = None if ctx.absorbed else torch.empty_like(latent)
+            norm = self.kv_a_layernorm
+            cache = ctx.kv_cache.layer(self.layer_id)
+            mla_prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, cache, self.rope, kv)
+            q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
+            c_kv, k_pe = (latent, latent) if kv is None else kv.split([self.rank, self.rope], dim=-1)
+        else:
+            q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+            c_kv = self.kv_a_layernorm(latent[:, : self.rank])  # [T, kv_lora_rank]
+            k_pe = apply_rotary(latent[:, self.rank :], ctx.cos_sin)  # [T, rope]
+            q_pe = apply_rotary(q_pe, ctx.cos_sin)
+            ctx.kv_cache.write(self.layer_id, ctx.batch.out_loc, torch.cat([c_kv, k_pe], dim=-1))
         if ctx.absorbed:
             if self.w_uk is None or self.w_uv is None:
                 raise ValueError("absorbed MLA needs post_load() after the weights are loaded")
@@ -214,9 +231,19 @@ class DeepseekV3MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, method, parallel)
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, method, parallel)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, method, parallel, reduce_results)
+        self.gate_up: FusedLinear | None = None  # gate_proj and up_proj as one GEMM, after post_load()
+
+    def post_load(self) -> None:
+        """Fuse gate_proj and up_proj into one GEMM (their weights become views of the fused one)."""
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if x.is_cuda:
+            return self.down_proj(silu_and_mul(self.gate_up.joint(x)))  # [T, 2 * intermediate] -> [T, intermediate]
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -295,10 +322,21 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), ctx)  # [T, H], this rank's tokens
-        y = self.exchange.gather(self.post_attention_layernorm(h), ctx.dp_num_tokens)  # [T or all, H]
-        return h + self.exchange.combine(self.mlp(y), ctx.dp_num_tokens)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp_out, residual) such that the block's output is mlp_out + residual.
+
+        The sum is left to the next norm, which fuses it (`RMSNorm.add_norm`); residual is None on the first
+        layer, where x is the embedding itself.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_norm(x, residual)  # [T, H], this rank's tokens
+        y, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, ctx), residual)
+        y = self.exchange.gather(y, ctx.dp_num_tokens)  # [T or all, H]
+        return self.exchange.combine(self.mlp(y), ctx.dp_num_tokens), residual
 
 
 def make_embedding(config: ModelConfig, groups: ParallelGroups, dtype: torch.dtype) -> VocabParallelEmbedding:
@@ -331,9 +369,10 @@ class DeepseekV3Model(nn.Module):
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         h = self.embed_tokens(ctx.batch.input_ids)  # [T, H]
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            h = layer(h, ctx)
-        return self.norm(h)
+            h, residual = layer(h, residual, ctx)
+        return self.norm.add_norm(h, residual)[0] if residual is not None else self.norm(h)
 
 
 def make_rotary(config: ModelConfig) -> RotaryEmbedding:
@@ -454,9 +493,9 @@ def check_complete(
 
 
 def post_load_all(module: nn.Module) -> None:
-    """Run every attention layer's post_load()."""
+    """Run every attention layer's and MLP's post_load() (absorbed-MLA matrices, fused GEMMs)."""
     for m in module.modules():
-        if isinstance(m, DeepseekV3Attention):
+        if isinstance(m, (DeepseekV3Attention, DeepseekV3MLP)):
             m.post_load()
 
 
@@ -572,7 +611,8 @@ class DeepseekMTP(nn.Module):
         ctx = step_context(self.rotary, self.mla_policy, batch, kv_cache, attn)
         e = self.enorm(self.embed_tokens(batch.input_ids))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden_prev)], dim=-1))  # [T, H]
-        return self.shared_head.norm(self.block(h, ctx))
+        out, residual = self.block(h, None, ctx)
+        return self.shared_head.norm.add_norm(out, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] -> logits [n, vocab] float32."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baleen.kernels.norm import rms_norm, rms_norm_ref
 from baleen.model.config import ParallelConfig, QuantConfig
 from baleen.model.parallel import Comm
 
@@ -103,7 +104,7 @@ def default_comm(parallel: ParallelConfig) -> Comm:
 
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32."""
+    """x / rms(x) * weight, computed in float32 (one fused Triton launch on CUDA, torch elsewhere)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -111,18 +112,34 @@ class RMSNorm(nn.Module):
         self.weight = new_param((hidden_size,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.eps)[0]
+        return rms_norm_ref(x, self.weight, self.eps)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add of a pre-norm block fused into its norm."""
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)
 
 
 # ---- linear methods --------------------------------------------------------------------------------------
+class LinearWeights(Protocol):
+    """What a linear method reads at run time: the weight (and its block scales when FP8)."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def weight_scale_inv(self) -> torch.Tensor: ...
+
+
 class LinearMethod(Protocol):
     """How a linear layer stores its weight and computes y = x W^T."""
 
     def create_weights(self, layer: LinearBase) -> None: ...
 
-    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor: ...
+    def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class UnquantizedLinearMethod:
@@ -134,7 +151,7 @@ class UnquantizedLinearMethod:
     def create_weights(self, layer: LinearBase) -> None:
         layer.weight = new_param((layer.out_local, layer.in_local), self.dtype, layer.load_weight)
 
-    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)
 
 
@@ -157,7 +174,7 @@ class Fp8BlockLinearMethod:
         scale_shape = (-(-layer.out_local // bn), -(-layer.in_local // bk))
         layer.weight_scale_inv = new_param(scale_shape, torch.float32, layer.load_scale)
 
-    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         from baleen.kernels.fp8_gemm import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
         return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
@@ -261,6 +278,54 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.method.apply(self, x)
         return self.comm.all_reduce(y) if self.reduce_results else y
+
+
+class FusedLinear:
+    """Linears that read the same input, concatenated along their outputs so that one GEMM serves them all.
+
+    Made after loading (`fuse_linears`); the originals' weights become views into the concatenation, so
+    no memory is added. Deliberately not an nn.Module: its tensors are already the originals' parameters.
+    """
+
+    def __init__(self, layers: Sequence[LinearBase]) -> None:
+        self.method = layers[0].method
+        self.widths = [layer.out_local for layer in layers]
+        self.weight = torch.cat([layer.weight.data for layer in layers])  # [sum(out_local), in_local]
+        for layer, part in zip(layers, self.weight.split(self.widths)):
+            layer.weight.data = part
+        if layers[0].block_size is not None:
+            self.weight_scale_inv = torch.cat([layer.weight_scale_inv.data for layer in layers])
+            rows = [layer.weight_scale_inv.shape[0] for layer in layers]
+            for layer, part in zip(layers, self.weight_scale_inv.split(rows)):
+                layer.weight_scale_inv.data = part
+
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., sum(out_local)]: the outputs side by side, in the order fused."""
+        return self.method.apply(self, x)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [..., in] -> one output per fused linear, [..., out_local] each (views of one GEMM's output)."""
+        return list(self.joint(x).split(self.widths, dim=-1))
+
+
+def fuse_linears(layers: Sequence[LinearBase]) -> FusedLinear | None:
+    """A FusedLinear over `layers`, or None when they cannot share a GEMM.
+
+    They must be plain (no all-reduce), read the same input slice, use the same kind of weights, and with
+    FP8 blocks every part but the last must end on a block boundary (so the block scales concatenate).
+    """
+    first = layers[0]
+    block = first.block_size
+    for layer in layers:
+        if isinstance(layer, RowParallelLinear) or type(layer.method) is not type(first.method):
+            return None
+        if (layer.in_start, layer.in_local, layer.block_size) != (first.in_start, first.in_local, block):
+            return None
+        if layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device:
+            return None
+    if block is not None and any(layer.out_local % block[0] for layer in layers[:-1]):
+        return None
+    return FusedLinear(layers)
 
 
 # ---- vocabulary ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baleen.kernels.moe_route import route_noaux_tc, route_supported
 from baleen.kernels.quant import block_dequant
 from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.layers import TensorSource, check_shape, copy_into, new_param
@@ -84,7 +85,18 @@ class MoEGate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32)."""
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if x.is_cuda and x.dtype != torch.float32:
+            # bf16 products are exact in float32: a float32-output GEMM equals the upcast one (up to summation order).
+            logits = torch.mm(x, self.weight.t(), out_dtype=torch.float32)  # [T, E]
+        else:
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        bias = self.e_score_correction_bias
+        fused = c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid" and bias is not None
+        if x.is_cuda and fused and route_supported(c.n_routed_experts or 0, c.n_group):
+            assert bias is not None
+            return route_noaux_tc(
+                logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob
+            )
         return select_experts(
             logits,
             top_k=self.top_k,

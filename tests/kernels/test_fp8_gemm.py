@@ -7,11 +7,15 @@ import torch
 
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
+    cublas_block_fp8_shape_ok,
+    cublas_block_fp8_supported,
     dequant_token_groups,
     fp8_block_linear,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
+    quant_w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul,
+    w8a8_block_fp8_matmul_cublas,
     w8a8_block_fp8_matmul_ref,
 )
 from baleen.kernels.quant import block_dequant, block_quant
@@ -53,10 +57,87 @@ def test_block_fp8_matmul_matches_ref(m: int, n: int, k: int) -> None:
     x_q, x_s = per_token_group_quant_fp8_ref(torch.randn(m, k))
     w_q, w_s = block_quant(torch.randn(n, k) * 0.05)
     ref = w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
-    for tiles in (None, GemmTiles(16, 64, split_k=2), GemmTiles(32, 32, split_k=1, group_m=2)):
+    for tiles in (
+        None,
+        GemmTiles(16, 64, split_k=2),
+        GemmTiles(32, 32, split_k=1, group_m=2),
+        GemmTiles(16, 64, split_k=1, rescale=True),
+        GemmTiles(32, 32, split_k=2, group_m=2, rescale=True),
+    ):
         out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
         assert out.shape == (m, n)
         assert rel_err(out, ref) < 1e-5, tiles
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 96, 384), (17, 64, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_quant_matmul_equals_quant_then_matmul(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(m + k)
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(dtype)
+    x[0, :128] = 0.0  # an all-zero group: the smallest scale, as in the quantization kernel
+    w_q, w_s = block_quant(torch.randn(n, k) * 0.05)
+    for tiles in (GemmTiles(16, 32, split_k=2), GemmTiles(16, 64, rescale=True)):
+        fused = quant_w8a8_block_fp8_matmul(x, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
+        two_step = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s, out_dtype=torch.float32, tiles=tiles)
+        assert fused.shape == (m, n)
+        torch.testing.assert_close(fused, two_step, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        quant_w8a8_block_fp8_matmul(x.to(torch.int32), w_q, w_s)
+
+
+def test_rescale_survives_zero_and_extreme_scales() -> None:
+    # The rescaling GEMM divides consecutive block scales: a zero weight block (scale 0) and activation
+    # scales 1e6 apart must still give the reference, not inf/NaN.
+    torch.manual_seed(3)
+    m, n, k = 16, 64, 512
+    x = torch.randn(m, k)
+    x[:, 128:256] *= 1e-6  # a tiny group between normal ones
+    x_q, x_s = per_token_group_quant_fp8_ref(x)
+    w = torch.randn(n, k) * 0.05
+    w[:, 256:384] = 0.0
+    w_q, w_s = block_quant(w)
+    w_s[:, 2] = 0.0  # the all-zero block, with the zero scale a checkpoint may store
+    ref = w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=GemmTiles(16, 64, rescale=True))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_split_k_reduction_casts_once() -> None:
+    # Split-K partials are summed in fp32 by one extra launch and cast on its store: fp16 output equals the
+    # fp32 result rounded once.
+    torch.manual_seed(4)
+    x_q, x_s = per_token_group_quant_fp8_ref(torch.randn(5, 512))
+    w_q, w_s = block_quant(torch.randn(96, 512) * 0.05)
+    full = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=GemmTiles(16, 32, split_k=4))
+    half = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float16, tiles=GemmTiles(16, 32, split_k=4))
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full.half().float(), rtol=2e-3, atol=1e-4)
+    assert rel_err(full, w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)) < 1e-5
+
+
+def test_quant_column_major_padded_layout() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(6, 300)
+    q, s = per_token_group_quant_fp8(x)
+    qp, sp = per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)
+    assert qp.shape == (8, 300) and sp.shape == (8, 3) and sp.stride() == (1, 8)
+    assert torch.equal(qp[:6].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(sp[:6], s)
+    assert (qp[6:].float() == 0).all() and (sp[6:] > 0).all()
+
+
+def test_cublas_shape_rules() -> None:
+    # Every DeepSeek-V3 linear fits (ceil(K/128) a multiple of 4); K = 640 (5 blocks) and N = 100 do not.
+    for n, k in [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (7168, 18432), (7168, 2048)]:
+        assert cublas_block_fp8_shape_ok(n, k)
+    assert not cublas_block_fp8_shape_ok(256, 640)
+    assert not cublas_block_fp8_shape_ok(100, 512)
+    assert not cublas_block_fp8_shape_ok(256, 512, (64, 128))
+    assert not cublas_block_fp8_supported(torch.device("cpu"))
+    x_q, x_s = per_token_group_quant_fp8_ref(torch.randn(4, 640))
+    w_q, w_s = block_quant(torch.randn(256, 640))
+    with pytest.raises(ValueError, match="w8a8_block_fp8_matmul"):
+        w8a8_block_fp8_matmul_cublas(x_q, x_s, w_q, w_s)
 
 
 def test_matmul_rejects_bad_scales() -> None:
@@ -66,6 +147,8 @@ def test_matmul_rejects_bad_scales() -> None:
         w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s[:, :1])
     with pytest.raises(ValueError, match="K="):
         w8a8_block_fp8_matmul(x_q[:, :128], x_s[:, :1], w_q, w_s)
+    with pytest.raises(ValueError, match="rescale"):
+        w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, tiles=GemmTiles(16, 256, rescale=True))
 
 
 def test_fp8_block_linear_cpu_is_dequant_matmul() -> None:
@@ -73,7 +156,7 @@ def test_fp8_block_linear_cpu_is_dequant_matmul() -> None:
     w_q, w_s = block_quant(torch.randn(576, 256) * 0.05)  # 576 rows: a partial edge block like kv_a_proj
     x = torch.randn(2, 3, 256)
     bias = torch.randn(576)
-    y = fp8_block_linear(x, w_q, w_s, (128, 128), bias)
+    y = fp8_block_linear(x, w_q, w_s, (128, 128), bias, cublas_min_m=1)  # the threshold is ignored off CUDA
     ref = x @ block_dequant(w_q, w_s).t() + bias
     assert y.shape == (2, 3, 576)
     assert rel_err(y, ref) < 1e-6
@@ -98,3 +181,57 @@ def test_block_fp8_matmul_gpu(m: int, n: int, k: int) -> None:
     # The model's entry, against unquantized activations: W8A8 rounding only.
     y = fp8_block_linear(x, w_q, w_s, (128, 128))
     assert rel_err(y, x.float() @ block_dequant(w_q, w_s).t()) < 0.06
+
+
+needs_cublas_blocks = pytest.mark.skipif(
+    not torch.cuda.is_available() or not cublas_block_fp8_supported(torch.device("cuda")),
+    reason="needs cuBLASLt block-scaled FP8 (sm_90, CUDA >= 12.9)",
+)
+
+
+@pytest.mark.gpu
+@needs_cublas_blocks
+@pytest.mark.parametrize("m", [1, 3, 64, 200, 1024])
+@pytest.mark.parametrize("n,k", [(576, 7168), (24576, 1536), (4096, 512)])
+def test_block_fp8_matmul_cublas_gpu(m: int, n: int, k: int) -> None:
+    torch.manual_seed(m * 11 + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_q, w_s = block_quant(torch.randn(n, k, device="cuda") * 0.02)
+    x_q, x_s = per_token_group_quant_fp8(x)  # row-major scales, M unpadded: the wrapper re-lays them out
+    ref = w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    out = w8a8_block_fp8_matmul_cublas(x_q, x_s, w_q, w_s, out_dtype=torch.bfloat16)
+    assert out.shape == (m, n)
+    assert rel_err(out, ref) < 8e-3
+    # The model's path: quantized straight into the padded column-major layout, same answer as Triton.
+    y = fp8_block_linear(x, w_q, w_s, (128, 128), cublas_min_m=1)
+    y_triton = fp8_block_linear(x, w_q, w_s, (128, 128))
+    assert y.shape == (m, n)
+    assert rel_err(y, y_triton.float()) < 8e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("n,k", [(576, 7168), (7168, 2048)])
+def test_fused_quant_matmul_gpu(m: int, n: int, k: int) -> None:
+    # bf16 activations quantized inside the GEMM: the same bits as quantize-then-GEMM, up to the
+    # accumulation order of the split-K partials (identical tiles here, so bit-identical in practice).
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_q, w_s = block_quant(torch.randn(n, k, device="cuda") * 0.02)
+    two_step = fp8_block_linear(x, w_q, w_s, (128, 128))
+    fused = fp8_block_linear(x, w_q, w_s, (128, 128), fuse_quant_max_m=64)
+    assert rel_err(fused, two_step.float()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [GemmTiles(128, 128, num_warps=8, num_stages=3, rescale=True),
+                                   GemmTiles(128, 128, num_warps=4, num_stages=3, rescale=True),
+                                   GemmTiles(64, 128, num_warps=4, num_stages=4, rescale=True)])  # fmt: skip
+def test_block_fp8_matmul_rescale_gpu(tiles: GemmTiles) -> None:
+    torch.manual_seed(7)
+    x = torch.randn(300, 7168, device="cuda", dtype=torch.bfloat16)
+    w_q, w_s = block_quant(torch.randn(576, 7168, device="cuda") * 0.02)
+    x_q, x_s = per_token_group_quant_fp8(x)
+    ref = w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.bfloat16, tiles=tiles)
+    assert rel_err(out, ref) < 8e-3

@@ -49,6 +49,41 @@ def test_mla_decode_matches_ref(dtype: torch.dtype, page_size: int, splits: int,
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize(
+    "page_size,splits,tiles",
+    [
+        (1, 3, MlaDecodeTiles(16, 16, 4, 1, tokens_on_m=True)),  # pointer loads, gathered rows
+        (16, 2, MlaDecodeTiles(16, 16, 4, 1, tokens_on_m=True, tma=True)),  # whole-block TMA loads
+        (32, 1, MlaDecodeTiles(16, 16, 4, 1, tokens_on_m=True, tma=True)),  # TMA, one split (no merge)
+        (8, 2, MlaDecodeTiles(16, 16, 4, 1, tokens_on_m=True, tma=True)),  # page < block: pointer fallback
+    ],
+)
+def test_mla_decode_tokens_on_m_matches_ref(page_size: int, splits: int, tiles: MlaDecodeTiles) -> None:
+    torch.manual_seed(page_size + splits)
+    q_nope, q_pe, cache, table, lens = make_case([1, 40, 77], 5, 64, 32, page_size, torch.float16, "cpu")
+    # Rows past each sequence's end in its last page hold large finite junk (another token's data):
+    # TMA reads them whole, so only the score mask keeps them out.
+    for b, n in enumerate(lens.tolist()):
+        last = int(table[b, (n - 1) // page_size])
+        cache[last, (n - 1) % page_size + 1 :] = 1000.0
+    out = mla_decode(q_nope, q_pe, cache, table, lens, 0.1, num_kv_splits=splits, tiles=tiles)
+    ref = mla_decode_ref(q_nope, q_pe, cache, table, lens, 0.1)
+    assert out.shape == q_nope.shape and out.dtype == torch.float16
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_mla_decode_tokens_on_m_extend_rows() -> None:
+    # seq_idx: several query rows read one page-table row with their own causal lengths.
+    q_nope, q_pe, cache, table, _ = make_case([50], 3, 64, 32, 16, torch.float32, "cpu")
+    rows = torch.tensor([17, 33, 50], dtype=torch.int32)
+    q_nope, q_pe = q_nope.expand(3, -1, -1).contiguous() + torch.randn(3, 3, 64), q_pe.expand(3, -1, -1).contiguous()
+    tiles = MlaDecodeTiles(16, 16, 4, 1, tokens_on_m=True, tma=True)
+    seq_idx = torch.zeros(3, dtype=torch.int32)
+    out = mla_decode(q_nope, q_pe, cache, table, rows, 0.1, num_kv_splits=2, tiles=tiles, seq_idx=seq_idx)
+    ref = mla_decode_ref(q_nope, q_pe, cache, table.expand(3, -1), rows, 0.1)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_mla_decode_more_splits_than_blocks() -> None:
     # 40 splits of a 20-token sequence: most splits are empty and must get no weight in the merge,
     # and the merge walks the splits in several chunks.
@@ -97,7 +132,9 @@ def test_mla_decode_gpu(heads: int, page_size: int, seq_lens: list[int]) -> None
     for splits in (None, 1, 5):
         out = mla_decode(q_nope, q_pe, cache, table, lens, 0.0722, num_kv_splits=splits)
         assert rel_err(out, ref) < 2e-2, splits
-    for tiles in (MlaDecodeTiles(64, 64, 4, 2, split_dv=True), MlaDecodeTiles(16, 64, 4, 2)):
+    tokm = (MlaDecodeTiles(64, 128, 8, 1, tokens_on_m=True), MlaDecodeTiles(64, 64, 8, 2, tokens_on_m=True, tma=True),
+            MlaDecodeTiles(32, 64, 4, 2, tokens_on_m=True, tma=True))  # fmt: skip
+    for tiles in (MlaDecodeTiles(64, 64, 4, 2, split_dv=True), MlaDecodeTiles(16, 64, 4, 2), *tokm):
         out = mla_decode(q_nope, q_pe, cache, table, lens, 0.0722, num_kv_splits=3, tiles=tiles)
         assert rel_err(out, ref) < 2e-2, tiles
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from baleen.kernels.norm import rms_norm, rms_norm_ref
 from baleen.kernels.rotary import apply_rotary_interleaved, apply_rotary_interleaved_ref, build_cos_sin_cache
+
+
+@pytest.fixture(autouse=True)
+def _on_the_gpu_when_present() -> Iterator[None]:
+    # Triton runs CUDA tensors on a GPU machine and CPU tensors only under the interpreter (CPU machines).
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

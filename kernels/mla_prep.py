@@ -1,0 +1,170 @@
+"""MLA's per-token glue before attention, in one launch: latent norm, rotary of q_pe and k_pe, cache write.
+
+After the kv_a projection a token has latent = [c_kv (kv_lora_rank) | k_pe (rope)] and, after q_b, its query
+heads q = [q_nope | q_pe] per head. This kernel, one program per token:
+  - normalises c_kv (RMSNorm with the kv_a_layernorm weight, HF rounding),
+  - rotates k_pe and every head's q_pe (interleaved pairs) by the token's cos/sin row, q_pe in place,
+  - stores [c_kv | k_pe] into the paged cache at the token's flat slot,
+  - optionally also into `kv_out` [T, kv_lora_rank + rope] (the expanded form needs c_kv and k_pe).
+Unfused, this is ~25 small torch launches per layer (norm, two rotaries, cat, index_put and their casts).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mla_prep_kernel(
+    latent_ptr,
+    norm_w_ptr,
+    q_ptr,
+    cos_sin_ptr,
+    out_loc_ptr,
+    cache_ptr,
+    kv_out_ptr,
+    num_heads,
+    eps,
+    stride_latent,
+    stride_qt,
+    stride_qh,
+    stride_cs,
+    stride_kv_out,
+    D_LATENT: tl.constexpr,
+    HALF: tl.constexpr,
+    Q_PE_OFFSET: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_KV_OUT: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, D_LATENT)
+    offs_i = tl.arange(0, HALF)
+    row = latent_ptr + t * stride_latent
+    # c_kv: RMSNorm in float32, rounded to the activation dtype before the weight (as HF does).
+    c = tl.load(row + offs_c).to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(c * c, axis=0) / D_LATENT + eps)
+    w = tl.load(norm_w_ptr + offs_c).to(tl.float32)
+    c = (c * inv_rms).to(latent_ptr.dtype.element_ty).to(tl.float32) * w
+    c_store = c.to(latent_ptr.dtype.element_ty)  # the activation-dtype value, as the unfused norm returns
+    # cos/sin row of this token: [cos (HALF) | sin (HALF)], float32.
+    cos = tl.load(cos_sin_ptr + t * stride_cs + offs_i)
+    sin = tl.load(cos_sin_ptr + t * stride_cs + HALF + offs_i)
+    k0 = tl.load(row + D_LATENT + 2 * offs_i).to(tl.float32)
+    k1 = tl.load(row + D_LATENT + 2 * offs_i + 1).to(tl.float32)
+    r0 = (k0 * cos - k1 * sin).to(latent_ptr.dtype.element_ty)
+    r1 = (k1 * cos + k0 * sin).to(latent_ptr.dtype.element_ty)
+    slot = tl.load(out_loc_ptr + t).to(tl.int64)
+    dst = cache_ptr + slot * (D_LATENT + 2 * HALF)
+    tl.store(dst + offs_c, c_store.to(cache_ptr.dtype.element_ty))
+    tl.store(dst + D_LATENT + 2 * offs_i, r0.to(cache_ptr.dtype.element_ty))
+    tl.store(dst + D_LATENT + 2 * offs_i + 1, r1.to(cache_ptr.dtype.element_ty))
+    if HAS_KV_OUT:
+        out = kv_out_ptr + t * stride_kv_out
+        tl.store(out + offs_c, c_store)
+        tl.store(out + D_LATENT + 2 * offs_i, r0)
+        tl.store(out + D_LATENT + 2 * offs_i + 1, r1)
+    # q_pe of every head, in place.
+    for h0 in range(0, num_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads < num_heads)[:, None]
+        ptrs = q_ptr + t * stride_qt + heads[:, None] * stride_qh + Q_PE_OFFSET + 2 * offs_i[None, :]
+        x0 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (x0 * cos[None, :] - x1 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + 1, (x1 * cos[None, :] + x0 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(
+    latent: torch.Tensor, q: torch.Tensor, cos_sin: torch.Tensor, out_loc: torch.Tensor, cache: torch.Tensor,
+    rope: int,
+) -> tuple[int, int]:
+    if latent.dim() != 2 or q.dim() != 3 or cache.dim() != 3:
+        raise ValueError("latent must be [T, D_LATENT + rope], q [T, H, nope + rope], cache [pages, page_size, D]")
+    num_tokens, width = latent.shape
+    d_latent = width - rope
+    if cache.shape[2] != width:
+        raise ValueError(f"cache rows hold {cache.shape[2]} values, the latent {width}")
+    if q.shape[0] != num_tokens or out_loc.shape != (num_tokens,) or cos_sin.shape[0] != num_tokens:
+        raise ValueError(f"q {tuple(q.shape)}, out_loc {tuple(out_loc.shape)}, cos_sin {tuple(cos_sin.shape)} "
+                         f"disagree with {num_tokens} tokens")  # fmt: skip
+    if q.shape[2] < rope or cos_sin.reshape(num_tokens, -1).shape[1] != rope:
+        raise ValueError(f"q heads of {q.shape[2]} and cos_sin {tuple(cos_sin.shape)} do not fit rope={rope}")
+    if d_latent & (d_latent - 1) or rope % 2 or (rope // 2) & (rope // 2 - 1):
+        raise ValueError(f"kv_lora_rank={d_latent} and rope/2={rope // 2} must be powers of two")
+    if latent.stride(1) != 1 or q.stride(2) != 1 or not cache.is_contiguous():
+        raise ValueError("latent and q must be contiguous in their last dimension and the cache contiguous")
+    return num_tokens, d_latent
+
+
+def mla_prep(
+    latent: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q: torch.Tensor,
+    cos_sin: torch.Tensor,
+    out_loc: torch.Tensor,
+    cache: torch.Tensor,
+    rope: int,
+    kv_out: torch.Tensor | None = None,
+) -> None:
+    """Normalise c_kv, rotate k_pe and q's q_pe (in place), write [c_kv | k_pe] into `cache` at `out_loc`.
+
+    latent [T, kv_lora_rank + rope] (rows may be strided: a slice of a fused projection), norm_weight
+    [kv_lora_rank], q [T, H, nope + rope] (q_pe is its last `rope` values per head), cos_sin [T, 2, rope/2]
+    float32 (cos then sin), out_loc [T] flat cache slots, cache [num_pages, page_size, kv_lora_rank + rope].
+    `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent.
+    """
+    num_tokens, d_latent = _check(latent, q, cos_sin, out_loc, cache, rope)
+    if norm_weight.shape != (d_latent,):
+        raise ValueError(f"norm_weight must be [{d_latent}], got {tuple(norm_weight.shape)}")
+    if kv_out is not None and (kv_out.shape != latent.shape or kv_out.stride(1) != 1):
+        raise ValueError(f"kv_out must be {tuple(latent.shape)} with contiguous rows")
+    if num_tokens == 0:
+        return
+    cs = cos_sin.reshape(num_tokens, rope).to(torch.float32)
+    mla_prep_kernel[(num_tokens,)](
+        latent, norm_weight, q, cs, out_loc, cache, kv_out if kv_out is not None else latent,
+        q.shape[1], float(eps), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
+        kv_out.stride(0) if kv_out is not None else 0,
+        D_LATENT=d_latent, HALF=rope // 2, Q_PE_OFFSET=q.shape[2] - rope,
+        BLOCK_H=min(16, triton.next_power_of_2(q.shape[1])), HAS_KV_OUT=kv_out is not None, num_warps=4,
+    )  # fmt: skip
+
+
+def mla_prep_ref(
+    latent: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q: torch.Tensor,
+    cos_sin: torch.Tensor,
+    out_loc: torch.Tensor,
+    cache: torch.Tensor,
+    rope: int,
+    kv_out: torch.Tensor | None = None,
+) -> None:
+    """Pure-torch twin of `mla_prep` (same in-place effects)."""
+    num_tokens, d_latent = _check(latent, q, cos_sin, out_loc, cache, rope)
+    half = rope // 2
+    cs = cos_sin.reshape(num_tokens, 2, half).to(torch.float32)
+    cos, sin = cs[:, 0], cs[:, 1]  # [T, rope/2]
+    c = latent[:, :d_latent].to(torch.float32)
+    c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+    c = (norm_weight * c.to(latent.dtype)).to(latent.dtype)
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x0, x1 = x[..., 0::2].to(torch.float32), x[..., 1::2].to(torch.float32)
+        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
+
+    k_pe = rotate(latent[:, d_latent:], cos, sin)
+    q_pe = q[..., q.shape[2] - rope :]
+    q_pe.copy_(rotate(q_pe, cos[:, None], sin[:, None]))
+    row = torch.cat([c, k_pe], dim=-1)
+    flat = cache.view(-1, cache.shape[2])
+    if cache.dtype == torch.float8_e4m3fn:  # NOTE: CPU torch cannot index_put into e4m3; move the bytes
+        flat.view(torch.uint8)[out_loc.to(torch.int64)] = row.to(cache.dtype).view(torch.uint8)
+    else:
+        flat[out_loc.to(torch.int64)] = row.to(cache.dtype)
+    if kv_out is not None:
+        kv_out.copy_(row)
