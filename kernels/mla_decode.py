@@ -83,6 +83,8 @@ def mla_decode_kernel(
     # Chunk length is a multiple of BLOCK_N, so a chunk never straddles a page when BLOCK_N | PAGE_SIZE.
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
+    if start >= seq_len:
+        return  # an empty split (short sequence): writes nothing; the merge reads only the non-empty ones
     end = tl.minimum(start + chunk, seq_len)
 
     q_rows = q_nope_ptr + b * stride_qn_b + offs_h[:, None] * stride_qn_h
@@ -126,7 +128,6 @@ def mla_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
         m_i = m_new
 
-    # An empty chunk (short sequence, many splits) writes lse = -inf and zeros; the merge gives it no weight.
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b * stride_o_b + offs_h[:, None] * stride_o_h + split * stride_o_s + dv0 + offs_c[None, :]
@@ -204,6 +205,8 @@ def mla_decode_tokm_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
+    if start >= seq_len:
+        return  # an empty split (short sequence): writes nothing; the merge reads only the non-empty ones
     end = tl.minimum(start + chunk, seq_len)
 
     q_cols = q_nope_ptr + b * stride_qn_b + offs_h[None, :] * stride_qn_h
@@ -248,6 +251,7 @@ def mla_decode_merge_kernel(
     o_part_ptr,
     lse_ptr,
     out_ptr,
+    seq_lens_ptr,
     num_splits,
     stride_p_b,
     stride_p_h,
@@ -259,22 +263,27 @@ def mla_decode_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MAX_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Program (b, h, column block): softmax-weighted sum of the split partials, BLOCK_S splits at a time.
+    # Only the splits the decode kernel wrote are read: it cut seq_len into chunks the same way.
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(seq_len, chunk)
     lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
     offs_all = tl.arange(0, MAX_S)
-    m = tl.max(tl.load(lse_row + offs_all, mask=offs_all < num_splits, other=float("-inf")), axis=0)
+    m = tl.max(tl.load(lse_row + offs_all, mask=offs_all < num_active, other=float("-inf")), axis=0)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     total = 0.0
     part_row = o_part_ptr + b * stride_p_b + h * stride_p_h
-    for s0 in range(0, num_splits, BLOCK_S):
+    for s0 in range(0, num_active, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask_s = offs_s < num_splits
+        mask_s = offs_s < num_active
         lse = tl.load(lse_row + offs_s, mask=mask_s, other=float("-inf"))
-        w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)  # [BLOCK_S]; empty splits weigh nothing
+        w = tl.where(mask_s, tl.exp2(lse - m), 0.0)  # [BLOCK_S]
         parts = tl.load(part_row + offs_s[:, None] * stride_p_s + offs_d[None, :], mask=mask_s[:, None], other=0.0)
         acc += tl.sum(parts * w[:, None], axis=0)
         total += tl.sum(w, axis=0)
@@ -416,11 +425,11 @@ def mla_decode(
     if splits > 1:
         block_d = min(d_latent, 128)
         mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
-            o_part, lse, out, splits,
+            o_part, lse, out, seq_lens, splits,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            MAX_S=triton.next_power_of_2(splits), num_warps=4,
+            MAX_S=triton.next_power_of_2(splits), BLOCK_N=t.block_n, num_warps=4,
         )  # fmt: skip
     return out
 

@@ -38,36 +38,39 @@ def mla_prep_kernel(
     BLOCK_H: tl.constexpr,
     HAS_KV_OUT: tl.constexpr,
 ):
+    # Program (token, part): part 0 normalises and stores the latent, part p > 0 rotates head block p - 1 of
+    # q_pe. Spreading the heads over programs keeps a single decode token from being one long serial program.
     t = tl.program_id(0).to(tl.int64)
-    offs_c = tl.arange(0, D_LATENT)
+    part = tl.program_id(1)
     offs_i = tl.arange(0, HALF)
-    row = latent_ptr + t * stride_latent
-    # c_kv: RMSNorm in float32, rounded to the activation dtype before the weight (as HF does).
-    c = tl.load(row + offs_c).to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(c * c, axis=0) / D_LATENT + eps)
-    w = tl.load(norm_w_ptr + offs_c).to(tl.float32)
-    c = (c * inv_rms).to(latent_ptr.dtype.element_ty).to(tl.float32) * w
-    c_store = c.to(latent_ptr.dtype.element_ty)  # the activation-dtype value, as the unfused norm returns
     # cos/sin row of this token: [cos (HALF) | sin (HALF)], float32.
     cos = tl.load(cos_sin_ptr + t * stride_cs + offs_i)
     sin = tl.load(cos_sin_ptr + t * stride_cs + HALF + offs_i)
-    k0 = tl.load(row + D_LATENT + 2 * offs_i).to(tl.float32)
-    k1 = tl.load(row + D_LATENT + 2 * offs_i + 1).to(tl.float32)
-    r0 = (k0 * cos - k1 * sin).to(latent_ptr.dtype.element_ty)
-    r1 = (k1 * cos + k0 * sin).to(latent_ptr.dtype.element_ty)
-    slot = tl.load(out_loc_ptr + t).to(tl.int64)
-    dst = cache_ptr + slot * (D_LATENT + 2 * HALF)
-    tl.store(dst + offs_c, c_store.to(cache_ptr.dtype.element_ty))
-    tl.store(dst + D_LATENT + 2 * offs_i, r0.to(cache_ptr.dtype.element_ty))
-    tl.store(dst + D_LATENT + 2 * offs_i + 1, r1.to(cache_ptr.dtype.element_ty))
-    if HAS_KV_OUT:
-        out = kv_out_ptr + t * stride_kv_out
-        tl.store(out + offs_c, c_store)
-        tl.store(out + D_LATENT + 2 * offs_i, r0)
-        tl.store(out + D_LATENT + 2 * offs_i + 1, r1)
-    # q_pe of every head, in place.
-    for h0 in range(0, num_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
+    if part == 0:
+        offs_c = tl.arange(0, D_LATENT)
+        row = latent_ptr + t * stride_latent
+        # c_kv: RMSNorm in float32, rounded to the activation dtype before the weight (as HF does).
+        c = tl.load(row + offs_c).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(c * c, axis=0) / D_LATENT + eps)
+        w = tl.load(norm_w_ptr + offs_c).to(tl.float32)
+        c = (c * inv_rms).to(latent_ptr.dtype.element_ty).to(tl.float32) * w
+        c_store = c.to(latent_ptr.dtype.element_ty)  # the activation-dtype value, as the unfused norm returns
+        k0 = tl.load(row + D_LATENT + 2 * offs_i).to(tl.float32)
+        k1 = tl.load(row + D_LATENT + 2 * offs_i + 1).to(tl.float32)
+        r0 = (k0 * cos - k1 * sin).to(latent_ptr.dtype.element_ty)
+        r1 = (k1 * cos + k0 * sin).to(latent_ptr.dtype.element_ty)
+        slot = tl.load(out_loc_ptr + t).to(tl.int64)
+        dst = cache_ptr + slot * (D_LATENT + 2 * HALF)
+        tl.store(dst + offs_c, c_store.to(cache_ptr.dtype.element_ty))
+        tl.store(dst + D_LATENT + 2 * offs_i, r0.to(cache_ptr.dtype.element_ty))
+        tl.store(dst + D_LATENT + 2 * offs_i + 1, r1.to(cache_ptr.dtype.element_ty))
+        if HAS_KV_OUT:
+            out = kv_out_ptr + t * stride_kv_out
+            tl.store(out + offs_c, c_store)
+            tl.store(out + D_LATENT + 2 * offs_i, r0)
+            tl.store(out + D_LATENT + 2 * offs_i + 1, r1)
+    else:
+        heads = (part - 1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (heads < num_heads)[:, None]
         ptrs = q_ptr + t * stride_qt + heads[:, None] * stride_qh + Q_PE_OFFSET + 2 * offs_i[None, :]
         x0 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -124,12 +127,13 @@ def mla_prep(
     if num_tokens == 0:
         return
     cs = cos_sin.reshape(num_tokens, rope).to(torch.float32)
-    mla_prep_kernel[(num_tokens,)](
+    block_h = min(16, triton.next_power_of_2(q.shape[1]))
+    mla_prep_kernel[(num_tokens, 1 + triton.cdiv(q.shape[1], block_h))](
         latent, norm_weight, q, cs, out_loc, cache, kv_out if kv_out is not None else latent,
         q.shape[1], float(eps), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
         kv_out.stride(0) if kv_out is not None else 0,
         D_LATENT=d_latent, HALF=rope // 2, Q_PE_OFFSET=q.shape[2] - rope,
-        BLOCK_H=min(16, triton.next_power_of_2(q.shape[1])), HAS_KV_OUT=kv_out is not None, num_warps=4,
+        BLOCK_H=block_h, HAS_KV_OUT=kv_out is not None, num_warps=2,
     )  # fmt: skip
 
 

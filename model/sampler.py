@@ -286,6 +286,21 @@ class SamplingState:
             raise ValueError(f"slot {slot} is outside [0, {self.num_slots}); raise the worker's slot count")
 
 
+def row_argmax(x: torch.Tensor, num_chunks: int = 128) -> torch.Tensor:
+    """argmax over the last dim of x [n, vocab] -> [n] int64, ties to the lowest index.
+
+    A wide row (V3's 129,280 ids) is reduced in two stages: torch reduces one row in one thread block, which
+    took 29 us per decode step at batch 1 on the H100; `num_chunks` chunk maxima spread it over the GPU.
+    """
+    n, vocab = x.shape
+    if vocab % num_chunks or vocab < 64 * num_chunks:
+        return x.argmax(dim=-1)
+    width = vocab // num_chunks
+    vals, idx = x.view(n, num_chunks, width).max(dim=-1)  # [n, num_chunks], first max of each chunk
+    best = vals.argmax(dim=-1, keepdim=True)  # [n, 1]: the first chunk that holds the row's max
+    return (best * width + idx.gather(1, best)).squeeze(1)
+
+
 class Sampler:
     """Samples the next token of every row of a batch in one pass over [n, vocab], without a host sync."""
 
@@ -318,7 +333,7 @@ class Sampler:
         if flags.min_tokens:
             x = self.mask_early_stops(x, slots)
         if flags.all_greedy:
-            tokens = x.argmax(dim=-1)  # [n]; the fast path when nothing else is asked is just this
+            tokens = row_argmax(x)  # [n]; the fast path when nothing else is asked is just this
         else:
             tokens = self._draw(x, slots, flags)
         out = SampleOutput(token_ids=tokens.to(torch.int32))
@@ -355,7 +370,7 @@ class Sampler:
         fp = st.fparams[slots]  # [n, 6]
         ip = st.iparams[slots]  # [n, 3]
         temp = fp[:, _TEMP]
-        greedy_tokens = x.argmax(dim=-1)  # [n]
+        greedy_tokens = row_argmax(x)  # [n]
         scaled = x / torch.where(temp > 0, temp, 1.0)[:, None]  # [n, vocab]
         if flags.max_top_k or flags.top_p:
             scaled = self._top_k_top_p(scaled, ip[:, _TOP_K], fp[:, _TOP_P], flags)

@@ -27,9 +27,9 @@ def prep_case(dtype: torch.dtype, num_tokens: int = 5, heads: int = 3, rank: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_kv_out", [False, True])
-def test_mla_prep_matches_ref_and_the_unfused_model_path(dtype: torch.dtype, with_kv_out: bool) -> None:
-    latent, w, q, cos_sin, out_loc, cache = prep_case(dtype)
+@pytest.mark.parametrize("with_kv_out, heads", [(False, 3), (True, 20)])  # 20 heads: two head-block programs
+def test_mla_prep_matches_ref_and_the_unfused_model_path(dtype: torch.dtype, with_kv_out: bool, heads: int) -> None:
+    latent, w, q, cos_sin, out_loc, cache = prep_case(dtype, heads=heads)
     rank, rope = 64, 16
     runs = []
     for fn in (mla_prep, mla_prep_ref):

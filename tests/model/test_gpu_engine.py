@@ -178,12 +178,13 @@ def test_cuda_graph_decode_equals_eager(backend: str, tmp_path: Path) -> None:
 def test_cuda_glue_matches_the_cpu_model() -> None:
     """The CUDA-only fused glue (norm + residual, MLA prep, routing, SwiGLU, fused GEMMs) against the CPU path.
 
-    The same float32 weights run on the GPU (Triton glue and attention) and on the CPU (plain torch ops, torch
-    attention); logits must agree to float32 rounding.
+    The same weights run on the GPU in bf16 (Triton glue and attention) and on the CPU in float32 (plain torch
+    ops, torch attention). A wiring mistake (a wrong slice, a skipped norm) scrambles the logits; bf16
+    rounding only nudges them.
     """
     cfg = ModelConfig.from_dict(_config(fp8=False))
     dev = torch.device("cuda")
-    gpu = load_model(None, cfg, device=dev, dtype=torch.float32, load_format="dummy", seed=3,
+    gpu = load_model(None, cfg, device=dev, dtype=torch.bfloat16, load_format="dummy", seed=3,
                      experts_method=FusedExperts)
     cpu = load_model(None, cfg, device=torch.device("cpu"), dtype=torch.float32, load_format="dummy", seed=3,
                      experts_method=FusedExperts)
@@ -193,19 +194,22 @@ def test_cuda_glue_matches_the_cpu_model() -> None:
     cpu.post_load()  # re-derive W_UK / W_UV and the fused GEMM weights from the copied parameters
     from baleen.actors.worker import make_attention_backend
 
-    runs = {"gpu": (gpu, make_attention_backend("triton", dev), dev), "cpu": (cpu, TorchAttentionBackend(), torch.device("cpu"))}
-    caches = {n: KVCache.for_model(cfg, 64, PAGE, torch.float32, d) for n, (_, _, d) in runs.items()}
+    runs = {
+        "gpu": (gpu, make_attention_backend("triton", dev), dev, torch.bfloat16),
+        "cpu": (cpu, TorchAttentionBackend(), torch.device("cpu"), torch.float32),
+    }
+    caches = {n: KVCache.for_model(cfg, 64, PAGE, dt, d) for n, (_, _, d, dt) in runs.items()}
     rng = random.Random(0)
     pages = rng.sample(range(1, 64), 20)
     tables = [pages[0:6], pages[6:8], pages[8:14]]
     for prefix, extend in _batches():
         ids = [rng.randrange(16, cfg.vocab_size) for _ in range(sum(extend))]
         logits = {}
-        for n, (model, attn, d) in runs.items():
+        for n, (model, attn, d, _) in runs.items():
             batch = ForwardBatch.build(ids, prefix, extend, tables, PAGE, device=d)
             attn.plan(batch)
             with torch.inference_mode():
                 logits[n] = model.compute_logits(model(batch, caches[n], attn)[batch.logits_indices]).float().cpu()
         err = float((logits["gpu"] - logits["cpu"]).abs().max() / logits["cpu"].abs().max())
-        assert err < 2e-3, f"GPU glue vs CPU model at prefix={prefix} extend={extend}: relative error {err:.3g}"
-        assert torch.equal(logits["gpu"].argmax(-1), logits["cpu"].argmax(-1))
+        cos = float(torch.nn.functional.cosine_similarity(logits["gpu"], logits["cpu"], dim=-1).min())
+        assert err < 0.1 and cos > 0.99, f"GPU glue vs CPU model at extend={extend}: rel {err:.3g}, cosine {cos:.5f}"

@@ -319,3 +319,16 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert [p[0] for p in picks] == [4, 4, 4, eos]  # masked for the first 3 tokens, then EOS wins again
     assert [p[1] for p in picks] == [eos] * 4
     assert logits[0, eos] == 5.0  # the caller's logits are untouched
+
+
+def test_row_argmax_two_stage_equals_argmax_with_ties() -> None:
+    from baleen.model.sampler import row_argmax
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 129280)
+    x[1, 5000] = x[1, 90000] = 50.0  # a tie across chunks: the lower index wins, as in torch.argmax
+    x[2, 700] = x[2, 701] = 60.0  # a tie inside one chunk
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert row_argmax(x)[1] == 5000 and row_argmax(x)[2] == 700
+    small = torch.randn(3, 1000)  # narrow rows take torch's one-pass argmax
+    assert torch.equal(row_argmax(small), small.argmax(dim=-1))
