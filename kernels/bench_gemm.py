@@ -2,10 +2,10 @@
 
 For every linear of `bench.GEMM_SHAPES` and M in 1..4096 it times (CUDA-graph replays, L2 flushed):
   triton      : our kernel with the default tiles (`pick_gemm_tiles`)
-  r<tile>...  : Triton variants for M >= 64 (the rescaling accumulator, 128x128 tiles)
+  <tile>...   : Triton tile variants for M >= 64
   cublas      : cuBLASLt block scaling through torch._scaled_mm (operands already in its layout)
   scaled_mm   : torch._scaled_mm row-wise on the same fp8 operands (the speed target, other numerics)
-  +q ...      : M <= 64, quantization included: quant + Triton GEMM vs the GEMM that quantizes itself (fusedq)
+  +q triton   : M <= 64, the activation-quantization launch included
 and the max |diff| of each block-scaled path against the float32 dequantize-and-multiply reference.
 The last table gives, per row, the best of our paths, which one won, and scaled_mm / best (> 1: ours faster).
 A variant that fails to compile or run is skipped with a line; `--budget-s` bounds the whole run.
@@ -29,7 +29,6 @@ from baleen.kernels.fp8_gemm import (
     dequant_token_groups,
     per_token_group_quant_fp8,
     pick_gemm_tiles,
-    quant_w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_cublas,
     w8a8_block_fp8_matmul_kernel,
@@ -37,13 +36,11 @@ from baleen.kernels.fp8_gemm import (
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 
 BENCH_MS = (1, 16, 64, 256, 1024, 4096)
-# Large-M Triton variants: name -> tiles. "r" = rescaling accumulator (one fp32 tile fewer in registers).
+# Large-M Triton variants: name -> tiles.
 LARGE_M_VARIANTS = {
-    "r128x128w8s3": GemmTiles(128, 128, num_warps=8, num_stages=3, rescale=True),
-    "r128x128w8s4": GemmTiles(128, 128, num_warps=8, num_stages=4, rescale=True),
-    "r128x128w4s3": GemmTiles(128, 128, num_warps=4, num_stages=3, rescale=True),
-    "r64x128w4s4": GemmTiles(64, 128, num_warps=4, num_stages=4, rescale=True),
     "128x128w8s3": GemmTiles(128, 128, num_warps=8, num_stages=3),
+    "128x128w4s3": GemmTiles(128, 128, num_warps=4, num_stages=3),
+    "64x128w4s3": GemmTiles(64, 128, num_warps=4, num_stages=3),
 }
 # Shorter timing windows than bench.py: ~380 timings must fit in the device lease.
 WARMUP_MS, REP_MS = 10.0, 30.0
@@ -82,9 +79,7 @@ def bench_shape(
             for vname, tiles in LARGE_M_VARIANTS.items():
                 cands[vname] = partial(w8a8_block_fp8_matmul, x_q, x_s, w, w_s, tiles=tiles)
         if m <= 64:
-            # Timed from bf16 activations: the quantization launch is what the fused path removes.
-            cands["+q triton"] = partial(_quant_then_gemm, x, w, w_s)
-            cands["+q fusedq"] = partial(quant_w8a8_block_fp8_matmul, x, w, w_s)
+            cands["+q triton"] = partial(_quant_then_gemm, x, w, w_s)  # from bf16: what a decode linear costs
         if cublas_ok:
             # The layout fp8_block_linear quantizes into for cuBLAS: M padded to 4, column-major scales.
             xp_q, xp_s = per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)

@@ -19,8 +19,6 @@ from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
 
 # Smallest amax a group may have, so an all-zero group gets a finite scale.
 _AMAX_EPS = 1e-10
-# Floor on a_scale * w_scale in the rescaling GEMM, so the ratio of consecutive scales stays finite.
-_MIN_SCALE = 1e-20
 # Elements per program of the split-K reduction.
 _REDUCE_BLOCK = 1024
 
@@ -133,20 +131,6 @@ def dequant_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor, group: int =
 
 
 @triton.jit
-def load_a_block(a_ptrs, as_ptrs, kb, k_ok, QUANT_A: tl.constexpr, FP8_MAX_C: tl.constexpr, EPS: tl.constexpr):
-    """One K block of A as e4m3 plus its per-row scales: loaded, or (QUANT_A) quantized here from 16/32-bit x."""
-    if QUANT_A:
-        # Same arithmetic as per_token_group_quant_fp8_kernel, so the product is bit-identical to quant + GEMM.
-        x = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        a_s = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C  # [BLOCK_M]
-        a = round_to_e4m3_mantissa(tl.clamp(x / a_s[:, None], -FP8_MAX_C, FP8_MAX_C)).to(tl.float8e4nv)
-    else:
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb)
-    return a, a_s
-
-
-@triton.jit
 def w8a8_block_fp8_matmul_kernel(
     a_ptr,
     as_ptr,
@@ -168,16 +152,9 @@ def w8a8_block_fp8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    RESCALE: tl.constexpr,
-    MIN_SCALE: tl.constexpr,
-    QUANT_A: tl.constexpr,
-    FP8_MAX_C: tl.constexpr,
-    EPS: tl.constexpr,
 ):
     # C[split] [M, N] = sum over this split's K blocks of (A_blk @ B_blk^T) * a_scale[:, kb] * b_scale[nb, kb].
     # NOTE: BLOCK_K equals the scale block along K, so every K step has exactly one scale per row / column.
-    # With QUANT_A, a_ptr holds the unquantized activations and each program quantizes the blocks it reads
-    # (as_ptr unused): the quantization launch disappears, at the price of redundant work per column tile.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -204,32 +181,15 @@ def w8a8_block_fp8_matmul_kernel(
     kb_start = split * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if RESCALE:
-        # The accumulator is kept in units of the current block's scale s = a_s * b_s (one b_s per tile:
-        # BLOCK_N divides SCALE_BLOCK_N), so each step is one wgmma accumulating in place,
-        # acc = acc * (s_prev / s) + A_blk @ B_blk, instead of a wgmma into a temporary plus an FMA into acc:
-        # one [BLOCK_M, BLOCK_N] fp32 tile fewer in registers. MIN_SCALE keeps the ratio finite for a
-        # zero scale (an all-zero block, whose product is zero anyway).
-        bs_tile_ptr = bs_ptr + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * stride_bsn
-        s_prev = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        for kb in range(kb_start, kb_end):
-            k0 = kb * BLOCK_K
-            k_ok = offs_k < K - k0
-            a, a_s = load_a_block(a_ptrs + k0, as_ptrs, kb, k_ok, QUANT_A, FP8_MAX_C, EPS)
-            b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
-            s = tl.maximum(a_s * tl.load(bs_tile_ptr + kb), MIN_SCALE)  # [BLOCK_M]
-            acc = tl.dot(a, b, acc * (s_prev / s)[:, None])
-            s_prev = s
-        acc = acc * s_prev[:, None]
-    else:
-        bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
-        for kb in range(kb_start, kb_end):
-            k0 = kb * BLOCK_K
-            k_ok = offs_k < K - k0
-            a, a_s = load_a_block(a_ptrs + k0, as_ptrs, kb, k_ok, QUANT_A, FP8_MAX_C, EPS)
-            b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
-            b_s = tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
+        a_s = tl.load(as_ptrs + kb)
+        b_s = tl.load(bs_ptrs + kb)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
 
     c_ptrs = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -256,8 +216,6 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
-    # Keep the accumulator in units of the current K block's scale (see the kernel); needs block_n | 128.
-    rescale: bool = False
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -312,73 +270,28 @@ def w8a8_block_fp8_matmul(
     w_fp8 [N, K] e4m3 with w_scale_inv [ceil(N/bn), ceil(K/128)] fp32. N and K need not be multiples of
     the block. `tiles` overrides the heuristic (benchmarks sweep it).
     """
-    _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
-    x_scale = x_scale.to(torch.float32).contiguous()
-    return _launch_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block, out_dtype, tiles)
-
-
-def quant_w8a8_block_fp8_matmul(
-    x: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale_inv: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    out_dtype: torch.dtype = torch.bfloat16,
-    tiles: GemmTiles | None = None,
-) -> torch.Tensor:
-    """`per_token_group_quant_fp8` + `w8a8_block_fp8_matmul` in one launch (plus the split-K sum).
-
-    x [M, K] bf16/fp16/fp32 (unquantized); the GEMM quantizes each 1x128 group as it loads it, with the
-    same arithmetic as the quantization kernel, so the result equals the two-launch path. Meant for small M
-    (decode), where the separate quantization launch costs about as much as it does work.
-    """
-    if x.dim() != 2 or w_fp8.dim() != 2 or x.shape[1] != w_fp8.shape[1]:
-        raise ValueError(f"expected x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w_fp8.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be bf16, fp16 or fp32 (it is quantized here), got {x.dtype}")
-    k = x.shape[1]
-    # Shape checks on a stand-in scale: the activation scales never exist in memory on this path.
-    _check_gemm_inputs(w_fp8[:0], x.new_empty((0, triton.cdiv(k, block[1]))), w_fp8, w_scale_inv, block)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    return _launch_block_gemm(x, None, w_fp8, w_scale_inv, block, out_dtype, tiles)
-
-
-def _launch_block_gemm(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w_fp8: torch.Tensor,
-    w_scale_inv: torch.Tensor,
-    block: tuple[int, int],
-    out_dtype: torch.dtype,
-    tiles: GemmTiles | None,
-) -> torch.Tensor:
-    # a [M, K]: e4m3 with a_scale [M, G] fp32, or (a_scale None) unquantized activations.
-    m, k = a.shape
-    n = w_fp8.shape[0]
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
+    x_scale = x_scale.to(torch.float32).contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
     if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=a.device)
-    t = tiles or pick_gemm_tiles(m, n, k, _num_sms(a.device))
-    if t.rescale and block[0] % t.block_n:
-        raise ValueError(f"rescale tiles need block_n to divide the weight block {block[0]}, got {t.block_n}")
+        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
+    t = tiles or pick_gemm_tiles(m, n, k, _num_sms(x_fp8.device))
     k_blocks = triton.cdiv(k, 128)
     split = max(1, min(t.split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
     # Split-K writes fp32 partials [split, M, N] that one more launch sums (in split order) and casts.
-    c = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
+    c = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x_fp8.device)
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), split)
-    a_s = w_scale_inv if a_scale is None else a_scale  # never read when the kernel quantizes A itself
     w8a8_block_fp8_matmul_kernel[grid](
-        a, a_s, w_fp8, w_scale_inv, c, m, n, k, k_per_split,
-        a.stride(0), a_s.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), c.stride(0), c.stride(1),
+        x_fp8, x_scale, w_fp8, w_scale_inv, c, m, n, k, k_per_split,
+        x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), c.stride(0), c.stride(1),
         SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, GROUP_M=t.group_m,
-        RESCALE=t.rescale, MIN_SCALE=_MIN_SCALE, QUANT_A=a_scale is None, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     if split > 1:
@@ -503,15 +416,13 @@ def fp8_block_linear(
     block_size: tuple[int, int] = (128, 128),
     bias: torch.Tensor | None = None,
     cublas_min_m: int | None = None,
-    fuse_quant_max_m: int | None = None,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) for a block-FP8 weight W [N, K], in x's dtype.
 
     On CUDA the activations are quantized per token per 128 columns and a W8A8 GEMM runs: cuBLASLt
     block scaling when `cublas_min_m` is set, M >= cublas_min_m and the weight fits it
-    (`cublas_block_fp8_shape_ok`); else the Triton kernel, which quantizes inside the GEMM (one launch
-    fewer) when M <= `fuse_quant_max_m`. The caller picks both thresholds once, from measured crossovers,
-    and sets `cublas_min_m` only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
+    (`cublas_block_fp8_shape_ok`); else the Triton kernel. The caller picks the threshold once, from the
+    measured crossover, and sets it only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
     reference path dequantizes the weight and multiplies in float32 (no activation rounding).
     """
     lead = x.shape[:-1]
@@ -524,8 +435,6 @@ def fp8_block_linear(
         # Quantize straight into the padded, column-major-scale layout cuBLAS reads: no copies.
         x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], column_major_scales=True, pad_rows_to=4)
         y = w8a8_block_fp8_matmul_cublas(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)[:m]
-    elif x.is_cuda and fuse_quant_max_m is not None and m <= fuse_quant_max_m:
-        y = quant_w8a8_block_fp8_matmul(x2, weight, weight_scale_inv, block_size, x.dtype)
     elif x.is_cuda:
         x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1])
         y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baleen.kernels.rotary import apply_rotary_interleaved_ref
+
 
 @triton.jit
 def mla_prep_kernel(
@@ -150,20 +152,14 @@ def mla_prep_ref(
 ) -> None:
     """Pure-torch twin of `mla_prep` (same in-place effects)."""
     num_tokens, d_latent = _check(latent, q, cos_sin, out_loc, cache, rope)
-    half = rope // 2
-    cs = cos_sin.reshape(num_tokens, 2, half).to(torch.float32)
-    cos, sin = cs[:, 0], cs[:, 1]  # [T, rope/2]
     c = latent[:, :d_latent].to(torch.float32)
     c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
     c = (norm_weight * c.to(latent.dtype)).to(latent.dtype)
-
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x0, x1 = x[..., 0::2].to(torch.float32), x[..., 1::2].to(torch.float32)
-        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
-
-    k_pe = rotate(latent[:, d_latent:], cos, sin)
-    q_pe = q[..., q.shape[2] - rope :]
-    q_pe.copy_(rotate(q_pe, cos[:, None], sin[:, None]))
+    # Token t reads row t of a per-token cos/sin table.
+    k_pe = latent[:, d_latent:].clone()
+    table = cos_sin.reshape(num_tokens, rope).to(torch.float32)
+    positions = torch.arange(num_tokens, device=latent.device)
+    apply_rotary_interleaved_ref(q[..., q.shape[2] - rope :], k_pe, positions, table)
     row = torch.cat([c, k_pe], dim=-1)
     flat = cache.view(-1, cache.shape[2])
     if cache.dtype == torch.float8_e4m3fn:  # NOTE: CPU torch cannot index_put into e4m3; move the bytes

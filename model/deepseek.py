@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baleen.kernels.activation import silu_and_mul
-from baleen.kernels.mla_prep import mla_prep
+from baleen.kernels.mla_prep import mla_prep, mla_prep_ref
 from baleen.kernels.quant import block_dequant
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
@@ -39,7 +39,7 @@ from baleen.model.layers import (
 )
 from baleen.model.moe import ExpertsFactory, MoEExperts, MoEGate
 from baleen.model.parallel import Comm, MlpExchange, ParallelGroups, make_exchange
-from baleen.model.rotary import RotaryEmbedding, apply_rotary
+from baleen.model.rotary import RotaryEmbedding
 
 SCALE_SUFFIX = "_scale_inv"
 _EXPERT_RE = re.compile(
@@ -187,20 +187,13 @@ class DeepseekV3Attention(nn.Module):
             q_c, latent = (self.q_a_proj(x) if self.q_lora else x), self.kv_a_proj_with_mqa(x)
         q = self.q_b_proj(self.q_a_layernorm(q_c)) if self.q_lora else self.q_proj(q_c)
         q = q.view(num_tokens, self.num_heads, self.nope + self.rope)
-        if x.is_cuda:
-            # One launch: normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row.
-            kv = None if ctx.absorbed else torch.empty_like(latent)
-            norm = self.kv_a_layernorm
-            cache = ctx.kv_cache.layer(self.layer_id)
-            mla_prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, cache, self.rope, kv)
-            q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
-            c_kv, k_pe = (latent, latent) if kv is None else kv.split([self.rank, self.rope], dim=-1)
-        else:
-            q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-            c_kv = self.kv_a_layernorm(latent[:, : self.rank])  # [T, kv_lora_rank]
-            k_pe = apply_rotary(latent[:, self.rank :], ctx.cos_sin)  # [T, rope]
-            q_pe = apply_rotary(q_pe, ctx.cos_sin)
-            ctx.kv_cache.write(self.layer_id, ctx.batch.out_loc, torch.cat([c_kv, k_pe], dim=-1))
+        # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
+        kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back
+        prep = mla_prep if x.is_cuda else mla_prep_ref
+        norm = self.kv_a_layernorm
+        prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
+             self.rope, kv)  # fmt: skip
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
         if ctx.absorbed:
             if self.w_uk is None or self.w_uv is None:
                 raise ValueError("absorbed MLA needs post_load() after the weights are loaded")
@@ -208,11 +201,13 @@ class DeepseekV3Attention(nn.Module):
             o_latent = ctx.attn.run_absorbed(q_latent, q_pe, ctx.kv_cache.layer(self.layer_id), self.scale)
             o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv)  # [T, H, v_head_dim]
         else:
-            kv = self.kv_b_proj(c_kv).view(num_tokens, self.num_heads, self.nope + self.v_dim)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            assert kv is not None
+            c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)  # [T, kv_lora_rank], [T, rope]
+            kv_up = self.kv_b_proj(c_kv).view(num_tokens, self.num_heads, self.nope + self.v_dim)
+            k_nope, v = kv_up.split([self.nope, self.v_dim], dim=-1)
             k_pe_heads = k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)  # one rope key shared by all heads
             k = torch.cat([k_nope, k_pe_heads], dim=-1)  # [T, H, nope + rope]
-            o = ctx.attn.run_expanded(torch.cat([q_nope, q_pe], dim=-1), k, v.contiguous(), self.scale)
+            o = ctx.attn.run_expanded(q, k, v.contiguous(), self.scale)  # q = [q_nope | rotated q_pe]
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.v_dim))
 
 

@@ -158,14 +158,10 @@ class UnquantizedLinearMethod:
 class Fp8BlockLinearMethod:
     """e4m3 weight [out, in] + float32 weight_scale_inv [ceil(out/bn), ceil(in/bk)]; block-FP8 GEMM (CUDA).
 
-    On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
-    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); below, our Triton
-    kernel after a separate activation-quantization launch. The Triton kernel can quantize inside the GEMM
-    (one launch fewer) but every program then re-quantizes its rows: in the batch-1 decode step that cost
-    +0.10 ms of GEMM time for -0.03 ms of quantization launches, so FUSE_QUANT_MAX_M stays off.
+    On the GPU the GEMM is picked by the token count M (crossover measured on the H100, docs/PERF.md):
+    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); below, our Triton kernel.
     """
 
-    FUSE_QUANT_MAX_M: int | None = None
     CUBLAS_MIN_M = 128
 
     def __init__(self, block_size: tuple[int, int]) -> None:
@@ -196,7 +192,7 @@ class Fp8BlockLinearMethod:
             self._cublas = cublas_block_fp8_supported(x.device)
         return fp8_block_linear(
             x, layer.weight, layer.weight_scale_inv, self.block_size,
-            cublas_min_m=self.CUBLAS_MIN_M if self._cublas else None, fuse_quant_max_m=self.FUSE_QUANT_MAX_M,
+            cublas_min_m=self.CUBLAS_MIN_M if self._cublas else None,
         )  # fmt: skip
 
 

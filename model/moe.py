@@ -81,6 +81,12 @@ class MoEGate(nn.Module):
         self.e_score_correction_bias: nn.Parameter | None = None
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = new_param((config.n_routed_experts,), torch.float32)
+        # V3/R1 routing runs as one Triton launch on CUDA (kernels/moe_route.py); other schemes stay in torch.
+        self.kernel_route = (
+            config.topk_method == "noaux_tc"
+            and config.scoring_func == "sigmoid"
+            and route_supported(config.n_routed_experts, config.n_group)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32)."""
@@ -91,9 +97,7 @@ class MoEGate(nn.Module):
         else:
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         bias = self.e_score_correction_bias
-        fused = c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid" and bias is not None
-        if x.is_cuda and fused and route_supported(c.n_routed_experts or 0, c.n_group):
-            assert bias is not None
+        if x.is_cuda and self.kernel_route and bias is not None:
             return route_noaux_tc(
                 logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob
             )

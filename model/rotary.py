@@ -62,12 +62,3 @@ class RotaryEmbedding:
             cache = self._cos_sin = self._build(size, positions.device)
         return cache[positions]
 
-
-def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [T, ..., dim] by cos_sin [T, 2, dim/2]; computed in float32."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos_sin.shape[-1],)
-    cos, sin = cos_sin[:, 0].reshape(shape), cos_sin[:, 1].reshape(shape)
-    xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [..., dim/2, 2]
-    return out.flatten(-2).to(x.dtype)

@@ -8,7 +8,7 @@ import torch
 from baleen.kernels.fused_moe import select_experts_noaux_tc
 from baleen.kernels.mla_prep import mla_prep, mla_prep_ref
 from baleen.kernels.moe_route import route_noaux_tc, route_supported
-from baleen.model.rotary import apply_rotary
+from baleen.kernels.rotary import apply_rotary_interleaved_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
 
@@ -41,7 +41,13 @@ def test_mla_prep_matches_ref_and_the_unfused_model_path(dtype: torch.dtype, wit
     for a, b in zip(runs[0], runs[1]):
         if a is not None and b is not None:
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    # The unfused path the model runs on CPU: RMSNorm, rotary of k_pe and q_pe, cat, write.
+    # The unfused ops it replaces: RMSNorm, the standalone rotary reference on k_pe and q_pe, cat, write.
+    def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        k_dummy = torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
+        out = x.clone()
+        apply_rotary_interleaved_ref(out, k_dummy, torch.arange(x.shape[0], device=x.device), cos_sin.reshape(x.shape[0], -1))
+        return out
+
     c = latent[:, :rank].float()
     c = (w * (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)).to(dtype)
     k_pe = apply_rotary(latent[:, rank:], cos_sin)

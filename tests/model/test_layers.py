@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from baleen.kernels.quant import block_dequant, block_quant
+from baleen.kernels.rotary import apply_rotary_interleaved_ref
 from baleen.model.attention import TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ParallelConfig, RopeConfig
@@ -28,7 +29,7 @@ from baleen.model.layers import (
     materialize,
 )
 from baleen.model.moe import MoEExperts, select_experts
-from baleen.model.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from baleen.model.rotary import RotaryEmbedding, rope_inv_freq
 
 RANK1 = ParallelConfig(tp_rank=1, tp_size=2)
 F32 = UnquantizedLinearMethod(torch.float32)
@@ -148,12 +149,16 @@ def test_rotary_rotates_interleaved_pairs() -> None:
     freqs = pos[:, None].float() * rope.inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)  # transformers' [T, dim] layout
     want_q, want_k = apply_rotary_pos_emb_interleave(q, k[:, None], emb.cos(), emb.sin())
-    got_q, got_k = apply_rotary(q, cs), apply_rotary(k, cs)
+    # The model's rotation (kernels/mla_prep.py) reads row t of the per-token [cos | sin] table for token t.
+    got_q, got_k = q.clone(), k.clone()
+    apply_rotary_interleaved_ref(got_q, got_k, torch.arange(4), cs.reshape(4, 8))
     # transformers de-interleaves its output (evens then odds); we keep the pairs in place.
     perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
     torch.testing.assert_close(got_q[..., perm], want_q)
     torch.testing.assert_close(got_k[..., perm], want_k[:, 0])
-    torch.testing.assert_close(apply_rotary(q, rope.cos_sin(torch.zeros(4, dtype=torch.long))), q)
+    same_q = q.clone()
+    apply_rotary_interleaved_ref(same_q, k.clone(), torch.arange(4), rope.cos_sin(torch.zeros(4, dtype=torch.long)).reshape(4, 8))
+    torch.testing.assert_close(same_q, q)
 
 
 def brute_force_route(logits: torch.Tensor, bias: torch.Tensor | None, **kw: Any) -> list[set[int]]:
