@@ -27,6 +27,7 @@ def moe_route_kernel(
     TOP_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    SHARED_ID: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     PER_GROUP: tl.constexpr = NUM_EXPERTS // NUM_GROUPS
@@ -64,9 +65,15 @@ def moe_route_kernel(
         cand = tl.where(offs_e == e, float("-inf"), cand)
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
-    mask = offs_k < TOP_K
-    tl.store(ids_ptr + t * TOP_K + offs_k, ids, mask=mask)
-    tl.store(weights_ptr + t * TOP_K + offs_k, weights * routed_scaling_factor, mask=mask)
+    weights = weights * routed_scaling_factor
+    # A shared expert computed as one more expert of the fused MoE: column TOP_K, weight 1 (not scaled).
+    ROW: tl.constexpr = TOP_K + (SHARED_ID >= 0)
+    if SHARED_ID >= 0:
+        ids = tl.where(offs_k == TOP_K, SHARED_ID, ids)
+        weights = tl.where(offs_k == TOP_K, 1.0, weights)
+    mask = offs_k < ROW
+    tl.store(ids_ptr + t * ROW + offs_k, ids, mask=mask)
+    tl.store(weights_ptr + t * ROW + offs_k, weights, mask=mask)
 
 
 def route_supported(num_experts: int, num_groups: int) -> bool:
@@ -84,10 +91,13 @@ def route_noaux_tc(
     topk_group: int,
     routed_scaling_factor: float = 1.0,
     renormalize: bool = True,
+    shared_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int32), as `select_experts_noaux_tc`.
 
     E, the group count and E / groups must be powers of two (`route_supported`); ids come best first.
+    With `shared_id` each row gets one more column, (shared_id, weight 1.0): the shared expert, stored as
+    one more expert of the fused MoE, then runs in the same launches as the routed ones.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
@@ -99,12 +109,16 @@ def route_noaux_tc(
     if correction_bias.shape != (num_experts,):
         raise ValueError(f"correction_bias must be [{num_experts}], got {tuple(correction_bias.shape)}")
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
-    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
+    if shared_id is not None and shared_id < 0:
+        raise ValueError(f"shared_id must be >= 0, got {shared_id}")
+    cols = top_k + (shared_id is not None)
+    ids = torch.empty((num_tokens, cols), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((num_tokens, cols), dtype=torch.float32, device=logits.device)
     if num_tokens:
         moe_route_kernel[(num_tokens,)](
             logits, correction_bias, weights, ids, logits.stride(0), float(routed_scaling_factor),
             NUM_EXPERTS=num_experts, NUM_GROUPS=num_groups, TOPK_GROUP=topk_group, TOP_K=top_k,
-            BLOCK_K=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, num_warps=4 if num_experts > 64 else 1,
+            BLOCK_K=triton.next_power_of_2(cols), RENORMALIZE=renormalize,
+            SHARED_ID=-1 if shared_id is None else shared_id, num_warps=4 if num_experts > 64 else 1,
         )  # fmt: skip
     return weights, ids

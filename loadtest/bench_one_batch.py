@@ -41,7 +41,7 @@ def weight_bytes(runner: ModelRunner, cfg: ModelConfig, batch: int) -> tuple[flo
         if name.endswith("embed_tokens.weight"):
             continue  # only `batch` rows are read
         if ".mlp.experts." in name:
-            per_expert += n / cfg.n_routed_experts if cfg.n_routed_experts else 0
+            per_expert += n / p.shape[0]  # stacked [slots, ...]; a shared-expert slot is counted as dense below
             moe_layers += name.endswith(".w13")
             continue
         dense += n

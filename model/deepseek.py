@@ -230,7 +230,8 @@ class DeepseekV3MLP(nn.Module):
 
     def post_load(self) -> None:
         """Fuse gate_proj and up_proj into one GEMM (their weights become views of the fused one)."""
-        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        if self.gate_up is None:  # a MoE layer may have fused its shared expert into an expert slot already
+            self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
@@ -247,7 +248,15 @@ class DeepseekV3MoE(nn.Module):
     Every rank routes every token it is given; it computes its experts (EP) or its slice of every expert's
     intermediate dim (TP). Dispatch is implicit (all ranks hold the tokens) and the combine is the layer's
     exchange: an all-reduce, or with DP attention a reduce-scatter back to each DP group.
+
+    When the experts method can (the fused MoE) and the shared expert has a routed expert's shape on this
+    rank (one shared expert, no EP), its weights live in one more expert slot: up to FUSED_SHARED_MAX_TOKENS
+    tokens (decode) it runs as a ninth expert of weight 1 inside the MoE launches, saving its own GEMMs,
+    quantizations and activation launches; larger batches (prefill) run it as its own MLP, whose weights
+    are views of that slot.
     """
+
+    FUSED_SHARED_MAX_TOKENS = 256
 
     def __init__(
         self,
@@ -262,6 +271,11 @@ class DeepseekV3MoE(nn.Module):
         self.parallel = parallel
         self.gate = MoEGate(config, dtype)
         block = None if config.quant is None else config.quant.weight_block_size
+        fuse_shared = (
+            config.n_shared_experts == 1
+            and parallel.ep_size == 1
+            and getattr(experts_method, "fuses_shared_expert", False)
+        )
         self.experts = MoEExperts(
             config.n_routed_experts,
             config.hidden_size,
@@ -270,6 +284,7 @@ class DeepseekV3MoE(nn.Module):
             dtype,
             block,
             experts_method,
+            shared_slot=fuse_shared,
         )
         self.shared_experts: DeepseekV3MLP | None = None
         if config.n_shared_experts:
@@ -277,8 +292,33 @@ class DeepseekV3MoE(nn.Module):
             self.shared_experts = DeepseekV3MLP(
                 config.hidden_size, width, parallel, method, reduce_results=False
             )
+        self.fused_shared = False  # set by post_load() once the shared expert sits in its expert slot
+
+    def post_load(self) -> None:
+        """Copy the shared expert into its expert slot; its own linears become views of that slot."""
+        ex, shared, slot = self.experts, self.shared_experts, self.experts.shared_slot
+        if shared is None or slot is None:
+            return
+        rows = shared.gate_proj.weight.shape[0] + shared.up_proj.weight.shape[0]
+        if ex.w13.shape[1:] != (rows, shared.gate_proj.weight.shape[1]) or ex.w2.shape[1:] != shared.down_proj.weight.shape:
+            return  # this rank's shared-expert shard is not a routed expert's shape: it stays its own MLP
+        w13_scale = None if ex.w13_weight_scale_inv is None else ex.w13_weight_scale_inv.data[slot]
+        w2_scale = None if ex.w2_weight_scale_inv is None else ex.w2_weight_scale_inv.data[slot]
+        shared.gate_up = fuse_linears([shared.gate_proj, shared.up_proj], into=(ex.w13.data[slot], w13_scale))
+        if shared.gate_up is None:
+            return  # the shapes do not stack (e.g. an FP8 block straddles gate and up): keep it separate
+        down = shared.down_proj
+        ex.w2.data[slot].copy_(down.weight.data)
+        down.weight.data = ex.w2.data[slot]
+        if w2_scale is not None:
+            w2_scale.copy_(down.weight_scale_inv.data)
+            down.weight_scale_inv.data = w2_scale
+        self.fused_shared = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_shared and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS:
+            topk_weights, topk_ids = self.gate(x, shared_id=self.experts.shared_slot)  # [T, k + 1]
+            return self.experts(x, topk_ids, topk_weights)
         topk_weights, topk_ids = self.gate(x)
         out = self.experts(x, topk_ids, topk_weights)  # [T, H], this rank's partial sum
         if self.shared_experts is not None:
@@ -488,9 +528,9 @@ def check_complete(
 
 
 def post_load_all(module: nn.Module) -> None:
-    """Run every attention layer's and MLP's post_load() (absorbed-MLA matrices, fused GEMMs)."""
-    for m in module.modules():
-        if isinstance(m, (DeepseekV3Attention, DeepseekV3MLP)):
+    """Run every attention, MLP and MoE layer's post_load() (absorbed-MLA matrices, fused GEMMs, shared-expert slots)."""
+    for m in module.modules():  # pre-order: a MoE layer places its shared expert before that MLP's turn
+        if isinstance(m, (DeepseekV3Attention, DeepseekV3MLP, DeepseekV3MoE)):
             m.post_load()
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from baleen.model.moe import MoEExperts
 
 
 class FusedExperts:
-    """Routed experts through `kernels.fused_moe.fused_experts`; CUDA-graph capturable."""
+    """Routed experts through `kernels.fused_moe.fused_experts`; CUDA-graph capturable.
+
+    Ids may name the shared-expert slot (`experts.shared_slot`, expert parallelism off): the shared expert
+    then runs as one more expert in the same launches.
+    """
+
+    fuses_shared_expert: ClassVar[bool] = True
 
     def __init__(self, experts: MoEExperts) -> None:
         self.experts = experts

@@ -303,14 +303,21 @@ class FusedLinear:
     no memory is added. Deliberately not an nn.Module: its tensors are already the originals' parameters.
     """
 
-    def __init__(self, layers: Sequence[LinearBase]) -> None:
+    def __init__(
+        self, layers: Sequence[LinearBase], into: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ) -> None:
+        """`into` (weight, weight_scale_inv): where the concatenation goes (e.g. a slot of a stacked tensor)."""
         self.method = layers[0].method
         self.widths = [layer.out_local for layer in layers]
-        self.weight = torch.cat([layer.weight.data for layer in layers])  # [sum(out_local), in_local]
+        weights = [layer.weight.data for layer in layers]
+        # [sum(out_local), in_local]
+        self.weight = torch.cat(weights) if into is None else torch.cat(weights, out=into[0])
         for layer, part in zip(layers, self.weight.split(self.widths)):
             layer.weight.data = part
         if layers[0].block_size is not None:
-            self.weight_scale_inv = torch.cat([layer.weight_scale_inv.data for layer in layers])
+            scales = [layer.weight_scale_inv.data for layer in layers]
+            dst = None if into is None else into[1]
+            self.weight_scale_inv = torch.cat(scales) if dst is None else torch.cat(scales, out=dst)
             rows = [layer.weight_scale_inv.shape[0] for layer in layers]
             for layer, part in zip(layers, self.weight_scale_inv.split(rows)):
                 layer.weight_scale_inv.data = part
@@ -324,8 +331,10 @@ class FusedLinear:
         return list(self.joint(x).split(self.widths, dim=-1))
 
 
-def fuse_linears(layers: Sequence[LinearBase]) -> FusedLinear | None:
-    """A FusedLinear over `layers`, or None when they cannot share a GEMM.
+def fuse_linears(
+    layers: Sequence[LinearBase], into: tuple[torch.Tensor, torch.Tensor | None] | None = None
+) -> FusedLinear | None:
+    """A FusedLinear over `layers` (its weights written `into` if given), or None when they cannot share a GEMM.
 
     They must be plain (no all-reduce), read the same input slice, use the same kind of weights, and with
     FP8 blocks every part but the last must end on a block boundary (so the block scales concatenate).
@@ -341,7 +350,7 @@ def fuse_linears(layers: Sequence[LinearBase]) -> FusedLinear | None:
             return None
     if block is not None and any(layer.out_local % block[0] for layer in layers[:-1]):
         return None
-    return FusedLinear(layers)
+    return FusedLinear(layers, into)
 
 
 # ---- vocabulary ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Experts are addressed by global id; this rank owns ids expert_start .. expert_st
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +88,11 @@ class MoEGate(nn.Module):
             and route_supported(config.n_routed_experts, config.n_group)
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32)."""
+    def forward(self, x: torch.Tensor, shared_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32).
+
+        With `shared_id`, one more column (shared_id, weight 1.0) per row: the shared expert as an extra expert.
+        """
         c = self.config
         if x.is_cuda and x.dtype != torch.float32:
             # bf16 products are exact in float32: a float32-output GEMM equals the upcast one (up to summation order).
@@ -99,9 +102,10 @@ class MoEGate(nn.Module):
         bias = self.e_score_correction_bias
         if x.is_cuda and self.kernel_route and bias is not None:
             return route_noaux_tc(
-                logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob
+                logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob,
+                shared_id,
             )
-        return select_experts(
+        weights, ids = select_experts(
             logits,
             top_k=self.top_k,
             scoring_func=c.scoring_func,
@@ -112,11 +116,21 @@ class MoEGate(nn.Module):
             norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor,
         )
+        if shared_id is None:
+            return weights, ids
+        extra_w = torch.ones((x.shape[0], 1), dtype=weights.dtype, device=x.device)
+        extra_id = torch.full((x.shape[0], 1), shared_id, dtype=ids.dtype, device=x.device)
+        return torch.cat([weights, extra_w], dim=1), torch.cat([ids, extra_id], dim=1)
 
 
 # ---- experts -----------------------------------------------------------------------------------------
 class ExpertsMethod(Protocol):
-    """How the routed experts are computed; the fused Triton method has the same signature."""
+    """How the routed experts are computed; the fused Triton method has the same signature.
+
+    `fuses_shared_expert`: the method can also run the shared expert, stored as one more expert slot.
+    """
+
+    fuses_shared_expert: ClassVar[bool]
 
     def apply(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, k] int32 (global ids), topk_weights [T, k] float32 -> [T, H]."""
@@ -127,7 +141,12 @@ ExpertsFactory = Callable[["MoEExperts"], ExpertsMethod]
 
 
 class MoEExperts(nn.Module):
-    """This rank's routed experts, stacked; the computation is delegated to an experts method."""
+    """This rank's routed experts, stacked; the computation is delegated to an experts method.
+
+    With `shared_slot`, the stacks hold one more expert after the local ones (index `num_local_experts`):
+    the layer's shared expert, copied there after loading (`DeepseekV3MoE.post_load`) so that decode runs
+    it inside the fused MoE launches.
+    """
 
     def __init__(
         self,
@@ -138,6 +157,7 @@ class MoEExperts(nn.Module):
         dtype: torch.dtype,
         block_size: tuple[int, int] | None = None,
         method: ExpertsFactory | None = None,
+        shared_slot: bool = False,
     ) -> None:
         super().__init__()
         if num_experts % parallel.ep_size:
@@ -156,7 +176,10 @@ class MoEExperts(nn.Module):
         self.inter_local = intermediate_size // moe_tp_size
         self.inter_start = moe_tp_rank * self.inter_local
         self.block_size = block_size
-        e, h, i = self.num_local_experts, hidden_size, self.inter_local
+        if shared_slot and parallel.ep_size > 1:
+            raise ValueError("a shared-expert slot needs expert parallelism off (every rank holds every expert)")
+        self.shared_slot: int | None = self.num_local_experts if shared_slot else None
+        e, h, i = self.num_local_experts + int(shared_slot), hidden_size, self.inter_local
         weight_dtype = dtype if block_size is None else torch.float8_e4m3fn
         self.w13 = new_param((e, 2 * i, h), weight_dtype)  # gate rows, then up rows
         self.w2 = new_param((e, h, i), weight_dtype)
@@ -227,6 +250,8 @@ class MoEExperts(nn.Module):
 
 class TorchExperts:
     """Reference: group the (token, expert) pairs by expert, one matmul pair per touched expert, index_add."""
+
+    fuses_shared_expert: ClassVar[bool] = False
 
     def __init__(self, experts: MoEExperts) -> None:
         self.experts = experts

@@ -88,6 +88,19 @@ def test_route_matches_torch_selection(num_experts: int, groups: int, topk_group
         assert all(len(set((ids[t] // (num_experts // groups)).tolist())) <= topk_group for t in range(9))
 
 
+def test_route_appends_the_shared_expert_column() -> None:
+    torch.manual_seed(5)
+    logits, bias = (torch.randn(7, 64) * 2).to(DEV), (torch.randn(64) * 0.3).to(DEV)
+    w, ids = route_noaux_tc(logits, bias, 8, 8, 4, 2.5, True)
+    w9, ids9 = route_noaux_tc(logits, bias, 8, 8, 4, 2.5, True, shared_id=64)
+    assert ids9.shape == (7, 9) and w9.shape == (7, 9)
+    assert torch.equal(ids9[:, :8], ids) and (ids9[:, 8] == 64).all()
+    torch.testing.assert_close(w9[:, :8], w, rtol=0, atol=0)  # the routed weights are untouched (scaled, renormalised)
+    assert (w9[:, 8] == 1.0).all()
+    with pytest.raises(ValueError, match="shared_id"):
+        route_noaux_tc(logits, bias, 8, 8, 4, shared_id=-2)
+
+
 def test_route_rejects_what_it_cannot_do() -> None:
     assert not route_supported(48, 8) and route_supported(256, 8)
     with pytest.raises(ValueError, match="powers of two"):
