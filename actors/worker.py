@@ -197,12 +197,9 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         if hasattr(attn, "set_graph_shape"):
             attn.set_graph_shape(heads, model_config.softmax_scale, cfg.torch_dtype)
         graphs = DecodeGraphs(model, kv_cache, attn, sizes, runner_cfg.max_pages_per_seq, heads, device)
-        started = time.perf_counter()
-        graphs.capture()
-        log.info("captured %d decode CUDA graphs in %.1f s", len(sizes), time.perf_counter() - started)
     runner_cls = ModelRunner if groups is None else ParallelRunner
     extra: dict[str, Any] = {} if groups is None else {"groups": groups, "check_sampling": cfg.check_sampling}
-    return runner_cls(
+    runner = runner_cls(
         model,
         kv_cache,
         attn,
@@ -216,6 +213,11 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         graphs=graphs,
         **extra,
     )
+    if graphs is not None:
+        started = time.perf_counter()
+        runner.capture_graphs()
+        log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.batch_sizes), time.perf_counter() - started)
+    return runner
 
 
 class ParallelRunner(ModelRunner):

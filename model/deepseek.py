@@ -297,8 +297,8 @@ class DeepseekV3MoE(nn.Module):
     def post_load(self) -> None:
         """Copy the shared expert into its expert slot; its own linears become views of that slot."""
         ex, shared, slot = self.experts, self.shared_experts, self.experts.shared_slot
-        if shared is None or slot is None:
-            return
+        if shared is None or slot is None or self.fused_shared:
+            return  # (again: the shared linears already are views of the slot, so the slot is up to date)
         rows = shared.gate_proj.weight.shape[0] + shared.up_proj.weight.shape[0]
         if ex.w13.shape[1:] != (rows, shared.gate_proj.weight.shape[1]) or ex.w2.shape[1:] != shared.down_proj.weight.shape:
             return  # this rank's shared-expert shard is not a routed expert's shape: it stays its own MLP

@@ -4,6 +4,11 @@ Per-request state lives in *slots* on the device: the last sampled token (`slot_
 (`page_table`), and the sampling parameters (in `SamplingState`). A decode row carries no token id: its input
 is gathered from `slot_tokens` on the device, which is what lets the scheduler plan step N+1 before step N's
 tokens reached the host. The only host sync of a step is `finish()` reading the sampled ids.
+
+A plain decode step on captured CUDA graphs costs the host one copy in and one copy out: the graph derives
+its inputs from the slots (`DecodeGraphs.run_staged`) and, when every row is greedy with nothing else asked,
+a captured tail samples too. One extra slot (`scratch_slot`, index num_slots) belongs to no request: padding
+rows and rows whose token is not kept point at it.
 """
 
 from __future__ import annotations
@@ -108,12 +113,19 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.random_seed = random_seed
         self.graphs = graphs  # DecodeGraphs | None: captured decode forwards
-        self.slot_tokens = torch.zeros(config.num_slots, dtype=torch.int64, device=device)
+        self.scratch_slot = config.num_slots
+        self.slot_tokens = torch.zeros(config.num_slots + 1, dtype=torch.int64, device=device)
         # NOTE: entry 0 of the pool is the padding page; unused table entries point at it.
-        self.page_table = torch.zeros(config.num_slots, config.max_pages_per_seq, dtype=torch.int32, device=device)
+        self.page_table = torch.zeros(config.num_slots + 1, config.max_pages_per_seq, dtype=torch.int32, device=device)
         # slot -> (processor, output ids so far) for requests that asked for a custom logit processor
         self.slot_procs: dict[int, tuple[Any, list[int]]] = {}
         self._pinned = device.type == "cuda"
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs, reading their inputs from this runner's slots (staged mode)."""
+        assert self.graphs is not None
+        self.graphs.bind_slots(self.slot_tokens, self.page_table, self.sampler, self.scratch_slot)
+        self.graphs.capture()
 
     # ---- slot state ------------------------------------------------------------------------------
     def _apply_slot_changes(self, plan: StepPlan) -> None:
@@ -208,47 +220,100 @@ class ModelRunner:
         )
         return batch, sslots_d, sampled_slots.tolist()
 
+    def staged_rows(self, plan: StepPlan) -> torch.Tensor | None:
+        """The staged rows of a plain decode step (see `DecodeGraphs.run_staged`), or None when the step is not
+        one: some row extends by more than one token or has no prefix, or the batch outgrows the graphs."""
+        g = self.graphs
+        rows = plan.rows
+        n = len(rows)
+        if g is None or not g.staged or not 0 < n <= g.max_bs or getattr(plan, "dp_num_tokens", None):
+            return None
+        if any(r.extend_len != 1 or r.prefix_len < 1 for r in rows):
+            return None
+        if max(r.prefix_len for r in rows) >= g.max_pages * self.config.page_size:
+            return None
+        host = torch.empty((g.padded_size(n), 4), dtype=torch.int64, pin_memory=self._pinned)
+        h = host.numpy()
+        h[n:] = g.padding_row(self.scratch_slot)
+        for i, r in enumerate(rows):
+            h[i] = (r.slot, r.prefix_len + 1, _i32(r.input_ids)[0] if r.input_ids else -1,
+                    r.slot if r.sample else self.scratch_slot)  # fmt: skip
+        return host
+
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         """Apply slot changes, run the forward and the sampler; the results stay on the device."""
         started = time.perf_counter()
         self._apply_slot_changes(plan)
-        batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
         top_k = 0
         logits: torch.Tensor | None = None
-        if self.graphs is not None and self.graphs.can_run(batch):
-            logits = self.graphs.run(batch)
-        elif batch.num_tokens:
-            self.attn.plan(batch)
-            hidden = self.model(batch, self.kv_cache, self.attn)
-            if sampled_slots:
-                logits = self.model.compute_logits(hidden[batch.logits_indices])
+        staged = self.staged_rows(plan)
+        if staged is not None:
+            assert self.graphs is not None
+            sample_rows = [i for i, r in enumerate(plan.rows) if r.sample]
+            sampled_slots = [plan.rows[i].slot for i in sample_rows]
+            greedy = len(sample_rows) == len(plan.rows) and self._plain_greedy(sampled_slots)
+            logits, tokens = self.graphs.run_staged(staged, len(plan.rows), greedy)
+            if tokens is not None:
+                host["token_ids"] = self._to_host(tokens)
+                logits = None  # sampled already
+            elif len(sample_rows) < len(plan.rows):
+                logits = logits[self._to_device(np.asarray(sample_rows))]
+            sample_slots = self.graphs.rows[: len(plan.rows), 0]
+            if len(sample_rows) < len(plan.rows):
+                sample_slots = self._to_device(np.asarray(sampled_slots))
+        else:
+            batch, sample_slots, sampled_slots = self.build_batch(plan)
+            if self.graphs is not None and self.graphs.can_run(batch):
+                logits = self.graphs.run(batch)
+            elif batch.num_tokens:
+                self.attn.plan(batch)
+                hidden = self.model(batch, self.kv_cache, self.attn)
+                if sampled_slots:
+                    logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is not None:
-            procs = (
-                [
-                    (j, _Guarded(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
-                    for j, s in enumerate(sampled_slots)
-                    if s in self.slot_procs
-                ]
-                if self.slot_procs
-                else []
-            )
-            out = self.sampler.sample(logits, sample_slots, host_slots=sampled_slots, processors=procs or None)
-            self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
-            host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
-            if out.logprobs is not None:
-                host["logprobs"] = self._to_host(out.logprobs.float())
-            if out.top_ids is not None and out.top_logprobs is not None:
-                top_k = int(out.top_ids.shape[1])
-                host["top_ids"] = self._to_host(out.top_ids.to(torch.int32))
-                host["top_logprobs"] = self._to_host(out.top_logprobs.float())
+            top_k = self._sample(logits, sample_slots, sampled_slots, host, errors)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         return PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors)
+
+    def _plain_greedy(self, sampled_slots: list[int]) -> bool:
+        """Every row greedy, and nothing asked that the captured greedy tail does not do."""
+        if any(s in self.slot_procs for s in sampled_slots):
+            return False
+        f = self.sampler.state.flags(sampled_slots)
+        return f.all_greedy and not (f.penalties or f.min_tokens or f.logprobs or f.top_logprobs)
+
+    def _sample(
+        self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int],
+        host: dict[str, torch.Tensor], errors: list[tuple[int, str]],
+    ) -> int:  # fmt: skip
+        """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
+
+        Returns the k of the top-logprob tables (0 when none was asked)."""
+        procs = (
+            [
+                (j, _Guarded(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
+                for j, s in enumerate(sampled_slots)
+                if s in self.slot_procs
+            ]
+            if self.slot_procs
+            else []
+        )
+        out = self.sampler.sample(logits, sample_slots, host_slots=sampled_slots, processors=procs or None)
+        self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
+        host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
+        if out.logprobs is not None:
+            host["logprobs"] = self._to_host(out.logprobs.float())
+        if out.top_ids is None or out.top_logprobs is None:
+            return 0
+        host["top_ids"] = self._to_host(out.top_ids.to(torch.int32))
+        host["top_logprobs"] = self._to_host(out.top_logprobs.float())
+        return int(out.top_ids.shape[1])
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for the step's copies (the step's one host sync) and package the result."""

@@ -342,6 +342,20 @@ class Sampler:
         self._record(slots, tokens, flags.penalties)
         return out
 
+    def greedy_tail(self, logits: torch.Tensor, write_slots: torch.Tensor, slot_tokens: torch.Tensor) -> torch.Tensor:
+        """`sample` for an all-greedy batch with nothing else asked, without host work (CUDA-graph capturable).
+
+        logits [n, vocab]; write_slots [n] int64: the row's request slot, or an index >= num_slots (a scratch
+        entry of slot_tokens) for a row whose token is not kept. Each kept token is stored in
+        slot_tokens[slot] and counted like `sample` counts it. Returns the tokens [n] int32.
+        """
+        st = self.state
+        tokens = row_argmax(logits)  # [n] int64
+        kept = write_slots < st.num_slots
+        st.iparams.view(-1).index_add_(0, torch.where(kept, write_slots, 0) * 3 + _NUM_GEN, kept.to(torch.int64))
+        slot_tokens.index_copy_(0, write_slots, tokens)
+        return tokens.to(torch.int32)
+
     def mask_early_stops(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] with EOS and stop ids at -inf for rows still short of min_new_tokens."""
         st = self.state

@@ -131,9 +131,9 @@ class _Driver:
         self.pages[slot] = have + need
         return [PageUpdate(slot, have, array("i", new).tobytes())]
 
-    def run(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
-        inits = [SlotInit(s, f"r{s}", SamplingParams(temperature=0.0), array("i", p).tobytes())
-                 for s, p in enumerate(prompts)]
+    def run(self, prompts: list[list[int]], steps: int, params: list[SamplingParams] | None = None) -> list[list[int]]:
+        params = params or [SamplingParams(temperature=0.0)] * len(prompts)
+        inits = [SlotInit(s, f"r{s}", params[s], array("i", p).tobytes()) for s, p in enumerate(prompts)]
         rows, updates = [], []
         for s, p in enumerate(prompts):
             updates += self._grow(s, len(p))
@@ -154,8 +154,16 @@ class _Driver:
         return out
 
 
-@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_cuda_graph_decode_equals_eager(backend: str, tmp_path: Path) -> None:
+SAMPLING = {
+    "greedy": [SamplingParams(temperature=0.0)] * 5,  # the captured greedy tail
+    "mixed": [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=3),
+              SamplingParams(temperature=0.0, logprobs=True), SamplingParams(temperature=1.0, top_k=20, seed=4),
+              SamplingParams(temperature=0.0)],  # the graph, then the eager sampler
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, sampling", [("triton", "greedy"), ("triton", "mixed"), ("flashinfer", "greedy")])
+def test_cuda_graph_decode_equals_eager(backend: str, sampling: str, tmp_path: Path) -> None:
     if backend == "flashinfer":
         pytest.importorskip("flashinfer")
     (tmp_path / "config.json").write_text(json.dumps(_config(fp8=False)))
@@ -168,9 +176,10 @@ def test_cuda_graph_decode_equals_eager(backend: str, tmp_path: Path) -> None:
     ))  # fmt: skip
     graphs = runner.graphs
     assert graphs is not None
-    replayed = _Driver(runner, 2048).run(prompts, steps=16)
+    assert graphs.staged == (backend == "triton")  # FlashInfer plans each replay on the host from a batch
+    replayed = _Driver(runner, 2048).run(prompts, 16, SAMPLING[sampling])
     runner.graphs = None  # the same runner, eager: same weights, same kernels, same split counts
-    eager = _Driver(runner, 2048).run(prompts, steps=16)
+    eager = _Driver(runner, 2048).run(prompts, 16, SAMPLING[sampling])
     assert replayed == eager
     assert len({tuple(o) for o in eager}) > 1  # different prompts, different continuations
 

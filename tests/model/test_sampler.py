@@ -332,3 +332,19 @@ def test_row_argmax_two_stage_equals_argmax_with_ties() -> None:
     assert row_argmax(x)[1] == 5000 and row_argmax(x)[2] == 700
     small = torch.randn(3, 1000)  # narrow rows take torch's one-pass argmax
     assert torch.equal(row_argmax(small), small.argmax(dim=-1))
+
+
+def test_greedy_tail_matches_sample_and_skips_scratch_rows() -> None:
+    """The graph-capturable greedy pick: same tokens and counters as `sample`, scratch rows keep nothing."""
+    state, sampler, _ = make(4, 300, [SamplingParams(temperature=0.0)] * 4)
+    twin_state, twin, _ = make(4, 300, [SamplingParams(temperature=0.0)] * 4)
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(3))
+    slot_tokens = torch.full((5,), -7, dtype=torch.int64)  # 4 slots + the scratch slot 4
+    write = torch.tensor([2, 4, 0])  # row 1 keeps nothing (a padding row)
+    tokens = sampler.greedy_tail(logits, write, slot_tokens)
+    want = twin.sample(logits[[0, 2]], torch.tensor([2, 0])).token_ids
+    assert tokens.dtype == torch.int32 and torch.equal(tokens, logits.argmax(-1).to(torch.int32))
+    assert torch.equal(tokens[[0, 2]], want)
+    assert slot_tokens.tolist() == [int(tokens[2]), -7, int(tokens[0]), -7, int(tokens[1])]
+    assert torch.equal(state.num_generated, twin_state.num_generated)
+    assert state.num_generated.tolist() == [1, 0, 1, 0]

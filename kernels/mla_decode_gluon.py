@@ -1,0 +1,350 @@
+"""MLA decode at 64-head blocks as a warp-specialised Gluon kernel for Hopper (sm_90a), TMA + async wgmma.
+
+Same problem and contract as `mla_decode.mla_decode` (absorbed MLA: every head attends to the same latent
+rows; key = [latent 512 | rope 64], value = latent), written in Gluon, Triton's explicit dialect, so that the
+KV loads overlap the MMAs: plain Triton on Hopper keeps one KV buffer per program and computes the 576-deep
+scores twice with 64 heads on 8 warps.
+
+One CTA = (sequence b, 64-head block, KV split); the head blocks of one (b, split) are adjacent in the grid,
+so the second reads the rows from L2. Shared memory: Q (64 x 576, loaded once), a ring of NUM_STAGES KV
+tiles (64 rows x 576) and P (64 x 64 bf16). Partitions:
+- loader (1 warp): waits `empty[s]`, TMA-loads the next 64-row tile (one page holds it whole, so it is one
+  [64, 512] + one [64, 64] box pair at row page * page_size + offset) and arms `full[s]` with its bytes;
+- compute (default, 8 warps = 2 warpgroups, accumulator warps [4, 2]): S = Q K^T by wgmma with both operands
+  in shared memory, each warpgroup taking 32 of the 64 tokens (no duplicated QK); online softmax in the log2
+  domain; P to shared memory (each warpgroup needs all 64 tokens of P for its half of O); O += P V with each
+  warpgroup owning 256 of the 512 output columns (128 fp32 registers a thread); then `empty[s]` is released.
+Splits write fp32 partials and a log2-domain LSE that `mla_decode_merge_kernel` combines, exactly as the
+Triton kernel does (empty splits write nothing; the merge reads only the splits that hold tokens).
+Handled: bf16, D_LATENT 512 + D_ROPE 64, heads a multiple of 64, page_size a multiple of 64 (64, 128, ...).
+Page 1 needs a row gather that Hopper TMA lacks: `gluon_mla_decode_supported` says False and the caller keeps
+the Triton kernel. Gluon is imported guarded: on CPU or a Triton without it this module still imports.
+NOTE: TMA reads whole 64-row tiles, so cache rows past a sequence's end must be finite (the cache is
+zero-initialised); their scores are masked to -inf, so finite junk contributes exactly 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+
+from baleen.kernels.mla_decode import _LOG2E, _num_sms, mla_decode_merge_kernel, pick_num_kv_splits
+
+try:  # Gluon exists from Triton 3.4; the API below is the one of Triton 3.6 (the GPU box's)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    _GLUON_IMPORT_ERROR: str | None = None
+except Exception as e:  # pragma: no cover - depends on the installed Triton
+    _GLUON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+BLOCK_H = 64  # heads per CTA: the wgmma M of one warpgroup
+BLOCK_N = 64  # KV rows per tile (a page of 64 or 128 rows holds whole tiles)
+NUM_STAGES = 2  # KV ring depth: 2 x 72 KB + Q 72 KB + P 8 KB fill the 227 KB of shared memory
+NUM_WARPS = 8  # the compute partition: two warpgroups
+LOADER_REGS = 24  # the loader only does scalar address math and TMA issues
+MAX_REGS = 168  # per thread at launch: 12 warps (8 + the loader's warpgroup) x 168 <= 64K registers
+
+if _GLUON_IMPORT_ERROR is None:
+
+    @gluon.jit
+    def _mla_load_partition(
+        kv_desc, pe_desc, page_table_ptr, pt_row_off, start, num_tiles, kv_bufs, pe_bufs, full_bars, empty_bars,
+        PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    ):  # fmt: skip
+        # Loader warp: tile i of this split is rows [t0, t0 + BLOCK_N) of one page (PAGE_SIZE % BLOCK_N == 0).
+        tile_bytes: gl.constexpr = kv_desc.block_type.nbytes + pe_desc.block_type.nbytes
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            phase = (i // NUM_STAGES) & 1
+            # A fresh mbarrier counts as having completed the phase before 0, so round 0 passes at once.
+            mbarrier.wait(empty_bars.index(stage), phase ^ 1)
+            t0 = start + i * BLOCK_N
+            page = gl.load(page_table_ptr + pt_row_off + t0 // PAGE_SIZE)
+            row0 = page * PAGE_SIZE + t0 % PAGE_SIZE
+            bar = full_bars.index(stage)
+            mbarrier.expect(bar, tile_bytes)
+            tma.async_copy_global_to_shared(kv_desc, [row0, 0], bar, kv_bufs.index(stage))
+            tma.async_copy_global_to_shared(pe_desc, [row0, 0], bar, pe_bufs.index(stage))
+
+    @gluon.jit
+    def _mla_compute_partition(
+        q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, kv_bufs, pe_bufs, p_smem,
+        full_bars, empty_bars, start, end, num_tiles, sm_scale_log2,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr,
+        NUM_STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    ):  # fmt: skip
+        # Two warpgroups, accumulator warps [4, 2]: for S [BLOCK_H, BLOCK_N] warpgroup w owns token columns
+        # [w * BLOCK_N / 2, ...); for O [BLOCK_H, D_LATENT] it owns output columns [w * D_LATENT / 2, ...).
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=[4, NUM_WARPS // 4],
+            instr_shape=[16, BLOCK_N // (NUM_WARPS // 4), 16],
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=[4, NUM_WARPS // 4],
+            instr_shape=[16, D_LATENT // (NUM_WARPS // 4), 16],
+        )
+        # Q rows of this head block -> shared memory, once (16-byte vectors, coalesced along D).
+        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
+        offs_qh = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_blk))
+        offs_qd = gl.arange(0, D_LATENT, layout=gl.SliceLayout(0, q_blk))
+        offs_qr = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_blk))
+        q = gl.load(q_nope_ptr + offs_qh[:, None] * stride_qn_h + offs_qd[None, :])  # [BLOCK_H, D_LATENT]
+        q_smem.store(q)
+        qpe = gl.load(q_pe_ptr + offs_qh[:, None] * stride_qp_h + offs_qr[None, :])  # [BLOCK_H, D_ROPE]
+        qpe_smem.store(qpe)
+        fence_async_shared()  # generic-proxy stores -> async-proxy (wgmma) reads
+        gl.thread_barrier()
+
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        # Row sums kept per column (summed once at the end): no cross-warpgroup reduction per tile.
+        l_cols = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+        acc = gl.zeros([BLOCK_H, D_LATENT], gl.float32, layout=o_layout)
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
+            kv = kv_bufs.index(stage)  # [BLOCK_N, D_LATENT]: K's latent part and V
+            pe = pe_bufs.index(stage)  # [BLOCK_N, D_ROPE]
+            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma(qpe_smem, pe.permute((1, 0)), s, is_async=True)
+            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv, pe))  # [BLOCK_H, BLOCK_N]
+            valid = (start + i * BLOCK_N + offs_n) < end
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))  # crosses the two warpgroups (shared memory)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l_cols = l_cols * alpha[:, None] + p
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            # NOTE: one P buffer. Both warpgroups' previous PV wgmmas had completed before the barrier ahead of
+            # the previous `empty` arrive, so overwriting P here is safe.
+            p_smem.store(p.to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()  # both halves of P are written before either warpgroup's PV reads them
+            acc = warpgroup_mma(p_smem, kv, acc, is_async=True)
+            acc, _, _ = warpgroup_mma_wait(0, deps=(acc, p_smem, kv))
+            gl.thread_barrier()  # both warpgroups are done with the stage before one thread releases it
+            mbarrier.arrive(empty_bars.index(stage), count=1)
+            m_i = m_new
+        return m_i, l_cols, acc
+
+    @gluon.jit
+    def mla_decode_gluon_kernel(
+        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, o_ptr, lse_ptr, sm_scale_log2,
+        stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b, stride_o_h, stride_o_s,
+        stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
+        PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, NUM_WARPS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):  # fmt: skip
+        # Program (b x head block, split); head blocks vary fastest (L2 sharing of the KV rows).
+        b = gl.program_id(0) // num_head_blocks
+        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
+        split = gl.program_id(1)
+        seq_len = gl.load(seq_lens_ptr + b)
+        # Chunks are whole tiles (the merge kernel cuts seq_len the same way, with BLOCK_N).
+        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        if start >= seq_len:
+            return  # an empty split: writes nothing; the merge reads only the non-empty ones
+        end = gl.minimum(start + chunk, seq_len)
+        num_tiles = gl.cdiv(end - start, BLOCK_N)
+
+        smem_q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LATENT], gl.bfloat16)
+        smem_qpe: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
+        smem_p: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LATENT], smem_q)
+        qpe_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], smem_qpe)
+        kv_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_N, D_LATENT], kv_desc.layout)
+        pe_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BLOCK_N, D_ROPE], pe_desc.layout)
+        p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], smem_p)
+        full_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.init(full_bars.index(st), count=1)
+            mbarrier.init(empty_bars.index(st), count=1)
+        fence_async_shared()
+
+        q_row_off_n = b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h
+        q_row_off_p = b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h
+        pt_row_off = b.to(gl.int64) * stride_pt_b
+        m_i, l_cols, acc = gl.warp_specialize(
+            [
+                (
+                    _mla_compute_partition,
+                    (q_nope_ptr + q_row_off_n, q_pe_ptr + q_row_off_p, stride_qn_h, stride_qp_h, q_smem,
+                     qpe_smem, kv_bufs, pe_bufs, p_smem, full_bars, empty_bars, start, end, num_tiles,
+                     sm_scale_log2, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES, NUM_WARPS),
+                ),
+                (
+                    _mla_load_partition,
+                    (kv_desc, pe_desc, page_table_ptr, pt_row_off, start, num_tiles, kv_bufs, pe_bufs,
+                     full_bars, empty_bars, PAGE_SIZE, BLOCK_N, NUM_STAGES),
+                ),
+            ],
+            [1],
+            [LOADER_REGS],
+        )  # fmt: skip
+
+        # Epilogue (the compute warps): normalise and store O; the LSE (log2 domain) when there are splits.
+        o_layout: gl.constexpr = acc.type.layout
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        l_i = gl.convert_layout(gl.sum(l_cols, axis=1), o_rows)  # [BLOCK_H]
+        out = acc / l_i[:, None]  # l_i >= 1: the row maximum's own term is exp2(0)
+        offs_h = gl.arange(0, BLOCK_H, layout=o_rows)
+        offs_c = gl.arange(0, D_LATENT, layout=gl.SliceLayout(0, o_layout))
+        o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
+        gl.store(o_base + offs_h[:, None] * stride_o_h + offs_c[None, :], out.to(o_ptr.dtype.element_ty))
+        if STORE_LSE:
+            lse = gl.convert_layout(m_i, o_rows) + gl.log2(l_i)
+            gl.store(lse_ptr + b.to(gl.int64) * stride_lse_b + split + (h0 + offs_h) * stride_lse_h, lse)
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(full_bars.index(st))
+            mbarrier.invalidate(empty_bars.index(st))
+
+
+def _gluon_ready() -> bool:
+    """True when the Gluon API this file is written against (Triton 3.6's) is importable.
+
+    Names move between releases (3.9 has no `gl.thread_barrier`): a Triton without them is unsupported.
+    """
+    if _GLUON_IMPORT_ERROR is not None:
+        return False
+    return (
+        hasattr(tma, "async_copy_global_to_shared")
+        and hasattr(gl, "thread_barrier")
+        and hasattr(gl, "warp_specialize")
+    )
+
+
+def gluon_mla_decode_supported(
+    device: torch.device | str, num_heads: int, d_latent: int, d_rope: int, page_size: int
+) -> bool:
+    """True when `mla_decode_gluon` handles this device and shape (sm_90 CUDA, 64-multiple heads, 512 + 64, page % 64 == 0)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or not _gluon_ready():
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    return (
+        num_heads % BLOCK_H == 0
+        and num_heads > 0
+        and d_latent == 512
+        and d_rope == 64
+        and page_size % BLOCK_N == 0
+    )
+
+
+def gluon_descriptors(cache: torch.Tensor, d_latent: int) -> tuple[Any, Any]:
+    """TMA descriptors over the cache's latent and rope columns, as [num_pages * page_size, D] matrices."""
+    rows, row_stride = cache.shape[0] * cache.shape[1], cache.stride(1)
+    lat_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d_latent], gl.bfloat16)
+    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, cache.shape[2] - d_latent], gl.bfloat16)
+    rope = cache[..., d_latent:]  # starts d_latent values into each row (1 KB: 16-byte aligned)
+    kv_desc = GluonTensorDescriptor(cache, [rows, d_latent], [row_stride, 1], [BLOCK_N, d_latent], lat_layout)
+    pe_desc = GluonTensorDescriptor(
+        rope, [rows, rope.shape[2]], [row_stride, 1], [BLOCK_N, rope.shape[2]], pe_layout
+    )
+    return kv_desc, pe_desc
+
+
+def mla_decode_gluon(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Absorbed-MLA decode on Hopper, same contract as `mla_decode.mla_decode` (without seq_idx/tiles).
+
+    q_nope [B, H, 512] bf16 (already multiplied by W_UK), q_pe [B, H, 64] bf16 (rotated), cache
+    [num_pages, page_size, 576] bf16 (latent then rope; page_size a multiple of 64), page_table [B, max_pages]
+    int32, seq_lens [B] int32 (>= 1). Returns out [B, H, 512] bf16. `num_kv_splits` fixes the split count
+    (default: `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's capacity).
+    Raises ValueError where `gluon_mla_decode_supported` would say False.
+    """
+    if q_nope.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
+        raise ValueError(
+            "q_nope and q_pe must be [B, H, D] and cache [num_pages, page_size, D_LATENT + D_ROPE]"
+        )
+    batch, num_heads, d_latent = q_nope.shape
+    d_rope = q_pe.shape[2]
+    page_size = cache.shape[1]
+    if q_pe.shape[:2] != q_nope.shape[:2]:
+        raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} disagree on [B, H]")
+    if cache.shape[2] != d_latent + d_rope:
+        raise ValueError(f"cache rows have {cache.shape[2]} values, expected {d_latent} + {d_rope}")
+    if not (q_nope.dtype == q_pe.dtype == cache.dtype == torch.bfloat16):
+        raise ValueError(
+            f"the Gluon kernel takes bf16 q and cache, got {q_nope.dtype}, {q_pe.dtype}, {cache.dtype}"
+        )
+    if page_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("page_table and seq_lens must be int32")
+    if seq_lens.shape[0] != batch or page_table.shape[0] != batch:
+        raise ValueError(f"page_table and seq_lens need {batch} rows")
+    if q_nope.stride(2) != 1 or q_pe.stride(2) != 1:
+        raise ValueError("q_nope and q_pe must be contiguous in their last dimension")
+    if cache.stride(2) != 1 or cache.stride(0) != cache.shape[1] * cache.stride(1):
+        raise ValueError(
+            "cache pages must be contiguous rows ([num_pages, page_size, D] with row stride only)"
+        )
+    if (cache.stride(1) * cache.element_size()) % 16 or cache.data_ptr() % 16:
+        raise ValueError("TMA needs the cache base and row stride 16-byte aligned")
+    if not gluon_mla_decode_supported(q_nope.device, num_heads, d_latent, d_rope, page_size):
+        raise ValueError(
+            f"the Gluon MLA kernel does not handle heads={num_heads}, D={d_latent}+{d_rope}, page_size={page_size} "
+            f"on {q_nope.device} (needs sm_90, heads % 64 == 0, 512 + 64, page_size % 64 == 0): use mla_decode"
+        )
+    page_table = page_table.contiguous()
+    out = torch.empty((batch, num_heads, d_latent), dtype=q_nope.dtype, device=q_nope.device)
+    if batch == 0:
+        return out
+    num_head_blocks = num_heads // BLOCK_H
+    if num_kv_splits is None:
+        cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, _num_sms(q_nope.device), BLOCK_H)
+    splits = int(num_kv_splits)
+    if splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
+    if splits == 1:
+        o_part, lse = out, out  # lse unused (STORE_LSE=False)
+        o_strides = (out.stride(0), out.stride(1), 0, 0, 0)
+    else:
+        o_part = torch.empty((batch, num_heads, splits, d_latent), dtype=torch.float32, device=q_nope.device)
+        lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q_nope.device)
+        o_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1))
+    kv_desc, pe_desc = gluon_descriptors(cache, d_latent)
+    mla_decode_gluon_kernel[(batch * num_head_blocks, splits)](
+        q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, o_part, lse, float(sm_scale) * _LOG2E,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), page_table.stride(0),
+        *o_strides, splits, num_head_blocks,
+        PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
+        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, NUM_WARPS=NUM_WARPS, LOADER_REGS=LOADER_REGS,
+        num_warps=NUM_WARPS, maxnreg=MAX_REGS,
+    )  # fmt: skip
+    if splits > 1:
+        block_d = 128
+        mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
+            o_part, lse, out, seq_lens, splits,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            MAX_S=triton.next_power_of_2(splits), BLOCK_N=BLOCK_N, num_warps=4,
+        )  # fmt: skip
+    return out
