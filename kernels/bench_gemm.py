@@ -9,6 +9,11 @@ For every linear of `bench.GEMM_SHAPES` and M in 1..4096 it times (CUDA-graph re
 and the max |diff| of each block-scaled path against the float32 dequantize-and-multiply reference.
 The last table gives, per row, the best of our paths, which one won, and scaled_mm / best (> 1: ours faster).
 A variant that fails to compile or run is skipped with a line; `--budget-s` bounds the whole run.
+
+A second part times the decode GEMV (`fp8_gemv.fp8_block_gemv`, bf16 activations, no quantization) at
+M = 1, 2, 4, 8 against today's small-M path (activation quantization + Triton GEMM + split-K reduce, as
+`fp8_block_linear` runs it) with the share of 3.0 TB/s for the weight bytes; `--gemv-sweep-s` also times
+tile variants; `--gemv-only` skips the GEMM part (~1 min instead of several).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from functools import partial
 import torch
 
 from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
-from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header
+from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header, roofline_ms
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
     cublas_block_fp8_shape_ok,
@@ -32,6 +37,13 @@ from baleen.kernels.fp8_gemm import (
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_cublas,
     w8a8_block_fp8_matmul_kernel,
+)
+from baleen.kernels.fp8_gemv import (
+    MAX_GEMV_M,
+    GemvTiles,
+    fp8_block_gemv,
+    fp8_block_gemv_kernel,
+    pick_gemv_tiles,
 )
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 
@@ -112,13 +124,88 @@ def bench_shape(
         )  # fmt: skip
 
 
+GEMV_MS = (1, 2, 4, 8)
+# Tile variants the GEMV sweep times (block_n, block_k, split_k, num_warps, prefetch), filtered per shape.
+GEMV_VARIANTS = [
+    GemvTiles(bn, bk, split_k=sk, num_warps=nw, prefetch=pf)
+    for bn, bk, sk, nw, pf in [
+        (1, 2048, 1, 4, True), (2, 1024, 1, 4, True), (2, 2048, 1, 4, True), (4, 1024, 1, 4, False),
+        (4, 2048, 1, 4, False), (4, 2048, 1, 4, True), (8, 2048, 1, 4, False), (8, 1024, 1, 4, False),
+        (16, 512, 1, 4, False), (16, 1024, 1, 4, False), (8, 4096, 1, 8, False), (16, 2048, 1, 8, False),
+        (4, 2048, 2, 4, False), (2, 2048, 4, 4, True), (1, 1024, 4, 4, True),
+    ]
+]  # fmt: skip
+
+
+def bench_gemv_shape(name: str, n: int, k: int, table: Table, deadline: Deadline) -> None:
+    """GEMV vs quant + Triton GEMM at M <= 8 for one linear; with a sweep while the deadline allows."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(FP8_DTYPE)
+    w_s = torch.rand(math.ceil(n / 128), math.ceil(k / 128), device="cuda") * 1e-3 + 1e-4
+    w_ref = block_dequant(w, w_s)  # [N, K] fp32
+    roof = roofline_ms(n * k)  # weight bytes only: x and y are < 0.3% of them at these shapes
+    for m in GEMV_MS:
+        if m > MAX_GEMV_M:
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w_ref.t()  # [M, N]: the W8A16 answer; the W8A8 path differs by its x rounding
+        t0 = pick_gemv_tiles(m, n, k)
+        gemv = partial(fp8_block_gemv, x, w, w_s)
+        base = partial(_quant_then_gemm, x, w, w_s)
+        try:
+            gemv_diff, gemv_ms = _max_diff(gemv(), ref), _time(gemv)
+        except Exception as e:  # report and go on: the GEMM rows still mean something
+            print(f"    {name} M={m} gemv: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            continue
+        base_diff, base_ms = _max_diff(base(), ref), _time(base)
+        best_ms, best_cfg = gemv_ms, "default"
+        if not deadline.expired() and m in (1, 4):
+            for t in GEMV_VARIANTS:
+                if t == t0 or t.block_k > 2 * max(k, 512) or math.ceil(n / t.block_n) * t.split_k < 132:
+                    continue
+                if deadline.expired():
+                    break
+                try:
+                    ms = _time(partial(fp8_block_gemv, x, w, w_s, tiles=t))
+                except Exception as e:  # out of registers / shared memory on this Triton
+                    print(f"    {name} M={m} {t}: skipped ({type(e).__name__})")
+                    continue
+                if 0 < ms < best_ms:
+                    best_ms, best_cfg = ms, f"{t.block_n}x{t.block_k} s{t.split_k} w{t.num_warps}{' pf' if t.prefetch else ''}"
+        cfg = f"{t0.block_n}x{t0.block_k} s{t0.split_k}{' pf' if t0.prefetch else ''}"
+        table.add(
+            name, n, k, m, gemv_ms, cfg, 100 * roof / gemv_ms, base_ms, 100 * roof / base_ms, base_ms / gemv_ms,
+            gemv_diff, base_diff, best_ms, best_cfg, 100 * roof / best_ms,
+        )  # fmt: skip
+
+
+def bench_gemv(sweep_s: float) -> Table:
+    """The decode GEMV against quant + Triton GEMM at every V3 linear, M = 1, 2, 4, 8."""
+    table = Table("FP8 GEMV (W8A16) vs quant + Triton W8A8 GEMM at decode M (graph-timed ms; % of 3.0 TB/s for the weight)", [
+        "layer", "N", "K", "M", "gemv", "cfg", "gemv %roof", "q+gemm", "q+gemm %roof", "q+gemm/gemv",
+        "gemv max|diff|", "q+gemm max|diff|", "best gemv", "best cfg", "best %roof",
+    ])  # fmt: skip
+    deadline = Deadline(sweep_s)
+    for name, n, k in GEMM_SHAPES:
+        bench_gemv_shape(name, n, k, table, deadline)
+        torch.cuda.empty_cache()
+    print_compile_stats(fp8_block_gemv_kernel)
+    return table
+
+
 def main() -> None:
     """Run every shape and print the detail and summary tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=200.0, help="after this, large-M variants are skipped")
     parser.add_argument("--no-cublas", action="store_true", help="leave out cuBLAS block scaling")
+    parser.add_argument("--gemv-only", action="store_true", help="run only the decode GEMV part")
+    parser.add_argument("--gemv-sweep-s", type=float, default=0.0, help="seconds for GEMV tile variants (0: none)")
     args = parser.parse_args()
     print(header())
+    gemv = bench_gemv(args.gemv_sweep_s)
+    if args.gemv_only:
+        print()
+        print(gemv.render())
+        return
     use_cublas = not args.no_cublas and cublas_block_fp8_supported(torch.device("cuda"))
     print(f"cuBLAS block scaling: {'available' if use_cublas else 'not available'} (torch CUDA {torch.version.cuda})")
     detail = Table("Block-FP8 GEMM paths (graph-timed ms; max|diff| vs fp32 dequant reference)", [
@@ -136,6 +223,8 @@ def main() -> None:
     print(detail.render())
     print()
     print(summary.render())
+    print()
+    print(gemv.render())
 
 
 if __name__ == "__main__":

@@ -158,7 +158,13 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of a few decode steps")
     ap.add_argument("--profile-top", type=int, default=12, help="how many kernels --profile lists")
+    ap.add_argument("--gemv-max-m", type=int, default=None,
+                    help="override Fp8BlockLinearMethod.GEMV_MAX_M (0: FP8 linears never take the GEMV)")
     args = ap.parse_args()
+    if args.gemv_max_m is not None:
+        from baleen.model.layers import Fp8BlockLinearMethod
+
+        Fp8BlockLinearMethod.GEMV_MAX_M = args.gemv_max_m
 
     cuda = args.device.startswith("cuda")
     max_bs = max(args.batch_sizes)

@@ -10,7 +10,7 @@ plus one float32 `weight_scale_inv` per block, as DeepSeek's checkpoints store t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -158,11 +158,15 @@ class UnquantizedLinearMethod:
 class Fp8BlockLinearMethod:
     """e4m3 weight [out, in] + float32 weight_scale_inv [ceil(out/bn), ceil(in/bk)]; block-FP8 GEMM (CUDA).
 
-    On the GPU the GEMM is picked by the token count M (crossover measured on the H100, docs/PERF.md):
-    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); below, our Triton kernel.
+    On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
+    M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
+    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
     """
 
     CUBLAS_MIN_M = 128
+    # From the H100 sweep (docs/PERF.md): the GEMV beats quant + GEMM + split-K reduce at M = 1 on most V3
+    # shapes, and loses from M = 2-4 on the large ones. A class attribute so that benchmarks can move it.
+    GEMV_MAX_M: ClassVar[int] = 1
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size
@@ -186,6 +190,13 @@ class Fp8BlockLinearMethod:
 
         if not x.is_cuda:
             return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
+        k = x.shape[-1]
+        m = x.numel() // max(k, 1)
+        if 0 < m <= self.GEMV_MAX_M and k % 16 == 0 and self.block_size[1] % 16 == 0:
+            from baleen.kernels.fp8_gemv import fp8_block_gemv
+
+            y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if self._cublas is None:
             from baleen.kernels.fp8_gemm import cublas_block_fp8_supported
 
