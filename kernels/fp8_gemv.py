@@ -59,6 +59,10 @@ def fp8_block_gemv_kernel(
     stride_sn,
     stride_ys,
     stride_ym,
+    stride_xb,
+    stride_wb,
+    stride_sb,
+    stride_yb,
     SCALE_BLOCK_N: tl.constexpr,
     SCALE_BLOCK_K: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -76,6 +80,12 @@ def fp8_block_gemv_kernel(
     J: tl.constexpr = BLOCK_K // VEC
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    # A batch of independent GEMVs (e.g. one per attention head) along the grid's third axis.
+    b = tl.program_id(2).to(tl.int64)
+    x_ptr += b * stride_xb
+    w_ptr += b * stride_wb
+    s_ptr += b * stride_sb
+    y_ptr += b * stride_yb
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     safe_n = tl.where(mask_n, offs_n, 0)  # tail rows re-read row 0: every weight load stays unmasked on N
@@ -262,10 +272,10 @@ def fp8_block_gemv(
     # Split K writes fp32 partials [split, M, N]; one more launch sums them in split order and casts.
     y = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     m_pad = 1 if m == 1 else (2 if m == 2 else (4 if m <= 4 else 8))
-    grid = (triton.cdiv(n, block_n), split)
+    grid = (triton.cdiv(n, block_n), split, 1)
     fp8_block_gemv_kernel[grid](
         x, w, w_scale_inv, y, m, n, k, k_per_split,
-        x.stride(0), w.stride(0), w_scale_inv.stride(0), y.stride(0), y.stride(1),
+        x.stride(0), w.stride(0), w_scale_inv.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
         SCALE_BLOCK_N=block[0], SCALE_BLOCK_K=block[1], M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=t.block_k,
         PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=1,
     )  # fmt: skip
@@ -274,6 +284,41 @@ def fp8_block_gemv(
         splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
             y, out, split, numel, y.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
         )
+    return out
+
+
+def fp8_block_gemv_batched(
+    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """One GEMV per batch entry b (an attention head): y[:, b] = x[:, b] @ dequant(w[b], w_scale_inv[b])^T.
+
+    x [M, B, K] (any strides with unit K stride, M <= MAX_GEMV_M), w [B, N, K] e4m3 (unit K stride; rows may
+    be strided, e.g. a slice of kv_b_proj), w_scale_inv [B, ceil(N/bn), ceil(K/bk)]. Returns [M, B, N] in
+    x's dtype, in one launch and without split K.
+    """
+    if x.dim() != 3 or w.dim() != 3 or w_scale_inv.dim() != 3 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"expected x [M, B, K], w [B, N, K] and scales [B, ., .], got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)} and {tuple(w_scale_inv.shape)}")  # fmt: skip
+    m, heads, k = x.shape
+    n = w.shape[1]
+    _check_gemv_inputs(x[:, 0], w[0], w_scale_inv[0], block)
+    out = torch.empty((m, heads, n), dtype=x.dtype, device=x.device)
+    if m == 0 or heads == 0:
+        return out
+    if x.stride(2) != 1 or w.stride(2) != 1 or w_scale_inv.stride(2) != 1:
+        raise ValueError("x, w and w_scale_inv must be contiguous along K")
+    t = pick_gemv_tiles(m, n * heads, k, _num_sms(x.device))
+    block_n = t.block_n
+    while block[0] % block_n or block_n > triton.next_power_of_2(n):
+        block_n //= 2
+    m_pad = 1 if m == 1 else (2 if m == 2 else (4 if m <= 4 else 8))
+    fp8_block_gemv_kernel[(triton.cdiv(n, block_n), 1, heads)](
+        x, w, w_scale_inv, out, m, n, k, k,
+        x.stride(0), w.stride(1), w_scale_inv.stride(1), 0, out.stride(0),
+        x.stride(1), w.stride(0), w_scale_inv.stride(0), out.stride(1),
+        SCALE_BLOCK_N=block[0], SCALE_BLOCK_K=block[1], M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=t.block_k,
+        PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=1,
+    )  # fmt: skip
     return out
 
 

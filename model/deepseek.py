@@ -115,6 +115,9 @@ class DeepseekV3Attention(nn.Module):
     DP attention the ranks of this rank's DP group (just itself when tp_size == dp_size).
     """
 
+    # Tokens up to which absorbed decode multiplies by the FP8 W_UK / W_UV blocks (the FP8 GEMV's regime).
+    FP8_ABSORB_MAX_T = 1
+
     def __init__(
         self,
         config: ModelConfig,
@@ -161,6 +164,11 @@ class DeepseekV3Attention(nn.Module):
         # Filled by post_load(): kv_b_proj split into its key and value halves, per head.
         self.w_uk: torch.Tensor | None = None  # [H, nope, kv_lora_rank]
         self.w_uv: torch.Tensor | None = None  # [H, v_head_dim, kv_lora_rank]
+        # With FP8 kv_b_proj on CUDA, decode at M = 1 multiplies by the e4m3 blocks themselves (half the bytes
+        # of the bf16 copies): (weight, scales, block) of W_UK^T [H, rank, nope] (a transposed copy) and of
+        # W_UV [H, v, rank] (views of kv_b_proj).
+        self.w_uk_t_fp8: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
+        self.w_uv_fp8: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
         # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM after post_load() when they can share it.
         self.qkv_a: FusedLinear | None = None
 
@@ -173,6 +181,17 @@ class DeepseekV3Attention(nn.Module):
         w = w.to(self.dtype).view(self.num_heads, self.nope + self.v_dim, self.rank)
         self.w_uk = w[:, : self.nope].contiguous()
         self.w_uv = w[:, self.nope :].contiguous()
+        block = proj.block_size
+        if block is not None and proj.weight.is_cuda and self.nope % block[0] == 0 and self.v_dim % block[0] == 0:
+            bn, bk = block
+            wq = proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
+            sq = proj.weight_scale_inv.view(self.num_heads, (self.nope + self.v_dim) // bn, -1)
+            self.w_uk_t_fp8 = (
+                wq[:, : self.nope].transpose(1, 2).contiguous(),
+                sq[:, : self.nope // bn].transpose(1, 2).contiguous(),
+                (bk, bn),
+            )
+            self.w_uv_fp8 = (wq[:, self.nope :], sq[:, self.nope // bn :], block)
         if self.q_lora:
             self.qkv_a = fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])
 
@@ -197,9 +216,21 @@ class DeepseekV3Attention(nn.Module):
         if ctx.absorbed:
             if self.w_uk is None or self.w_uv is None:
                 raise ValueError("absorbed MLA needs post_load() after the weights are loaded")
-            q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
+            uk, uv = self.w_uk_t_fp8, self.w_uv_fp8
+            fp8 = uk is not None and uv is not None and num_tokens <= self.FP8_ABSORB_MAX_T
+            if uk is not None and fp8:
+                from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
+
+                q_latent = fp8_block_gemv_batched(q_nope, *uk)  # [T, H, kv_lora_rank]
+            else:
+                q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
             o_latent = ctx.attn.run_absorbed(q_latent, q_pe, ctx.kv_cache.layer(self.layer_id), self.scale)
-            o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv)  # [T, H, v_head_dim]
+            if uv is not None and fp8:
+                from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
+
+                o = fp8_block_gemv_batched(o_latent, *uv)  # [T, H, v_head_dim]
+            else:
+                o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv)  # [T, H, v_head_dim]
         else:
             assert kv is not None
             c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)  # [T, kv_lora_rank], [T, rope]

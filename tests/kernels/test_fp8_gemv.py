@@ -127,3 +127,23 @@ def test_gemv_gpu_v3_shapes(m: int, n: int, k: int) -> None:
         out = fp8_block_gemv(x, w_q, w_s, tiles=tiles)
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
         assert rel_err(out, ref) < 8e-3, tiles  # bf16 output rounding only
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_batched_gemv_matches_per_head_reference(m: int) -> None:
+    """One launch over heads, on strided views like the absorbed-MLA weights (a slice of kv_b_proj's rows)."""
+    from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
+
+    gen = torch.Generator().manual_seed(m)
+    heads, nope, v, rank, block = 3, 32, 16, 64, (16, 16)
+    w_full, s_full = block_quant(torch.randn(heads * (nope + v), rank, generator=gen), block)
+    w = w_full.view(heads, nope + v, rank)[:, nope:]  # [H, v, rank], rows strided by nope + v
+    s = s_full.view(heads, (nope + v) // 16, rank // 16)[:, nope // 16 :]
+    x = torch.randn(m, heads * 2, rank, generator=gen)[:, ::2]  # [M, H, rank], heads strided
+    got = fp8_block_gemv_batched(x, w, s, block)
+    assert got.shape == (m, heads, v)
+    for h in range(heads):
+        want = fp8_block_gemv_ref(x[:, h].contiguous(), w[h].contiguous(), s[h].contiguous(), block)
+        torch.testing.assert_close(got[:, h], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expected x"):
+        fp8_block_gemv_batched(x[0], w, s, block)

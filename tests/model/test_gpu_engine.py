@@ -222,3 +222,32 @@ def test_cuda_glue_matches_the_cpu_model() -> None:
         err = float((logits["gpu"] - logits["cpu"]).abs().max() / logits["cpu"].abs().max())
         cos = float(torch.nn.functional.cosine_similarity(logits["gpu"], logits["cpu"], dim=-1).min())
         assert err < 0.1 and cos > 0.99, f"GPU glue vs CPU model at extend={extend}: rel {err:.3g}, cosine {cos:.5f}"
+
+
+def test_fp8_absorbed_weights_match_the_bf16_copies() -> None:
+    """Single-token decode multiplies by kv_b_proj's e4m3 blocks (W_UK^T copy, W_UV views): same logits as the
+    dequantized bf16 W_UK / W_UV up to their rounding."""
+    from baleen.actors.worker import make_attention_backend
+    from baleen.model.deepseek import DeepseekV3Attention
+
+    cfg = ModelConfig.from_dict(_config(fp8=True))
+    dev = torch.device("cuda")
+    model = load_model(None, cfg, device=dev, dtype=torch.bfloat16, load_format="dummy", seed=4,
+                       experts_method=FusedExperts)
+    layers = [m for m in model.modules() if isinstance(m, DeepseekV3Attention)]
+    assert all(m.w_uk_t_fp8 is not None and m.w_uv_fp8 is not None for m in layers)
+    cache = KVCache.for_model(cfg, 16, PAGE, torch.bfloat16, dev)
+    attn = make_attention_backend("triton", dev)
+    prefill = ForwardBatch.build(list(range(20, 60)), [0], [40], [[1, 2, 3]], PAGE, device=dev)
+    decode = ForwardBatch.build([77], [40], [1], [[1, 2, 3]], PAGE, device=dev)
+    logits = []
+    with torch.inference_mode():
+        attn.plan(prefill)
+        model(prefill, cache, attn)
+        for max_t in (1, 0):  # the FP8 GEMVs, then the bf16 einsums (the cache row is rewritten the same)
+            for m in layers:
+                m.FP8_ABSORB_MAX_T = max_t
+            attn.plan(decode)
+            logits.append(model.compute_logits(model(decode, cache, attn)).float())
+    err = float((logits[0] - logits[1]).abs().max() / logits[1].abs().max())
+    assert err < 3e-2, err
