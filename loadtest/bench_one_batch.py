@@ -181,7 +181,7 @@ def main() -> None:
                 load_format="dummy",
                 attention_backend=args.attention_backend or ("triton" if cuda else "torch"),
                 page_size=args.page_size,
-                max_running_requests=max_bs,
+                max_running_requests=max(max_bs, 4),  # the prefill measurement uses 4 slots
                 max_context_len=max(context, args.prefill_tokens),
                 max_total_tokens=max_bs * (context + args.page_size) + 2 * args.prefill_tokens,
                 disable_cuda_graph=args.disable_cuda_graph or not cuda,
