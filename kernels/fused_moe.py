@@ -210,16 +210,24 @@ def fused_moe_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_SLOT: tl.constexpr,
 ):
     # Program: one block of BLOCK_M sorted slots (all routed to one expert) x BLOCK_N output columns.
+    # ONE_SLOT (one token: its k experts are distinct): block m is slot m alone, its expert read straight from
+    # expert_ids_ptr = the flat topk_ids, with no alignment launch; the other rows of the block are padding.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
+    if ONE_SLOT:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        rows = tl.arange(0, BLOCK_M)
+        slots = tl.where(rows == 0, pid_m, num_slots)  # [BLOCK_M]
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
     mask_m = slots < num_slots
     a_rows = tl.where(mask_m, slots // A_ROW_DIV, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -312,8 +320,12 @@ def moe_gemm(
     gate_up: bool,
     block: tuple[int, int],
     tiles: MoeTiles,
+    one_slot: bool = False,
 ) -> torch.Tensor:
     """One expert GEMM over the aligned slots, written into `out` [T*k, N] rows by slot index.
+
+    one_slot: no alignment; expert_ids is the flat topk_ids [T*k] and every slot is a block of its own
+    (sorted_ids and num_padded are then ignored): for one token, whose experts are distinct.
 
     gate_up=True: a = x [T, H] (row = slot // top_k), w = w13 [E, 2N, H]; out = silu(gate) * up, N = I.
     gate_up=False: a = act [T*k, I] (row = slot), w = w2 [E, N, I]; out = topk_weight[slot] * act @ w^T.
@@ -337,7 +349,7 @@ def moe_gemm(
     else:
         a_scale_t, w_scale_t = a, w  # unused placeholders (USE_FP8=False)
     num_slots = out.shape[0]
-    num_pid_m = sorted_ids.shape[0] // tiles.block_m
+    num_pid_m = num_slots if one_slot else sorted_ids.shape[0] // tiles.block_m
     grid = (num_pid_m * triton.cdiv(n, tiles.block_n),)
     fused_moe_kernel[grid](
         a, a_scale_t, w, w_scale_t, out, topk_weights if topk_weights is not None else out,
@@ -346,7 +358,7 @@ def moe_gemm(
         w_scale_t.stride(0), w_scale_t.stride(1), out.stride(0),
         A_ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, MUL_WEIGHT=topk_weights is not None,
         USE_FP8=use_fp8, SCALE_BLOCK_N=block[0], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=128 if use_fp8 else 64, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_K=128 if use_fp8 else 64, ONE_SLOT=one_slot, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
@@ -388,7 +400,11 @@ def fused_experts_triton(
     if num_slots == 0:
         return torch.zeros_like(x)
     t = tiles or pick_moe_tiles(num_slots, num_experts, w13.element_size())
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, num_experts, t.block_m)
+    one_slot = num_tokens == 1  # decode at batch 1: distinct experts, so no alignment launch
+    if one_slot:
+        sorted_ids = expert_ids = num_padded = topk_ids.reshape(-1).to(torch.int32)
+    else:
+        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, num_experts, t.block_m)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # no copy when already f32
     act = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
     y = torch.empty((num_slots, x.shape[1]), dtype=x.dtype, device=x.device)  # [T*k, H]
@@ -396,12 +412,15 @@ def fused_experts_triton(
     x = x.contiguous()
     if use_fp8:
         x_q, x_s = per_token_group_quant_fp8(x, block[1])
-        moe_gemm(x_q, x_s, w13, w13_scale_inv, act, None, sorted_ids, expert_ids, num_padded, top_k, True, block, t)
+        moe_gemm(x_q, x_s, w13, w13_scale_inv, act, None, sorted_ids, expert_ids, num_padded, top_k, True, block, t,
+                 one_slot)  # fmt: skip
         act_q, act_s = per_token_group_quant_fp8(act, block[1])
-        moe_gemm(act_q, act_s, w2, w2_scale_inv, y, weights, sorted_ids, expert_ids, num_padded, top_k, False, block, t)
+        moe_gemm(act_q, act_s, w2, w2_scale_inv, y, weights, sorted_ids, expert_ids, num_padded, top_k, False,
+                 block, t, one_slot)  # fmt: skip
     else:
-        moe_gemm(x, None, w13, None, act, None, sorted_ids, expert_ids, num_padded, top_k, True, block, t)
-        moe_gemm(act, None, w2, None, y, weights, sorted_ids, expert_ids, num_padded, top_k, False, block, t)
+        moe_gemm(x, None, w13, None, act, None, sorted_ids, expert_ids, num_padded, top_k, True, block, t, one_slot)
+        moe_gemm(act, None, w2, None, y, weights, sorted_ids, expert_ids, num_padded, top_k, False, block, t,
+                 one_slot)  # fmt: skip
     return y.view(num_tokens, top_k, -1).sum(dim=1)  # accumulates in fp32, rounds once
 
 
