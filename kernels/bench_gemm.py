@@ -133,17 +133,22 @@ GEMV_VARIANTS = [
         (4, 2048, 1, 4, False), (4, 2048, 1, 4, True), (8, 2048, 1, 4, False), (8, 1024, 1, 4, False),
         (16, 512, 1, 4, False), (16, 1024, 1, 4, False), (8, 4096, 1, 8, False), (16, 2048, 1, 8, False),
         (4, 2048, 2, 4, False), (2, 2048, 4, 4, True), (1, 1024, 4, 4, True),
+        (8, 512, 1, 4, False), (4, 512, 1, 4, False), (32, 512, 1, 4, False), (2, 4096, 1, 8, False),
+        (4, 4096, 1, 8, False), (2, 2048, 1, 4, False), (8, 2048, 1, 8, False), (16, 1024, 1, 8, False),
+        (8, 1024, 1, 2, False), (4, 1024, 1, 2, False), (16, 512, 1, 2, False), (8, 512, 1, 2, False),
     ]
 ]  # fmt: skip
 
 
-def bench_gemv_shape(name: str, n: int, k: int, table: Table, deadline: Deadline) -> None:
+def bench_gemv_shape(
+    name: str, n: int, k: int, table: Table, deadline: Deadline, m_values: tuple[int, ...] = GEMV_MS
+) -> None:
     """GEMV vs quant + Triton GEMM at M <= 8 for one linear; with a sweep while the deadline allows."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(FP8_DTYPE)
     w_s = torch.rand(math.ceil(n / 128), math.ceil(k / 128), device="cuda") * 1e-3 + 1e-4
     w_ref = block_dequant(w, w_s)  # [N, K] fp32
     roof = roofline_ms(n * k)  # weight bytes only: x and y are < 0.3% of them at these shapes
-    for m in GEMV_MS:
+    for m in m_values:
         if m > MAX_GEMV_M:
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -178,7 +183,7 @@ def bench_gemv_shape(name: str, n: int, k: int, table: Table, deadline: Deadline
         )  # fmt: skip
 
 
-def bench_gemv(sweep_s: float) -> Table:
+def bench_gemv(sweep_s: float, m_values: tuple[int, ...] = GEMV_MS, layers: tuple[str, ...] | None = None) -> Table:
     """The decode GEMV against quant + Triton GEMM at every V3 linear, M = 1, 2, 4, 8."""
     table = Table("FP8 GEMV (W8A16) vs quant + Triton W8A8 GEMM at decode M (graph-timed ms; % of 3.0 TB/s for the weight)", [
         "layer", "N", "K", "M", "gemv", "cfg", "gemv %roof", "q+gemm", "q+gemm %roof", "q+gemm/gemv",
@@ -186,7 +191,8 @@ def bench_gemv(sweep_s: float) -> Table:
     ])  # fmt: skip
     deadline = Deadline(sweep_s)
     for name, n, k in GEMM_SHAPES:
-        bench_gemv_shape(name, n, k, table, deadline)
+        if layers is None or name in layers:
+            bench_gemv_shape(name, n, k, table, deadline, m_values)
         torch.cuda.empty_cache()
     print_compile_stats(fp8_block_gemv_kernel)
     return table
@@ -199,9 +205,11 @@ def main() -> None:
     parser.add_argument("--no-cublas", action="store_true", help="leave out cuBLAS block scaling")
     parser.add_argument("--gemv-only", action="store_true", help="run only the decode GEMV part")
     parser.add_argument("--gemv-sweep-s", type=float, default=0.0, help="seconds for GEMV tile variants (0: none)")
+    parser.add_argument("--gemv-ms", type=int, nargs="+", default=list(GEMV_MS), help="the M values of the GEMV table")
+    parser.add_argument("--gemv-layers", nargs="+", default=None, help="only these layers (names as in the table)")
     args = parser.parse_args()
     print(header())
-    gemv = bench_gemv(args.gemv_sweep_s)
+    gemv = bench_gemv(args.gemv_sweep_s, tuple(args.gemv_ms), tuple(args.gemv_layers) if args.gemv_layers else None)
     if args.gemv_only:
         print()
         print(gemv.render())
