@@ -1,16 +1,19 @@
 """Gluon MLA decode vs FlashInfer vs the Triton kernel on Hopper: `python -m baleen.kernels.bench_mla_gluon`.
 
-First a correctness check against `mla_decode_ref` at small shapes (max |diff|, PASS/FAIL; continues on
-failure), then 128 heads x batch 1/32/128 x context 4k/8k at page 64 (and page 128 at 128 x 4k): CUDA-graph
-timed ms of ours (default splits, then a few other split counts while the budget lasts), FlashInfer and the
-plain Triton kernel, FI/ours (> 1: ours is faster). A compile or launch error is printed with the first 40
-lines of its traceback and the run goes on. Ends with the Gluon kernel's compile stats. Budget: < 3 minutes.
+First the Gluon kernel is checked against `mla_decode_ref` at small shapes in a child process with a time limit
+(max |diff|, PASS/FAIL), so a compile error, a fault or a deadlock is reported and ends the run cleanly before
+anything is timed. Then 128 heads x batch 1/32/128 x context 4k/8k at page 64 (and page 128 at 128 x 4k):
+CUDA-graph-timed ms of the Gluon kernel (best over the default split count and a few others while the budget
+lasts, as `ms@splits`), FlashInfer and the plain Triton kernel, and FI/gluon, triton/gluon (> 1: Gluon is
+faster). Ends with the compile stats. Budget: < 3 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -31,6 +34,7 @@ from baleen.kernels.mla_decode_gluon import (
 D_LATENT, D_ROPE = 512, 64
 SM_SCALE = 1.0 / math.sqrt(192)
 MAX_DIFF = 0.05  # bf16 outputs agree to ~1e-2 over thousands of keys; more is a bug
+CHECK_TIMEOUT_S = 90.0  # the child's checks: CUDA start-up, then compiles and five small cases
 
 
 def report_error(what: str, e: BaseException) -> None:
@@ -55,8 +59,8 @@ def make_case(batch: int, seq_lens: list[int], heads: int, page_size: int) -> tu
     return q_nope, q_pe, cache, table, lens
 
 
-def check_correctness() -> None:
-    """Small shapes against the torch reference: ragged lengths, splits 1 and several, pages 64 and 128."""
+def check_kernel() -> bool:
+    """Small shapes against the torch reference (ragged lengths, splits 1 and several, pages 64 and 128)."""
     cases = [  # heads, page, splits, seq_lens
         (128, 64, 1, [1000, 1, 65]),
         (128, 64, 4, [1, 63, 64, 65, 1000]),
@@ -64,6 +68,7 @@ def check_correctness() -> None:
         (64, 64, 2, [129, 7, 64]),
         (128, 64, None, [4096] * 4),
     ]
+    ok_all = True
     for heads, page, splits, seq_lens in cases:
         tag = f"h{heads} p{page} splits {splits} lens {seq_lens}"
         try:
@@ -76,6 +81,28 @@ def check_correctness() -> None:
             print(f"  check {tag}: max|diff| {diff:.3g} {'PASS' if ok else 'FAIL'}", flush=True)
         except Exception as e:  # a compile error must not end the run
             report_error(f"check {tag}", e)
+            ok = False
+        ok_all = ok_all and ok
+    return ok_all
+
+
+def check_in_child() -> bool:
+    """check_kernel in a child process with a time limit; True when the child says PASS.
+
+    A fault or a deadlock in the child cannot take this process (and its CUDA context) down.
+    """
+    cmd = [sys.executable, "-m", "baleen.kernels.bench_mla_gluon", "--check-only"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+        stdout, tail = r.stdout, r.stderr[-3000:]
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        tail = f"no answer in {CHECK_TIMEOUT_S:.0f} s (deadlock?)"
+    print(stdout.rstrip(), flush=True)
+    passed = "VERDICT PASS" in stdout.splitlines()
+    if not passed:
+        print(f"  check FAILED\n{tail}", flush=True)
+    return passed
 
 
 def time_or_nan(what: str, fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor | None]:
@@ -91,7 +118,7 @@ def time_or_nan(what: str, fn: Callable[[], torch.Tensor]) -> tuple[float, torch
 def run_shape(
     batch: int, seq_len: int, page: int, fi: FlashInferMLA | None, deadline: Deadline, table: Table
 ) -> None:
-    """Time FlashInfer, Triton and Gluon (default splits, then alternatives) at one shape; add a row."""
+    """Time the Gluon kernel (default splits, then alternatives), FlashInfer and Triton at one shape; add a row."""
     heads = 128
     label = f"h{heads} p{page} b{batch} {seq_len // 1024}k"
     q_nope, q_pe, cache, pt, lens = make_case(batch, [seq_len] * batch, heads, page)
@@ -110,55 +137,59 @@ def run_shape(
     default = pick_num_kv_splits(
         batch, heads // BLOCK_H, seq_len, torch.cuda.get_device_properties(0).multi_processor_count, BLOCK_H
     )
-    best_ms, best_splits, diff = math.inf, default, float("nan")
-    for splits in dict.fromkeys([default, max(1, default // 2), default * 2, 2, 4]):
+    best_ms, best_splits = math.inf, default
+    for splits in dict.fromkeys([default, max(1, default // 2), default * 2, 1, 2, 4]):
         if splits != default and (deadline.expired() or splits * 64 > seq_len):
             continue
         ms, out = time_or_nan(f"gluon {label} s{splits}", partial(call, num_kv_splits=splits))
         d = (
             float((out.float() - ref.float()).abs().max())
             if out is not None and ref is not None
-            else float("nan")
+            else math.nan
         )
         bad = "  WRONG" if not d <= MAX_DIFF else ""
-        print(
-            f"    [{label}] gluon s{splits}: {ms:.4f} ms  max|diff| vs {'FI' if fi else 'triton'} {d:.3g}{bad}",
-            flush=True,
-        )
-        if splits == default:
-            diff = d
+        print(f"    [{label}] gluon s{splits}: {ms:.4f} ms  max|diff| {d:.3g}{bad}", flush=True)
         if ms < best_ms and not bad:
             best_ms, best_splits = ms, splits
-    table.add(label, f"s{best_splits}", best_ms, fi_ms, tri_ms, fi_ms / best_ms, tri_ms / best_ms, diff)
+    cell = f"{best_ms:.4f}@s{best_splits}" if math.isfinite(best_ms) else "fail"
+    table.add(label, cell, fi_ms, tri_ms, fi_ms / best_ms, tri_ms / best_ms)
 
 
 def main() -> None:
-    """Check, time every shape, print the compile stats and the table."""
+    """Check the kernel (child process), time every shape, print the compile stats and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--budget-s", type=float, default=120.0, help="stop trying extra split counts after this long"
+        "--budget-s", type=float, default=100.0, help="no extra split counts after this long (from the start)"
     )
+    # --check-only: what check_in_child runs in its child process
+    parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.check_only:
+        print(f"VERDICT {'PASS' if check_kernel() else 'FAIL'}", flush=True)
+        return
     print(header(), flush=True)
     if not gluon_mla_decode_supported("cuda", 128, D_LATENT, D_ROPE, 64):
         print("Gluon MLA decode unsupported here (needs sm_90 and Triton's Gluon); nothing to time")
         return
     deadline = Deadline(args.budget_s)
-    check_correctness()
+    if not check_in_child():
+        print("the Gluon kernel failed its checks; nothing timed")
+        return
     fi: FlashInferMLA | None
     try:
         fi = FlashInferMLA("cuda")
     except Exception as e:  # absent optional dependency
         print(f"FlashInfer unavailable ({e}); comparing with the Triton kernel only")
         fi = None
-    table = Table("MLA decode 128 heads: Gluon (best splits) vs FlashInfer vs Triton (graph-timed ms)", [
-        "shape", "splits", "gluon", "FI", "triton", "FI/gluon", "triton/gluon", "max|diff| (default)",
-    ])  # fmt: skip
+    table = Table(
+        "MLA decode 128 heads: Gluon (best ms@splits) vs FlashInfer vs Triton (graph-timed ms)",
+        ["shape", "gluon", "FI", "triton", "FI/gluon", "triton/gluon"],
+    )
     shapes = [(b, ctx, 64) for b in (128, 32, 1) for ctx in (4096, 8192)] + [(128, 4096, 128)]
     for batch, seq_len, page in shapes:
         run_shape(batch, seq_len, page, fi, deadline, table)
         torch.cuda.empty_cache()
-    print("compile stats (Gluon; regs is the launch budget, the compute warps raise theirs with setmaxnreg):")
+    print("compile stats (regs is the launch budget; the partitions set theirs with setmaxnreg):")
     print_compile_stats(mla_decode_gluon_kernel)
     print(table.render())
 

@@ -172,7 +172,7 @@ def pick_gemv_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemvTiles:
       ~96 / ~128 / ~128-168 registers (offline, Triton 3.6 and 3.9, no spills).
     - Loads in flight are not the limit at these sizes (R x 16 B per thread x 4-6 resident CTAs per SM is
       >= 32 KB per SM); filling the SMs is. block_n is the widest tile that still gives ~6 programs per SM
-      (~12 for K >= 8192: o_proj N=7168 -> 4 rows, 1,792 programs), else ~2 per SM (q_a+kv_a N=2112 -> 2 rows); narrow tiles
+      (at M = 1, measured: 4 rows, or 2 for narrow layers), else ~2 per SM (q_a+kv_a N=2112 -> 2 rows); narrow tiles
       re-read x per program (2M/block_n bytes per weight byte, mostly L1 hits).
     - Split K only where even the narrowest tile leaves SMs idle (< 2 programs per SM): it costs a second,
       tiny reduction launch. No V3 linear needs it at one GPU; TP shards (N / 8) may.
@@ -186,10 +186,14 @@ def pick_gemv_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemvTiles:
     full = _VEC * 32 * 4  # weights per tile for 16 per thread at 4 warps
     fits = [bn for bn in (32, 16, 8, 4, 2, 1) if rows_per_thread(bn, block_k) <= max_rows and bn * block_k >= full]
     fits = fits or [1]
-    # Long rows (K >= 8192: o_proj, dense down) want ~12 programs per SM: on the H100, o_proj at M = 1 took
-    # 0.065 ms with 8-row tiles (896 programs) and 0.051 ms with 4-row tiles (1,792).
-    per_sm = 12 if k >= 8192 else 6
-    block_n = next((bn for bn in fits if triton.cdiv(n, bn) >= per_sm * num_sms), None)
+    if m == 1:
+        # H100 sweep at M = 1 (docs/PERF.md): 4-row tiles win or tie everywhere with enough rows, e.g. dense
+        # gate+up 16x1024 0.119 ms -> 4x1024 0.101, o_proj 8x2048 0.065 -> 4x2048 0.051: more, lighter programs
+        # keep more loads in flight per SM. Narrow layers drop to 2 rows to keep two programs per SM.
+        bn = 4 if triton.cdiv(n, 4) >= 2 * num_sms else 2
+        bn = max(bn, full // block_k)  # short rows (K = 128, the absorbed W_UK): more rows keep 16-byte loads
+        return GemvTiles(bn, block_k, split_k=1, prefetch=False)
+    block_n = next((bn for bn in fits if triton.cdiv(n, bn) >= 6 * num_sms), None)
     if block_n is None:
         block_n = next((bn for bn in fits if triton.cdiv(n, bn) >= 2 * num_sms), fits[-1])
     programs = triton.cdiv(n, block_n)

@@ -49,7 +49,7 @@ def _need_hopper() -> None:
     "heads,page_size,splits,seq_lens",
     [
         (128, 64, 1, [1000]),  # one split: bf16 output written directly, no merge
-        (128, 64, 4, [1, 63, 64, 65, 1000]),  # ragged; seq 1 leaves three splits empty
+        (128, 64, 4, [1, 63, 64, 65, 1000]),  # ragged; seq 1 leaves three splits empty; bf16 partials merged
         (128, 128, 1, [65, 1, 300]),
         (128, 128, 3, [64, 1000, 63]),
         (64, 64, 2, [129, 7, 64]),  # one head block
