@@ -66,7 +66,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Staged mode (bind_slots): [max_bs, 4] int64 rows: slot, new length, explicit token id or -1, the
         # slot the sampled token goes to (the scratch slot for rows that sample nothing, and for padding).
-        self.rows = torch.zeros(n, 4, dtype=torch.int64, device=device)
+        self.step_rows = torch.zeros(n, 4, dtype=torch.int64, device=device)
         self.tokens = torch.zeros(n, dtype=torch.int32, device=device)  # the greedy tail's output
         self.tails: dict[int, torch.cuda.CUDAGraph] = {}
         self._slots: tuple[torch.Tensor, torch.Tensor, Any, int] | None = None
@@ -81,7 +81,7 @@ class DecodeGraphs:
             raise RuntimeError("bind_slots() must come before capture()")
         if hasattr(self.attn, "plan_for_replay"):
             return  # the backend plans each replay on the host from a built batch: no staging
-        self.rows.copy_(torch.tensor(self.padding_row(scratch_slot)).expand_as(self.rows))
+        self.step_rows.copy_(torch.tensor(self.padding_row(scratch_slot)).expand_as(self.step_rows))
         self._slots = (slot_tokens, page_table, sampler, scratch_slot)
 
     @staticmethod
@@ -105,9 +105,9 @@ class DecodeGraphs:
         slot_tokens, page_table, _, _ = self._slots
         table, seq_lens = self.attn.graph_buffers(bs)
         ids = self.input_ids[:bs]
-        decode_prep(self.rows[:bs], slot_tokens, page_table, self.page_size, ids, self.positions[:bs],
+        decode_prep(self.step_rows[:bs], slot_tokens, page_table, self.page_size, ids, self.positions[:bs],
                     seq_lens, self.out_loc[:bs], table)  # fmt: skip
-        explicit = self.rows[:bs, 2]
+        explicit = self.step_rows[:bs, 2]
         torch.where(explicit >= 0, explicit, ids, out=ids)
 
     def _static_batch(self, bs: int) -> ForwardBatch:
@@ -147,7 +147,7 @@ class DecodeGraphs:
                         self._prep(bs)  # the static rows are padding rows: nothing a request owns is written
                     logits = self.model.compute_logits(self.model(batch, self.kv_cache, self.attn))
                     if self._slots is not None:
-                        self._slots[2].greedy_tail(logits, self.rows[:bs, 3], self._slots[0])
+                        self._slots[2].greedy_tail(logits, self.step_rows[:bs, 3], self._slots[0])
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -159,7 +159,7 @@ class DecodeGraphs:
                 slot_tokens, _, sampler, _ = self._slots
                 tail = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(tail, pool=pool):
-                    self.tokens[:bs].copy_(sampler.greedy_tail(logits, self.rows[:bs, 3], slot_tokens))
+                    self.tokens[:bs].copy_(sampler.greedy_tail(logits, self.step_rows[:bs, 3], slot_tokens))
                 self.tails[bs] = tail
         torch.cuda.synchronize()
 
@@ -180,7 +180,7 @@ class DecodeGraphs:
         counts it, returning the tokens (int32, on the device); otherwise the caller samples the logits.
         """
         bs = rows.shape[0]
-        self.rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
+        self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
         graph, logits = self.graphs[bs]
         graph.replay()
         if not greedy:

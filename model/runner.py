@@ -259,9 +259,11 @@ class ModelRunner:
             if tokens is not None:
                 host["token_ids"] = self._to_host(tokens)
                 logits = None  # sampled already
+            elif not sample_rows:
+                logits = None  # every row is a prompt chunk that samples nothing
             elif len(sample_rows) < len(plan.rows):
                 logits = logits[self._to_device(np.asarray(sample_rows))]
-            sample_slots = self.graphs.rows[: len(plan.rows), 0]
+            sample_slots = self.graphs.step_rows[: len(plan.rows), 0]
             if len(sample_rows) < len(plan.rows):
                 sample_slots = self._to_device(np.asarray(sampled_slots))
         else:

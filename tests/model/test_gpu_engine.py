@@ -255,3 +255,49 @@ def test_fp8_absorbed_weights_match_the_bf16_copies() -> None:
         err_fp8 = float((fp8.float() - want).norm() / want.norm())
         err_bf16 = float((bf16.float() - want).norm() / want.norm())
         assert err_fp8 < 1e-2 and err_fp8 <= 1.5 * err_bf16 + 1e-3, (name, err_fp8, err_bf16)
+
+
+def test_staged_step_with_one_token_prompt_chunks_equals_eager(tmp_path: Path) -> None:
+    """Staged graph steps whose rows mix decode rows with one-token prompt chunks (an explicit input id; the
+    first chunk samples nothing, the last one does): the same tokens as the eager forward."""
+    (tmp_path / "config.json").write_text(json.dumps(_config(fp8=False)))
+    runner = build_runner(WorkerConfig(
+        model_path=str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend="triton",
+        page_size=PAGE, max_running_requests=8, max_context_len=512, max_total_tokens=4096,
+        cuda_graph_bs=(1, 4, 8), random_seed=5,
+    ))  # fmt: skip
+    graphs = runner.graphs
+    assert graphs is not None and graphs.staged
+    a, b = [5, 17, 99, 3, 250, 8], [44, 81, 7, 19, 300, 2, 61]
+    pages = [PageUpdate(0, 0, array("i", [1]).tobytes()), PageUpdate(1, 0, array("i", [2]).tobytes())]
+
+    def run() -> list[list[int]]:
+        inits = [SlotInit(s, f"r{s}", SamplingParams(temperature=0.0), array("i", p).tobytes())
+                 for s, p in enumerate((a, b))]  # fmt: skip
+        def ids(xs: list[int]) -> bytes:
+            return array("i", xs).tobytes()
+
+        plans = [
+            [SeqRow(0, 0, len(a), ids(a), True), SeqRow(1, 0, len(b) - 2, ids(b[:-2]), False)],
+            [SeqRow(0, len(a), 1, b"", True), SeqRow(1, len(b) - 2, 1, ids(b[-2:-1]), False)],  # staged: 1 sampled row
+            [SeqRow(0, len(a) + 1, 1, b"", True), SeqRow(1, len(b) - 1, 1, ids(b[-1:]), True)],  # explicit id, sampled
+            [SeqRow(0, len(a) + 2, 1, b"", True), SeqRow(1, len(b), 1, b"", True)],
+            [SeqRow(0, len(a) + 3, 1, b"", True), SeqRow(1, len(b) + 1, 1, b"", True)],
+        ]
+        out: list[list[int]] = [[], []]
+        for step, rows in enumerate(plans):
+            plan = StepPlan(step_id=step, rows=rows, new_slots=inits if step == 0 else [],
+                            page_updates=pages if step == 0 else [])  # fmt: skip
+            if step in (1, 2):
+                assert runner.graphs is None or runner.staged_rows(plan) is not None
+            result = runner.finish(runner.launch(plan))
+            sampled = [r.slot for r in rows if r.sample]
+            for slot, tok in zip(sampled, array("i", result.token_ids)):
+                out[slot].append(tok)
+        return out
+
+    replayed = run()
+    runner.graphs = None
+    eager = run()
+    assert replayed == eager
+    assert len(replayed[0]) == 5 and len(replayed[1]) == 3
