@@ -229,7 +229,7 @@ def test_fp8_absorbed_weights_match_the_bf16_copies() -> None:
     against float32 products with the dequantized weights it is at least as close as the bf16 W_UK / W_UV."""
     from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
     from baleen.kernels.quant import block_dequant
-    from baleen.model.deepseek import DeepseekV3Attention
+    from baleen.model.mla import DeepseekV3Attention
 
     cfg = ModelConfig.from_dict(_config(fp8=True))
     dev = torch.device("cuda")

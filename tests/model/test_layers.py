@@ -14,7 +14,6 @@ from baleen.kernels.rotary import apply_rotary_interleaved_ref
 from baleen.model.attention import TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ParallelConfig, RopeConfig
-from baleen.model.deepseek import make_mla_policy
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
@@ -28,6 +27,7 @@ from baleen.model.layers import (
     get_weight_loader,
     materialize,
 )
+from baleen.model.mla import make_mla_policy
 from baleen.model.moe import MoEExperts, select_experts
 from baleen.model.rotary import RotaryEmbedding, rope_inv_freq
 
