@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
 from baleen.kernels.mla_prep import mla_prep, mla_prep_ref
 from baleen.kernels.quant import block_dequant
 from baleen.model.attention import AttentionBackend
@@ -195,20 +196,14 @@ class DeepseekV3Attention(nn.Module):
             if self.w_uk is None or self.w_uv is None:
                 raise ValueError("absorbed MLA needs post_load() after the weights are loaded")
             uk, uv = self.w_uk_t_fp8, self.w_uv_fp8
-            fp8 = uk is not None and uv is not None and num_tokens <= self.FP8_ABSORB_MAX_T
-            if uk is not None and fp8:
-                from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
-
-                q_latent = fp8_block_gemv_batched(q_nope, *uk)  # [T, H, kv_lora_rank]
-            else:
-                q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
+            fp8 = (uk, uv) if uk is not None and uv is not None and num_tokens <= self.FP8_ABSORB_MAX_T else None
+            # [T, H, kv_lora_rank]
+            q_latent = (
+                fp8_block_gemv_batched(q_nope, *fp8[0]) if fp8 else torch.einsum("thd,hdc->thc", q_nope, self.w_uk)
+            )
             o_latent = ctx.attn.run_absorbed(q_latent, q_pe, ctx.kv_cache.layer(self.layer_id), self.scale)
-            if uv is not None and fp8:
-                from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
-
-                o = fp8_block_gemv_batched(o_latent, *uv)  # [T, H, v_head_dim]
-            else:
-                o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv)  # [T, H, v_head_dim]
+            # [T, H, v_head_dim]
+            o = fp8_block_gemv_batched(o_latent, *fp8[1]) if fp8 else torch.einsum("thc,hvc->thv", o_latent, self.w_uv)
         else:
             assert kv is not None
             c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)  # [T, kv_lora_rank], [T, rope]
