@@ -353,29 +353,7 @@ def mla_decode(
     `seq_idx` [B] int32, if given, names the page-table row of each query row (extend: many rows per
     sequence, each with its own causal length in seq_lens); page_table may then have any number of rows.
     """
-    if q_nope.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
-        raise ValueError("q_nope and q_pe must be [B, H, D] and cache [num_pages, page_size, D_LATENT + D_ROPE]")
-    batch, num_heads, d_latent = q_nope.shape
-    d_rope = q_pe.shape[2]
-    if q_pe.shape[:2] != q_nope.shape[:2]:
-        raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} disagree on [B, H]")
-    if cache.shape[2] != d_latent + d_rope:
-        raise ValueError(f"cache rows have {cache.shape[2]} values, expected {d_latent} + {d_rope}")
-    if q_nope.dtype != cache.dtype or q_pe.dtype != cache.dtype:
-        raise ValueError(f"q and cache dtypes differ: {q_nope.dtype}, {q_pe.dtype}, {cache.dtype}")
-    if page_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("page_table and seq_lens must be int32")
-    if seq_lens.shape[0] != batch or (seq_idx is None and page_table.shape[0] != batch):
-        raise ValueError(f"page_table and seq_lens need {batch} rows")
-    if seq_idx is not None and (seq_idx.dtype != torch.int32 or seq_idx.shape != (batch,)):
-        raise ValueError(f"seq_idx must be int32 [{batch}]")
-    for name, dim in (("D_LATENT", d_latent), ("D_ROPE", d_rope)):
-        if dim & (dim - 1):
-            raise ValueError(f"{name}={dim} must be a power of two")
-    if q_nope.stride(2) != 1 or q_pe.stride(2) != 1:
-        raise ValueError("q_nope and q_pe must be contiguous in their last dimension")
-    if cache.stride(2) != 1 or cache.stride(0) != cache.shape[1] * cache.stride(1):
-        raise ValueError("cache pages must be contiguous rows ([num_pages, page_size, D] with row stride only)")
+    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
     page_table = page_table.contiguous()
     page_size = cache.shape[1]
     out = torch.empty((batch, num_heads, d_latent), dtype=q_nope.dtype, device=q_nope.device)
@@ -387,16 +365,8 @@ def mla_decode(
         cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
         num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, _num_sms(q_nope.device), t.block_h)
     splits = int(num_kv_splits)
-    if splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
     scale_log2 = float(sm_scale) * _LOG2E
-    if splits == 1:
-        o_part, lse = out, out  # lse unused (STORE_LSE=False)
-        strides = (out.stride(0), out.stride(1), 0, 0, 0)
-    else:
-        o_part = torch.empty((batch, num_heads, splits, d_latent), dtype=torch.float32, device=q_nope.device)
-        lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q_nope.device)
-        strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1))
+    o_part, lse, strides = split_buffers(out, splits)
     common = (
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(1), page_table.stride(0),
         *strides, splits,
@@ -422,16 +392,76 @@ def mla_decode(
             HAS_SEQ_IDX=seq_idx is not None,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
-    if splits > 1:
-        block_d = min(d_latent, 128)
-        mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
-            o_part, lse, out, seq_lens, splits,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            MAX_S=triton.next_power_of_2(splits), BLOCK_N=t.block_n, num_warps=4,
-        )  # fmt: skip
+    merge_splits(o_part, lse, out, seq_lens, splits, t.block_n)
     return out
+
+
+def check_mla_decode_inputs(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[int, int, int, int]:
+    """ValueError for inputs no decode kernel takes (see `mla_decode`); else (batch, heads, d_latent, d_rope)."""
+    if q_nope.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
+        raise ValueError("q_nope and q_pe must be [B, H, D] and cache [num_pages, page_size, D_LATENT + D_ROPE]")
+    batch, num_heads, d_latent = q_nope.shape
+    d_rope = q_pe.shape[2]
+    if q_pe.shape[:2] != q_nope.shape[:2]:
+        raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} disagree on [B, H]")
+    if cache.shape[2] != d_latent + d_rope:
+        raise ValueError(f"cache rows have {cache.shape[2]} values, expected {d_latent} + {d_rope}")
+    if q_nope.dtype != cache.dtype or q_pe.dtype != cache.dtype:
+        raise ValueError(f"q and cache dtypes differ: {q_nope.dtype}, {q_pe.dtype}, {cache.dtype}")
+    if page_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("page_table and seq_lens must be int32")
+    if seq_lens.shape[0] != batch or (seq_idx is None and page_table.shape[0] != batch):
+        raise ValueError(f"page_table and seq_lens need {batch} rows")
+    if seq_idx is not None and (seq_idx.dtype != torch.int32 or seq_idx.shape != (batch,)):
+        raise ValueError(f"seq_idx must be int32 [{batch}]")
+    for name, dim in (("D_LATENT", d_latent), ("D_ROPE", d_rope)):
+        if dim & (dim - 1):
+            raise ValueError(f"{name}={dim} must be a power of two")
+    if q_nope.stride(2) != 1 or q_pe.stride(2) != 1:
+        raise ValueError("q_nope and q_pe must be contiguous in their last dimension")
+    if cache.stride(2) != 1 or cache.stride(0) != cache.shape[1] * cache.stride(1):
+        raise ValueError("cache pages must be contiguous rows ([num_pages, page_size, D] with row stride only)")
+    return batch, num_heads, d_latent, d_rope
+
+
+def split_buffers(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Where a decode kernel writes for `splits` KV splits: (o_part, lse, their strides).
+
+    One split writes `out` [B, H, D] directly (no LSE); more write float32 partials [B, H, splits, D] and
+    log2-domain LSEs [B, H, splits] for `merge_splits`.
+    """
+    if splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
+    if splits == 1:
+        return out, out, (out.stride(0), out.stride(1), 0, 0, 0)  # lse unused (STORE_LSE=False)
+    batch, num_heads, d_latent = out.shape
+    o_part = torch.empty((batch, num_heads, splits, d_latent), dtype=torch.float32, device=out.device)
+    lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=out.device)
+    return o_part, lse, (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1))
+
+
+def merge_splits(
+    o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, splits: int, block_n: int
+) -> None:
+    """out [B, H, D] = the LSE-weighted sum of the split partials (nothing to do for one split)."""
+    if splits == 1:
+        return
+    batch, num_heads, d_latent = out.shape
+    block_d = min(d_latent, 128)
+    mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
+        o_part, lse, out, seq_lens, splits,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        MAX_S=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
 
 
 def mla_decode_ref(

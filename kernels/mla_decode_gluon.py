@@ -33,9 +33,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 
-from baleen.kernels.mla_decode import _LOG2E, _num_sms, mla_decode_merge_kernel, pick_num_kv_splits
+from baleen.kernels.mla_decode import (
+    _LOG2E,
+    _num_sms,
+    check_mla_decode_inputs,
+    merge_splits,
+    pick_num_kv_splits,
+    split_buffers,
+)
 
 try:  # Gluon exists from Triton 3.4; the API below is the one of Triton 3.6 (the GPU box's)
     from triton.experimental import gluon
@@ -334,31 +340,10 @@ def mla_decode_gluon(
     (default: `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's capacity).
     Raises ValueError where `gluon_mla_decode_supported` would say False.
     """
-    if q_nope.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
-        raise ValueError(
-            "q_nope and q_pe must be [B, H, D] and cache [num_pages, page_size, D_LATENT + D_ROPE]"
-        )
-    batch, num_heads, d_latent = q_nope.shape
-    d_rope = q_pe.shape[2]
+    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens)
     page_size = cache.shape[1]
-    if q_pe.shape[:2] != q_nope.shape[:2]:
-        raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} disagree on [B, H]")
-    if cache.shape[2] != d_latent + d_rope:
-        raise ValueError(f"cache rows have {cache.shape[2]} values, expected {d_latent} + {d_rope}")
-    if not (q_nope.dtype == q_pe.dtype == cache.dtype == torch.bfloat16):
-        raise ValueError(
-            f"the Gluon kernel takes bf16 q and cache, got {q_nope.dtype}, {q_pe.dtype}, {cache.dtype}"
-        )
-    if page_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("page_table and seq_lens must be int32")
-    if seq_lens.shape[0] != batch or page_table.shape[0] != batch:
-        raise ValueError(f"page_table and seq_lens need {batch} rows")
-    if q_nope.stride(2) != 1 or q_pe.stride(2) != 1:
-        raise ValueError("q_nope and q_pe must be contiguous in their last dimension")
-    if cache.stride(2) != 1 or cache.stride(0) != cache.shape[1] * cache.stride(1):
-        raise ValueError(
-            "cache pages must be contiguous rows ([num_pages, page_size, D] with row stride only)"
-        )
+    if q_nope.dtype != torch.bfloat16:
+        raise ValueError(f"the Gluon kernel takes bf16 q and cache, got {q_nope.dtype}")
     if (cache.stride(1) * cache.element_size()) % 16 or cache.data_ptr() % 16:
         raise ValueError("TMA needs the cache base and row stride 16-byte aligned")
     if not gluon_mla_decode_supported(q_nope.device, num_heads, d_latent, d_rope, page_size):
@@ -375,17 +360,9 @@ def mla_decode_gluon(
         cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
         num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, _num_sms(q_nope.device), BLOCK_H)
     splits = int(num_kv_splits)
-    if splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
-    if splits == 1:
-        o_part, lse = out, out  # lse unused (STORE_LSE=False)
-        o_strides = (out.stride(0), out.stride(1), 0, 0, 0)
-    else:
-        # NOTE: bf16 partials (half the bytes) measured slower on the H100 (b32 x 4k 0.1006 -> 0.1032 ms, b1 x 4k
-        # 0.0222 -> 0.0256): stored from the wgmma register layout they go out 4 bytes a thread. float32 it is.
-        o_part = torch.empty((batch, num_heads, splits, d_latent), dtype=torch.float32, device=q_nope.device)
-        lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q_nope.device)
-        o_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1))
+    # NOTE: bf16 partials (half the bytes) measured slower on the H100 (b32 x 4k 0.1006 -> 0.1032 ms, b1 x 4k
+    # 0.0222 -> 0.0256): stored from the wgmma register layout they go out 4 bytes a thread. float32 it is.
+    o_part, lse, o_strides = split_buffers(out, splits)
     kv_desc, pe_desc = gluon_descriptors(cache, d_latent)
     mla_decode_gluon_kernel[(batch * num_head_blocks, splits)](
         q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, o_part, lse, float(sm_scale) * _LOG2E,
@@ -395,13 +372,5 @@ def mla_decode_gluon(
         NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
         num_warps=NUM_WARPS, maxnreg=MAX_REGS,
     )  # fmt: skip
-    if splits > 1:
-        block_d = 128
-        mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
-            o_part, lse, out, seq_lens, splits,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            MAX_S=triton.next_power_of_2(splits), BLOCK_N=BLOCK_N, num_warps=4,
-        )  # fmt: skip
+    merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
     return out
