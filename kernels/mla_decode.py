@@ -253,6 +253,8 @@ def mla_decode_merge_kernel(
     out_ptr,
     seq_lens_ptr,
     num_splits,
+    num_head_blocks,
+    d_latent,
     stride_p_b,
     stride_p_h,
     stride_p_s,
@@ -261,34 +263,44 @@ def mla_decode_merge_kernel(
     stride_out_b,
     stride_out_h,
     BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MAX_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program (b, h, column block): softmax-weighted sum of the split partials, BLOCK_S splits at a time.
+    # Program (b x head block, column block): out = the LSE-weighted mean of the split partials. Each step
+    # reads a [BLOCK_S, BLOCK_H, BLOCK_D] slab (~32 floats a thread, 16-byte loads), so the merge is one
+    # bandwidth-bound pass over the partials rather than many tiny programs.
     # Only the splits the decode kernel wrote are read: it cut seq_len into chunks the same way.
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # NOTE: BLOCK_H divides the head count (the wrapper picks it so), so no head is masked.
+    b = tl.program_id(0) // num_head_blocks
+    offs_h = (tl.program_id(0) % num_head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d_latent
     seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     num_active = tl.cdiv(seq_len, chunk)
-    lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
+    lse_rows = lse_ptr + b * stride_lse_b + offs_h * stride_lse_h  # [BLOCK_H]
     offs_all = tl.arange(0, MAX_S)
-    m = tl.max(tl.load(lse_row + offs_all, mask=offs_all < num_active, other=float("-inf")), axis=0)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    total = 0.0
-    part_row = o_part_ptr + b * stride_p_b + h * stride_p_h
+    lse_all = tl.load(lse_rows[:, None] + offs_all[None, :], mask=offs_all[None, :] < num_active, other=float("-inf"))
+    m = tl.max(lse_all, axis=1)  # [BLOCK_H], finite: split 0 always holds tokens
+    total = tl.sum(tl.exp2(lse_all - m[:, None]), axis=1)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    part_rows = o_part_ptr + b * stride_p_b + offs_h[:, None] * stride_p_h + offs_d[None, :]  # [BLOCK_H, BLOCK_D]
     for s0 in range(0, num_active, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < num_active
-        lse = tl.load(lse_row + offs_s, mask=mask_s, other=float("-inf"))
-        w = tl.where(mask_s, tl.exp2(lse - m), 0.0)  # [BLOCK_S]
-        parts = tl.load(part_row + offs_s[:, None] * stride_p_s + offs_d[None, :], mask=mask_s[:, None], other=0.0)
-        acc += tl.sum(parts * w[:, None], axis=0)
-        total += tl.sum(w, axis=0)
-    out = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_d, out.to(out_ptr.dtype.element_ty))
+        lse = tl.load(lse_rows[None, :] + offs_s[:, None], mask=mask_s[:, None], other=float("-inf"))
+        w = tl.exp2(lse - m[None, :])  # [BLOCK_S, BLOCK_H], 0 for splits past the last
+        parts = tl.load(
+            part_rows[None, :, :] + offs_s[:, None, None] * stride_p_s,
+            mask=mask_s[:, None, None] & mask_d[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(parts * w[:, :, None], axis=0)
+    out = acc / total[:, None]
+    out_ptrs = out_ptr + b * stride_out_b + offs_h[:, None] * stride_out_h + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d[None, :])
 
 
 @dataclass(frozen=True)
@@ -454,14 +466,34 @@ def merge_splits(
     if splits == 1:
         return
     batch, num_heads, d_latent = out.shape
-    block_d = min(d_latent, 128)
-    mla_decode_merge_kernel[(batch, num_heads, d_latent // block_d)](
-        o_part, lse, out, seq_lens, splits,
+    block_s, block_h, block_d = pick_merge_blocks(batch, num_heads, d_latent, splits, _num_sms(out.device))
+    num_head_blocks = num_heads // block_h
+    mla_decode_merge_kernel[(batch * num_head_blocks, triton.cdiv(d_latent, block_d))](
+        o_part, lse, out, seq_lens, splits, num_head_blocks, d_latent,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-        MAX_S=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4,
+        BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, MAX_S=triton.next_power_of_2(splits),
+        BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
+
+
+def pick_merge_blocks(batch: int, num_heads: int, d_latent: int, splits: int, num_sms: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_H, BLOCK_D) of the merge: ~4096 floats a step (32 a thread), then narrower blocks
+    until there are >= 2 programs per SM. BLOCK_H divides num_heads."""
+    block_s = min(triton.next_power_of_2(splits), 4)
+    block_d = min(triton.next_power_of_2(d_latent), 512)
+    block_h = max(1, 4096 // (block_s * block_d))
+    while num_heads % block_h:
+        block_h //= 2
+
+    def programs() -> int:
+        return batch * (num_heads // block_h) * triton.cdiv(d_latent, block_d)
+
+    while block_h > 1 and programs() < 2 * num_sms:
+        block_h //= 2
+    while block_d > 128 and programs() < 2 * num_sms:
+        block_d //= 2
+    return block_s, block_h, block_d
 
 
 def mla_decode_ref(

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from baleen.kernels.flashinfer_mla import page_table_to_csr
-from baleen.kernels.mla_decode import MlaDecodeTiles, mla_decode, mla_decode_ref, pick_num_kv_splits
+from baleen.kernels.mla_decode import (
+    MlaDecodeTiles,
+    merge_splits,
+    mla_decode,
+    mla_decode_ref,
+    pick_merge_blocks,
+    pick_num_kv_splits,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,6 +99,36 @@ def test_mla_decode_more_splits_than_blocks() -> None:
     q_nope, q_pe, cache, table, lens = make_case([20, 3], 2, 64, 32, 8, torch.float32, "cpu")
     out = mla_decode(q_nope, q_pe, cache, table, lens, 0.2, num_kv_splits=40, tiles=MlaDecodeTiles(16, 16, 4, 1))
     assert rel_err(out, mla_decode_ref(q_nope, q_pe, cache, table, lens, 0.2)) < 1e-5
+
+
+@pytest.mark.parametrize("heads,d_latent,splits", [(12, 64, 3), (2, 40, 9), (128, 32, 2)])
+def test_merge_splits_matches_torch(heads: int, d_latent: int, splits: int) -> None:
+    # Random partials and log2-domain LSEs; ragged lengths leave trailing splits unwritten (NaN here):
+    # the merge must read only the splits that the decode kernels cut from seq_len.
+    torch.manual_seed(heads + splits)
+    seq_lens = [1, 9, 64, 200, 1000][: 2 + splits % 3]
+    batch, block_n = len(seq_lens), 8
+    o_part = torch.full((batch, heads, splits, d_latent), float("nan"))
+    lse = torch.full((batch, heads, splits), float("nan"))
+    want = torch.empty(batch, heads, d_latent)
+    for b, n in enumerate(seq_lens):
+        chunk = math.ceil(math.ceil(n / splits) / block_n) * block_n
+        active = math.ceil(n / chunk)
+        o_part[b, :, :active] = torch.randn(heads, active, d_latent)
+        lse[b, :, :active] = torch.randn(heads, active) * 4
+        w = torch.softmax(lse[b, :, :active] * torch.log(torch.tensor(2.0)), dim=1)
+        want[b] = (w[..., None] * o_part[b, :, :active]).sum(1)
+    out = torch.empty(batch, heads, d_latent)
+    merge_splits(o_part, lse, out, torch.tensor(seq_lens, dtype=torch.int32), splits, block_n)
+    assert rel_err(out, want) < 1e-5
+
+
+def test_merge_blocks() -> None:
+    # ~4096 floats a step, then narrower until two programs an SM; the head block divides the head count.
+    assert pick_merge_blocks(32, 128, 512, 2, 132) == (2, 4, 512)
+    assert pick_merge_blocks(1, 128, 512, 32, 132) == (4, 1, 128)
+    assert pick_merge_blocks(8, 12, 512, 2, 132) == (2, 1, 128)
+    assert pick_merge_blocks(64, 12, 512, 2, 132) == (2, 2, 512)
 
 
 def test_mla_decode_rejects_bad_layout() -> None:
