@@ -335,12 +335,15 @@ def pick_num_kv_splits(batch: int, num_head_blocks: int, max_seq_len: int, num_s
     """KV splits so the grid is about one wave of programs (two for light 16-head programs).
 
     Each split costs a float32 partial row per head (written, then read by the merge), which for 64-head
-    programs outweighs the benefit of a second wave; splits stay at least 64 tokens long.
+    programs outweighs the benefit of a second wave; splits stay at least 64 tokens long. 64-head programs
+    also load 72 KB of queries each, so they take at most 32 splits (H100, one sequence: 32 splits of a 4k
+    context beat 64, and 33 of 8k beat 66).
     """
     programs = batch * num_head_blocks
     target = num_sms if block_h > 16 else 2 * num_sms
     max_splits = max(1, max_seq_len // 64)
-    return max(1, min(round(target / programs), max_splits, 128))
+    cap = 32 if block_h > 16 else 128
+    return max(1, min(round(target / programs), max_splits, cap))
 
 
 def mla_decode(
@@ -478,10 +481,11 @@ def merge_splits(
 
 
 def pick_merge_blocks(batch: int, num_heads: int, d_latent: int, splits: int, num_sms: int) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_H, BLOCK_D) of the merge: ~4096 floats a step (32 a thread), then narrower blocks
-    until there are >= 2 programs per SM. BLOCK_H divides num_heads."""
-    block_s = min(triton.next_power_of_2(splits), 4)
-    block_d = min(triton.next_power_of_2(d_latent), 512)
+    """(BLOCK_S, BLOCK_H, BLOCK_D) of the merge: ~4096 floats a step (32 a thread), up to 32 splits in one
+    step (one-sequence decode splits 32 ways: one step, not eight dependent ones), then narrower blocks until
+    there are >= 2 programs per SM. BLOCK_H divides num_heads."""
+    block_s = min(triton.next_power_of_2(splits), 32)
+    block_d = min(triton.next_power_of_2(d_latent), max(128, 4096 // block_s))
     block_h = max(1, 4096 // (block_s * block_d))
     while num_heads % block_h:
         block_h //= 2

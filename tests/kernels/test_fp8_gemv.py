@@ -15,6 +15,8 @@ from baleen.kernels.fp8_gemv import (
 )
 from baleen.kernels.quant import block_dequant, block_quant
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
+
 # Variants the benchmarks sweep: split K (with its reduction launch), prefetch, warps split along K or
 # rows. Wide tiles keep the interpreter fast (it pays per program).
 TILES = [
@@ -36,7 +38,8 @@ def make_case(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
     # Rows of very different magnitude per 128-block, so a wrong scale lookup shows.
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * torch.rand(1, k, generator=g)
     w_q, w_s = block_quant(w)
-    return x, w_q, w_s
+    # Drawn on CPU from a seeded generator, then moved: the same values on every machine.
+    return x.to(DEV), w_q.to(DEV), w_s.to(DEV)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
@@ -65,7 +68,7 @@ def test_gemv_odd_block_and_out_dtype() -> None:
     # A 48x48 block: a block_n of 32 would straddle two scale rows and is lowered to 16; 16-column chunks
     # still sit inside one 48-column scale block. fp16 output is the fp32 result rounded once.
     x, _, _ = make_case(3, 100, 96, seed=7)
-    w = torch.randn(100, 96) * 0.1
+    w = torch.randn(100, 96).to(DEV) * 0.1
     w_q, w_s = block_quant(w, (48, 48))
     ref = fp8_block_gemv_ref(x, w_q, w_s, (48, 48))
     for tiles in (GemvTiles(32, 64), GemvTiles(8, 16, split_k=4)):
@@ -78,7 +81,7 @@ def test_gemv_odd_block_and_out_dtype() -> None:
 
 def test_gemv_zero_rows() -> None:
     _, w_q, w_s = make_case(1, 64, 128, seed=3)
-    assert fp8_block_gemv(torch.empty(0, 128), w_q, w_s).shape == (0, 64)
+    assert fp8_block_gemv(torch.empty(0, 128, device=DEV), w_q, w_s).shape == (0, 64)
 
 
 def test_gemv_rejects_bad_inputs() -> None:
@@ -93,9 +96,9 @@ def test_gemv_rejects_bad_inputs() -> None:
         fp8_block_gemv(x[:2], w_q.float(), w_s)
     x_odd, w_odd, s_odd = make_case(2, 64, 112, seed=6)
     fp8_block_gemv(x_odd, w_odd, s_odd, tiles=TILES[0])  # K = 112: a multiple of 16, fine
-    w_bad, s_bad = block_quant(torch.randn(64, 100))
+    w_bad, s_bad = block_quant(torch.randn(64, 100).to(DEV))
     with pytest.raises(ValueError, match="multiple of 16"):
-        fp8_block_gemv(torch.randn(2, 100), w_bad, s_bad)
+        fp8_block_gemv(torch.randn(2, 100).to(DEV), w_bad, s_bad)
     with pytest.raises(ValueError, match="powers of two"):
         fp8_block_gemv(x[:2], w_q, w_s, tiles=GemvTiles(3, 64))
 
@@ -136,10 +139,10 @@ def test_batched_gemv_matches_per_head_reference(m: int) -> None:
 
     gen = torch.Generator().manual_seed(m)
     heads, nope, v, rank, block = 3, 32, 16, 64, (16, 16)
-    w_full, s_full = block_quant(torch.randn(heads * (nope + v), rank, generator=gen), block)
+    w_full, s_full = block_quant(torch.randn(heads * (nope + v), rank, generator=gen).to(DEV), block)
     w = w_full.view(heads, nope + v, rank)[:, nope:]  # [H, v, rank], rows strided by nope + v
     s = s_full.view(heads, (nope + v) // 16, rank // 16)[:, nope // 16 :]
-    x = torch.randn(m, heads * 2, rank, generator=gen)[:, ::2]  # [M, H, rank], heads strided
+    x = torch.randn(m, heads * 2, rank, generator=gen).to(DEV)[:, ::2]  # [M, H, rank], heads strided
     got = fp8_block_gemv_batched(x, w, s, block)
     assert got.shape == (m, heads, v)
     for h in range(heads):

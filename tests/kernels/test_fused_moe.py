@@ -16,6 +16,8 @@ from baleen.kernels.fused_moe import (
 )
 from baleen.kernels.quant import block_quant
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -69,7 +71,7 @@ def test_routing_matches_hf_router() -> None:
 @pytest.mark.parametrize("align", [moe_align_block_size, moe_align_block_size_ref])
 def test_align_block_size_invariants(num_tokens: int, top_k: int, num_experts: int, block_m: int, align: object) -> None:
     torch.manual_seed(num_tokens)
-    ids, _ = random_routing(num_tokens, num_experts, top_k)
+    ids, _ = random_routing(num_tokens, num_experts, top_k, DEV)
     sorted_ids, expert_ids, num_padded = align(ids, num_experts, block_m)  # type: ignore[operator]
     num_slots = num_tokens * top_k
     used = int(num_padded)
@@ -88,7 +90,7 @@ def test_align_block_size_invariants(num_tokens: int, top_k: int, num_experts: i
 def test_align_kernel_matches_ref_exactly() -> None:
     # Both keep slot order within an expert, so the layouts are identical, not just equivalent.
     torch.manual_seed(5)
-    ids = torch.randint(0, 40, (70, 6), dtype=torch.int32)  # repeated experts in a token are allowed here
+    ids = torch.randint(0, 40, (70, 6), dtype=torch.int32).to(DEV)  # repeated experts in a token are allowed here
     for got, want in zip(moe_align_block_size(ids, 40, 16), moe_align_block_size_ref(ids, 40, 16)):
         assert torch.equal(got, want)
 
@@ -98,31 +100,40 @@ def test_align_kernel_matches_ref_exactly() -> None:
 def test_fused_experts_bf16_path_matches_ref(dtype: torch.dtype, num_tokens: int, top_k: int) -> None:
     torch.manual_seed(num_tokens)
     num_experts, hidden, inter = 6, 128, 64
-    x = torch.randn(num_tokens, hidden).to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden) * 0.1).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter) * 0.1).to(dtype)
-    ids, weights = random_routing(num_tokens, num_experts, top_k)
+    x = torch.randn(num_tokens, hidden).to(dtype).to(DEV)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) * 0.1).to(dtype).to(DEV)
+    w2 = (torch.randn(num_experts, hidden, inter) * 0.1).to(dtype).to(DEV)
+    ids, weights = random_routing(num_tokens, num_experts, top_k, DEV)
     out = fused_experts_triton(x, w13, w2, ids, weights, tiles=MoeTiles(16, 32, 4, 1))
     ref = fused_experts_ref(x, w13, w2, ids, weights)
     assert out.dtype == dtype
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    # NOTE: on CUDA, Triton's fp32 tl.dot runs in TF32 (10-bit mantissa); with operands truncated, not rounded,
+    # an emulation on this data gave rel_err 2.4e-3 (rounded: 5e-4), so fp32 there gets 5e-3.
+    tol = {torch.float32: 1e-5 if DEV == "cpu" else 5e-3, torch.float16: 2e-3}[dtype]
+    assert rel_err(out, ref) < tol
 
 
 @pytest.mark.parametrize("num_tokens", [1, 6])
 def test_fused_experts_fp8_path_matches_ref(num_tokens: int) -> None:
     torch.manual_seed(num_tokens + 100)
     num_experts, hidden, inter, top_k = 4, 256, 128, 2
-    w13, s13, w2, s2 = quantized_experts(num_experts, hidden, inter)
-    x = torch.randn(num_tokens, hidden)
-    ids, weights = random_routing(num_tokens, num_experts, top_k)
+    w13, s13, w2, s2 = quantized_experts(num_experts, hidden, inter, DEV)
+    x = torch.randn(num_tokens, hidden).to(DEV)
+    ids, weights = random_routing(num_tokens, num_experts, top_k, DEV)
     out = fused_experts_triton(x, w13, w2, ids, weights, s13, s2, tiles=MoeTiles(16, 64, 4, 1))
     ref = fused_experts_ref(x, w13, w2, ids, weights, s13, s2, quantize_activations=True)
-    assert rel_err(out, ref) < 1e-5
+    # NOTE: on sm_90 Triton's fp8 tl.dot accumulates each 128-wide K block with a ~13-bit mantissa (the
+    # interpreter in fp32), and the slightly different act then flips some e4m3 roundings when it is
+    # re-quantized for the down GEMM: an emulation gave rel_err up to 3e-3; a wrong scale or expert gives O(1).
+    assert rel_err(out, ref) < (1e-5 if DEV == "cpu" else 1e-2)
     # The CPU entry runs the reference without activation rounding: W8A8 error is a few percent, not more.
-    assert rel_err(out, fused_experts(x, w13, w2, ids, weights, s13, s2)) < 0.08
+    # NOTE: CPU copies on every machine: on CUDA fused_experts would run the Triton path, not the reference.
+    cpu = [t.cpu() for t in (x, w13, w2, ids, weights, s13, s2)]
+    assert rel_err(out.cpu(), fused_experts(*cpu)) < 0.08
 
 
 def test_fused_experts_checks_scales() -> None:
+    # The scale check raises before any launch: CPU tensors on every machine.
     w13, _, w2, _ = quantized_experts(2, 128, 128)
     ids, weights = random_routing(3, 2, 1)
     with pytest.raises(ValueError, match="scale_inv"):

@@ -8,6 +8,8 @@ import torch
 from baleen.kernels.mla_decode import MlaDecodeTiles, mla_decode
 from baleen.kernels.mla_extend import extend_rows, mla_extend, mla_extend_ref
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -38,6 +40,7 @@ def make_case(
 
 
 def test_extend_rows() -> None:
+    # extend_rows is pure torch: CPU on every machine.
     qo = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
     seq_lens = torch.tensor([10, 1, 5], dtype=torch.int32)
     seq_idx, kv_lens = extend_rows(qo, seq_lens, 6)
@@ -50,15 +53,17 @@ def test_extend_rows() -> None:
 @pytest.mark.parametrize("page_size,splits,causal", [(1, 1, True), (16, 2, True), (8, 1, False)])
 def test_mla_extend_matches_ref(dtype: torch.dtype, page_size: int, splits: int, causal: bool) -> None:
     torch.manual_seed(page_size + splits)
-    case = make_case([0, 21, 5], [4, 3, 1], 3, 64, 32, page_size, dtype, "cpu")
+    case = make_case([0, 21, 5], [4, 3, 1], 3, 64, 32, page_size, dtype, DEV)
     out = mla_extend(*case, 0.15, causal, splits, tiles=MlaDecodeTiles(16, 16, 4, 1))
     ref = mla_extend_ref(*case, 0.15, causal)
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    # NOTE: on CUDA, Triton's fp32 tl.dot runs in TF32, whose 10-bit mantissa is fp16's: the fp16 tolerance
+    # (an emulation with truncated TF32 operands gave rel_err <= 6e-4 on these shapes).
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 and DEV == "cpu" else 2e-3)
 
 
 def test_mla_extend_of_one_token_is_decode() -> None:
     torch.manual_seed(9)
-    q_nope, q_pe, cache, table, qo, lens = make_case([7, 30], [1, 1], 2, 64, 32, 8, torch.float32, "cpu")
+    q_nope, q_pe, cache, table, qo, lens = make_case([7, 30], [1, 1], 2, 64, 32, 8, torch.float32, DEV)
     tiles = MlaDecodeTiles(16, 16, 4, 1)
     out = mla_extend(q_nope, q_pe, cache, table, qo, lens, 0.2, tiles=tiles)
     torch.testing.assert_close(out, mla_decode(q_nope, q_pe, cache, table, lens, 0.2, tiles=tiles))
