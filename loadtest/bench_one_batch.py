@@ -160,11 +160,15 @@ def main() -> None:
     ap.add_argument("--profile-top", type=int, default=12, help="how many kernels --profile lists")
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="override Fp8BlockLinearMethod.GEMV_MAX_M (0: FP8 linears never take the GEMV)")
+    ap.add_argument("--skinny-max-m", type=int, default=None,
+                    help="override Fp8BlockLinearMethod.SKINNY_MAX_M (0: FP8 linears never take the skinny GEMM)")
     args = ap.parse_args()
-    if args.gemv_max_m is not None:
-        from baleen.model.layers import Fp8BlockLinearMethod
+    from baleen.model.layers import Fp8BlockLinearMethod
 
+    if args.gemv_max_m is not None:
         Fp8BlockLinearMethod.GEMV_MAX_M = args.gemv_max_m
+    if args.skinny_max_m is not None:
+        Fp8BlockLinearMethod.SKINNY_MAX_M = args.skinny_max_m
 
     cuda = args.device.startswith("cuda")
     max_bs = max(args.batch_sizes)

@@ -160,6 +160,7 @@ class Fp8BlockLinearMethod:
 
     On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
     M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
+    SKINNY_MIN_M <= M <= SKINNY_MAX_M, the W8A16 tensor-core GEMM (`fp8_skinny`);
     M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
     """
 
@@ -167,6 +168,10 @@ class Fp8BlockLinearMethod:
     # From the H100 sweep (docs/PERF.md): the GEMV beats quant + GEMM + split-K reduce at M = 1 on most V3
     # shapes, and loses from M = 2-4 on the large ones. A class attribute so that benchmarks can move it.
     GEMV_MAX_M: ClassVar[int] = 1
+    # H100 (docs/PERF.md): at M = 17-32 the W8A8 GEMM runs 64-row MMA tiles half empty and the skinny GEMM is
+    # 1.07-1.24x quant + GEMM; at M <= 16 it is 0.8-0.95x of it, so the W8A8 path keeps 2-16.
+    SKINNY_MIN_M: ClassVar[int] = 17
+    SKINNY_MAX_M: ClassVar[int] = 32
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size
@@ -196,6 +201,11 @@ class Fp8BlockLinearMethod:
             from baleen.kernels.fp8_gemv import fp8_block_gemv
 
             y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.SKINNY_MIN_M <= m <= self.SKINNY_MAX_M and x.dtype in (torch.bfloat16, torch.float16):
+            from baleen.kernels.fp8_skinny import fp8_skinny_gemm
+
+            y = fp8_skinny_gemm(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self._cublas is None:
             from baleen.kernels.fp8_gemm import cublas_block_fp8_supported

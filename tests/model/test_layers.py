@@ -104,6 +104,27 @@ def test_fp8_linear_scales_shard_and_compute() -> None:
     torch.testing.assert_close(rep(x), x @ block_dequant(q, s, block).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 17, 24, 32, 40])  # GEMV, W8A8 GEMM, skinny W8A16 (17-32), W8A8 again
+def test_fp8_linear_paths_on_cuda_match_dequant(m: int) -> None:
+    # Each token-count regime of Fp8BlockLinearMethod against the float32 dequantized weight. The W8A16 paths
+    # (GEMV, skinny) keep bf16 activations; W8A8 rounds them to e4m3 per 128 columns (~2-3% relative).
+    torch.manual_seed(m)
+    q, s = block_quant(torch.randn(384, 1024) * 0.05)
+    rep = ReplicatedLinear(1024, 384, Fp8BlockLinearMethod((128, 128)), ParallelConfig())
+    load(rep, weight=q, weight_scale_inv=s)
+    rep.to("cuda")
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    want = x.float() @ block_dequant(q, s).cuda().T
+    got = rep(x)
+    assert got.shape == (m, 384) and got.dtype == torch.bfloat16
+    w8a16 = m <= Fp8BlockLinearMethod.GEMV_MAX_M or (
+        Fp8BlockLinearMethod.SKINNY_MIN_M <= m <= Fp8BlockLinearMethod.SKINNY_MAX_M
+    )
+    rel = float((got.float() - want).norm() / want.norm())
+    assert rel < (1e-2 if w8a16 else 5e-2), f"M={m}: relative error {rel:.3g}"
+
+
 def test_materialize_keeps_weight_loaders() -> None:
     with torch.device("meta"):
         col = ColumnParallelLinear(6, 8, F32, RANK1)
