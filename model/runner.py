@@ -24,6 +24,7 @@ import torch
 
 from baleen.actors.messages import PageUpdate, SlotInit, StepPlan, StepResult
 from baleen.model.batch import ForwardBatch
+from baleen.model.sampler import BatchFlags
 
 
 @dataclass(frozen=True)
@@ -249,12 +250,14 @@ class ModelRunner:
         errors: list[tuple[int, str]] = []
         top_k = 0
         logits: torch.Tensor | None = None
+        flags: BatchFlags | None = None  # the sampler's, computed once a step
         staged = self.staged_rows(plan)
         if staged is not None:
             assert self.graphs is not None
             sample_rows = [i for i, r in enumerate(plan.rows) if r.sample]
             sampled_slots = [plan.rows[i].slot for i in sample_rows]
-            greedy = len(sample_rows) == len(plan.rows) and self._plain_greedy(sampled_slots)
+            flags = self._batch_flags(sampled_slots)
+            greedy = len(sample_rows) == len(plan.rows) and self._plain_greedy(sampled_slots, flags)
             logits, tokens = self.graphs.run_staged(staged, len(plan.rows), greedy)
             if tokens is not None:
                 host["token_ids"] = self._to_host(tokens)
@@ -276,22 +279,26 @@ class ModelRunner:
                 if sampled_slots:
                     logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is not None:
-            top_k = self._sample(logits, sample_slots, sampled_slots, host, errors)
+            flags = flags or self._batch_flags(sampled_slots)
+            top_k = self._sample(logits, sample_slots, sampled_slots, flags, host, errors)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         return PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors)
 
-    def _plain_greedy(self, sampled_slots: list[int]) -> bool:
+    def _batch_flags(self, sampled_slots: list[int]) -> BatchFlags:
+        """The sampler's flags for these rows, computed once a step: O(1) from the running tally when every
+        occupied slot is plain greedy (any subset's flags are then the same), else one pass over the rows."""
+        f = self.sampler.state.flags()
+        return f if _plain(f) else self.sampler.state.flags(sampled_slots)
+
+    def _plain_greedy(self, sampled_slots: list[int], flags: BatchFlags) -> bool:
         """Every row greedy, and nothing asked that the captured greedy tail does not do."""
-        if any(s in self.slot_procs for s in sampled_slots):
-            return False
-        f = self.sampler.state.flags(sampled_slots)
-        return f.all_greedy and not (f.penalties or f.min_tokens or f.logprobs or f.top_logprobs)
+        return _plain(flags) and not any(s in self.slot_procs for s in sampled_slots)
 
     def _sample(
-        self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int],
+        self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int], flags: BatchFlags,
         host: dict[str, torch.Tensor], errors: list[tuple[int, str]],
     ) -> int:  # fmt: skip
         """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
@@ -306,7 +313,9 @@ class ModelRunner:
             if self.slot_procs
             else []
         )
-        out = self.sampler.sample(logits, sample_slots, host_slots=sampled_slots, processors=procs or None)
+        out = self.sampler.sample(
+            logits, sample_slots, host_slots=sampled_slots, processors=procs or None, flags=flags
+        )
         self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
         host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
         if out.logprobs is not None:
@@ -360,3 +369,8 @@ class ModelRunner:
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         out.copy_(t, non_blocking=True)
         return out
+
+
+def _plain(flags: BatchFlags) -> bool:
+    """All greedy, with nothing (penalties, min_tokens, logprobs) the captured greedy tail does not do."""
+    return flags.all_greedy and not (flags.penalties or flags.min_tokens or flags.logprobs or flags.top_logprobs)

@@ -309,19 +309,21 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, host_slots: Sequence[int] | None = None,
-               processors: list[tuple[int, LogitProcessor, list[int]]] | None = None) -> SampleOutput:
+               processors: list[tuple[int, LogitProcessor, list[int]]] | None = None,
+               flags: BatchFlags | None = None) -> SampleOutput:
         """Pick one token per row of `logits` [n, vocab] (float32) for the requests in `slots` [n] (device).
 
         `host_slots` (the same slots on the host) makes the skipped stages exact for this batch; without it
         they are decided over all occupied slots. `processors` are applied to a copy after the raw logprobs are
-        taken. `logits` is not modified. NOTE: a slot appears at most once per call.
+        taken. `flags` (the caller's `state.flags(host_slots)`, when it has them already) saves recomputing
+        them. `logits` is not modified. NOTE: a slot appears at most once per call.
         """
         st = self.state
         n = logits.shape[0]
         if logits.dim() != 2 or logits.shape[1] != st.vocab_size or tuple(slots.shape) != (n,):
             raise ValueError(f"expected logits [n, {st.vocab_size}] and slots [n], got {tuple(logits.shape)} "
                              f"and {tuple(slots.shape)}")
-        flags = st.flags(host_slots)
+        flags = flags if flags is not None else st.flags(host_slots)
         slots = slots.to(torch.int64)
         raw = logits.float()
         x = raw

@@ -348,3 +348,26 @@ def test_greedy_tail_matches_sample_and_skips_scratch_rows() -> None:
     assert slot_tokens.tolist() == [int(tokens[2]), -7, int(tokens[0]), -7, int(tokens[1])]
     assert torch.equal(state.num_generated, twin_state.num_generated)
     assert state.num_generated.tolist() == [1, 0, 1, 0]
+
+
+def test_runner_batch_flags_once_a_step_exact_for_the_rows() -> None:
+    # The runner computes the sampler's flags once a step: from the O(1) running tally while every occupied slot
+    # is plain greedy, else exactly for the batch's rows (a sampling slot outside the batch changes nothing).
+    from types import SimpleNamespace
+
+    from baleen.model.runner import ModelRunner
+
+    state, sampler, _ = make(8, 50, [SamplingParams(temperature=0.0)] * 3)
+    runner = SimpleNamespace(sampler=sampler, slot_procs={})
+    flags = ModelRunner._batch_flags(runner, [0, 2])  # type: ignore[arg-type]
+    assert flags == state.flags() and ModelRunner._plain_greedy(runner, [0, 2], flags)  # type: ignore[arg-type]
+    state.set_slot(5, SamplingParams(temperature=0.9, top_k=7, logprobs=True), [])
+    flags = ModelRunner._batch_flags(runner, [0, 2])  # type: ignore[arg-type]
+    assert flags == state.flags([0, 2]) and ModelRunner._plain_greedy(runner, [0, 2], flags)  # type: ignore[arg-type]
+    flags = ModelRunner._batch_flags(runner, [0, 5])  # type: ignore[arg-type]
+    assert not flags.all_greedy and flags.max_top_k == 7 and flags.logprobs
+    assert not ModelRunner._plain_greedy(runner, [0, 5], flags)  # type: ignore[arg-type]
+    # The sampler takes the caller's flags as they are: all-greedy flags make even the sampling row an argmax.
+    logits = torch.randn(2, 50)
+    out = sampler.sample(logits, torch.tensor([0, 5]), host_slots=[0, 5], flags=state.flags([0, 2]))
+    assert torch.equal(out.token_ids.long(), logits.argmax(-1)) and out.logprobs is None
