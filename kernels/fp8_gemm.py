@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baleen.kernels.device import sm_count
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
 
 # Smallest amax a group may have, so an all-zero group gets a finite scale.
@@ -279,7 +280,7 @@ def w8a8_block_fp8_matmul(
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
-    t = tiles or pick_gemm_tiles(m, n, k, _num_sms(x_fp8.device))
+    t = tiles or pick_gemm_tiles(m, n, k, sm_count(x_fp8.device))
     k_blocks = triton.cdiv(k, 128)
     split = max(1, min(t.split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split)
@@ -316,11 +317,6 @@ def w8a8_block_fp8_matmul_ref(
     w = block_dequant(w_fp8, w_scale_inv, block, torch.float32)
     return (a @ w.t()).to(out_dtype)
 
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 132
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baleen.kernels.device import sm_count
 from baleen.kernels.fp8_gemm import splitk_reduce_kernel
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 
@@ -210,29 +211,39 @@ def rows_per_thread(block_n: int, block_k: int, num_warps: int = 4) -> int:
     return max(1, block_n * block_k // (_VEC * 32 * num_warps))
 
 
-def _check_gemv_inputs(
-    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
+def check_w16_linear_inputs(
+    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int], max_m: int, entry: str
 ) -> tuple[int, int, int]:
+    """(M, N, K) of a W8A16 block-FP8 linear's inputs (`entry` names the caller in the errors), or ValueError."""
     if x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     m, k = x.shape
     n, kw = w.shape
     if k != kw:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if m > MAX_GEMV_M:
-        raise ValueError(f"fp8_block_gemv takes at most {MAX_GEMV_M} rows, got M={m}: use fp8_block_linear")
+    if m > max_m:
+        raise ValueError(f"{entry} takes at most {max_m} rows, got M={m}: use fp8_block_linear")
     if w.dtype != FP8_DTYPE:
         raise ValueError(f"w must be {FP8_DTYPE}, got {w.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if k % _VEC:
-        raise ValueError(f"fp8_block_gemv needs K a multiple of {_VEC} (16-byte weight loads), got K={k}")
     bn, bk = block
-    if bn <= 0 or bk <= 0 or bk % _VEC:
-        raise ValueError(f"the scale block must be positive with a K side that is a multiple of {_VEC}, got {block}")
+    if bn <= 0 or bk <= 0:
+        raise ValueError(f"the scale block must be positive, got {block}")
     want = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     if tuple(w_scale_inv.shape) != want:
         raise ValueError(f"w_scale_inv has shape {tuple(w_scale_inv.shape)}, expected {want}")
+    return m, n, k
+
+
+def _check_gemv_inputs(
+    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
+) -> tuple[int, int, int]:
+    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block, MAX_GEMV_M, "fp8_block_gemv")
+    if k % _VEC:
+        raise ValueError(f"fp8_block_gemv needs K a multiple of {_VEC} (16-byte weight loads), got K={k}")
+    if block[1] % _VEC:
+        raise ValueError(f"the scale block's K side must be a multiple of {_VEC}, got {block}")
     return m, n, k
 
 
@@ -261,7 +272,7 @@ def fp8_block_gemv(
     if w.stride(1) != 1:
         w = w.contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32)
-    t = tiles or pick_gemv_tiles(m, n, k, _num_sms(x.device))
+    t = tiles or pick_gemv_tiles(m, n, k, sm_count(x.device))
     if t.block_k < _VEC or t.block_k & (t.block_k - 1) or t.block_n < 1 or t.block_n & (t.block_n - 1):
         raise ValueError(f"block_n and block_k must be powers of two (block_k >= {_VEC}), got {t}")
     block_n = t.block_n
@@ -311,7 +322,7 @@ def fp8_block_gemv_batched(
         return out
     if x.stride(2) != 1 or w.stride(2) != 1 or w_scale_inv.stride(2) != 1:
         raise ValueError("x, w and w_scale_inv must be contiguous along K")
-    t = pick_gemv_tiles(m, n * heads, k, _num_sms(x.device))
+    t = pick_gemv_tiles(m, n * heads, k, sm_count(x.device))
     block_n = t.block_n
     while block[0] % block_n or block_n > triton.next_power_of_2(n):
         block_n //= 2
@@ -335,11 +346,12 @@ def fp8_block_gemv_ref(
 ) -> torch.Tensor:
     """Pure-torch twin of `fp8_block_gemv`: dequantize the weight and multiply in float32."""
     _check_gemv_inputs(x, w, w_scale_inv, block)
+    return dequant_linear_ref(x, w, w_scale_inv, block, out_dtype)
+
+
+def dequant_linear_ref(
+    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int], out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """x @ dequant(w)^T in float32, cast to out_dtype (default x's): what every W8A16 kernel should give."""
     y = x.to(torch.float32) @ block_dequant(w, w_scale_inv, block, torch.float32).t()
     return y.to(out_dtype or x.dtype)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 132

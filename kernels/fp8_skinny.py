@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from baleen.kernels.device import sm_count
 from baleen.kernels.fp8_gemm import splitk_reduce_kernel
-from baleen.kernels.quant import FP8_DTYPE, block_dequant
+from baleen.kernels.fp8_gemv import check_w16_linear_inputs, dequant_linear_ref
 
 # Most activation rows one launch takes (the MMA's N side; padded to 16, the smallest tl.dot side).
 MAX_SKINNY_M = 32
@@ -107,24 +108,9 @@ def pick_skinny_tiles(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyTiles
 def _check_inputs(
     x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    m, k = x.shape
-    n, kw = w.shape
-    if k != kw:
-        raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if m > MAX_SKINNY_M:
-        raise ValueError(f"fp8_skinny_gemm takes at most {MAX_SKINNY_M} rows, got M={m}: use fp8_block_linear")
-    if w.dtype != FP8_DTYPE:
-        raise ValueError(f"w must be {FP8_DTYPE}, got {w.dtype}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    bn, bk = block
-    if bn <= 0 or bk < 16 or bk & (bk - 1):
+    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block, MAX_SKINNY_M, "fp8_skinny_gemm")
+    if block[1] < 16 or block[1] & (block[1] - 1):
         raise ValueError(f"the scale block's K side must be a power of two >= 16, got {block}")
-    want = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    if tuple(w_scale_inv.shape) != want:
-        raise ValueError(f"w_scale_inv has shape {tuple(w_scale_inv.shape)}, expected {want}")
     return m, n, k
 
 
@@ -151,7 +137,7 @@ def fp8_skinny_gemm(
     if w.stride(1) != 1:
         w = w.contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32)
-    t = tiles or pick_skinny_tiles(m, n, k, _num_sms(x.device))
+    t = tiles or pick_skinny_tiles(m, n, k, sm_count(x.device))
     block_k = min(t.block_k, block[1])  # one scale block per K step
     if block_k < 16 or block_k & (block_k - 1) or t.block_n < 16 or t.block_n & (t.block_n - 1):
         raise ValueError(f"block_n and block_k must be powers of two >= 16, got {t}")
@@ -186,11 +172,4 @@ def fp8_skinny_gemm_ref(
 ) -> torch.Tensor:
     """Pure-torch twin of `fp8_skinny_gemm`: dequantize the weight and multiply in float32."""
     _check_inputs(x, w, w_scale_inv, block)
-    y = x.to(torch.float32) @ block_dequant(w, w_scale_inv, block, torch.float32).t()
-    return y.to(out_dtype or x.dtype)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 132
+    return dequant_linear_ref(x, w, w_scale_inv, block, out_dtype)

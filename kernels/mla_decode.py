@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from baleen.kernels.device import sm_count
+
 _LOG2E = 1.4426950408889634
 
 
@@ -378,7 +380,7 @@ def mla_decode(
     num_head_blocks = triton.cdiv(num_heads, t.block_h)
     if num_kv_splits is None:
         cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, _num_sms(q_nope.device), t.block_h)
+        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, sm_count(q_nope.device), t.block_h)
     splits = int(num_kv_splits)
     scale_log2 = float(sm_scale) * _LOG2E
     o_part, lse, strides = split_buffers(out, splits)
@@ -469,7 +471,7 @@ def merge_splits(
     if splits == 1:
         return
     batch, num_heads, d_latent = out.shape
-    block_s, block_h, block_d = pick_merge_blocks(batch, num_heads, d_latent, splits, _num_sms(out.device))
+    block_s, block_h, block_d = pick_merge_blocks(batch, num_heads, d_latent, splits, sm_count(out.device))
     num_head_blocks = num_heads // block_h
     mla_decode_merge_kernel[(batch * num_head_blocks, triton.cdiv(d_latent, block_d))](
         o_part, lse, out, seq_lens, splits, num_head_blocks, d_latent,
@@ -539,11 +541,6 @@ def _kv_descriptors(cache: torch.Tensor, d_latent: int, block_n: int) -> tuple[T
         TensorDescriptor(rope, [rows, rope.shape[2]], [row_stride, 1], [block_n, rope.shape[2]]),
     )
 
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 132
 
 
 def default_sm_scale(qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64) -> float:

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from baleen.kernels.device import sm_count
 from baleen.kernels.mla_decode import (
     _LOG2E,
-    _num_sms,
     check_mla_decode_inputs,
     merge_splits,
     pick_num_kv_splits,
@@ -358,7 +358,7 @@ def mla_decode_gluon(
     num_head_blocks = num_heads // BLOCK_H
     if num_kv_splits is None:
         cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, _num_sms(q_nope.device), BLOCK_H)
+        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, sm_count(q_nope.device), BLOCK_H)
     splits = int(num_kv_splits)
     # NOTE: bf16 partials (half the bytes) measured slower on the H100 (b32 x 4k 0.1006 -> 0.1032 ms, b1 x 4k
     # 0.0222 -> 0.0256): stored from the wgmma register layout they go out 4 bytes a thread. float32 it is.
