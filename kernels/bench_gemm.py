@@ -62,8 +62,11 @@ def _time(fn: Callable[[], object]) -> float:
     return bench_graph_ms(fn, WARMUP_MS, REP_MS)
 
 
-def _quant_then_gemm(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
-    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s)
+def quant_then_gemm(
+    x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, tiles: GemmTiles | None = None
+) -> torch.Tensor:
+    """What a decode FP8 linear costs from bf16 x: per-token-group quantization + our Triton W8A8 GEMM."""
+    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles)
 
 
 def _max_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -91,7 +94,7 @@ def bench_shape(
             for vname, tiles in LARGE_M_VARIANTS.items():
                 cands[vname] = partial(w8a8_block_fp8_matmul, x_q, x_s, w, w_s, tiles=tiles)
         if m <= 64:
-            cands["+q triton"] = partial(_quant_then_gemm, x, w, w_s)  # from bf16: what a decode linear costs
+            cands["+q triton"] = partial(quant_then_gemm, x, w, w_s)  # from bf16: what a decode linear costs
         if cublas_ok:
             # The layout fp8_block_linear quantizes into for cuBLAS: M padded to 4, column-major scales.
             xp_q, xp_s = per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)
@@ -155,7 +158,7 @@ def bench_gemv_shape(
         ref = x.float() @ w_ref.t()  # [M, N]: the W8A16 answer; the W8A8 path differs by its x rounding
         t0 = pick_gemv_tiles(m, n, k)
         gemv = partial(fp8_block_gemv, x, w, w_s)
-        base = partial(_quant_then_gemm, x, w, w_s)
+        base = partial(quant_then_gemm, x, w, w_s)
         try:
             gemv_diff, gemv_ms = _max_diff(gemv(), ref), _time(gemv)
         except Exception as e:  # report and go on: the GEMM rows still mean something

@@ -20,8 +20,9 @@ from functools import partial
 import torch
 
 from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
+from baleen.kernels.bench_gemm import quant_then_gemm
 from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header, roofline_ms
-from baleen.kernels.fp8_gemm import GemmTiles, per_token_group_quant_fp8, w8a8_block_fp8_matmul
+from baleen.kernels.fp8_gemm import GemmTiles
 from baleen.kernels.fp8_gemv import MAX_GEMV_M, fp8_block_gemv
 from baleen.kernels.fp8_skinny import SkinnyTiles, fp8_skinny_gemm, fp8_skinny_gemm_kernel, pick_skinny_tiles
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
@@ -68,12 +69,6 @@ def _gcfg(t: GemmTiles) -> str:
     return f"{t.block_m}x{t.block_n} s{t.split_k} st{t.num_stages}"
 
 
-def _quant_then_gemm(
-    x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, tiles: GemmTiles | None = None
-) -> torch.Tensor:
-    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles)
-
-
 def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms: tuple[int, ...]) -> None:
     """Every path at every M for one linear; the sweep while the deadline allows."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(FP8_DTYPE)
@@ -88,7 +83,7 @@ def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms:
         def diff(out: torch.Tensor) -> float:
             return float((out.float() - ref).abs().max()) / scale  # noqa: B023 - used within this iteration
 
-        base = partial(_quant_then_gemm, x, w, w_s)
+        base = partial(quant_then_gemm, x, w, w_s)
         base_ms, base_d = _time(base), diff(base())
         gemv_ms = math.nan
         if m <= MAX_GEMV_M:
@@ -117,7 +112,7 @@ def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms:
             if deadline.expired():
                 break
             try:
-                g_ms = _time(partial(_quant_then_gemm, x, w, w_s, g))
+                g_ms = _time(partial(quant_then_gemm, x, w, w_s, g))
             except Exception as e:  # out of shared memory on this Triton
                 print(f"    {name} M={m} gemm {_gcfg(g)}: skipped ({type(e).__name__})", flush=True)
                 continue

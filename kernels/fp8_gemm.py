@@ -207,6 +207,14 @@ def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, N] = partials [splits, M, N] (fp32, contiguous per split) summed in split order, cast on the store."""
+    numel = out.numel()
+    splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+        partials, out, partials.shape[0], numel, partials.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
+    )
+
+
 @dataclass(frozen=True)
 class GemmTiles:
     """Tile shape and launch parameters of one block-FP8 GEMM launch."""
@@ -296,10 +304,7 @@ def w8a8_block_fp8_matmul(
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     if split > 1:
-        numel = m * n
-        splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-            c, out, split, numel, c.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
-        )
+        reduce_splits(c, out)
     return out
 
 

@@ -17,14 +17,13 @@ import triton
 import triton.language as tl
 
 from baleen.kernels.device import sm_count
-from baleen.kernels.fp8_gemm import splitk_reduce_kernel
+from baleen.kernels.fp8_gemm import reduce_splits
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 
 # Largest number of activation rows the kernel takes: one fp32 accumulator set per row is unrolled.
 MAX_GEMV_M = 8
 # Weight bytes (= fp8 elements) per thread per row per K step: one 128-bit load.
 _VEC = 16
-_REDUCE_BLOCK = 1024
 
 
 @triton.jit
@@ -295,10 +294,7 @@ def fp8_block_gemv(
         PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=1,
     )  # fmt: skip
     if split > 1:
-        numel = m * n
-        splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-            y, out, split, numel, y.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
-        )
+        reduce_splits(y, out)
     return out
 
 

@@ -18,12 +18,11 @@ import triton
 import triton.language as tl
 
 from baleen.kernels.device import sm_count
-from baleen.kernels.fp8_gemm import splitk_reduce_kernel
+from baleen.kernels.fp8_gemm import reduce_splits
 from baleen.kernels.fp8_gemv import check_w16_linear_inputs, dequant_linear_ref
 
 # Most activation rows one launch takes (the MMA's N side; padded to 16, the smallest tl.dot side).
 MAX_SKINNY_M = 32
-_REDUCE_BLOCK = 1024
 
 
 @triton.jit
@@ -156,10 +155,7 @@ def fp8_skinny_gemm(
         K_UNROLL=unroll, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     if split > 1:
-        numel = m * n
-        splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-            y, out, split, numel, y.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
-        )
+        reduce_splits(y, out)
     return out
 
 

@@ -169,7 +169,7 @@ class Fp8BlockLinearMethod:
     # shapes, and loses from M = 2-4 on the large ones. A class attribute so that benchmarks can move it.
     GEMV_MAX_M: ClassVar[int] = 1
     # H100 (docs/PERF.md): at M = 17-32 the W8A8 GEMM runs 64-row MMA tiles half empty and the skinny GEMM is
-    # 1.07-1.24x quant + GEMM; at M <= 16 it is 0.8-0.95x of it, so the W8A8 path keeps 2-16.
+    # 1.07-1.34x quant + GEMM; at M <= 16 it is 0.8-1.05x of it, so the W8A8 path keeps 2-16.
     SKINNY_MIN_M: ClassVar[int] = 17
     SKINNY_MAX_M: ClassVar[int] = 32
 

@@ -250,13 +250,13 @@ class ModelRunner:
         errors: list[tuple[int, str]] = []
         top_k = 0
         logits: torch.Tensor | None = None
-        flags: BatchFlags | None = None  # the sampler's, computed once a step
+        flags: BatchFlags | None = None  # the sampler's, computed once a step (staged: before the graph runs)
         staged = self.staged_rows(plan)
         if staged is not None:
             assert self.graphs is not None
             sample_rows = [i for i, r in enumerate(plan.rows) if r.sample]
             sampled_slots = [plan.rows[i].slot for i in sample_rows]
-            flags = self._batch_flags(sampled_slots)
+            flags = self.sampler.state.flags(sampled_slots)
             greedy = len(sample_rows) == len(plan.rows) and self._plain_greedy(sampled_slots, flags)
             logits, tokens = self.graphs.run_staged(staged, len(plan.rows), greedy)
             if tokens is not None:
@@ -279,7 +279,7 @@ class ModelRunner:
                 if sampled_slots:
                     logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is not None:
-            flags = flags or self._batch_flags(sampled_slots)
+            flags = flags or self.sampler.state.flags(sampled_slots)
             top_k = self._sample(logits, sample_slots, sampled_slots, flags, host, errors)
         event = None
         if self.device.type == "cuda":
@@ -287,15 +287,9 @@ class ModelRunner:
             event.record()
         return PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors)
 
-    def _batch_flags(self, sampled_slots: list[int]) -> BatchFlags:
-        """The sampler's flags for these rows, computed once a step: O(1) from the running tally when every
-        occupied slot is plain greedy (any subset's flags are then the same), else one pass over the rows."""
-        f = self.sampler.state.flags()
-        return f if _plain(f) else self.sampler.state.flags(sampled_slots)
-
     def _plain_greedy(self, sampled_slots: list[int], flags: BatchFlags) -> bool:
         """Every row greedy, and nothing asked that the captured greedy tail does not do."""
-        return _plain(flags) and not any(s in self.slot_procs for s in sampled_slots)
+        return flags.plain_greedy and not any(s in self.slot_procs for s in sampled_slots)
 
     def _sample(
         self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int], flags: BatchFlags,
@@ -369,8 +363,3 @@ class ModelRunner:
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         out.copy_(t, non_blocking=True)
         return out
-
-
-def _plain(flags: BatchFlags) -> bool:
-    """All greedy, with nothing (penalties, min_tokens, logprobs) the captured greedy tail does not do."""
-    return flags.all_greedy and not (flags.penalties or flags.min_tokens or flags.logprobs or flags.top_logprobs)

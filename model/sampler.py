@@ -101,6 +101,11 @@ class BatchFlags:
     top_logprobs: int  # k of the top-logprob tables: the largest top_logprobs asked
     min_tokens: bool = False  # some row must not stop yet (min_new_tokens): its stop tokens are masked
 
+    @property
+    def plain_greedy(self) -> bool:
+        """All greedy, with nothing (penalties, min_tokens, logprobs) beyond an argmax per row."""
+        return self.all_greedy and not (self.penalties or self.min_tokens or self.logprobs or self.top_logprobs)
+
 
 @dataclass(frozen=True)
 class _SlotInfo:
@@ -130,6 +135,10 @@ class _Tally:
             _bump(self.top_k, info.top_k, sign)
         if info.top_logprobs:
             _bump(self.top_logprobs, info.top_logprobs, sign)
+
+    def empty(self) -> bool:
+        """No slot counted for any feature: plain greedy everywhere."""
+        return not (self.num or self.top_k or self.top_logprobs)
 
     def flags(self) -> BatchFlags:
         return BatchFlags(
@@ -252,8 +261,12 @@ class SamplingState:
             self._info[slot] = None
 
     def flags(self, host_slots: Sequence[int] | None = None) -> BatchFlags:
-        """Facts about the batch `host_slots`, or (when None) about every occupied slot, a safe superset."""
-        if host_slots is None:
+        """Facts about the batch `host_slots`, or (when None) about every occupied slot, a safe superset.
+
+        O(1) while no occupied slot asks for anything (every count is zero: any batch's flags are the tally's),
+        which is every decode step of an all-greedy server; else one pass over the batch's slots.
+        """
+        if host_slots is None or self._tally.empty():
             return self._tally.flags()
         tally = _Tally()
         for s in host_slots:

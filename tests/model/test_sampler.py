@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -350,23 +351,33 @@ def test_greedy_tail_matches_sample_and_skips_scratch_rows() -> None:
     assert state.num_generated.tolist() == [1, 0, 1, 0]
 
 
-def test_runner_batch_flags_once_a_step_exact_for_the_rows() -> None:
-    # The runner computes the sampler's flags once a step: from the O(1) running tally while every occupied slot
-    # is plain greedy, else exactly for the batch's rows (a sampling slot outside the batch changes nothing).
+def test_batch_flags_o1_while_all_greedy_exact_for_the_rows() -> None:
+    # The runner asks the flags once a step: O(1) from the running tally while no occupied slot asks for anything
+    # (no per-slot lookups), else exact for the batch's rows (a sampling slot outside the batch changes nothing).
     from types import SimpleNamespace
 
     from baleen.model.runner import ModelRunner
 
+    class CountingList(list):  # type: ignore[type-arg]
+        reads = 0
+
+        def __getitem__(self, i: Any) -> Any:
+            CountingList.reads += 1
+            return super().__getitem__(i)
+
     state, sampler, _ = make(8, 50, [SamplingParams(temperature=0.0)] * 3)
-    runner = SimpleNamespace(sampler=sampler, slot_procs={})
-    flags = ModelRunner._batch_flags(runner, [0, 2])  # type: ignore[arg-type]
-    assert flags == state.flags() and ModelRunner._plain_greedy(runner, [0, 2], flags)  # type: ignore[arg-type]
+    state._info = CountingList(state._info)
+    flags = state.flags([0, 2])
+    assert CountingList.reads == 0 and flags == state.flags() and flags.plain_greedy
     state.set_slot(5, SamplingParams(temperature=0.9, top_k=7, logprobs=True), [])
-    flags = ModelRunner._batch_flags(runner, [0, 2])  # type: ignore[arg-type]
-    assert flags == state.flags([0, 2]) and ModelRunner._plain_greedy(runner, [0, 2], flags)  # type: ignore[arg-type]
-    flags = ModelRunner._batch_flags(runner, [0, 5])  # type: ignore[arg-type]
-    assert not flags.all_greedy and flags.max_top_k == 7 and flags.logprobs
-    assert not ModelRunner._plain_greedy(runner, [0, 5], flags)  # type: ignore[arg-type]
+    before = CountingList.reads
+    flags = state.flags([0, 2])
+    assert CountingList.reads - before == 2 and flags.plain_greedy and not state.flags().all_greedy
+    flags = state.flags([0, 5])
+    assert not flags.all_greedy and flags.max_top_k == 7 and flags.logprobs and not flags.plain_greedy
+    runner = SimpleNamespace(slot_procs={2: object()})  # a logit processor keeps slot 2 off the greedy tail
+    assert ModelRunner._plain_greedy(runner, [0], state.flags([0]))  # type: ignore[arg-type]
+    assert not ModelRunner._plain_greedy(runner, [0, 2], state.flags([0, 2]))  # type: ignore[arg-type]
     # The sampler takes the caller's flags as they are: all-greedy flags make even the sampling row an argmax.
     logits = torch.randn(2, 50)
     out = sampler.sample(logits, torch.tensor([0, 5]), host_slots=[0, 5], flags=state.flags([0, 2]))
