@@ -63,10 +63,17 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def quant_then_gemm(
-    x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, tiles: GemmTiles | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    tiles: GemmTiles | None = None,
+    fused_reduce: bool = True,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """What a decode FP8 linear costs from bf16 x: per-token-group quantization + our Triton W8A8 GEMM."""
-    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles)
+    """An FP8 linear from bf16 x as two launches: per-token-group quantization + our Triton W8A8 GEMM (three
+    with `fused_reduce=False` and split K; `pdl`: the GEMM starts while the quantization runs)."""
+    x_fp8, x_s = per_token_group_quant_fp8(x, pdl=pdl)
+    return w8a8_block_fp8_matmul(x_fp8, x_s, w, w_s, tiles=tiles, fused_reduce=fused_reduce, pdl=pdl)
 
 
 def _max_diff(out: torch.Tensor, ref: torch.Tensor) -> float:

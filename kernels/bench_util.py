@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 
 # Measured on the H100 box (FACTS.md): a large device-to-device copy moves ~3.0 TB/s (read + write).
 HBM_BYTES_PER_S = 3.0e12
@@ -47,6 +48,63 @@ def bench_graph_ms(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
         return -bench_ms(fn, warmup_ms, rep_ms)
     torch.cuda.synchronize()
     return bench_ms(graph.replay, warmup_ms, rep_ms)
+
+
+def bench_cold_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
+    """Median milliseconds per call of `calls` (the same op on distinct weight copies) run back to back in one
+    CUDA graph, without a flush: how a forward pass meets its weights. Cold in L2 when the copies add up to
+    well over L2 (`cold_copies`), and unlike do_bench's flush (a 256 MB memset) the L2 holds no dirty lines
+    that must be written back while the op reads: on the H100 that write-back cost a 117 MB read 14% of its
+    bandwidth (docs/PERF.md).
+    """
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2] / len(calls)
+
+
+def cold_copies(num_bytes: int, total: float = 240e6) -> int:
+    """How many copies of a num_bytes operand `bench_cold_ms` cycles through: >= 240 MB (~5x the H100's L2)."""
+    return max(2, -(-int(total) // max(num_bytes, 1)))
+
+
+@triton.jit
+def _read_kernel(p, out, n, BLOCK: tl.constexpr):
+    # Grid-stride read of n int32 words in 16-byte vectors; one sum a program keeps the loads live.
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        acc += tl.load(p + i + offs, mask=i + offs < n, other=0, eviction_policy="evict_first")
+    tl.store(out + pid, tl.sum(acc))
+
+
+def read_bytes(t: torch.Tensor, sink: torch.Tensor) -> None:
+    """Read every byte of t once (t's size a multiple of 4) as fast as a plain kernel can: the ceiling that a
+    memory-bound op on the same bytes is held to. sink: int32, >= 8 x the SM count elements."""
+    words = t.view(-1).view(torch.int32)
+    _read_kernel[(sink.numel(),)](words, sink, words.numel(), BLOCK=2048, num_warps=8)
 
 
 def roofline_ms(num_bytes: float, bytes_per_s: float = HBM_BYTES_PER_S) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from baleen.kernels.device import sm_count
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
@@ -40,6 +41,13 @@ def round_to_e4m3_mantissa(x):
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at ptrs to be brought into L2, without waiting for them."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def per_token_group_quant_fp8_kernel(
     x_ptr,
     q_ptr,
@@ -55,9 +63,12 @@ def per_token_group_quant_fp8_kernel(
     GROUPS_PER_PROG: tl.constexpr,
     FP8_MAX_C: tl.constexpr,
     EPS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns. Rows >= M are padding
     # (cuBLAS wants M a multiple of 4): they read nothing and store zeros with the smallest scale.
+    if PDL:  # the GEMM after this may start now: it waits for this grid before it reads what this writes
+        gdc_launch_dependents()
     row = tl.program_id(0)
     g0 = tl.program_id(1) * GROUPS_PER_PROG
     groups = g0 + tl.arange(0, GROUPS_PER_PROG)  # [G]
@@ -73,13 +84,15 @@ def per_token_group_quant_fp8_kernel(
 
 
 def per_token_group_quant_fp8(
-    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1
+    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [M, K] to e4m3 with one float32 scale per (row, group of columns).
 
     Returns (x_fp8 [Mp, K], scales [Mp, ceil(K/group)]) with scale = amax / 448, so x ~= x_fp8 * scale;
     Mp is M rounded up to `pad_rows_to` (padding rows are zeros). `column_major_scales` gives the scales
     strides (1, Mp), the layout cuBLAS's 1x128 block scaling reads. A partial last group is allowed.
+    `pdl`: let the next kernel, if launched as a programmatic dependent (`w8a8_block_fp8_matmul(pdl=True)`),
+    start while this one runs (sm_90+; see `pdl_supported`).
     """
     if x.dim() != 2:
         raise ValueError(f"per_token_group_quant_fp8 wants a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
@@ -103,7 +116,7 @@ def per_token_group_quant_fp8(
     grid = (mp, triton.cdiv(num_groups, groups_per_prog))
     per_token_group_quant_fp8_kernel[grid](
         x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
+        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS, PDL=pdl,
     )  # fmt: skip
     return q, s
 
@@ -132,30 +145,67 @@ def dequant_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor, group: int =
 
 
 @triton.jit
+def store_splits(acc, out_ptr, part_ptr, counter_ptr, offs, mask, split, num_splits, stride_ps,
+                 FUSED_REDUCE: tl.constexpr):
+    """Store one split-K program's tile: straight to out when K is not split; else its fp32 partial, and with
+    FUSED_REDUCE the tile's last program to finish sums every split's partial (in split order, so the result
+    does not depend on which program that is), stores out and re-arms the tile's counter for the next launch.
+    offs [R, C] are the tile's element offsets in the row-major [M, N] plane of out and of each partial."""
+    if num_splits == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + split * stride_ps + offs, acc, mask=mask)
+        if FUSED_REDUCE:
+            # Every thread's partial is stored before one thread's release increments the tile's counter;
+            # the program that takes it to num_splits acquires, so all partials are visible to it (the
+            # partials are read past L1, which is not coherent between SMs).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                total = tl.zeros(acc.shape, dtype=tl.float32)
+                for sp in range(num_splits):
+                    total += tl.load(part_ptr + sp * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
 def w8a8_block_fp8_matmul_kernel(
     a_ptr,
     as_ptr,
     b_ptr,
     bs_ptr,
-    c_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
     M,
     N,
     K,
     k_blocks_per_split,
+    num_splits,
     stride_am,
     stride_asm,
     stride_bn,
     stride_bsn,
-    stride_cs,
-    stride_cm,
+    stride_ps,
     SCALE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QUANT_A: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    FP8_MAX_C: tl.constexpr,
+    EPS: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
-    # C[split] [M, N] = sum over this split's K blocks of (A_blk @ B_blk^T) * a_scale[:, kb] * b_scale[nb, kb].
+    # out [M, N] = sum over K blocks of (A_blk @ B_blk^T) * a_scale[:, kb] * b_scale[nb, kb]; a program owns
+    # one [BLOCK_M, BLOCK_N] tile and one split of its K blocks.
     # NOTE: BLOCK_K equals the scale block along K, so every K step has exactly one scale per row / column.
+    # QUANT_A: A is the unquantized activation (bf16/fp16/fp32) and each K step quantizes its [BLOCK_M, 128]
+    # tile as `per_token_group_quant_fp8` would (same scale, same rounding): no quantization launch, at the
+    # price of every N tile's program quantizing the rows again.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -183,17 +233,29 @@ def w8a8_block_fp8_matmul_kernel(
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+    if PDL:
+        # Launched while the kernel before (the activation quantization) still runs: start pulling this
+        # program's first weight blocks into L2 (they do not depend on it), then wait for that grid.
+        for j in tl.static_range(PREFETCH):
+            prefetch_l2(b_ptr + safe_n * stride_bn + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K)
+        gdc_wait()
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
-        a_s = tl.load(as_ptrs + kb)
+        if QUANT_A:
+            x = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C
+            a = round_to_e4m3_mantissa(tl.clamp(x / a_s[:, None], -FP8_MAX_C, FP8_MAX_C)).to(b.dtype)
+        else:
+            a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + kb)
         b_s = tl.load(bs_ptrs + kb)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
 
-    c_ptrs = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask_m[:, None] & mask_n[None, :], split,
+                 num_splits, stride_ps, FUSED_REDUCE)
 
 
 @triton.jit
@@ -213,6 +275,53 @@ def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
         partials, out, partials.shape[0], numel, partials.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
     )
+
+
+# K blocks of weight a programmatic-dependent GEMM program asks into L2 before it waits for its activations.
+PDL_PREFETCH_BLOCKS = 4
+
+
+def _pdl_launch(pdl: bool, prefetch: int) -> dict[str, object]:
+    """Launch options of a kernel with the PDL / PREFETCH constexprs: as a programmatic dependent, or not."""
+    return {"PDL": True, "PREFETCH": prefetch, "launch_pdl": True} if pdl else {}
+
+
+class SplitK:
+    """Where a split-K launch puts its partial sums and how they are reduced.
+
+    `fused` (the default where it can be): the kernel's last program per tile sums the partials
+    (`store_splits`), counting arrivals in a per-device counter array that every such launch shares, so
+    such launches must not run concurrently on two streams (the engine runs one compute stream). The array
+    is made (zeroed) on first use, outside CUDA-graph capture; a launch that would need it first during a
+    capture, or more tiles than it has, falls back to `reduce_splits` after the kernel: one more launch.
+    """
+
+    def __init__(self, splits: int, tiles: int, m: int, n: int, out: torch.Tensor, fused: bool) -> None:
+        self.splits = splits
+        self.partials = out[None] if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=out.device)
+        counters = _split_counters(out.device) if fused and splits > 1 else None
+        self.fused = counters is not None and tiles <= counters.numel()
+        self.counters = counters if self.fused else self.partials  # any pointer where no counter is read
+
+    def finish(self, out: torch.Tensor) -> None:
+        """Sum the partials into out unless the kernel did."""
+        if self.splits > 1 and not self.fused:
+            reduce_splits(self.partials, out)
+
+
+_SPLIT_COUNTERS = 1 << 16  # tiles one fused split-K launch may have (a [16, 64] tile each: N up to 4M)
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor | None:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _counters[device] = torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return counters
 
 
 @dataclass(frozen=True)
@@ -244,20 +353,25 @@ def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
 
 
 def _check_gemm_inputs(
-    x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
+    x: torch.Tensor, x_scale: torch.Tensor | None, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    if x_fp8.dim() != 2 or w_fp8.dim() != 2:
-        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w_fp8.shape)}")
-    m, k = x_fp8.shape
+    """Shapes and dtypes of a W8A8 GEMM's operands; x_scale None: x is unquantized (the GEMM quantizes it)."""
+    if x.dim() != 2 or w_fp8.dim() != 2:
+        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w_fp8.shape)}")
+    m, k = x.shape
     n, kw = w_fp8.shape
     if k != kw:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if x_fp8.dtype != FP8_DTYPE or w_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_fp8.dtype}")
+    if w_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"w must be {FP8_DTYPE}, got {w_fp8.dtype}")
+    if x_scale is not None and x.dtype != FP8_DTYPE:
+        raise ValueError(f"x must be {FP8_DTYPE} (with x_scale), got {x.dtype}")
+    if x_scale is None and (not x.is_floating_point() or x.dtype == FP8_DTYPE):
+        raise ValueError(f"x must be unquantized (bf16, fp16 or fp32), got {x.dtype}")
     bn, bk = block
     if bk != 128:
         raise ValueError(f"the GEMM needs a K block of 128 (the activation group), got {bk}")
-    if tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
+    if x_scale is not None and tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
         raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}, expected {(m, triton.cdiv(k, bk))}")
     if tuple(w_scale_inv.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
         raise ValueError(f"w_scale_inv has shape {tuple(w_scale_inv.shape)}, expected {(triton.cdiv(n, bn), triton.cdiv(k, bk))}")
@@ -272,39 +386,82 @@ def w8a8_block_fp8_matmul(
     block: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype = torch.bfloat16,
     tiles: GemmTiles | None = None,
+    fused_reduce: bool = True,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Block-scaled FP8 GEMM: out [M, N] = dequant(x_fp8, x_scale) @ dequant(w_fp8, w_scale_inv)^T.
 
     x_fp8 [M, K] e4m3 with x_scale [M, ceil(K/128)] fp32 (per token, per 128 columns);
     w_fp8 [N, K] e4m3 with w_scale_inv [ceil(N/bn), ceil(K/128)] fp32. N and K need not be multiples of
-    the block. `tiles` overrides the heuristic (benchmarks sweep it).
+    the block. `tiles` overrides the heuristic (benchmarks sweep it); `fused_reduce=False` sums split-K
+    partials in a second launch instead of in the kernel (see `SplitK`). `pdl` launches it as a programmatic
+    dependent of the kernel before (sm_90+, `pdl_supported`): its programs start, pull their first weight
+    blocks into L2 and wait for that kernel, which should have made x_fp8 (`per_token_group_quant_fp8(pdl=True)`).
     """
-    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
-    if x_fp8.stride(1) != 1:
-        x_fp8 = x_fp8.contiguous()
+    _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    a_scale = x_scale.to(torch.float32).contiguous()
+    return _w8a8(x_fp8, a_scale, w_fp8, w_scale_inv, block, out_dtype, tiles, fused_reduce, pdl)
+
+
+def w8a8_block_fp8_matmul_quant_a(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype | None = None,
+    tiles: GemmTiles | None = None,
+    fused_reduce: bool = True,
+) -> torch.Tensor:
+    """`w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_fp8, w_scale_inv)` in one launch.
+
+    The GEMM quantizes x [M, K] (bf16, fp16 or fp32) per token per 128 columns in its K loop, with the
+    same scales and rounding as `per_token_group_quant_fp8`; with split-K its programs also sum the partials.
+    Meant for a few tokens (decode), where the two launches it saves cost more than re-quantizing x in every
+    N tile's program. Returns [M, N] in out_dtype (default x.dtype).
+    """
+    _check_gemm_inputs(x, None, w_fp8, w_scale_inv, block)
+    return _w8a8(x, None, w_fp8, w_scale_inv, block, out_dtype or x.dtype, tiles, fused_reduce)
+
+
+def _w8a8(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    tiles: GemmTiles | None,
+    fused_reduce: bool,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """Launch the W8A8 kernel; a_scale None: a is unquantized and the kernel quantizes it (QUANT_A)."""
+    if a.stride(1) != 1:
+        a = a.contiguous()
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
-    x_scale = x_scale.to(torch.float32).contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
+    m, k = a.shape
+    n = w_fp8.shape[0]
     if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
-    t = tiles or pick_gemm_tiles(m, n, k, sm_count(x_fp8.device))
+        return torch.empty((0, n), dtype=out_dtype, device=a.device)
+    t = tiles or pick_gemm_tiles(m, n, k, sm_count(a.device))
     k_blocks = triton.cdiv(k, 128)
     split = max(1, min(t.split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
-    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
-    # Split-K writes fp32 partials [split, M, N] that one more launch sums (in split order) and casts.
-    c = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x_fp8.device)
-    grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), split)
-    w8a8_block_fp8_matmul_kernel[grid](
-        x_fp8, x_scale, w_fp8, w_scale_inv, c, m, n, k, k_per_split,
-        x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), c.stride(0), c.stride(1),
+    num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
+    w8a8_block_fp8_matmul_kernel[(num_tiles, split)](
+        a, a if a_scale is None else a_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters,
+        m, n, k, k_per_split, split,
+        a.stride(0), 0 if a_scale is None else a_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0),
+        sk.partials.stride(0),
         SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, GROUP_M=t.group_m,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        QUANT_A=a_scale is None, FUSED_REDUCE=sk.fused, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
+        num_warps=t.num_warps, num_stages=t.num_stages, **_pdl_launch(pdl, PDL_PREFETCH_BLOCKS),
     )  # fmt: skip
-    if split > 1:
-        reduce_splits(c, out)
+    sk.finish(out)
     return out
 
 
@@ -417,6 +574,8 @@ def fp8_block_linear(
     block_size: tuple[int, int] = (128, 128),
     bias: torch.Tensor | None = None,
     cublas_min_m: int | None = None,
+    quant_a_max_m: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) for a block-FP8 weight W [N, K], in x's dtype.
 
@@ -424,7 +583,9 @@ def fp8_block_linear(
     block scaling when `cublas_min_m` is set, M >= cublas_min_m and the weight fits it
     (`cublas_block_fp8_shape_ok`); else the Triton kernel. The caller picks the threshold once, from the
     measured crossover, and sets it only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
-    reference path dequantizes the weight and multiplies in float32 (no activation rounding).
+    reference path dequantizes the weight and multiplies in float32 (no activation rounding). Up to
+    `quant_a_max_m` tokens the Triton GEMM quantizes the activations itself (`w8a8_block_fp8_matmul_quant_a`);
+    past it, `pdl` (where `pdl_supported`) starts the GEMM while the quantization kernel runs.
     """
     lead = x.shape[:-1]
     k = x.shape[-1]
@@ -436,9 +597,11 @@ def fp8_block_linear(
         # Quantize straight into the padded, column-major-scale layout cuBLAS reads: no copies.
         x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], column_major_scales=True, pad_rows_to=4)
         y = w8a8_block_fp8_matmul_cublas(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)[:m]
+    elif x.is_cuda and m <= quant_a_max_m:
+        y = w8a8_block_fp8_matmul_quant_a(x2, weight, weight_scale_inv, block_size, x.dtype)
     elif x.is_cuda:
-        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1])
-        y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)
+        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], pdl=pdl)
+        y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype, pdl=pdl)
     else:
         w = block_dequant(weight, weight_scale_inv, block_size, torch.float32)
         y = (x2.to(torch.float32) @ w.t()).to(x.dtype)

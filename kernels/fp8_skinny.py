@@ -6,7 +6,7 @@ reduction launch), this kernel streams the e4m3 weight once, converts each tile 
 registers and multiplies on tensor cores with the weight on the MMA's M side and the few tokens on its N
 side ("swap AB": y^T = W x^T). The activations stay bf16 (no quantization launch, W8A16 numerics like the
 GEMV); the 128x128 block scale multiplies each K step's partial product, one scale per weight row.
-The grid runs over N tiles x K splits; several splits write float32 partials that one more launch sums.
+The grid runs over N tiles x K splits; several splits write float32 partials that each tile's last program sums.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from baleen.kernels.device import sm_count
-from baleen.kernels.fp8_gemm import reduce_splits
+from baleen.kernels.fp8_gemm import SplitK, store_splits
 from baleen.kernels.fp8_gemv import check_w16_linear_inputs, dequant_linear_ref
 
 # Most activation rows one launch takes (the MMA's N side; padded to 16, the smallest tl.dot side).
@@ -30,22 +30,25 @@ def fp8_skinny_gemm_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
-    y_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
     M,
     N,
     K,
     k_per_split,
+    num_splits,
     stride_xm,
     stride_wn,
     stride_sn,
-    stride_ys,
-    stride_ym,
+    stride_ps,
     SCALE_BLOCK_N: tl.constexpr,
     SCALE_BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_UNROLL: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
 ):
     # One program: BLOCK_N weight rows x one K split; acc [BLOCK_N, BLOCK_M] = W_tile x^T.
     # NOTE: BLOCK_K divides SCALE_BLOCK_K (the wrapper checks), so a K step has one scale per weight row.
@@ -73,8 +76,9 @@ def fp8_skinny_gemm_kernel(
             # [BLOCK_N]; a step past the split's end (its weights masked to 0) re-reads the last scale in bounds
             s = tl.load(s_ptrs + tl.minimum(kj, k_end - 1) // SCALE_BLOCK_K)
             acc += tl.dot(w.to(x.dtype), x) * s[:, None]
-    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] in the [M, N] output
+    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid_n, offs, mask_n[:, None] & mask_m[None, :], split,
+                 num_splits, stride_ps, FUSED_REDUCE)
 
 
 @dataclass(frozen=True)
@@ -120,12 +124,14 @@ def fp8_skinny_gemm(
     block: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype | None = None,
     tiles: SkinnyTiles | None = None,
+    fused_reduce: bool = True,
 ) -> torch.Tensor:
     """y = x @ dequant(w, w_scale_inv)^T for M <= MAX_SKINNY_M rows, W8A16 on tensor cores.
 
     x [M, K] bf16 (fp16 also; fp32 is for the CPU interpreter tests), w [N, K] e4m3, w_scale_inv
     [ceil(N/bn), ceil(K/bk)] fp32. N and K need not be multiples of the block. Returns [M, N] in out_dtype
-    (default x.dtype), accumulated in fp32. `tiles` overrides `pick_skinny_tiles` (benchmarks sweep it).
+    (default x.dtype), accumulated in fp32. `tiles` overrides `pick_skinny_tiles` (benchmarks sweep it);
+    `fused_reduce=False` sums split-K partials in a second launch instead of in the kernel (`SplitK`).
     """
     m, n, k = _check_inputs(x, w, w_scale_inv, block)
     out_dtype = out_dtype or x.dtype
@@ -146,16 +152,16 @@ def fp8_skinny_gemm(
     k_per_split = triton.cdiv(k_steps, split * unroll) * unroll * block_k  # whole loop trips a split
     split = triton.cdiv(k, k_per_split)  # no split is empty
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    y = out[None] if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    num_tiles = triton.cdiv(n, t.block_n)
+    sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
     block_m = max(16, triton.next_power_of_2(m))
-    fp8_skinny_gemm_kernel[(triton.cdiv(n, t.block_n), split)](
-        x, w, w_scale_inv, y, m, n, k, k_per_split,
-        x.stride(0), w.stride(0), w_scale_inv.stride(0), y.stride(0), y.stride(1),
+    fp8_skinny_gemm_kernel[(num_tiles, split)](
+        x, w, w_scale_inv, out, sk.partials, sk.counters, m, n, k, k_per_split, split,
+        x.stride(0), w.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
         SCALE_BLOCK_N=block[0], SCALE_BLOCK_K=block[1], BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=block_k,
-        K_UNROLL=unroll, num_warps=t.num_warps, num_stages=t.num_stages,
+        K_UNROLL=unroll, FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-    if split > 1:
-        reduce_splits(y, out)
+    sk.finish(out)
     return out
 
 

@@ -83,6 +83,15 @@ def test_pick_skinny_tiles_v3_shapes() -> None:
     assert pick_skinny_tiles(20, 512, 1024) == SkinnyTiles(64, 128, 2, 4, 3, 1)  # >= 4 trips a split
 
 
+def test_skinny_fused_split_reduce_equals_second_launch() -> None:
+    x, w, w_s = make_case(7, 96, 640, seed=3)
+    tiles = SkinnyTiles(32, 128, split_k=3)
+    two = fp8_skinny_gemm(x, w, w_s, out_dtype=torch.float32, tiles=tiles, fused_reduce=False)
+    for _ in range(2):
+        torch.testing.assert_close(fp8_skinny_gemm(x, w, w_s, out_dtype=torch.float32, tiles=tiles), two,
+                                   rtol=0, atol=0)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 8, 16, 32])
 @pytest.mark.parametrize("n,k", [(7168, 16384), (2112, 7168), (24576, 1536)])
