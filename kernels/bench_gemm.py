@@ -68,12 +68,10 @@ def quant_then_gemm(
     w_s: torch.Tensor,
     tiles: GemmTiles | None = None,
     fused_reduce: bool = True,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """An FP8 linear from bf16 x as two launches: per-token-group quantization + our Triton W8A8 GEMM (three
-    with `fused_reduce=False` and split K; `pdl`: the GEMM starts while the quantization runs)."""
-    x_fp8, x_s = per_token_group_quant_fp8(x, pdl=pdl)
-    return w8a8_block_fp8_matmul(x_fp8, x_s, w, w_s, tiles=tiles, fused_reduce=fused_reduce, pdl=pdl)
+    with `fused_reduce=False` and split K)."""
+    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles, fused_reduce=fused_reduce)
 
 
 def _max_diff(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,16 +22,3 @@ def sm_count(device: torch.device) -> int:
 def _cuda_sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
-
-def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels on `device` can be launched as programmatic dependents (Hopper and later), so that
-    one starts while the kernel before it finishes and waits in-kernel (`griddepcontrol.wait`)."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (9, 0)
-
-
-@cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)

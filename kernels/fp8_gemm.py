@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from baleen.kernels.device import sm_count
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
@@ -41,13 +40,6 @@ def round_to_e4m3_mantissa(x):
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at ptrs to be brought into L2, without waiting for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
 def per_token_group_quant_fp8_kernel(
     x_ptr,
     q_ptr,
@@ -63,12 +55,9 @@ def per_token_group_quant_fp8_kernel(
     GROUPS_PER_PROG: tl.constexpr,
     FP8_MAX_C: tl.constexpr,
     EPS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns. Rows >= M are padding
     # (cuBLAS wants M a multiple of 4): they read nothing and store zeros with the smallest scale.
-    if PDL:  # the GEMM after this may start now: it waits for this grid before it reads what this writes
-        gdc_launch_dependents()
     row = tl.program_id(0)
     g0 = tl.program_id(1) * GROUPS_PER_PROG
     groups = g0 + tl.arange(0, GROUPS_PER_PROG)  # [G]
@@ -84,15 +73,13 @@ def per_token_group_quant_fp8_kernel(
 
 
 def per_token_group_quant_fp8(
-    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1, pdl: bool = False
+    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [M, K] to e4m3 with one float32 scale per (row, group of columns).
 
     Returns (x_fp8 [Mp, K], scales [Mp, ceil(K/group)]) with scale = amax / 448, so x ~= x_fp8 * scale;
     Mp is M rounded up to `pad_rows_to` (padding rows are zeros). `column_major_scales` gives the scales
     strides (1, Mp), the layout cuBLAS's 1x128 block scaling reads. A partial last group is allowed.
-    `pdl`: let the next kernel, if launched as a programmatic dependent (`w8a8_block_fp8_matmul(pdl=True)`),
-    start while this one runs (sm_90+; see `pdl_supported`).
     """
     if x.dim() != 2:
         raise ValueError(f"per_token_group_quant_fp8 wants a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
@@ -116,7 +103,7 @@ def per_token_group_quant_fp8(
     grid = (mp, triton.cdiv(num_groups, groups_per_prog))
     per_token_group_quant_fp8_kernel[grid](
         x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS, PDL=pdl,
+        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
     )  # fmt: skip
     return q, s
 
@@ -193,19 +180,11 @@ def w8a8_block_fp8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    QUANT_A: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
-    FP8_MAX_C: tl.constexpr,
-    EPS: tl.constexpr,
-    PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0,
 ):
     # out [M, N] = sum over K blocks of (A_blk @ B_blk^T) * a_scale[:, kb] * b_scale[nb, kb]; a program owns
     # one [BLOCK_M, BLOCK_N] tile and one split of its K blocks.
     # NOTE: BLOCK_K equals the scale block along K, so every K step has exactly one scale per row / column.
-    # QUANT_A: A is the unquantized activation (bf16/fp16/fp32) and each K step quantizes its [BLOCK_M, 128]
-    # tile as `per_token_group_quant_fp8` would (same scale, same rounding): no quantization launch, at the
-    # price of every N tile's program quantizing the rows again.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -217,6 +196,18 @@ def w8a8_block_fp8_matmul_kernel(
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
 
+    acc, offs, mask = w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, split * k_blocks_per_split,
+                                (split + 1) * k_blocks_per_split, stride_am, stride_asm, stride_bn, stride_bsn,
+                                SCALE_BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask, split, num_splits, stride_ps, FUSED_REDUCE)
+
+
+@triton.jit
+def w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, kb_start, kb_end, stride_am, stride_asm,
+              stride_bn, stride_bsn, SCALE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
+    """One output tile's sum over K blocks [kb_start, kb_end) (clipped to K): (acc, its offsets in the
+    row-major [M, N] plane, its in-bounds mask)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -228,34 +219,66 @@ def w8a8_block_fp8_matmul_kernel(
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + safe_n[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     as_ptrs = as_ptr + safe_m * stride_asm  # [BLOCK_M]
-
-    kb_start = split * k_blocks_per_split
-    kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
-    if PDL:
-        # Launched while the kernel before (the activation quantization) still runs: start pulling this
-        # program's first weight blocks into L2 (they do not depend on it), then wait for that grid.
-        for j in tl.static_range(PREFETCH):
-            prefetch_l2(b_ptr + safe_n * stride_bn + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K)
-        gdc_wait()
-    for kb in range(kb_start, kb_end):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_start, tl.minimum(kb_end, tl.cdiv(K, BLOCK_K))):
         k0 = kb * BLOCK_K
         k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_ok[:, None], other=0.0)
-        if QUANT_A:
-            x = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C
-            a = round_to_e4m3_mantissa(tl.clamp(x / a_s[:, None], -FP8_MAX_C, FP8_MAX_C)).to(b.dtype)
-        else:
-            a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
-            a_s = tl.load(as_ptrs + kb)
+        a_s = tl.load(as_ptrs + kb)
         b_s = tl.load(bs_ptrs + kb)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    return acc, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :]
 
-    offs = offs_m[:, None] * N + offs_n[None, :]
-    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask_m[:, None] & mask_n[None, :], split,
-                 num_splits, stride_ps, FUSED_REDUCE)
+
+@triton.jit
+def w8a8_block_fp8_streamk_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_asm,
+    stride_bn,
+    stride_bsn,
+    stride_ps,
+    SCALE_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Stream-K: the (tile, K block) iterations, tile-major, are cut into one equal run per program, so every
+    # program streams the same number of weight bytes whatever the tile count (a split-K grid leaves
+    # ceil(programs / SMs) waves, the last part-empty). A run covers the end of one tile, whole tiles, the
+    # start of another; each tile's pieces meet in `store_splits`, in the order of the programs that made them.
+    pid = tl.program_id(0).to(tl.int64)
+    num_programs = tl.num_programs(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    total = tl.cdiv(M, BLOCK_M) * num_pid_n * k_blocks
+    it = pid * total // num_programs
+    end = (pid + 1) * total // num_programs
+    while it < end:
+        tile = it // k_blocks
+        kb0 = it - tile * k_blocks
+        kb1 = tl.minimum(k_blocks, kb0 + end - it)
+        acc, offs, mask = w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, tile // num_pid_n, tile % num_pid_n,
+                                    kb0, kb1, stride_am, stride_asm, stride_bn, stride_bsn, SCALE_BLOCK_N,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        # Programs holding the tile's first and last iteration: the owner of iteration i is
+        # ceil((i + 1) * programs / total) - 1.
+        first = ((tile * k_blocks + 1) * num_programs + total - 1) // total - 1
+        last = ((tile + 1) * k_blocks * num_programs + total - 1) // total - 1
+        store_splits(acc, out_ptr, part_ptr, counter_ptr + tile, offs, mask, pid - first, last - first + 1,
+                     stride_ps, True)
+        it += kb1 - kb0
 
 
 @triton.jit
@@ -275,15 +298,6 @@ def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
         partials, out, partials.shape[0], numel, partials.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
     )
-
-
-# K blocks of weight a programmatic-dependent GEMM program asks into L2 before it waits for its activations.
-PDL_PREFETCH_BLOCKS = 4
-
-
-def _pdl_launch(pdl: bool, prefetch: int) -> dict[str, object]:
-    """Launch options of a kernel with the PDL / PREFETCH constexprs: as a programmatic dependent, or not."""
-    return {"PDL": True, "PREFETCH": prefetch, "launch_pdl": True} if pdl else {}
 
 
 class SplitK:
@@ -334,6 +348,7 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    stream_k: int = 0  # > 0: a stream-K grid of this many programs an SM instead of tiles x split_k
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -353,25 +368,20 @@ def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
 
 
 def _check_gemm_inputs(
-    x: torch.Tensor, x_scale: torch.Tensor | None, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    """Shapes and dtypes of a W8A8 GEMM's operands; x_scale None: x is unquantized (the GEMM quantizes it)."""
-    if x.dim() != 2 or w_fp8.dim() != 2:
-        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w_fp8.shape)}")
-    m, k = x.shape
+    if x_fp8.dim() != 2 or w_fp8.dim() != 2:
+        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w_fp8.shape)}")
+    m, k = x_fp8.shape
     n, kw = w_fp8.shape
     if k != kw:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if w_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"w must be {FP8_DTYPE}, got {w_fp8.dtype}")
-    if x_scale is not None and x.dtype != FP8_DTYPE:
-        raise ValueError(f"x must be {FP8_DTYPE} (with x_scale), got {x.dtype}")
-    if x_scale is None and (not x.is_floating_point() or x.dtype == FP8_DTYPE):
-        raise ValueError(f"x must be unquantized (bf16, fp16 or fp32), got {x.dtype}")
+    if x_fp8.dtype != FP8_DTYPE or w_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_fp8.dtype}")
     bn, bk = block
     if bk != 128:
         raise ValueError(f"the GEMM needs a K block of 128 (the activation group), got {bk}")
-    if x_scale is not None and tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
+    if tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
         raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}, expected {(m, triton.cdiv(k, bk))}")
     if tuple(w_scale_inv.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
         raise ValueError(f"w_scale_inv has shape {tuple(w_scale_inv.shape)}, expected {(triton.cdiv(n, bn), triton.cdiv(k, bk))}")
@@ -387,79 +397,52 @@ def w8a8_block_fp8_matmul(
     out_dtype: torch.dtype = torch.bfloat16,
     tiles: GemmTiles | None = None,
     fused_reduce: bool = True,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """Block-scaled FP8 GEMM: out [M, N] = dequant(x_fp8, x_scale) @ dequant(w_fp8, w_scale_inv)^T.
 
     x_fp8 [M, K] e4m3 with x_scale [M, ceil(K/128)] fp32 (per token, per 128 columns);
     w_fp8 [N, K] e4m3 with w_scale_inv [ceil(N/bn), ceil(K/128)] fp32. N and K need not be multiples of
     the block. `tiles` overrides the heuristic (benchmarks sweep it); `fused_reduce=False` sums split-K
-    partials in a second launch instead of in the kernel (see `SplitK`). `pdl` launches it as a programmatic
-    dependent of the kernel before (sm_90+, `pdl_supported`): its programs start, pull their first weight
-    blocks into L2 and wait for that kernel, which should have made x_fp8 (`per_token_group_quant_fp8(pdl=True)`).
+    partials in a second launch instead of in the kernel (see `SplitK`); `tiles.stream_k` runs the
+    stream-K kernel (which always sums in the kernel).
     """
-    _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
-    a_scale = x_scale.to(torch.float32).contiguous()
-    return _w8a8(x_fp8, a_scale, w_fp8, w_scale_inv, block, out_dtype, tiles, fused_reduce, pdl)
-
-
-def w8a8_block_fp8_matmul_quant_a(
-    x: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale_inv: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    out_dtype: torch.dtype | None = None,
-    tiles: GemmTiles | None = None,
-    fused_reduce: bool = True,
-) -> torch.Tensor:
-    """`w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_fp8, w_scale_inv)` in one launch.
-
-    The GEMM quantizes x [M, K] (bf16, fp16 or fp32) per token per 128 columns in its K loop, with the
-    same scales and rounding as `per_token_group_quant_fp8`; with split-K its programs also sum the partials.
-    Meant for a few tokens (decode), where the two launches it saves cost more than re-quantizing x in every
-    N tile's program. Returns [M, N] in out_dtype (default x.dtype).
-    """
-    _check_gemm_inputs(x, None, w_fp8, w_scale_inv, block)
-    return _w8a8(x, None, w_fp8, w_scale_inv, block, out_dtype or x.dtype, tiles, fused_reduce)
-
-
-def _w8a8(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w_fp8: torch.Tensor,
-    w_scale_inv: torch.Tensor,
-    block: tuple[int, int],
-    out_dtype: torch.dtype,
-    tiles: GemmTiles | None,
-    fused_reduce: bool,
-    pdl: bool = False,
-) -> torch.Tensor:
-    """Launch the W8A8 kernel; a_scale None: a is unquantized and the kernel quantizes it (QUANT_A)."""
-    if a.stride(1) != 1:
-        a = a.contiguous()
+    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    if x_fp8.stride(1) != 1:
+        x_fp8 = x_fp8.contiguous()
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
+    x_scale = x_scale.to(torch.float32).contiguous()
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
-    m, k = a.shape
-    n = w_fp8.shape[0]
     if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=a.device)
-    t = tiles or pick_gemm_tiles(m, n, k, sm_count(a.device))
+        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
+    t = tiles or pick_gemm_tiles(m, n, k, sm_count(x_fp8.device))
     k_blocks = triton.cdiv(k, 128)
     split = max(1, min(t.split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
     num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
+    if t.stream_k > 0:
+        # No more programs than iterations, so none is empty and every piece of a tile arrives: each program
+        # runs >= total // programs iterations, so at most `pieces` programs meet in a tile.
+        programs = min(t.stream_k * sm_count(x_fp8.device), num_tiles * k_blocks)
+        pieces = min(programs, k_blocks // max(1, num_tiles * k_blocks // programs) + 2)
+        sk = SplitK(pieces, num_tiles, m, n, out, fused=True)
+        if sk.fused:
+            w8a8_block_fp8_streamk_kernel[(programs,)](
+                x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k,
+                x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
+                SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+            )  # fmt: skip
+            return out
+        # No counters to meet in (first use inside a graph capture, or too many tiles): the split-K grid.
     sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
     w8a8_block_fp8_matmul_kernel[(num_tiles, split)](
-        a, a if a_scale is None else a_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters,
-        m, n, k, k_per_split, split,
-        a.stride(0), 0 if a_scale is None else a_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0),
-        sk.partials.stride(0),
+        x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k, k_per_split, split,
+        x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
         SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, GROUP_M=t.group_m,
-        QUANT_A=a_scale is None, FUSED_REDUCE=sk.fused, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
-        num_warps=t.num_warps, num_stages=t.num_stages, **_pdl_launch(pdl, PDL_PREFETCH_BLOCKS),
+        FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     sk.finish(out)
     return out
@@ -574,8 +557,6 @@ def fp8_block_linear(
     block_size: tuple[int, int] = (128, 128),
     bias: torch.Tensor | None = None,
     cublas_min_m: int | None = None,
-    quant_a_max_m: int = 0,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) for a block-FP8 weight W [N, K], in x's dtype.
 
@@ -583,9 +564,7 @@ def fp8_block_linear(
     block scaling when `cublas_min_m` is set, M >= cublas_min_m and the weight fits it
     (`cublas_block_fp8_shape_ok`); else the Triton kernel. The caller picks the threshold once, from the
     measured crossover, and sets it only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
-    reference path dequantizes the weight and multiplies in float32 (no activation rounding). Up to
-    `quant_a_max_m` tokens the Triton GEMM quantizes the activations itself (`w8a8_block_fp8_matmul_quant_a`);
-    past it, `pdl` (where `pdl_supported`) starts the GEMM while the quantization kernel runs.
+    reference path dequantizes the weight and multiplies in float32 (no activation rounding).
     """
     lead = x.shape[:-1]
     k = x.shape[-1]
@@ -597,11 +576,9 @@ def fp8_block_linear(
         # Quantize straight into the padded, column-major-scale layout cuBLAS reads: no copies.
         x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], column_major_scales=True, pad_rows_to=4)
         y = w8a8_block_fp8_matmul_cublas(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)[:m]
-    elif x.is_cuda and m <= quant_a_max_m:
-        y = w8a8_block_fp8_matmul_quant_a(x2, weight, weight_scale_inv, block_size, x.dtype)
     elif x.is_cuda:
-        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], pdl=pdl)
-        y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype, pdl=pdl)
+        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1])
+        y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)
     else:
         w = block_dequant(weight, weight_scale_inv, block_size, torch.float32)
         y = (x2.to(torch.float32) @ w.t()).to(x.dtype)

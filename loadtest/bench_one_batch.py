@@ -162,8 +162,6 @@ def main() -> None:
                     help="override Fp8BlockLinearMethod.GEMV_MAX_M (0: FP8 linears never take the GEMV)")
     ap.add_argument("--skinny-max-m", type=int, default=None,
                     help="override Fp8BlockLinearMethod.SKINNY_MAX_M (0: FP8 linears never take the skinny GEMM)")
-    ap.add_argument("--quant-a-max-m", type=int, default=None,
-                    help="override Fp8BlockLinearMethod.QUANT_A_MAX_M (0: a separate activation-quantization launch)")
     args = ap.parse_args()
     from baleen.model.layers import Fp8BlockLinearMethod
 
@@ -171,8 +169,6 @@ def main() -> None:
         Fp8BlockLinearMethod.GEMV_MAX_M = args.gemv_max_m
     if args.skinny_max_m is not None:
         Fp8BlockLinearMethod.SKINNY_MAX_M = args.skinny_max_m
-    if args.quant_a_max_m is not None:
-        Fp8BlockLinearMethod.QUANT_A_MAX_M = args.quant_a_max_m
 
     cuda = args.device.startswith("cuda")
     max_bs = max(args.batch_sizes)

@@ -161,7 +161,6 @@ class Fp8BlockLinearMethod:
     On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
     M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
     SKINNY_MIN_M <= M <= SKINNY_MAX_M, the W8A16 tensor-core GEMM (`fp8_skinny`);
-    M <= QUANT_A_MAX_M otherwise, the W8A8 GEMM quantizing its own activations (one launch);
     M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
     """
 
@@ -173,11 +172,6 @@ class Fp8BlockLinearMethod:
     # 1.07-1.34x quant + GEMM; at M <= 16 it is 0.8-1.05x of it, so the W8A8 path keeps 2-16.
     SKINNY_MIN_M: ClassVar[int] = 17
     SKINNY_MAX_M: ClassVar[int] = 32
-    # Up to this many tokens the W8A8 GEMM quantizes its own activation tiles (one launch instead of a
-    # quantization launch before it); H100, cold weights (docs/PERF.md, fifth pass).
-    QUANT_A_MAX_M: ClassVar[int] = 16
-    # The Triton W8A8 GEMM starts as a programmatic dependent of its activations' quantization (sm_90+).
-    PDL: ClassVar[bool] = True
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size
@@ -197,7 +191,6 @@ class Fp8BlockLinearMethod:
         layer.weight_scale_inv = new_param(scale_shape, torch.float32, layer.load_scale)
 
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
-        from baleen.kernels.device import pdl_supported
         from baleen.kernels.fp8_gemm import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
         if not x.is_cuda:
@@ -220,8 +213,7 @@ class Fp8BlockLinearMethod:
             self._cublas = cublas_block_fp8_supported(x.device)
         return fp8_block_linear(
             x, layer.weight, layer.weight_scale_inv, self.block_size,
-            cublas_min_m=self.CUBLAS_MIN_M if self._cublas else None, quant_a_max_m=self.QUANT_A_MAX_M,
-            pdl=self.PDL and pdl_supported(x.device),
+            cublas_min_m=self.CUBLAS_MIN_M if self._cublas else None,
         )  # fmt: skip
 
 

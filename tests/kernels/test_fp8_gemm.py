@@ -16,7 +16,6 @@ from baleen.kernels.fp8_gemm import (
     per_token_group_quant_fp8_ref,
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_cublas,
-    w8a8_block_fp8_matmul_quant_a,
     w8a8_block_fp8_matmul_ref,
 )
 from baleen.kernels.quant import block_dequant, block_quant
@@ -90,24 +89,36 @@ def test_split_k_reduction_casts_once() -> None:
 
 @pytest.mark.parametrize("m,n,k,tiles", [(3, 200, 1000, None), (16, 96, 512, GemmTiles(16, 64, split_k=3)),
                                          (5, 130, 256, GemmTiles(16, 32, split_k=2))])  # fmt: skip
-def test_quant_a_and_fused_reduce_equal_the_three_launches(m: int, n: int, k: int, tiles: GemmTiles | None) -> None:
-    # The GEMM that quantizes its own activation tiles and sums its own split-K partials computes what
-    # quantize + GEMM + reduce launch computes: same scales, same rounding, partials summed in split order.
+def test_fused_split_reduce_equals_the_reduce_launch(m: int, n: int, k: int, tiles: GemmTiles | None) -> None:
+    # Each tile's last program sums the split-K partials in split order: what the reduce launch computes.
     torch.manual_seed(m + n)
-    x = (torch.randn(m, k) * torch.rand(m, 1) * 10).to(DEV)
-    x[0, :130] = 0.0  # an all-zero group takes the smallest scale in both
+    x_q, x_s = per_token_group_quant_fp8(torch.randn(m, k).to(DEV))
     w_q, w_s = block_quant(torch.randn(n, k).to(DEV) * 0.05)
-    three = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s, out_dtype=torch.float32, tiles=tiles,
-                                  fused_reduce=False)  # fmt: skip
+    two = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles, fused_reduce=False)
     for _ in range(2):  # the second launch finds the tile counters re-armed by the first
-        fused = w8a8_block_fp8_matmul_quant_a(x, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
-        assert fused.shape == (m, n)
-        if DEV == "cpu":
-            assert torch.equal(fused, three)
-        else:  # GPU division may move a quantized value one e4m3 step (see assert_quant_close)
-            assert rel_err(fused, three) < 1e-3
-    counters = fp8_gemm._counters.get(torch.device(DEV) if DEV == "cpu" else torch.device("cuda", 0))
-    assert counters is not None and int(counters.abs().sum()) == 0
+        fused = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
+        torch.testing.assert_close(fused, two, rtol=0, atol=0)
+    counters = fp8_gemm._counters[torch.device("cpu") if DEV == "cpu" else torch.device("cuda", 0)]
+    assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,k,tiles", [
+    (3, 200, 1000, GemmTiles(16, 32, stream_k=1)),  # 56 iterations, 132 programs asked: one iteration each
+    (2, 1024, 2048, GemmTiles(16, 32, stream_k=1)),  # 512 iterations over 132 programs: 3-4 each, ragged
+    (20, 64, 2048, GemmTiles(16, 64, stream_k=2)),  # two row tiles
+])  # fmt: skip
+def test_stream_k_matches_split_k(m: int, n: int, k: int, tiles: GemmTiles) -> None:
+    # Every program runs an equal share of the (tile, K block) iterations; a tile's pieces from several
+    # programs meet in its last-arriving program. Same sum as one split, up to fp32 addition order.
+    torch.manual_seed(m * n)
+    x_q, x_s = per_token_group_quant_fp8(torch.randn(m, k).to(DEV))
+    w_q, w_s = block_quant(torch.randn(n, k).to(DEV) * 0.05)
+    one = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=GemmTiles(16, 32))
+    for _ in range(2):
+        out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
+        torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
+    counters = fp8_gemm._counters[torch.device("cpu") if DEV == "cpu" else torch.device("cuda", 0)]
+    assert int(counters.abs().sum()) == 0
 
 
 def test_fused_split_reduce_falls_back_past_its_counters(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,15 +133,6 @@ def test_fused_split_reduce_falls_back_past_its_counters(monkeypatch: pytest.Mon
     out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert int(small.abs().sum()) == 0  # the kernel never counted into the too-small array
-
-
-def test_quant_a_rejects_quantized_x() -> None:
-    w_q, w_s = block_quant(torch.randn(64, 256))
-    x_q, _ = per_token_group_quant_fp8_ref(torch.randn(4, 256))
-    with pytest.raises(ValueError, match="unquantized"):
-        w8a8_block_fp8_matmul_quant_a(x_q, w_q, w_s)
-    with pytest.raises(ValueError, match="K="):
-        w8a8_block_fp8_matmul_quant_a(torch.randn(4, 128), w_q, w_s)
 
 
 def test_quant_column_major_padded_layout() -> None:
@@ -247,21 +249,15 @@ def test_block_fp8_matmul_large_tiles_gpu(tiles: GemmTiles) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize("n,k", [(7168, 16384), (2112, 7168), (24576, 1536), (7168, 18432)])
-def test_quant_a_fused_reduce_gpu_v3_shapes(m: int, n: int, k: int) -> None:
+def test_fused_split_reduce_gpu_v3_shapes(m: int, n: int, k: int) -> None:
     torch.manual_seed(m + n)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x_q, x_s = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
     w_q, w_s = block_quant(torch.randn(n, k, device="cuda") * 0.02)
-    three = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s, fused_reduce=False)
-    fused = w8a8_block_fp8_matmul_quant_a(x, w_q, w_s)
-    assert fused.dtype == torch.bfloat16
-    assert rel_err(fused, three.float()) < 2e-3
-    assert rel_err(fused, x.float() @ block_dequant(w_q, w_s).t()) < 0.06
-    # Quantization and GEMM as two launches, the GEMM started early as a programmatic dependent.
-    pdl = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x, pdl=True), w_q, w_s, pdl=True)
-    torch.testing.assert_close(pdl, three, rtol=0, atol=0)
-    # The engine's entry takes it up to quant_a_max_m tokens.
-    y = fp8_block_linear(x, w_q, w_s, (128, 128), quant_a_max_m=16)
-    torch.testing.assert_close(y, fused, rtol=0, atol=0)
+    two = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, fused_reduce=False)
+    torch.testing.assert_close(w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s), two, rtol=0, atol=0)
+    for tiles in (GemmTiles(16, 64, stream_k=2), GemmTiles(16, 32, stream_k=3), GemmTiles(16, 128, stream_k=1)):
+        out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, tiles=tiles)
+        assert rel_err(out, two.float()) < 2e-3, tiles  # bf16 rounding of the same fp32 sums
 
 
 @pytest.mark.gpu
@@ -270,18 +266,20 @@ def test_fused_reduce_in_a_cuda_graph_rearms_every_replay() -> None:
     torch.manual_seed(3)
     x = torch.randn(4, 7168, device="cuda", dtype=torch.bfloat16)
     w_q, w_s = block_quant(torch.randn(2112, 7168, device="cuda") * 0.02)
-    want = w8a8_block_fp8_matmul_quant_a(x, w_q, w_s, fused_reduce=False)
-    w8a8_block_fp8_matmul_quant_a(x, w_q, w_s)  # counters made outside the capture
+    want = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s, fused_reduce=False)
+    w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s)  # counters made outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = w8a8_block_fp8_matmul_quant_a(x, w_q, w_s)
-        x2 = x * 2  # a kernel between, then the PDL pair: the GEMM must wait for the quantization of x2
-        out_pdl = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x2, pdl=True), w_q, w_s, pdl=True)
-    want_pdl = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x * 2), w_q, w_s, fused_reduce=False)
+        out = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w_q, w_s)
+        # A stream-K launch right after, through the same counters (the first must have re-armed them).
+        out2 = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x[:, :2048]), w_q[:, :2048], w_s[:, :16],
+                                     tiles=GemmTiles(16, 32, stream_k=2))  # fmt: skip
+    want2 = w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x[:, :2048]), w_q[:, :2048], w_s[:, :16],
+                                  tiles=GemmTiles(16, 32, stream_k=2))  # fmt: skip
     for _ in range(20):
         out.zero_()
-        out_pdl.zero_()
+        out2.zero_()
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, want, rtol=0, atol=0)
-        torch.testing.assert_close(out_pdl, want_pdl, rtol=0, atol=0)
+        torch.testing.assert_close(out2, want2, rtol=0, atol=0)
