@@ -31,6 +31,17 @@ def bench_graph_ms(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
     This is how decode steps run in the server, and it removes Python and launch overhead, so the number
     is the GPU time of the kernels alone. Falls back to eager timing (returned negated) if capture fails.
     """
+    try:
+        graph = _capture(fn)
+    except RuntimeError as e:
+        print(f"    graph capture failed ({str(e).splitlines()[0][:80]}); timing eagerly")
+        torch.cuda.synchronize()
+        return -bench_ms(fn, warmup_ms, rep_ms)
+    return bench_ms(graph.replay, warmup_ms, rep_ms)
+
+
+def _capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """fn run once eagerly and once on a side stream (lazy allocations, autotuning), then captured."""
     fn()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -39,15 +50,10 @@ def bench_graph_ms(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError as e:
-        print(f"    graph capture failed ({str(e).splitlines()[0][:80]}); timing eagerly")
-        torch.cuda.synchronize()
-        return -bench_ms(fn, warmup_ms, rep_ms)
+    with torch.cuda.graph(graph):
+        fn()
     torch.cuda.synchronize()
-    return bench_ms(graph.replay, warmup_ms, rep_ms)
+    return graph
 
 
 def bench_cold_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
@@ -57,19 +63,7 @@ def bench_cold_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
     that must be written back while the op reads: on the H100 that write-back cost a 117 MB read 14% of its
     bandwidth (docs/PERF.md).
     """
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    graph = _capture(lambda: [c() for c in calls])
     for _ in range(3):
         graph.replay()
     times = []

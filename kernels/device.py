@@ -21,4 +21,3 @@ def sm_count(device: torch.device) -> int:
 @cache
 def _cuda_sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
-

@@ -233,55 +233,6 @@ def w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, kb_start, kb_
 
 
 @triton.jit
-def w8a8_block_fp8_streamk_kernel(
-    a_ptr,
-    as_ptr,
-    b_ptr,
-    bs_ptr,
-    out_ptr,
-    part_ptr,
-    counter_ptr,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_asm,
-    stride_bn,
-    stride_bsn,
-    stride_ps,
-    SCALE_BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # Stream-K: the (tile, K block) iterations, tile-major, are cut into one equal run per program, so every
-    # program streams the same number of weight bytes whatever the tile count (a split-K grid leaves
-    # ceil(programs / SMs) waves, the last part-empty). A run covers the end of one tile, whole tiles, the
-    # start of another; each tile's pieces meet in `store_splits`, in the order of the programs that made them.
-    pid = tl.program_id(0).to(tl.int64)
-    num_programs = tl.num_programs(0)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    total = tl.cdiv(M, BLOCK_M) * num_pid_n * k_blocks
-    it = pid * total // num_programs
-    end = (pid + 1) * total // num_programs
-    while it < end:
-        tile = it // k_blocks
-        kb0 = it - tile * k_blocks
-        kb1 = tl.minimum(k_blocks, kb0 + end - it)
-        acc, offs, mask = w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, tile // num_pid_n, tile % num_pid_n,
-                                    kb0, kb1, stride_am, stride_asm, stride_bn, stride_bsn, SCALE_BLOCK_N,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        # Programs holding the tile's first and last iteration: the owner of iteration i is
-        # ceil((i + 1) * programs / total) - 1.
-        first = ((tile * k_blocks + 1) * num_programs + total - 1) // total - 1
-        last = ((tile + 1) * k_blocks * num_programs + total - 1) // total - 1
-        store_splits(acc, out_ptr, part_ptr, counter_ptr + tile, offs, mask, pid - first, last - first + 1,
-                     stride_ps, True)
-        it += kb1 - kb0
-
-
-@triton.jit
 def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl.constexpr):
     # out [M*N] = sum over splits of c [split, M*N] (fp32, fixed order: deterministic), cast on the store.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -348,7 +299,6 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
-    stream_k: int = 0  # > 0: a stream-K grid of this many programs an SM instead of tiles x split_k
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -403,8 +353,7 @@ def w8a8_block_fp8_matmul(
     x_fp8 [M, K] e4m3 with x_scale [M, ceil(K/128)] fp32 (per token, per 128 columns);
     w_fp8 [N, K] e4m3 with w_scale_inv [ceil(N/bn), ceil(K/128)] fp32. N and K need not be multiples of
     the block. `tiles` overrides the heuristic (benchmarks sweep it); `fused_reduce=False` sums split-K
-    partials in a second launch instead of in the kernel (see `SplitK`); `tiles.stream_k` runs the
-    stream-K kernel (which always sums in the kernel).
+    partials in a second launch instead of in the kernel (see `SplitK`).
     """
     m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
     if x_fp8.stride(1) != 1:
@@ -422,21 +371,6 @@ def w8a8_block_fp8_matmul(
     split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
     num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
-    if t.stream_k > 0:
-        # No more programs than iterations, so none is empty and every piece of a tile arrives: each program
-        # runs >= total // programs iterations, so at most `pieces` programs meet in a tile.
-        programs = min(t.stream_k * sm_count(x_fp8.device), num_tiles * k_blocks)
-        pieces = min(programs, k_blocks // max(1, num_tiles * k_blocks // programs) + 2)
-        sk = SplitK(pieces, num_tiles, m, n, out, fused=True)
-        if sk.fused:
-            w8a8_block_fp8_streamk_kernel[(programs,)](
-                x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k,
-                x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
-                SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128,
-                num_warps=t.num_warps, num_stages=t.num_stages,
-            )  # fmt: skip
-            return out
-        # No counters to meet in (first use inside a graph capture, or too many tiles): the split-K grid.
     sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
     w8a8_block_fp8_matmul_kernel[(num_tiles, split)](
         x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k, k_per_split, split,
