@@ -196,18 +196,6 @@ def w8a8_block_fp8_matmul_kernel(
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
 
-    acc, offs, mask = w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, split * k_blocks_per_split,
-                                (split + 1) * k_blocks_per_split, stride_am, stride_asm, stride_bn, stride_bsn,
-                                SCALE_BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask, split, num_splits, stride_ps, FUSED_REDUCE)
-
-
-@triton.jit
-def w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, kb_start, kb_end, stride_am, stride_asm,
-              stride_bn, stride_bsn, SCALE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):  # fmt: skip
-    """One output tile's sum over K blocks [kb_start, kb_end) (clipped to K): (acc, its offsets in the
-    row-major [M, N] plane, its in-bounds mask)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -219,9 +207,12 @@ def w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, kb_start, kb_
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + safe_n[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     as_ptrs = as_ptr + safe_m * stride_asm  # [BLOCK_M]
-    bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+
+    kb_start = split * k_blocks_per_split
+    kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb_start, tl.minimum(kb_end, tl.cdiv(K, BLOCK_K))):
+    bs_ptrs = bs_ptr + (safe_n // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+    for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
@@ -229,7 +220,10 @@ def w8a8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, M, N, K, pid_m, pid_n, kb_start, kb_
         a_s = tl.load(as_ptrs + kb)
         b_s = tl.load(bs_ptrs + kb)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    return acc, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :]
+
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask_m[:, None] & mask_n[None, :], split,
+                 num_splits, stride_ps, FUSED_REDUCE)
 
 
 @triton.jit
