@@ -124,7 +124,17 @@ def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms:
         )  # fmt: skip
 
 
-def _sweep(x, ws, ss, m, n, k, diff, cold, deadline) -> tuple[float, str]:  # type: ignore[no-untyped-def]
+def _sweep(
+    x: torch.Tensor,
+    ws: list[torch.Tensor],
+    ss: list[torch.Tensor],
+    m: int,
+    n: int,
+    k: int,
+    diff: Callable[[torch.Tensor], float],
+    cold: Callable[[Callable[[torch.Tensor, torch.Tensor], object]], float],
+    deadline: Deadline,
+) -> tuple[float, str]:
     """The fastest correct tile variant: of quant + W8A8 GEMM up to 16 tokens, else of the skinny GEMM."""
     cands: list[tuple[object, str, Callable[..., torch.Tensor]]]
     default: object
