@@ -96,6 +96,10 @@ class EngineConfig:
     cuda_graph_bs: tuple[int, ...] | None = None
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    # --fp8-tiled-weights: tiled copies of the FP8 weights decode reads, for faster GEMMs at 2-16 tokens, at the
+    # cost of those weights' memory again. "auto": on, except under DP attention (every rank holds all of the
+    # attention weights there, so the copies would cost tp_size times as much).
+    fp8_tiled_weights: str = "auto"
     show_progress: bool = False
 
     def resolved_device(self) -> str:
@@ -130,6 +134,12 @@ def default_attention_backend(cuda: bool) -> str:
     slower end to end (docs/PERF.md, bench_one_batch): it stays opt-in with --attention-backend flashinfer.
     """
     return "triton" if cuda else "torch"
+
+
+def _tiled_weights(setting: str, dp_attention: bool) -> bool:
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"fp8_tiled_weights must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting == "on" or (setting == "auto" and not dp_attention)
 
 
 def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _Plan:
@@ -168,6 +178,7 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         cuda_graph_bs=config.cuda_graph_bs,
         cuda_graph_max_bs=config.cuda_graph_max_bs,
         disable_cuda_graph=config.disable_cuda_graph,
+        fp8_tiled_weights=_tiled_weights(config.fp8_tiled_weights, parallel.dp_size > 1),
         parallel=parallel,
         dist=None if parallel.tp_size == 1 else dist_init(config.dist_init_addr, config.dist_timeout, config.nnodes),
         check_sampling=config.check_rank_sampling,

@@ -60,6 +60,7 @@ class WorkerConfig:
     cuda_graph_bs: tuple[int, ...] | None = None  # None: the default sizes up to cuda_graph_max_bs
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    fp8_tiled_weights: bool = False  # load_model(tile_fp8=...): tiled weight copies for few-token FP8 GEMMs
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -155,6 +156,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         progress=cfg.progress,
         experts_method=experts_method,
         groups=groups,
+        tile_fp8=cfg.fp8_tiled_weights,
     )
     log.info("weights loaded in %.1f s", time.perf_counter() - started)
     num_pages = _kv_budget_pages(cfg, model_config, device)

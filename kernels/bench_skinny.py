@@ -3,12 +3,15 @@
 For each decode linear and M = 1..32 it times, from bf16 activations, cold (`bench_cold_ms`: distinct weight
 copies back to back in one CUDA graph, as a forward pass meets them):
   read     : a plain kernel reading the weight's bytes once: the ceiling for any memory-bound linear
-  engine   : `Fp8BlockLinearMethod.apply`, what the model runs (also with do_bench's L2 flush: "flush %")
-  3-launch : per-token-group quantization + Triton W8A8 GEMM + split-K reduce launch (the path before)
-  2-launch : the same with the split-K partials summed in the GEMM
+  engine   : `Fp8BlockLinearMethod.apply` on a layer with a tiled weight copy (`tile_weight`), what the model
+             runs (also with do_bench's L2 flush: "flush %")
+  tiled    : the tiled-weight W8A8 GEMM alone (`w8a8_block_fp8_matmul_tiled`) on x quantized beforehand
+  gemm     : the row-major Triton W8A8 GEMM alone (default tiles) on x quantized beforehand
+  2-launch : per-token-group quantization + that GEMM: the engine's path without a tiled copy
   gemv     : the W8A16 CUDA-core GEMV (`fp8_gemv`, M <= 8)
   skinny   : the W8A16 tensor-core GEMM (`fp8_skinny`), split-K summed in the kernel
-  best     : the fastest W8A8 tile variant (M <= 16) or skinny tile variant (M > 16) while `--budget-s` lasts
+  best     : the fastest W8A8 tile variant (M <= 16; `--sweep` picks cp.async or TMA loads) or skinny tile
+             variant (M > 16), each (layer, M) sweeping for its share of `--budget-s`
 as the share of 3.0 TB/s for the weight bytes ("%"; the issue's target is >= 77%, i.e. within 1.3x), and
 max |diff| / max |ref| against the float32 dequantize-and-multiply reference on the same bf16 x.
 """
@@ -38,8 +41,14 @@ from baleen.kernels.bench_util import (
 from baleen.kernels.device import sm_count
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
+    TiledFp8Weight,
+    per_token_group_quant_fp8,
     pick_gemm_tiles,
+    tile_fp8_weight,
+    w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_kernel,
+    w8a8_block_fp8_matmul_tiled,
+    w8a8_block_fp8_matmul_tma_kernel,
 )
 from baleen.kernels.fp8_gemv import MAX_GEMV_M, fp8_block_gemv
 from baleen.kernels.fp8_skinny import SkinnyTiles, fp8_skinny_gemm, fp8_skinny_gemm_kernel, pick_skinny_tiles
@@ -64,14 +73,27 @@ def variants(m: int, n: int, k: int) -> list[SkinnyTiles]:
     return list(dict.fromkeys(out))
 
 
-def gemm_variants(m: int, n: int, k: int) -> list[GemmTiles]:
-    """W8A8 Triton GEMM variants at M <= 16: tile width x split-K programs an SM x stages."""
+def _split(per_sm: int, n: int, k: int, bn: int) -> int:
+    return max(1, min(math.ceil(per_sm * NUM_SMS / math.ceil(n / bn)), math.ceil(k / 128) // 4, 16))
+
+
+def gemm_variants(m: int, n: int, k: int, kind: str = "all") -> list[GemmTiles]:
+    """W8A8 Triton GEMM variants at M <= 16: tile width x split-K programs an SM x stages; `kind` "pointer"
+    (cp.async loads), "tma" (TMA loads, x @ W^T and W @ x^T) or "all"."""
     out = []
-    for bn in (32, 64, 128):
-        for stages in (4, 6):
-            for per_sm in (2, 4, 6):
-                split = max(1, min(math.ceil(per_sm * NUM_SMS / math.ceil(n / bn)), math.ceil(k / 128) // 4, 16))
-                out.append(GemmTiles(16, bn, split_k=split, num_warps=4, num_stages=stages))
+    if kind in ("pointer", "all"):
+        for bn in (32, 64, 128):
+            for stages in (4, 6):
+                for per_sm in (2, 4, 6):
+                    out.append(GemmTiles(16, bn, split_k=_split(per_sm, n, k, bn), num_warps=4, num_stages=stages))
+    if kind in ("tma", "all"):
+        for swap in (True, False):
+            for bn in (64, 128):
+                for stages in (4, 6, 8):
+                    for per_sm in (1, 2, 4):
+                        bm = 8 if swap and m <= 8 else 16
+                        out.append(GemmTiles(bm, bn, split_k=_split(per_sm, n, k, bn), num_warps=4,
+                                             num_stages=stages, tma=True, swap_ab=swap))
     return list(dict.fromkeys(out))
 
 
@@ -80,11 +102,12 @@ def _cfg(t: SkinnyTiles) -> str:
 
 
 def _gcfg(t: GemmTiles) -> str:
-    return f"{t.block_m}x{t.block_n} s{t.split_k} st{t.num_stages}"
+    load = (" tma swap" if t.swap_ab else " tma") if t.tma else ""
+    return f"{t.block_m}x{t.block_n} s{t.split_k} st{t.num_stages}{load}"
 
 
-def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms: tuple[int, ...]) -> None:
-    """Every path at every M for one linear, cold; the tile sweep while the deadline allows."""
+def bench_layer(name: str, n: int, k: int, table: Table, budget_s: float, ms: tuple[int, ...], sweep: str) -> None:
+    """Every path at every M for one linear, cold; the tile sweep for budget_s at each M."""
     copies = cold_copies(n * k)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(FP8_DTYPE) for _ in range(copies)]
     ss = [torch.rand(math.ceil(n / 128), math.ceil(k / 128), device="cuda") * 1e-3 + 1e-4 for _ in range(copies)]
@@ -92,6 +115,7 @@ def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms:
     roof = roofline_ms(n * k)
     method = Fp8BlockLinearMethod((128, 128))
     sink = torch.empty(8 * sm_count(ws[0].device), dtype=torch.int32, device="cuda")
+    tiled = [tile_fp8_weight(w) for w in ws]
 
     def cold(op: Callable[[torch.Tensor, torch.Tensor], object]) -> float:
         return bench_cold_ms([partial(op, w, s) for w, s in zip(ws, ss)])
@@ -108,18 +132,21 @@ def bench_layer(name: str, n: int, k: int, table: Table, deadline: Deadline, ms:
         def diff(out: torch.Tensor) -> float:
             return float((out.float() - ref).abs().max()) / scale  # noqa: B023 - used within this iteration
 
-        def engine(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return method.apply(SimpleNamespace(weight=w, weight_scale_inv=s), x)  # noqa: B023
+        def engine(w: torch.Tensor, s: torch.Tensor, t: TiledFp8Weight) -> torch.Tensor:
+            return method.apply(SimpleNamespace(weight=w, weight_scale_inv=s, weight_tiled=t), x)  # noqa: B023
 
-        eng_ms, eng_d = cold(engine), diff(engine(ws[0], ss[0]))
-        eng_flush = bench_graph_ms(partial(engine, ws[0], ss[0]), 10.0, 30.0)
-        three = cold(lambda w, s: quant_then_gemm(x, w, s, fused_reduce=False))  # noqa: B023
+        eng_ms = bench_cold_ms([partial(engine, w, s, t) for w, s, t in zip(ws, ss, tiled)])
+        eng_d = diff(engine(ws[0], ss[0], tiled[0]))
+        eng_flush = bench_graph_ms(partial(engine, ws[0], ss[0], tiled[0]), 10.0, 30.0)
+        x_q, x_s = per_token_group_quant_fp8(x)
+        tiled_ms = bench_cold_ms([partial(w8a8_block_fp8_matmul_tiled, x_q, x_s, t, s) for t, s in zip(tiled, ss)])
+        gemm_ms = cold(partial(w8a8_block_fp8_matmul, x_q, x_s))
         two = cold(partial(quant_then_gemm, x))
         gemv_ms = cold(partial(fp8_block_gemv, x)) if m <= MAX_GEMV_M else math.nan
         sk_ms = cold(partial(fp8_skinny_gemm, x)) if m >= 2 else math.nan
-        best_ms, best_cfg = _sweep(x, ws, ss, m, n, k, diff, cold, deadline)
+        best_ms, best_cfg = _sweep(x, ws, ss, m, n, k, diff, cold, Deadline(budget_s), sweep)
         table.add(
-            name, m, pct(read_ms), eng_ms, pct(eng_ms), 100 * roof / eng_flush, pct(three), pct(two),
+            name, m, pct(read_ms), eng_ms, pct(eng_ms), 100 * roof / eng_flush, pct(tiled_ms), pct(gemm_ms), pct(two),
             pct(gemv_ms), pct(sk_ms), pct(best_ms), best_cfg, eng_d,
         )  # fmt: skip
 
@@ -134,12 +161,13 @@ def _sweep(
     diff: Callable[[torch.Tensor], float],
     cold: Callable[[Callable[[torch.Tensor, torch.Tensor], object]], float],
     deadline: Deadline,
+    sweep: str,
 ) -> tuple[float, str]:
     """The fastest correct tile variant: of quant + W8A8 GEMM up to 16 tokens, else of the skinny GEMM."""
     cands: list[tuple[object, str, Callable[..., torch.Tensor]]]
     default: object
     if m <= 16:
-        cands = [(g, _gcfg(g), partial(quant_then_gemm, x, tiles=g)) for g in gemm_variants(m, n, k)]
+        cands = [(g, _gcfg(g), partial(quant_then_gemm, x, tiles=g)) for g in gemm_variants(m, n, k, sweep)]
         default = pick_gemm_tiles(m, n, k)
     else:
         cands = [(t, _cfg(t), partial(fp8_skinny_gemm, x, tiles=t)) for t in variants(m, n, k)]
@@ -165,21 +193,23 @@ def _sweep(
 def main() -> None:
     """Run every layer and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-s", type=float, default=90.0, help="stop sweeping tile variants after this long")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="seconds of tile sweeps, split over (layer, M)")
+    parser.add_argument("--sweep", choices=("pointer", "tma", "all"), default="all", help="W8A8 variants to sweep")
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS), help="the M values")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="layer names as in bench.GEMM_SHAPES")
     args = parser.parse_args()
     print(header(), flush=True)
     table = Table("FP8 linear at few tokens, cold (ms; % = share of 3.0 TB/s for the weight bytes)", [
-        "layer", "M", "read %", "engine", "%", "flush %", "3-launch %", "2-launch %", "gemv %", "skinny %",
+        "layer", "M", "read %", "engine", "%", "flush %", "tiled %", "gemm %", "2-launch %", "gemv %", "skinny %",
         "best %", "best cfg", "engine rel diff",
     ])  # fmt: skip
-    deadline = Deadline(args.budget_s)
+    per_case = args.budget_s / (len(args.layers) * len(args.ms))
     for name, n, k in GEMM_SHAPES:
         if name in args.layers:
-            bench_layer(name, n, k, table, deadline, tuple(args.ms))
+            bench_layer(name, n, k, table, per_case, tuple(args.ms), args.sweep)
             torch.cuda.empty_cache()
     print_compile_stats(w8a8_block_fp8_matmul_kernel)
+    print_compile_stats(w8a8_block_fp8_matmul_tma_kernel)
     print_compile_stats(fp8_skinny_gemm_kernel)
     print()
     print(table.render())

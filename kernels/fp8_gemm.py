@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from baleen.kernels.device import sm_count
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
@@ -227,6 +228,78 @@ def w8a8_block_fp8_matmul_kernel(
 
 
 @triton.jit
+def w8a8_block_fp8_matmul_tma_kernel(
+    a_desc,
+    as_ptr,
+    b_desc,
+    bs_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    k_blocks_per_split,
+    num_splits,
+    stride_asm,
+    stride_bsn,
+    stride_ps,
+    SCALE_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    TILED_B: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+):
+    # The same product as w8a8_block_fp8_matmul_kernel with both operands' tiles fetched by the TMA (a_desc
+    # [M, K] boxes [BLOCK_M, BLOCK_K]; out-of-bounds rows and columns read as zeros), so a few threads keep
+    # num_stages tiles in flight. b_desc is the weight [N, K] in boxes [BLOCK_N, BLOCK_K], or with TILED_B the
+    # weight in `TiledFp8Weight` order (BLOCK_N = its TILE_N rows), where box (n, kb) is row (n * KB + kb) * BLOCK_N
+    # of a [rows, BLOCK_K] matrix. SWAP_AB multiplies W @ x^T: the weight rows fill the MMA's M side (64 a
+    # warpgroup on Hopper) and the few tokens its N side (8 up).
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    as_ptrs = as_ptr + tl.where(mask_m, offs_m, 0) * stride_asm  # [BLOCK_M]
+    bs_ptrs = bs_ptr + (tl.where(mask_n, offs_n, 0) // SCALE_BLOCK_N) * stride_bsn  # [BLOCK_N]
+
+    num_kb = tl.cdiv(K, BLOCK_K)
+    kb_start = split * k_blocks_per_split
+    kb_end = tl.minimum(kb_start + k_blocks_per_split, num_kb)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        if TILED_B:
+            b = b_desc.load([(pid_n * num_kb + kb) * BLOCK_N, 0])  # [BLOCK_N, BLOCK_K], 8 KB contiguous
+        else:
+            b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+        a_s = tl.load(as_ptrs + kb)
+        b_s = tl.load(bs_ptrs + kb)
+        if SWAP_AB:
+            acc += tl.dot(b, a.T) * b_s[:, None] * a_s[None, :]
+        else:
+            acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
+
+    if SWAP_AB:
+        offs = offs_m[None, :] * N + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask, split, num_splits, stride_ps, FUSED_REDUCE)
+
+
+@triton.jit
 def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl.constexpr):
     # out [M*N] = sum over splits of c [split, M*N] (fp32, fixed order: deterministic), cast on the store.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -293,6 +366,10 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    # Operand tiles fetched by the TMA (`w8a8_block_fp8_matmul_tma_kernel`; group_m unused), and with swap_ab
+    # the product taken as W @ x^T, block_n weight rows on the MMA's M side.
+    tma: bool = False
+    swap_ab: bool = False
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -366,6 +443,17 @@ def w8a8_block_fp8_matmul(
     num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
     sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
+    if t.tma and _tma_ok(x_fp8) and _tma_ok(w_fp8):
+        w8a8_block_fp8_matmul_tma_kernel[(num_tiles, split)](
+            TensorDescriptor.from_tensor(x_fp8, [t.block_m, 128]), x_scale,
+            TensorDescriptor.from_tensor(w_fp8, [t.block_n, 128]), w_scale_inv,
+            out, sk.partials, sk.counters, m, n, k, k_per_split, split,
+            x_scale.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
+            SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, SWAP_AB=t.swap_ab,
+            TILED_B=False, FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+        sk.finish(out)
+        return out
     w8a8_block_fp8_matmul_kernel[(num_tiles, split)](
         x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k, k_per_split, split,
         x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
@@ -374,6 +462,116 @@ def w8a8_block_fp8_matmul(
     )  # fmt: skip
     sk.finish(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiled weight layout for few-token GEMMs
+# ---------------------------------------------------------------------------------------------------------
+
+TILE_N = 64  # weight rows a tile of `TiledFp8Weight`
+TILE_K = 128  # weight columns a tile: one scale block
+
+
+@dataclass(frozen=True)
+class TiledFp8Weight:
+    """An e4m3 weight [N, K] stored tile by tile: data [ceil(N/64) * ceil(K/128) * 64, 128], where tile
+    (n, kb) (rows 64n.., columns 128kb..) fills rows (n * ceil(K/128) + kb) * 64 onwards, zero-padded past N
+    and K. The few-token GEMM reads each weight step as one 8 KB contiguous TMA box and a program's steps
+    follow each other in memory; on the H100 that streamed 5-8 points more of HBM bandwidth than [64, 128]
+    boxes of the row-major weight, whose 64 rows lie K bytes apart (docs/PERF.md, sixth pass).
+    """
+
+    data: torch.Tensor
+    n: int
+    k: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def tile_fp8_weight(w: torch.Tensor) -> TiledFp8Weight:
+    """The tiled copy of an e4m3 weight [N, K] (the original is left as it is)."""
+    if w.dim() != 2 or w.dtype != FP8_DTYPE:
+        raise ValueError(f"tile_fp8_weight wants an [N, K] {FP8_DTYPE} weight, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    tn, tk = triton.cdiv(n, TILE_N), triton.cdiv(k, TILE_K)
+    padded = torch.zeros((tn * TILE_N, tk * TILE_K), dtype=torch.uint8, device=w.device)  # bytes: few fp8 ops
+    padded[:n, :k] = w.view(torch.uint8)
+    tiles = padded.view(tn, TILE_N, tk, TILE_K).permute(0, 2, 1, 3).contiguous()
+    return TiledFp8Weight(tiles.view(-1, TILE_K).view(FP8_DTYPE), n, k)
+
+
+def untile_fp8_weight(t: TiledFp8Weight) -> torch.Tensor:
+    """The row-major [N, K] weight back from its tiled copy (tests)."""
+    tn, tk = triton.cdiv(t.n, TILE_N), triton.cdiv(t.k, TILE_K)
+    tiles = t.data.view(torch.uint8).view(tn, tk, TILE_N, TILE_K).permute(0, 2, 1, 3)
+    return tiles.reshape(tn * TILE_N, tk * TILE_K)[: t.n, : t.k].contiguous().view(FP8_DTYPE)
+
+
+def pick_tiled_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
+    """Tiles of the tiled-weight GEMM, from the H100 sweep (docs/PERF.md, sixth pass): W @ x^T with 64 weight
+    rows a program, the tokens in an 8- or 16-wide MMA side, 4 stages, and split K to about two programs an SM
+    (none on the wide layers: q_b, gate+up)."""
+    block_m = 8 if m <= 8 else 16 if m <= 16 else 32
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, TILE_N)
+    split = max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(k, TILE_K) // 4, 16))
+    return GemmTiles(block_m, TILE_N, split_k=split, num_warps=4, num_stages=4, tma=True, swap_ab=True)
+
+
+def w8a8_block_fp8_matmul_tiled(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: TiledFp8Weight,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+    tiles: GemmTiles | None = None,
+) -> torch.Tensor:
+    """`w8a8_block_fp8_matmul` over a `TiledFp8Weight`: same operands otherwise, same result up to the
+    accumulation order. x_fp8 [M, K] needs a 16-byte aligned base and K % 16 == 0 (the TMA reads it);
+    `tiles` must have block_n = TILE_N and tma=True (default: `pick_tiled_tiles`)."""
+    n, k = w.n, w.k
+    if x_fp8.dim() != 2 or x_fp8.shape[1] != k or x_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"x must be [M, {k}] {FP8_DTYPE}, got {x_fp8.dtype} {tuple(x_fp8.shape)}")
+    bn, bk = block
+    if bk != TILE_K or tuple(w_scale_inv.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
+        raise ValueError(f"w_scale_inv {tuple(w_scale_inv.shape)} and block {block} do not fit a {n}x{k} weight")
+    m = x_fp8.shape[0]
+    if tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
+        raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}, expected {(m, triton.cdiv(k, bk))}")
+    if x_fp8.stride(1) != 1:
+        x_fp8 = x_fp8.contiguous()
+    if not _tma_ok(x_fp8):
+        raise ValueError("the tiled GEMM reads x through the TMA: x needs a 16-byte aligned base and K % 16 == 0")
+    t = tiles or pick_tiled_tiles(m, n, k, sm_count(x_fp8.device))
+    if t.block_n != TILE_N or not t.tma:
+        raise ValueError(f"the tiled GEMM needs block_n={TILE_N} and tma=True, got {t}")
+    x_scale = x_scale.to(torch.float32).contiguous()
+    w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
+    if m == 0:
+        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
+    k_blocks = triton.cdiv(k, TILE_K)
+    k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks)))
+    split = triton.cdiv(k_blocks, k_per_split)
+    num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, TILE_N)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
+    sk = SplitK(split, num_tiles, m, n, out, True)
+    w8a8_block_fp8_matmul_tma_kernel[(num_tiles, split)](
+        TensorDescriptor.from_tensor(x_fp8, [t.block_m, TILE_K]), x_scale,
+        TensorDescriptor.from_tensor(w.data, [TILE_N, TILE_K]), w_scale_inv,
+        out, sk.partials, sk.counters, m, n, k, k_per_split, split,
+        x_scale.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
+        SCALE_BLOCK_N=bn, BLOCK_M=t.block_m, BLOCK_N=TILE_N, BLOCK_K=TILE_K, SWAP_AB=t.swap_ab, TILED_B=True,
+        FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    sk.finish(out)
+    return out
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether the TMA can address a 2-D fp8 tensor: 16-byte aligned base and row stride (K % 16 == 0)."""
+    return t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0
 
 
 def w8a8_block_fp8_matmul_ref(

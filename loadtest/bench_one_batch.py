@@ -162,6 +162,8 @@ def main() -> None:
                     help="override Fp8BlockLinearMethod.GEMV_MAX_M (0: FP8 linears never take the GEMV)")
     ap.add_argument("--skinny-max-m", type=int, default=None,
                     help="override Fp8BlockLinearMethod.SKINNY_MAX_M (0: FP8 linears never take the skinny GEMM)")
+    ap.add_argument("--fp8-tiled-weights", choices=("on", "off"), default="on",
+                    help="tiled weight copies for the FP8 GEMM at 2-16 tokens (the server's default on one GPU)")
     args = ap.parse_args()
     from baleen.model.layers import Fp8BlockLinearMethod
 
@@ -190,6 +192,7 @@ def main() -> None:
                 max_total_tokens=max_bs * (context + args.page_size) + 2 * args.prefill_tokens,
                 disable_cuda_graph=args.disable_cuda_graph or not cuda,
                 cuda_graph_bs=tuple(args.batch_sizes),
+                fp8_tiled_weights=args.fp8_tiled_weights == "on",
             )
         )
     load_s = time.perf_counter() - started
@@ -224,7 +227,9 @@ def main() -> None:
                      "expert_GB": ebytes / 1e9, "kv_GB": kv / 1e9, "roofline_ms": roof * 1e3,
                      "x_roofline": step / roof})
     results["decode"] = rows
-    print(f"# bench_one_batch — {args.preset} on {device_name}, {results['date']}, dummy weights")
+    results["fp8_tiled_weights"] = args.fp8_tiled_weights
+    print(f"# bench_one_batch — {args.preset} on {device_name}, {results['date']}, dummy weights, "
+          f"FP8 tiled weights {args.fp8_tiled_weights}")
     print(f"setup (weights + KV + graphs): {load_s:.1f} s; prefill {results['prefill_tokens_per_s']:.0f} tokens/s "
           f"(4 x {per} tokens)")
     print("| batch | decode step ms (overlapped) | serial ms | tokens/s | weights GB | of which experts | KV GB "

@@ -20,6 +20,7 @@ from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
+    Fp8BlockLinearMethod,
     FusedLinear,
     LinearBase,
     LinearMethod,
@@ -69,6 +70,11 @@ class DeepseekV3MLP(nn.Module):
         """Fuse gate_proj and up_proj into one GEMM (their weights become views of the fused one)."""
         if self.gate_up is None:  # a MoE layer may have fused its shared expert into an expert slot already
             self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+
+    def decode_linears(self) -> list[LinearBase | FusedLinear]:
+        """The linears this MLP runs (after post_load())."""
+        first: list[LinearBase | FusedLinear] = [self.gate_up] if self.gate_up is not None else [self.gate_proj, self.up_proj]
+        return [*first, self.down_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
@@ -361,6 +367,21 @@ def post_load_all(module: nn.Module) -> None:
     for m in module.modules():  # pre-order: a MoE layer places its shared expert before that MLP's turn
         if isinstance(m, (DeepseekV3Attention, DeepseekV3MLP, DeepseekV3MoE)):
             m.post_load()
+
+
+def tile_decode_weights(module: nn.Module) -> int:
+    """Give every FP8 linear that decode runs a tiled copy of its weight for the few-token GEMM
+    (`Fp8BlockLinearMethod.tile_weight`): attention's q_a + kv_a, q_b and o_proj, and the dense MLPs and shared
+    experts, unless a shared expert runs inside the fused MoE at decode. Call after post_load(); returns the
+    bytes added."""
+    inside_moe = {id(m.shared_experts) for m in module.modules() if isinstance(m, DeepseekV3MoE) and m.fused_shared}
+    added = 0
+    for m in module.modules():
+        if isinstance(m, (DeepseekV3Attention, DeepseekV3MLP)) and id(m) not in inside_moe:
+            for linear in m.decode_linears():
+                if isinstance(linear.method, Fp8BlockLinearMethod):
+                    added += linear.method.tile_weight(linear)
+    return added
 
 
 def _groups(parallel: ParallelConfig, groups: ParallelGroups | None) -> ParallelGroups:

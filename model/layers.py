@@ -10,7 +10,7 @@ plus one float32 `weight_scale_inv` per block, as DeepSeek's checkpoints store t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from torch import nn
 from baleen.kernels.norm import rms_norm, rms_norm_ref
 from baleen.model.config import ParallelConfig, QuantConfig
 from baleen.model.parallel import Comm
+
+if TYPE_CHECKING:
+    from baleen.kernels.fp8_gemm import TiledFp8Weight
 
 
 class TensorSource(Protocol):
@@ -172,6 +175,10 @@ class Fp8BlockLinearMethod:
     # 1.07-1.34x quant + GEMM; at M <= 16 it is 0.8-1.05x of it, so the W8A8 path keeps 2-16.
     SKINNY_MIN_M: ClassVar[int] = 17
     SKINNY_MAX_M: ClassVar[int] = 32
+    # H100 (docs/PERF.md, sixth pass): up to 16 tokens, a layer given a tiled copy of its weight (`tile_weight`)
+    # runs the W8A8 GEMM over it, whose contiguous 8 KB TMA boxes stream 5-8 points more of HBM than boxes of
+    # the row-major weight; the GEMV (M = 1) and prefill (cuBLAS) keep reading the row-major weight.
+    TILED_MAX_M: ClassVar[int] = 16
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size
@@ -190,6 +197,17 @@ class Fp8BlockLinearMethod:
         scale_shape = (-(-layer.out_local // bn), -(-layer.in_local // bk))
         layer.weight_scale_inv = new_param(scale_shape, torch.float32, layer.load_scale)
 
+    def tile_weight(self, layer: LinearBase | FusedLinear) -> int:
+        """Give `layer` a tiled copy of its weight (`weight_tiled`) for the few-token GEMM; the bytes it adds
+        (the weight's size again), 0 where that GEMM cannot read it (off CUDA, K % 16 != 0)."""
+        from baleen.kernels.fp8_gemm import TILE_K, tile_fp8_weight
+
+        w = layer.weight
+        if not w.is_cuda or w.dtype != torch.float8_e4m3fn or w.shape[1] % 16 or self.block_size[1] != TILE_K:
+            return 0
+        layer.weight_tiled = tile_fp8_weight(w.data)
+        return layer.weight_tiled.num_bytes
+
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         from baleen.kernels.fp8_gemm import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
@@ -201,6 +219,13 @@ class Fp8BlockLinearMethod:
             from baleen.kernels.fp8_gemv import fp8_block_gemv
 
             y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        tiled = getattr(layer, "weight_tiled", None)
+        if tiled is not None and 0 < m <= self.TILED_MAX_M:
+            from baleen.kernels.fp8_gemm import per_token_group_quant_fp8, w8a8_block_fp8_matmul_tiled
+
+            x_q, x_s = per_token_group_quant_fp8(x.reshape(m, k), self.block_size[1])
+            y = w8a8_block_fp8_matmul_tiled(x_q, x_s, tiled, layer.weight_scale_inv, self.block_size, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.SKINNY_MIN_M <= m <= self.SKINNY_MAX_M and x.dtype in (torch.bfloat16, torch.float16):
             from baleen.kernels.fp8_skinny import fp8_skinny_gemm
@@ -230,6 +255,7 @@ class LinearBase(nn.Module):
 
     weight: nn.Parameter
     weight_scale_inv: nn.Parameter
+    weight_tiled: TiledFp8Weight | None = None  # `Fp8BlockLinearMethod.tile_weight`
 
     def __init__(
         self,
@@ -329,6 +355,7 @@ class FusedLinear:
     ) -> None:
         """`into` (weight, weight_scale_inv): where the concatenation goes (e.g. a slot of a stacked tensor)."""
         self.method = layers[0].method
+        self.weight_tiled: TiledFp8Weight | None = None  # `Fp8BlockLinearMethod.tile_weight`
         self.widths = [layer.out_local for layer in layers]
         weights = [layer.weight.data for layer in layers]
         # [sum(out_local), in_local]

@@ -19,6 +19,7 @@ from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
     FusedLinear,
+    LinearBase,
     LinearMethod,
     ReplicatedLinear,
     RMSNorm,
@@ -173,6 +174,14 @@ class DeepseekV3Attention(nn.Module):
             self.w_uv_fp8 = (wq[:, self.nope :], sq[:, self.nope // bn :], block)
         if self.q_lora:
             self.qkv_a = fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])
+
+    def decode_linears(self) -> list[LinearBase | FusedLinear]:
+        """The linears a decode step runs (after post_load()): kv_b_proj is not one, its absorbed halves are."""
+        if self.qkv_a is not None:
+            first: list[LinearBase | FusedLinear] = [self.qkv_a]
+        else:
+            first = [self.q_a_proj if self.q_lora else self.q_proj, self.kv_a_proj_with_mqa]
+        return [*first, *([self.q_b_proj] if self.q_lora else []), self.o_proj]
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         num_tokens = x.shape[0]

@@ -162,17 +162,19 @@ SAMPLING = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("backend, sampling", [("triton", "greedy"), ("triton", "mixed"), ("flashinfer", "greedy")])
-def test_cuda_graph_decode_equals_eager(backend: str, sampling: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend, sampling, fp8", [("triton", "greedy", False), ("triton", "mixed", False),
+                                                   ("flashinfer", "greedy", False), ("triton", "greedy", True)])
+def test_cuda_graph_decode_equals_eager(backend: str, sampling: str, fp8: bool, tmp_path: Path) -> None:
     if backend == "flashinfer":
         pytest.importorskip("flashinfer")
-    (tmp_path / "config.json").write_text(json.dumps(_config(fp8=False)))
+    # The FP8 case runs decode's linears over their tiled weight copies (4 and 5 rows: the tiled W8A8 GEMM).
+    (tmp_path / "config.json").write_text(json.dumps(_config(fp8=fp8)))
     rng = random.Random(1)
     prompts = [[rng.randrange(16, 2048) for _ in range(n)] for n in (3, 17, 40, 9, 64)]  # 5 rows: padded to 8
     runner = build_runner(WorkerConfig(
         model_path=str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend=backend,
         page_size=PAGE, max_running_requests=8, max_context_len=512, max_total_tokens=4096,
-        cuda_graph_bs=(1, 4, 8), random_seed=5,
+        cuda_graph_bs=(1, 4, 8), random_seed=5, fp8_tiled_weights=fp8,
     ))  # fmt: skip
     graphs = runner.graphs
     assert graphs is not None
@@ -255,6 +257,50 @@ def test_fp8_absorbed_weights_match_the_bf16_copies() -> None:
         err_fp8 = float((fp8.float() - want).norm() / want.norm())
         err_bf16 = float((bf16.float() - want).norm() / want.norm())
         assert err_fp8 < 1e-2 and err_fp8 <= 1.5 * err_bf16 + 1e-3, (name, err_fp8, err_bf16)
+
+
+def test_tiled_fp8_weights_give_the_same_decode() -> None:
+    """tile_decode_weights gives attention's and the dense MLP's linears a tiled copy (not the shared expert run
+    inside the fused MoE); the decode batch (3 tokens) then runs the tiled GEMM: same logits up to rounding."""
+    from baleen.model.deepseek import DeepseekV3MoE, tile_decode_weights
+    from baleen.model.mla import DeepseekV3Attention
+
+    cfg = ModelConfig.from_dict(_config(fp8=True))
+    dev = torch.device("cuda")
+    model = load_model(None, cfg, device=dev, dtype=torch.bfloat16, load_format="dummy", seed=3,
+                       experts_method=FusedExperts)
+    backend = TorchAttentionBackend()
+
+    def run() -> list[torch.Tensor]:
+        cache = KVCache.for_model(cfg, 64, PAGE, torch.bfloat16, dev)
+        rng = random.Random(0)
+        pages = rng.sample(range(1, 64), 20)
+        tables = [pages[0:6], pages[6:8], pages[8:14]]
+        out = []
+        for prefix, extend in _batches():
+            ids = [rng.randrange(16, cfg.vocab_size) for _ in range(sum(extend))]
+            batch = ForwardBatch.build(ids, prefix, extend, tables, PAGE, device=dev)
+            backend.plan(batch)
+            with torch.inference_mode():
+                out.append(model.compute_logits(model(batch, cache, backend)[batch.logits_indices]).float())
+        return out
+
+    before = run()
+    added = tile_decode_weights(model)
+    attn = [m for m in model.modules() if isinstance(m, DeepseekV3Attention)]
+    assert all(lin.weight_tiled is not None for m in attn for lin in m.decode_linears())
+    dense = model.model.layers[0].mlp
+    assert dense.gate_up is not None and dense.gate_up.weight_tiled is not None
+    assert dense.down_proj.weight_tiled is not None
+    moe = [m for m in model.modules() if isinstance(m, DeepseekV3MoE)]
+    assert moe and all(m.fused_shared and m.shared_experts.down_proj.weight_tiled is None for m in moe)
+    want = sum(lin.weight_tiled.num_bytes for m in attn for lin in m.decode_linears())
+    assert added == want + dense.gate_up.weight_tiled.num_bytes + dense.down_proj.weight_tiled.num_bytes
+    after = run()
+    for b, a in zip(before[:2], after[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # prefill and extend (> 16 tokens) do not read the tiles
+    cos = float(torch.nn.functional.cosine_similarity(before[2], after[2], dim=-1).min())
+    assert cos > 0.99, f"decode logits over tiled weights: cosine {cos:.5f}"
 
 
 def test_staged_step_with_one_token_prompt_chunks_equals_eager(tmp_path: Path) -> None:

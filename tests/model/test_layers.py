@@ -104,16 +104,27 @@ def test_fp8_linear_scales_shard_and_compute() -> None:
     torch.testing.assert_close(rep(x), x @ block_dequant(q, s, block).T, rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_tiled_copy_needs_cuda() -> None:
+    q, s = block_quant(torch.randn(128, 256))
+    rep = ReplicatedLinear(256, 128, Fp8BlockLinearMethod((128, 128)), ParallelConfig())
+    load(rep, weight=q, weight_scale_inv=s)
+    assert rep.method.tile_weight(rep) == 0 and rep.weight_tiled is None  # CPU: the reference path reads no tiles
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 17, 24, 32, 40])  # GEMV, W8A8 GEMM, skinny W8A16 (17-32), W8A8 again
-def test_fp8_linear_paths_on_cuda_match_dequant(m: int) -> None:
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 24, 32, 40])  # GEMV, W8A8 GEMM, skinny W8A16 (17-32), W8A8 again
+def test_fp8_linear_paths_on_cuda_match_dequant(m: int, tiled: bool) -> None:
     # Each token-count regime of Fp8BlockLinearMethod against the float32 dequantized weight. The W8A16 paths
-    # (GEMV, skinny) keep bf16 activations; W8A8 rounds them to e4m3 per 128 columns (~2-3% relative).
+    # (GEMV, skinny) keep bf16 activations; W8A8 rounds them to e4m3 per 128 columns (~2-3% relative). With a
+    # tiled weight copy, 2-16 tokens run the tiled GEMM.
     torch.manual_seed(m)
     q, s = block_quant(torch.randn(384, 1024) * 0.05)
     rep = ReplicatedLinear(1024, 384, Fp8BlockLinearMethod((128, 128)), ParallelConfig())
     load(rep, weight=q, weight_scale_inv=s)
     rep.to("cuda")
+    if tiled:
+        assert rep.method.tile_weight(rep) == 384 * 1024
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     want = x.float() @ block_dequant(q, s).cuda().T
     got = rep(x)
