@@ -513,7 +513,7 @@ def pick_tiled_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
     """Tiles of the tiled-weight GEMM, from the H100 sweep (docs/PERF.md, sixth pass): W @ x^T with 64 weight
     rows a program, the tokens in an 8- or 16-wide MMA side, 4 stages, and split K to about two programs an SM
     (none on the wide layers: q_b, gate+up)."""
-    block_m = 8 if m <= 8 else 16 if m <= 16 else 32
+    block_m = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, TILE_N)
     split = max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(k, TILE_K) // 4, 16))
     return GemmTiles(block_m, TILE_N, split_k=split, num_warps=4, num_stages=4, tma=True, swap_ab=True)

@@ -163,7 +163,8 @@ class Fp8BlockLinearMethod:
 
     On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
     M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
-    SKINNY_MIN_M <= M <= SKINNY_MAX_M, the W8A16 tensor-core GEMM (`fp8_skinny`);
+    M <= TILED_MAX_M on a layer with a tiled weight copy (`tile_weight`), the W8A8 GEMM over that copy;
+    SKINNY_MIN_M <= M <= SKINNY_MAX_M otherwise, the W8A16 tensor-core GEMM (`fp8_skinny`);
     M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
     """
 
@@ -175,10 +176,11 @@ class Fp8BlockLinearMethod:
     # 1.07-1.34x quant + GEMM; at M <= 16 it is 0.8-1.05x of it, so the W8A8 path keeps 2-16.
     SKINNY_MIN_M: ClassVar[int] = 17
     SKINNY_MAX_M: ClassVar[int] = 32
-    # H100 (docs/PERF.md, sixth pass): up to 16 tokens, a layer given a tiled copy of its weight (`tile_weight`)
+    # H100 (docs/PERF.md, sixth pass): up to 32 tokens, a layer given a tiled copy of its weight (`tile_weight`)
     # runs the W8A8 GEMM over it, whose contiguous 8 KB TMA boxes stream 5-8 points more of HBM than boxes of
-    # the row-major weight; the GEMV (M = 1) and prefill (cuBLAS) keep reading the row-major weight.
-    TILED_MAX_M: ClassVar[int] = 16
+    # the row-major weight (and 15-20 more than the skinny GEMM at 17-32); the GEMV (M = 1) and prefill
+    # (cuBLAS) keep reading the row-major weight.
+    TILED_MAX_M: ClassVar[int] = 32
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size

@@ -117,7 +117,7 @@ def test_fp8_tiled_copy_needs_cuda() -> None:
 def test_fp8_linear_paths_on_cuda_match_dequant(m: int, tiled: bool) -> None:
     # Each token-count regime of Fp8BlockLinearMethod against the float32 dequantized weight. The W8A16 paths
     # (GEMV, skinny) keep bf16 activations; W8A8 rounds them to e4m3 per 128 columns (~2-3% relative). With a
-    # tiled weight copy, 2-16 tokens run the tiled GEMM.
+    # tiled weight copy, 2-32 tokens run the tiled GEMM.
     torch.manual_seed(m)
     q, s = block_quant(torch.randn(384, 1024) * 0.05)
     rep = ReplicatedLinear(1024, 384, Fp8BlockLinearMethod((128, 128)), ParallelConfig())
