@@ -96,7 +96,7 @@ class EngineConfig:
     cuda_graph_bs: tuple[int, ...] | None = None
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
-    # --fp8-tiled-weights: tiled copies of the FP8 weights decode reads, for faster GEMMs at 2-32 tokens, at the
+    # --fp8-tiled-weights: tiled copies of the FP8 weights decode reads, for faster GEMMs at 2-64 tokens, at the
     # cost of those weights' memory again. "auto": on, except under DP attention (every rank holds all of the
     # attention weights there, so the copies would cost tp_size times as much).
     fp8_tiled_weights: str = "auto"

@@ -257,7 +257,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-max-bs", type=int, default=None)
     g.add_argument("--disable-cuda-graph", action="store_true")
     g.add_argument("--fp8-tiled-weights", default=None, choices=("auto", "on", "off"),
-                   help="tiled copies of the FP8 weights decode reads: faster GEMMs at 2-32 tokens for their memory "
+                   help="tiled copies of the FP8 weights decode reads: faster GEMMs at 2-64 tokens for their memory "
                         "again (default auto: on, off with --enable-dp-attention)")
     g.add_argument("--enable-torch-compile", action="store_true")
     g.add_argument("--torch-compile-max-bs", type=int, default=None)

@@ -51,7 +51,13 @@ from baleen.kernels.fp8_gemm import (
     w8a8_block_fp8_matmul_tma_kernel,
 )
 from baleen.kernels.fp8_gemv import MAX_GEMV_M, fp8_block_gemv
-from baleen.kernels.fp8_skinny import SkinnyTiles, fp8_skinny_gemm, fp8_skinny_gemm_kernel, pick_skinny_tiles
+from baleen.kernels.fp8_skinny import (
+    MAX_SKINNY_M,
+    SkinnyTiles,
+    fp8_skinny_gemm,
+    fp8_skinny_gemm_kernel,
+    pick_skinny_tiles,
+)
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 from baleen.model.layers import Fp8BlockLinearMethod
 
@@ -143,7 +149,7 @@ def bench_layer(name: str, n: int, k: int, table: Table, budget_s: float, ms: tu
         gemm_ms = cold(partial(w8a8_block_fp8_matmul, x_q, x_s))
         two = cold(partial(quant_then_gemm, x))
         gemv_ms = cold(partial(fp8_block_gemv, x)) if m <= MAX_GEMV_M else math.nan
-        sk_ms = cold(partial(fp8_skinny_gemm, x)) if m >= 2 else math.nan
+        sk_ms = cold(partial(fp8_skinny_gemm, x)) if 2 <= m <= MAX_SKINNY_M else math.nan
         best_ms, best_cfg = _sweep(x, ws, ss, m, n, k, diff, cold, Deadline(budget_s), sweep)
         table.add(
             name, m, pct(read_ms), eng_ms, pct(eng_ms), 100 * roof / eng_flush, pct(tiled_ms), pct(gemm_ms), pct(two),
@@ -163,15 +169,17 @@ def _sweep(
     deadline: Deadline,
     sweep: str,
 ) -> tuple[float, str]:
-    """The fastest correct tile variant: of quant + W8A8 GEMM up to 16 tokens, else of the skinny GEMM."""
+    """The fastest correct tile variant: of quant + W8A8 GEMM up to 16 tokens, of the skinny GEMM up to 32."""
     cands: list[tuple[object, str, Callable[..., torch.Tensor]]]
     default: object
     if m <= 16:
         cands = [(g, _gcfg(g), partial(quant_then_gemm, x, tiles=g)) for g in gemm_variants(m, n, k, sweep)]
         default = pick_gemm_tiles(m, n, k)
-    else:
+    elif m <= MAX_SKINNY_M:
         cands = [(t, _cfg(t), partial(fp8_skinny_gemm, x, tiles=t)) for t in variants(m, n, k)]
         default = pick_skinny_tiles(m, n, k)
+    else:
+        return math.nan, "-"
     best_ms, best_cfg = math.inf, "-"
     for tiles, cfg, fn in cands:
         if deadline.expired():

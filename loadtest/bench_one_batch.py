@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--skinny-max-m", type=int, default=None,
                     help="override Fp8BlockLinearMethod.SKINNY_MAX_M (0: FP8 linears never take the skinny GEMM)")
     ap.add_argument("--fp8-tiled-weights", choices=("on", "off"), default="on",
-                    help="tiled weight copies for the FP8 GEMM at 2-32 tokens (the server's default on one GPU)")
+                    help="tiled weight copies for the FP8 GEMM at 2-64 tokens (the server's default on one GPU)")
     args = ap.parse_args()
     from baleen.model.layers import Fp8BlockLinearMethod
 

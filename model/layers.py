@@ -176,11 +176,11 @@ class Fp8BlockLinearMethod:
     # 1.07-1.34x quant + GEMM; at M <= 16 it is 0.8-1.05x of it, so the W8A8 path keeps 2-16.
     SKINNY_MIN_M: ClassVar[int] = 17
     SKINNY_MAX_M: ClassVar[int] = 32
-    # H100 (docs/PERF.md, sixth pass): up to 32 tokens, a layer given a tiled copy of its weight (`tile_weight`)
-    # runs the W8A8 GEMM over it, whose contiguous 8 KB TMA boxes stream 5-8 points more of HBM than boxes of
-    # the row-major weight (and 15-20 more than the skinny GEMM at 17-32); the GEMV (M = 1) and prefill
-    # (cuBLAS) keep reading the row-major weight.
-    TILED_MAX_M: ClassVar[int] = 32
+    # H100 (docs/PERF.md, sixth pass): up to 64 tokens, a layer given a tiled copy of its weight (`tile_weight`)
+    # runs the W8A8 GEMM over it, whose contiguous 8 KB TMA boxes stream 3-8 points more of HBM than boxes of
+    # the row-major weight at 2-16 tokens, 15-20 more than the skinny GEMM at 17-32 and 1-13 more than 64-row
+    # tiles at 48-64; the GEMV (M = 1) and prefill (cuBLAS) keep reading the row-major weight.
+    TILED_MAX_M: ClassVar[int] = 64
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size

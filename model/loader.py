@@ -255,7 +255,7 @@ def load_model(
     `progress` shows a tqdm bar; `experts_method` picks how MoE layers compute (default TorchExperts);
     `groups` are the rank's process groups (default: the default group, see DeepseekV3ForCausalLM);
     `tile_fp8` gives the FP8 linears that decode runs a tiled copy of their weights (`tile_decode_weights`:
-    faster GEMMs at 2-32 tokens for as much memory again as those weights).
+    faster GEMMs at 2-64 tokens for as much memory again as those weights).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(
