@@ -8,6 +8,8 @@ copies back to back in one CUDA graph, as a forward pass meets them):
   tiled    : the tiled-weight W8A8 GEMM alone (`w8a8_block_fp8_matmul_tiled`) on x quantized beforehand
   gemm     : the row-major Triton W8A8 GEMM alone (default tiles) on x quantized beforehand
   2-launch : per-token-group quantization + that GEMM: the engine's path without a tiled copy
+  norm     : an RMSNorm in front (as q_a_layernorm before q_b): norm + quantization + tiled GEMM, vs the norm
+             writing FP8 itself (`RMSNorm.then`) + tiled GEMM, and "after norm %" for the latter less the norm
   gemv     : the W8A16 CUDA-core GEMV (`fp8_gemv`, M <= 8)
   skinny   : the W8A16 tensor-core GEMM (`fp8_skinny`), split-K summed in the kernel
   best     : the fastest W8A8 tile variant (M <= 16; `--sweep` picks cp.async or TMA loads) or skinny tile
@@ -58,6 +60,7 @@ from baleen.kernels.fp8_skinny import (
     fp8_skinny_gemm_kernel,
     pick_skinny_tiles,
 )
+from baleen.kernels.norm import rms_norm, rms_norm_quant_fp8
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
 from baleen.model.layers import Fp8BlockLinearMethod
 
@@ -150,11 +153,32 @@ def bench_layer(name: str, n: int, k: int, table: Table, budget_s: float, ms: tu
         two = cold(partial(quant_then_gemm, x))
         gemv_ms = cold(partial(fp8_block_gemv, x)) if m <= MAX_GEMV_M else math.nan
         sk_ms = cold(partial(fp8_skinny_gemm, x)) if 2 <= m <= MAX_SKINNY_M else math.nan
+        pair_us, fused_us, after_norm = _after_norm(x, ws, ss, tiled) if 2 <= m <= method.TILED_MAX_M else (0, 0, 0)
         best_ms, best_cfg = _sweep(x, ws, ss, m, n, k, diff, cold, Deadline(budget_s), sweep)
         table.add(
             name, m, pct(read_ms), eng_ms, pct(eng_ms), 100 * roof / eng_flush, pct(tiled_ms), pct(gemm_ms), pct(two),
-            pct(gemv_ms), pct(sk_ms), pct(best_ms), best_cfg, eng_d,
+            pct(gemv_ms), pct(sk_ms), pair_us, fused_us, pct(after_norm) if after_norm > 0 else math.nan,
+            pct(best_ms), best_cfg, eng_d,
         )  # fmt: skip
+
+
+def _after_norm(
+    x: torch.Tensor, ws: list[torch.Tensor], ss: list[torch.Tensor], tiled: list[TiledFp8Weight]
+) -> tuple[float, float, float]:
+    """An RMSNorm feeding the linear (as q_a_layernorm feeds q_b): (norm + quantization + tiled GEMM µs,
+    norm writing FP8 + tiled GEMM µs, the latter less the plain norm's time in ms), cold."""
+    w_norm = torch.rand(x.shape[1], device="cuda", dtype=x.dtype) + 0.5
+
+    def pair(s: torch.Tensor, t: TiledFp8Weight) -> torch.Tensor:
+        return w8a8_block_fp8_matmul_tiled(*per_token_group_quant_fp8(rms_norm(x, w_norm, 1e-6)[0]), t, s)
+
+    def fused(s: torch.Tensor, t: TiledFp8Weight) -> torch.Tensor:
+        return w8a8_block_fp8_matmul_tiled(*rms_norm_quant_fp8(x, w_norm, 1e-6), t, s)
+
+    pair_ms = bench_cold_ms([partial(pair, s, t) for s, t in zip(ss, tiled)])
+    fused_ms = bench_cold_ms([partial(fused, s, t) for s, t in zip(ss, tiled)])
+    norm_ms = bench_cold_ms([partial(rms_norm, x, w_norm, 1e-6) for _ in ws])
+    return 1e3 * pair_ms, 1e3 * fused_ms, fused_ms - norm_ms
 
 
 def _sweep(
@@ -209,6 +233,7 @@ def main() -> None:
     print(header(), flush=True)
     table = Table("FP8 linear at few tokens, cold (ms; % = share of 3.0 TB/s for the weight bytes)", [
         "layer", "M", "read %", "engine", "%", "flush %", "tiled %", "gemm %", "2-launch %", "gemv %", "skinny %",
+        "norm+q+lin µs", "normq+lin µs", "after norm %",
         "best %", "best cfg", "engine rel diff",
     ])  # fmt: skip
     per_case = args.budget_s / (len(args.layers) * len(args.ms))

@@ -20,7 +20,7 @@ from baleen.kernels.device import sm_count
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
 
 # Smallest amax a group may have, so an all-zero group gets a finite scale.
-_AMAX_EPS = 1e-10
+AMAX_EPS = 1e-10
 # Elements per program of the split-K reduction.
 _REDUCE_BLOCK = 1024
 
@@ -104,7 +104,7 @@ def per_token_group_quant_fp8(
     grid = (mp, triton.cdiv(num_groups, groups_per_prog))
     per_token_group_quant_fp8_kernel[grid](
         x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=_AMAX_EPS,
+        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=AMAX_EPS,
     )  # fmt: skip
     return q, s
 
@@ -116,7 +116,7 @@ def per_token_group_quant_fp8_ref(x: torch.Tensor, group: int = 128) -> tuple[to
     padded = torch.zeros((m, num_groups * group), dtype=torch.float32, device=x.device)
     padded[:, :k] = x.to(torch.float32)
     g = padded.view(m, num_groups, group)
-    scale = g.abs().amax(dim=2).clamp(min=_AMAX_EPS) / FP8_MAX  # [M, num_groups]
+    scale = g.abs().amax(dim=2).clamp(min=AMAX_EPS) / FP8_MAX  # [M, num_groups]
     q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).view(m, -1)[:, :k].to(FP8_DTYPE)
     return q, scale
 

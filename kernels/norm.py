@@ -6,6 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from baleen.kernels.fp8_gemm import AMAX_EPS, round_to_e4m3_mantissa
+from baleen.kernels.quant import FP8_DTYPE, FP8_MAX
+
 
 @triton.jit
 def rms_norm_kernel(
@@ -14,16 +17,23 @@ def rms_norm_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
+    s_ptr,
     N,
     eps,
     stride_x,
     stride_res,
     stride_out,
     stride_res_out,
+    stride_s,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,
+    FP8_MAX_C: tl.constexpr,
+    EPS_AMAX: tl.constexpr,
 ):
-    # One program per row: r = x (+ residual), out = weight * (r / rms(r)).
+    # One program per row: r = x (+ residual), out = weight * (r / rms(r)). With QUANT_GROUP > 0, out is e4m3
+    # with one scale per QUANT_GROUP columns in s: the activation-dtype result quantized exactly as
+    # `per_token_group_quant_fp8` would quantize it.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -36,8 +46,18 @@ def rms_norm_kernel(
         x = x_store.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w  # HF rounds before the weight
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT_GROUP == 0:
+        y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w  # HF rounds before the weight
+        tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        act = res_out_ptr.dtype.element_ty  # the activation dtype the unfused norm would return
+        y = ((x * inv_rms).to(act).to(tl.float32) * w).to(act).to(tl.float32)
+        g = tl.reshape(y, (BLOCK_N // QUANT_GROUP, QUANT_GROUP))
+        scale = tl.maximum(tl.max(tl.abs(g), axis=1), EPS_AMAX) / FP8_MAX_C
+        q = round_to_e4m3_mantissa(tl.clamp(g / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+        tl.store(out_ptr + row * stride_out + cols, tl.reshape(q, (BLOCK_N,)).to(out_ptr.dtype.element_ty), mask=mask)
+        groups = tl.arange(0, BLOCK_N // QUANT_GROUP)
+        tl.store(s_ptr + row * stride_s + groups, scale, mask=groups * QUANT_GROUP < N)
 
 
 def rms_norm(
@@ -67,12 +87,39 @@ def rms_norm(
     if rows:
         block = triton.next_power_of_2(n)
         rms_norm_kernel[(rows,)](
-            x2, res_in, weight, out, res_out, n, float(eps),
-            x2.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=min(16, max(1, block // 256)),
+            x2, res_in, weight, out, res_out, out, n, float(eps),
+            x2.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0), 0,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block, QUANT_GROUP=0, FP8_MAX_C=FP8_MAX, EPS_AMAX=AMAX_EPS,
+            num_warps=min(16, max(1, block // 256)),
         )  # fmt: skip
     new_res = x if residual is None else res_out.view(x.shape)
     return out.view(x.shape), new_res
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, group: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_group_quant_fp8(rms_norm(x, weight, eps)[0], group)` in one launch, bit for bit: x [M, N] ->
+    (e4m3 [M, N], float32 scales [M, ceil(N/group)]). For a norm whose only reader is an FP8 linear."""
+    if x.dim() != 2:
+        raise ValueError(f"rms_norm_quant_fp8 wants x [M, N], got shape {tuple(x.shape)}")
+    m, n = x.shape
+    if weight.shape != (n,):
+        raise ValueError(f"weight must be [{n}], got {tuple(weight.shape)}")
+    if group <= 0 or group & (group - 1):
+        raise ValueError(f"group must be a power of two, got {group}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, n), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, triton.cdiv(n, group)), dtype=torch.float32, device=x.device)
+    if m:
+        block = max(triton.next_power_of_2(n), group)
+        rms_norm_kernel[(m,)](
+            x, x, weight, q, x, s, n, float(eps), x.stride(0), x.stride(0), q.stride(0), x.stride(0), s.stride(0),
+            HAS_RESIDUAL=False, BLOCK_N=block, QUANT_GROUP=group, FP8_MAX_C=FP8_MAX, EPS_AMAX=AMAX_EPS,
+            num_warps=min(16, max(1, block // 256)),
+        )  # fmt: skip
+    return q, s
 
 
 def rms_norm_ref(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baleen.kernels.norm import rms_norm, rms_norm_ref
+from baleen.kernels.norm import rms_norm, rms_norm_quant_fp8, rms_norm_ref
 from baleen.model.config import ParallelConfig, QuantConfig
 from baleen.model.parallel import Comm
 
@@ -119,6 +119,16 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps)[0]
         return rms_norm_ref(x, self.weight, self.eps)[0]
 
+    def then(self, linear: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        """linear(self(x)) for a linear without an all-reduce; where that linear would quantize its input for
+        the tiled FP8 GEMM, the norm writes the FP8 activations itself (`rms_norm_quant_fp8`: one launch fewer)."""
+        method = linear.method
+        plain = not isinstance(linear, RowParallelLinear)
+        if plain and isinstance(method, Fp8BlockLinearMethod) and method.takes_quantized(linear, x):
+            x_q, x_s = rms_norm_quant_fp8(x.reshape(-1, x.shape[-1]), self.weight, self.eps, method.block_size[1])
+            return method.apply_quantized(linear, x_q, x_s, x.shape[:-1], x.dtype)
+        return linear(self(x))
+
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add of a pre-norm block fused into its norm."""
         if x.is_cuda:
@@ -210,6 +220,27 @@ class Fp8BlockLinearMethod:
         layer.weight_tiled = tile_fp8_weight(w.data)
         return layer.weight_tiled.num_bytes
 
+    def takes_quantized(self, layer: LinearWeights, x: torch.Tensor) -> bool:
+        """Whether `apply` would quantize x per token group and run the tiled GEMM (so a producer that writes
+        x may hand over (x_fp8, scales) to `apply_quantized` instead: one launch fewer)."""
+        k = x.shape[-1]
+        m = x.numel() // max(k, 1)
+        gemv = m <= self.GEMV_MAX_M and k % 16 == 0 and self.block_size[1] % 16 == 0
+        return x.is_cuda and not gemv and 0 < m <= self.TILED_MAX_M and getattr(layer, "weight_tiled", None) is not None
+
+    def apply_quantized(
+        self, layer: LinearWeights, x_q: torch.Tensor, x_s: torch.Tensor, lead: torch.Size, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """y [*lead, N] in dtype from activations quantized per token per 128 columns (x_q [M, K] e4m3, x_s
+        [M, K/128]), over the layer's tiled weight copy; where `takes_quantized` said yes."""
+        from baleen.kernels.fp8_gemm import w8a8_block_fp8_matmul_tiled
+
+        tiled = getattr(layer, "weight_tiled", None)
+        if tiled is None:
+            raise ValueError("apply_quantized needs the layer's tiled weight copy (Fp8BlockLinearMethod.tile_weight)")
+        y = w8a8_block_fp8_matmul_tiled(x_q, x_s, tiled, layer.weight_scale_inv, self.block_size, dtype)
+        return y.reshape(*lead, y.shape[-1])
+
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         from baleen.kernels.fp8_gemm import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
@@ -222,13 +253,11 @@ class Fp8BlockLinearMethod:
 
             y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        tiled = getattr(layer, "weight_tiled", None)
-        if tiled is not None and 0 < m <= self.TILED_MAX_M:
-            from baleen.kernels.fp8_gemm import per_token_group_quant_fp8, w8a8_block_fp8_matmul_tiled
+        if self.takes_quantized(layer, x):
+            from baleen.kernels.fp8_gemm import per_token_group_quant_fp8
 
             x_q, x_s = per_token_group_quant_fp8(x.reshape(m, k), self.block_size[1])
-            y = w8a8_block_fp8_matmul_tiled(x_q, x_s, tiled, layer.weight_scale_inv, self.block_size, x.dtype)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return self.apply_quantized(layer, x_q, x_s, x.shape[:-1], x.dtype)
         if self.SKINNY_MIN_M <= m <= self.SKINNY_MAX_M and x.dtype in (torch.bfloat16, torch.float16):
             from baleen.kernels.fp8_skinny import fp8_skinny_gemm
 

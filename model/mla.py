@@ -192,7 +192,7 @@ class DeepseekV3Attention(nn.Module):
             q_c, latent = self.qkv_a(x)  # [T, q_lora_rank], [T, kv_lora_rank + rope]
         else:
             q_c, latent = (self.q_a_proj(x) if self.q_lora else x), self.kv_a_proj_with_mqa(x)
-        q = self.q_b_proj(self.q_a_layernorm(q_c)) if self.q_lora else self.q_proj(q_c)
+        q = self.q_a_layernorm.then(self.q_b_proj, q_c) if self.q_lora else self.q_proj(q_c)
         q = q.view(num_tokens, self.num_heads, self.nope + self.rope)
         # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
         kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back

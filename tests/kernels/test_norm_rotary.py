@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from baleen.kernels.norm import rms_norm, rms_norm_ref
+from baleen.kernels.fp8_gemm import per_token_group_quant_fp8
+from baleen.kernels.norm import rms_norm, rms_norm_quant_fp8, rms_norm_ref
 from baleen.kernels.rotary import apply_rotary_interleaved, apply_rotary_interleaved_ref, build_cos_sin_cache
 
 
@@ -35,6 +36,24 @@ def test_rms_norm_matches_ref(dtype: torch.dtype, with_residual: bool) -> None:
     torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)
     if residual is not None:
         assert not torch.equal(new_res, x)  # the sum, not the input
+
+
+@pytest.mark.parametrize("m,n,dtype", [(3, 1536, torch.bfloat16), (2, 300, torch.float32), (5, 7168, torch.bfloat16)])
+def test_rms_norm_quant_fp8_is_norm_then_quant(m: int, n: int, dtype: torch.dtype) -> None:
+    # One launch, bit for bit the two it replaces; a strided view (q_c is a column slice of the q_a + kv_a
+    # output) and a partial last group (N = 300) included.
+    torch.manual_seed(m + n)
+    wide = (torch.randn(m, n + 64) * 3).to(dtype)
+    x = wide[:, :n]
+    w = (torch.rand(n) + 0.5).to(dtype)
+    x[0, :200] = 0.0  # an all-zero group gets the smallest scale
+    q, s = rms_norm_quant_fp8(x, w, 1e-6)
+    q_ref, s_ref = per_token_group_quant_fp8(rms_norm(x, w, 1e-6)[0])
+    assert q.shape == (m, n) and s.shape == (m, -(-n // 128))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_quant_fp8(x, w[:-1], 1e-6)
 
 
 def test_rms_norm_matches_hf() -> None:

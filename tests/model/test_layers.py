@@ -137,6 +137,26 @@ def test_fp8_linear_paths_on_cuda_match_dequant(m: int, tiled: bool) -> None:
     assert rel < (1e-2 if w8a16 else 5e-2), f"M={m}: relative error {rel:.3g}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("m", [1, 4, 40, 100])
+def test_norm_then_linear_equals_the_two(device: str, m: int) -> None:
+    # RMSNorm.then writes FP8 activations itself where the linear's tiled GEMM would quantize them (CUDA,
+    # 2-64 tokens): bit for bit the unfused pair. Elsewhere (CPU, the GEMV, cuBLAS sizes) it is the pair.
+    torch.manual_seed(m)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, s = block_quant(torch.randn(256, 512) * 0.05)
+    lin = ColumnParallelLinear(512, 256, Fp8BlockLinearMethod((128, 128)), ParallelConfig())
+    load(lin, weight=q, weight_scale_inv=s)
+    norm = RMSNorm(512, 1e-6, dtype)
+    norm.weight.data = torch.rand(512, dtype=dtype) + 0.5
+    lin.to(device)
+    norm.to(device)
+    if device == "cuda":
+        assert lin.method.tile_weight(lin) > 0
+    x = (torch.randn(m, 640, dtype=dtype, device=device) * 2)[:, :512]  # a column slice, as q_c is
+    torch.testing.assert_close(norm.then(lin, x), lin(norm(x)), rtol=0, atol=0)
+
+
 def test_materialize_keeps_weight_loaders() -> None:
     with torch.device("meta"):
         col = ColumnParallelLinear(6, 8, F32, RANK1)
