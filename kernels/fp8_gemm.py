@@ -128,6 +128,51 @@ def dequant_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor, group: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The tiled weight layout for few-token GEMMs
+# ---------------------------------------------------------------------------------------------------------
+
+TILE_N = 64  # weight rows a tile of `TiledFp8Weight`
+TILE_K = 128  # weight columns a tile: one scale block
+
+
+@dataclass(frozen=True)
+class TiledFp8Weight:
+    """An e4m3 weight [N, K] stored tile by tile: data [ceil(N/64) * ceil(K/128) * 64, 128], where tile
+    (n, kb) (rows 64n.., columns 128kb..) fills rows (n * ceil(K/128) + kb) * 64 onwards, zero-padded past N
+    and K. The few-token GEMM reads each weight step as one 8 KB contiguous TMA box and a program's steps
+    follow each other in memory; on the H100 that streamed 5-8 points more of HBM bandwidth than [64, 128]
+    boxes of the row-major weight, whose 64 rows lie K bytes apart (docs/PERF.md, sixth pass).
+    """
+
+    data: torch.Tensor
+    n: int
+    k: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def tile_fp8_weight(w: torch.Tensor) -> TiledFp8Weight:
+    """The tiled copy of an e4m3 weight [N, K] (the original is left as it is)."""
+    if w.dim() != 2 or w.dtype != FP8_DTYPE:
+        raise ValueError(f"tile_fp8_weight wants an [N, K] {FP8_DTYPE} weight, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    tn, tk = triton.cdiv(n, TILE_N), triton.cdiv(k, TILE_K)
+    padded = torch.zeros((tn * TILE_N, tk * TILE_K), dtype=torch.uint8, device=w.device)  # bytes: few fp8 ops
+    padded[:n, :k] = w.view(torch.uint8)
+    tiles = padded.view(tn, TILE_N, tk, TILE_K).permute(0, 2, 1, 3).contiguous()
+    return TiledFp8Weight(tiles.view(-1, TILE_K).view(FP8_DTYPE), n, k)
+
+
+def untile_fp8_weight(t: TiledFp8Weight) -> torch.Tensor:
+    """The row-major [N, K] weight back from its tiled copy (tests)."""
+    tn, tk = triton.cdiv(t.n, TILE_N), triton.cdiv(t.k, TILE_K)
+    tiles = t.data.view(torch.uint8).view(tn, tk, TILE_N, TILE_K).permute(0, 2, 1, 3)
+    return tiles.reshape(tn * TILE_N, tk * TILE_K)[: t.n, : t.k].contiguous().view(FP8_DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Block-scaled GEMM
 # ---------------------------------------------------------------------------------------------------------
 
@@ -389,16 +434,21 @@ def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
 
 
 def _check_gemm_inputs(
-    x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor | TiledFp8Weight,
+    w_scale_inv: torch.Tensor,
+    block: tuple[int, int],
 ) -> tuple[int, int, int]:
-    if x_fp8.dim() != 2 or w_fp8.dim() != 2:
-        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w_fp8.shape)}")
+    w_shape, w_dtype = ((w_fp8.n, w_fp8.k), w_fp8.data.dtype) if isinstance(w_fp8, TiledFp8Weight) else (w_fp8.shape, w_fp8.dtype)
+    if x_fp8.dim() != 2 or len(w_shape) != 2:
+        raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w_shape)}")
     m, k = x_fp8.shape
-    n, kw = w_fp8.shape
+    n, kw = w_shape
     if k != kw:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if x_fp8.dtype != FP8_DTYPE or w_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_fp8.dtype}")
+    if x_fp8.dtype != FP8_DTYPE or w_dtype != FP8_DTYPE:
+        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_dtype}")
     bn, bk = block
     if bk != 128:
         raise ValueError(f"the GEMM needs a K block of 128 (the activation group), got {bk}")
@@ -436,24 +486,12 @@ def w8a8_block_fp8_matmul(
     if m == 0:
         return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
     t = tiles or pick_gemm_tiles(m, n, k, sm_count(x_fp8.device))
-    k_blocks = triton.cdiv(k, 128)
-    split = max(1, min(t.split_k, k_blocks))
-    k_per_split = triton.cdiv(k_blocks, split)
-    split = triton.cdiv(k_blocks, k_per_split)  # no empty splits
+    if t.tma and _tma_ok(x_fp8) and _tma_ok(w_fp8):
+        return _tma_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, n, block, out_dtype, t, fused_reduce)
+    k_per_split, split = _split_k(k, t.split_k)
     num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
     sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
-    if t.tma and _tma_ok(x_fp8) and _tma_ok(w_fp8):
-        w8a8_block_fp8_matmul_tma_kernel[(num_tiles, split)](
-            TensorDescriptor.from_tensor(x_fp8, [t.block_m, 128]), x_scale,
-            TensorDescriptor.from_tensor(w_fp8, [t.block_n, 128]), w_scale_inv,
-            out, sk.partials, sk.counters, m, n, k, k_per_split, split,
-            x_scale.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
-            SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=128, SWAP_AB=t.swap_ab,
-            TILED_B=False, FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
-        )  # fmt: skip
-        sk.finish(out)
-        return out
     w8a8_block_fp8_matmul_kernel[(num_tiles, split)](
         x_fp8, x_scale, w_fp8, w_scale_inv, out, sk.partials, sk.counters, m, n, k, k_per_split, split,
         x_fp8.stride(0), x_scale.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
@@ -462,51 +500,6 @@ def w8a8_block_fp8_matmul(
     )  # fmt: skip
     sk.finish(out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tiled weight layout for few-token GEMMs
-# ---------------------------------------------------------------------------------------------------------
-
-TILE_N = 64  # weight rows a tile of `TiledFp8Weight`
-TILE_K = 128  # weight columns a tile: one scale block
-
-
-@dataclass(frozen=True)
-class TiledFp8Weight:
-    """An e4m3 weight [N, K] stored tile by tile: data [ceil(N/64) * ceil(K/128) * 64, 128], where tile
-    (n, kb) (rows 64n.., columns 128kb..) fills rows (n * ceil(K/128) + kb) * 64 onwards, zero-padded past N
-    and K. The few-token GEMM reads each weight step as one 8 KB contiguous TMA box and a program's steps
-    follow each other in memory; on the H100 that streamed 5-8 points more of HBM bandwidth than [64, 128]
-    boxes of the row-major weight, whose 64 rows lie K bytes apart (docs/PERF.md, sixth pass).
-    """
-
-    data: torch.Tensor
-    n: int
-    k: int
-
-    @property
-    def num_bytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-
-def tile_fp8_weight(w: torch.Tensor) -> TiledFp8Weight:
-    """The tiled copy of an e4m3 weight [N, K] (the original is left as it is)."""
-    if w.dim() != 2 or w.dtype != FP8_DTYPE:
-        raise ValueError(f"tile_fp8_weight wants an [N, K] {FP8_DTYPE} weight, got {w.dtype} {tuple(w.shape)}")
-    n, k = w.shape
-    tn, tk = triton.cdiv(n, TILE_N), triton.cdiv(k, TILE_K)
-    padded = torch.zeros((tn * TILE_N, tk * TILE_K), dtype=torch.uint8, device=w.device)  # bytes: few fp8 ops
-    padded[:n, :k] = w.view(torch.uint8)
-    tiles = padded.view(tn, TILE_N, tk, TILE_K).permute(0, 2, 1, 3).contiguous()
-    return TiledFp8Weight(tiles.view(-1, TILE_K).view(FP8_DTYPE), n, k)
-
-
-def untile_fp8_weight(t: TiledFp8Weight) -> torch.Tensor:
-    """The row-major [N, K] weight back from its tiled copy (tests)."""
-    tn, tk = triton.cdiv(t.n, TILE_N), triton.cdiv(t.k, TILE_K)
-    tiles = t.data.view(torch.uint8).view(tn, tk, TILE_N, TILE_K).permute(0, 2, 1, 3)
-    return tiles.reshape(tn * TILE_N, tk * TILE_K)[: t.n, : t.k].contiguous().view(FP8_DTYPE)
 
 
 def pick_tiled_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
@@ -531,15 +524,7 @@ def w8a8_block_fp8_matmul_tiled(
     """`w8a8_block_fp8_matmul` over a `TiledFp8Weight`: same operands otherwise, same result up to the
     accumulation order. x_fp8 [M, K] needs a 16-byte aligned base and K % 16 == 0 (the TMA reads it);
     `tiles` must have block_n = TILE_N and tma=True (default: `pick_tiled_tiles`)."""
-    n, k = w.n, w.k
-    if x_fp8.dim() != 2 or x_fp8.shape[1] != k or x_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"x must be [M, {k}] {FP8_DTYPE}, got {x_fp8.dtype} {tuple(x_fp8.shape)}")
-    bn, bk = block
-    if bk != TILE_K or tuple(w_scale_inv.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
-        raise ValueError(f"w_scale_inv {tuple(w_scale_inv.shape)} and block {block} do not fit a {n}x{k} weight")
-    m = x_fp8.shape[0]
-    if tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
-        raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}, expected {(m, triton.cdiv(k, bk))}")
+    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w, w_scale_inv, block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
     if not _tma_ok(x_fp8):
@@ -551,19 +536,42 @@ def w8a8_block_fp8_matmul_tiled(
     w_scale_inv = w_scale_inv.to(torch.float32).contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
+    return _tma_gemm(x_fp8, x_scale, w, w_scale_inv, n, block, out_dtype, t, True)
+
+
+def _split_k(k: int, split_k: int) -> tuple[int, int]:
+    """(K blocks a split, splits) for at most split_k splits of ceil(K/128) blocks, none of them empty."""
     k_blocks = triton.cdiv(k, TILE_K)
-    k_per_split = triton.cdiv(k_blocks, max(1, min(t.split_k, k_blocks)))
-    split = triton.cdiv(k_blocks, k_per_split)
-    num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, TILE_N)
+    k_per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
+    return k_per_split, triton.cdiv(k_blocks, k_per_split)
+
+
+def _tma_gemm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor | TiledFp8Weight,
+    w_scale_inv: torch.Tensor,
+    n: int,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    t: GemmTiles,
+    fused_reduce: bool,
+) -> torch.Tensor:
+    """Launch `w8a8_block_fp8_matmul_tma_kernel` on checked operands (w row-major [N, K] or tiled)."""
+    m, k = x_fp8.shape
+    k_per_split, split = _split_k(k, t.split_k)
+    num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
-    sk = SplitK(split, num_tiles, m, n, out, True)
+    sk = SplitK(split, num_tiles, m, n, out, fused_reduce)
+    tiled = isinstance(w, TiledFp8Weight)
+    b = w.data if isinstance(w, TiledFp8Weight) else w
     w8a8_block_fp8_matmul_tma_kernel[(num_tiles, split)](
         TensorDescriptor.from_tensor(x_fp8, [t.block_m, TILE_K]), x_scale,
-        TensorDescriptor.from_tensor(w.data, [TILE_N, TILE_K]), w_scale_inv,
+        TensorDescriptor.from_tensor(b, [t.block_n, TILE_K]), w_scale_inv,
         out, sk.partials, sk.counters, m, n, k, k_per_split, split,
         x_scale.stride(0), w_scale_inv.stride(0), sk.partials.stride(0),
-        SCALE_BLOCK_N=bn, BLOCK_M=t.block_m, BLOCK_N=TILE_N, BLOCK_K=TILE_K, SWAP_AB=t.swap_ab, TILED_B=True,
-        FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
+        SCALE_BLOCK_N=block[0], BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=TILE_K, SWAP_AB=t.swap_ab,
+        TILED_B=tiled, FUSED_REDUCE=sk.fused, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     sk.finish(out)
     return out
