@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels import fp8_gemm
 from baleen.kernels.fp8_gemm import (
@@ -30,11 +31,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter r
 # An emulation of that accumulator gave rel_err 1e-4..4e-4 on these shapes; a wrong scale gives O(1).
 FP8_DOT_TOL = 1e-5 if DEV == "cpu" else 2e-3
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def assert_quant_close(q: torch.Tensor, s: torch.Tensor, qr: torch.Tensor, sr: torch.Tensor) -> None:

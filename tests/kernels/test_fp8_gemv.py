@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.fp8_gemv import (
     MAX_GEMV_M,
@@ -25,11 +26,6 @@ TILES = [
     GemvTiles(16, 32, split_k=3, num_warps=2),
 ]
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def make_case(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.fp8_skinny import (
     MAX_SKINNY_M,
@@ -19,11 +20,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter r
 X_DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 TOL = 1e-2 if DEV == "cuda" else 1e-5
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def make_case(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.fused_moe import (
     MoeTiles,
@@ -18,11 +19,6 @@ from baleen.kernels.quant import block_quant
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm())
 
 
 def random_routing(num_tokens: int, num_experts: int, top_k: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

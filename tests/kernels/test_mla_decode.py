@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.flashinfer_mla import page_table_to_csr
 from baleen.kernels.mla_decode import (
@@ -22,11 +23,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter r
 # (an emulation with truncated TF32 operands gave rel_err <= 6e-4 on these shapes).
 FP32_TOL = 1e-5 if DEV == "cpu" else 2e-3
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm())
 
 
 def make_case(

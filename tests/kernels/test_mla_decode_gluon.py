@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.mla_decode import mla_decode_ref
 from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported, mla_decode_gluon
@@ -32,11 +33,6 @@ def make_case(seq_lens: list[int], heads: int, page_size: int) -> tuple[torch.Te
     to = lambda t: t.to("cuda", torch.bfloat16)
     return to(q_nope), to(q_pe), to(cache), table.cuda(), lens.cuda()
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm())
 
 
 def _need_hopper() -> None:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import rel_err
 
 from baleen.kernels.mla_decode import MlaDecodeTiles, mla_decode
 from baleen.kernels.mla_extend import extend_rows, mla_extend, mla_extend_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "output has NaN/inf"
-    return float((a - b).norm() / b.norm())
 
 
 def make_case(
