@@ -67,11 +67,9 @@ def quant_then_gemm(
     w: torch.Tensor,
     w_s: torch.Tensor,
     tiles: GemmTiles | None = None,
-    fused_reduce: bool = True,
 ) -> torch.Tensor:
-    """An FP8 linear from bf16 x as two launches: per-token-group quantization + our Triton W8A8 GEMM (three
-    with `fused_reduce=False` and split K)."""
-    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles, fused_reduce=fused_reduce)
+    """An FP8 linear from bf16 x as two launches: per-token-group quantization + our Triton W8A8 GEMM."""
+    return w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x), w, w_s, tiles=tiles)
 
 
 def _max_diff(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -153,11 +153,12 @@ def bench_layer(name: str, n: int, k: int, table: Table, budget_s: float, ms: tu
         two = cold(partial(quant_then_gemm, x))
         gemv_ms = cold(partial(fp8_block_gemv, x)) if m <= MAX_GEMV_M else math.nan
         sk_ms = cold(partial(fp8_skinny_gemm, x)) if 2 <= m <= MAX_SKINNY_M else math.nan
-        pair_us, fused_us, after_norm = _after_norm(x, ws, ss, tiled) if 2 <= m <= method.TILED_MAX_M else (0, 0, 0)
+        no_norm = (math.nan, math.nan, math.nan)
+        pair_us, fused_us, after_norm = _after_norm(x, ws, ss, tiled) if 2 <= m <= method.TILED_MAX_M else no_norm
         best_ms, best_cfg = _sweep(x, ws, ss, m, n, k, diff, cold, Deadline(budget_s), sweep)
         table.add(
             name, m, pct(read_ms), eng_ms, pct(eng_ms), 100 * roof / eng_flush, pct(tiled_ms), pct(gemm_ms), pct(two),
-            pct(gemv_ms), pct(sk_ms), pair_us, fused_us, pct(after_norm) if after_norm > 0 else math.nan,
+            pct(gemv_ms), pct(sk_ms), pair_us, fused_us, pct(after_norm),
             pct(best_ms), best_cfg, eng_d,
         )  # fmt: skip
 
@@ -219,7 +220,7 @@ def _sweep(
         print(f"    M={m} {cfg}: {t_ms:.4f} ms", flush=True)
         if t_ms < best_ms:
             best_ms, best_cfg = t_ms, cfg + (" (default)" if tiles == default else "")
-    return best_ms, best_cfg
+    return (best_ms if best_ms < math.inf else math.nan), best_cfg
 
 
 def main() -> None:

@@ -41,6 +41,14 @@ def round_to_e4m3_mantissa(x):
 
 
 @triton.jit
+def quantize_groups(x, FP8_MAX_C: tl.constexpr, EPS: tl.constexpr):
+    """x [G, GROUP] fp32 -> (values on the e4m3 grid [G, GROUP] fp32, scales [G]), scale = max(amax, EPS) / 448:
+    the one definition of the per-token-group recipe (the quantization kernel and the norm that writes FP8)."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C
+    return round_to_e4m3_mantissa(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)), scale
+
+
+@triton.jit
 def per_token_group_quant_fp8_kernel(
     x_ptr,
     q_ptr,
@@ -66,9 +74,7 @@ def per_token_group_quant_fp8_kernel(
     mask = (groups[:, None] < num_groups) & (cols < K)
     k_read = tl.where(row < M, K, 0)  # padding rows read no columns
     x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < k_read, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [G]
-    scale = amax / FP8_MAX_C
-    q = round_to_e4m3_mantissa(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+    q, scale = quantize_groups(x, FP8_MAX_C, EPS)
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baleen.kernels.fp8_gemm import AMAX_EPS, round_to_e4m3_mantissa
+from baleen.kernels.fp8_gemm import AMAX_EPS, quantize_groups
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX
 
 
@@ -52,9 +52,7 @@ def rms_norm_kernel(
     else:
         act = res_out_ptr.dtype.element_ty  # the activation dtype the unfused norm would return
         y = ((x * inv_rms).to(act).to(tl.float32) * w).to(act).to(tl.float32)
-        g = tl.reshape(y, (BLOCK_N // QUANT_GROUP, QUANT_GROUP))
-        scale = tl.maximum(tl.max(tl.abs(g), axis=1), EPS_AMAX) / FP8_MAX_C
-        q = round_to_e4m3_mantissa(tl.clamp(g / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+        q, scale = quantize_groups(tl.reshape(y, (BLOCK_N // QUANT_GROUP, QUANT_GROUP)), FP8_MAX_C, EPS_AMAX)
         tl.store(out_ptr + row * stride_out + cols, tl.reshape(q, (BLOCK_N,)).to(out_ptr.dtype.element_ty), mask=mask)
         groups = tl.arange(0, BLOCK_N // QUANT_GROUP)
         tl.store(s_ptr + row * stride_s + groups, scale, mask=groups * QUANT_GROUP < N)

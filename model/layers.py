@@ -119,12 +119,11 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps)[0]
         return rms_norm_ref(x, self.weight, self.eps)[0]
 
-    def then(self, linear: LinearBase, x: torch.Tensor) -> torch.Tensor:
+    def then(self, linear: ColumnParallelLinear | ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
         """linear(self(x)) for a linear without an all-reduce; where that linear would quantize its input for
         the tiled FP8 GEMM, the norm writes the FP8 activations itself (`rms_norm_quant_fp8`: one launch fewer)."""
         method = linear.method
-        plain = not isinstance(linear, RowParallelLinear)
-        if plain and isinstance(method, Fp8BlockLinearMethod) and method.takes_quantized(linear, x):
+        if isinstance(method, Fp8BlockLinearMethod) and method.takes_quantized(linear, x):
             x_q, x_s = rms_norm_quant_fp8(x.reshape(-1, x.shape[-1]), self.weight, self.eps, method.block_size[1])
             return method.apply_quantized(linear, x_q, x_s, x.shape[:-1], x.dtype)
         return linear(self(x))
@@ -225,8 +224,13 @@ class Fp8BlockLinearMethod:
         x may hand over (x_fp8, scales) to `apply_quantized` instead: one launch fewer)."""
         k = x.shape[-1]
         m = x.numel() // max(k, 1)
-        gemv = m <= self.GEMV_MAX_M and k % 16 == 0 and self.block_size[1] % 16 == 0
-        return x.is_cuda and not gemv and 0 < m <= self.TILED_MAX_M and getattr(layer, "weight_tiled", None) is not None
+        return (
+            x.is_cuda and not self._takes_gemv(m, k) and 0 < m <= self.TILED_MAX_M
+            and getattr(layer, "weight_tiled", None) is not None
+        )  # fmt: skip
+
+    def _takes_gemv(self, m: int, k: int) -> bool:
+        return 0 < m <= self.GEMV_MAX_M and k % 16 == 0 and self.block_size[1] % 16 == 0
 
     def apply_quantized(
         self, layer: LinearWeights, x_q: torch.Tensor, x_s: torch.Tensor, lead: torch.Size, dtype: torch.dtype
@@ -248,7 +252,7 @@ class Fp8BlockLinearMethod:
             return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
         k = x.shape[-1]
         m = x.numel() // max(k, 1)
-        if 0 < m <= self.GEMV_MAX_M and k % 16 == 0 and self.block_size[1] % 16 == 0:
+        if self._takes_gemv(m, k):
             from baleen.kernels.fp8_gemv import fp8_block_gemv
 
             y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
