@@ -9,7 +9,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any
+
+# NOTE: this package is the repository root, and its folders are named like PyPI packages (transformers imports
+# PyPI's `kernels`; `model` and `api` exist there too). `python -m ...` run from a checkout puts the root first on
+# sys.path, where `import kernels` would find our folder. The root is never an import root (its code is reached as
+# `baleen.*` through the installed package), so it leaves sys.path as soon as baleen is imported; the Makefile
+# also runs Python with PYTHONSAFEPATH=1, which stops the insertion for anything imported before baleen.
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if TYPE_CHECKING:
     from baleen.actors.engine import Engine, EngineConfig
