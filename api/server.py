@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: a Starlette app in front of an Engine, served by uvicorn on uvloop.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (serving_chat.py, serving_completion.py), GET
-/v1/models, GET /health (200 only while the engine can serve), GET /metrics (Prometheus text), GET
+/v1/models, GET /health (200 only while the engine can serve), GET /metrics (Prometheus, metrics.py), GET
 /server_info. Bodies are decoded by msgspec (protocol.py), answers encoded by orjson, streams sent as SSE.
 Every error is an OpenAI error body with the right status. A client that leaves aborts its engine requests.
 The process around it (engine start, uvicorn, graceful SIGTERM) is in launch_server.py.
@@ -107,8 +107,8 @@ class ServerState:
         # token id -> its text, cached: logprobs name every token and its alternatives
         self.token_text: Callable[[int], str] = functools.lru_cache(maxsize=1 << 18)(
             lambda token_id: engine.tokenizer.decode([token_id], skip_special_tokens=False))
-        self.metrics = FrontendMetrics()
         self.model_name = config.served_model_name or engine.model_path
+        self.metrics = FrontendMetrics(self.model_name, lambda: engine.metrics, lambda: self.can_serve)
         self.model_aliases = {self.model_name, engine.model_path, "default"}
         self.inflight: set[str] = set()  # engine request ids being served
         self.draining = False  # set at shutdown: /health answers 503
@@ -241,6 +241,7 @@ class Generation:
         self.rids = [f"{rid_prefix}-{i}" for i in range(len(requests))]
         self._gens = [state.engine.generate(ids, params, rid=rid) for rid, (ids, params) in zip(self.rids, requests)]
         self._last: list[RequestOutput | None] = [None] * len(requests)  # latest output per choice
+        self._last_token_at = [started] * len(requests)  # when each choice's latest tokens arrived
         self._pumps: list[asyncio.Future[None]] = []  # n > 1: one task per choice feeding the merge
 
     async def first(self) -> list[RequestOutput]:
@@ -285,9 +286,18 @@ class Generation:
                                                error_kind="internal")))
 
     def _note(self, i: int, out: RequestOutput) -> None:
+        now, metrics = time.perf_counter(), self.state.metrics
+        first, failed = self._last[i] is None, out.finish_reason == "error"
+        if first and not failed:
+            metrics.observe_first_token(now - self.started)
+        elif not first and out.token_ids:
+            metrics.observe_inter_token(now - self._last_token_at[i], len(out.token_ids))
+        if first or out.token_ids:
+            self._last_token_at[i] = now
         self._last[i] = out
         if out.finished:
-            self.state.metrics.observe_finished(out.finish_reason or "", out.prompt_tokens, out.completion_tokens)
+            metrics.observe_finished(out.finish_reason or "", out.prompt_tokens, out.completion_tokens,
+                                     None if failed else now - self.started)
 
     async def aclose(self) -> None:
         """Abort whatever has not finished (the engine frees its pages) and forget the request ids."""
@@ -398,7 +408,7 @@ class _Frontend:
             await send(message)
 
         metrics = self.state.metrics
-        metrics.in_flight += 1
+        metrics.in_flight.inc()
         try:
             if self._authorized(scope, route):
                 await self.app(scope, receive, send_status)
@@ -407,7 +417,7 @@ class _Frontend:
                                  code="invalid_api_key")
                 await error_response(error)(scope, receive, send_status)
         finally:
-            metrics.in_flight -= 1
+            metrics.in_flight.dec()
             metrics.observe_request(scope["method"], route, status, time.perf_counter() - started)
 
     def _authorized(self, scope: Scope, route: str) -> bool:
@@ -455,8 +465,7 @@ def create_app(state: ServerState) -> Starlette:
         return Response(status_code=200)
 
     async def metrics(request: Request) -> Response:
-        text = state.metrics.render(state.engine.metrics, healthy=state.can_serve)
-        return Response(text, media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def server_info(request: Request) -> Response:
         config = {k: v for k, v in asdict(state.config).items() if k != "api_key"}

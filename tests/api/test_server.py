@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from harness import ServerProcess, gauge
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from baleen.api import cli
@@ -326,7 +327,9 @@ def test_client_disconnect_frees_pages(main_server: ServerProcess) -> None:
         assert _wait_idle(http, 5) < 5
         text = _metrics(http)
     assert 'baleen_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
-    assert 'baleen_http_request_duration_seconds_bucket{route="/v1/chat/completions",le="+Inf"}' in text
+    buckets = [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "baleen_http_request_duration_seconds_bucket"]
+    assert {"route": "/v1/chat/completions", "le": "+Inf"} in buckets  # in any label order
     assert 'baleen_time_to_first_token_seconds_count{route="/v1/chat/completions"}' in text
     assert gauge(text, "baleen_healthy") == 1 and (gauge(text, "baleen_generation_tokens_total") or 0) > 0
     assert 'baleen_requests_finished_total{finish_reason="abort"}' in text
