@@ -27,6 +27,7 @@ from baleen.actors.messages import Message, StepPlan, StepResult, WorkerError, W
 from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
+from baleen.model.memory_plan import MemoryPlan
 from baleen.model.parallel import DistInit, ParallelGroups, destroy_distributed, init_distributed
 from baleen.model.runner import ModelRunner, PendingStep, RunnerConfig
 
@@ -49,6 +50,7 @@ class WorkerConfig:
     max_running_requests: int = 64
     max_context_len: int = 4096
     max_total_tokens: int | None = None
+    chunked_prefill_size: int | None = None  # the scheduler's prefill tokens a step (None: whole prompts)
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"
     random_seed: int = 0
@@ -94,26 +96,43 @@ def make_attention_backend(name: str, device: torch.device) -> object:
     raise ValueError(f"--attention-backend {name!r} is not one of {ATTENTION_BACKENDS}")
 
 
-def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device) -> int:
+def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: Any, attn: Any,
+                     graph_max_bs: int | None, groups: ParallelGroups | None) -> int:
     from baleen.model.kv_cache import KVCache
 
     layers, dim, ps = model_config.num_hidden_layers, model_config.kv_cache_dim, cfg.page_size
     if device.type == "cuda":
-        # --mem-fraction-static is the share of the whole GPU for weights + KV cache (SGLang's meaning).
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * cfg.mem_fraction_static) - (total - free)
-        if budget <= 0:
-            raise ValueError(
-                f"the weights already use {(total - free) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB: no room "
-                f"for a KV cache at --mem-fraction-static {cfg.mem_fraction_static}; raise it or use more GPUs"
-            )
-        pages = KVCache.num_pages_for_budget(budget, layers, ps, dim, cfg.cache_dtype)
+        pages = KVCache.num_pages_for_budget(_gpu_memory_plan(cfg, model_config, device, model, attn, graph_max_bs,
+                                                              groups).kv_pool, layers, ps, dim, cfg.cache_dtype)
     else:
         # CPU: enough for every slot at a few thousand tokens unless --max-total-tokens says otherwise.
         pages = 1 + -(-max(cfg.max_running_requests * 1024, 2 * cfg.max_context_len) // ps)
     if cfg.max_total_tokens is not None:
         pages = min(pages, 1 + -(-cfg.max_total_tokens // ps))
     return pages
+
+
+def _gpu_memory_plan(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: Any, attn: Any,
+                     graph_max_bs: int | None, groups: ParallelGroups | None) -> MemoryPlan:
+    """Measure the largest steps (absorbed chunk over a prefix beside every decode row; a fresh expanded chunk;
+    the largest captured decode batch), then size the pool; --mem-fraction-static as SGLang means it."""
+    from baleen.model.memory_plan import StepShape, dummy_batch, measure_step_peak, plan_memory
+
+    dp = groups.parallel.dp_size if groups is not None and groups.dp_attention else 1
+    shape = StepShape.largest(cfg.chunked_prefill_size, cfg.max_context_len, cfg.max_running_requests)
+    shapes = [shape, StepShape(shape.chunk, 0, 0)]
+    peaks = [measure_step_peak(model, attn, model_config, dummy_batch(s, cfg.page_size, device, dp), cfg.cache_dtype,
+                               device) for s in shapes]  # fmt: skip
+    graphs = 0
+    if graph_max_bs:
+        decode = StepShape(1, shape.prefix + shape.chunk - 1, graph_max_bs - 1)
+        graphs = measure_step_peak(model, attn, model_config, dummy_batch(decode, cfg.page_size, device, dp),
+                                   cfg.cache_dtype, device)  # fmt: skip
+    free, total = torch.cuda.mem_get_info(device)
+    plan = plan_memory(total, free, cfg.mem_fraction_static, max(peaks), graphs)
+    log.info("%s (largest step: a %d-token chunk over %d cached tokens beside %d decode rows)", plan.describe(),
+             shape.chunk, shape.prefix, shape.decode_rows)
+    return plan
 
 
 def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> ModelRunner:
@@ -159,7 +178,22 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         tile_fp8=cfg.fp8_tiled_weights,
     )
     log.info("weights loaded in %.1f s", time.perf_counter() - started)
-    num_pages = _kv_budget_pages(cfg, model_config, device)
+    if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
+        raise ValueError(
+            f"--attention-backend flashinfer needs DeepSeek's MLA shape (kv_lora_rank 512, rope 64); this model has "
+            f"{model_config.kv_lora_rank} + {model_config.qk_rope_head_dim}: use --attention-backend triton"
+        )
+    attn = make_attention_backend(cfg.attention_backend, device)
+    dp_attention = groups is not None and groups.dp_attention
+    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
+    graph_sizes: list[int] = []
+    if use_graphs:
+        from baleen.model.cuda_graph import graph_batch_sizes
+
+        graph_sizes = graph_batch_sizes(
+            list(cfg.cuda_graph_bs) if cfg.cuda_graph_bs else None, cfg.cuda_graph_max_bs, cfg.max_running_requests
+        )
+    num_pages = _kv_budget_pages(cfg, model_config, device, model, attn, max(graph_sizes, default=None), groups)
     if groups is not None:
         # NOTE: the scheduler hands out page ids that are valid on every rank: all use the smallest pool.
         num_pages = groups.tp.min_int(num_pages, device)
@@ -175,26 +209,17 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         LogitProcessorRegistry(cfg.custom_logit_processors) if cfg.custom_logit_processors is not None else None
     )
     runner_cfg = RunnerConfig(cfg.max_running_requests, cfg.page_size, cfg.max_context_len)
-    if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
-        raise ValueError(
-            f"--attention-backend flashinfer needs DeepSeek's MLA shape (kv_lora_rank 512, rope 64); this model has "
-            f"{model_config.kv_lora_rank} + {model_config.qk_rope_head_dim}: use --attention-backend triton"
-        )
-    attn = make_attention_backend(cfg.attention_backend, device)
     graphs = None
-    dp_attention = groups is not None and groups.dp_attention
     if dp_attention and device.type == "cuda" and not cfg.disable_cuda_graph:
         # TODO(graphs): DP attention needs every rank (idle ones too) to replay the graph of the padded size
         # max(plan.dp_num_tokens) when plan.dp_all_decode; DecodeGraphs cannot do that yet.
         log.info("DP attention: decode CUDA graphs are not used yet")
-    elif device.type == "cuda" and not cfg.disable_cuda_graph:
-        from baleen.model.cuda_graph import DecodeGraphs, graph_batch_sizes
+    elif use_graphs:
+        from baleen.model.cuda_graph import DecodeGraphs
 
         if not hasattr(attn, "init_graph_state"):
             raise ValueError(f"--attention-backend {cfg.attention_backend} has no CUDA-graph support; add --disable-cuda-graph")
-        sizes = graph_batch_sizes(
-            list(cfg.cuda_graph_bs) if cfg.cuda_graph_bs else None, cfg.cuda_graph_max_bs, cfg.max_running_requests
-        )
+        sizes = graph_sizes
         heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
         if hasattr(attn, "set_graph_shape"):
             attn.set_graph_shape(heads, model_config.softmax_scale, cfg.torch_dtype)
@@ -216,9 +241,10 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         **extra,
     )
     if graphs is not None:
-        started = time.perf_counter()
+        started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
         runner.capture_graphs()
-        log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.batch_sizes), time.perf_counter() - started)
+        log.info("captured %d decode CUDA graphs in %.1f s (%.2f GiB)", len(graphs.batch_sizes),
+                 time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)
     return runner
 
 

@@ -195,12 +195,12 @@ if _GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def mla_decode_gluon_kernel(
-        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, o_ptr, lse_ptr, sm_scale_log2,
-        stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b, stride_o_h, stride_o_s,
-        stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
+        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr, lse_ptr,
+        sm_scale_log2, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b, stride_o_h,
+        stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
         PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
-        PV_REGS: gl.constexpr,
+        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr,
     ):  # fmt: skip
         # Program (b x head block, split); head blocks vary fastest (L2 sharing of the KV rows). Launched with
         # num_warps=4: warpgroup 0; warp_specialize adds warpgroup 1 and the loader.
@@ -238,7 +238,10 @@ if _GLUON_IMPORT_ERROR is None:
 
         q_row_off_n = b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h
         q_row_off_p = b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h
-        pt_row_off = b.to(gl.int64) * stride_pt_b
+        if HAS_SEQ_IDX:  # extend: query row b is one new token of sequence seq_idx[b] (its page-table row)
+            pt_row_off = gl.load(seq_idx_ptr + b).to(gl.int64) * stride_pt_b
+        else:
+            pt_row_off = b.to(gl.int64) * stride_pt_b
         o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
         m_i, l_i, acc = gl.warp_specialize(
             [
@@ -331,16 +334,19 @@ def mla_decode_gluon(
     sm_scale: float,
     num_kv_splits: int | None = None,
     max_seq_len: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Absorbed-MLA decode on Hopper, same contract as `mla_decode.mla_decode` (without seq_idx/tiles).
+    """Absorbed-MLA decode on Hopper, same contract as `mla_decode.mla_decode` (without tiles).
 
     q_nope [B, H, 512] bf16 (already multiplied by W_UK), q_pe [B, H, 64] bf16 (rotated), cache
     [num_pages, page_size, 576] bf16 (latent then rope; page_size a multiple of 64), page_table [B, max_pages]
-    int32, seq_lens [B] int32 (>= 1). Returns out [B, H, 512] bf16. `num_kv_splits` fixes the split count
-    (default: `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's capacity).
+    int32, seq_lens [B] int32 (>= 1). With `seq_idx` [B] int32 (extend: every new token is a row), row b reads
+    page-table row seq_idx[b] and sees seq_lens[b] keys. Returns out [B, H, 512] bf16. `num_kv_splits` fixes the
+    split count (default: `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's
+    capacity).
     Raises ValueError where `gluon_mla_decode_supported` would say False.
     """
-    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens)
+    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
     page_size = cache.shape[1]
     if q_nope.dtype != torch.bfloat16:
         raise ValueError(f"the Gluon kernel takes bf16 q and cache, got {q_nope.dtype}")
@@ -365,12 +371,13 @@ def mla_decode_gluon(
     o_part, lse, o_strides = split_buffers(out, splits)
     kv_desc, pe_desc = gluon_descriptors(cache, d_latent)
     mla_decode_gluon_kernel[(batch * num_head_blocks, splits)](
-        q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, o_part, lse, float(sm_scale) * _LOG2E,
+        q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, seq_idx if seq_idx is not None else seq_lens, o_part,
+        lse, float(sm_scale) * _LOG2E,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), page_table.stride(0),
         *o_strides, splits, num_head_blocks,
         PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
-        num_warps=NUM_WARPS, maxnreg=MAX_REGS,
+        HAS_SEQ_IDX=seq_idx is not None, num_warps=NUM_WARPS, maxnreg=MAX_REGS,
     )  # fmt: skip
     merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
     return out

@@ -47,23 +47,35 @@ class AttentionBackend(Protocol):
         ...
 
 
+# Score elements (float32) one block of the absorbed path may hold: keys per block are chosen to stay within it,
+# so memory never grows with the cached prefix.
+ABSORBED_SCORE_BUDGET = 1 << 26
+
+
 @dataclass
 class TorchPlan:
     """Index tensors of one step. S sequences, E = longest extend, L = longest sequence."""
 
     num_seqs: int
     max_extend_len: int
+    max_seq_len: int
+    page_size: int
     token_rows: torch.Tensor  # [T] int64, row of each token in the padded [S * E] query layout
-    kv_slots: torch.Tensor  # [S, L] int64, flat cache slot of each sequence's key positions 0..L-1
-    absorbed_mask: torch.Tensor  # [S, E, L] bool, key position <= query position
+    q_pos: torch.Tensor  # [S, E] int64, absolute position of each query row (padding rows: 0)
+    page_table: torch.Tensor  # [S, max_pages] int32
     expanded_mask: torch.Tensor  # [S, E, E] bool, causal within the new tokens, real keys only
 
 
 class TorchAttentionBackend:
-    """Reference attention in plain torch: pad the ragged batch per sequence and mask; no per-request loop."""
+    """Reference attention in plain torch: pad the ragged batch per sequence and mask; no per-request loop.
 
-    def __init__(self) -> None:
+    The absorbed form walks the keys in blocks with an online softmax, so its memory is bounded by the step's
+    queries and `score_budget`, not by the cached prefix (a long prompt's later chunks, a 128k context).
+    """
+
+    def __init__(self, score_budget: int = ABSORBED_SCORE_BUDGET) -> None:
         self._plan: TorchPlan | None = None
+        self.score_budget = score_budget
 
     def plan(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
@@ -80,16 +92,11 @@ class TorchAttentionBackend:
         # Padded query rows get position 0 so every softmax row has at least one key (no NaN); they are dropped.
         q_pos = torch.zeros(num_seqs * max_ext, dtype=torch.int64, device=device)
         q_pos[token_rows] = batch.positions
-        q_pos = q_pos.view(num_seqs, max_ext)
-        k_pos = torch.arange(max_len, device=device)  # [L]
-        page_size = batch.page_size
-        pages = batch.page_table[:, k_pos // page_size].to(torch.int64)  # [S, L]
-        kv_slots = pages * page_size + k_pos % page_size
-        absorbed_mask = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)
         e = torch.arange(max_ext, device=device)
         causal = e.view(1, -1) <= e.view(-1, 1)  # [E, E] key index <= query index
         expanded_mask = causal.unsqueeze(0) & (e.view(1, 1, -1) < ext.view(-1, 1, 1))
-        self._plan = TorchPlan(num_seqs, max_ext, token_rows, kv_slots, absorbed_mask, expanded_mask)
+        self._plan = TorchPlan(num_seqs, max_ext, max_len, batch.page_size, token_rows, q_pos.view(num_seqs, max_ext),
+                               batch.page_table, expanded_mask)
 
     def _current(self) -> TorchPlan:
         if self._plan is None:
@@ -108,18 +115,42 @@ class TorchAttentionBackend:
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
+    def key_block(self, num_rows: int) -> int:
+        """Keys per block of the absorbed path for `num_rows` = S * H * E query rows (at least 16)."""
+        return max(16, self.score_budget // max(num_rows, 1))
+
     def run_absorbed(
         self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # NOTE: the reference computes in float32 whatever the model dtype, as the fused kernels do.
         p = self._current()
         rank = q_latent.shape[-1]
-        kv = kv_cache_layer.view(-1, kv_cache_layer.shape[-1])[p.kv_slots].float()  # [S, L, C+R]
-        c_kv, k_pe = kv[..., :rank], kv[..., rank:]
         q_c, q_r = self._pad(q_latent.float(), p), self._pad(q_pe.float(), p)  # [S, E, H, C], [S, E, H, R]
-        scores = torch.einsum("sqhc,skc->shqk", q_c, c_kv) + torch.einsum("sqhr,skr->shqk", q_r, k_pe)
-        probs = self._softmax(scores * scale, p.absorbed_mask, torch.float32)  # [S, H, E, L]
-        out = torch.einsum("shqk,skc->sqhc", probs, c_kv)  # [S, E, H, C]
+        flat = kv_cache_layer.view(-1, kv_cache_layer.shape[-1])
+        block = self.key_block(p.num_seqs * q_latent.shape[1] * p.max_extend_len)
+        m: torch.Tensor | None = None  # [S, H, E] running max of the scores
+        l = acc = None  # running softmax sums [S, H, E], unnormalised output [S, H, E, C]
+        for k0 in range(0, p.max_seq_len, block):
+            k_pos = torch.arange(k0, min(k0 + block, p.max_seq_len), device=q_c.device)  # [K]
+            slots = p.page_table[:, k_pos // p.page_size].to(torch.int64) * p.page_size + k_pos % p.page_size
+            kv = flat[slots].float()  # [S, K, C+R]
+            c_kv, k_pe = kv[..., :rank], kv[..., rank:]
+            scores = torch.einsum("sqhc,skc->shqk", q_c, c_kv) + torch.einsum("sqhr,skr->shqk", q_r, k_pe)
+            mask = k_pos.view(1, 1, -1) <= p.q_pos.unsqueeze(-1)  # [S, E, K] key position <= query position
+            scores = (scores * scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+            if m is None:  # the first block holds key 0, which every query row sees: finite maxima
+                m = scores.amax(-1)
+                probs = torch.exp(scores - m.unsqueeze(-1))
+                l, acc = probs.sum(-1), torch.einsum("shqk,skc->shqc", probs, c_kv)
+                continue
+            assert l is not None and acc is not None
+            m_new = torch.maximum(m, scores.amax(-1))
+            alpha, probs = torch.exp(m - m_new), torch.exp(scores - m_new.unsqueeze(-1))
+            l = l * alpha + probs.sum(-1)
+            acc = acc * alpha.unsqueeze(-1) + torch.einsum("shqk,skc->shqc", probs, c_kv)
+            m = m_new
+        assert l is not None and acc is not None
+        out = (acc / l.unsqueeze(-1)).transpose(1, 2)  # [S, E, H, C]
         return out.reshape(-1, *out.shape[2:])[p.token_rows].to(q_latent.dtype)
 
     def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

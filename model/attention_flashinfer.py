@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from baleen.model.attention_triton import _ragged, absorbed_extend, expanded_prefill
+from baleen.model.attention import TorchAttentionBackend
+from baleen.model.attention_triton import _ragged, expanded_prefill
 from baleen.model.batch import ForwardBatch
 
 WORKSPACE_BYTES = 128 << 20
@@ -74,6 +75,8 @@ class FlashInferAttentionBackend:
         self._batch: ForwardBatch | None = None
         self._planned: Any = None  # the wrapper planned for the current batch, or None until first use
         self._active: Any = None  # the graph wrapper a capture or replay uses
+        self._fallback = TorchAttentionBackend()  # shapes FlashInfer's MLA is not built for
+        self._fallback_planned = False
         # CUDA graphs
         self._graph_page_table: torch.Tensor | None = None
         self._graph_seq_lens: torch.Tensor | None = None
@@ -85,6 +88,7 @@ class FlashInferAttentionBackend:
         self._batch = batch
         self._planned = None
         self._active = None
+        self._fallback_planned = False
 
     def _plan_wrapper(self, wrapper: Any, csr: _Csr, kv_indices: torch.Tensor, num_heads: int, scale: float,
                       dtype: torch.dtype, page_size: int, causal: bool) -> None:
@@ -106,7 +110,10 @@ class FlashInferAttentionBackend:
         if q_latent.shape[-1] != 512 or q_pe.shape[-1] != 64:
             # FlashInfer's MLA kernels are built for DeepSeek's 512 + 64; other shapes (tiny test models)
             # take the torch path.
-            return absorbed_extend(q_latent, q_pe, kv_cache_layer, b.page_table, scale, _ragged(b))
+            if not self._fallback_planned:
+                self._fallback.plan(b)
+                self._fallback_planned = True
+            return self._fallback.run_absorbed(q_latent, q_pe, kv_cache_layer, scale)
         wrapper = self._active
         if wrapper is None:
             if self._planned is None:

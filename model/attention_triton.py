@@ -1,9 +1,11 @@
 """GPU attention backends: Triton MLA decode (CUDA-graph capable), and the ragged paths they share.
 
-Decode (one new token per sequence) runs the Triton split-KV kernel over the paged latent cache. Prefill
-and extend batches run per sequence on torch's fused attention: expanded prefill through
-`scaled_dot_product_attention` (FlashAttention under the hood), extend over a cached prefix in the absorbed
-form, in query chunks so the score matrix stays bounded. Planning reads only host lists, never the device.
+Decode (one new token per sequence) runs the Triton split-KV kernel over the paged latent cache. A batch with a
+cached prefix that is not plain decode (a later chunk of a long prompt, a prompt after a prefix-cache hit, decode
+rows beside a prefill chunk) runs the same kernels in the absorbed form with every new token as a query row of its
+own causal length (`kernels/mla_extend.py`): one launch a layer for any number of sequences, memory independent
+of the prefix. Prefill without a prefix runs expanded per sequence through `scaled_dot_product_attention`
+(FlashAttention under the hood). Planning reads only host lists, never the device.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baleen.kernels.mla_extend import extend_rows
+from baleen.model.attention import TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
-
-EXTEND_QUERY_CHUNK = 512  # query rows per score block in the absorbed extend path
 
 
 @dataclass
@@ -54,40 +56,8 @@ def expanded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out
 
 
-def absorbed_extend(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
-    cache: torch.Tensor,
-    page_table: torch.Tensor,
-    scale: float,
-    r: _Ragged,
-) -> torch.Tensor:
-    """MQA of each sequence's new tokens over its whole cached sequence, causal by position."""
-    rank = q_latent.shape[2]
-    page_size = cache.shape[1]
-    flat = cache.view(-1, cache.shape[2])  # [num_pages * page_size, C + R]
-    out = torch.empty_like(q_latent)
-    for i in range(len(r.qo) - 1):
-        a, b, n_kv = r.qo[i], r.qo[i + 1], r.seq_lens[i]
-        if a == b:
-            continue
-        pos = torch.arange(n_kv, device=cache.device)
-        kv = flat[page_table[i, pos // page_size].to(torch.int64) * page_size + pos % page_size]  # [L, C + R]
-        kv = kv.to(q_latent.dtype)
-        c_kv, k_pe = kv[:, :rank], kv[:, rank:]
-        for s in range(a, b, EXTEND_QUERY_CHUNK):
-            e = min(b, s + EXTEND_QUERY_CHUNK)
-            # [H, n, L]: query j (absolute position prefix + j - a) sees keys 0..its position
-            scores = torch.einsum("thc,lc->htl", q_latent[s:e], c_kv) + torch.einsum("thr,lr->htl", q_pe[s:e], k_pe)
-            q_pos = r.prefix[i] + torch.arange(s - a, e - a, device=cache.device)
-            mask = pos[None, :] <= q_pos[:, None]  # [n, L]
-            probs = torch.softmax((scores.float() * scale).masked_fill(~mask, float("-inf")), dim=-1)
-            out[s:e] = torch.einsum("htl,lc->thc", probs.to(c_kv.dtype), c_kv)
-    return out
-
-
 class TritonAttentionBackend:
-    """Triton split-KV MLA decode; torch fused attention for prefill and extend.
+    """Triton split-KV MLA decode and absorbed extend; torch fused attention for prefill without a prefix.
 
     On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16, 64-multiple heads, 512 + 64,
     pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at 128 heads).
@@ -99,6 +69,9 @@ class TritonAttentionBackend:
         self._batch: ForwardBatch | None = None
         self._ragged: _Ragged | None = None
         self._decode = False
+        self._extend_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (seq_idx [T], kv_lens [T]) int32
+        self._fallback = TorchAttentionBackend()
+        self._fallback_planned = False
         self._num_kv_splits: int | None = None
         # CUDA-graph state: fixed-address page table and lengths every captured size reads
         self._graph_page_table: torch.Tensor | None = None
@@ -111,6 +84,11 @@ class TritonAttentionBackend:
         self._batch = batch
         self._decode = batch.is_decode and batch.has_prefix
         self._ragged = None if self._decode else _ragged(batch)
+        self._extend_rows = None
+        self._fallback_planned = False
+        if not self._decode and batch.has_prefix:
+            # [T] sequence of each new token, [T] keys it sees: computed once for every layer's launch
+            self._extend_rows = extend_rows(batch.qo_indptr, batch.seq_lens, batch.num_tokens)
         self._num_kv_splits = None
         if self._decode and self._decode_splits:
             fits = [bs for bs in self._decode_splits if bs >= batch.num_seqs]
@@ -136,8 +114,35 @@ class TritonAttentionBackend:
                 q_latent, q_pe.to(q_latent.dtype), kv_cache_layer, b.page_table, b.seq_lens, scale,
                 num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len,
             )  # fmt: skip
-        assert self._ragged is not None
-        return absorbed_extend(q_latent, q_pe, kv_cache_layer, b.page_table, scale, self._ragged)
+        if self._extend_rows is None or not self._kernel_takes(q_latent, kv_cache_layer):
+            return self._reference_absorbed(q_latent, q_pe, kv_cache_layer, scale)
+        seq_idx, kv_lens = self._extend_rows
+        q_pe = q_pe.to(q_latent.dtype)
+        if self._use_gluon(q_latent, q_pe, kv_cache_layer):
+            from baleen.kernels.mla_decode_gluon import mla_decode_gluon
+
+            return mla_decode_gluon(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale,
+                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx)  # fmt: skip
+        from baleen.kernels.mla_decode import mla_decode
+
+        return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
+                          seq_idx=seq_idx)  # fmt: skip
+
+    @staticmethod
+    def _kernel_takes(q_latent: torch.Tensor, cache: torch.Tensor) -> bool:
+        """The decode kernels read a cache of the activation dtype with power-of-two latent and rope widths."""
+        d_latent, d_rope = q_latent.shape[2], cache.shape[2] - q_latent.shape[2]
+        return cache.dtype == q_latent.dtype and not d_latent & (d_latent - 1) and not d_rope & (d_rope - 1)
+
+    def _reference_absorbed(
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """The torch backend's blocked absorbed attention (bounded memory): shapes or dtypes no kernel takes."""
+        assert self._batch is not None
+        if not self._fallback_planned:
+            self._fallback.plan(self._batch)
+            self._fallback_planned = True
+        return self._fallback.run_absorbed(q_latent, q_pe, cache, scale)
 
     def _use_gluon(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
         key = (q_latent.device, q_latent.shape[1], q_latent.shape[2], q_pe.shape[2], cache.shape[1], cache.dtype)

@@ -77,6 +77,29 @@ def test_mla_decode_gluon_strided_queries() -> None:
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None])
+def test_mla_decode_gluon_extend_rows(splits: int | None) -> None:
+    # Extend: every new token is a query row with its own causal length, reading its sequence's page-table row.
+    _need_hopper()
+    from baleen.kernels.mla_extend import extend_rows, mla_extend_ref
+
+    torch.manual_seed(11)
+    prefix, extend = [0, 700, 64, 1], [130, 3, 64, 1]
+    q_nope, q_pe, cache, table, _ = make_case([p + e for p, e in zip(prefix, extend)], 128, 64)
+    num_tokens = sum(extend)
+    q_nope = torch.randn(num_tokens, 128, D_LATENT, device="cuda").to(torch.bfloat16)
+    q_pe = torch.randn(num_tokens, 128, D_ROPE, device="cuda").to(torch.bfloat16)
+    qo = torch.tensor([0, *torch.tensor(extend).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([p + e for p, e in zip(prefix, extend)], dtype=torch.int32, device="cuda")
+    seq_idx, kv_lens = extend_rows(qo, lens, num_tokens)
+    out = mla_decode_gluon(q_nope, q_pe, cache, table, kv_lens, 0.0625, num_kv_splits=splits, seq_idx=seq_idx)
+    ref = mla_extend_ref(q_nope, q_pe, cache, table, qo, lens, 0.0625)
+    for i in range(len(prefix)):
+        a, b = int(qo[i]), int(qo[i + 1])
+        assert rel_err(out[a:b], ref[a:b]) < 1e-2, f"sequence {i} (prefix {prefix[i]}, extend {extend[i]})"
+
+
 def test_gluon_mla_decode_unsupported_on_cpu() -> None:
     assert not gluon_mla_decode_supported("cpu", 128, D_LATENT, D_ROPE, 64)
     q = torch.zeros(1, 128, D_LATENT, dtype=torch.bfloat16)
