@@ -1,9 +1,18 @@
 """Run the HTTP server: `python -m baleen.launch_server [flags]` (SGLang's entry-point name; the flags of `baleen serve`).
 
-`serve()` starts the engine, runs the Starlette app (api/server.py) under uvicorn on the caller's uvloop and
-closes the engine when uvicorn returns. Shutdown (SIGTERM/SIGINT): stop accepting, give in-flight requests
-`graceful_shutdown_s` to finish, abort the rest (each ends with finish_reason "abort"), close the engine and
-its processes, exit 0.
+`serve()` starts the engine (which returns once a warm-up generation went through the whole actor graph), runs
+the Starlette app (api/server.py) under uvicorn on the caller's uvloop, logs "baleen is ready" once uvicorn
+listens, and closes the engine when uvicorn returns. An engine that cannot start (a rank failed to build, the
+warm-up failed) is logged with its cause and gives exit code 1.
+
+Shutdown (SIGTERM/SIGINT): stop accepting, give in-flight requests `graceful_shutdown_s` to finish, abort the
+rest (each ends with finish_reason "abort"), close the engine and its processes, exit 0.
+
+Engine death (a rank process died, an engine actor failed; the engine has logged the cause at ERROR and ended
+every request in flight with an error): `Engine.wait_dead()` wakes `_exit_when_engine_dies`, which lets the
+streams send their error events, stops uvicorn (no new connections), closes the engine and exits 1 within a
+few seconds, for a supervisor to restart the server. `--stay-up-after-engine-death` keeps it up instead,
+answering 503 (/health too).
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ from baleen.api.server import ServerConfig, ServerState, create_app
 from baleen.model.logit_processors import LogitProcessorRegistry
 
 if TYPE_CHECKING:
-    from baleen.actors.engine import EngineConfig
+    from baleen.actors.engine import Engine, EngineConfig
 
 log = logging.getLogger("baleen.server")
+# After the engine died: how long streams get to send the error events they already hold, and then how long
+# uvicorn waits for connections to close; with the engine's close, the process exits well within 5 s.
+ENGINE_DEATH_DRAIN_S = 1.0
 
 
 class UvicornServer(uvicorn.Server):
@@ -37,6 +49,7 @@ class UvicornServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self.engine_died = False  # set by _exit_when_engine_dies: shut down at once, exit code 1
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -57,12 +70,14 @@ class UvicornServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         self.state.draining = True
-        log.info("shutting down: %d request(s) in flight get %.1f s to finish", len(self.state.inflight),
-                 self.state.config.graceful_shutdown_s)
+        grace = self.state.config.graceful_shutdown_s
+        if self.engine_died:  # every request already has its error: nothing is left to finish
+            grace = 0.0
+            self.config.timeout_graceful_shutdown = int(ENGINE_DEATH_DRAIN_S)
+        log.info("shutting down: %d request(s) in flight get %.1f s to finish", len(self.state.inflight), grace)
         loop = asyncio.get_running_loop()
         aborts: list[asyncio.Future[None]] = []
-        timer = loop.call_later(self.state.config.graceful_shutdown_s,
-                                lambda: aborts.append(asyncio.ensure_future(self.state.abort_all())))
+        timer = loop.call_later(grace, lambda: aborts.append(asyncio.ensure_future(self.state.abort_all())))
         try:
             await super().shutdown(sockets)
         finally:
@@ -86,12 +101,30 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
 async def _announce(server: UvicornServer, state: ServerState) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
+    if not state.can_serve:  # the engine died while uvicorn was starting
+        return
     url = server.bound_url()
     log.info("baleen is ready: serving %r at %s/v1 (health: %s/health)", state.model_name, url, url)
 
 
+async def _exit_when_engine_dies(server: UvicornServer, engine: Engine) -> None:
+    """Once the engine died, stop serving (exit code 1), unless --stay-up-after-engine-death keeps it up."""
+    cause = await engine.wait_dead()
+    state = server.state
+    if state.config.stay_up_after_engine_death:
+        log.error("the engine died (%s); the server stays up and answers 503 (--stay-up-after-engine-death)", cause)
+        return
+    log.error("the engine died (%s); the server exits with code 1 for a supervisor to restart it", cause)
+    server.engine_died = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ENGINE_DEATH_DRAIN_S
+    while state.inflight and loop.time() < deadline:  # routes turn the error outputs they hold into answers
+        await asyncio.sleep(0.01)
+    server.should_exit = True
+
+
 async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
-    """Start the engine, serve HTTP until SIGTERM/SIGINT, close the engine; returns the exit code.
+    """Start the engine, serve HTTP until SIGTERM/SIGINT (exit code 0) or the engine's death (1), close the engine.
 
     ValueError (a bad template, processor spec or engine setting) propagates for the caller to report.
     """
@@ -116,11 +149,13 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int
         state = ServerState(engine, server_config, template, processors)
         server = UvicornServer(uvicorn_config(create_app(state), server_config), state)
         announce = asyncio.ensure_future(_announce(server, state))
+        watch = asyncio.ensure_future(_exit_when_engine_dies(server, engine))
         try:
             await server.serve()
         finally:
             announce.cancel()
-        return 0 if server.started else 1
+            watch.cancel()
+        return 0 if server.started and not server.engine_died else 1
     finally:
         await engine.close()
         log.info("engine closed")

@@ -10,8 +10,13 @@ per rank of this node (`worker.rank_main`); rank 0's runs the scheduler next to 
 through an in-process channel, so planning step N+1 overlaps the GPU running step N). Frontend and rank 0
 talk through shared-memory rings, and so do rank 0 and the other ranks of its node (plans out, results
 back from DP-group leaders). Ranks on other nodes are started by `run_node` there and reach rank 0 over
-TCP; tensors move between ranks through torch.distributed (model/parallel.py). Any rank process dying
-fails every request at once and marks the engine unhealthy.
+TCP; tensors move between ranks through torch.distributed (model/parallel.py).
+
+`start` returns only after one warm-up generation went through the whole graph (on CUDA it also compiles
+the kernels the first request needs); a failed warm-up makes `start` raise with the cause. A rank process
+dying, or an actor failing in-process, is the engine's death: it is logged at ERROR with its cause, every
+request in flight ends with an error, the engine turns unhealthy for good, and `wait_dead()` returns the
+cause (the HTTP server exits on it, see launch_server.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
+import time
 import uuid
 from array import array
 from collections.abc import AsyncIterator, Sequence
@@ -56,6 +63,9 @@ from baleen.model.config import ModelConfig
 from baleen.model.parallel import dist_init, rank_layout
 
 log = logging.getLogger("baleen.engine")
+# The first request on CUDA JIT-compiles the kernels it uses; at V3 sizes, on a cold Triton cache, that can
+# take minutes, so the warm-up's limit is generous: it catches a hang, not a slow compile.
+WARMUP_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +275,7 @@ class Engine:
         self.max_context_len = self._plan.worker.max_context_len
         self.metrics: dict[str, float] = {}
         self.error: str | None = None  # set when the engine can no longer serve
+        self._dead = asyncio.Event()  # set with `error`
         self._requests: dict[str, RequestState] = {}
         self._inbox: LocalChannel = LocalChannel()
         self._to_scheduler: Channel | None = None
@@ -290,6 +301,7 @@ class Engine:
         engine = cls(config, path, model_config, Tokenizer.from_file(str(tok_file)))
         try:
             await engine._start()
+            await engine._warm_up()
         except BaseException:
             await engine.close()
             raise
@@ -357,12 +369,41 @@ class Engine:
             exits = [d.result() for d in deaths if d in done]
             if not exits:
                 raise EngineDead("rank 0 closed its channel during start-up without exiting")
-            why = exits[0].error or f"exit code {exits[0].exitcode}"
+            why = exits[0].error or _exit_cause(exits[0])
             raise EngineDead(f"the rank process {exits[0].name} failed during start-up:\n{why}")
         msg = waiter.result()
         if not isinstance(msg, WorkerReady):
             raise EngineDead(f"the worker process sent {type(msg).__name__} instead of WorkerReady")
         return msg
+
+    async def _warm_up(self) -> None:
+        """One short greedy generation per DP rank through the whole graph; EngineDead when one fails.
+
+        NOTE: the warm-up is start-up work, like CUDA graph capture, not a served request: it never reaches
+        the HTTP frontend's counters, and its `warmup` flag keeps it out of the scheduler's statistics
+        (prompt and generated tokens, cache hit rate, throughput) and its pages out of the prefix cache, so
+        what /metrics and `cached_tokens` report after start-up is about the users' requests alone.
+        """
+        started = time.perf_counter()
+        # A few prompt tokens (any ids of the vocabulary do) and two greedy new ones: a prefill and a decode.
+        num_new = 2
+        num_prompt = max(1, min(4, self.max_context_len - num_new))
+        prompt = array("i", [(17 + 31 * i) % self.model_config.vocab_size for i in range(num_prompt)]).tobytes()
+        sampling = SamplingParams(max_new_tokens=num_new, temperature=0.0, ignore_eos=True)
+        # Requests go to the least loaded DP rank: one each, so every rank's attention runs a real batch.
+        warmups = [
+            self._stream(GenerateRequest(rid=f"warmup-{d}-{uuid.uuid4().hex}", input_ids=prompt, sampling=sampling,
+                                         warmup=True))
+            for d in range(self._plan.scheduler.num_dp)
+        ]
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*(_last(w) for w in warmups)), WARMUP_TIMEOUT_S)
+        except TimeoutError:
+            raise EngineDead(f"the warm-up generation did not finish within {WARMUP_TIMEOUT_S:.0f} s") from None
+        for out in outs:
+            if out.finish_reason == "error" or not out.finished:
+                raise EngineDead(f"the warm-up generation failed: {out.error or out.finish_reason}")
+        log.info("warm-up generation done in %.2f s", time.perf_counter() - started)
 
     async def _supervise(self) -> None:
         try:
@@ -370,19 +411,24 @@ class Engine:
         except (asyncio.CancelledError, ChannelClosed):
             pass
         except Exception as e:
-            log.exception("engine actor failed")
-            self._fail_all(f"the engine failed: {e}")
+            if self.error is None:  # else a rank died first, and this is how its channel's end showed up
+                log.exception("an engine actor failed; the engine cannot serve any more")
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
 
     def _on_child_exit(self, exit: ChildExit) -> None:
         if self._closing or self.error is not None:
             return
-        detail = exit.error.strip().splitlines()[-1] if exit.error else f"exit code {exit.exitcode}"
-        self._fail_all(f"the worker process {exit.name} (pid {exit.pid}) died: {detail}")
+        message = f"the worker process {exit.name} (pid {exit.pid}) died: {_exit_cause(exit)}"
+        # Before the actors run, start() raises with the whole traceback; after, this log is where it shows.
+        running = self._supervisor is not None and exit.error is not None
+        log.error("%s%s", message, f"\n{exit.error}".rstrip() if running else "")
+        self._fail_all(message)
         for child in self._children:
             child.kill()  # the others would wait in a collective for the dead rank until --dist-timeout
 
     def _fail_all(self, message: str) -> None:
         self.error = self.error or message
+        self._dead.set()
         for rid, state in list(self._requests.items()):
             if not state.finished:
                 state.finished = True
@@ -440,6 +486,16 @@ class Engine:
     def healthy(self) -> bool:
         return self.error is None and not self._closing
 
+    async def wait_dead(self) -> str:
+        """Wait until the engine can no longer serve (a rank process died, an actor failed); return why.
+
+        Requests in flight have their error outputs by then. Never returns for an engine that is closed
+        without having died.
+        """
+        await self._dead.wait()
+        assert self.error is not None
+        return self.error
+
     async def generate(
         self,
         prompt: str | Sequence[int],
@@ -457,22 +513,28 @@ class Engine:
         rid = rid or uuid.uuid4().hex
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        if not self.healthy:
-            raise EngineDead(self.error or "the engine is closed")
         if not isinstance(prompt, str):
             vocab = self.model_config.vocab_size
             bad = next((t for t in prompt if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
+        if isinstance(prompt, str):
+            msg = GenerateRequest(rid=rid, text=prompt, sampling=sampling)
+        else:
+            msg = GenerateRequest(rid=rid, input_ids=array("i", prompt).tobytes(), sampling=sampling)
+        async for out in self._stream(msg):
+            yield out
+
+    async def _stream(self, msg: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Submit `msg` and yield its outputs until it finishes; abort it if the caller leaves early."""
+        if not self.healthy:
+            raise EngineDead(self.error or "the engine is closed")
+        rid, sampling = msg.rid, msg.sampling
         state = RequestState(
             RequestDecoder(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens, stop=sampling.stop),
             asyncio.Queue(),
         )
         self._requests[rid] = state
-        if isinstance(prompt, str):
-            msg = GenerateRequest(rid=rid, text=prompt, sampling=sampling)
-        else:
-            msg = GenerateRequest(rid=rid, input_ids=array("i", prompt).tobytes(), sampling=sampling)
         try:
             await self._inbox.send(msg)
             while True:
@@ -509,3 +571,21 @@ class Engine:
             "metrics": self.metrics,
             "healthy": self.healthy,
         }
+
+
+def _exit_cause(exit: ChildExit) -> str:
+    """How a rank process ended, in a few words: its exception's last line, the signal, or the exit code."""
+    if exit.error:
+        return exit.error.strip().splitlines()[-1]
+    if exit.exitcode is not None and exit.exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exit.exitcode).name}"
+    return f"exit code {exit.exitcode}"
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The last output of a stream."""
+    last = RequestOutput(rid="", finish_reason="error", error="no output")
+    async for last in outputs:  # noqa: B007
+        pass
+    return last

@@ -78,6 +78,7 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     text: str | None = None
     input_ids: bytes | None = None  # int32
     sampling: SamplingParams = SamplingParams()
+    warmup: bool = False  # start-up's own request (Engine._warm_up): in no statistic, nothing left in the cache
 
 
 class NewRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -87,6 +88,7 @@ class NewRequest(msgspec.Struct, tag=True, kw_only=True):
     input_ids: bytes  # int32
     sampling: SamplingParams
     arrival_time: float = 0.0
+    warmup: bool = False  # see GenerateRequest.warmup
 
 
 class AbortRequest(msgspec.Struct, tag=True):

@@ -103,6 +103,7 @@ class Req:
     planned_step: int = -1  # last step with a row for this request
     cached_tokens: int | None = None  # prompt tokens served by the radix cache at first admission
     finished: bool = False
+    warmup: bool = False  # start-up's own request: counted in no statistic, its pages never cached
 
     @property
     def max_new_tokens(self) -> int:
@@ -168,7 +169,8 @@ class Scheduler:
         stop_ids = frozenset(req.sampling.stop_token_ids)
         if not req.sampling.ignore_eos:
             stop_ids |= self._eos
-        state = Req(rid=req.rid, sampling=req.sampling, prompt=prompt, max_len=max_len, stop_ids=stop_ids)
+        state = Req(rid=req.rid, sampling=req.sampling, prompt=prompt, max_len=max_len, stop_ids=stop_ids,
+                    warmup=req.warmup)
         self._requests[req.rid] = state
         self.waiting.append(state)
 
@@ -302,8 +304,9 @@ class Scheduler:
         self._next_admit_seq += 1
         if req.cached_tokens is None:  # count the first admission only, not re-prefills after preemption
             req.cached_tokens = match.matched_len
-            self.num_prompt_tokens += len(req.prompt)
-            self.num_cached_prompt_tokens += match.matched_len
+            if not req.warmup:
+                self.num_prompt_tokens += len(req.prompt)
+                self.num_cached_prompt_tokens += match.matched_len
         out = array("i", req.output).tobytes()
         b.new_slots.append(SlotInit(req.slot, req.rid, req.sampling, req.prompt.tobytes(), out))
         b.page_updates.append(PageUpdate(req.slot, 0, array("i", req.pages).tobytes()))
@@ -378,7 +381,7 @@ class Scheduler:
         ps = self.config.page_size
         for req in reqs:
             num = min(req.kv_len, len(req.fill)) // ps
-            if req.slot is None or num <= req.num_cached_pages:
+            if req.warmup or req.slot is None or num <= req.num_cached_pages:
                 continue
             tokens = req.fill[: num * ps]
             if len(self.cache.peek(tokens)) != req.num_cached_pages:
@@ -396,7 +399,7 @@ class Scheduler:
         known = req.all_tokens()
         # Latents exist (or will, once the plans in flight ran) for positions < kv_len; the host knows the
         # token ids of positions < len(known).
-        num = min(req.kv_len, len(known)) // self.config.page_size
+        num = 0 if req.warmup else min(req.kv_len, len(known)) // self.config.page_size
         res = self.cache.insert(known[: num * self.config.page_size], req.pages[:num])
         self.cache.unlock(req.node)
         self.allocator.free(res.duplicates + req.pages[num:])
@@ -429,6 +432,7 @@ class Scheduler:
         top_ids, top_lps = _unpack("i", result.top_ids), _unpack("f", result.top_logprobs)
         k = result.top_k
         deltas: list[TokenDelta] = []
+        num_generated = 0  # tokens of served requests (not of warm-ups)
         errors = dict(result.errors)
         for i, req in enumerate(reqs):
             req.num_inflight -= 1
@@ -452,9 +456,10 @@ class Scheduler:
             if reason is not None:
                 self._finish(req)
             deltas.append(self._delta(req, [token], lps, tops, reason, matched))
+            num_generated += not req.warmup
         now = self._clock()
-        self._gen_window.append((now, len(deltas)))
-        self.num_generated_tokens += len(deltas)
+        self._gen_window.append((now, num_generated))
+        self.num_generated_tokens += num_generated
         self.last_step_time = result.forward_time
         return deltas
 

@@ -28,12 +28,10 @@ class TokenizerActor(Actor[list[Message], None]):
         now = time.time()
         for msg in messages:
             match msg:
-                case GenerateRequest(input_ids=None):
-                    ids = array("i", next(encoded).ids).tobytes()
-                    out.append(NewRequest(rid=msg.rid, input_ids=ids, sampling=msg.sampling, arrival_time=now))
                 case GenerateRequest():
-                    assert msg.input_ids is not None
-                    out.append(NewRequest(rid=msg.rid, input_ids=msg.input_ids, sampling=msg.sampling, arrival_time=now))
+                    ids = array("i", next(encoded).ids).tobytes() if msg.input_ids is None else msg.input_ids
+                    out.append(NewRequest(rid=msg.rid, input_ids=ids, sampling=msg.sampling, arrival_time=now,
+                                          warmup=msg.warmup))
                 case AbortRequest():
                     out.append(msg)  # keeps aborts ordered after the request they abort
                 case _:

@@ -197,7 +197,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         served_model_name=args.served_model_name or args.model_path or "default",
                         chat_template=args.chat_template, reasoning_parser=args.reasoning_parser,
                         tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_size,
-                        graceful_shutdown_s=args.graceful_shutdown_timeout, log_level=args.log_level)
+                        graceful_shutdown_s=args.graceful_shutdown_timeout, log_level=args.log_level,
+                        stay_up_after_engine_death=args.stay_up_after_engine_death)
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -229,6 +230,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graceful-shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get before they are aborted (default 5)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    g.add_argument("--stay-up-after-engine-death", action="store_true",
+                   help="when a worker process dies (or an engine actor fails), keep the server up answering 503 "
+                        "(default: log the cause and exit with code 1 within 5 s, for a supervisor to restart it)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tp", "--tp-size", dest="tp_size", type=int, default=1)
     g.add_argument("--dp", "--dp-size", dest="dp_size", type=int, default=1)

@@ -60,6 +60,9 @@ class ServerConfig:
     graceful_shutdown_s: float = 5.0
     retry_after_s: int = 1
     log_level: str = "info"
+    # When the engine dies (a worker process died, an engine actor failed): False exits the server with code 1
+    # within seconds, for a supervisor to restart it; True keeps it up, answering 503 (/health included).
+    stay_up_after_engine_death: bool = False
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import RequestOutput, SamplingParams
+from baleen.actors.engine import Engine, EngineConfig, EngineDead
+from baleen.actors.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.model.make_model import default_model_path
+from baleen.model.runner import ModelRunner, PendingStep
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -135,7 +137,9 @@ def test_abort_and_early_exit_free_pages(model_path: str) -> None:
     asyncio.run(main())
 
 
-def test_killed_worker_fails_requests_fast_and_engine_is_unhealthy(model_path: str) -> None:
+def test_killed_worker_fails_requests_fast_and_engine_is_unhealthy(
+    model_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         engine = await Engine.start(EngineConfig(model_path=model_path, multiprocess=True))
         try:
@@ -156,13 +160,73 @@ def test_killed_worker_fails_requests_fast_and_engine_is_unhealthy(model_path: s
             errors = [o for o in outs if o.finish_reason == "error"]
             assert len(errors) == 3 and all("died" in (o.error or "") for o in errors)
             assert not engine.healthy
+            assert "killed by SIGKILL" in await asyncio.wait_for(engine.wait_dead(), 1.0)
             with pytest.raises(RuntimeError):
                 async for _ in engine.generate("after death"):
                     pass
         finally:
             await engine.close()
 
+    with caplog.at_level(logging.ERROR, logger="baleen.engine"):
+        asyncio.run(main())
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "baleen-rank0" in record.getMessage() and "killed by SIGKILL" in record.getMessage()
+
+
+def _fail_launches(monkeypatch: pytest.MonkeyPatch, after: int) -> list[StepPlan]:
+    """Make the in-process model runner raise on every step after the first `after`; the steps it ran."""
+    launched: list[StepPlan] = []
+    launch = ModelRunner.launch
+
+    def failing(self: ModelRunner, plan: StepPlan) -> PendingStep:
+        if len(launched) >= after:
+            raise RuntimeError("injected step failure")
+        launched.append(plan)
+        return launch(self, plan)
+
+    monkeypatch.setattr(ModelRunner, "launch", failing)
+    return launched
+
+
+def test_warm_up_runs_before_start_returns_and_leaves_no_trace(
+    model_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched = _fail_launches(monkeypatch, after=1000)
+
+    async def main() -> None:
+        # page_size 1: any token the warm-up left in the prefix cache would be a cached page
+        async with await Engine.start(EngineConfig(model_path=model_path, page_size=1)) as engine:
+            assert len(launched) >= 2  # its prefill and its decode ran inside start()
+            await asyncio.sleep(0.4)  # the scheduler's metrics report after the warm-up
+            m = engine.metrics
+            assert m["num_cached_pages"] == 0 and m["num_used_pages"] == 0
+            assert m["cache_hit_rate"] == 0 and m["gen_throughput"] == 0
+            ids, _, last = await _collect(engine, [5, 6, 7], SamplingParams(max_new_tokens=3, **GREEDY))  # type: ignore[arg-type]
+            assert len(ids) == 3 and last.cached_tokens == 0
+
     asyncio.run(main())
+
+
+def test_failed_warm_up_fails_start_with_the_cause(model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_launches(monkeypatch, after=0)
+    with pytest.raises(EngineDead, match=r"warm-up generation failed: .*RuntimeError: injected step failure"):
+        asyncio.run(Engine.start(EngineConfig(model_path=model_path)))
+
+
+def test_failed_actor_is_the_engines_death(
+    model_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with await Engine.start(EngineConfig(model_path=model_path)) as engine:
+            _fail_launches(monkeypatch, after=0)
+            ids, _, last = await _collect(engine, "doomed", SamplingParams(max_new_tokens=4, **GREEDY))  # type: ignore[arg-type]
+            assert ids == [] and last.finish_reason == "error" and "injected step failure" in (last.error or "")
+            assert "injected step failure" in await asyncio.wait_for(engine.wait_dead(), 1.0)
+            assert not engine.healthy
+
+    with caplog.at_level(logging.ERROR, logger="baleen.engine"):
+        asyncio.run(main())
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)  # logged with its traceback
 
 
 def _shm_segments() -> set[str]:
