@@ -163,6 +163,8 @@ class StepResult(msgspec.Struct, tag=True, kw_only=True):
     forward_time: float = 0.0  # seconds the worker spent on the step
     # (sampled row, message) for requests whose custom logit processor failed: only they end, with an error
     errors: list[tuple[int, str]] = []
+    # Why the step could not run (the GPU ran out of memory); its requests end with an error, the engine goes on
+    failed: str | None = None
 
 
 class WorkerReady(msgspec.Struct, tag=True, kw_only=True):

@@ -4,12 +4,16 @@ Pure Python (no torch): the SchedulerActor feeds it NewRequest/AbortRequest/Step
 StepPlans and TokenDeltas it returns. One step mixes decode rows (one token each, read from the slot on the
 device) with prefill chunks of at most `chunked_prefill_size` tokens in total.
 
-NOTE: workers execute plans strictly in order. That is what makes three things safe while up to two plans
+NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
-plan N reads and writes them before plan N+1 overwrites them; (2) pages inserted into the radix cache by
-plan N may be matched by plan N+1, which runs after plan N wrote them; (3) a slot freed after plan N may be
+plan N reads and writes them before plan N+1 overwrites them; (2) a slot freed after plan N may be
 re-initialised in plan N+1. Result rows are mapped to requests through the stored plan, never by slot, so a
 row of a request that finished (or was aborted) in the meantime is simply dropped.
+
+NOTE: the radix cache only ever holds pages whose latents a *finished* step wrote (`Req.done_len`): pages enter
+it when their step's result arrives or when their request ends, never when a plan is sent. So a step that fails
+(the GPU ran out of memory) leaves nothing half-written for another request to match: its requests end with an
+error, every other request goes on, and the cache stays consistent.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Req:
     num_cached_pages: int = 0  # leading pages owned by the radix cache, locked through `node`
     node: RadixNode | None = None
     kv_len: int = 0  # tokens whose latents are written, counting plans in flight
+    done_len: int = 0  # tokens whose latents finished steps wrote (what may enter the radix cache)
     num_inflight: int = 0  # sampled rows in plans whose results have not arrived
     admit_seq: int = 0  # larger = admitted more recently (the preemption victim order)
     planned_step: int = -1  # last step with a row for this request
@@ -122,8 +127,17 @@ class _PlanBuilder:
     new_slots: list[SlotInit] = field(default_factory=list)
     page_updates: list[PageUpdate] = field(default_factory=list)
     sampled: list[Req] = field(default_factory=list)  # requests of the sampled rows, in row order
-    prefilled: list[Req] = field(default_factory=list)
+    writes: list[tuple[Req, int, int]] = field(default_factory=list)  # every row: (request, admit_seq, kv end)
     preempted: bool = False
+
+
+@dataclass
+class _InFlight:
+    """A plan sent, its result not yet processed."""
+
+    step_id: int
+    sampled: list[Req]  # requests of its sampled rows, in row order
+    writes: list[tuple[Req, int, int]]  # (request, its admit_seq then, kv length once the step ran) per row
 
 
 class Scheduler:
@@ -140,7 +154,7 @@ class Scheduler:
         self._requests: dict[str, Req] = {}  # every live request, waiting or running
         self._free_slots = list(range(config.max_running_requests - 1, -1, -1))
         self._freed_slots: list[int] = []  # slots to clear in the next plan
-        self._inflight: deque[tuple[int, list[Req]]] = deque()  # (step_id, requests of its sampled rows)
+        self._inflight: deque[_InFlight] = deque()
         self._next_step_id = 0
         self._next_admit_seq = 0
         self._eos = frozenset(config.eos_token_ids)
@@ -149,6 +163,7 @@ class Scheduler:
         self._start_time = clock()
         self._gen_window: deque[tuple[float, int]] = deque()
         self.num_preemptions = 0
+        self.num_failed_steps = 0
         self.num_prefill_tokens = 0  # prefill tokens planned since start (cache hits excluded)
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
@@ -238,9 +253,7 @@ class Scheduler:
         plan = StepPlan(step_id=b.step_id, rows=b.rows, new_slots=b.new_slots, page_updates=b.page_updates,
                         freed_slots=self._freed_slots)
         self._freed_slots = []
-        self._inflight.append((b.step_id, b.sampled))
-        # After every admission of this step, so that only later plans can match these pages.
-        self._cache_prefilled(b.prefilled)
+        self._inflight.append(_InFlight(b.step_id, b.sampled, b.writes))
         return plan
 
     def _schedule_decodes(self, b: _PlanBuilder) -> None:
@@ -256,6 +269,7 @@ class Scheduler:
             req.num_inflight += 1
             req.kv_len += 1
             req.planned_step = b.step_id
+            b.writes.append((req, req.admit_seq, req.kv_len))
 
     def _schedule_prefills(self, b: _PlanBuilder) -> None:
         cfg = self.config
@@ -296,7 +310,7 @@ class Scheduler:
         num = min(len(fill) - match.matched_len, budget)
         new_pages = self._evict_and_alloc(self.allocator.pages_for(match.matched_len + num) - len(match.pages))
         assert new_pages is not None, "admission checked free + evictable pages"
-        req.fill, req.kv_len, req.node = fill, match.matched_len, match.node
+        req.fill, req.kv_len, req.done_len, req.node = fill, match.matched_len, match.matched_len, match.node
         req.pages = match.pages + new_pages
         req.num_cached_pages = len(match.pages)
         req.slot = self._free_slots.pop()
@@ -324,7 +338,7 @@ class Scheduler:
             req.num_inflight += 1
         req.kv_len += num
         req.planned_step = b.step_id
-        b.prefilled.append(req)
+        b.writes.append((req, req.admit_seq, req.kv_len))
         self.num_prefill_tokens += num
 
     def _future_pages(self, req: Req) -> int:
@@ -370,17 +384,17 @@ class Scheduler:
         self._release(req)
         self.running.remove(req)
         self.waiting.appendleft(req)
-        req.fill, req.kv_len = array("i"), 0  # re-prefilled from prompt + output when re-admitted
+        req.fill, req.kv_len, req.done_len = array("i"), 0, 0  # re-prefilled from prompt + output when re-admitted
         self.num_preemptions += 1
         b.preempted = True
 
     def _cache_prefilled(self, reqs: list[Req]) -> None:
-        """Insert the full pages each request prefilled into the radix cache and lock them for it."""
+        """Insert the full pages finished steps prefilled for each request into the radix cache; lock them for it."""
         if not self.cache.enabled:
             return
         ps = self.config.page_size
         for req in reqs:
-            num = min(req.kv_len, len(req.fill)) // ps
+            num = min(req.done_len, len(req.fill)) // ps
             if req.warmup or req.slot is None or num <= req.num_cached_pages:
                 continue
             tokens = req.fill[: num * ps]
@@ -397,9 +411,9 @@ class Scheduler:
         """Hand a running request's computed full pages to the cache, free the rest and its slot."""
         assert req.slot is not None and req.node is not None
         known = req.all_tokens()
-        # Latents exist (or will, once the plans in flight ran) for positions < kv_len; the host knows the
-        # token ids of positions < len(known).
-        num = 0 if req.warmup else min(req.kv_len, len(known)) // self.config.page_size
+        # Finished steps wrote the latents of positions < done_len (plans in flight may write more, or fail); the
+        # host knows the token ids of positions < len(known).
+        num = 0 if req.warmup else min(req.done_len, len(known)) // self.config.page_size
         res = self.cache.insert(known[: num * self.config.page_size], req.pages[:num])
         self.cache.unlock(req.node)
         self.allocator.free(res.duplicates + req.pages[num:])
@@ -422,9 +436,16 @@ class Scheduler:
         """Append a step's sampled tokens, finish requests that stop; one TokenDelta per request that got one."""
         if not self._inflight:
             raise ValueError(f"result of step {result.step_id} arrived but no plan is in flight")
-        step_id, reqs = self._inflight.popleft()
+        step = self._inflight.popleft()
+        step_id, reqs = step.step_id, step.sampled
         if result.step_id != step_id:
             raise ValueError(f"result of step {result.step_id} arrived while step {step_id} was expected")
+        if result.failed is not None:
+            return self._fail_step(step, result.failed)
+        live = [req for req, seq, end in step.writes if self._current(req, seq) and end > req.done_len]
+        for req, seq, end in step.writes:
+            if self._current(req, seq):
+                req.done_len = max(req.done_len, end)
         tokens = _unpack("i", result.token_ids)
         if tokens is None or len(tokens) != len(reqs):
             raise ValueError(f"step {step_id} sampled {len(reqs)} rows but the result has {len(result.token_ids) // 4}")
@@ -461,6 +482,31 @@ class Scheduler:
         self._gen_window.append((now, num_generated))
         self.num_generated_tokens += num_generated
         self.last_step_time = result.forward_time
+        self._cache_prefilled([req for req in live if not req.finished])
+        return deltas
+
+    @staticmethod
+    def _current(req: Req, admit_seq: int) -> bool:
+        """Whether `req` still runs in the admission a plan row was made for (not finished, not preempted since)."""
+        return not req.finished and req.slot is not None and req.admit_seq == admit_seq
+
+    def _fail_step(self, step: _InFlight, message: str) -> list[TokenDelta]:
+        """A step the workers could not run (out of memory): its requests end with an error, nothing else does.
+
+        Their pages go back with only what earlier steps finished cached (`done_len`); rows they have in the
+        plan in flight after this one run on the workers but their results are dropped.
+        """
+        deltas: list[TokenDelta] = []
+        for req in step.sampled:
+            req.num_inflight -= 1
+        for req, seq, _ in step.writes:
+            if not self._current(req, seq):
+                continue  # already ended, or preempted since: its next admission recomputes everything
+            self._finish(req)
+            delta = self._delta(req, [], None, None, "error", None)
+            delta.error, delta.error_kind = message, "overloaded"
+            deltas.append(delta)
+        self.num_failed_steps += 1
         return deltas
 
     def _check_stop(self, req: Req, token: int) -> tuple[str | None, int | None]:
@@ -497,6 +543,7 @@ class Scheduler:
             "gen_throughput": gen_tokens / span if span > 0 else 0.0,
             "last_step_time": self.last_step_time,
             "num_preemptions": self.num_preemptions,
+            "num_failed_steps": self.num_failed_steps,
             "num_inflight_plans": len(self._inflight),
         }
 

@@ -256,6 +256,8 @@ class ParallelRunner(ModelRunner):
     deterministic given its per-request seed, so they pick the same tokens; `check_sampling` verifies it.
     """
 
+    recovers_from_oom = False  # see ModelRunner.recovers_from_oom
+
     def __init__(self, *args: Any, groups: ParallelGroups, check_sampling: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.groups = groups

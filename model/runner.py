@@ -13,6 +13,7 @@ rows and rows whose token is not kept point at it.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class PendingStep:
     started: float
     sampled_slots: list[int] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (sampled row, message)
+    failed: str | None = None  # the step could not run (out of memory): every request in it fails
 
 
 class _FailedProcessor:
@@ -80,6 +82,9 @@ class _Guarded:
         except Exception as e:
             self.errors.append((self.row, f"the custom logit processor failed: {e}"))
             return logits
+
+
+log = logging.getLogger("baleen.runner")
 
 
 def _i32(b: bytes) -> np.ndarray:
@@ -241,11 +246,34 @@ class ModelRunner:
                     r.slot if r.sample else self.scratch_slot)  # fmt: skip
         return host
 
+    # A single-rank runner survives a step that runs out of memory: that step's requests fail, the rest go on.
+    # NOTE: ranks of a multi-rank model cannot: the others would wait in a collective the failed rank never
+    # joins, so there the error propagates and the rank dies (the engine reports it and exits).
+    recovers_from_oom = True
+
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
-        """Apply slot changes, run the forward and the sampler; the results stay on the device."""
+        """Apply slot changes, run the forward and the sampler; the results stay on the device.
+
+        Running out of device memory fails the step (`PendingStep.failed`), not the runner, where it can
+        recover (`recovers_from_oom`): the slot changes stay applied, the memory the step took is released.
+        """
         started = time.perf_counter()
         self._apply_slot_changes(plan)
+        try:
+            return self._launch(plan, started)
+        except torch.OutOfMemoryError as e:
+            if not self.recovers_from_oom:
+                raise
+            message = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            failed = (f"step {plan.step_id} ran out of device memory ({sum(r.extend_len for r in plan.rows)} tokens "
+                      f"in {len(plan.rows)} rows): {message}")
+        log.error("%s; its requests fail, the engine goes on", failed)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the step's activations are garbage now; give their blocks back
+        return PendingStep(plan.step_id, 0, {}, None, 0, started, failed=failed)
+
+    def _launch(self, plan: StepPlan, started: float) -> PendingStep:
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
         top_k = 0
@@ -324,6 +352,9 @@ class ModelRunner:
         """Wait for the step's copies (the step's one host sync) and package the result."""
         if pending.event is not None:
             pending.event.synchronize()
+        if pending.failed is not None:
+            return StepResult(step_id=pending.step_id, token_ids=b"", failed=pending.failed,
+                              forward_time=time.perf_counter() - pending.started)
         h = pending.host
         ids = h["token_ids"].numpy() if "token_ids" in h else np.zeros(0, dtype=np.int32)
         if self.slot_procs:  # processors see every earlier token: keep their histories on the host

@@ -120,17 +120,20 @@ def test_chunked_prefill_mixed_with_decode(overlap: bool) -> None:
 def test_shared_prefix_is_computed_once(overlap: bool) -> None:
     prefix = list(range(1, 41))  # 10 pages of 4
     a, b = [*prefix, 7, 7, 7], [*prefix, 9, 9, 9, 9, 9]
-    # One after the other, and concurrently (b arrives after a's prefill was planned).
-    for arrivals in ({0: [new_request("a", a, max_new_tokens=4)], 12: [new_request("b", b, max_new_tokens=4)]},
-                     {0: [new_request("a", a, max_new_tokens=4)], 1: [new_request("b", b, max_new_tokens=4)]}):
+    # One after the other; concurrently, once a's prefill step has finished (with overlap its result is read one
+    # loop step later); and while a's prefill step is still in flight: the cache holds only pages that finished
+    # steps wrote, so with overlap b then computes the prefix itself.
+    for at in (12, 2, 1):
+        arrivals = {0: [new_request("a", a, max_new_tokens=4)], at: [new_request("b", b, max_new_tokens=4)]}
         sched = make(chunked_prefill_size=64)
         worker = make_worker(sched)
         out = drive(sched, worker, arrivals, overlap, on_step=checked)
         check_idle(sched)
         assert out.tokens("a") == reference_tokens(a, 4) and out.tokens("b") == reference_tokens(b, 4)
-        assert out.final("a").cached_tokens == 0 and out.final("b").cached_tokens == 40
-        assert worker.num_prefill_tokens == len(a) + len(b) - 40
-        assert sched.metrics()["cache_hit_rate"] == pytest.approx(40 / (len(a) + len(b)))
+        hit = 0 if overlap and at == 1 else 40
+        assert out.final("a").cached_tokens == 0 and out.final("b").cached_tokens == hit
+        assert worker.num_prefill_tokens == len(a) + len(b) - hit
+        assert sched.metrics()["cache_hit_rate"] == pytest.approx(hit / (len(a) + len(b)))
     # Without the radix cache the prefix is computed twice.
     sched = make(enable_radix_cache=False, chunked_prefill_size=64)
     worker = make_worker(sched)
