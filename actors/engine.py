@@ -51,6 +51,7 @@ from baleen.actors.process import ChildExit, ChildProcess
 from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
 from baleen.actors.tokenizer import TokenizerActor
 from baleen.actors.worker import (
+    DTYPES,
     RankSpec,
     WorkerActor,
     WorkerConfig,
@@ -60,6 +61,7 @@ from baleen.actors.worker import (
     ready_message,
 )
 from baleen.model.config import ModelConfig
+from baleen.model.kernel_choice import triton_decode_unsupported
 from baleen.model.parallel import dist_init, rank_layout
 
 log = logging.getLogger("baleen.engine")
@@ -152,12 +154,58 @@ def _tiled_weights(setting: str, dp_attention: bool) -> bool:
     return setting == "on" or (setting == "auto" and not dp_attention)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8", *DTYPES)
+
+
+def _check_config(config: EngineConfig, device: str) -> None:
+    """ValueError naming the flag for EngineConfig values no start-up could serve with (the model's fields are
+    checked by ModelConfig, the rank layout by rank_layout): before any rank loads anything."""
+    for name in ("context_length", "page_size", "max_running_requests", "max_total_tokens", "cuda_graph_max_bs"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    chunk = config.chunked_prefill_size
+    if chunk is not None and chunk != -1 and chunk < 1:
+        raise ValueError(f"--chunked-prefill-size must be >= 1, or -1 to disable chunking, got {chunk}")
+    if config.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {config.max_queued_requests}")
+    if not 0 < config.mem_fraction_static <= 1:
+        raise ValueError(f"--mem-fraction-static must be in (0, 1], got {config.mem_fraction_static}")
+    if config.dtype != "auto" and config.dtype not in DTYPES:
+        raise ValueError(f"--dtype {config.dtype!r} is not one of {('auto', *DTYPES)}")
+    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"--device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    if config.dist_timeout is not None and config.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {config.dist_timeout}")
+
+
+def _attention_backend(config: EngineConfig, model_config: ModelConfig, cuda: bool) -> tuple[str, bool]:
+    """(--attention-backend, --disable-cuda-graph) for the model's shapes: where the Triton decode kernel cannot
+    take them, the torch backend (no CUDA graphs) when no backend was named, else a ValueError naming the fields."""
+    backend = config.attention_backend or default_attention_backend(cuda)
+    why = triton_decode_unsupported(model_config) if cuda and backend == "triton" else None
+    if why is None:
+        return backend, config.disable_cuda_graph
+    if config.attention_backend is not None:
+        raise ValueError(f"--attention-backend triton cannot serve this model ({why}): use --attention-backend torch "
+                         "--disable-cuda-graph")  # fmt: skip
+    log.warning("attention: %s; serving on the torch attention backend, without CUDA graphs", why)
+    return "torch", True
+
+
 def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _Plan:
     device = config.resolved_device()
+    _check_config(config, device)
     cuda = device.startswith("cuda")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
     context = config.context_length or model_config.max_position_embeddings
     chunk = config.chunked_prefill_size if config.chunked_prefill_size is not None else (8192 if cuda else 1024)
+    page_size = config.page_size or (64 if cuda else 16)
+    if config.max_total_tokens is not None and config.max_total_tokens < page_size:
+        raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
+    attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
     parallel = rank_layout(
         model_config, tp_size=config.tp_size, dp_size=config.dp_size, ep_size=config.ep_size, nnodes=config.nnodes,
         node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention,
@@ -175,8 +223,8 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         device=device,
         dtype=dtype,
         load_format=config.load_format,
-        attention_backend=config.attention_backend or default_attention_backend(cuda),
-        page_size=config.page_size or (64 if cuda else 16),
+        attention_backend=attention_backend,
+        page_size=page_size,
         max_running_requests=config.max_running_requests or (256 if cuda else 64),
         max_context_len=context,
         max_total_tokens=config.max_total_tokens,
@@ -187,7 +235,7 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         progress=config.show_progress,
         cuda_graph_bs=config.cuda_graph_bs,
         cuda_graph_max_bs=config.cuda_graph_max_bs,
-        disable_cuda_graph=config.disable_cuda_graph,
+        disable_cuda_graph=disable_cuda_graph,
         fp8_tiled_weights=_tiled_weights(config.fp8_tiled_weights, parallel.dp_size > 1),
         parallel=parallel,
         dist=None if parallel.tp_size == 1 else dist_init(config.dist_init_addr, config.dist_timeout, config.nnodes),

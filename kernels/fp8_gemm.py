@@ -439,6 +439,21 @@ def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
     return GemmTiles(64, 128, split_k=split, num_warps=4, num_stages=4)
 
 
+def fp8_gemm_unsupported(block: tuple[int, int]) -> str | None:
+    """Why the W8A8 GEMMs (Triton, tiled, cuBLAS) cannot take weights quantized in `block` (bn, bk) blocks, or
+    None when they can: each K step is one 128-column activation group and one weight scale. The references
+    (`w8a8_block_fp8_matmul_ref`, and `fp8_block_linear` off CUDA) take any block."""
+    if block[1] != TILE_K:
+        return f"weight_block_size={list(block)} has a K side of {block[1]}, not {TILE_K}"
+    return None
+
+
+def _check_gemm_limits(block: tuple[int, int]) -> None:
+    why = fp8_gemm_unsupported(block)
+    if why is not None:
+        raise ValueError(f"the FP8 GEMM kernels cannot take this shape: {why} (w8a8_block_fp8_matmul_ref can)")
+
+
 def _check_gemm_inputs(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -456,8 +471,6 @@ def _check_gemm_inputs(
     if x_fp8.dtype != FP8_DTYPE or w_dtype != FP8_DTYPE:
         raise ValueError(f"x and w must be {FP8_DTYPE}, got {x_fp8.dtype} and {w_dtype}")
     bn, bk = block
-    if bk != 128:
-        raise ValueError(f"the GEMM needs a K block of 128 (the activation group), got {bk}")
     if tuple(x_scale.shape) != (m, triton.cdiv(k, bk)):
         raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}, expected {(m, triton.cdiv(k, bk))}")
     if tuple(w_scale_inv.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)):
@@ -483,6 +496,7 @@ def w8a8_block_fp8_matmul(
     partials in a second launch instead of in the kernel (see `SplitK`).
     """
     m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    _check_gemm_limits(block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
     if w_fp8.stride(1) != 1:
@@ -531,6 +545,7 @@ def w8a8_block_fp8_matmul_tiled(
     accumulation order. x_fp8 [M, K] needs a 16-byte aligned base and K % 16 == 0 (the TMA reads it);
     `tiles` must have block_n = TILE_N and tma=True (default: `pick_tiled_tiles`)."""
     m, n, k = _check_gemm_inputs(x_fp8, x_scale, w, w_scale_inv, block)
+    _check_gemm_limits(block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
     if not _tma_ok(x_fp8):
@@ -657,6 +672,7 @@ def w8a8_block_fp8_matmul_cublas(
     are padded / copied here. The weight must pass `cublas_block_fp8_shape_ok`.
     """
     m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    _check_gemm_limits(block)
     if not cublas_block_fp8_shape_ok(n, k, block):
         raise ValueError(
             f"cuBLAS block scaling needs a 128x128 block, N and K multiples of 16 and ceil(K/128) a multiple of "

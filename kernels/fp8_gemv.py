@@ -211,17 +211,16 @@ def rows_per_thread(block_n: int, block_k: int, num_warps: int = 4) -> int:
 
 
 def check_w16_linear_inputs(
-    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int], max_m: int, entry: str
+    x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    """(M, N, K) of a W8A16 block-FP8 linear's inputs (`entry` names the caller in the errors), or ValueError."""
+    """(M, N, K) of a W8A16 block-FP8 linear's inputs, or ValueError: the layout checks that the kernels and
+    their references share (each kernel's own limits: `fp8_gemv_unsupported`, `fp8_skinny_unsupported`)."""
     if x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     m, k = x.shape
     n, kw = w.shape
     if k != kw:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if m > max_m:
-        raise ValueError(f"{entry} takes at most {max_m} rows, got M={m}: use fp8_block_linear")
     if w.dtype != FP8_DTYPE:
         raise ValueError(f"w must be {FP8_DTYPE}, got {w.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -235,14 +234,26 @@ def check_w16_linear_inputs(
     return m, n, k
 
 
+def fp8_gemv_unsupported(m: int, k: int, block: tuple[int, int]) -> str | None:
+    """Why `fp8_block_gemv` (and the batched one) cannot take M rows of K columns in `block` scale blocks, or
+    None when it can: at most MAX_GEMV_M rows (use fp8_block_linear), 16-byte weight loads along K.
+    `fp8_block_gemv_ref` has no such limit."""
+    if m > MAX_GEMV_M:
+        return f"it takes at most {MAX_GEMV_M} rows, got M={m} (use fp8_block_linear)"
+    if k % _VEC:
+        return f"K={k} is not a multiple of {_VEC} (16-byte weight loads)"
+    if block[1] % _VEC:
+        return f"the scale block's K side must be a multiple of {_VEC}, got {block}"
+    return None
+
+
 def _check_gemv_inputs(
     x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block, MAX_GEMV_M, "fp8_block_gemv")
-    if k % _VEC:
-        raise ValueError(f"fp8_block_gemv needs K a multiple of {_VEC} (16-byte weight loads), got K={k}")
-    if block[1] % _VEC:
-        raise ValueError(f"the scale block's K side must be a multiple of {_VEC}, got {block}")
+    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block)
+    why = fp8_gemv_unsupported(m, k, block)
+    if why is not None:
+        raise ValueError(f"fp8_block_gemv cannot take this shape: {why}")
     return m, n, k
 
 
@@ -340,8 +351,8 @@ def fp8_block_gemv_ref(
     block: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Pure-torch twin of `fp8_block_gemv`: dequantize the weight and multiply in float32."""
-    _check_gemv_inputs(x, w, w_scale_inv, block)
+    """Pure-torch twin of `fp8_block_gemv`: dequantize the weight and multiply in float32 (any M, K, block)."""
+    check_w16_linear_inputs(x, w, w_scale_inv, block)
     return dequant_linear_ref(x, w, w_scale_inv, block, out_dtype)
 
 

@@ -108,12 +108,24 @@ def pick_skinny_tiles(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyTiles
     return SkinnyTiles(block_n, 128, split_k=split, num_warps=warps, num_stages=3, k_unroll=unroll)
 
 
+def fp8_skinny_unsupported(m: int, block: tuple[int, int]) -> str | None:
+    """Why `fp8_skinny_gemm` cannot take M rows in `block` scale blocks, or None when it can: at most
+    MAX_SKINNY_M rows, one scale block per K step of a power-of-two width. `fp8_skinny_gemm_ref` has no such
+    limit."""
+    if m > MAX_SKINNY_M:
+        return f"it takes at most {MAX_SKINNY_M} rows, got M={m} (use fp8_block_linear)"
+    if block[1] < 16 or block[1] & (block[1] - 1):
+        return f"the scale block's K side must be a power of two >= 16, got {block}"
+    return None
+
+
 def _check_inputs(
     x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, block: tuple[int, int]
 ) -> tuple[int, int, int]:
-    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block, MAX_SKINNY_M, "fp8_skinny_gemm")
-    if block[1] < 16 or block[1] & (block[1] - 1):
-        raise ValueError(f"the scale block's K side must be a power of two >= 16, got {block}")
+    m, n, k = check_w16_linear_inputs(x, w, w_scale_inv, block)
+    why = fp8_skinny_unsupported(m, block)
+    if why is not None:
+        raise ValueError(f"fp8_skinny_gemm cannot take this shape: {why}")
     return m, n, k
 
 
@@ -172,6 +184,6 @@ def fp8_skinny_gemm_ref(
     block: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Pure-torch twin of `fp8_skinny_gemm`: dequantize the weight and multiply in float32."""
-    _check_inputs(x, w, w_scale_inv, block)
+    """Pure-torch twin of `fp8_skinny_gemm`: dequantize the weight and multiply in float32 (any M, block)."""
+    check_w16_linear_inputs(x, w, w_scale_inv, block)
     return dequant_linear_ref(x, w, w_scale_inv, block, out_dtype)

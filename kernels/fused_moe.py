@@ -306,6 +306,17 @@ def pick_moe_tiles(num_slots: int, num_experts: int, elem_bytes: int = 2) -> Moe
     return t
 
 
+def fused_moe_unsupported(intermediate: int | None, block: tuple[int, int]) -> str | None:
+    """Why the FP8 expert GEMMs cannot take experts of `intermediate` rows (per rank; None: not asked) in
+    `block` (bn, bk) blocks, or None when they can: a K step is one 128-column scale block, and gate and up
+    blocks must not straddle. BF16 experts have no limit; `fused_experts_ref` takes any shape."""
+    if block[1] != 128:
+        return f"weight_block_size={list(block)} has a K side of {block[1]}, not 128"
+    if intermediate is not None and intermediate % block[0]:
+        return f"an intermediate size of {intermediate} is not a multiple of the weight block's {block[0]} rows"
+    return None
+
+
 def moe_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -339,10 +350,9 @@ def moe_gemm(
     if use_fp8:
         if a.dtype != FP8_DTYPE or a_scale is None or w_scale_inv is None:
             raise ValueError("FP8 expert weights need FP8 activations with a_scale and w_scale_inv")
-        if block[1] != 128:
-            raise ValueError(f"the FP8 expert GEMM needs a K block of 128, got {block[1]}")
-        if gate_up and n % block[0]:
-            raise ValueError(f"intermediate size {n} must be a multiple of the weight block {block[0]}")
+        why = fused_moe_unsupported(n if gate_up else None, block)
+        if why is not None:
+            raise ValueError(f"the FP8 expert GEMM cannot take this shape: {why} (fused_experts_ref can)")
         a_scale_t, w_scale_t = a_scale, w_scale_inv
     elif a.dtype != w.dtype:
         raise ValueError(f"activation dtype {a.dtype} differs from weight dtype {w.dtype}")

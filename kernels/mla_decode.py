@@ -362,7 +362,8 @@ def mla_decode(
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query token per sequence against its paged latent cache.
 
-    q_nope [B, H, D_LATENT] (already multiplied by W_UK), q_pe [B, H, D_ROPE] (rotated),
+    q_nope [B, H, D_LATENT] (already multiplied by W_UK), q_pe [B, H, D_ROPE] (rotated; both widths powers of
+    two >= 16, `mla_decode_unsupported`),
     cache [num_pages, page_size, D_LATENT + D_ROPE] (latent then rope), page_table [B, max_pages] int32,
     seq_lens [B] int32 (keys 0..seq_len-1 are attended; must be >= 1). Returns out [B, H, D_LATENT] in
     q's dtype (still to be multiplied by W_UV). `num_kv_splits` fixes the KV split count (default: a
@@ -371,6 +372,9 @@ def mla_decode(
     sequence, each with its own causal length in seq_lens); page_table may then have any number of rows.
     """
     batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
+    why = mla_decode_unsupported(d_latent, d_rope)
+    if why is not None:
+        raise ValueError(f"the MLA decode kernel cannot take this shape: {why} (mla_decode_ref can)")
     page_table = page_table.contiguous()
     page_size = cache.shape[1]
     out = torch.empty((batch, num_heads, d_latent), dtype=q_nope.dtype, device=q_nope.device)
@@ -413,6 +417,16 @@ def mla_decode(
     return out
 
 
+def mla_decode_unsupported(d_latent: int, d_rope: int) -> str | None:
+    """Why the Triton decode kernels (`mla_decode`, `mla_extend`) cannot take a latent of `d_latent` and a
+    rope part of `d_rope` values, or None when they can: each is one power-of-two block and a dot operand's
+    K side (>= 16 on the GPU). `mla_decode_ref`, `mla_extend_ref` and the torch backends take any widths."""
+    for name, dim in (("D_LATENT (kv_lora_rank)", d_latent), ("D_ROPE (qk_rope_head_dim)", d_rope)):
+        if dim < 16 or dim & (dim - 1):
+            return f"{name}={dim} is not a power of two >= 16"
+    return None
+
+
 def check_mla_decode_inputs(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
@@ -421,7 +435,9 @@ def check_mla_decode_inputs(
     seq_lens: torch.Tensor,
     seq_idx: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
-    """ValueError for inputs no decode kernel takes (see `mla_decode`); else (batch, heads, d_latent, d_rope)."""
+    """ValueError for inputs of the wrong layout (see `mla_decode`); else (batch, heads, d_latent, d_rope).
+
+    The kernels' own shape limits are `mla_decode_unsupported` (and `gluon_mla_decode_supported`)."""
     if q_nope.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
         raise ValueError("q_nope and q_pe must be [B, H, D] and cache [num_pages, page_size, D_LATENT + D_ROPE]")
     batch, num_heads, d_latent = q_nope.shape
@@ -438,9 +454,6 @@ def check_mla_decode_inputs(
         raise ValueError(f"page_table and seq_lens need {batch} rows")
     if seq_idx is not None and (seq_idx.dtype != torch.int32 or seq_idx.shape != (batch,)):
         raise ValueError(f"seq_idx must be int32 [{batch}]")
-    for name, dim in (("D_LATENT", d_latent), ("D_ROPE", d_rope)):
-        if dim & (dim - 1):
-            raise ValueError(f"{name}={dim} must be a power of two")
     if q_nope.stride(2) != 1 or q_pe.stride(2) != 1:
         raise ValueError("q_nope and q_pe must be contiguous in their last dimension")
     if cache.stride(2) != 1 or cache.stride(0) != cache.shape[1] * cache.stride(1):

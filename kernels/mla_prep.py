@@ -81,14 +81,29 @@ def mla_prep_kernel(
         tl.store(ptrs + 1, (x1 * cos[None, :] + x0 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
 
 
+def mla_prep_unsupported(d_latent: int, rope: int) -> str | None:
+    """Why `mla_prep` cannot take a latent of `d_latent` (kv_lora_rank) values and a rope part of `rope`, or
+    None when it can: a program holds c_kv and each half of the rope pair as power-of-two blocks.
+    `mla_prep_ref` has no such limit."""
+    half = rope // 2
+    if d_latent < 1 or d_latent & (d_latent - 1):
+        return f"kv_lora_rank={d_latent} is not a power of two"
+    if half < 1 or half & (half - 1):
+        return f"rope/2={half} is not a power of two"
+    return None
+
+
 def _check(
-    latent: torch.Tensor, q: torch.Tensor, cos_sin: torch.Tensor, out_loc: torch.Tensor, cache: torch.Tensor,
-    rope: int,
+    latent: torch.Tensor, norm_weight: torch.Tensor, q: torch.Tensor, cos_sin: torch.Tensor, out_loc: torch.Tensor,
+    cache: torch.Tensor, rope: int, kv_out: torch.Tensor | None,
 ) -> tuple[int, int]:
+    # Layout checks shared by the kernel and the reference (the kernel's own limits: `mla_prep_unsupported`).
     if latent.dim() != 2 or q.dim() != 3 or cache.dim() != 3:
         raise ValueError("latent must be [T, D_LATENT + rope], q [T, H, nope + rope], cache [pages, page_size, D]")
     num_tokens, width = latent.shape
     d_latent = width - rope
+    if rope < 2 or rope % 2 or d_latent < 1:
+        raise ValueError(f"rope={rope} must be even and leave a latent in the {width} values (rotary pairs)")
     if cache.shape[2] != width:
         raise ValueError(f"cache rows hold {cache.shape[2]} values, the latent {width}")
     if q.shape[0] != num_tokens or out_loc.shape != (num_tokens,) or cos_sin.shape[0] != num_tokens:
@@ -96,10 +111,12 @@ def _check(
                          f"disagree with {num_tokens} tokens")  # fmt: skip
     if q.shape[2] < rope or cos_sin.reshape(num_tokens, -1).shape[1] != rope:
         raise ValueError(f"q heads of {q.shape[2]} and cos_sin {tuple(cos_sin.shape)} do not fit rope={rope}")
-    if d_latent & (d_latent - 1) or rope % 2 or (rope // 2) & (rope // 2 - 1):
-        raise ValueError(f"kv_lora_rank={d_latent} and rope/2={rope // 2} must be powers of two")
     if latent.stride(1) != 1 or q.stride(2) != 1 or not cache.is_contiguous():
         raise ValueError("latent and q must be contiguous in their last dimension and the cache contiguous")
+    if norm_weight.shape != (d_latent,):
+        raise ValueError(f"norm_weight must be [{d_latent}], got {tuple(norm_weight.shape)}")
+    if kv_out is not None and (kv_out.shape != latent.shape or kv_out.stride(1) != 1):
+        raise ValueError(f"kv_out must be {tuple(latent.shape)} with contiguous rows")
     return num_tokens, d_latent
 
 
@@ -121,11 +138,10 @@ def mla_prep(
     float32 (cos then sin), out_loc [T] flat cache slots, cache [num_pages, page_size, kv_lora_rank + rope].
     `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent.
     """
-    num_tokens, d_latent = _check(latent, q, cos_sin, out_loc, cache, rope)
-    if norm_weight.shape != (d_latent,):
-        raise ValueError(f"norm_weight must be [{d_latent}], got {tuple(norm_weight.shape)}")
-    if kv_out is not None and (kv_out.shape != latent.shape or kv_out.stride(1) != 1):
-        raise ValueError(f"kv_out must be {tuple(latent.shape)} with contiguous rows")
+    num_tokens, d_latent = _check(latent, norm_weight, q, cos_sin, out_loc, cache, rope, kv_out)
+    why = mla_prep_unsupported(d_latent, rope)
+    if why is not None:
+        raise ValueError(f"the MLA prep kernel cannot take this shape: {why} (mla_prep_ref can)")
     if num_tokens == 0:
         return
     cs = cos_sin.reshape(num_tokens, rope).to(torch.float32)
@@ -150,8 +166,8 @@ def mla_prep_ref(
     rope: int,
     kv_out: torch.Tensor | None = None,
 ) -> None:
-    """Pure-torch twin of `mla_prep` (same in-place effects)."""
-    num_tokens, d_latent = _check(latent, q, cos_sin, out_loc, cache, rope)
+    """Pure-torch twin of `mla_prep` (same in-place effects), for any kv_lora_rank and even rope."""
+    num_tokens, d_latent = _check(latent, norm_weight, q, cos_sin, out_loc, cache, rope, kv_out)
     c = latent[:, :d_latent].to(torch.float32)
     c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
     c = (norm_weight * c.to(latent.dtype)).to(latent.dtype)

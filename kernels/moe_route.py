@@ -76,11 +76,26 @@ def moe_route_kernel(
     tl.store(weights_ptr + t * ROW + offs_k, weights, mask=mask)
 
 
+MAX_EXPERTS = 1024  # a program holds every expert's score in registers
+
+
+def moe_route_unsupported(num_experts: int, num_groups: int) -> str | None:
+    """Why `route_noaux_tc` cannot route over `num_experts` experts in `num_groups` groups, or None when it can:
+    the kernel holds the E scores and the groups as power-of-two blocks, at most MAX_EXPERTS scores a program.
+    The torch selection (`select_experts_noaux_tc`, `model.moe.select_experts`) takes any grouping."""
+    if num_groups < 1 or num_experts % num_groups:
+        return f"{num_experts} experts do not split into {num_groups} groups"
+    per_group = num_experts // num_groups
+    if not all(v & (v - 1) == 0 for v in (num_experts, num_groups, per_group)):
+        return f"{num_experts} experts in {num_groups} groups: both (and their ratio) must be powers of two"
+    if num_experts > MAX_EXPERTS:
+        return f"{num_experts} experts exceed the kernel's {MAX_EXPERTS}"
+    return None
+
+
 def route_supported(num_experts: int, num_groups: int) -> bool:
-    """The kernel holds E scores and the groups as power-of-two blocks."""
-    per_group = num_experts // max(num_groups, 1)
-    pow2 = all(v > 0 and v & (v - 1) == 0 for v in (num_experts, num_groups, per_group))
-    return pow2 and num_experts % num_groups == 0 and num_experts <= 1024
+    """Whether `route_noaux_tc` takes this grouping (`moe_route_unsupported` says why not)."""
+    return moe_route_unsupported(num_experts, num_groups) is None
 
 
 def route_noaux_tc(
@@ -95,15 +110,16 @@ def route_noaux_tc(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int32), as `select_experts_noaux_tc`.
 
-    E, the group count and E / groups must be powers of two (`route_supported`); ids come best first.
+    E, the group count and E / groups must be powers of two (`moe_route_unsupported`); ids come best first.
     With `shared_id` each row gets one more column, (shared_id, weight 1.0): the shared expert, stored as
     one more expert of the fused MoE, then runs in the same launches as the routed ones.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
     num_tokens, num_experts = router_logits.shape
-    if not route_supported(num_experts, num_groups):
-        raise ValueError(f"{num_experts} experts in {num_groups} groups: both (and their ratio) must be powers of two")
+    why = moe_route_unsupported(num_experts, num_groups)
+    if why is not None:
+        raise ValueError(f"the routing kernel cannot take this shape: {why} (select_experts_noaux_tc can)")
     if not 1 <= topk_group <= num_groups or not 1 <= top_k <= topk_group * (num_experts // num_groups):
         raise ValueError(f"top_k={top_k}, topk_group={topk_group} do not fit {num_experts} experts in {num_groups} groups")
     if correction_bias.shape != (num_experts,):

@@ -60,22 +60,43 @@ def _as_3d(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def rotary_unsupported(dim: int) -> str | None:
+    """Why `apply_rotary_interleaved` cannot rotate a head of `dim` values, or None when it can: a program
+    holds the D/2 pairs as one power-of-two block. The reference takes any even dim."""
+    half = dim // 2
+    if half < 1 or half & (half - 1):
+        return f"rotary dim/2={half} is not a power of two"
+    return None
+
+
+def _check(
+    q3: torch.Tensor, k3: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[int, int]:
+    # Layout checks shared by the kernel and the reference: (tokens, rotary dim).
+    num_tokens, _, dim = q3.shape
+    if k3.shape[0] != num_tokens or k3.shape[2] != dim or positions.shape != (num_tokens,):
+        raise ValueError(f"q_pe {tuple(q3.shape)}, k_pe {tuple(k3.shape)}, positions {tuple(positions.shape)} disagree")
+    if dim % 2:
+        raise ValueError(f"rotary dim {dim} must be even (pairs)")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != dim:
+        raise ValueError(f"cos_sin_cache must be [max_pos, {dim}], got {tuple(cos_sin_cache.shape)}")
+    return num_tokens, dim
+
+
 def apply_rotary_interleaved(
     q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
     """Rotate q_pe [T, Hq, D] and k_pe [T, D] or [T, Hk, D] in place by their token's position.
 
     positions [T] (any int dtype) index cos_sin_cache [max_pos, D] = [cos | sin], float32 or q's dtype.
-    The last dimension of q_pe and k_pe must be contiguous (their rows may be strided views).
+    The last dimension of q_pe and k_pe must be contiguous (their rows may be strided views); D/2 must be a
+    power of two (`rotary_unsupported`).
     """
     q3, k3 = _as_3d(q_pe, "q_pe"), _as_3d(k_pe, "k_pe")
-    num_tokens, _, dim = q3.shape
-    if k3.shape[0] != num_tokens or k3.shape[2] != dim or positions.shape != (num_tokens,):
-        raise ValueError(f"q_pe {tuple(q_pe.shape)}, k_pe {tuple(k_pe.shape)}, positions {tuple(positions.shape)} disagree")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != dim:
-        raise ValueError(f"cos_sin_cache must be [max_pos, {dim}], got {tuple(cos_sin_cache.shape)}")
-    if dim % 2 or (dim // 2) & (dim // 2 - 1):
-        raise ValueError(f"rotary dim {dim} must be twice a power of two")
+    num_tokens, dim = _check(q3, k3, positions, cos_sin_cache)
+    why = rotary_unsupported(dim)
+    if why is not None:
+        raise ValueError(f"the rotary kernel cannot take this shape: {why} (apply_rotary_interleaved_ref can)")
     if q3.stride(2) != 1 or k3.stride(2) != 1 or cos_sin_cache.stride(1) != 1:
         raise ValueError("q_pe, k_pe and cos_sin_cache must be contiguous in their last dimension")
     if num_tokens == 0:
@@ -91,11 +112,13 @@ def apply_rotary_interleaved(
 def apply_rotary_interleaved_ref(
     q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
-    """Pure-torch twin of `apply_rotary_interleaved` (also in place)."""
+    """Pure-torch twin of `apply_rotary_interleaved` (also in place), for any even rotary dim."""
+    q3, k3 = _as_3d(q_pe, "q_pe"), _as_3d(k_pe, "k_pe")
+    _check(q3, k3, positions, cos_sin_cache)
     half = cos_sin_cache.shape[1] // 2
     rows = cos_sin_cache[positions.to(torch.int64)].to(torch.float32)  # [T, D]
     cos, sin = rows[:, None, :half], rows[:, None, half:]  # [T, 1, D/2]
-    for x in (_as_3d(q_pe, "q_pe"), _as_3d(k_pe, "k_pe")):
+    for x in (q3, k3):
         x0 = x[..., 0::2].to(torch.float32)
         x1 = x[..., 1::2].to(torch.float32)
         out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)

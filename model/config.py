@@ -176,7 +176,9 @@ class ModelConfig:
             qk_nope_head_dim=r.get_int("qk_nope_head_dim"),
             qk_rope_head_dim=r.get_int("qk_rope_head_dim"),
             v_head_dim=r.get_int("v_head_dim"),
-            moe_intermediate_size=r.get_int("moe_intermediate_size", required=n_routed is not None, default=0),
+            moe_intermediate_size=r.get_int(
+                "moe_intermediate_size", required=n_routed is not None, default=0, minimum=int(n_routed is not None)
+            ),
             n_routed_experts=n_routed,
             n_shared_experts=r.get_opt_int("n_shared_experts"),
             num_experts_per_tok=r.get_opt_int("num_experts_per_tok"),
@@ -226,6 +228,18 @@ class ModelConfig:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.moe_layer_freq < 1:
             raise ValueError(f"moe_layer_freq={self.moe_layer_freq} must be >= 1")
+        if not self.rms_norm_eps >= 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be >= 0")
+        rope = self.rope
+        if rope.is_yarn and not (rope.factor > 0 and rope.beta_fast > 0 and rope.beta_slow > 0):
+            raise ValueError(
+                f"rope_scaling factor={rope.factor}, beta_fast={rope.beta_fast} and beta_slow={rope.beta_slow} must "
+                "all be > 0"
+            )
+        for name, ids in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)):
+            listed = ids if isinstance(ids, list) else [] if ids is None else [ids]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in listed):
+                raise ValueError(f"{name}={ids!r} must be a token id (an integer >= 0), a list of them, or null")
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:

@@ -17,6 +17,7 @@ from baleen.kernels.activation import silu_and_mul
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
+from baleen.model.kernel_choice import KernelChoice, choose_kernels
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
@@ -107,12 +108,13 @@ class DeepseekV3MoE(nn.Module):
         parallel: ParallelConfig,
         dtype: torch.dtype,
         method: LinearMethod,
+        kernels: KernelChoice,
         experts_method: ExpertsFactory | None = None,
     ) -> None:
         super().__init__()
         assert config.n_routed_experts is not None
         self.parallel = parallel
-        self.gate = MoEGate(config, dtype)
+        self.gate = MoEGate(config, dtype, kernels)
         block = None if config.quant is None else config.quant.weight_block_size
         fuse_shared = (
             config.n_shared_experts == 1
@@ -182,16 +184,19 @@ class DeepseekV3DecoderLayer(nn.Module):
         layer_id: int,
         groups: ParallelGroups,
         dtype: torch.dtype,
+        kernels: KernelChoice,
         experts_method: ExpertsFactory | None = None,
     ) -> None:
         super().__init__()
         method = make_linear_method(config.quant, dtype)
         parallel = groups.parallel
-        self.self_attn = DeepseekV3Attention(config, layer_id, groups.attn_parallel, dtype, method, groups.attn)
+        self.self_attn = DeepseekV3Attention(
+            config, layer_id, groups.attn_parallel, dtype, method, kernels, groups.attn
+        )
         self.mlp: DeepseekV3MLP | DeepseekV3MoE
         # MTP layers (layer_id >= num_hidden_layers) follow the same rule: V3's is an MoE block.
         if config.is_moe_layer(layer_id):
-            self.mlp = DeepseekV3MoE(config, parallel, dtype, method, experts_method)
+            self.mlp = DeepseekV3MoE(config, parallel, dtype, method, kernels, experts_method)
         else:
             self.mlp = DeepseekV3MLP(
                 config.hidden_size, config.intermediate_size, parallel, method, reduce_results=False
@@ -235,12 +240,13 @@ class DeepseekV3Model(nn.Module):
         config: ModelConfig,
         groups: ParallelGroups,
         dtype: torch.dtype,
+        kernels: KernelChoice,
         experts_method: ExpertsFactory | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = make_embedding(config, groups, dtype)
         self.layers = nn.ModuleList(
-            DeepseekV3DecoderLayer(config, i, groups, dtype, experts_method)
+            DeepseekV3DecoderLayer(config, i, groups, dtype, kernels, experts_method)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -397,6 +403,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     `experts_method` builds each MoE layer's experts method from its stacked weights (default: TorchExperts).
     `groups` are the process groups of `parallel` (default: the default group, enough without DP attention).
+    `kernels` says which fused kernels the shapes allow on CUDA (default: `choose_kernels(config, parallel)`).
     """
 
     def __init__(
@@ -407,6 +414,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         mla_mode: str = "auto",
         experts_method: ExpertsFactory | None = None,
         groups: ParallelGroups | None = None,
+        kernels: KernelChoice | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -415,7 +423,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.dtype = dtype
         self.mla_policy = make_mla_policy(mla_mode)
         self.rotary = make_rotary(config)
-        self.model = DeepseekV3Model(config, self.groups, dtype, experts_method)
+        kernels = kernels or choose_kernels(config, parallel)
+        self.model = DeepseekV3Model(config, self.groups, dtype, kernels, experts_method)
         self.lm_head = make_lm_head(config, self.groups, dtype)
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, attn: AttentionBackend) -> torch.Tensor:
@@ -463,6 +472,7 @@ class DeepseekMTP(nn.Module):
         mla_mode: str = "auto",
         experts_method: ExpertsFactory | None = None,
         groups: ParallelGroups | None = None,
+        kernels: KernelChoice | None = None,
     ) -> None:
         super().__init__()
         layer_id = config.num_hidden_layers
@@ -479,7 +489,8 @@ class DeepseekMTP(nn.Module):
         self.eh_proj = ReplicatedLinear(
             2 * config.hidden_size, config.hidden_size, UnquantizedLinearMethod(dtype), parallel
         )
-        self.block = DeepseekV3DecoderLayer(config, layer_id, groups, dtype, experts_method)
+        kernels = kernels or choose_kernels(config, parallel)
+        self.block = DeepseekV3DecoderLayer(config, layer_id, groups, dtype, kernels, experts_method)
         self.shared_head = SharedHead(config, groups, dtype)
 
     def share_embedding(self, embed: VocabParallelEmbedding) -> None:

@@ -5,8 +5,9 @@
 holds none of its weights.
 
 FP8 checkpoints (e4m3 weights with a float32 `weight_scale_inv` per block): on CUDA the FP8 linear method
-keeps them as they are; elsewhere each weight is dequantized into the compute dtype as it is read, and the
-model is built without quantization.
+keeps them as they are; elsewhere, or where the FP8 kernels cannot take the model's shapes
+(model/kernel_choice.py), each weight is dequantized into the compute dtype as it is read, and the model is
+built without quantization.
 
 Tensors reach the weight loaders as lazy `TensorSource`s over safetensors' `get_slice`: a rank reads only
 the rows and columns of its shard (and nothing of another EP rank's experts), never whole tensors.
@@ -36,6 +37,7 @@ from baleen.model.deepseek import (
     check_complete,
     tile_decode_weights,
 )
+from baleen.model.kernel_choice import choose_kernels
 from baleen.model.layers import TensorSource, materialize
 from baleen.model.moe import ExpertsFactory
 from baleen.model.parallel import ParallelGroups
@@ -262,15 +264,20 @@ def load_model(
             f"load_format={load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'"
         )
     device = torch.device(device)
-    # NOTE: FP8 weights stay FP8 only where the block-FP8 GEMM runs (CUDA); elsewhere they are dequantized.
-    model_config = config if device.type == "cuda" else config.with_(quant=None)
+    kernels = choose_kernels(config, parallel)
+    if device.type == "cuda" and parallel.tp_rank == 0:
+        for line in kernels.fallbacks:  # the CPU path runs the references anyway: nothing to say there
+            log.warning("%s", line)
+    # NOTE: FP8 weights stay FP8 only where the block-FP8 kernels run them (CUDA, shapes they take); elsewhere
+    # they are dequantized.
+    model_config = config if device.type == "cuda" and kernels.fp8_weights else config.with_(quant=None)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(model_config, parallel, dtype, mla_mode, experts_method, groups)
+        model = DeepseekV3ForCausalLM(model_config, parallel, dtype, mla_mode, experts_method, groups, kernels)
     mtp: DeepseekMTP | None = None
     if load_format == "dummy":
         if with_mtp and config.has_mtp:
             with torch.device("meta"):
-                mtp = DeepseekMTP(model_config, parallel, dtype, mla_mode, experts_method, groups)
+                mtp = DeepseekMTP(model_config, parallel, dtype, mla_mode, experts_method, groups, kernels)
         for module in (model, mtp):
             if module is not None:
                 materialize(module, device)
@@ -286,7 +293,7 @@ def load_model(
             main_names = [n for n in ckpt.names if not _is_mtp_name(n, config)]
             if with_mtp and config.has_mtp and mtp_names:
                 with torch.device("meta"):
-                    mtp = DeepseekMTP(model_config, parallel, dtype, mla_mode, experts_method, groups)
+                    mtp = DeepseekMTP(model_config, parallel, dtype, mla_mode, experts_method, groups, kernels)
             bar = tqdm(
                 total=len(main_names) + (len(mtp_names) if mtp else 0),
                 desc="loading weights",

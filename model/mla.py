@@ -15,6 +15,7 @@ from baleen.kernels.quant import block_dequant
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
+from baleen.model.kernel_choice import KernelChoice
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
@@ -105,6 +106,7 @@ class DeepseekV3Attention(nn.Module):
         parallel: ParallelConfig,
         dtype: torch.dtype,
         method: LinearMethod,
+        kernels: KernelChoice,
         comm: Comm | None = None,
     ) -> None:
         super().__init__()
@@ -126,6 +128,9 @@ class DeepseekV3Attention(nn.Module):
         self.rank = c.kv_lora_rank  # width of the cached latent before the rope part
         self.scale = c.softmax_scale
         self.dtype = dtype
+        # Chosen once from the shapes (model/kernel_choice.py); the CPU path always runs the reference.
+        self.prep = mla_prep if kernels.mla_prep else mla_prep_ref
+        self.fp8_absorb = kernels.fp8_absorb
         q_out = c.num_attention_heads * c.qk_head_dim
         if c.q_lora_rank is None:
             self.q_proj = ColumnParallelLinear(c.hidden_size, q_out, method, parallel)
@@ -162,7 +167,7 @@ class DeepseekV3Attention(nn.Module):
         self.w_uk = w[:, : self.nope].contiguous()
         self.w_uv = w[:, self.nope :].contiguous()
         block = proj.block_size
-        if block is not None and proj.weight.is_cuda and self.nope % block[0] == 0 and self.v_dim % block[0] == 0:
+        if block is not None and proj.weight.is_cuda and self.fp8_absorb:
             bn, bk = block
             wq = proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
             sq = proj.weight_scale_inv.view(self.num_heads, (self.nope + self.v_dim) // bn, -1)
@@ -196,7 +201,7 @@ class DeepseekV3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.nope + self.rope)
         # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
         kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back
-        prep = mla_prep if x.is_cuda else mla_prep_ref
+        prep = self.prep if x.is_cuda else mla_prep_ref
         norm = self.kv_a_layernorm
         prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
              self.rope, kv)  # fmt: skip

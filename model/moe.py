@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baleen.kernels.moe_route import route_noaux_tc, route_supported
+from baleen.kernels.moe_route import route_noaux_tc
 from baleen.kernels.quant import block_dequant
 from baleen.model.config import ModelConfig, ParallelConfig
+from baleen.model.kernel_choice import KernelChoice
 from baleen.model.layers import TensorSource, check_shape, copy_into, new_param
 
 
@@ -72,7 +73,7 @@ def select_experts(
 class MoEGate(nn.Module):
     """The router: logits in float32 from `weight` [E, H], then `select_experts`."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, kernels: KernelChoice) -> None:
         super().__init__()
         assert config.n_routed_experts is not None and config.num_experts_per_tok is not None
         self.config = config
@@ -81,12 +82,9 @@ class MoEGate(nn.Module):
         self.e_score_correction_bias: nn.Parameter | None = None
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = new_param((config.n_routed_experts,), torch.float32)
-        # V3/R1 routing runs as one Triton launch on CUDA (kernels/moe_route.py); other schemes stay in torch.
-        self.kernel_route = (
-            config.topk_method == "noaux_tc"
-            and config.scoring_func == "sigmoid"
-            and route_supported(config.n_routed_experts, config.n_group)
-        )
+        # V3/R1 routing runs as one Triton launch on CUDA where its shapes allow (kernels/moe_route.py); other
+        # schemes stay in torch.
+        self.kernel_route = kernels.moe_route
 
     def forward(self, x: torch.Tensor, shared_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32).

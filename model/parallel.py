@@ -89,6 +89,20 @@ def rank_layout(
         )
     if model.n_routed_experts is not None and model.n_routed_experts % ep:
         raise ValueError(f"the model's {model.n_routed_experts} routed experts cannot be split over --ep-size {ep}")
+    # The MLP widths split over every rank (MoE experts over the tp / ep ranks that share an expert set).
+    widths: list[tuple[str, int, int]] = []
+    if any(not model.is_moe_layer(i) for i in range(model.num_hidden_layers)):
+        widths.append(("intermediate_size", model.intermediate_size, tp))
+    if model.n_routed_experts is not None:
+        widths.append(("moe_intermediate_size", model.moe_intermediate_size, tp // ep))
+        if model.n_shared_experts:
+            widths.append(("n_shared_experts x moe_intermediate_size", model.n_shared_experts * model.moe_intermediate_size, tp))
+    for field, size, ranks in widths:
+        if size % ranks:
+            raise ValueError(
+                f"the model's {field}={size} cannot be split over {ranks} ranks (--tp {tp}, --ep-size {ep}); "
+                "choose sizes that divide it"
+            )
     return ParallelConfig(tp_size=tp, ep_size=ep, dp_size=dp)
 
 

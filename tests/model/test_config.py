@@ -295,11 +295,24 @@ def _with(**changes: Any) -> dict[str, Any]:
         ),
         (_with(quantization_config="fp8"), "quantization_config"),
         (_with(qk_rope_head_dim=63), "qk_rope_head_dim"),
+        (_with(eos_token_id="</s>"), "eos_token_id"),
+        (_with(eos_token_id=[1, -2]), "eos_token_id"),
+        (_with(bos_token_id=1.5), "bos_token_id"),
+        (_with(rms_norm_eps=-1e-6), "rms_norm_eps"),
+        (_with(rope_scaling={**RELEASED_V3["rope_scaling"], "factor": 0}), "factor=0.0"),
+        (_with(rope_scaling={**RELEASED_V3["rope_scaling"], "beta_slow": 0}), "beta_slow=0.0"),
     ],
 )
 def test_malformed_names_the_field(tmp_path: Path, raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         ModelConfig.from_hf(_write(tmp_path, raw))
+
+
+def test_dense_model_needs_no_moe_fields(tmp_path: Path) -> None:
+    raw = _with(n_routed_experts=None, num_experts_per_tok=None)
+    del raw["moe_intermediate_size"]
+    cfg = ModelConfig.from_hf(_write(tmp_path, raw))
+    assert cfg.n_routed_experts is None and not cfg.is_moe_layer(5)
 
 
 def test_invalid_json(tmp_path: Path) -> None:
