@@ -130,9 +130,11 @@ class TritonAttentionBackend:
 
     @staticmethod
     def _kernel_takes(q_latent: torch.Tensor, cache: torch.Tensor) -> bool:
-        """The decode kernels read a cache of the activation dtype with power-of-two latent and rope widths."""
-        d_latent, d_rope = q_latent.shape[2], cache.shape[2] - q_latent.shape[2]
-        return cache.dtype == q_latent.dtype and not d_latent & (d_latent - 1) and not d_rope & (d_rope - 1)
+        """The decode kernels read a cache of the activation dtype, at widths `mla_decode_unsupported` accepts."""
+        from baleen.kernels.mla_decode import mla_decode_unsupported
+
+        d_latent = q_latent.shape[2]
+        return cache.dtype == q_latent.dtype and mla_decode_unsupported(d_latent, cache.shape[2] - d_latent) is None
 
     def _reference_absorbed(
         self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, scale: float
