@@ -228,6 +228,7 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         max_running_requests=config.max_running_requests or (256 if cuda else 64),
         max_context_len=context,
         max_total_tokens=config.max_total_tokens,
+        chunked_prefill_size=None if chunk == -1 else chunk,
         mem_fraction_static=config.mem_fraction_static,
         kv_cache_dtype=config.kv_cache_dtype,
         random_seed=config.random_seed,
