@@ -125,9 +125,21 @@ async def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                   f"({linear * 1e3:.1f} prefill + {attn * 1e3:.1f} attention) -> {ttft / (linear + attn):.2f}x",
                   flush=True)
         alive = await _ttft(engine, 16, rng, cfg.vocab_size)
+        peaks = step_peaks(engine, cfg, args.chunk, [args.chunk, 8 * args.chunk])
     return {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(), "preset": args.preset,
             "chunk": args.chunk, "prefill_tokens_per_s": prefill_tps, "mla_tflops": rates, "rows": rows,
-            "ttft_after_s": alive}
+            "ttft_after_s": alive, "step_peak_bytes_by_prefix": peaks}
+
+
+def step_peaks(engine: Engine, cfg: ModelConfig, chunk: int, prefixes: list[int]) -> dict[int, int]:
+    """The memory plan's measurement of a chunk over each prefix length: the same bytes whatever the prefix."""
+    from baleen.actors.worker import WorkerActor
+    from baleen.model.memory_plan import StepShape, dummy_batch, measure_step_peak
+
+    runner = next(a for a in engine._actors if isinstance(a, WorkerActor)).runner
+    dev = runner.device
+    return {p: measure_step_peak(runner.model, runner.attn, cfg, dummy_batch(StepShape(chunk, p, 0), 64, dev),
+                                 runner.kv_cache.dtype, dev) for p in prefixes}  # fmt: skip
 
 
 def main() -> None:
@@ -148,6 +160,8 @@ def main() -> None:
     print(f"\n# bench_long_prompt — {args.preset} on {results['device']}, {results['date']}, chunk {args.chunk}")
     print(f"prefill {results['prefill_tokens_per_s']:.0f} tok/s (one-chunk TTFT); MLA extend TFLOP/s: "
           + ", ".join(f"{k} {v:.3g}" for k, v in results["mla_tflops"].items()))
+    print("step peak by prefix (GiB): " + ", ".join(f"{p}: {b / 2**30:.3f}"
+                                                    for p, b in results["step_peak_bytes_by_prefix"].items()))
     print("| prompt | TTFT ms | target ms | ratio |\n|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['prompt_len']} | {r['ttft_s'] * 1e3:.1f} | {r['target_s'] * 1e3:.1f} | {r['ratio']:.2f} |")
