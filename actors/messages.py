@@ -13,6 +13,27 @@ import msgspec
 
 # ---- parameters -------------------------------------------------------------------------------------
 
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag", "tool_calls")
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A grammar the output must follow (structured output), compiled by the workers (model/grammar.py).
+
+    kind: "json_schema" (text: a JSON schema), "regex", "ebnf" (xgrammar's EBNF, rule `root`), "structural_tag"
+    (text: an xgrammar structural tag as JSON), or "tool_calls" (a structural tag whose output may hold DeepSeek's
+    tool-call special tokens). `what` names the request field it came from, for error messages; it is no part of
+    the grammar's identity (`key`).
+    """
+
+    kind: str
+    text: str
+    what: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What compiled grammars are cached and shared by."""
+        return self.kind, self.text
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to pick and when to stop generating tokens for one request."""
@@ -35,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     top_logprobs: int = 0
     custom_logit_processor: str | None = None  # a name in the server's registry, never code
     custom_params: dict[str, Any] | None = None
+    grammar: GrammarSpec | None = None  # structured output: every token must keep the output inside it
 
     @property
     def is_greedy(self) -> bool:
@@ -66,6 +88,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.grammar.kind!r}")
 
 
 # ---- frontend -> tokenizer -> scheduler ------------------------------------------------------------
@@ -100,6 +124,21 @@ class AbortRequest(msgspec.Struct, tag=True):
 
 
 # ---- scheduler -> worker ---------------------------------------------------------------------------
+
+
+class CompileGrammars(msgspec.Struct, tag=True):
+    """Start compiling these grammars in the background (every rank); a request waits for its grammar outside
+    the batch, and is admitted once rank 0 answers with GrammarCompiled."""
+
+    grammars: list[GrammarSpec]
+
+
+class GrammarCompiled(msgspec.Struct, tag=True):
+    """A worker compiled `grammar` (its requests may run), or could not (`error`: they end with HTTP 400)."""
+
+    grammar: GrammarSpec
+    error: str | None = None
+
 
 
 class SlotInit(msgspec.Struct, array_like=True):
@@ -248,6 +287,8 @@ Message = (
     | AbortRequest
     | StepPlan
     | StepResult
+    | CompileGrammars
+    | GrammarCompiled
     | WorkerReady
     | WorkerError
     | MetricsReport

@@ -3,6 +3,10 @@
 It plans through a `DPRouter` (actors/dp.py): one Scheduler per DP rank, one plan per DP rank each step.
 Every rank gets its DP group's plan (all ranks get the same plan without DP attention); the DP groups'
 leaders send back StepResults, through as many result channels as there are leaders.
+
+A request with a grammar (structured output) waits here, outside the batch, while the workers compile it: its
+grammar goes to every rank at once (CompileGrammars) and the request enters the scheduler when rank 0 answers
+(GrammarCompiled), or ends with an "invalid" error (HTTP 400) when the grammar does not compile.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from baleen.actors.channel import Channel
 from baleen.actors.dp import DPRouter
 from baleen.actors.messages import (
     AbortRequest,
+    CompileGrammars,
+    GrammarCompiled,
+    GrammarSpec,
     Message,
     MetricsReport,
     NewRequest,
@@ -96,6 +103,8 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         self._may_schedule = False  # something changed since schedule() last returned None
         self._last_report = 0.0
         self._dirty = True  # metrics changed since the last report
+        self._held: dict[tuple[str, str], list[NewRequest]] = {}  # requests waiting for their grammar, by its key
+        self._compiles: list[GrammarSpec] = []  # grammars to send to every rank
 
     def busy(self) -> bool:
         return self._may_schedule and self.scheduler.num_inflight < self.max_inflight
@@ -105,13 +114,18 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         for msg in messages:
             self._may_schedule = self._dirty = True
             match msg:
+                case NewRequest() if msg.sampling.grammar is not None:
+                    self._hold(msg, msg.sampling.grammar)
                 case NewRequest():
-                    try:
-                        s.add_request(msg)
-                    except SchedulerError as e:
-                        self._out.append(_error_delta(msg.rid, str(e), e.kind))
+                    self._add(msg)
+                case GrammarCompiled():
+                    for req in self._held.pop(msg.grammar.key, []):
+                        if msg.error is None:
+                            self._add(req)
+                        else:
+                            self._out.append(_error_delta(req.rid, msg.error, "invalid"))
                 case AbortRequest():
-                    delta = s.abort(msg.rid, msg.reason, msg.matched_stop)
+                    delta = self._abort_held(msg.rid) or s.abort(msg.rid, msg.reason, msg.matched_stop)
                     if delta is not None:
                         self._out.append(delta)
                 case StepResult():
@@ -129,6 +143,29 @@ class SchedulerActor(Actor[list[StepPlan], None]):
             self._may_schedule = False
         return plan
 
+    def _add(self, req: NewRequest) -> None:
+        try:
+            self.scheduler.add_request(req)
+        except SchedulerError as e:
+            self._out.append(_error_delta(req.rid, str(e), e.kind))
+
+    def _hold(self, req: NewRequest, grammar: GrammarSpec) -> None:
+        """Keep `req` until its grammar is compiled; ask the workers for that grammar once."""
+        waiting = self._held.setdefault(grammar.key, [])
+        if not waiting:
+            self._compiles.append(grammar)
+        waiting.append(req)
+
+    def _abort_held(self, rid: str) -> TokenDelta | None:
+        for key, waiting in self._held.items():
+            for req in waiting:
+                if req.rid == rid:
+                    waiting.remove(req)
+                    if not waiting:
+                        del self._held[key]  # its GrammarCompiled finds nothing to release
+                    return TokenDelta(rid, [], None, None, "abort", None, len(req.input_ids) // 4, 0, 0)
+        return None
+
     async def launch(self, plans: list[StepPlan]) -> None:
         for channel, d in zip(self.plans, self.plan_dp_ranks):
             await channel.send(plans[d])
@@ -143,6 +180,10 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         return await super().receive(block)
 
     async def _flush(self, idle: bool) -> None:
+        if self._compiles:
+            grammars, self._compiles = self._compiles, []
+            for channel in self.plans:
+                await channel.send(CompileGrammars(grammars))
         if self._out:
             items, self._out = self._out, []
             await self.deltas.send(TokenDeltas(items))
@@ -150,6 +191,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         if self._dirty and (idle or now - self._last_report >= METRICS_INTERVAL_S):
             self._dirty, self._last_report = False, now
             values = {k: float(v) for k, v in self.scheduler.metrics().items()}
+            values["num_waiting_requests"] = values.get("num_waiting_requests", 0.0) + sum(map(len, self._held.values()))
             await self.deltas.send(MetricsReport(values))
 
     async def on_stop(self) -> None:

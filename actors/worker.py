@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import traceback
 from collections import deque
@@ -23,7 +24,16 @@ import torch
 from baleen.actors.actor import Actor, supervise
 from baleen.actors.channel import Channel, LocalChannel
 from baleen.actors.dp import ControlServer, SocketChannel, connect, watch_peers
-from baleen.actors.messages import Message, StepPlan, StepResult, WorkerError, WorkerReady
+from baleen.actors.messages import (
+    CompileGrammars,
+    GrammarCompiled,
+    GrammarSpec,
+    Message,
+    StepPlan,
+    StepResult,
+    WorkerError,
+    WorkerReady,
+)
 from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
@@ -142,6 +152,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     """
     from tokenizers import Tokenizer
 
+    from baleen.model.grammar import GrammarCache, GrammarSlots
     from baleen.model.kv_cache import KVCache
     from baleen.model.loader import load_model
     from baleen.model.logit_processors import LogitProcessorRegistry
@@ -209,6 +220,9 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         LogitProcessorRegistry(cfg.custom_logit_processors) if cfg.custom_logit_processors is not None else None
     )
     runner_cfg = RunnerConfig(cfg.max_running_requests, cfg.page_size, cfg.max_context_len)
+    # Structured output: xgrammar is imported and the grammar vocabulary built on the first grammar only.
+    grammar_cache = GrammarCache(tokenizer, model_config.vocab_size, model_config.eos_token_ids,
+                                 max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))  # fmt: skip
     graphs = None
     if dp_attention and device.type == "cuda" and not cfg.disable_cuda_graph:
         # TODO(graphs): DP attention needs every rank (idle ones too) to replay the graph of the padded size
@@ -238,6 +252,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         tokenizer=tokenizer,
         random_seed=cfg.random_seed,
         graphs=graphs,
+        grammars=GrammarSlots(grammar_cache, pinned=device.type == "cuda"),
         **extra,
     )
     if graphs is not None:
@@ -318,6 +333,7 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
         self._queue: deque[StepPlan] = deque()
         self._pending: deque[PendingStep] = deque()  # launched, not yet finished, in launch order
         self._failed = False
+        self._reports: set[asyncio.Task[None]] = set()  # GrammarCompiled answers waiting for their compile
 
     def busy(self) -> bool:
         return bool(self._queue)
@@ -327,9 +343,34 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
             match msg:
                 case StepPlan():
                     self._queue.append(msg)
+                case CompileGrammars():
+                    self._compile(msg.grammars)
                 case _:
                     raise TypeError(f"worker got an unexpected {type(msg).__name__}")
         return self._queue.popleft() if self._queue else None
+
+    def _compile(self, specs: list[GrammarSpec]) -> None:
+        """Start compiling in the background; rank 0 tells the scheduler when each is ready (or failed)."""
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            grammars = self.runner.grammars
+            fut = grammars.cache.submit(spec) if grammars is not None else None
+            if self.rank == 0 and self.results is not None:
+                task = loop.create_task(self._report_compiled(spec, fut))
+                self._reports.add(task)
+                task.add_done_callback(self._reports.discard)
+
+    async def _report_compiled(self, spec: GrammarSpec, fut: Any) -> None:
+        assert self.results is not None
+        error = None
+        if fut is None:
+            error = "this worker serves no structured output"
+        else:
+            try:
+                await asyncio.wrap_future(fut)
+            except Exception as e:  # GrammarError: the schema, regex or grammar is wrong (HTTP 400)
+                error = str(e)
+        await self.results.send(GrammarCompiled(spec, error))
 
     async def launch(self, plan: StepPlan) -> PendingStep | None:
         if self._pending and self.runner.needs_sync_before(plan):
@@ -365,6 +406,8 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
     async def on_stop(self) -> None:
         # NOTE: ranks must run the same plans or a collective waits forever: the plans that arrived before
         # the Shutdown still run, unless this rank failed or is being cancelled (killed).
+        for report in list(self._reports):
+            report.cancel()
         task = asyncio.current_task()
         if self._failed or (task is not None and task.cancelling()):
             return

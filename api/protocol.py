@@ -87,6 +87,23 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    """`response_format.json_schema`: the schema the answer must validate against (`strict` or not, it is
+    enforced)."""
+
+    name: str = "response"
+    schema: dict[str, Any] | None = None  # None: any JSON object
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _RequestParams(msgspec.Struct, kw_only=True):
     """Fields chat and text completions share (sampling, stopping, streaming, extensions)."""
 
@@ -112,6 +129,10 @@ class _RequestParams(msgspec.Struct, kw_only=True):
     custom_logit_processor: str | None = None
     custom_params: dict[str, Any] | None = None
     user: str | None = None
+    # Structured output (api/structured.py): at most one of these.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None  # SGLang's: the output fullmatches this regular expression
+    ebnf: str | None = None  # SGLang's: the output is a sentence of this grammar (xgrammar's EBNF, rule `root`)
 
     @property
     def include_usage(self) -> bool:

@@ -3,7 +3,8 @@
 The prompt is rendered and tokenized here (the template starts with BOS, so no special tokens are added),
 which gives prompt_token_ids and lets the context check run before anything is submitted. Each of the `n`
 choices is its own engine request. Output text goes through the reasoning parser (`reasoning_content`), then,
-when the request has tools, the tool-call parser; streamed and whole answers give the same result.
+when the request has tools, the tool-call parser; streamed and whole answers give the same result. Structured
+output (response_format, regex, ebnf, forced or strict tool calls) becomes the requests' grammar (structured.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from baleen.api.server import (
     sse_response,
     unless_disconnected,
 )
+from baleen.api.structured import chat_grammar
 from baleen.api.tool_parser import ToolCall, ToolCallDelta, ToolCallParser, make_tool_parser
 
 
@@ -65,8 +67,13 @@ def _prepare(state: ServerState, req: p.ChatCompletionRequest) -> _Prepared:
     check_context(len(prompt_ids), params.max_new_tokens, state.engine.max_context_len, field=field)
     state.check_processor(params)
     reasoning = state.config.reasoning_parser if req.separate_reasoning else None
-    return _Prepared(req, prompt_ids, _per_choice(params, req.n), reasoning,
-                     req.thinking or prompt_opens_reasoning(prompt), tool_parser)
+    in_reasoning = req.thinking or prompt_opens_reasoning(prompt)
+    # The grammar leaves the reasoning free when the parser will separate it, i.e. output starts inside it.
+    opens = reasoning is not None and make_reasoning_parser(reasoning, thinking=in_reasoning).in_reasoning
+    grammar = chat_grammar(req, tool_parser=tool_parser, reasoning=opens, token_id=state.tokenizer.token_to_id)
+    if grammar is not None:
+        params = msgspec.structs.replace(params, grammar=grammar)
+    return _Prepared(req, prompt_ids, _per_choice(params, req.n), reasoning, in_reasoning, tool_parser)
 
 
 def _per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -84,9 +91,11 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     (`max_tokens`/`max_completion_tokens`, default: the rest of the context; `stop`, `stop_token_ids`,
     `ignore_eos`), `n`, `logprobs`/`top_logprobs`, `tools`/`tool_choice`, `chat_template_kwargs` (V3.1
     `thinking`), `separate_reasoning`, `stream_options.include_usage`, `return_token_ids`,
-    `custom_logit_processor` + `custom_params`. Answer: `chat.completion` (or `chat.completion.chunk`s, then
+    `custom_logit_processor` + `custom_params`, structured output (`response_format` json_object/json_schema,
+    `regex`, `ebnf`, tool_choice "required" or named, `strict` tools). Answer: `chat.completion` (or `chat.completion.chunk`s, then
     `data: [DONE]`) with `reasoning_content`, `tool_calls`, `matched_stop`, `usage`. Errors: OpenAI bodies
-    with 400 (bad field, context overflow, tool_choice, unknown processor), 404 (model), 413, 500, 503.
+    with 400 (bad field, context overflow, tool_choice, unknown processor, a schema, regex or grammar that does not
+    compile), 404 (model), 413, 500, 503.
     """
     started = time.perf_counter()
     req = p.decode_chat_request(await read_body(request, state.config.max_request_bytes))

@@ -36,6 +36,7 @@ from baleen.api.server import (
     sse_response,
     unless_disconnected,
 )
+from baleen.api.structured import completion_grammar
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ def _prepare(state: ServerState, req: p.CompletionRequest) -> _Prepared:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab} tokens",
                            param="prompt" if len(encoded) == 1 else f"prompt[{j}]")
     params = p.completion_sampling_params(req)
+    grammar = completion_grammar(req)
+    if grammar is not None:
+        params = msgspec.structs.replace(params, grammar=grammar)
     for ids in encoded:
         check_context(len(ids), params.max_new_tokens, state.engine.max_context_len, field="max_tokens")
     state.check_processor(params)
@@ -76,7 +80,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 
     Body (protocol.CompletionRequest): `prompt` (a string, strings, token ids, or lists of ids: `n` choices
     each), `model`, `max_tokens` (default 16), `echo`, `logprobs` (alternatives per token), and the sampling,
-    stopping and extension fields of chat. Answer: `text_completion` with `usage` (and `prompt_token_ids` /
+    stopping, structured-output and extension fields of chat. Answer: `text_completion` with `usage` (and `prompt_token_ids` /
     `token_ids` with `return_token_ids`); errors as for chat.
     """
     started = time.perf_counter()

@@ -3,7 +3,9 @@
 Per-request state lives in *slots* on the device: the last sampled token (`slot_tokens`), the page table
 (`page_table`), and the sampling parameters (in `SamplingState`). A decode row carries no token id: its input
 is gathered from `slot_tokens` on the device, which is what lets the scheduler plan step N+1 before step N's
-tokens reached the host. The only host sync of a step is `finish()` reading the sampled ids.
+tokens reached the host. The only host sync of a step is `finish()` reading the sampled ids; a step with
+grammar-constrained rows (structured output) also waits, after its forward is queued, for the previous step's ids
+(`_token_mask`, see model/grammar.py).
 
 A plain decode step on captured CUDA graphs costs the host one copy in and one copy out: the graph derives
 its inputs from the slots (`DecodeGraphs.run_staged`) and, when every row is greedy with nothing else asked,
@@ -25,7 +27,8 @@ import torch
 
 from baleen.actors.messages import PageUpdate, SlotInit, StepPlan, StepResult
 from baleen.model.batch import ForwardBatch
-from baleen.model.sampler import BatchFlags
+from baleen.model.grammar import GrammarSlots, SlotGrammar
+from baleen.model.sampler import BatchFlags, TokenMask
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class PendingStep:
     sampled_slots: list[int] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (sampled row, message)
     failed: str | None = None  # the step could not run (out of memory): every request in it fails
+    # (sampled row, matcher) of its grammar-constrained rows; the matchers accept the step's tokens once
+    grammar_rows: list[tuple[int, SlotGrammar]] = field(default_factory=list)
+    grammar_accepted: bool = False
 
 
 class _FailedProcessor:
@@ -107,6 +113,7 @@ class ModelRunner:
         tokenizer: Any = None,
         random_seed: int = 0,
         graphs: Any = None,
+        grammars: GrammarSlots | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -125,6 +132,8 @@ class ModelRunner:
         self.page_table = torch.zeros(config.num_slots + 1, config.max_pages_per_seq, dtype=torch.int32, device=device)
         # slot -> (processor, output ids so far) for requests that asked for a custom logit processor
         self.slot_procs: dict[int, tuple[Any, list[int]]] = {}
+        self.grammars = grammars  # None: structured output is not served
+        self._unaccepted: PendingStep | None = None  # the last step with constrained rows its matchers have not seen
         self._pinned = device.type == "cuda"
 
     def capture_graphs(self) -> None:
@@ -138,6 +147,8 @@ class ModelRunner:
         for slot in plan.freed_slots:
             self.state.clear_slot(slot)
             self.slot_procs.pop(slot, None)
+            if self.grammars is not None:
+                self.grammars.clear_slot(slot)  # a step in flight keeps its own reference to the matcher
         for init in plan.new_slots:
             self._init_slot(init)
         if plan.page_updates:
@@ -152,6 +163,12 @@ class ModelRunner:
             params = msgspec.structs.replace(params, seed=zlib.crc32(init.rid.encode()) ^ self.random_seed)
         self.state.set_slot(init.slot, params, prompt, output)
         self.slot_procs.pop(init.slot, None)
+        if self.grammars is not None:
+            self.grammars.clear_slot(init.slot)
+            if params.grammar is not None:
+                self.grammars.set_slot(init.slot, params.grammar, output)
+        elif params.grammar is not None:
+            raise ValueError("this runner serves no structured output (it was built without grammars)")
         name = init.sampling.custom_logit_processor
         if name is not None:
             # NOTE: a processor that cannot be built fails its request at its first sampled token, never
@@ -279,13 +296,15 @@ class ModelRunner:
         top_k = 0
         logits: torch.Tensor | None = None
         flags: BatchFlags | None = None  # the sampler's, computed once a step (staged: before the graph runs)
+        grammar_rows: list[tuple[int, SlotGrammar]] = []
         staged = self.staged_rows(plan)
         if staged is not None:
             assert self.graphs is not None
             sample_rows = [i for i, r in enumerate(plan.rows) if r.sample]
             sampled_slots = [plan.rows[i].slot for i in sample_rows]
             flags = self.sampler.state.flags(sampled_slots)
-            greedy = len(sample_rows) == len(plan.rows) and self._plain_greedy(sampled_slots, flags)
+            grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
+            greedy = len(sample_rows) == len(plan.rows) and not grammar_rows and self._plain_greedy(sampled_slots, flags)
             logits, tokens = self.graphs.run_staged(staged, len(plan.rows), greedy)
             if tokens is not None:
                 host["token_ids"] = self._to_host(tokens)
@@ -306,14 +325,48 @@ class ModelRunner:
                 hidden = self.model(batch, self.kv_cache, self.attn)
                 if sampled_slots:
                     logits = self.model.compute_logits(hidden[batch.logits_indices])
+            grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
         if logits is not None:
             flags = flags or self.sampler.state.flags(sampled_slots)
-            top_k = self._sample(logits, sample_slots, sampled_slots, flags, host, errors)
+            mask = self._token_mask(grammar_rows, errors) if grammar_rows else None
+            top_k = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors)
+        step = PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors,
+                           grammar_rows=grammar_rows if logits is not None else [])
+        if step.grammar_rows:
+            self._unaccepted = step
+        return step
+
+    def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]]) -> TokenMask:
+        """The step's grammar bitmask, on its way to the device.
+
+        NOTE: called after the step's forward is queued (the overlap's slack, see model/grammar.py): it waits for
+        the previous step's tokens, lets the matchers accept them, fills the rows' next-token masks on the host
+        and uploads them; only the sampler, queued after this, depends on the mask.
+        """
+        assert self.grammars is not None
+        if self._unaccepted is not None:
+            self._accept_grammar_tokens(self._unaccepted)
+        errors.extend((j, g.error) for j, g in rows if g.error is not None)
+        bitmask = self.grammars.fill(rows)
+        device_mask = bitmask if self.device.type == "cpu" else bitmask.to(self.device, non_blocking=True)
+        return TokenMask(device_mask, self._to_device(np.fromiter((j for j, _ in rows), dtype=np.int64)))
+
+    def _accept_grammar_tokens(self, step: PendingStep) -> None:
+        """Feed a step's sampled tokens to the matchers of its constrained rows (once; waits for the tokens)."""
+        if step is self._unaccepted:
+            self._unaccepted = None
+        if step.grammar_accepted or not step.grammar_rows:
+            return
+        step.grammar_accepted = True
+        if step.event is not None:
+            step.event.synchronize()
+        ids = step.host["token_ids"].numpy()
+        for j, g in step.grammar_rows:
+            g.accept(int(ids[j]))
 
     def _plain_greedy(self, sampled_slots: list[int], flags: BatchFlags) -> bool:
         """Every row greedy, and nothing asked that the captured greedy tail does not do."""
@@ -321,7 +374,7 @@ class ModelRunner:
 
     def _sample(
         self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int], flags: BatchFlags,
-        host: dict[str, torch.Tensor], errors: list[tuple[int, str]],
+        host: dict[str, torch.Tensor], errors: list[tuple[int, str]], mask: TokenMask | None = None,
     ) -> int:  # fmt: skip
         """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
 
@@ -336,7 +389,7 @@ class ModelRunner:
             else []
         )
         out = self.sampler.sample(
-            logits, sample_slots, host_slots=sampled_slots, processors=procs or None, flags=flags
+            logits, sample_slots, host_slots=sampled_slots, processors=procs or None, flags=flags, mask=mask
         )
         self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
         host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
@@ -355,6 +408,7 @@ class ModelRunner:
         if pending.failed is not None:
             return StepResult(step_id=pending.step_id, token_ids=b"", failed=pending.failed,
                               forward_time=time.perf_counter() - pending.started)
+        self._accept_grammar_tokens(pending)  # unless the next step's launch did already
         h = pending.host
         ids = h["token_ids"].numpy() if "token_ids" in h else np.zeros(0, dtype=np.int32)
         if self.slot_procs:  # processors see every earlier token: keep their histories on the host

@@ -6,15 +6,18 @@ top-k/top-p/min-p and penalised rows. It never reads a device value on the host 
 `.cpu()`, no Python branch on a tensor): its only branches are on host-side facts kept by `SamplingState`
 ("does any row of this batch use top-p?"), so the step's single host sync stays the runner's copy of the ids.
 
-Order of operations on a row: [logit processors] -> repetition, frequency, presence penalties -> greedy argmax
-or: / temperature -> top-k -> top-p (on the top-k-renormalised distribution) -> min-p -> Gumbel-max draw.
+Order of operations on a row: [logit processors] -> [grammar token mask] -> repetition, frequency, presence
+penalties -> greedy argmax or: / temperature -> top-k -> top-p (on the top-k-renormalised distribution) -> min-p
+-> Gumbel-max draw. The grammar mask (structured output, model/grammar.py) sets every token its grammar does not
+allow to -inf, so no later stage can bring one back.
 
 Seeded noise: the Gumbel noise of (row, vocab id) is a counter-based hash of (request seed, index of the token
 being generated, vocab id), so a seeded request draws the same tokens alone or in any batch, in any row order,
 with or without overlap scheduling, and after a preemption (the index resumes at len(output_ids)).
 
 Logprobs (`logprobs`, `top_logprobs`) are log_softmax of the RAW model logits: before processors (when they
-are passed to `sample`), penalties and temperature, i.e. what the model believes, as OpenAI's API reports.
+are passed to `sample`), the grammar mask, penalties and temperature, i.e. what the model believes, as OpenAI's
+API reports.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from baleen.actors.messages import SamplingParams
+from baleen.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 from baleen.model.logit_processors import LogitProcessor, apply_logit_processors
 
 _MASK32 = 0xFFFFFFFF
@@ -86,6 +90,14 @@ class SampleOutput:
     logprobs: torch.Tensor | None = None  # [n] float32, log-prob of each sampled token (raw logits)
     top_ids: torch.Tensor | None = None  # [n, k] int32
     top_logprobs: torch.Tensor | None = None  # [n, k] float32
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """The grammar-constrained rows of a batch and the tokens each may take next, on the device."""
+
+    bitmask: torch.Tensor  # [k, ceil(vocab / 32)] int32, bit t of a row allows token t (xgrammar's layout)
+    rows: torch.Tensor  # [k] int64, the logits row each bitmask row masks
 
 
 @dataclass(frozen=True)
@@ -319,17 +331,20 @@ class Sampler:
 
     def __init__(self, state: SamplingState) -> None:
         self.state = state
+        # the Triton kernel on CUDA, its torch twin elsewhere (chosen once)
+        self.apply_mask = apply_token_bitmask if state.device.type == "cuda" else apply_token_bitmask_ref
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, host_slots: Sequence[int] | None = None,
                processors: list[tuple[int, LogitProcessor, list[int]]] | None = None,
-               flags: BatchFlags | None = None) -> SampleOutput:
+               flags: BatchFlags | None = None, mask: TokenMask | None = None) -> SampleOutput:
         """Pick one token per row of `logits` [n, vocab] (float32) for the requests in `slots` [n] (device).
 
         `host_slots` (the same slots on the host) makes the skipped stages exact for this batch; without it
         they are decided over all occupied slots. `processors` are applied to a copy after the raw logprobs are
         taken. `flags` (the caller's `state.flags(host_slots)`, when it has them already) saves recomputing
-        them. `logits` is not modified. NOTE: a slot appears at most once per call.
+        them. `mask` bans, in its rows, every token the row's grammar does not allow (after the processors).
+        `logits` is not modified. NOTE: a slot appears at most once per call.
         """
         st = self.state
         n = logits.shape[0]
@@ -340,9 +355,12 @@ class Sampler:
         slots = slots.to(torch.int64)
         raw = logits.float()
         x = raw
-        if processors:
+        if processors or mask is not None:
             x = raw.clone()
+        if processors:
             apply_logit_processors(x, processors)
+        if mask is not None:
+            self.apply_mask(x, mask.bitmask, mask.rows)
         if flags.penalties:
             x = self.apply_penalties(x, slots)
         if flags.min_tokens:

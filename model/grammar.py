@@ -1,0 +1,261 @@
+"""Structured output on a worker: grammars compiled off the event loop and cached, one matcher per request slot,
+and the token bitmask each step's sampler applies to the constrained rows (xgrammar does the grammar work).
+
+Compiling. `GrammarCache.submit(spec)` compiles on a thread pool, once per `spec.key` (kind, text), and keeps
+the latest `max_entries` compiled grammars. The scheduler sends every new grammar to every rank as soon as its
+request arrives (CompileGrammars) and admits the request only when rank 0 has compiled it (GrammarCompiled), so
+a request waiting on a compile never holds up the batch; the other ranks compiled at the same time, and a rank
+that is still at it when the request's slot starts waits there (`GrammarSlots.set_slot`).
+
+Matching. A slot's matcher must have accepted every earlier token before it can fill the mask of the next one,
+and with overlap scheduling step N's tokens are still on the device when step N+1 is launched. The runner does
+not turn overlap off for constrained requests; it fills the mask in the slack: launch step N+1's forward, then
+wait for step N's sampled ids (they are copied to the host while N+1's forward is queued behind them), let the
+matchers accept them, fill and upload N+1's bitmask, then queue N+1's sampler. The host work runs while the GPU
+runs step N+1's forward; only the sampler waits for the mask. Steps without constrained rows never wait.
+
+JSON layout. Whitespace between JSON tokens is free but at most JSON_MAX_WHITESPACE characters at a time (every
+grammar kind, xgrammar's max_whitespace_cnt): a model cannot run away in blank lines, and DeepSeek's usual
+`{"city": "Qingdao"}` stays natural; multi-line indented JSON is not possible.
+
+Vocabularies. The bitmask covers the model's vocab_size (padding ids past the tokenizer are never allowed).
+Special tokens (BOS, EOS, role markers, ...) are blank to xgrammar, so no grammar can put one in the text; EOS
+is allowed once the grammar is complete (xgrammar's stop tokens). Grammars of kind "tool_calls" compile against
+a second vocabulary in which DeepSeek's tool-call markers are ordinary tokens a grammar may require.
+
+NOTE: every rank of a tensor-parallel group runs the same matchers on the same tokens, so they fill the same
+masks and keep sampling the same tokens (see ParallelRunner in actors/worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from baleen.actors.messages import GrammarSpec
+
+log = logging.getLogger("baleen.grammar")
+
+# DeepSeek's tool-call markers (api/tool_parser.py reads them): the tokens "tool_calls" grammars may generate.
+TOOL_CALL_TOKENS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                    "<｜tool▁sep｜>")  # fmt: skip
+JSON_MAX_WHITESPACE = 1  # characters of whitespace a JSON grammar allows in a row
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[20:57:31] /project/cpp/x.cc:94: " before xgrammar's message
+
+
+class GrammarError(ValueError):
+    """A grammar that does not compile; its message names the request field and the problem (HTTP 400)."""
+
+
+def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
+                   keep: Sequence[str] = ()) -> Any:
+    """xgrammar's TokenizerInfo for `tokenizer` and a model of `vocab_size` ids, special tokens blank but `keep`.
+
+    xgrammar reads the vocabulary type (byte-level, byte-fallback, raw) from the tokenizer itself.
+    """
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_str()))
+    stops = list(stop_token_ids) or None
+    metadata = json.loads(xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size,
+                                                             stop_token_ids=stops).dump_metadata())
+    vocab: list[bytes | str] = [""] * vocab_size
+    for text, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if i < vocab_size:
+            vocab[i] = text
+    for i, added in tokenizer.get_added_tokens_decoder().items():
+        if added.special and added.content not in keep and i < vocab_size:
+            vocab[i] = ""  # never generated inside a grammar: a skip_special_tokens decode would drop it
+    return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, json.dumps(metadata))
+
+
+def _message(spec: GrammarSpec, error: BaseException) -> str:
+    text = " ".join(_CPP_PREFIX.sub("", line.strip()) for line in str(error).strip().splitlines() if line.strip())
+    what = spec.what or {"json_schema": "the JSON schema", "ebnf": "the EBNF grammar",
+                         "tool_calls": "the tools' parameters"}.get(spec.kind, f"the {spec.kind}")
+    return f"{what} does not compile: {text[:1000] or type(error).__name__}"
+
+
+class GrammarCache:
+    """Compiles GrammarSpecs on a thread pool, once per key, keeping the latest `max_entries` (LRU)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, stop_token_ids: Sequence[int], *,
+                 max_entries: int = 256, max_threads: int = 2) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.max_entries = max_entries
+        self.max_threads = max_threads
+        self.num_words = -(-vocab_size // 32)  # bitmask words per row
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._futures: OrderedDict[tuple[str, str], Future[Any]] = OrderedDict()
+        self._compilers: dict[bool, Any] = {}  # tool-call vocabulary? -> xgr.GrammarCompiler, built on first use
+        self._lock = threading.Lock()
+
+    def submit(self, spec: GrammarSpec) -> Future[Any]:
+        """The compile of `spec` (started now unless cached); its result is an xgrammar CompiledGrammar, or it
+        raises GrammarError. Call from one thread (the worker's event loop)."""
+        fut = self._futures.get(spec.key)
+        if fut is not None:
+            self._futures.move_to_end(spec.key)
+            return fut
+        fut = self._pool.submit(self._compile, spec)
+        self._futures[spec.key] = fut
+        while len(self._futures) > self.max_entries:
+            self._futures.popitem(last=False)  # a compile still running finishes for whoever holds its future
+        return fut
+
+    def compiled(self, spec: GrammarSpec) -> Any:
+        """The compiled grammar, waiting for its compile when it has not finished; GrammarError if it failed."""
+        fut = self.submit(spec)
+        if not fut.done():
+            started = time.perf_counter()
+            fut.exception()
+            log.info("a request's slot waited %.0f ms for its grammar to compile", (time.perf_counter() - started) * 1e3)
+        return fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compiler(self, tool_calls: bool) -> Any:
+        with self._lock:
+            if tool_calls not in self._compilers:
+                import xgrammar as xgr
+
+                if self.tokenizer is None:
+                    raise GrammarError("structured output needs the model's tokenizer.json, which this worker lacks")
+                started = time.perf_counter()
+                info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids,
+                                      TOOL_CALL_TOKENS if tool_calls else ())  # fmt: skip
+                # NOTE: xgrammar's own cache is off: this class keeps the compiled grammars (one copy, LRU).
+                self._compilers[tool_calls] = xgr.GrammarCompiler(info, max_threads=self.max_threads,
+                                                                  cache_enabled=False)  # fmt: skip
+                log.info("grammar vocabulary%s ready in %.2f s", " (tool calls)" if tool_calls else "",
+                         time.perf_counter() - started)
+            return self._compilers[tool_calls]
+
+    def _compile(self, spec: GrammarSpec) -> Any:
+        compiler = self._compiler(spec.kind == "tool_calls")
+        started = time.perf_counter()
+        try:
+            match spec.kind:
+                case "json_schema":
+                    out = compiler.compile_json_schema(spec.text, max_whitespace_cnt=JSON_MAX_WHITESPACE)
+                case "regex":
+                    out = compiler.compile_regex(spec.text)
+                case "ebnf":
+                    out = compiler.compile_grammar(spec.text)
+                case "structural_tag" | "tool_calls":
+                    out = compiler.compile_structural_tag(spec.text)
+                case _:
+                    raise ValueError(f"unknown grammar kind {spec.kind!r}")
+        except Exception as e:
+            raise GrammarError(_message(spec, e)) from None
+        log.debug("compiled a %s grammar in %.1f ms", spec.kind, (time.perf_counter() - started) * 1e3)
+        return out
+
+
+class SlotGrammar:
+    """One request's matcher: what it has accepted decides the next token's bitmask row."""
+
+    def __init__(self, compiled: Any | None, stop_token_ids: Sequence[int], error: str | None = None) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compiled) if compiled is not None else None
+        self.stop_token_ids = list(stop_token_ids)
+        self.error = error  # set: the request ends with this error at its next sampled token
+
+    def accept(self, token: int) -> None:
+        """Advance over a sampled token (a no-op once the grammar ended with a stop token, or failed)."""
+        if self.error is not None or self.matcher is None or self.matcher.is_terminated():
+            return
+        if not self.matcher.accept_token(token):
+            self.error = f"the grammar rejected token {token}: the output cannot follow its grammar any more"
+
+    @property
+    def plain(self) -> bool:
+        """Whether `fill` is xgrammar's own (not a failed or finished matcher)."""
+        return self.error is None and self.matcher is not None and not self.matcher.is_terminated()
+
+    def fill_special(self, bitmask: torch.Tensor, i: int) -> None:
+        """Row i of `bitmask` for a matcher that is not `plain`: all tokens after an error, else (the grammar
+        ended, e.g. with ignore_eos) only the stop tokens."""
+        if self.error is not None or self.matcher is None:
+            bitmask[i] = -1
+            return
+        bitmask[i] = 0
+        for t in self.stop_token_ids:
+            bitmask[i, t // 32] |= _bit(t % 32)
+
+
+def _bit(b: int) -> int:
+    """Bit b of an int32 word, as the signed value torch stores."""
+    return (1 << b) - (1 << 32 if b == 31 else 0)
+
+
+class GrammarSlots:
+    """The matchers of the requests in each slot, and the bitmask of a step's constrained rows."""
+
+    def __init__(self, cache: GrammarCache, pinned: bool = False) -> None:
+        self.cache = cache
+        self.pinned = pinned
+        self._slots: dict[int, SlotGrammar] = {}
+        self._batch: Any = None  # xgr.BatchGrammarMatcher, made on first use
+
+    def __bool__(self) -> bool:
+        return bool(self._slots)
+
+    def set_slot(self, slot: int, spec: GrammarSpec, output_ids: Sequence[int] = ()) -> None:
+        """Start the matcher of a request entering `slot`; a resumed (preempted) one replays its output."""
+        try:
+            g = SlotGrammar(self.cache.compiled(spec), self.cache.stop_token_ids)
+        except GrammarError as e:
+            g = SlotGrammar(None, self.cache.stop_token_ids, str(e))
+        for t in output_ids:
+            g.accept(t)
+        self._slots[slot] = g
+
+    def clear_slot(self, slot: int) -> None:
+        """Release the matcher of a finished, aborted or preempted request."""
+        self._slots.pop(slot, None)
+
+    def get(self, slot: int) -> SlotGrammar | None:
+        return self._slots.get(slot)
+
+    def rows(self, sampled_slots: Sequence[int]) -> list[tuple[int, SlotGrammar]]:
+        """(sampled row, matcher) of every constrained row of a step."""
+        if not self._slots:
+            return []
+        return [(j, g) for j, s in enumerate(sampled_slots) if (g := self._slots.get(s)) is not None]
+
+    def fill(self, rows: Sequence[tuple[int, SlotGrammar]]) -> torch.Tensor:
+        """The bitmask [len(rows), num_words] int32 (host; pinned for a CUDA upload) of the rows' next tokens."""
+        bitmask = torch.empty((len(rows), self.cache.num_words), dtype=torch.int32, pin_memory=self.pinned)
+        plain: list[Any] = []  # xgr.GrammarMatcher of the rows xgrammar fills
+        indices: list[int] = []
+        for i, (_, g) in enumerate(rows):
+            if g.plain:
+                plain.append(g.matcher)
+                indices.append(i)
+            else:
+                g.fill_special(bitmask, i)
+        if len(plain) == 1:
+            plain[0].fill_next_token_bitmask(bitmask, indices[0])
+        elif plain:
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher(self.cache.max_threads)
+            self._batch.batch_fill_next_token_bitmask(plain, bitmask, indices)
+        return bitmask
