@@ -18,7 +18,7 @@ import torch
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.actors.worker import WorkerActor
-from baleen.model.make_model import tiny_model_path
+from baleen.model.make_model import default_model_path
 
 CHUNK = 48
 GREEDY: dict[str, Any] = dict(temperature=0.0, ignore_eos=True)
@@ -28,7 +28,7 @@ PROMPTS = [[RNG.randrange(16, 1000) for _ in range(n)] for n in (2 * CHUNK, 3 * 
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    return str(tiny_model_path())
+    return str(default_model_path())
 
 
 async def _run(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], RequestOutput]:
