@@ -1,0 +1,206 @@
+"""Structured output on the worker side: the grammar vocabulary, the compile cache, slot matchers and their
+bitmask, and the sampler's mask; random walks through held-out grammars always end in valid output."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from baleen.actors.messages import GrammarSpec, SamplingParams
+from baleen.kernels.token_bitmask import unpack_bitmask
+from baleen.model.grammar import TOOL_CALL_TOKENS, GrammarCache, GrammarError, GrammarSlots, tokenizer_info
+from baleen.model.make_model import tiny_model_path
+from baleen.model.sampler import Sampler, SamplingState, TokenMask
+
+VOCAB = 1024  # the tiny model's (its tokenizer has 1000 ids)
+EOS = 1
+
+# Held out: written for these tests, bounded so a random walk ends in a few dozen tokens.
+SCHEMAS: list[dict[str, Any]] = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                      "member": {"type": "boolean"}},
+     "required": ["name", "age", "member"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                               "minItems": 1, "maxItems": 3},
+                                      "score": {"type": "number", "minimum": -1, "maximum": 1}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "integer"},
+                                                                                 "y": {"type": "integer"}},
+                                                "required": ["x", "y"]},
+                                      "kind": {"const": "point"}},
+     "required": ["point", "kind"]},
+    {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "minItems": 2, "maxItems": 2},
+]
+REGEXES = [r"(cat|dog|bird)-[0-9]{2,3}", r"[A-Z][a-z]{1,5}( [A-Z][a-z]{1,5}){0,2}\.", r"\d{4}-\d{2}-\d{2}",
+           r"(yes|no|maybe)!?"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_model_path() / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def cache(tokenizer: Tokenizer) -> GrammarCache:
+    return GrammarCache(tokenizer, VOCAB, [EOS])
+
+
+def walk(slots: GrammarSlots, spec: GrammarSpec, seed: int, limit: int = 300) -> list[int]:
+    """Tokens drawn uniformly among those the grammar allows, until EOS (not included) or `limit`."""
+    slots.set_slot(0, spec)
+    g = slots.get(0)
+    assert g is not None and g.error is None, g and g.error
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < limit:
+        allowed = unpack_bitmask(slots.fill([(0, g)]), VOCAB)[0].nonzero().flatten().tolist()
+        token = rng.choice(allowed)
+        if token == EOS:
+            return out
+        g.accept(token)
+        assert g.error is None
+        out.append(token)
+    raise AssertionError(f"the walk did not end within {limit} tokens")
+
+
+def test_vocabulary_blanks_special_tokens_but_the_kept_ones(tokenizer: Tokenizer) -> None:
+    plain = tokenizer_info(tokenizer, VOCAB, [EOS])
+    tools = tokenizer_info(tokenizer, VOCAB, [EOS], TOOL_CALL_TOKENS)
+    assert plain.vocab_size == VOCAB and plain.stop_token_ids == [EOS]
+    markers = {tokenizer.token_to_id(m) for m in TOOL_CALL_TOKENS}
+    special = set(plain.special_token_ids)
+    assert markers <= special and 0 in special  # BOS and the markers: never text (EOS is the stop token)
+    assert set(range(1000, VOCAB)) <= special  # the model's padding ids
+    assert not markers & set(tools.special_token_ids)
+    assert tokenizer.token_to_id("</think>") not in special  # an ordinary added token stays text
+
+
+def test_compiles_once_per_key_and_names_bad_grammars(cache: GrammarCache) -> None:
+    spec = GrammarSpec("json_schema", json.dumps(SCHEMAS[0]), "response_format.json_schema.schema")
+    fut = cache.submit(spec)
+    assert cache.submit(GrammarSpec(spec.kind, spec.text, "another field")) is fut  # `what` is not the key
+    assert cache.compiled(spec) is fut.result()
+    bad = [(GrammarSpec("regex", "[a-", "regex"), r"^regex does not compile: Regex parsing error .*Unclosed"),
+           (GrammarSpec("json_schema", '{"type": "foo"}', "response_format.json_schema.schema"),
+            r"^response_format.json_schema.schema does not compile: Unsupported type \"foo\""),
+           (GrammarSpec("ebnf", 'root ::= "a" |', "ebnf"), r"^ebnf does not compile: EBNF parser error")]
+    for spec, message in bad:
+        with pytest.raises(GrammarError, match=message):
+            cache.compiled(spec)
+
+
+def test_cache_keeps_the_latest_entries(tokenizer: Tokenizer) -> None:
+    small = GrammarCache(tokenizer, VOCAB, [EOS], max_entries=2)
+    specs = [GrammarSpec("regex", r, "regex") for r in REGEXES[:3]]
+    first = small.submit(specs[0])
+    small.submit(specs[1])
+    assert small.submit(specs[0]) is first  # a hit moves it to the back
+    small.submit(specs[2])  # evicts specs[1]
+    assert small.submit(specs[0]) is first
+    assert len(small._futures) == 2 and specs[1].key not in small._futures
+    small.close()
+
+
+def test_random_walks_give_valid_output(cache: GrammarCache, tokenizer: Tokenizer) -> None:
+    slots = GrammarSlots(cache)
+    for i, schema in enumerate(SCHEMAS):
+        for seed in range(4):
+            text = tokenizer.decode(walk(slots, GrammarSpec("json_schema", json.dumps(schema)), seed + 10 * i))
+            jsonschema.validate(json.loads(text), schema)
+    for i, pattern in enumerate(REGEXES):
+        for seed in range(4):
+            text = tokenizer.decode(walk(slots, GrammarSpec("regex", pattern), seed + 10 * i))
+            assert re.fullmatch(pattern, text), (pattern, text)
+    ebnf = 'root ::= "(" item (", " item)* ")"\nitem ::= [0-9] | "x"'
+    for seed in range(4):
+        assert re.fullmatch(r"\((\d|x)(, (\d|x))*\)", tokenizer.decode(walk(slots, GrammarSpec("ebnf", ebnf), seed)))
+
+
+def test_slot_matchers_replay_finish_and_fail(cache: GrammarCache, tokenizer: Tokenizer) -> None:
+    slots = GrammarSlots(cache)
+    spec = GrammarSpec("regex", "(yes|no)")
+    yes = tokenizer.encode("yes", add_special_tokens=False).ids
+    slots.set_slot(3, spec, yes)  # a preempted request resumes after "yes"
+    g = slots.get(3)
+    assert g is not None
+    allowed = unpack_bitmask(slots.fill([(0, g)]), VOCAB)[0].nonzero().flatten().tolist()
+    assert allowed == [EOS]  # complete: only the stop token
+    g.accept(EOS)
+    assert g.error is None and not g.plain
+    assert unpack_bitmask(slots.fill([(0, g)]), VOCAB)[0].nonzero().flatten().tolist() == [EOS]  # e.g. ignore_eos
+    slots.set_slot(4, spec)
+    h = slots.get(4)
+    assert h is not None
+    h.accept(tokenizer.encode("x", add_special_tokens=False).ids[0])  # not allowed: the request will fail
+    assert h.error is not None and "rejected token" in h.error
+    assert bool(unpack_bitmask(slots.fill([(0, h)]), VOCAB).all())  # its row masks nothing meanwhile
+    slots.set_slot(5, GrammarSpec("regex", "[z-a]"))  # compile error: kept on the slot, reported at sampling
+    failed = slots.get(5)
+    assert failed is not None and failed.error is not None and "does not compile" in failed.error
+    slots.clear_slot(3)
+    assert slots.get(3) is None and [j for j, _ in slots.rows([9, 4, 3, 5])] == [1, 3]
+
+
+def test_batch_fill_matches_one_by_one(cache: GrammarCache) -> None:
+    slots = GrammarSlots(cache)
+    specs = [GrammarSpec("json_schema", json.dumps(s)) for s in SCHEMAS] + [GrammarSpec("regex", r) for r in REGEXES]
+    for slot, spec in enumerate(specs):
+        slots.set_slot(slot, spec)
+    rows = slots.rows(list(range(len(specs))))
+    batch = slots.fill(rows)
+    for i, row in enumerate(rows):
+        assert torch.equal(slots.fill([row])[0], batch[i])
+
+
+def sample_masked(sampler: Sampler, logits: torch.Tensor, allowed: torch.Tensor, rows: Sequence[int]) -> Any:
+    bits = torch.zeros(len(rows), -(-VOCAB // 32) * 32, dtype=torch.int64)
+    bits[:, :VOCAB] = allowed.to(torch.int64)
+    words = (bits.view(len(rows), -1, 32) << torch.arange(32)).sum(-1)  # [k, words] int64 holding 32 bits
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    mask = TokenMask(words, torch.tensor(list(rows)))
+    return sampler.sample(logits, torch.arange(logits.shape[0]), flags=None, mask=mask)
+
+
+def test_sampler_applies_the_mask_before_every_filter() -> None:
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_p=0.9, seed=1),
+              SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.3, presence_penalty=1.0, seed=2,
+                             logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=1.0, min_p=0.2, seed=3)]
+    state = SamplingState(len(params), VOCAB, "cpu")
+    for slot, p in enumerate(params):
+        state.set_slot(slot, p, [5, 6, 7])
+    sampler = Sampler(state)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(20):
+        logits = torch.randn(len(params), VOCAB, generator=gen) * 4
+        allowed = torch.rand(3, VOCAB, generator=gen) < 0.02
+        allowed[:, 7] |= step % 2 == 0  # sometimes a penalised token is the best allowed one
+        before = logits.clone()
+        out = sample_masked(sampler, logits, allowed, [0, 1, 2])
+        assert torch.equal(logits, before)  # the caller's logits are left alone
+        tokens = out.token_ids.tolist()
+        for i in range(3):
+            assert allowed[i, tokens[i]], (step, i)
+        if out.logprobs is not None:  # raw model logprobs, unmasked
+            lp = torch.log_softmax(before.float(), -1)
+            assert torch.allclose(out.logprobs, lp.gather(1, out.token_ids.long()[:, None])[:, 0], atol=1e-5)
+
+
+def test_compile_runs_off_the_caller(tokenizer: Tokenizer) -> None:
+    cache = GrammarCache(tokenizer, VOCAB, [EOS])
+    started = time.perf_counter()
+    fut = cache.submit(GrammarSpec("json_schema", json.dumps(SCHEMAS[1])))
+    submitted = time.perf_counter() - started
+    fut.result()
+    assert submitted < 0.05  # the vocabulary and the grammar are built on the pool's thread
+    cache.close()
