@@ -40,8 +40,8 @@ def model_path() -> str:
 
 
 async def _run(engine: Engine, spec: GrammarSpec | None, seed: int, **kw: Any) -> tuple[str, RequestOutput]:
-    params = SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 120), temperature=1.0, seed=seed, grammar=spec,
-                            **kw)
+    params = SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 120), temperature=kw.pop("temperature", 1.0),
+                            seed=seed, grammar=spec, **kw)
     text, last = "", None
     async for out in engine.generate(PROMPT, params):
         text, last = text + out.text, out
@@ -146,6 +146,29 @@ def test_preempted_requests_resume_their_grammar(model_path: str, monkeypatch: p
                                           for s in range(8)))  # fmt: skip
             _check(list(outs), lambda text: _fullmatch(pattern, text))
             assert engine.metrics.get("num_preemptions", 0) > 0
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_overlap(model_path: str) -> None:
+    """On CUDA: decode steps replay graphs, the mask is filled while the next forward runs (real events); plain
+    greedy rows beside constrained ones keep the captured greedy tail's answers."""
+
+    async def main() -> None:
+        engine = await Engine.start(EngineConfig(model_path=model_path, device="cuda", cuda_graph_max_bs=16))
+        try:
+            free = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+            alone = await _collect_ids(engine, free)
+            await _all_valid(engine, range(2))
+            greedy_json = GrammarSpec("json_schema", json.dumps(SCHEMAS[1]))
+            mixed = await asyncio.gather(_collect_ids(engine, free), _run(engine, greedy_json, 0),
+                                         _run(engine, GrammarSpec("regex", REGEXES[0]), 1, temperature=0.0))
+            assert mixed[0] == alone
+            jsonschema.validate(json.loads(mixed[1][0]), SCHEMAS[1])
+            _fullmatch(REGEXES[0], mixed[2][0])
         finally:
             await engine.close()
 
