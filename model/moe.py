@@ -247,7 +247,12 @@ class MoEExperts(nn.Module):
 
 
 class TorchExperts:
-    """Reference: group the (token, expert) pairs by expert, one matmul pair per touched expert, index_add."""
+    """Reference and CPU path: the (token, expert) pairs sorted by expert, one GEMM pair per expert, one scatter.
+
+    On CPU the per-expert GEMMs are one grouped GEMM each (`F.grouped_mm`, offsets from the sorted pairs); FP8
+    experts (dequantized one at a time) and other devices loop over the experts touched. Either way the outputs
+    go back to their tokens in one `index_add_`, in expert order per token (the sum the per-expert loop made).
+    """
 
     fuses_shared_expert: ClassVar[bool] = False
 
@@ -257,23 +262,28 @@ class TorchExperts:
     def apply(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         ex = self.experts
         num_tokens, top_k = topk_ids.shape
-        out = torch.zeros_like(x)
         local = topk_ids.reshape(-1).to(torch.int64) - ex.expert_start  # [T*k]
         token = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)  # [T*k]
         weight = topk_weights.reshape(-1)
-        keep = (local >= 0) & (local < ex.num_local_experts)
-        local, token, weight = local[keep], token[keep], weight[keep]
+        if ex.num_local_experts < ex.num_experts:  # EP: keep the pairs of this rank's experts
+            keep = (local >= 0) & (local < ex.num_local_experts)
+            local, token, weight = local[keep], token[keep], weight[keep]
         order = torch.argsort(local, stable=True)
-        local, token, weight = local[order], token[order], weight[order]
-        counts = torch.bincount(local, minlength=ex.num_local_experts).tolist()  # host sync: reference only
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = token[start : start + n]
-            w13, w2 = ex.expert_weights(e, x.dtype)
-            gate, up = F.linear(x[idx], w13).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(F.silu(gate) * up, w2)  # [n, H]
-            out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
-            start += n
-        return out
+        local, token, weight = local[order], token[order], weight[order]  # [N] sorted by expert
+        num_slots = ex.w13.shape[0]  # local experts (+ the shared-expert slot, which routes no pair here)
+        ends = torch.bincount(local, minlength=num_slots).cumsum(0)  # [E] end of each expert's pairs
+        xs = x[token]  # [N, H]
+        if x.device.type == "cpu" and ex.block_size is None:
+            offs = ends.to(torch.int32)
+            gate, up = F.grouped_mm(xs, ex.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [N, I] each
+            y = F.grouped_mm(F.silu(gate) * up, ex.w2.transpose(1, 2), offs=offs)  # [N, H]
+        else:
+            y = torch.empty_like(xs)
+            start = 0
+            for e, end in enumerate(ends.tolist()):  # host sync: reference only (CUDA serves with FusedExperts)
+                if end > start:
+                    w13, w2 = ex.expert_weights(e, x.dtype)
+                    gate, up = F.linear(xs[start:end], w13).chunk(2, dim=-1)  # [n, I] each
+                    y[start:end] = F.linear(F.silu(gate) * up, w2)  # [n, H]
+                start = end
+        return torch.zeros_like(x).index_add_(0, token, y * weight[:, None].to(y.dtype))
