@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,8 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         runner.capture_graphs()
         log.info("captured %d decode CUDA graphs in %.1f s (%.2f GiB)", len(graphs.batch_sizes),
                  time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)
+    if device.type == "cuda":
+        grammar_cache.prepare()  # after the capture: nothing else may touch the device while a graph records
     return runner
 
 
@@ -293,12 +296,23 @@ class ParallelRunner(ModelRunner):
             idle = ForwardBatch.build([], [], [], [], self.config.page_size, device=self.device)
             idle.dp_num_tokens = list(plan.dp_num_tokens)
             self.model(idle, self.kv_cache, self.attn)
+        if step.deferred is None:
+            self._check(step)
+        return step
+
+    @torch.inference_mode()
+    def complete(self, step: PendingStep) -> None:
+        deferred = step.deferred is not None
+        super().complete(step)
+        if deferred:
+            self._check(step)
+
+    def _check(self, step: PendingStep) -> None:
         if self.check_sampling and step.sampled_slots:
             ids = self.slot_tokens[torch.tensor(step.sampled_slots, device=self.device)]
             hi = self.groups.attn.all_reduce(ids.clone(), "max")
             lo = self.groups.attn.all_reduce(ids.clone(), "min")
             self._mismatch[step.step_id] = (hi != lo).any()
-        return step
 
     def finish(self, pending: PendingStep) -> StepResult:
         result = super().finish(pending)
@@ -323,7 +337,7 @@ def ready_message(runner: ModelRunner, rank: int) -> WorkerReady:
 
 
 class WorkerActor(Actor[StepPlan, PendingStep]):
-    """Runs plans in order; launching step N+1 happens before step N's tokens are read (overlap)."""
+    """Runs plans in order; on CUDA launching step N+1 happens before step N's tokens are read (overlap)."""
 
     def __init__(self, runner: ModelRunner, plans: Channel, results: Channel | None, *, rank: int = 0) -> None:
         super().__init__(plans, name=f"worker{rank}")
@@ -334,6 +348,11 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
         self._pending: deque[PendingStep] = deque()  # launched, not yet finished, in launch order
         self._failed = False
         self._reports: set[asyncio.Task[None]] = set()  # GrammarCompiled answers waiting for their compile
+        # NOTE: on CPU a step is computed inside `launch`: there is no device running on while the host plans, so
+        # overlapping would only hold step N's tokens back until step N+1 is computed. There each step runs on
+        # this thread, off the event loop, and its result goes out as soon as it is done; the loop meanwhile
+        # serves the scheduler (it reads step N's tokens while step N+1 computes), the detokenizer and HTTP.
+        self._cpu_thread = ThreadPoolExecutor(1, f"baleen-forward{rank}") if runner.device.type != "cuda" else None
 
     def busy(self) -> bool:
         return bool(self._queue)
@@ -373,16 +392,29 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
         await self.results.send(GrammarCompiled(spec, error))
 
     async def launch(self, plan: StepPlan) -> PendingStep | None:
-        if self._pending and self.runner.needs_sync_before(plan):
+        cpu = self._cpu_thread is not None
+        if self._pending and (cpu or self.runner.needs_sync_before(plan)):
             while self._pending:
                 await self._finish_oldest()
         try:
-            step = self.runner.launch(plan)
+            if cpu:
+                step = await asyncio.get_running_loop().run_in_executor(self._cpu_thread, self.runner.launch, plan)
+            else:
+                step = self.runner.launch(plan)
+            if step.deferred is not None:
+                # The forward is queued; its grammar mask waits for the previous step's tokens (model/grammar.py).
+                event = self.runner.tokens_awaited(step)
+                if event is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
+                self.runner.complete(step)
         except Exception as e:
             self._failed = True
             await self._report(e)
             raise
         self._pending.append(step)
+        if cpu:
+            await self._finish_oldest()  # computed already: its tokens go out now, not after the next step
+            return None
         return step
 
     async def finish(self, step: PendingStep) -> None:
@@ -415,6 +447,8 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
             await self.launch(self._queue.popleft())
         while self._pending:
             await self._finish_oldest()
+        if self._cpu_thread is not None:
+            self._cpu_thread.shutdown(wait=False)
 
     async def _report(self, error: BaseException) -> None:
         if self.results is not None:

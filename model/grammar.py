@@ -98,7 +98,7 @@ class GrammarCache:
         self.max_entries = max_entries
         self.max_threads = max_threads
         self.num_words = -(-vocab_size // 32)  # bitmask words per row
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self._futures: OrderedDict[tuple[str, str], Future[Any]] = OrderedDict()
         self._compilers: dict[bool, Any] = {}  # tool-call vocabulary? -> xgr.GrammarCompiler, built on first use
         self._lock = threading.Lock()
@@ -124,6 +124,11 @@ class GrammarCache:
             fut.exception()
             log.info("a request's slot waited %.0f ms for its grammar to compile", (time.perf_counter() - started) * 1e3)
         return fut.result()
+
+    def prepare(self) -> None:
+        """Import xgrammar and build the plain vocabulary in the background, so the first request does not wait
+        for them (a failure shows again, with its message, at the first compile)."""
+        self._pool.submit(self._compiler, False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -45,6 +45,15 @@ class RunnerConfig:
 
 
 @dataclass
+class _DeferredSample:
+    """A launched step's sampling, waiting for the previous step's tokens: its grammar mask depends on them."""
+
+    logits: torch.Tensor  # [num_sampled, vocab]
+    sample_slots: torch.Tensor  # [num_sampled] device
+    flags: BatchFlags
+
+
+@dataclass
 class PendingStep:
     """A launched step whose sampled ids are on their way to the host."""
 
@@ -60,6 +69,7 @@ class PendingStep:
     # (sampled row, matcher) of its grammar-constrained rows; the matchers accept the step's tokens once
     grammar_rows: list[tuple[int, SlotGrammar]] = field(default_factory=list)
     grammar_accepted: bool = False
+    deferred: _DeferredSample | None = None  # set: forward queued, sampling waits for `ModelRunner.complete`
 
 
 class _FailedProcessor:
@@ -134,6 +144,7 @@ class ModelRunner:
         self.slot_procs: dict[int, tuple[Any, list[int]]] = {}
         self.grammars = grammars  # None: structured output is not served
         self._unaccepted: PendingStep | None = None  # the last step with constrained rows its matchers have not seen
+        self._deferred: PendingStep | None = None  # a launched step whose sampling waits for `_unaccepted`'s tokens
         self._pinned = device.type == "cuda"
 
     def capture_graphs(self) -> None:
@@ -276,6 +287,8 @@ class ModelRunner:
         recover (`recovers_from_oom`): the slot changes stay applied, the memory the step took is released.
         """
         started = time.perf_counter()
+        if self._deferred is not None:
+            self.complete(self._deferred)  # a caller that never completed it: its tokens are this step's inputs
         self._apply_slot_changes(plan)
         try:
             return self._launch(plan, started)
@@ -293,7 +306,6 @@ class ModelRunner:
     def _launch(self, plan: StepPlan, started: float) -> PendingStep:
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
-        top_k = 0
         logits: torch.Tensor | None = None
         flags: BatchFlags | None = None  # the sampler's, computed once a step (staged: before the graph runs)
         grammar_rows: list[tuple[int, SlotGrammar]] = []
@@ -326,27 +338,55 @@ class ModelRunner:
                 if sampled_slots:
                     logits = self.model.compute_logits(hidden[batch.logits_indices])
             grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
-        if logits is not None:
-            flags = flags or self.sampler.state.flags(sampled_slots)
-            mask = self._token_mask(grammar_rows, errors) if grammar_rows else None
-            top_k = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        step = PendingStep(plan.step_id, len(sampled_slots), host, event, top_k, started, sampled_slots, errors,
+        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors,
                            grammar_rows=grammar_rows if logits is not None else [])
-        if step.grammar_rows:
-            self._unaccepted = step
+        if logits is None:
+            self._record(step)
+            return step
+        step.deferred = _DeferredSample(logits, sample_slots, flags or self.sampler.state.flags(sampled_slots))
+        if step.grammar_rows and self._unaccepted is not None:
+            # NOTE: the overlap's slack. The forward is queued; the mask needs the previous step's tokens, which
+            # are still on the device. The caller waits for them (`tokens_awaited`) off its event loop, then
+            # `complete` fills the mask and queues the sampler, while the GPU runs this forward.
+            self._deferred = step
+        else:
+            self._complete(step)
         return step
 
-    def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]]) -> TokenMask:
-        """The step's grammar bitmask, on its way to the device.
+    def tokens_awaited(self, step: PendingStep) -> Any:
+        """What a deferred step's sampling waits for: the previous step's event (None: nothing to wait for).
 
-        NOTE: called after the step's forward is queued (the overlap's slack, see model/grammar.py): it waits for
-        the previous step's tokens, lets the matchers accept them, fills the rows' next-token masks on the host
-        and uploads them; only the sampler, queued after this, depends on the mask.
-        """
+        Wait for it off the event loop, then call `complete(step)`."""
+        if step.deferred is None or self._unaccepted is None:
+            return None
+        return self._unaccepted.event
+
+    @torch.inference_mode()
+    def complete(self, step: PendingStep) -> None:
+        """Sample a step whose sampling was deferred at launch (a no-op for any other)."""
+        self._complete(step)
+
+    def _complete(self, step: PendingStep) -> None:
+        d = step.deferred
+        if d is None:
+            return
+        step.deferred = None
+        if self._deferred is step:
+            self._deferred = None
+        mask = self._token_mask(step.grammar_rows, step.errors) if step.grammar_rows else None
+        step.top_k = self._sample(d.logits, d.sample_slots, step.sampled_slots, d.flags, step.host, step.errors, mask)
+        self._record(step)
+        if step.grammar_rows:
+            self._unaccepted = step
+
+    def _record(self, step: PendingStep) -> None:
+        if self.device.type == "cuda":
+            step.event = torch.cuda.Event()
+            step.event.record()
+
+    def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]]) -> TokenMask:
+        """The step's grammar bitmask, on its way to the device: the previous step's tokens advance the matchers
+        (waiting for them unless the caller did), the rows' next-token masks are filled on the host, uploaded."""
         assert self.grammars is not None
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)
@@ -403,6 +443,7 @@ class ModelRunner:
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for the step's copies (the step's one host sync) and package the result."""
+        self.complete(pending)
         if pending.event is not None:
             pending.event.synchronize()
         if pending.failed is not None:

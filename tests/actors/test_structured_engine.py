@@ -18,6 +18,7 @@ from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.messages import GrammarSpec, RequestOutput, SamplingParams
 from baleen.actors.policy import SchedulerConfig
 from baleen.model.make_model import tiny_model_path
+from baleen.model.runner import ModelRunner, PendingStep
 
 # Held out (not used to write the code), each bounded so the random model ends it in a few dozen tokens.
 SCHEMAS: list[dict[str, Any]] = [
@@ -75,7 +76,16 @@ def _fullmatch(pattern: str, text: str) -> None:
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool) -> None:
+def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    deferred = []  # steps launched before the previous step's tokens reached the matchers (overlap only)
+    complete = ModelRunner.complete
+
+    def counting(self: ModelRunner, step: PendingStep) -> None:
+        deferred.append(step.deferred is not None)
+        complete(self, step)
+
+    monkeypatch.setattr(ModelRunner, "complete", counting)
+
     async def main() -> None:
         engine = await Engine.start(EngineConfig(model_path=model_path, device="cpu",
                                                  disable_overlap_schedule=not overlap))
@@ -90,6 +100,7 @@ def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool) -> N
             await engine.close()
 
     asyncio.run(main())
+    assert any(deferred) == overlap
 
 
 async def _collect_ids(engine: Engine, params: SamplingParams) -> list[int]:
