@@ -169,7 +169,8 @@ def test_cuda_graphs_and_overlap(model_path: str) -> None:
     greedy rows beside constrained ones keep the captured greedy tail's answers."""
 
     async def main() -> None:
-        engine = await Engine.start(EngineConfig(model_path=model_path, device="cuda", cuda_graph_max_bs=16))
+        engine = await Engine.start(EngineConfig(model_path=model_path, device="cuda", attention_backend="triton",
+                                                 cuda_graph_max_bs=16, max_total_tokens=65536))
         try:
             free = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
             alone = await _collect_ids(engine, free)
