@@ -124,16 +124,18 @@ def compile_times(tokenizer: Tokenizer, vocab_size: int) -> dict[str, float]:
             fill_s * 1e6}  # fmt: skip
 
 
-def start(d: Any, slots: list[int], input_len: int, params: list[SamplingParams], gen: torch.Generator) -> None:
-    """Prefill fresh requests in `slots` (one step), each with its own sampling parameters."""
-    rows, inits, updates = [], [], []
-    for s, p in zip(slots, params):
-        ids = torch.randint(16, d.vocab, (input_len,), generator=gen).tolist()
-        inits.append(SlotInit(s, f"r{s}", p, _i32(ids)))
-        updates += d._pages(s, input_len)
-        rows.append(SeqRow(s, 0, input_len, _i32(ids), True))
-        d.lens[s] = input_len
-    d.run(rows, inits, updates)
+def start(d: Any, slots: list[int], input_len: int, params: list[SamplingParams], gen: torch.Generator,
+          per_step: int) -> None:
+    """Prefill fresh requests in `slots`, `per_step` a step, each with its own sampling parameters."""
+    for i in range(0, len(slots), per_step):
+        rows, inits, updates = [], [], []
+        for s, p in zip(slots[i : i + per_step], params[i : i + per_step]):
+            ids = torch.randint(16, d.vocab, (input_len,), generator=gen).tolist()
+            inits.append(SlotInit(s, f"r{s}", p, _i32(ids)))
+            updates += d._pages(s, input_len)
+            rows.append(SeqRow(s, 0, input_len, _i32(ids), True))
+            d.lens[s] = input_len
+        d.run(rows, inits, updates)
 
 
 def decode_like_worker(d: Any, slots: list[int], steps: int) -> float:
@@ -193,12 +195,14 @@ def main() -> None:
         tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
         cfg = ModelConfig.from_hf(str(tmp))
         compiled = compile_times(tokenizer, vocab_size)
-        context = args.context_len + (args.repeats + 1) * (args.decode_steps + 8) + 8
+        context = args.context_len + args.decode_steps + 8
+        per_step = max(1, 2048 // args.context_len)  # prefill requests a step
         runner = build_runner(WorkerConfig(
             model_path=str(tmp), device=args.device, dtype="bfloat16" if cuda else "float32", load_format="dummy",
             attention_backend="triton" if cuda else "torch", page_size=args.page_size,
             max_running_requests=max_bs, max_context_len=context,
             max_total_tokens=max_bs * (context + args.page_size), disable_cuda_graph=not cuda,
+            chunked_prefill_size=per_step * args.context_len,
             cuda_graph_bs=tuple(args.batch_sizes), fp8_tiled_weights=cuda))  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +223,7 @@ def main() -> None:
                     d = one_batch.Driver(runner, cfg.vocab_size)
                     params = [SamplingParams(max_new_tokens=None, temperature=temp, seed=s, ignore_eos=True,
                                              grammar=spec if mode == "json" else None) for s in slots]
-                    start(d, slots, args.context_len, params, gen)
+                    start(d, slots, args.context_len, params, gen, per_step)
                     for _ in range(3):
                         d.decode(slots)  # warm-up
                     times.append(decode_like_worker(d, slots, args.decode_steps))
