@@ -74,15 +74,15 @@ def chat_grammar(req: ChatCompletionRequest, *, tool_parser: str | None, reasoni
     body: Format
     if forced:
         assert calls is not None
-        body, what = calls, "the tool-call format"
+        body, what = calls, "a tool's parameters schema"
     elif calls is not None and content is not None:
-        body, what = {"type": "or", "elements": [content[1], calls]}, content[0].what
+        body, what = {"type": "or", "elements": [content[1], calls]}, f"{content[0].what} or a tool's parameters schema"
     elif calls is not None:  # strict tools under "auto": free text, constrained once a call starts
         ids = _marker_ids(token_id)
         body = {"type": "token_triggered_tags", "trigger_tokens": [ids[CALLS_BEGIN]],
                 "tags": [calls], "stop_after_first": True,
                 "exclude_tokens": [ids[m] for m in TOOL_CALL_TOKENS if m != CALLS_BEGIN]}
-        what = "the strict tools' parameters"
+        what = "a strict tool's parameters schema"
     else:
         assert content is not None
         body, what = content[1], content[0].what

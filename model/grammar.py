@@ -83,7 +83,7 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequen
 def _message(spec: GrammarSpec, error: BaseException) -> str:
     text = " ".join(_CPP_PREFIX.sub("", line.strip()) for line in str(error).strip().splitlines() if line.strip())
     what = spec.what or {"json_schema": "the JSON schema", "ebnf": "the EBNF grammar",
-                         "tool_calls": "the tools' parameters"}.get(spec.kind, f"the {spec.kind}")
+                         "tool_calls": "a tool's parameters schema"}.get(spec.kind, f"the {spec.kind}")
     return f"{what} does not compile: {text[:1000] or type(error).__name__}"
 
 

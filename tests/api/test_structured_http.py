@@ -89,6 +89,10 @@ def test_grammars_that_do_not_compile_are_400(server: ServerProcess, client: ope
         assert r.status_code == 400 and "ebnf does not compile" in r.json()["error"]["message"]
         r = http.post("/v1/chat/completions", json={"messages": USER, "regex": "a", "ebnf": 'root ::= "a"'})
         assert r.status_code == 400 and r.json()["error"]["param"] == "ebnf"
+        bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"$ref": "#/missing"}}}}}
+        r = http.post("/v1/chat/completions", json={"messages": USER, "tools": [bad_tool], "tool_choice": "required"})
+        assert r.status_code == 400 and "a tool's parameters schema does not compile" in r.json()["error"]["message"]
 
 
 def test_unfinished_grammar_is_length(client: openai.OpenAI) -> None:
