@@ -276,6 +276,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help=f"built-in {sorted(BUILTIN_TEMPLATES)} or a .jinja path (default: the checkpoint's)")
     g.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS)
     g.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS)
+    g.add_argument("--grammar-backend", default="xgrammar", choices=("xgrammar",),
+                   help="structured output's grammar engine (SGLang's flag; xgrammar is the one baleen has)")
     g.add_argument("--enable-custom-logit-processor", action="store_true",
                    help="let requests name a registered logit processor (custom_logit_processor)")
     g.add_argument("--custom-logit-processor", action="append", default=None, metavar="NAME=module:attr",
