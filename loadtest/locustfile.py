@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from http.client import HTTPException
 from typing import Any
 
-from bench_serving import StreamError, StreamParser, random_prompt  # loadtest/ is on sys.path under locust
+# NOTE: bench_serving sits beside this file. locust puts this folder on sys.path, plain `python` does too, unless
+# PYTHONSAFEPATH is set (the Makefile sets it): say it explicitly. This folder holds only our scripts.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_serving import StreamError, StreamParser, random_prompt
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 
