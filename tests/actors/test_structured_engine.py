@@ -11,14 +11,24 @@ import re
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 
 from baleen.actors import scheduler
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import GrammarSpec, RequestOutput, SamplingParams
+from baleen.actors.messages import (
+    GrammarSpec,
+    PageUpdate,
+    RequestOutput,
+    SamplingParams,
+    SeqRow,
+    SlotInit,
+    StepPlan,
+)
 from baleen.actors.policy import SchedulerConfig
+from baleen.actors.worker import WorkerActor, WorkerConfig, build_runner
 from baleen.model.make_model import tiny_model_path
-from baleen.model.runner import ModelRunner, PendingStep
+from baleen.model.runner import ModelRunner
 
 # Held out (not used to write the code), each bounded so the random model ends it in a few dozen tokens.
 SCHEMAS: list[dict[str, Any]] = [
@@ -71,21 +81,17 @@ async def _all_valid(engine: Engine, seeds: range) -> None:
         _check([out], validate)
 
 
+def _runner(engine: Engine) -> ModelRunner:
+    """The in-process engine's model runner."""
+    return next(a.runner for a in engine._actors if isinstance(a, WorkerActor))
+
+
 def _fullmatch(pattern: str, text: str) -> None:
     assert re.fullmatch(pattern, text), (pattern, text)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    deferred = []  # steps launched before the previous step's tokens reached the matchers (overlap only)
-    complete = ModelRunner.complete
-
-    def counting(self: ModelRunner, step: PendingStep) -> None:
-        deferred.append(step.deferred is not None)
-        complete(self, step)
-
-    monkeypatch.setattr(ModelRunner, "complete", counting)
-
+def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool) -> None:
     async def main() -> None:
         engine = await Engine.start(EngineConfig(model_path=model_path, device="cpu",
                                                  disable_overlap_schedule=not overlap))
@@ -100,7 +106,6 @@ def test_outputs_at_temperature_1_are_valid(model_path: str, overlap: bool, monk
             await engine.close()
 
     asyncio.run(main())
-    assert any(deferred) == overlap
 
 
 async def _collect_ids(engine: Engine, params: SamplingParams) -> list[int]:
@@ -108,6 +113,37 @@ async def _collect_ids(engine: Engine, params: SamplingParams) -> list[int]:
     async for out in engine.generate(PROMPT, params):
         ids += out.token_ids
     return ids
+
+
+def test_deferred_sampling_equals_serial_steps(model_path: str) -> None:
+    """Runner level, as the worker runs it: step N+1 launched before step N is finished returns with its sampling
+    deferred (the mask needs N's tokens); completing it gives the tokens serial steps give."""
+    runner = build_runner(WorkerConfig(model_path=model_path, max_running_requests=4, max_context_len=256))
+    prompt = np.arange(20, 32, dtype=np.int32).tobytes()
+    pages = np.arange(1, 9, dtype=np.int32)
+    specs = [GrammarSpec("regex", "[a-z]{12,40}"), GrammarSpec("json_schema", json.dumps(SCHEMAS[1]))]
+
+    def plans(num: int) -> list[StepPlan]:
+        inits = [SlotInit(s, f"r{s}", SamplingParams(temperature=1.0, seed=s, grammar=spec, max_new_tokens=None),
+                          prompt) for s, spec in enumerate(specs)]  # fmt: skip
+        out = [StepPlan(step_id=0, rows=[SeqRow(s, 0, 12, prompt, True) for s in (0, 1)], new_slots=inits,
+                        page_updates=[PageUpdate(s, 0, pages[4 * s : 4 * s + 4].tobytes()) for s in (0, 1)])]
+        out += [StepPlan(step_id=i, rows=[SeqRow(s, 11 + i, 1, b"", True) for s in (0, 1)]) for i in range(1, num)]
+        return out
+
+    serial = [np.frombuffer(runner.finish(runner.launch(p)).token_ids, np.int32).tolist() for p in plans(8)]
+    overlapped, pending, deferred = [], None, []
+    for plan in plans(8):
+        step = runner.launch(plan)
+        deferred.append(step.deferred is not None)
+        runner.complete(step)
+        if pending is not None:
+            overlapped.append(np.frombuffer(runner.finish(pending).token_ids, np.int32).tolist())
+        pending = step
+    assert pending is not None
+    overlapped.append(np.frombuffer(runner.finish(pending).token_ids, np.int32).tolist())
+    assert deferred == [False] + [True] * 7
+    assert overlapped == serial
 
 
 def test_bad_and_unfinished_grammars(model_path: str) -> None:
@@ -137,6 +173,9 @@ def test_bad_and_unfinished_grammars(model_path: str) -> None:
 
             await asyncio.wait_for(leave_early(), 30)
             _check([await _run(engine, slow, 1)], lambda text: _fullmatch("[0-9]{3}(x|y)", text))
+            # finished, stopped and aborted requests released their matchers (freed with the next step's plan)
+            await _collect_ids(engine, SamplingParams(max_new_tokens=2))
+            assert not _runner(engine).grammars
         finally:
             await engine.close()
 
@@ -157,6 +196,8 @@ def test_preempted_requests_resume_their_grammar(model_path: str, monkeypatch: p
                                           for s in range(8)))  # fmt: skip
             _check(list(outs), lambda text: _fullmatch(pattern, text))
             assert engine.metrics.get("num_preemptions", 0) > 0
+            await _collect_ids(engine, SamplingParams(max_new_tokens=2))
+            assert not _runner(engine).grammars
         finally:
             await engine.close()
 
