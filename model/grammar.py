@@ -8,11 +8,13 @@ a request waiting on a compile never holds up the batch; the other ranks compile
 that is still at it when the request's slot starts waits there (`GrammarSlots.set_slot`).
 
 Matching. A slot's matcher must have accepted every earlier token before it can fill the mask of the next one,
-and with overlap scheduling step N's tokens are still on the device when step N+1 is launched. The runner does
-not turn overlap off for constrained requests; it fills the mask in the slack: launch step N+1's forward, then
-wait for step N's sampled ids (they are copied to the host while N+1's forward is queued behind them), let the
-matchers accept them, fill and upload N+1's bitmask, then queue N+1's sampler. The host work runs while the GPU
-runs step N+1's forward; only the sampler waits for the mask. Steps without constrained rows never wait.
+and with overlap scheduling step N's tokens are still on the device when step N+1 is launched. Overlap stays on
+for constrained requests; the mask is filled in its slack. `ModelRunner.launch` queues step N+1's forward and
+returns with its sampling deferred; the worker waits for step N's sampled ids off its event loop (they reach
+the host as the GPU finishes N and starts N+1's forward); `ModelRunner.complete` lets the matchers accept them,
+fills and uploads N+1's bitmask and queues N+1's sampler. The host work runs while the GPU runs N+1's forward:
+only the sampler waits for the mask. Steps without constrained rows, and constrained steps whose previous tokens
+are already in (no overlap, the first step), sample at launch as before.
 
 JSON layout. Whitespace between JSON tokens is free but at most JSON_MAX_WHITESPACE characters at a time (every
 grammar kind, xgrammar's max_whitespace_cnt): a model cannot run away in blank lines, and DeepSeek's usual
