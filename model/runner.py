@@ -4,8 +4,9 @@ Per-request state lives in *slots* on the device: the last sampled token (`slot_
 (`page_table`), and the sampling parameters (in `SamplingState`). A decode row carries no token id: its input
 is gathered from `slot_tokens` on the device, which is what lets the scheduler plan step N+1 before step N's
 tokens reached the host. The only host sync of a step is `finish()` reading the sampled ids; a step with
-grammar-constrained rows (structured output) also waits, after its forward is queued, for the previous step's ids
-(`_token_mask`, see model/grammar.py).
+grammar-constrained rows (structured output) also needs the previous step's ids before it can sample: `launch`
+queues its forward and defers its sampling, `complete` samples once the caller has waited for them (see
+model/grammar.py).
 
 A plain decode step on captured CUDA graphs costs the host one copy in and one copy out: the graph derives
 its inputs from the slots (`DecodeGraphs.run_staged`) and, when every row is greedy with nothing else asked,
