@@ -30,6 +30,7 @@ import time
 import uuid
 from array import array
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ from baleen.actors.worker import (
     WorkerActor,
     WorkerConfig,
     build_runner,
+    cpu_thread,
+    in_thread,
     rank_channels,
     rank_main,
     ready_message,
@@ -254,12 +257,13 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
     return _Plan(worker, scheduler, config.nnodes)
 
 
-def _rank0_actors(plan: _Plan, runner: Any, requests: Channel, deltas: Channel) -> list[Actor[Any, Any]]:
+def _rank0_actors(plan: _Plan, runner: Any, requests: Channel, deltas: Channel,
+                  thread: ThreadPoolExecutor | None) -> list[Actor[Any, Any]]:
     plans, results = LocalChannel(), LocalChannel()
     router = plan.scheduler.build(ready_message(runner, 0))
     return [
         SchedulerActor(router, requests, results, [plans], deltas, overlap=plan.scheduler.overlap),
-        WorkerActor(runner, plans, results, rank=0),
+        WorkerActor(runner, plans, results, rank=0, thread=thread),
     ]
 
 
@@ -368,9 +372,15 @@ class Engine:
             to_scheduler, from_scheduler = requests, deltas
             rank0: list[Actor[Any, Any]] = []
         else:
-            runner = await asyncio.to_thread(build_runner, self._plan.worker)
+            thread = cpu_thread(self._plan.worker.device)  # the worker's torch thread, which builds its runner too
+            try:
+                runner = await in_thread(thread, build_runner, self._plan.worker)
+            except BaseException:
+                if thread is not None:
+                    thread.shutdown(wait=False)
+                raise
             to_scheduler, from_scheduler = LocalChannel(), LocalChannel()
-            rank0 = _rank0_actors(self._plan, runner, to_scheduler, from_scheduler)
+            rank0 = _rank0_actors(self._plan, runner, to_scheduler, from_scheduler, thread)
         self._to_scheduler = to_scheduler
         self._actors = [
             TokenizerActor(self.tokenizer, self._inbox, to_scheduler),

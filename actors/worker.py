@@ -14,11 +14,11 @@ import os
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +43,7 @@ from baleen.model.parallel import DistInit, ParallelGroups, destroy_distributed,
 from baleen.model.runner import ModelRunner, PendingStep, RunnerConfig
 
 log = logging.getLogger("baleen.worker")
+T = TypeVar("T")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
@@ -336,10 +337,27 @@ def ready_message(runner: ModelRunner, rank: int) -> WorkerReady:
     )
 
 
+def cpu_thread(device: str, rank: int = 0) -> ThreadPoolExecutor | None:
+    """On CPU, the one thread that runs all of a rank's torch work (building its runner, then every step); None on
+    CUDA, whose steps are launched from the event loop.
+
+    NOTE: every OS thread that runs a parallel torch op gets an OpenMP team of its own, and once a process has more
+    OpenMP threads than cores, libgomp stops spinning at its barriers: every op then pays a futex wake-up. On 2 cores
+    one extra team made the tiny model's forward 2-4x slower (docs/PERF.md). One thread, one team.
+    """
+    return ThreadPoolExecutor(1, f"baleen-torch{rank}") if not device.startswith("cuda") else None
+
+
+async def in_thread(thread: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on `thread` (`cpu_thread`'s), or on the loop's default executor when it is None."""
+    return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+
+
 class WorkerActor(Actor[StepPlan, PendingStep]):
     """Runs plans in order; on CUDA launching step N+1 happens before step N's tokens are read (overlap)."""
 
-    def __init__(self, runner: ModelRunner, plans: Channel, results: Channel | None, *, rank: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, plans: Channel, results: Channel | None, *, rank: int = 0,
+                 thread: ThreadPoolExecutor | None = None) -> None:
         super().__init__(plans, name=f"worker{rank}")
         self.runner = runner
         self.results = results  # None on ranks that do not report tokens
@@ -349,10 +367,11 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
         self._failed = False
         self._reports: set[asyncio.Task[None]] = set()  # GrammarCompiled answers waiting for their compile
         # NOTE: on CPU a step is computed inside `launch`: there is no device running on while the host plans, so
-        # overlapping would only hold step N's tokens back until step N+1 is computed. There each step runs on
-        # this thread, off the event loop, and its result goes out as soon as it is done; the loop meanwhile
-        # serves the scheduler (it reads step N's tokens while step N+1 computes), the detokenizer and HTTP.
-        self._cpu_thread = ThreadPoolExecutor(1, f"baleen-forward{rank}") if runner.device.type != "cuda" else None
+        # overlapping would only hold step N's tokens back until step N+1 is computed. There each step runs on the
+        # rank's torch thread (`cpu_thread`: the one that built the runner), off the event loop, and its result
+        # goes out as soon as it is done; the loop meanwhile serves the scheduler (it reads step N's tokens while
+        # step N+1 computes), the detokenizer and HTTP.
+        self._cpu_thread = thread or cpu_thread(runner.device.type, rank)
 
     def busy(self) -> bool:
         return bool(self._queue)
@@ -397,10 +416,7 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
             while self._pending:
                 await self._finish_oldest()
         try:
-            if cpu:
-                step = await asyncio.get_running_loop().run_in_executor(self._cpu_thread, self.runner.launch, plan)
-            else:
-                step = self.runner.launch(plan)
+            step = await in_thread(self._cpu_thread, self._cpu_step, plan) if cpu else self.runner.launch(plan)
             if step.deferred is not None:
                 # The forward is queued; its grammar mask waits for the previous step's tokens (model/grammar.py).
                 event = self.runner.tokens_awaited(step)
@@ -415,6 +431,13 @@ class WorkerActor(Actor[StepPlan, PendingStep]):
         if cpu:
             await self._finish_oldest()  # computed already: its tokens go out now, not after the next step
             return None
+        return step
+
+    def _cpu_step(self, plan: StepPlan) -> PendingStep:
+        """A whole step on CPU: launch, and its deferred sampling at once (there is no device to wait for)."""
+        step = self.runner.launch(plan)
+        if step.deferred is not None and self.runner.tokens_awaited(step) is None:
+            self.runner.complete(step)
         return step
 
     async def finish(self, step: PendingStep) -> None:
@@ -502,23 +525,25 @@ async def rank_main(channels: Sequence[Channel], spec: RankSpec) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store, groups = None, None
+    thread = cpu_thread(cfg.device, rank)
     if world > 1:
         if cfg.dist is None:
             raise ValueError(f"rank {rank} of {world} has no rendezvous address")
-        store = await asyncio.to_thread(init_distributed, cfg.dist, rank, world, device)
-        groups = await asyncio.to_thread(ParallelGroups.create, cfg.parallel)
+        store = await in_thread(thread, init_distributed, cfg.dist, rank, world, device)
+        groups = await in_thread(thread, ParallelGroups.create, cfg.parallel)
     if rank == 0:
-        await _rank0(channels, spec, store, groups)
+        await _rank0(channels, spec, store, groups, thread)
     elif rank < spec.ranks_per_node:
-        runner = await asyncio.to_thread(build_runner, cfg, groups)
+        runner = await in_thread(thread, build_runner, cfg, groups)
         plans, results = channels[0], (channels[1] if len(channels) > 1 else None)
-        await supervise(WorkerActor(runner, plans, results, rank=rank))
+        await supervise(WorkerActor(runner, plans, results, rank=rank, thread=thread))
     else:
-        await _remote_rank(spec, store, groups)
+        await _remote_rank(spec, store, groups, thread)
     destroy_distributed()
 
 
-async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups: ParallelGroups | None) -> None:
+async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups: ParallelGroups | None,
+                 thread: ThreadPoolExecutor | None) -> None:
     assert spec.scheduler is not None
     cfg = spec.worker
     requests, deltas, *rings = channels
@@ -528,7 +553,7 @@ async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups
     if spec.nnodes > 1:
         server = await ControlServer.start()
         await asyncio.to_thread(store.set, CONTROL_PORT_KEY, str(server.port))
-    runner = await asyncio.to_thread(build_runner, cfg, groups)
+    runner = await in_thread(thread, build_runner, cfg, groups)
     remote: dict[int, SocketChannel] = {}
     if server is not None:
         assert cfg.dist is not None
@@ -547,18 +572,19 @@ async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups
         overlap=spec.scheduler.overlap,
         plan_dp_ranks=[spec.dp_rank(r) for r in [0, *local, *remote_ranks]],
     )
-    await supervise(scheduler, WorkerActor(runner, plans, results, rank=0), extra=[watch_peers(remote)])
+    await supervise(scheduler, WorkerActor(runner, plans, results, rank=0, thread=thread), extra=[watch_peers(remote)])
 
 
-async def _remote_rank(spec: RankSpec, store: Any, groups: ParallelGroups | None) -> None:
+async def _remote_rank(spec: RankSpec, store: Any, groups: ParallelGroups | None,
+                       thread: ThreadPoolExecutor | None) -> None:
     cfg = spec.worker
     assert cfg.dist is not None and store is not None
     rank = cfg.parallel.tp_rank
     port = int(await asyncio.to_thread(store.get, CONTROL_PORT_KEY))
     channel = await connect(cfg.dist.host, port, cfg.dist.timeout_s)
-    runner = await asyncio.to_thread(build_runner, cfg, groups)
+    runner = await in_thread(thread, build_runner, cfg, groups)
     await channel.send(ready_message(runner, rank))
-    await supervise(WorkerActor(runner, channel, channel if spec.is_leader(rank) else None, rank=rank))
+    await supervise(WorkerActor(runner, channel, channel if spec.is_leader(rank) else None, rank=rank, thread=thread))
     if not channel.received_shutdown:
         why = f" ({channel.error})" if channel.error else ""
         raise RuntimeError(f"rank {rank} lost its connection to rank 0{why}: node 0 died or stopped")
