@@ -88,6 +88,9 @@ class EngineConfig:
     max_running_requests: int | None = None
     max_total_tokens: int | None = None
     chunked_prefill_size: int | None = None  # -1 disables chunking
+    # --enable-mixed-chunk (SGLang's, off by default): running decodes ride along with a prefill chunk instead of
+    # waiting for a step without one; needs chunked prefill.
+    enable_mixed_chunk: bool = False
     max_queued_requests: int = 4096
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"
@@ -206,6 +209,8 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
     context = config.context_length or model_config.max_position_embeddings
     chunk = config.chunked_prefill_size if config.chunked_prefill_size is not None else (8192 if cuda else 1024)
     page_size = config.page_size or (64 if cuda else 16)
+    if config.enable_mixed_chunk and chunk == -1:
+        log.warning("--enable-mixed-chunk has no effect without chunked prefill (--chunked-prefill-size -1)")
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
@@ -253,6 +258,7 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         eos_token_ids=model_config.eos_token_ids,
         max_total_tokens=config.max_total_tokens,
         num_dp=parallel.dp_size,
+        enable_mixed_chunk=config.enable_mixed_chunk,
     )
     return _Plan(worker, scheduler, config.nnodes)
 

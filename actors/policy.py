@@ -1,8 +1,11 @@
 """The scheduling policy: which requests run each step, which pages they use, and when they stop.
 
 Pure Python (no torch): the SchedulerActor feeds it NewRequest/AbortRequest/StepResult and sends the
-StepPlans and TokenDeltas it returns. One step mixes decode rows (one token each, read from the slot on the
-device) with prefill chunks of at most `chunked_prefill_size` tokens in total.
+StepPlans and TokenDeltas it returns. A step runs prefill chunks of at most `chunked_prefill_size` tokens in
+total, or decode rows (one token each, read from the slot on the device): as SGLang, prefill goes first and the
+running requests' decodes wait for a step without one. With `enable_mixed_chunk` (--enable-mixed-chunk, only with
+chunked prefill) the decode rows ride along with the prefill chunk instead, and the chunk is smaller by as many
+tokens as there are decode rows, so no stream stalls while a long prompt prefills.
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -58,6 +61,7 @@ class SchedulerConfig:
     max_context_len: int
     max_total_tokens: int | None = None  # cap on KV tokens in use; None: the whole pool
     chunked_prefill_size: int | None = 8192  # prefill tokens per step; None: whole prompts
+    enable_mixed_chunk: bool = False  # decode rows join prefill steps (whose chunk shrinks by one token per row)
     max_queued_requests: int = 4096
     enable_radix_cache: bool = True
     eos_token_ids: tuple[int, ...] = ()
@@ -77,6 +81,11 @@ class SchedulerConfig:
             raise ValueError(f"chunked_prefill_size must be >= 1 or None, got {self.chunked_prefill_size}")
         if self.decode_reserve_tokens < 0:
             raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
+
+    @property
+    def mixed_chunk(self) -> bool:
+        """Whether decode rows ride along with prefill chunks (as SGLang: only with chunked prefill)."""
+        return self.enable_mixed_chunk and self.chunked_prefill_size is not None
 
     @property
     def usable_pages(self) -> int:
@@ -245,8 +254,13 @@ class Scheduler:
         if len(self._inflight) >= MAX_INFLIGHT_PLANS:
             return None
         b = _PlanBuilder(self._next_step_id)
-        self._schedule_decodes(b)
-        self._schedule_prefills(b)
+        if self.config.mixed_chunk:
+            self._schedule_decodes(b)
+            self._schedule_prefills(b)
+        else:
+            self._schedule_prefills(b)
+            if not b.rows:  # decodes run in the steps without prefill work
+                self._schedule_decodes(b)
         if not b.rows:
             return None
         self._next_step_id += 1
@@ -274,6 +288,7 @@ class Scheduler:
     def _schedule_prefills(self, b: _PlanBuilder) -> None:
         cfg = self.config
         budget = cfg.chunked_prefill_size if cfg.chunked_prefill_size is not None else cfg.max_context_len
+        budget -= len(b.rows)  # the decode rows a mixed step already holds (SGLang's mixed_with_decode_tokens)
         for req in list(self.running):  # chunked prefills in progress go first
             if budget <= 0:
                 return

@@ -50,6 +50,7 @@ class SchedulerSettings:
     eos_token_ids: tuple[int, ...]
     max_total_tokens: int | None = None
     num_dp: int = 1  # DP attention groups, one Scheduler each
+    enable_mixed_chunk: bool = False  # decode rows ride along with prefill chunks (--enable-mixed-chunk)
 
     def build(self, ready: WorkerReady) -> DPRouter:
         """One Scheduler per DP rank, each over the pool every rank has (the smallest, agreed at start-up)."""
@@ -60,6 +61,7 @@ class SchedulerSettings:
             max_context_len=ready.max_context_len,
             max_total_tokens=self.max_total_tokens,
             chunked_prefill_size=self.chunked_prefill_size,
+            enable_mixed_chunk=self.enable_mixed_chunk,
             max_queued_requests=self.max_queued_requests,
             enable_radix_cache=self.enable_radix_cache,
             eos_token_ids=self.eos_token_ids,

@@ -133,8 +133,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         "custom_logit_processors": specs, "random_seed": args.random_seed, "multiprocess": not args.single_process,
     }
     for dest in ("attention_backend", "context_length", "page_size", "max_running_requests", "max_total_tokens",
-                 "chunked_prefill_size", "max_queued_requests", "mem_fraction_static", "kv_cache_dtype",
-                 "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights", *PENDING_FLAGS, *NOOP_FLAGS):
+                 "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
+                 "kv_cache_dtype", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
+                 *PENDING_FLAGS, *NOOP_FLAGS):
         value = values.get(dest)
         if dest in fields and value is not None:
             kwargs[dest] = tuple(value) if isinstance(value, list) else value
@@ -249,6 +250,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond this get HTTP 503 (default 4096)")
     g.add_argument("--max-total-tokens", type=int, default=None)
     g.add_argument("--chunked-prefill-size", type=int, default=None, help="-1 disables chunking")
+    g.add_argument("--enable-mixed-chunk", action="store_true",
+                   help="running decodes ride along with a prefill chunk (which shrinks by one token per decode row) "
+                        "instead of waiting for a step without prefill, so streams do not stall while a long prompt "
+                        "prefills (default off, as SGLang)")
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8_e4m3", "bfloat16", "float16", "float32"))
     g.add_argument("--disable-overlap-schedule", action="store_true")

@@ -91,29 +91,70 @@ def test_concurrent_outputs_equal_each_request_alone(overlap: bool, radix: bool)
         assert out.num_steps < sum(r.sampling.max_new_tokens or 0 for r in reqs)  # batched, not serial
 
 
-@BOTH
-def test_chunked_prefill_mixed_with_decode(overlap: bool) -> None:
-    sched = make(chunked_prefill_size=16)
-    short, long = [1, 2, 3], list(range(100, 150))
-    rows: list[tuple[int, int, bool, bool]] = []  # (slot, extend_len, sample, is_decode) of every row
+def _run_beside_decode(mixed: bool, overlap: bool, chunk: int = 16) -> tuple[Outcome, list[StepPlan]]:
+    """Request a decodes while request b's 50-token prompt prefills in chunks; every plan, in order."""
+    sched = make(chunked_prefill_size=chunk, enable_mixed_chunk=mixed)
+    plans: list[StepPlan] = []
 
     def on_step(s: Scheduler, plan: StepPlan | None) -> None:
         check_invariants(s)
         if plan is not None:
-            assert sum(r.extend_len for r in plan.rows if r.input_ids) <= 16
-            rows.extend((r.slot, r.extend_len, r.sample, not r.input_ids) for r in plan.rows)
-            if any(not r.input_ids for r in plan.rows) and any(r.input_ids for r in plan.rows):
-                mixed.append(plan.step_id)
+            plans.append(plan)
 
-    mixed: list[int] = []
-    reqs = {0: [new_request("a", short, max_new_tokens=12)], 3: [new_request("b", long, max_new_tokens=5)]}
+    reqs = {0: [new_request("a", [1, 2, 3], max_new_tokens=12)],
+            3: [new_request("b", list(range(100, 150)), max_new_tokens=5)]}  # fmt: skip
     out = run(sched, reqs, overlap, on_step=on_step)
-    assert out.tokens("a") == reference_tokens(short, 12)
-    assert out.tokens("b") == reference_tokens(long, 5)
-    b_slot = next(s for s, n, _, d in rows if n == 16)
-    b_prefill = [(n, smp) for s, n, smp, d in rows if s == b_slot and not d]
-    assert b_prefill == [(16, False), (16, False), (16, False), (2, True)]  # only the last chunk samples
-    assert mixed, "no step mixed decode rows with a prefill chunk"
+    assert out.tokens("a") == reference_tokens([1, 2, 3], 12)
+    assert out.tokens("b") == reference_tokens(list(range(100, 150)), 5)
+    return out, plans
+
+
+def _kinds(plan: StepPlan) -> tuple[int, int]:
+    """(prefill tokens, decode rows) of a plan."""
+    return sum(r.extend_len for r in plan.rows if r.input_ids), sum(1 for r in plan.rows if not r.input_ids)
+
+
+@BOTH
+def test_chunked_prefill_mixed_with_decode(overlap: bool) -> None:
+    # --enable-mixed-chunk: a's decode rides along with every chunk of b, which shrinks by the decode row.
+    _, plans = _run_beside_decode(True, overlap)
+    kinds = [_kinds(p) for p in plans]
+    assert all(n + d <= 16 for n, d in kinds), kinds  # SGLang's budget: chunk tokens + decode rows
+    b_steps = [i for i, (n, _) in enumerate(kinds) if n > 3]  # a's prompt is 3 tokens
+    assert [kinds[i] for i in b_steps] == [(15, 1), (15, 1), (15, 1), (5, 1)], kinds
+    assert b_steps == list(range(b_steps[0], b_steps[0] + 4)), "a's decode stalled while b prefilled"
+
+
+@BOTH
+def test_without_mixed_chunk_prefill_steps_run_alone(overlap: bool) -> None:
+    # SGLang's default: a step with prefill work has no decode rows; a waits while b's chunks run, then both decode.
+    _, plans = _run_beside_decode(False, overlap)
+    kinds = [_kinds(p) for p in plans]
+    assert not any(n and d for n, d in kinds), kinds
+    assert [n for n, _ in kinds if n > 3] == [16, 16, 16], kinds  # b's full chunks (the 2-token tail follows)
+    first = next(i for i, (n, _) in enumerate(kinds) if n == 16)
+    assert kinds[first : first + 4] == [(16, 0), (16, 0), (16, 0), (2, 0)], kinds
+    assert any(d == 2 for _, d in kinds), "a and b never decoded together"
+
+
+def test_mixed_chunk_needs_chunked_prefill() -> None:
+    assert make(enable_mixed_chunk=True).config.mixed_chunk
+    assert not make(enable_mixed_chunk=True, chunked_prefill_size=None).config.mixed_chunk
+    assert not make().config.mixed_chunk  # off by default, as SGLang
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate", "mixed"])
+def test_mixed_chunk_budget_leaves_room_for_every_decode_row(mixed: bool) -> None:
+    # Six decoding requests and a chunk budget of 8: a mixed step holds the six rows and a 2-token chunk.
+    sched = make(chunked_prefill_size=8, enable_mixed_chunk=mixed)
+    plans: list[StepPlan | None] = []  # one per loop step
+    reqs = {0: [new_request(f"d{i}", [i + 1], max_new_tokens=30) for i in range(6)],
+            8: [new_request("long", list(range(60, 90)), max_new_tokens=2)]}  # fmt: skip
+    run(sched, reqs, False, on_step=lambda s, p: plans.append(p))
+    kinds = [_kinds(p) for p in plans if p is not None]
+    assert kinds[0] == (6, 0) and kinds[1:8] == [(0, 6)] * 7, kinds  # the short prompts, then their decodes
+    after = [_kinds(p) for p in plans[8:11] if p is not None]  # the long prompt arrived at loop step 8
+    assert after == ([(2, 6)] * 3 if mixed else [(8, 0)] * 3), kinds
 
 
 @BOTH
