@@ -397,7 +397,7 @@ def test_flags_map_onto_engine_and_server_config() -> None:
                   "--disable-cuda-graph", "--trust-remote-code", "--tp", "1", "--max-queued-requests", "9",
                   "--host", "0.0.0.0", "--port", "40000", "--api-key", "k", "--tool-call-parser", "deepseekv31",
                   "--reasoning-parser", "deepseek-r1", "--chat-template", "deepseek-v31", "--max-request-size", "1MiB",
-                  "--fp8-tiled-weights", "off"])
+                  "--fp8-tiled-weights", "off", "--enable-mixed-chunk"])
     ec = cli.engine_config_from_args(args)
     assert (ec.model_path, ec.tokenizer_path, ec.dtype, ec.load_format, ec.device) == ("/m", "/t", "float16", "dummy", "cpu")
     assert (ec.mem_fraction_static, ec.max_running_requests, ec.max_total_tokens, ec.chunked_prefill_size) == \
@@ -407,14 +407,14 @@ def test_flags_map_onto_engine_and_server_config() -> None:
     assert ec.disable_overlap_schedule and ec.disable_radix_cache and ec.max_queued_requests == 9
     assert ec.enable_custom_logit_processor and ec.custom_logit_processors == ("a=m:f",)  # a spec implies the flag
     assert ec.multiprocess  # serving uses the multi-process engine by default
-    assert ec.fp8_tiled_weights == "off"
+    assert ec.fp8_tiled_weights == "off" and ec.enable_mixed_chunk
     sc = cli.server_config_from_args(args)
     assert (sc.host, sc.port, sc.api_key, sc.served_model_name) == ("0.0.0.0", 40000, "k", "/m")
     assert (sc.tool_call_parser, sc.reasoning_parser, sc.chat_template) == ("deepseekv31", "deepseek-r1", "deepseek-v31")
     assert sc.max_request_bytes == 1 << 20
     defaults = cli.engine_config_from_args(_args([]))
     assert defaults.model_path is None and not defaults.enable_custom_logit_processor
-    assert defaults.fp8_tiled_weights == "auto"
+    assert defaults.fp8_tiled_weights == "auto" and not defaults.enable_mixed_chunk  # off, as SGLang
     assert cli.server_config_from_args(_args([])).port == 30000
 
 
