@@ -204,6 +204,7 @@ class RequestRecord:
     itl: list[float] = field(default_factory=list)
     prompt_len: int = 0
     output_len: int = 0
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens: prompt tokens the server had cached
     usage_reported: bool = False
     finish_reason: str | None = None
     num_tool_calls: int = 0
@@ -266,6 +267,37 @@ def random_dataset(
             specs.append(RequestSpec(n_out, n_in, messages=[{"role": "user", "content": text}]))
         else:
             specs.append(RequestSpec(n_out, n_in, prompt=prompt))
+    return specs
+
+
+def shared_prefix_dataset(
+    num_groups: int, prompts_per_group: int, system_prompt_len: int, question_len: int, output_len: int, seed: int,
+    api: str, tokenizer: str | None,
+) -> list[RequestSpec]:
+    """SGLang's generated-shared-prefix: `num_groups` random system prompts, `prompts_per_group` requests each (the
+    group's system prompt, then a random question of its own), shuffled. Words, or token ids with a tokenizer."""
+    rng = random.Random(seed)
+    tok, ids = load_tokenizer_vocab(tokenizer) if tokenizer else (None, [])
+
+    def text(n: int) -> str | list[int]:
+        return rng.choices(ids, k=n) if tok else random_prompt(rng, n)
+
+    systems = [text(system_prompt_len) for _ in range(num_groups)]
+    specs: list[RequestSpec] = []
+    for system in systems:
+        for _ in range(prompts_per_group):
+            question = text(question_len)
+            n_in = system_prompt_len + question_len
+            if isinstance(system, list) and isinstance(question, list) and api != "chat":
+                specs.append(RequestSpec(output_len, n_in, prompt=system + question))
+                continue
+            prompt = (f"{tok.decode(system)}\n\n{tok.decode(question)}" if tok
+                      else f"{system}\n\n{question}")  # fmt: skip
+            if api == "chat":
+                specs.append(RequestSpec(output_len, n_in, messages=[{"role": "user", "content": prompt}]))
+            else:
+                specs.append(RequestSpec(output_len, n_in, prompt=prompt))
+    rng.shuffle(specs)
     return specs
 
 
@@ -353,6 +385,8 @@ async def send_one(
     usage = parser.usage or {}
     rec.usage_reported = usage.get("prompt_tokens") is not None
     rec.prompt_len = int(usage["prompt_tokens"]) if rec.usage_reported else spec.prompt_len_estimate
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    rec.cached_tokens = int(cached) if cached is not None else None
     return rec
 
 
@@ -410,6 +444,7 @@ def summarize(records: list[RequestRecord], duration: float) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     total_in, total_out = sum(r.prompt_len for r in ok), sum(r.output_len for r in ok)
     errors = Counter(r.error[:120] for r in records if not r.ok)
+    cached = [r for r in ok if r.cached_tokens is not None]
     return {
         "completed": len(ok),
         "failed": len(records) - len(ok),
@@ -426,6 +461,11 @@ def summarize(records: list[RequestRecord], duration: float) -> dict[str, Any]:
         "tpot_ms": stats_ms([t for r in ok if (t := r.tpot) is not None]),
         "itl_ms": stats_ms([gap for r in ok for gap in r.itl]),
         "e2e_ms": stats_ms([r.e2e for r in ok]),
+        # Prompt tokens the server reported as cached (usage.prompt_tokens_details.cached_tokens) over all prompt
+        # tokens, over the requests that reported it; None when none did. The /metrics gauge is added by bench().
+        "cache_hit_rate_usage": (sum(r.cached_tokens or 0 for r in cached) / max(1, sum(r.prompt_len for r in cached))
+                                 if cached else None),
+        "cache_hit_rate_metrics": None,
         "errors": dict(errors.most_common(10)),
     }
 
@@ -444,6 +484,9 @@ def format_summary(summary: dict[str, Any], title: str) -> str:
         ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.2f}"),
         ("Mean concurrency", f"{summary['mean_concurrency']:.2f}"),
     ]
+    for key, name in (("cache_hit_rate_metrics", "/metrics"), ("cache_hit_rate_usage", "usage cached_tokens")):
+        if summary.get(key) is not None:
+            rows.append((f"Cache hit rate ({name})", f"{summary[key]:.3f}"))
     lines = [f"{' ' + title + ' ':=^66}", *(f"{name + ':':<44}{value:>22}" for name, value in rows)]
     if not summary["usage_reported"]:
         lines.append("NOTE: the server sent no usage; token counts are estimates (chunks, prompt words)")
@@ -505,6 +548,28 @@ def parse_gauge(text: str, name: str) -> float | None:
             except (IndexError, ValueError):
                 print(f"warning: unreadable metrics line {line[:80]!r}", file=sys.stderr)
     return sum(values) if values else None
+
+
+CACHE_HIT_GAUGES = ("sglang:cache_hit_rate", "baleen_cache_hit_rate")
+
+
+async def read_cache_hit_rate(client: httpx.AsyncClient, url: str) -> float | None:
+    """The server's prefix-cache hit rate gauge at `url` (SGLang's name, or baleen's); None when it has none.
+
+    NOTE: what the gauge spans is the server's choice: baleen's counts every prompt token since it started, SGLang's
+    its last prefill batch. The usage-based rate in the summary covers exactly this run's requests.
+    """
+    try:
+        resp = await client.get(url)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"note: no cache hit rate from {url} ({exc})", file=sys.stderr)
+        return None
+    for name in CACHE_HIT_GAUGES:
+        value = parse_gauge(resp.text, name)
+        if value is not None:
+            return value
+    return None
 
 
 class SoakWatcher:
@@ -635,15 +700,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--port", type=int, default=30000)
     add("--model", help="model name to send (default: the first one /v1/models lists)")
     add("--api-key", help="sent as 'Authorization: Bearer <key>'")
-    add("--dataset-name", choices=["random", "jsonl"], default="random")
+    add("--dataset-name", choices=["random", "jsonl", "generated-shared-prefix"], default="random")
     add("--dataset-path", help="jsonl: a {'messages': [...]} or {'prompt': ..., 'max_tokens': n} per line")
     add("--random-input-len", "--random-input", type=int, default=1024, help="prompt tokens (words)")
     add("--random-output-len", "--random-output", type=int, default=128, help="output tokens")
     add("--random-range-ratio", type=float, default=0.0,
         help="lengths are uniform in [len * ratio, len]; 1.0 makes them exact")
     add("--output-len", type=int, default=128, help="jsonl: output tokens of lines without max_tokens")
+    add("--gsp-num-groups", type=int, default=64, help="generated-shared-prefix: system prompts (groups)")
+    add("--gsp-prompts-per-group", type=int, default=16, help="generated-shared-prefix: requests per system prompt")
+    add("--gsp-system-prompt-len", type=int, default=2048, help="generated-shared-prefix: system prompt tokens")
+    add("--gsp-question-len", type=int, default=128, help="generated-shared-prefix: question tokens per request")
+    add("--gsp-output-len", type=int, default=256, help="generated-shared-prefix: output tokens per request")
     add("--tokenizer", help="tokenizer.json or its folder: random prompts become random token ids")
-    add("--num-prompts", type=int, default=1000, help="requests to send (soak: the prompt pool)")
+    add("--num-prompts", type=int, default=1000,
+        help="requests to send (soak: the prompt pool; generated-shared-prefix sends groups x prompts per group)")
     add("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
     add("--max-concurrency", type=int, help="at most this many requests in flight")
     add("--seed", type=int, default=1)
@@ -657,7 +728,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--plot", metavar="PNG", help="latency CDFs and throughput over time")
     add("--soak-seconds", type=float, help="soak: send at --request-rate for this long")
     add("--watch-pid", type=int, action="append", default=[], help="soak: RSS of this process and children")
-    add("--metrics-url", help="soak: Prometheus endpoint, e.g. http://127.0.0.1:30000/metrics")
+    add("--metrics-url", help="Prometheus endpoint for the cache hit rate and the soak gauge (default: <base>/metrics)")
     add("--gauge", default="baleen_pages_used", help="soak: gauge read from --metrics-url")
     add("--idle-timeout", type=float, default=30.0, help="soak: most seconds to wait for the gauge to settle")
     args = p.parse_args(argv)
@@ -667,6 +738,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--soak-seconds needs a finite --request-rate")
     if args.request_rate <= 0 or args.num_prompts < 1 or (args.max_concurrency or 1) < 1:
         p.error("--request-rate, --num-prompts and --max-concurrency must be positive")
+    gsp = (args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len, args.gsp_output_len)
+    if args.dataset_name == "generated-shared-prefix" and (min(gsp) < 1 or args.gsp_question_len < 0):
+        p.error("--gsp-* counts and lengths must be positive (--gsp-question-len may be 0)")
     return args
 
 
@@ -680,6 +754,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             print("note: --dataset-path is not used by the random dataset", file=sys.stderr)
         specs = random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, api, args.tokenizer)
+    elif args.dataset_name == "generated-shared-prefix":
+        specs = shared_prefix_dataset(args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
+                                      args.gsp_question_len, args.gsp_output_len, args.seed, api, args.tokenizer)
     else:
         specs = jsonl_dataset(args.dataset_path, args.num_prompts, args.output_len, api)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -701,7 +778,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if args.soak_seconds is not None:
             soak = {"seconds": args.soak_seconds, "request_rate": args.request_rate}
             soak |= await watcher.end(records)
+        hit_rate = await read_cache_hit_rate(client, args.metrics_url or base_url + "/metrics")
     summary = summarize(records, duration)
+    summary["cache_hit_rate_metrics"] = hit_rate
     print(f"{args.backend} {cfg.url}  model {model}  rate {args.request_rate}/s  "
           f"max concurrency {args.max_concurrency or 'none'}")
     print(format_summary(summary, "Serving Benchmark Result"))

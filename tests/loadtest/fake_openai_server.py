@@ -4,7 +4,9 @@ Run: `python tests/loadtest/fake_openai_server.py --port 0`; it prints `PORT <n>
 Token counts are deterministic functions of the request, so tests can check what the clients report:
 a prompt string costs one token per whitespace-separated word (a token-id list one per id), plus
 CHAT_OVERHEAD_PER_MESSAGE per chat message and CHAT_OVERHEAD; with `ignore_eos` the output is exactly
-`max_tokens` tokens, without it a random length in [1, max_tokens].
+`max_tokens` tokens, without it a random length in [1, max_tokens]. A prefix cache is faked too: a request's
+cached tokens (usage.prompt_tokens_details.cached_tokens) are its longest common prefix of words (or ids) with any
+earlier request, and /metrics reports their share of all prompt tokens as `sglang:cache_hit_rate`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ class FakeState:
     in_flight: int = 0
     max_in_flight: int = 0
     active_tokens: dict[str, int] = field(default_factory=dict)
+    seen_prompts: list[list[str]] = field(default_factory=list)  # every request's prompt words, for the fake cache
+    all_prompt_tokens: int = 0  # since start, for the hit rate
+    cached_prompt_tokens: int = 0
+
+    def cache_lookup(self, words: list[str]) -> int:
+        """Prompt words an earlier request shared as a prefix (the fake cache hit); remembers this prompt."""
+        best = 0
+        for seen in self.seen_prompts:
+            n = 0
+            for a, b in zip(seen, words):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        self.seen_prompts.append(words)
+        return best
 
     def reset_counters(self) -> None:
         """Zero the totals; requests in flight stay counted."""
@@ -89,6 +107,17 @@ def count_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
             return len(prompt)
         prompt = " ".join(str(p) for p in prompt)
     return len(str(prompt).split())
+
+
+def prompt_words(body: dict[str, Any], chat: bool) -> list[str]:
+    """The prompt as the fake cache keys it: its words (or ids), chat messages' contents one after the other."""
+    if chat:
+        return [w for m in body.get("messages", []) for w in str(m.get("content") or "").split()]
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], list) else prompt
+        return [str(p) for p in prompt]
+    return str(prompt).split()
 
 
 def tool_call_fragments(tool: dict[str, Any]) -> tuple[str, list[str]]:
@@ -126,6 +155,9 @@ def build_app(cfg: FakeConfig) -> Starlette:
             "# HELP baleen_pages_used KV pages in use\n# TYPE baleen_pages_used gauge\n"
             f'baleen_pages_used{{rank="0"}} {pages_used()}\n'
             f"baleen_requests_running {state.in_flight}\n"
+            "# HELP sglang:cache_hit_rate The prefix cache hit rate\n# TYPE sglang:cache_hit_rate gauge\n"
+            f'sglang:cache_hit_rate{{model_name="{cfg.model}"}} '
+            f"{state.cached_prompt_tokens / max(1, state.all_prompt_tokens)}\n"
         )
         return PlainTextResponse(text)
 
@@ -151,10 +183,14 @@ def build_app(cfg: FakeConfig) -> Starlette:
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
         num_out = max_tokens if body.get("ignore_eos") else rng.randint(1, max_tokens)
         prompt_tokens = count_prompt_tokens(body, chat)
+        cached = min(prompt_tokens, state.cache_lookup(prompt_words(body, chat)))
+        state.all_prompt_tokens += prompt_tokens
+        state.cached_prompt_tokens += cached
         tools = body.get("tools") if chat and body.get("tool_choice") != "none" else None
         stream = bool(body.get("stream"))
         truncate = stream and cfg.truncate_every > 0 and index % cfg.truncate_every == 0
         run = _Generation(cfg, state, rng, chat, body, prompt_tokens, num_out, max_tokens, tools, truncate)
+        run.cached_tokens = cached
         if stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return JSONResponse(await run.whole())
@@ -195,6 +231,7 @@ class _Generation:
     ) -> None:
         self.cfg, self.state, self.rng, self.chat, self.truncate = cfg, state, rng, chat, truncate
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}"
         self.name: str | None = None
@@ -208,9 +245,10 @@ class _Generation:
             self.finish = "length" if num_out == max_tokens else "stop"
             self.num_out = num_out
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         total = self.prompt_tokens + self.num_out
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.num_out, "total_tokens": total}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.num_out, "total_tokens": total,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def _chunk(self, delta: dict[str, Any] | str, finish: str | None) -> bytes:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -169,6 +170,41 @@ def test_token_id_prompts_with_tokenizer(server: tuple[str, Any], tmp_path: Path
     flags += " --random-input-len 33 --random-output-len 3 --random-range-ratio 1 --warmup-requests 0"
     result = run_bench(tmp_path, flags)
     assert result["summary"]["total_input_tokens"] == 4 * 33 == fake_stats(url)["prompt_tokens"]
+    gsp = bench.shared_prefix_dataset(2, 3, 9, 4, 1, 0, "completions", str(path))
+    assert all(len(s.prompt) == 13 and set(s.prompt) <= set(ids) for s in gsp)  # id lists: the prefix is exact
+    assert len({tuple(s.prompt[:9]) for s in gsp}) == 2
+
+
+def test_generated_shared_prefix_reports_the_cache_hit_rate(tmp_path: Path) -> None:
+    # A server of its own: its cache and hit-rate gauge then see this run alone (one warm-up request, then 2 groups
+    # x 3 requests, one at a time): every request but a group's first shares its 40-word system prompt at least,
+    # and the warm-up repeats one of the requests.
+    with running_fake_server() as (url, _):
+        flags = f"--base-url {url} --backend openai-completions --dataset-name generated-shared-prefix --max-concurrency 1"
+        flags += " --gsp-num-groups 2 --gsp-prompts-per-group 3 --gsp-system-prompt-len 40 --gsp-question-len 5"
+        flags += " --gsp-output-len 4"
+        result = run_bench(tmp_path, flags)
+    summary, records = result["summary"], result["requests"]
+    assert summary["completed"] == 6 and summary["total_input_tokens"] == 6 * 45
+    assert all(r["output_len"] == 4 for r in records)
+    cached = [r["cached_tokens"] for r in records]
+    assert sum(c >= 40 for c in cached) == 5 and max(cached) == 45, cached  # the other group's first: < 40
+    assert summary["cache_hit_rate_usage"] == pytest.approx(sum(cached) / (6 * 45))
+    # The gauge also counts the warm-up request (45 prompt tokens, the first it saw: nothing cached).
+    assert summary["cache_hit_rate_metrics"] == pytest.approx(sum(cached) / (7 * 45))
+
+
+def test_shared_prefix_dataset_groups() -> None:
+    specs = bench.shared_prefix_dataset(3, 4, 20, 6, 7, 0, "completions", None)
+    assert len(specs) == 12 and all(s.output_len == 7 and s.prompt_len_estimate == 26 for s in specs)
+    systems = Counter(s.prompt.split("\n\n")[0] for s in specs)
+    assert sorted(systems.values()) == [4, 4, 4] and all(len(p.split()) == 20 for p in systems)
+    assert len({s.prompt for s in specs}) == 12  # each question its own
+    order = [s.prompt.split("\n\n")[0] for s in specs]
+    assert order != sorted(order, key=list(systems).index), "not shuffled"
+    assert specs == bench.shared_prefix_dataset(3, 4, 20, 6, 7, 0, "completions", None)  # seeded
+    chat = bench.shared_prefix_dataset(1, 2, 5, 0, 3, 0, "chat", None)
+    assert [len(s.messages[0]["content"].split()) for s in chat] == [5, 5]
 
 
 def test_soak_reports_rss_and_gauge(server: tuple[str, Any], tmp_path: Path) -> None:
