@@ -111,7 +111,7 @@ async def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     rows = []
     async with await Engine.start(config) as engine:
         await _ttft(engine, args.chunk, rng, cfg.vocab_size)  # warm: first-use compiles of prefill shapes
-        one_chunk = min(await _ttft(engine, args.chunk, rng, cfg.vocab_size) for _ in range(2))
+        one_chunk = min([await _ttft(engine, args.chunk, rng, cfg.vocab_size) for _ in range(2)])
         prefill_tps = args.chunk / one_chunk
         rates = mla_rates(cfg, args.chunk, 2 * args.chunk, 64)
         mla_rate = rates.get("flashinfer", rates["baleen"]) * 1e12

@@ -48,7 +48,7 @@ def test_prompts_of_four_chunks_complete_and_the_engine_lives() -> None:
     rng = random.Random(1)
     chunk = 64
     prompts = [[rng.randrange(16, 1000) for _ in range(4 * chunk + d)] for d in (0, 7, -9)]
-    base = dict(model_path=path, device="cuda", dtype="float32", chunked_prefill_size=chunk)
+    base = dict(model_path=path, device="cuda", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=65536)
     ref = asyncio.run(_outputs(EngineConfig(**base, attention_backend="torch", disable_cuda_graph=True), prompts))
 
     async def main() -> list[list[int]]:
