@@ -15,7 +15,8 @@ Every prompt is fresh random token ids (no prefix-cache hit unless asked for), g
 Target (issue 20): TTFT <= 2 ms + 1.2 x prompt tokens / prefill throughput; the "x target" columns are TTFT over
 that (<= 1 meets it). Per-token time: (last - first token) / (tokens - 1) of one --decode-tokens greedy stream.
 `--cached-prefix L ...`: TTFT of L cached tokens + --suffix-len new ones, after one request cached those L, against
-the suffix alone (the issue's target: within 1.3x). Each time is the best of --repeats (the machine may be shared).
+the suffix alone (the issue's target: within 1.3x). Each time is the best of --repeats (the machine may be shared);
+the last column is each length's first request (a Triton compile of a new shape on the request path shows there).
 """
 
 from __future__ import annotations
@@ -179,11 +180,13 @@ async def engine_stream(engine: Engine, prompt: list[int], max_new: int) -> list
 
 async def engine_run(args: argparse.Namespace, path: Path, lengths: list[int], vocab: int) -> dict[str, Any]:
     rng = random.Random(2)
-    res: dict[str, Any] = {"ttft": {}, "cached": {}}
+    res: dict[str, Any] = {"ttft": {}, "ttft_first": {}, "cached": {}}
     async with await Engine.start(engine_config(args, path)) as engine:
-        for length in [lengths[0], *lengths]:  # the first run warms up
-            res["ttft"][length] = min([(await engine_stream(engine, _prompt(rng, length, vocab), args.ttft_new_tokens))[0]
-                                       for _ in range(args.repeats)])  # fmt: skip
+        for length in [lengths[0], *lengths]:  # the first round warms up
+            ttfts = [(await engine_stream(engine, _prompt(rng, length, vocab), args.ttft_new_tokens))[0]
+                     for _ in range(args.repeats)]  # fmt: skip
+            res["ttft"][length] = min(ttfts)
+            res["ttft_first"].setdefault(length, ttfts[0])  # a length's first request: any compile on its path
         res["per_token"] = min([per_token(await engine_stream(engine, _prompt(rng, 16, vocab), args.decode_tokens))
                                 for _ in range(args.repeats)])  # fmt: skip
         for prefix in args.cached_prefix:
@@ -238,10 +241,12 @@ async def http_stream(host: str, port: int, prompt: list[int], max_new: int) -> 
 
 async def http_run(args: argparse.Namespace, host: str, port: int, lengths: list[int], vocab: int) -> dict[str, Any]:
     rng = random.Random(3)
-    res: dict[str, Any] = {"ttft": {}}
+    res: dict[str, Any] = {"ttft": {}, "ttft_first": {}}
     for length in [lengths[0], *lengths]:
-        res["ttft"][length] = min([(await http_stream(host, port, _prompt(rng, length, vocab), args.ttft_new_tokens))[0]
-                                   for _ in range(args.repeats)])  # fmt: skip
+        ttfts = [(await http_stream(host, port, _prompt(rng, length, vocab), args.ttft_new_tokens))[0]
+                 for _ in range(args.repeats)]  # fmt: skip
+        res["ttft"][length] = min(ttfts)
+        res["ttft_first"].setdefault(length, ttfts[0])
     res["per_token"] = min([per_token(await http_stream(host, port, _prompt(rng, 16, vocab), args.decode_tokens))
                             for _ in range(args.repeats)])  # fmt: skip
     return res
@@ -269,17 +274,22 @@ def serve_and_run(args: argparse.Namespace, path: Path, lengths: list[int], voca
 def report(results: dict[str, Any]) -> str:
     lines = [f"# bench_ttft — {results['model']} on {results['device']}, {results['date']}, "
              f"chunk {results['chunk']}, {results['cpu_count']} CPU cores",
-             "| prompt | compute ms | prefill tok/s | target ms | engine TTFT ms | x target | HTTP TTFT ms | x target |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| prompt | compute ms | prefill tok/s | target ms | engine TTFT ms | x target | HTTP TTFT ms | x target "
+             "| first request: engine / HTTP ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     eng, http = results.get("engine", {}), results.get("http", {})
 
     def cols(ttft: float | None, target: float) -> str:
         return "- | -" if ttft is None else f"{ttft * 1e3:.2f} | {ttft / target:.2f}"
 
+    def first(r: dict[str, Any], n: int) -> str:
+        t = r.get("ttft_first", {}).get(n)
+        return "-" if t is None else f"{t * 1e3:.1f}"
+
     for n, c in results["compute_s"].items():
         t = target_s(n, c)
         lines.append(f"| {n} | {c * 1e3:.2f} | {n / c:.0f} | {t * 1e3:.2f} | {cols(eng.get('ttft', {}).get(n), t)} | "
-                     f"{cols(http.get('ttft', {}).get(n), t)} |")
+                     f"{cols(http.get('ttft', {}).get(n), t)} | {first(eng, n)} / {first(http, n)} |")
     per = [f"{name} {r['per_token'] * 1e3:.2f} ms" for name, r in (("engine", eng), ("HTTP", http)) if r]
     lines.append(f"per token after the first (one {results['decode_tokens']}-token stream): " + ", ".join(per))
     for prefix, (with_prefix, alone) in eng.get("cached", {}).items():
