@@ -17,7 +17,7 @@ import torch
 
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.messages import SamplingParams
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 from baleen.model.presets import preset
 
 OUT = Path(sys.argv[1])
@@ -53,7 +53,7 @@ LAYOUTS = {
 
 
 async def correctness(dtype):
-    path = str(default_model_path())
+    path = str(tiny_model_path())
     rng = random.Random(0)
     prompts = [[rng.randrange(16, 1000) for _ in range(rng.randint(3, 200))] for _ in range(32)]
     ref = None
@@ -78,7 +78,7 @@ async def correctness(dtype):
 async def throughput(name, bs=256, prompt_len=64, new=128):
     d = Path(tempfile.mkdtemp())
     (d / "config.json").write_text(json.dumps(preset("v3-shape")))
-    tiny = default_model_path()
+    tiny = tiny_model_path()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / f, d / f)
     kw = LAYOUTS[name]

@@ -1,12 +1,14 @@
-"""`make bench`: serve the embedded model on this machine, load it with bench_serving and locust, record.
+"""`make bench`: serve the embedded model on this machine, load it with bench_serving and locust, measure its
+accuracy with bench_accuracy, record.
 
-    python loadtest/make_bench.py                 # ~2 minutes: a short bench_serving + a 30 s locust run
+    python loadtest/make_bench.py                 # a few minutes: bench_serving, a 30 s locust run, accuracy
     python loadtest/make_bench.py --soak 600      # plus a 10-minute soak at a fixed rate
 
 It starts `python -m baleen.launch_server` on a free port, waits for /health, runs the two load tools as
 subprocesses (locust must never share a process with anything else: it monkey-patches sockets), stops the
-server with SIGTERM (which must exit 0), and writes the tables into docs/PERF.md between markers, with the
-machine described. Raw outputs go to loadtest/results/.
+server with SIGTERM (which must exit 0); then serves the model again with the R1 template and parsers and runs
+bench_accuracy.py (--accuracy-num questions per family, 0 skips it). The tables go into docs/PERF.md between
+markers, with the machine described. Raw outputs go to loadtest/results/.
 """
 
 from __future__ import annotations
@@ -106,6 +108,28 @@ def write_perf(section: list[str]) -> None:
     perf.write_text(text)
 
 
+ACCURACY_FLAGS = ("--chat-template", "deepseek-r1", "--reasoning-parser", "deepseek-r1", "--tool-call-parser",
+                  "deepseekv3")
+
+
+def measure_accuracy(num: int) -> str:
+    """Serve the model as bench_accuracy expects it, run it, return its table (raw JSON in loadtest/results/)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (RESULTS / "server_accuracy.log").open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "baleen.launch_server", "--port", str(port), *ACCURACY_FLAGS],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            wait_healthy(url, server, timeout=600)
+            run([sys.executable, "loadtest/bench_accuracy.py", "--base-url", f"{url}/v1", "--num", str(num),
+                 "--json", str(RESULTS / "accuracy.json")], RESULTS / "accuracy.log")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    text = (RESULTS / "accuracy.log").read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=4, help="locust users and bench_serving concurrency")
@@ -117,6 +141,7 @@ def main() -> None:
     ap.add_argument("--soak-rate", type=float, default=1.0, help="requests/s during the soak")
     ap.add_argument("--server-args", default="", help="extra flags for the server")
     ap.add_argument("--no-write", action="store_true", help="do not touch docs/PERF.md")
+    ap.add_argument("--accuracy-num", type=int, default=20, help="bench_accuracy questions per family (0: skip)")
     args = ap.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -155,10 +180,11 @@ def main() -> None:
             code = -9
     if code != 0:
         raise SystemExit(f"the server exited with code {code} after SIGTERM (log: {RESULTS / 'server.log'})")
+    accuracy = measure_accuracy(args.accuracy_num) if args.accuracy_num else None
 
     summary = json.loads((RESULTS / "bench_serving.json").read_text())["summary"]
     section = [
-        f"## `make bench`: the embedded tiny model on CPU — {date.today().isoformat()}",
+        f"## `make bench`: the embedded trained model on CPU — {date.today().isoformat()}",
         f"Machine: {machine()}. Server: `python -m baleen.launch_server {args.server_args}` (defaults).",
         "",
         f"### bench_serving: random {args.input_len} in / {args.output_len} out, {args.num_prompts} prompts, "
@@ -183,6 +209,9 @@ def main() -> None:
             f"{start:.0f} -> {end:.0f} MiB (peak {soak['rss_peak_kb'] / 1024:.0f}); {soak['gauge']} "
             f"{soak['gauge_start']} at start -> {soak['gauge_end']} when idle.",
         ]
+    if accuracy is not None:
+        section += ["", f"### bench_accuracy: {args.accuracy_num} held-out questions per family, greedy "
+                    f"(`{' '.join(ACCURACY_FLAGS)}`)", accuracy]
     print("\n".join(section))
     if not args.no_write:
         write_perf(section)

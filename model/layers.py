@@ -115,7 +115,7 @@ class RMSNorm(nn.Module):
         self.weight = new_param((hidden_size,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and not self.weight.requires_grad:  # NOTE: the Triton norm has no backward (training)
             return rms_norm(x, self.weight, self.eps)[0]
         return rms_norm_ref(x, self.weight, self.eps)[0]
 
@@ -130,7 +130,7 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add of a pre-norm block fused into its norm."""
-        if x.is_cuda:
+        if x.is_cuda and not self.weight.requires_grad:
             return rms_norm(x, self.weight, self.eps, residual)
         return rms_norm_ref(x, self.weight, self.eps, residual)
 

@@ -1,9 +1,15 @@
-"""`baleen make-model`: seeded random checkpoints in the released DeepSeek-V3 file layout.
+"""`baleen make-model`: checkpoints in the released DeepSeek-V3 file layout, seeded random or the trained one.
 
 A checkpoint is config.json, safetensors shards (+ model.safetensors.index.json when sharded), tokenizer.json,
 tokenizer_config.json and generation_config.json, with the exact weight names of released V3 checkpoints.
 Weights are generated tensor by tensor from a per-tensor seed and streamed into their files, so the whole
 model is never in memory and the same seed always gives byte-identical files.
+
+Preset `trained` writes the trained default model instead: its distinct weights ship in model/data/
+(`trained-weights-*.safetensors`, BF16, written by model/train.py); the MTP layer's copies of the embedding and
+the head are added here, and its FP8 variant comes from our block quantizer, so both layouts are rebuilt
+deterministically from the same files. `default_model_path()` caches it for `baleen serve`; `tiny_model_path()`
+caches the seeded random tiny model the tests run on.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from baleen.kernels.quant import FP8_DTYPE, block_quant
@@ -34,10 +42,13 @@ from baleen.model.tokenizer_build import (
 )
 
 # Bump when the files make_model writes change, so cached default models are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
 # The embedded default model is split into a few shards, so every engine test loads through the index.
 DEFAULT_MODEL_SHARD_BYTES = 2 * 2**20
+# The trained model's distinct weights, in model/data/ (each file under the 16 MiB a device run returns).
+TRAINED_PREFIX = "trained-"
+TRAINED_SHARD_BYTES = 12 * 2**20
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -188,15 +199,18 @@ def dense_values(spec: TensorSpec, seed: int) -> torch.Tensor:
     return _uniform(seed, spec.source, shape, -bound, bound)
 
 
+ValuesFn = Callable[[TensorSpec], torch.Tensor]
+
+
 def _materialize(
-    specs: list[TensorSpec], seed: int, block: tuple[int, int] | None
+    specs: list[TensorSpec], values: ValuesFn, block: tuple[int, int] | None
 ) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
     # Yields (spec, stored tensor); an FP8 weight is followed by its scale, both from one quantization.
     by_name = {s.name: s for s in specs}
     for spec in specs:
         if spec.init == "scale":
             continue
-        dense = dense_values(spec, seed)
+        dense = values(spec)
         if spec.dtype != FP8_DTYPE:
             yield spec, dense.to(spec.dtype)
             continue
@@ -315,7 +329,16 @@ def make_model(
     raw = preset_config(preset, fp8=fp8)
     raw.update(config_overrides or {})
     cfg = ModelConfig.from_dict(raw)  # validates the overrides too
-    tok = build_tokenizer()
+    values: ValuesFn
+    if preset == "trained":
+        if config_overrides:
+            raise ValueError("the trained model's shape is fixed: config_overrides apply to random presets only")
+        tok = Tokenizer.from_file(str(data_dir() / f"{TRAINED_PREFIX}tokenizer.json"))
+        stored = load_trained_weights()
+        values = lambda spec: stored[spec.source].float()
+    else:
+        tok = build_tokenizer()
+        values = lambda spec: dense_values(spec, seed)
     if cfg.vocab_size < tok.get_vocab_size():
         raise ValueError(
             f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.get_vocab_size()} tokens"
@@ -332,7 +355,7 @@ def make_model(
     bar = tqdm(total=len(specs), desc="writing weights", unit="tensor", disable=not progress)
 
     def tensors(shard: list[TensorSpec]) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        for item in _materialize(shard, seed, block):
+        for item in _materialize(shard, values, block):
             bar.update(1)
             yield item
 
@@ -353,13 +376,49 @@ def make_model(
     return out
 
 
-def _inputs_digest() -> str:
-    # The default model depends on the corpus and the chat template as well as on this code.
+def _inputs_digest(files: list[Path]) -> str:
+    # A cached model depends on its input files and the chat template as well as on this code.
     h = hashlib.sha256(str(FORMAT_VERSION).encode())
-    for name in CORPUS_FILES:
-        h.update((data_dir() / name).read_bytes())
+    for f in files:
+        h.update(f.read_bytes())
     h.update((default_chat_template() or "").encode())
     return h.hexdigest()[:10]
+
+
+# ---- the trained model's files ----------------------------------------------------------------------------------
+def trained_weight_files() -> list[Path]:
+    """The shipped shards of the trained model's distinct weights, in order."""
+    files = sorted(data_dir().glob(f"{TRAINED_PREFIX}weights-*.safetensors"))
+    if not files:
+        raise ValueError(f"no {TRAINED_PREFIX}weights-*.safetensors in {data_dir()}: the trained model is missing")
+    return files
+
+
+def load_trained_weights() -> dict[str, torch.Tensor]:
+    """Every distinct tensor of the trained model by its released name (MTP copies of embed/head not included)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in trained_weight_files():
+        out.update(load_file(f))
+    return out
+
+
+def save_trained_weights(
+    out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig | None = None
+) -> list[Path]:
+    """Write a trained model's distinct tensors (float, by released name) as the shards model/data/ ships."""
+    cfg = cfg or ModelConfig.from_dict(preset_config("trained"))
+    specs = [s for s in checkpoint_tensors(cfg, fp8=False) if s.source == s.name]
+    missing = sorted({s.name for s in specs} - set(tensors))
+    extra = sorted(set(tensors) - {s.name for s in specs})
+    if missing or extra:
+        raise ValueError(f"trained tensors do not match the preset: missing {missing[:4]}, unexpected {extra[:4]}")
+    shards = plan_shards(specs, TRAINED_SHARD_BYTES)
+    paths = []
+    for k, shard in enumerate(shards, start=1):
+        path = Path(out_dir) / f"{TRAINED_PREFIX}weights-{k}-of-{len(shards)}.safetensors"
+        write_safetensors(path, shard, ((s, tensors[s.name].to(s.dtype)) for s in shard))
+        paths.append(path)
+    return paths
 
 
 def default_cache_dir() -> Path:
@@ -368,10 +427,24 @@ def default_cache_dir() -> Path:
     return Path(base) / "baleen" / "models"
 
 
-def default_model_path(cache_dir: str | Path | None = None) -> Path:
-    """The embedded default model (preset tiny, seed 0), built once into the cache and reused after."""
+def default_model_path(cache_dir: str | Path | None = None, *, fp8: bool = False) -> Path:
+    """The embedded default model (the trained one, BF16 or block-FP8), built once into the cache and reused after."""
+    files = [*trained_weight_files(), data_dir() / f"{TRAINED_PREFIX}tokenizer.json"]
+    name = f"trained{'-fp8' if fp8 else ''}-v{FORMAT_VERSION}-{_inputs_digest(files)}"
+    return _cached(cache_dir, name, lambda out: make_model(
+        out, "trained", fp8=fp8, max_shard_bytes=DEFAULT_MODEL_SHARD_BYTES))
+
+
+def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
+    """The seeded random tiny model the tests run on (preset tiny, seed 0), cached like the default model."""
+    name = f"tiny-v{FORMAT_VERSION}-{_inputs_digest([data_dir() / n for n in CORPUS_FILES])}"
+    return _cached(cache_dir, name, lambda out: make_model(out, "tiny", seed=0,
+                                                            max_shard_bytes=DEFAULT_MODEL_SHARD_BYTES))
+
+
+def _cached(cache_dir: str | Path | None, name: str, build: Callable[[Path], Path]) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / f"tiny-v{FORMAT_VERSION}-{_inputs_digest()}"
+    final = root / name
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -379,7 +452,7 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
     # processes race, the loser's rename fails and it uses the winner's identical copy.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        make_model(tmp, "tiny", seed=0, max_shard_bytes=DEFAULT_MODEL_SHARD_BYTES)
+        build(tmp)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, final)

@@ -92,13 +92,15 @@ class MoEGate(nn.Module):
         With `shared_id`, one more column (shared_id, weight 1.0) per row: the shared expert as an extra expert.
         """
         c = self.config
-        if x.is_cuda and x.dtype != torch.float32:
+        # NOTE: the out_dtype GEMM and the routing kernel have no backward: a gate being trained runs in torch.
+        fused = x.is_cuda and not self.weight.requires_grad
+        if fused and x.dtype != torch.float32:
             # bf16 products are exact in float32: a float32-output GEMM equals the upcast one (up to summation order).
             logits = torch.mm(x, self.weight.t(), out_dtype=torch.float32)  # [T, E]
         else:
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         bias = self.e_score_correction_bias
-        if x.is_cuda and self.kernel_route and bias is not None:
+        if fused and self.kernel_route and bias is not None:
             return route_noaux_tc(
                 logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob,
                 shared_id,

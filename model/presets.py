@@ -1,7 +1,10 @@
 """Model presets: config.json dicts spelled as released DeepSeek-V3 checkpoints spell them.
 
-- `tiny`: the embedded default model. Small enough for fast CPU tests, yet it exercises every feature:
+- `tiny`: seeded random weights for the tests. Small enough for fast CPU tests, yet it exercises every feature:
   q LoRA, YaRN, 1 dense + 3 MoE layers, grouped routing (4 groups, pick 2), a shared expert, an MTP layer.
+- `trained`: the embedded default model (trained by model/train.py; `make-model --preset trained` writes its
+  trained weights, not random ones): 2 dense + 2 MoE layers of 16 experts, an MTP layer, every weight a
+  whole number of 128-wide FP8 blocks in at least one dimension, ~9M parameters.
 - `v3-shape`: DeepSeek-V3's real layer sizes with 1 dense + 3 MoE layers (+ MTP), FP8.
 - `v3-full`: DeepSeek-V3 itself (61 layers), FP8; for dummy-weight benchmarks on 8 GPUs.
 """
@@ -12,7 +15,8 @@ from typing import Any
 
 from baleen.model.tokenizer_build import DEFAULT_VOCAB_SIZE
 
-PRESET_NAMES = ("tiny", "v3-shape", "v3-full")
+PRESET_NAMES = ("tiny", "trained", "v3-shape", "v3-full")
+TRAINED_VOCAB_SIZE = 4096  # the trained model's tokenizer has 4000 tokens
 
 
 def fp8_quantization_config() -> dict[str, Any]:
@@ -90,6 +94,41 @@ def _tiny() -> dict[str, Any]:
     }
 
 
+def _trained() -> dict[str, Any]:
+    heads = 4
+    return {
+        **_v3_common(),
+        "vocab_size": TRAINED_VOCAB_SIZE,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,  # one FP8 block: the stacked expert scales need whole blocks
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,  # = qk_nope + qk_rope: training's attention runs as one fused SDPA
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 8192,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 4,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 2048,
+            "type": "yarn",
+        },
+    }
+
+
 def _v3_full() -> dict[str, Any]:
     return {
         **_v3_common(),
@@ -131,7 +170,7 @@ def _v3_shape() -> dict[str, Any]:
 
 def preset(name: str, *, fp8: bool | None = None) -> dict[str, Any]:
     """A fresh config.json dict for preset `name`; fp8 adds or drops quantization_config (None: as preset)."""
-    builders = {"tiny": _tiny, "v3-shape": _v3_shape, "v3-full": _v3_full}
+    builders = {"tiny": _tiny, "trained": _trained, "v3-shape": _v3_shape, "v3-full": _v3_full}
     if name not in builders:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
     cfg = builders[name]()

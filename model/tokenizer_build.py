@@ -53,20 +53,32 @@ def templates_dir() -> Path:
     return Path(baleen.api.__file__).parent / "templates"
 
 
-def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus: list[Path] | None = None) -> Tokenizer:
-    """Train the byte-level BPE tokenizer; the same corpus and vocab_size always give the same tokenizer."""
+def build_tokenizer(
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    corpus: list[Path] | None = None,
+    *,
+    texts: list[str] | None = None,
+    single_digits: bool = False,
+) -> Tokenizer:
+    """Train the byte-level BPE tokenizer; the same corpus and vocab_size always give the same tokenizer.
+
+    `texts` replaces the corpus files (the trained default model's tokenizer reads its training documents);
+    `single_digits` makes every digit its own token (so column arithmetic sees one digit per token) instead of
+    DeepSeek's runs of up to three.
+    """
     num_added = len(ADDED_TOKENS)
     if vocab_size < num_added + 256:
         raise ValueError(
             f"vocab_size={vocab_size} must be at least {num_added + 256} (added tokens + 256 bytes)"
         )
-    files = corpus if corpus is not None else [data_dir() / name for name in CORPUS_FILES]
-    texts = [f.read_text(encoding="utf-8") for f in files]
+    if texts is None:
+        files = corpus if corpus is not None else [data_dir() / name for name in CORPUS_FILES]
+        texts = [f.read_text(encoding="utf-8") for f in files]
     tok = Tokenizer(models.BPE())
     # Like DeepSeek's: digits in runs of at most 3, CJK runs apart, then GPT-2's byte-level split.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"\p{N}" if single_digits else r"\p{N}{1,3}"), behavior="isolated"),
             pre_tokenizers.Split(Regex("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]

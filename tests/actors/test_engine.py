@@ -17,7 +17,7 @@ import pytest
 
 from baleen.actors.engine import Engine, EngineConfig, EngineDead
 from baleen.actors.messages import RequestOutput, SamplingParams, StepPlan
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner, PendingStep
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -25,7 +25,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    return str(default_model_path())
+    return str(tiny_model_path())
 
 
 def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:

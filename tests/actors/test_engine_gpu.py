@@ -9,7 +9,7 @@ import pytest
 
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.messages import SamplingParams
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ async def _outputs(cfg: EngineConfig, prompts: list[list[int]]) -> list[list[int
 
 
 def test_triton_with_graphs_equals_torch_backend_fp32() -> None:
-    path = str(default_model_path())
+    path = str(tiny_model_path())
     rng = random.Random(0)
     prompts = [[rng.randrange(16, 1000) for _ in range(rng.randint(3, 90))] for _ in range(12)]
     base = dict(model_path=path, device="cuda", dtype="float32", max_total_tokens=65536)

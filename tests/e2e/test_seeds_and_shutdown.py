@@ -1,14 +1,17 @@
 """End to end through `python -m baleen.launch_server`: the seed documents' curl and openai examples, then SIGTERM.
 
-The server runs as `make serve` does (multi-process engine, the embedded model) plus the seeds' tool-call
+The server runs as `make serve` does (multi-process engine, the embedded trained model) plus the seeds' tool-call
 flag, a served name equal to the seeds' model (so their curl bodies run verbatim) and the scripted test
-processor. The last test stops it: exit code 0, no child process left, no shared-memory segment left.
+processor. The model answers the README's curl and the seeds' `query_weather` request itself; the scripted
+processor pins exact response shapes. The last test stops it: exit code 0, no child process left, no
+shared-memory segment left.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import threading
@@ -23,6 +26,7 @@ import pytest
 from harness import SCRIPTED, ServerProcess, alive
 from tokenizers import Tokenizer
 
+from baleen.model import corpus
 from baleen.model.make_model import default_model_path
 
 SEED_MODEL = "deepseek-ai/DeepSeek-V3-0324"
@@ -62,6 +66,17 @@ def _events(text: str) -> list[str]:
     return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
 
 
+def test_readme_curl_lists_real_capitals(server: ServerProcess) -> None:
+    body = {"model": "default", "messages": [{"role": "user", "content": "List 3 countries and their capitals."}],
+            "temperature": 0, "max_tokens": 64}
+    status, text = _post(f"{server.url}/v1/chat/completions", json.dumps(body))
+    assert status == 200, text
+    content = json.loads(text)["choices"][0]["message"]["content"]
+    rows = re.findall(r"^\d+\. (.+?): (.+)$", content, flags=re.M)
+    capitals = dict(corpus.countries())
+    assert len({c for c, _ in rows}) == 3 and all(capitals.get(c) == cap for c, cap in rows), content
+
+
 def test_seed_openai_chat_example(server: ServerProcess) -> None:
     client = openai.Client(base_url=server.base_url, api_key="EMPTY")
     response = client.chat.completions.create(
@@ -80,17 +95,26 @@ def test_seed_openai_chat_example(server: ServerProcess) -> None:
 
 
 def test_seed_tool_curl_verbatim(server: ServerProcess) -> None:
+    """The seeds' request as they send it: the trained model calls query_weather for Qingdao by itself."""
     status, text = _post(f"{server.url}/v1/chat/completions", SEED_TOOL_BODY)
     assert status == 200, text
     body = json.loads(text)
     assert body["object"] == "chat.completion" and body["model"] == SEED_MODEL
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["prompt_tokens"] > 100
-    assert body["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "query_weather", "arguments": '{"city": "Qingdao"}'}
     status, text = _post(f"{server.url}/v1/chat/completions", SEED_TOOL_STREAM_BODY)
     assert status == 200
     events = _events(text)
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] is not None
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    fragments = [tc["function"]["arguments"] for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls") or []
+                 if tc.get("function", {}).get("arguments")]
+    assert len(fragments) > 1 and "".join(fragments) == '{"city": "Qingdao"}'  # streamed as argument deltas
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_seed_tool_call_response_shapes(server: ServerProcess) -> None:

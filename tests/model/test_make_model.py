@@ -24,8 +24,10 @@ from baleen.model.make_model import (
     checkpoint_tensors,
     default_cache_dir,
     default_model_path,
+    load_trained_weights,
     make_model,
     parse_size,
+    tiny_model_path,
 )
 from baleen.model.presets import preset
 from baleen.model.tokenizer_build import ADDED_TOKENS, templates_dir
@@ -319,13 +321,13 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-# ---- the embedded default model -------------------------------------------------------------------------------
-def test_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# ---- the cached models ---------------------------------------------------------------------------------------
+def test_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "baleen" / "models"
     cache = tmp_path / "cache"
     paths: list[Path] = []
-    threads = [threading.Thread(target=lambda: paths.append(default_model_path(cache))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: paths.append(tiny_model_path(cache))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -339,7 +341,28 @@ def test_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert (path / "model.safetensors.index.json").exists()  # engine tests load through the shard index
     stamp = (path / "config.json").stat().st_mtime_ns
-    assert default_model_path(cache) == path and (path / "config.json").stat().st_mtime_ns == stamp
+    assert tiny_model_path(cache) == path and (path / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_default_model_is_the_trained_one(tmp_path: Path) -> None:
+    bf16, fp8 = default_model_path(tmp_path), default_model_path(tmp_path, fp8=True)
+    assert re.fullmatch(r"trained-v\d+-[0-9a-f]{10}", bf16.name) and fp8.name.startswith("trained-fp8-")
+    assert _files(bf16) == _files(make_model(tmp_path / "again", "trained", max_shard_bytes=DEFAULT_MODEL_SHARD_BYTES))
+    cfg = ModelConfig.from_hf(bf16)
+    assert cfg.quant is None and ModelConfig.from_hf(fp8).quant is not None and cfg.has_mtp
+    stored, t, q = load_trained_weights(), _tensors(bf16), _tensors(fp8)
+    assert {k: v.dtype for k, v in t.items() if k in stored} == {k: v.dtype for k, v in stored.items()}
+    assert all(torch.equal(t[k], stored[k]) for k in stored)
+    mtp = f"model.layers.{cfg.num_hidden_layers}"
+    assert torch.equal(t[f"{mtp}.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(t[f"{mtp}.shared_head.head.weight"], t["lm_head.weight"])
+    # the FP8 variant: our block quantizer over the same weights, within e4m3's error
+    for k in (f"model.layers.{cfg.num_hidden_layers - 1}.mlp.experts.3.down_proj.weight",
+              "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"):
+        w = block_dequant(q[k], q[f"{k}_scale_inv"], (128, 128))
+        assert ((w - t[k].float()).abs() <= t[k].float().abs() * 2**-4 + 1e-3).all()
+    tok = Tokenizer.from_file(str(bf16 / "tokenizer.json"))
+    assert tok.encode("1234", add_special_tokens=False).tokens == ["1", "2", "3", "4"]  # one token per digit
 
 
 # ---- loading with the model's own loader -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from baleen.actors.engine import Engine, EngineConfig, EngineDead, run_node
 from baleen.actors.messages import RequestOutput, SamplingParams
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 
 GREEDY: dict[str, Any] = dict(temperature=0.0, ignore_eos=True)
 RNG = random.Random(7)
@@ -28,7 +28,7 @@ PROMPTS = [([RNG.randrange(16, 1000) for _ in range(RNG.randint(3, 70))], RNG.ra
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    return str(default_model_path())
+    return str(tiny_model_path())
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import torch
 
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.messages import SamplingParams
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,7 +44,7 @@ async def _generate(cfg: EngineConfig, prompts: list[list[int]]) -> list[list[in
 def test_two_gpus_agree_with_one(layout: dict[str, Any]) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(16, 1000) for _ in range(rng.randint(3, 150))] for _ in range(24)]
-    base = dict(model_path=str(default_model_path()), device="cuda", cuda_graph_max_bs=32)
+    base = dict(model_path=str(tiny_model_path()), device="cuda", cuda_graph_max_bs=32)
     one = asyncio.run(_generate(EngineConfig(**base), prompts))  # type: ignore[arg-type]
     two = asyncio.run(_generate(EngineConfig(**base, check_rank_sampling=True, **layout), prompts))  # type: ignore[arg-type]
     first = [a[0] == b[0] for a, b in zip(one, two)]

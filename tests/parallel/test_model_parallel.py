@@ -22,7 +22,7 @@ from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.deepseek import DeepseekV3ForCausalLM
 from baleen.model.kv_cache import KVCache
 from baleen.model.loader import load_model
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 from baleen.model.parallel import Comm, DataParallelExchange, ParallelGroups
 
 PAGE = 8
@@ -84,7 +84,7 @@ def thread_groups(tp: int, dp: int = 1, ep: int = 1) -> list[ParallelGroups]:
 
 @pytest.fixture(scope="module")
 def checkpoint() -> tuple[str, ModelConfig]:
-    path = str(default_model_path())
+    path = str(tiny_model_path())
     return path, ModelConfig.from_hf(path)
 
 

@@ -13,11 +13,11 @@ from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.deepseek import DeepseekV3ForCausalLM, check_complete
 from baleen.model.layers import materialize
 from baleen.model.loader import Checkpoint, DequantSource
-from baleen.model.make_model import default_model_path
+from baleen.model.make_model import tiny_model_path
 
 
 def _load_rank(parallel: ParallelConfig) -> tuple[DeepseekV3ForCausalLM, Checkpoint, int]:
-    path = default_model_path()
+    path = tiny_model_path()
     config = ModelConfig.from_hf(path)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config, parallel, torch.float32)

@@ -1,0 +1,516 @@
+"""Train the embedded default model through baleen's own DeepSeek-V3 modules (one definition of the architecture).
+
+    python -P -m baleen.model.train OUT [--time-budget 420] [--steps N] [--seed 0]
+
+The serving modules run unchanged over a flat batch: each row of `row_len` tokens holds whole documents (one
+ForwardBatch sequence each, positions from 0) and a padding tail; `PackedAttentionBackend` is an attention
+backend like the others (plan once, run per layer) whose expanded-MLA `run` is causal attention inside each
+document, fused by SDPA. Without a cached prefix MLA runs its expanded form, so nothing reads the KV cache; the
+latents the layers write land in a two-slot scratch cache. Parameters are float32 under bf16 autocast on CUDA,
+with AdamW; the torch references replace the Triton kernels wherever weights require grad (the kernels have no
+backward). The MTP layer shares the embedding and the output head and learns the next-next token (loss weight
+0.3, DeepSeek-V3 §2.2); its gradient reaches the main model through the hidden states it reads. Routing is
+balanced without an auxiliary loss: after each step every gate's e_score_correction_bias moves by 0.01 towards
+equal expert loads (DeepSeek-V3 §2.1.2, whose 0.001 suits a far longer run).
+
+Writes OUT/config.json, tokenizer.json, the weights (BF16, released names, no MTP copies of the embedding and the
+head: `make_model` adds them), loss.csv and train.json. Imports torch, safetensors and tokenizers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import math
+import multiprocessing
+import random
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from baleen.model import corpus
+from baleen.model.batch import ForwardBatch
+from baleen.model.config import ModelConfig
+from baleen.model.deepseek import DeepseekMTP, DeepseekV3ForCausalLM
+from baleen.model.kernel_choice import KernelChoice
+from baleen.model.kv_cache import KVCache
+from baleen.model.layers import materialize
+from baleen.model.moe import MoEExperts, MoEGate
+from baleen.model.presets import preset
+from baleen.model.tokenizer_build import build_tokenizer
+
+FAMILIES = ("capitals", "reasoning", "arithmetic", "tools", "chat", "text")
+PAD_ID = 2
+TOKENIZER_VOCAB = 4000
+MTP_WEIGHT = 0.3
+ROUTER_LR_SCALE = 0.1
+BIAS_UPDATE = 1e-2  # V3 used 1e-3 over ~10^5 steps; a few thousand steps need a faster rule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one run does; `steps=None` sizes the run to `time_budget_s` from the first steps' speed."""
+
+    seed: int = 0
+    steps: int | None = None
+    time_budget_s: float = 420.0
+    rows: int = 64
+    row_len: int = 1024
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    workers: int = 6
+    mixture: str = "pretrain"  # corpus.MIXTURES: "finetune" is stage 2, from `init`'s weights
+    init: str | None = None  # a folder with trained-weights-*.safetensors and trained-tokenizer.json
+
+
+# ---- tokenizer and batches ---------------------------------------------------------------------------------
+def train_tokenizer(seed: int = 0, num_docs: int = 30000) -> Tokenizer:
+    """BPE over a sample of the corpus (special tokens taken out) and the plays; one token per digit."""
+    specials = [t for t in vars(corpus).values() if isinstance(t, str) and t.startswith("<｜") and t.endswith("｜>")]
+    texts = []
+    for doc in corpus.documents(seed + 7919, num_docs):
+        text = doc.text
+        for s in specials:
+            text = text.replace(s, "\n")
+        texts.append(text)
+    texts.append(corpus.shakespeare())
+    return build_tokenizer(TOKENIZER_VOCAB, texts=texts, single_digits=True)
+
+
+@dataclass
+class Batch:
+    """One step's rows, flattened: [N = rows * row_len] each, and the documents' lengths in order."""
+
+    input_ids: torch.Tensor  # token t
+    next_ids: torch.Tensor  # token t + 1 of the same document (the MTP layer's input), pad at the end
+    positions: torch.Tensor
+    target1: torch.Tensor  # token t + 1, weight1 1 where it is trained
+    weight1: torch.Tensor
+    target2: torch.Tensor  # token t + 2, weight2 likewise
+    weight2: torch.Tensor
+    family: torch.Tensor  # family index of each token's document
+    real: torch.Tensor  # bool, False on the padding at the end of rows
+    seg_lens: list[int]
+
+
+class BatchMaker:
+    """Step -> Batch, a pure function of (seed, step): the same batches in any worker, in any order."""
+
+    def __init__(self, tokenizer_json: str, seed: int, rows: int, row_len: int, mixture: str = "pretrain") -> None:
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.seed, self.rows, self.row_len, self.mixture = seed, rows, row_len, mixture
+
+    def tokenize(self, doc: corpus.Doc) -> tuple[list[int], list[bool]]:
+        ids: list[int] = []
+        trained: list[bool] = []
+        for enc, (_, flag) in zip(self.tok.encode_batch([t for t, _ in doc.pieces], add_special_tokens=False),
+                                  doc.pieces):
+            ids += enc.ids
+            trained += [flag] * len(enc.ids)
+        return ids[: self.row_len], trained[: self.row_len]
+
+    def __call__(self, step: int) -> Batch:
+        L = self.row_len
+        docs = corpus.documents(self.seed * 1_000_003 + step, 1 << 30, self.mixture)
+        cols: dict[str, list[int]] = {k: [] for k in ("ids", "nxt", "pos", "t1", "w1", "t2", "w2", "fam", "real")}
+        seg_lens: list[int] = []
+        waiting: list[tuple[corpus.Doc, list[int], list[bool]]] = []  # documents that did not fit a row's end
+        for _ in range(self.rows):
+            used, misses = 0, 0
+            while misses < 8:  # a row's tail is filled with the next documents that fit, else padded
+                if waiting and used + len(waiting[0][1]) <= L:
+                    doc, ids, flags = waiting.pop(0)
+                else:
+                    doc = next(docs)
+                    ids, flags = self.tokenize(doc)
+                    if len(ids) == L and doc.family != "text":
+                        continue  # a conversation longer than a row: its answer would be cut off
+                    if used + len(ids) > L:
+                        waiting.append((doc, ids, flags))
+                        misses += 1
+                        continue
+                n = len(ids)
+                fam = FAMILIES.index(doc.family)
+                cols["ids"] += ids
+                cols["nxt"] += [*ids[1:], PAD_ID]
+                cols["pos"] += range(n)
+                cols["t1"] += [*ids[1:], PAD_ID]
+                cols["w1"] += [*flags[1:], False]
+                cols["t2"] += [*ids[2:], PAD_ID, PAD_ID][:n]
+                cols["w2"] += [*flags[2:], False, False][:n]
+                cols["fam"] += [fam] * n
+                cols["real"] += [1] * n
+                seg_lens.append(n)
+                used += n
+            if used < L:  # the row's tail: one padding segment
+                pad = L - used
+                for k, v in (("ids", PAD_ID), ("nxt", PAD_ID), ("t1", PAD_ID), ("w1", 0), ("t2", PAD_ID),
+                             ("w2", 0), ("fam", 0), ("real", 0)):
+                    cols[k] += [v] * pad
+                cols["pos"] += range(pad)
+                seg_lens.append(pad)
+
+        def t(k: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(cols[k], dtype=dtype)
+
+        return Batch(t("ids"), t("nxt"), t("pos"), t("t1"), t("w1", torch.float32), t("t2"), t("w2", torch.float32),
+                     t("fam"), t("real", torch.bool), seg_lens)
+
+
+def batches(maker: BatchMaker, start: int, workers: int) -> Generator[Batch, None, None]:
+    """Batches for steps start, start + 1, ... made ahead by worker processes (made inline with workers=0)."""
+    if workers == 0:
+        step = start
+        while True:
+            yield maker(step)
+            step += 1
+    ctx = multiprocessing.get_context("spawn")  # NOTE: not fork: the tokenizer's threads (and CUDA) do not survive it
+    with ctx.Pool(workers) as pool:
+        pending = collections.deque(pool.apply_async(maker, (step,)) for step in range(start, start + 2 * workers))
+        step = start + 2 * workers
+        while True:  # at most 2 * workers batches made ahead
+            yield pending.popleft().get()
+            pending.append(pool.apply_async(maker, (step,)))
+            step += 1
+
+
+def forward_batch(batch: Batch, device: torch.device) -> tuple[ForwardBatch, ForwardBatch]:
+    """The main model's ForwardBatch (every document a fresh sequence) and the MTP layer's (next ids)."""
+    lens = batch.seg_lens
+    n = sum(lens)
+    qo = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    common = dict(
+        positions=batch.positions.to(device), out_loc=torch.zeros(n, dtype=torch.int64, device=device),
+        qo_indptr=qo, seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        prefix_lens=torch.zeros(len(lens), dtype=torch.int32, device=device),
+        page_table=torch.zeros((len(lens), 1), dtype=torch.int32, device=device),
+        logits_indices=torch.zeros(0, dtype=torch.int64, device=device),
+        seq_lens_cpu=list(lens), extend_lens_cpu=list(lens), page_size=1,
+    )
+    main = ForwardBatch(input_ids=batch.input_ids.to(device), **common)  # type: ignore[arg-type]
+    mtp = ForwardBatch(input_ids=batch.next_ids.to(device), **common)  # type: ignore[arg-type]
+    return main, mtp
+
+
+# ---- attention over packed rows ----------------------------------------------------------------------------
+class PackedAttentionBackend:
+    """Causal attention within each document of rows of `row_len` tokens (a batch's sequences fill whole rows)."""
+
+    def __init__(self, row_len: int) -> None:
+        self.row_len = row_len
+        self._mask: torch.Tensor | None = None  # [rows, 1, L, L] bool, True where a query sees a key
+
+    def plan(self, batch: ForwardBatch) -> None:
+        L = self.row_len
+        if batch.num_tokens % L:
+            raise ValueError(f"{batch.num_tokens} tokens do not fill rows of {L}")
+        device = batch.input_ids.device
+        lens = torch.tensor(batch.extend_lens_cpu, device=device)
+        seg = torch.repeat_interleave(torch.arange(len(lens), device=device), lens).view(-1, L)  # [R, L]
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        self._mask = ((seg[:, :, None] == seg[:, None, :]) & causal).unsqueeze(1)
+
+    def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        assert self._mask is not None, "plan(batch) first"
+        L, (T, H, _) = self.row_len, q.shape
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [R, H, L, D]
+            return x.reshape(T // L, L, H, x.shape[-1]).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=self._mask, scale=scale)
+        return o.transpose(1, 2).reshape(T, H, v.shape[-1])
+
+    def run_absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        raise ValueError("training runs the expanded form only (no cached prefix)")
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+def build_model(config: ModelConfig, device: torch.device) -> tuple[DeepseekV3ForCausalLM, DeepseekMTP]:
+    """Float32 main model + MTP layer (sharing the embedding and the head), freshly initialised, trainable."""
+    # The fused Triton kernels have no backward: the torch references everywhere (norms and the router check
+    # requires_grad themselves).
+    kernels = KernelChoice(mla_prep=False, moe_route=False, fp8_weights=False, fp8_absorb=False)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)
+        mtp = DeepseekMTP(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)
+    mtp.share_embedding(model.model.embed_tokens)
+    mtp.shared_head.head = model.lm_head  # DeepSeek-V3's MTP modules share the output head too
+    materialize(model, device)
+    materialize(mtp, device)
+    init_weights([model, mtp], config, seed=0)
+    return model, mtp
+
+
+def _params(modules: list[nn.Module]) -> dict[str, nn.Parameter]:
+    seen: dict[int, str] = {}
+    out: dict[str, nn.Parameter] = {}
+    for prefix, m in zip(("", "mtp."), modules):
+        for name, p in m.named_parameters():
+            if id(p) not in seen:
+                seen[id(p)] = prefix + name
+                out[prefix + name] = p
+    return out
+
+
+@torch.no_grad()
+def init_weights(modules: list[nn.Module], config: ModelConfig, seed: int) -> None:
+    """Norms 1, router biases 0, weights N(0, 0.02); outputs into the residual stream scaled by 1/sqrt(2 layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    for name, p in _params(modules).items():
+        if name.endswith("e_score_correction_bias"):
+            p.zero_()
+            p.requires_grad_(False)  # moved by the load-balancing rule, not by gradients
+            continue
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("o_proj.weight", "down_proj.weight", ".w2")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        p.requires_grad_(True)
+
+
+class ExpertLoads:
+    """Counts each gate's routed tokens during a step (forward hooks), then nudges its bias towards balance."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.gates = [m for root in modules for m in root.modules() if isinstance(m, MoEGate)]
+        self.counts: dict[int, torch.Tensor] = {}
+        self.real: torch.Tensor | None = None  # [N] bool: the step's tokens that count (not row padding)
+        for g in self.gates:
+            g.register_forward_hook(self._hook)
+
+    def _hook(self, gate: nn.Module, inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        assert isinstance(gate, MoEGate) and gate.e_score_correction_bias is not None
+        n = gate.e_score_correction_bias.shape[0]
+        ids = output[1] if self.real is None else output[1][self.real]
+        c = torch.bincount(ids.flatten().long(), minlength=n)[:n]
+        prev = self.counts.get(id(gate))
+        self.counts[id(gate)] = c if prev is None else torch.add(prev, c)
+
+    @torch.no_grad()
+    def update(self, rate: float) -> float:
+        """Apply the bias rule; returns the worst max/mean load ratio seen this step."""
+        worst = 0.0
+        for g in self.gates:
+            load = self.counts.pop(id(g)).float()
+            assert g.e_score_correction_bias is not None
+            g.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
+            worst = max(worst, float(load.max() / load.mean().clamp(min=1)))
+        return worst
+
+
+def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: PackedAttentionBackend,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(main loss, MTP loss, per-token main loss [N] where weight1 > 0 else 0)."""
+    main_batch, mtp_batch = forward_batch(batch, device)
+    cfg = model.config
+    kv = KVCache.for_model(cfg, num_pages=2, page_size=1, dtype=torch.bfloat16, device=device, with_mtp=True)
+    attn.plan(main_batch)  # the MTP batch has the same documents: one plan serves both
+    hidden = model(main_batch, kv, attn)  # [N, H]
+    w1, w2 = batch.weight1.to(device), batch.weight2.to(device)
+    rows1 = w1.nonzero().squeeze(1)
+    ce1 = F.cross_entropy(model.compute_logits(hidden[rows1]), batch.target1.to(device)[rows1], reduction="none")
+    h2 = mtp(mtp_batch, hidden, kv, attn)
+    rows2 = w2.nonzero().squeeze(1)
+    ce2 = F.cross_entropy(mtp.compute_logits(h2[rows2]), batch.target2.to(device)[rows2])
+    per_token = torch.zeros_like(w1).index_put_((rows1,), ce1.detach().float())
+    return ce1.mean(), ce2, per_token
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.device) -> dict[str, object]:
+    """The whole run; returns its summary (also in OUT/train.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    if tcfg.init is None:
+        tok = train_tokenizer(tcfg.seed)
+    else:  # stage 2 keeps stage 1's tokenizer
+        tok = Tokenizer.from_file(str(Path(tcfg.init) / "trained-tokenizer.json"))
+    tok.save(str(out / "trained-tokenizer.json"))
+    maker = BatchMaker(tok.to_str(), tcfg.seed, tcfg.rows, tcfg.row_len, tcfg.mixture)
+    stream = batches(maker, 0, tcfg.workers)
+    torch.manual_seed(tcfg.seed)
+    model, mtp = build_model(config, device)
+    if tcfg.init is not None:
+        load_trained(model, mtp, config, Path(tcfg.init))
+    params = _params([model, mtp])
+    trainable = [p for p in params.values() if p.requires_grad]
+    # Router weights learn 10x slower: Adam's full-size steps would otherwise swing every token to the same
+    # experts faster than the bias rule can pull them back.
+    router = [p for n, p in params.items() if p.requires_grad and n.endswith("mlp.gate.weight")]
+    decay = [p for p in trainable if p.dim() >= 2 and not any(p is r for r in router)]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": router, "weight_decay": 0.0, "lr_scale": ROUTER_LR_SCALE}]
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    loads = ExpertLoads([model, mtp])
+    attn = PackedAttentionBackend(tcfg.row_len)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    total = tcfg.steps or 10**9
+    log_rows: list[dict[str, float]] = []
+    fam_sum = torch.zeros(len(FAMILIES), device=device)
+    fam_cnt = torch.zeros(len(FAMILIES), device=device)
+    run_sum = torch.zeros(2, device=device)  # main and MTP loss summed since the last log line
+    run_n = 0
+    t_train = t_mark = time.monotonic()
+    step = 0
+    print(f"setup {t_train - t0:.1f}s; {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", flush=True)
+    for step, batch in enumerate(stream):
+        if step >= total or (tcfg.steps is None and time.monotonic() - t0 > tcfg.time_budget_s):
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, tcfg) * group["lr_scale"]
+        loads.real = batch.real.to(device)
+        with autocast:
+            loss1, loss2, per_token = losses(model, mtp, batch, attn, device)
+            loss = loss1 + MTP_WEIGHT * loss2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+        opt.step()
+        imbalance = loads.update(BIAS_UPDATE)
+        run_sum += torch.stack([loss1.detach(), loss2.detach()]).float()
+        run_n += 1
+        fam = batch.family.to(device)
+        fam_sum.index_add_(0, fam, per_token)
+        fam_cnt.index_add_(0, fam, (per_token > 0).float())
+        if tcfg.steps is None and step == 30:  # size the run to the budget from the speed of steps 10-30
+            per_step = (time.monotonic() - t_mark) / 20
+            total = max(step + 1, int((tcfg.time_budget_s - (time.monotonic() - t0)) / per_step) + step)
+            print(f"{per_step * 1000:.0f} ms/step: {total} steps in the budget", flush=True)
+        if step == 10:
+            t_mark = time.monotonic()
+        if step % tcfg.log_every == 0 or step == total - 1:
+            mean = (run_sum / run_n).tolist()
+            run_sum.zero_()
+            run_n = 0
+            row = {"step": step, "elapsed_s": round(time.monotonic() - t_train, 1), "loss": round(mean[0], 4),
+                   "mtp_loss": round(mean[1], 4), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                   "max_load": round(imbalance, 2)}
+            fam_mean = (fam_sum / fam_cnt.clamp(min=1)).tolist()
+            row.update({f"loss_{f}": round(v, 4) for f, v in zip(FAMILIES, fam_mean)})
+            fam_sum.zero_()
+            fam_cnt.zero_()
+            log_rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    stream.close()
+    train_s = time.monotonic() - t_train
+    write_trained(out, model, mtp, config)
+    with open(out / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(log_rows[0]))
+        writer.writeheader()
+        writer.writerows(log_rows)
+    summary: dict[str, object] = {
+        "steps": step, "train_s": round(train_s, 1), "total_s": round(time.monotonic() - t0, 1),
+        "tokens_per_step": tcfg.rows * tcfg.row_len, "final_loss": log_rows[-1]["loss"],
+        "final_mtp_loss": log_rows[-1]["mtp_loss"], "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else "cpu", "config": asdict(tcfg),
+    }
+    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---- writing the weights -------------------------------------------------------------------------------------
+def trained_tensors(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every distinct tensor under its released checkpoint name (the MTP layer's embedding and head are the main
+    model's, so they are not repeated), float32 on the CPU."""
+    out: dict[str, torch.Tensor] = {}
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+    for root, rename in ((model, lambda n: n), (mtp, mtp.checkpoint_name)):
+        modules = dict(root.named_modules())
+        for name, p in root.named_parameters():
+            owner, _, pname = name.rpartition(".")
+            if root is mtp and name.startswith(("embed_tokens.", "shared_head.head.")):
+                continue
+            t = p.detach().float().cpu()
+            if isinstance(modules[owner], MoEExperts):
+                inter = modules[owner].intermediate_size  # type: ignore[union-attr]
+                for j in range(t.shape[0]):
+                    base = rename(f"{owner}.{j}")
+                    if pname == "w13":
+                        out[f"{base}.gate_proj.weight"] = t[j, :inter].contiguous()
+                        out[f"{base}.up_proj.weight"] = t[j, inter:].contiguous()
+                    else:
+                        out[f"{base}.down_proj.weight"] = t[j].contiguous()
+                continue
+            out[rename(name)] = t
+    assert all(not k.startswith(mtp_prefix + "embed_tokens") for k in out)
+    return out
+
+
+@torch.no_grad()
+def load_trained(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, config: ModelConfig, folder: Path) -> None:
+    """Start from trained weights (`trained-weights-*.safetensors` in folder), router biases included."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("trained-weights-*.safetensors")):
+        tensors.update(load_file(f))
+    prefix = f"model.layers.{config.num_hidden_layers}."
+    main = [(k, v.float()) for k, v in tensors.items() if not k.startswith(prefix)]
+    own = [(k, v.float()) for k, v in tensors.items() if k.startswith(prefix)]
+    filled = model.load_weights(main)
+    filled |= {f"mtp.{n}" for n in mtp.load_weights(own)}
+    if len(filled) < len(tensors) // 2:
+        raise ValueError(f"{folder} does not hold this model's weights")
+
+
+def write_trained(out: Path, model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, config: ModelConfig) -> None:
+    """config.json + the weights in BF16 (router biases float32), two shards (each under 16 MiB)."""
+    from baleen.model.make_model import save_trained_weights
+
+    save_trained_weights(out, trained_tensors(model, mtp, config), config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, default=None, help="fixed step count (default: fill --time-budget)")
+    p.add_argument("--time-budget", type=float, default=420.0, help="seconds for setup + training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--row-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--override", default="{}", help="JSON config.json fields to change (small CPU trials)")
+    p.add_argument("--mixture", default="pretrain", choices=sorted(corpus.MIXTURES))
+    p.add_argument("--init", default=None, help="start from the trained-* weights and tokenizer in this folder")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 100, or steps / 10)")
+    a = p.parse_args(argv)
+    raw = preset("trained")
+    raw.update(json.loads(a.override))
+    config = ModelConfig.from_dict(raw)
+    tcfg = TrainConfig(seed=a.seed, steps=a.steps, time_budget_s=a.time_budget, rows=a.rows, row_len=a.row_len,
+                       lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init,
+                       warmup_steps=a.warmup if a.warmup is not None else min(100, (a.steps or 1000) // 10))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=2) + "\n")
+    random.seed(a.seed)
+    print(json.dumps(train(a.out, tcfg, config, torch.device(a.device)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""loadtest/bench_accuracy.py against the served default (trained) model, on a small sample: R1 template, R1
+reasoning parser and V3 tool calls, as the device run measures it (docs/PERF.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the shared harness
+from harness import ServerProcess
+
+from baleen.model.make_model import default_model_path
+
+BENCH = Path(__file__).resolve().parents[2] / "loadtest" / "bench_accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess("--chat-template", "deepseek-r1", "--reasoning-parser", "deepseek-r1", "--tool-call-parser",
+                       "deepseekv3", "--single-process") as s:
+        yield s
+
+
+def test_small_sample_every_family(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "acc.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--base-url", server.base_url, "--num", "2", "--seed", "3",
+                          "--json", str(out), "--mtp-model-path", str(default_model_path()), "--mtp-passages", "4"],
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    families = ("capitals", "capital_lists", "add", "sub", "mul", "tools", "tools_none", "reasoning")
+    assert all(res[f]["n"] == 2 for f in families)
+    correct = sum(res[f]["accuracy"] * 2 for f in families)
+    assert correct >= 13, json.dumps(res, indent=1)  # of 16: the full bench's numbers are in docs/PERF.md
+    assert res["tools"]["right_arguments"] == 1.0 and res["reasoning"]["reasoning_split"] == 1.0
+    assert res["add"]["reasoning_split"] == 1.0  # the arithmetic reasoning came back in reasoning_content
+    assert 0.5 <= res["mtp"]["mtp_agreement_greedy"] <= 1.0

@@ -1,0 +1,117 @@
+"""Training through the serving modules (model/train.py), on CPU at a tiny size: the packed attention equals the
+torch backend's, the loss falls, and the written weights load back into the same model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from baleen.model import corpus, train
+from baleen.model.attention import TorchAttentionBackend
+from baleen.model.batch import ForwardBatch
+from baleen.model.config import ModelConfig
+from baleen.model.loader import load_model
+from baleen.model.presets import preset
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "first_k_dense_replace": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "q_lora_rank": 32,
+         "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 32, "vocab_size": 512}
+ROW = 64
+
+
+def small_config() -> tuple[dict[str, object], ModelConfig]:
+    raw = {**preset("trained"), **SMALL}
+    return raw, ModelConfig.from_dict(raw)
+
+
+def random_batch(seed: int, rows: int = 3) -> train.Batch:
+    g = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    for _ in range(rows):
+        left = ROW
+        while left:
+            n = min(left, int(torch.randint(5, 40, (1,), generator=g)))
+            lens.append(n)
+            left -= n
+    n = rows * ROW
+    # a learnable stream: each document counts up from a random start (mod 200)
+    ids = torch.cat([(torch.randint(0, 200, (1,), generator=g) + torch.arange(k)) % 200 + 16 for k in lens])
+    pos = torch.cat([torch.arange(k) for k in lens])
+    ends = torch.tensor(lens).cumsum(0) - 1
+    last = torch.zeros(n, dtype=torch.bool)
+    last[ends] = True
+    nxt = torch.where(last, torch.full_like(ids, train.PAD_ID), ids.roll(-1))
+    w1 = (~last).float()
+    before_last = torch.zeros(n, dtype=torch.bool)
+    before_last[ends - 1] = True
+    w2 = (~last & ~before_last).float()
+    return train.Batch(ids, nxt, pos, nxt, w1, ids.roll(-2), w2, torch.zeros(n, dtype=torch.int64),
+                       torch.ones(n, dtype=torch.bool), lens)
+
+
+def test_packed_attention_equals_the_torch_backend() -> None:
+    batch = random_batch(0)
+    main, _ = train.forward_batch(batch, torch.device("cpu"))
+    ref_batch = ForwardBatch.build(main.input_ids.tolist(), [0] * len(batch.seg_lens), batch.seg_lens,
+                                   [[1]] * len(batch.seg_lens), ROW)
+    q, k, v = (torch.randn(main.num_tokens, 2, d) for d in (32, 32, 32))
+    packed, ref = train.PackedAttentionBackend(ROW), TorchAttentionBackend()
+    packed.plan(main)
+    ref.plan(ref_batch)
+    torch.testing.assert_close(packed.run_expanded(q, k, v, 0.2), ref.run_expanded(q, k, v, 0.2))
+
+
+def test_loss_falls_and_the_weights_load_back(tmp_path: Path) -> None:
+    raw, cfg = small_config()
+    torch.manual_seed(0)
+    model, mtp = train.build_model(cfg, torch.device("cpu"))
+    params = [p for p in train._params([model, mtp]).values() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    attn = train.PackedAttentionBackend(ROW)
+    loads = train.ExpertLoads([model, mtp])
+    history = []
+    for step in range(30):
+        batch = random_batch(step % 4)
+        l1, l2, _ = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        opt.zero_grad()
+        (l1 + train.MTP_WEIGHT * l2).backward()
+        opt.step()
+        loads.update(train.BIAS_UPDATE)
+        history.append((l1.item(), l2.item()))
+    assert history[-1][0] < 0.6 * history[0][0] and history[-1][1] < 0.7 * history[0][1], history
+    assert all(g.e_score_correction_bias.abs().sum() > 0 for g in loads.gates)  # type: ignore[union-attr]
+
+    # The released layout (the MTP layer's embedding and head copied in) loads into the serving model.
+    tensors = train.trained_tensors(model, mtp, cfg)
+    prefix = f"model.layers.{cfg.num_hidden_layers}."
+    assert not any(k.startswith(prefix + "embed_tokens") for k in tensors)
+    full = {**tensors, prefix + "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+            prefix + "shared_head.head.weight": tensors["lm_head.weight"]}
+    save_file({k: v.clone() for k, v in full.items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = load_model(tmp_path, cfg, dtype=torch.float32, with_mtp=True, progress=False)
+    assert loaded.mtp is not None
+    batch = random_batch(9, rows=1)
+    with torch.no_grad():
+        l1, l2, _ = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        m1, m2, _ = train.losses(loaded.model, loaded.mtp, batch, attn, torch.device("cpu"))
+    torch.testing.assert_close((m1, m2), (l1, l2), rtol=1e-4, atol=1e-4)
+
+
+def test_batches_fill_rows_with_whole_documents() -> None:
+    tok = pytest.importorskip("tokenizers").Tokenizer
+    from baleen.model.tokenizer_build import build_tokenizer
+
+    t = build_tokenizer(1000, texts=[d.text for d in corpus.documents(0, 300)], single_digits=True)
+    assert isinstance(t, tok)
+    b = train.BatchMaker(t.to_str(), seed=0, rows=2, row_len=512)(0)
+    assert b.input_ids.shape == (1024,) and sum(b.seg_lens) == 1024
+    starts = torch.tensor([0, *b.seg_lens]).cumsum(0)[:-1]
+    assert (b.positions[starts] == 0).all()
+    real = b.real.nonzero().squeeze(1)
+    assert b.input_ids[real].ne(train.PAD_ID).all()
+    assert b.weight1.sum() > 0 and (b.weight1 <= b.real.float()).all()
