@@ -60,7 +60,7 @@ def _extend_case(cfg: ModelConfig, chunk: int, prefix: int, page_size: int) -> t
     return batch, cache, q, q_pe
 
 
-def mla_rates(cfg: ModelConfig, chunk: int, prefix: int, page_size: int) -> dict[str, float]:
+def mla_rates(cfg: ModelConfig, chunk: int, prefix: int, page_size: int, flashinfer: bool = True) -> dict[str, float]:
     """TFLOP/s of the absorbed extend of `chunk` new tokens over `prefix` cached ones, per backend."""
     from baleen.model.attention_triton import TritonAttentionBackend
 
@@ -70,7 +70,8 @@ def mla_rates(cfg: ModelConfig, chunk: int, prefix: int, page_size: int) -> dict
     try:
         from baleen.model.attention_flashinfer import FlashInferAttentionBackend
 
-        backends["flashinfer"] = FlashInferAttentionBackend(torch.device("cuda"))
+        if flashinfer:
+            backends["flashinfer"] = FlashInferAttentionBackend(torch.device("cuda"))
     except ImportError:
         pass
     rates, outs = {}, {}
@@ -113,7 +114,7 @@ async def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         await _ttft(engine, args.chunk, rng, cfg.vocab_size)  # warm: first-use compiles of prefill shapes
         one_chunk = min([await _ttft(engine, args.chunk, rng, cfg.vocab_size) for _ in range(2)])
         prefill_tps = args.chunk / one_chunk
-        rates = mla_rates(cfg, args.chunk, 2 * args.chunk, 64)
+        rates = mla_rates(cfg, args.chunk, 2 * args.chunk, 64, flashinfer=not args.no_flashinfer)
         mla_rate = rates.get("flashinfer", rates["baleen"]) * 1e12
         for length in args.lengths:
             ttft = min([await _ttft(engine, length, rng, cfg.vocab_size) for _ in range(1 if length > 16384 else 2)])
@@ -149,6 +150,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="--chunked-prefill-size (default 8192, as on the H100)")
     ap.add_argument("--max-running-requests", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--no-flashinfer", action="store_true",
+                    help="the MLA rate from baleen's kernel alone (skips FlashInfer's ~25 s first-use JIT)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
