@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from baleen.model.batch import ForwardBatch
@@ -64,6 +65,7 @@ class TorchPlan:
     q_pos: torch.Tensor  # [S, E] int64, absolute position of each query row (padding rows: 0)
     page_table: torch.Tensor  # [S, max_pages] int32
     expanded_mask: torch.Tensor  # [S, E, E] bool, causal within the new tokens, real keys only
+    tokens: torch.Tensor | None = None  # [T'] int64, the batch's tokens when the plan covers part of it; None: all
 
 
 class TorchAttentionBackend:
@@ -75,13 +77,38 @@ class TorchAttentionBackend:
 
     def __init__(self, score_budget: int = ABSORBED_SCORE_BUDGET) -> None:
         self._plan: TorchPlan | None = None
+        self._absorbed_plans: list[TorchPlan] = []  # the absorbed form's layouts: the whole batch, or two groups
         self.score_budget = score_budget
 
     def plan(self, batch: ForwardBatch) -> None:
+        ext = batch.extend_lens_cpu
+        self._plan = self._plan_rows(batch, None)
+        self._absorbed_plans = [self._plan]
+        decode = [i for i, n in enumerate(ext) if n == 1]
+        if decode and len(decode) < len(ext):
+            # NOTE: one padded [S, E] layout gives every decode row the chunk's E query rows over the longest
+            # sequence's keys: beside a prefill chunk (a mixed step) that multiplies the decodes' cost by E. The
+            # absorbed form runs the decode rows and the other rows as two layouts instead.
+            others = [i for i, n in enumerate(ext) if n != 1]
+            self._absorbed_plans = [self._plan_rows(batch, decode), self._plan_rows(batch, others)]
+
+    def _plan_rows(self, batch: ForwardBatch, seqs: list[int] | None) -> TorchPlan:
+        """The padded layout of the batch's sequences `seqs` (None: all of them)."""
         device = batch.input_ids.device
-        num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
-        max_ext, max_len = max(batch.max_extend_len, 1), max(batch.max_seq_len, 1)
-        qo = batch.qo_indptr.to(torch.int64)
+        if seqs is None:
+            qo = batch.qo_indptr.to(torch.int64)
+            positions, table, tokens = batch.positions, batch.page_table, None
+            ext_host, seq_lens = batch.extend_lens_cpu, batch.seq_lens_cpu
+        else:
+            ext_host = [batch.extend_lens_cpu[i] for i in seqs]
+            seq_lens = [batch.seq_lens_cpu[i] for i in seqs]
+            starts = np.cumsum([0, *batch.extend_lens_cpu])
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in seqs])  # the group's batch tokens
+            tokens = torch.from_numpy(rows).to(device)
+            qo = torch.from_numpy(np.cumsum([0, *ext_host])).to(device)
+            positions, table = batch.positions[tokens], batch.page_table[torch.tensor(seqs, device=device)]
+        num_seqs, num_tokens = len(ext_host), sum(ext_host)
+        max_ext, max_len = max(max(ext_host, default=0), 1), max(max(seq_lens, default=0), 1)
         ext = qo[1:] - qo[:-1]  # [S]
         seq = torch.arange(num_seqs, device=device)
         tok_seq = torch.repeat_interleave(seq, ext, output_size=num_tokens)  # [T]
@@ -91,12 +118,12 @@ class TorchAttentionBackend:
         token_rows = tok_seq * max_ext + tok_off
         # Padded query rows get position 0 so every softmax row has at least one key (no NaN); they are dropped.
         q_pos = torch.zeros(num_seqs * max_ext, dtype=torch.int64, device=device)
-        q_pos[token_rows] = batch.positions
+        q_pos[token_rows] = positions
         e = torch.arange(max_ext, device=device)
         causal = e.view(1, -1) <= e.view(-1, 1)  # [E, E] key index <= query index
         expanded_mask = causal.unsqueeze(0) & (e.view(1, 1, -1) < ext.view(-1, 1, 1))
-        self._plan = TorchPlan(num_seqs, max_ext, max_len, batch.page_size, token_rows, q_pos.view(num_seqs, max_ext),
-                               batch.page_table, expanded_mask)
+        return TorchPlan(num_seqs, max_ext, max_len, batch.page_size, token_rows, q_pos.view(num_seqs, max_ext), table,
+                         expanded_mask, tokens)
 
     def _current(self) -> TorchPlan:
         if self._plan is None:
@@ -122,8 +149,19 @@ class TorchAttentionBackend:
     def run_absorbed(
         self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
     ) -> torch.Tensor:
+        self._current()
+        if len(self._absorbed_plans) == 1:
+            return self._absorbed(q_latent, q_pe, kv_cache_layer, scale, self._absorbed_plans[0])
+        out = torch.empty_like(q_latent)
+        for p in self._absorbed_plans:
+            assert p.tokens is not None
+            out[p.tokens] = self._absorbed(q_latent[p.tokens], q_pe[p.tokens], kv_cache_layer, scale, p)
+        return out
+
+    def _absorbed(
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float, p: TorchPlan
+    ) -> torch.Tensor:
         # NOTE: the reference computes in float32 whatever the model dtype, as the fused kernels do.
-        p = self._current()
         rank = q_latent.shape[-1]
         q_c, q_r = self._pad(q_latent.float(), p), self._pad(q_pe.float(), p)  # [S, E, H, C], [S, E, H, R]
         flat = kv_cache_layer.view(-1, kv_cache_layer.shape[-1])

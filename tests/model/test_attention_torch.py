@@ -36,6 +36,22 @@ def test_blocked_absorbed_matches_reference(budget: int) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix_lens, extend_lens", [
+    ([40, 0, 7, 90, 3], [1, 24, 1, 1, 9]),  # decode rows beside prefill chunks: two layouts
+    ([5, 9, 30], [1, 1, 1]),  # decode rows only
+    ([0, 12], [7, 5]),  # chunks only
+], ids=["mixed", "decode", "chunks"])  # fmt: skip
+def test_mixed_steps_run_decode_rows_apart_and_match(prefix_lens: list[int], extend_lens: list[int]) -> None:
+    batch, cache, q_latent, q_pe = _case(prefix_lens, extend_lens, seed=1)
+    attn = TorchAttentionBackend(score_budget=256)
+    attn.plan(batch)
+    mixed = 1 in extend_lens and max(extend_lens) > 1
+    assert len(attn._absorbed_plans) == (2 if mixed else 1)
+    out = attn.run_absorbed(q_latent, q_pe, cache, 0.3)
+    ref = mla_extend_ref(q_latent, q_pe, cache, batch.page_table, batch.qo_indptr, batch.seq_lens, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_key_blocks_bound_the_scores_not_the_prefix() -> None:
     attn = TorchAttentionBackend(score_budget=1 << 20)
     # 128 heads x 512 new tokens: 16 keys a block whatever the prefix; one row: the whole budget.
