@@ -160,12 +160,11 @@ def list_answer(n: int, picks: list[tuple[str, str]]) -> str:
     return f"Here are {n} countries and their capitals:\n{rows}"
 
 
-def capital_list_doc(rng: random.Random, ordered: bool = False) -> Doc:
-    """ordered: the countries in alphabetical order (greedy decoding then never repeats one)."""
+def capital_list_doc(rng: random.Random, first: bool = False) -> Doc:
+    """first: the first n countries in alphabetical order, one answer per n (greedy decoding of a random-sample
+    list otherwise drifts into repeating one country)."""
     n = rng.randint(2, 8)
-    picks = rng.sample(countries(), n)
-    if ordered:
-        picks.sort()
+    picks = list(countries()[:n]) if first else rng.sample(countries(), n)
     q = rng.choice(LIST_QUESTIONS).format(n=n)
     return Doc("capitals", chat(rng.choice(SYSTEM_PROMPTS), q, list_answer(n, picks), r1=_r1(rng)))
 
@@ -488,10 +487,10 @@ MIXTURE: tuple[tuple[str, float], ...] = (
 )
 
 
-# Stage 2 (fine-tuning the stage-1 model): copying names it cannot have memorised, lists in order, and the rest
-# of the mixture so that nothing is forgotten.
+# Stage 2 (fine-tuning the stage-1 model): copying names it cannot have memorised, one list per length, and the
+# rest of the mixture so that nothing is forgotten.
 FINETUNE_MIXTURE: tuple[tuple[str, float], ...] = (
-    ("tools_novel", 0.24), ("tools", 0.10), ("capital_list_ordered", 0.12), ("capital_check_novel", 0.08),
+    ("tools_novel", 0.24), ("tools", 0.10), ("capital_list_first", 0.12), ("capital_check_novel", 0.08),
     ("capital", 0.08), ("capital_check", 0.04), ("add", 0.08), ("sub", 0.08), ("mul", 0.06), ("chat", 0.02),
     ("text", 0.10),
 )
@@ -507,7 +506,7 @@ def documents(seed: int, count: int, mixture: str = "pretrain") -> Iterator[Doc]
     makers: dict[str, Callable[[], Doc]] = {
         "capital": lambda: capital_doc(rng),
         "capital_list": lambda: capital_list_doc(rng),
-        "capital_list_ordered": lambda: capital_list_doc(rng, ordered=True),
+        "capital_list_first": lambda: capital_list_doc(rng, first=True),
         "capital_check": lambda: capital_check_doc(rng),
         "capital_check_novel": lambda: capital_check_doc(rng, novel=True),
         "add": lambda: arithmetic_doc(rng, "+"),

@@ -35,8 +35,9 @@ def test_small_sample_every_family(server: ServerProcess, tmp_path: Path) -> Non
     res = json.loads(out.read_text())
     families = ("capitals", "capital_lists", "add", "sub", "mul", "tools", "tools_none", "reasoning")
     assert all(res[f]["n"] == 2 for f in families)
-    correct = sum(res[f]["accuracy"] * 2 for f in families)
-    assert correct >= 13, json.dumps(res, indent=1)  # of 16: the full bench's numbers are in docs/PERF.md
-    assert res["tools"]["right_arguments"] == 1.0 and res["reasoning"]["reasoning_split"] == 1.0
-    assert res["add"]["reasoning_split"] == 1.0  # the arithmetic reasoning came back in reasoning_content
-    assert 0.5 <= res["mtp"]["mtp_agreement_greedy"] <= 1.0
+    # What the shipped model does reliably (the full bench's numbers and its shortfalls are in docs/PERF.md).
+    assert all(res[f]["accuracy"] == 1.0 for f in ("capitals", "add", "sub", "mul", "tools_none", "reasoning")), res
+    tools = res["tools"]
+    assert tools["finish_tool_calls"] == tools["parses"] == tools["right_name"] == 1.0, tools
+    assert res["reasoning"]["reasoning_split"] == res["add"]["reasoning_split"] == 1.0  # in reasoning_content
+    assert res["mtp"]["mtp_agreement_chat_answers"] >= 0.8, res["mtp"]
