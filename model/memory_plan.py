@@ -117,19 +117,29 @@ def measure_step_peak(model: Any, attn: Any, model_config: ModelConfig, batch: F
 
     Call on every rank of a multi-rank model (its collectives run). The cache is a two-page stand-in.
     """
-    kv = KVCache.for_model(model_config, 2, batch.page_size, cache_dtype, device)
+
+    def step() -> None:  # its tensors (the stand-in cache included) are gone when it returns
+        kv = KVCache.for_model(model_config, 2, batch.page_size, cache_dtype, device)
+        with torch.inference_mode():
+            attn.plan(batch)
+            hidden = model(batch, kv, attn)
+            logits = model.compute_logits(hidden[batch.logits_indices])
+            # The sampler's worst case (top-p/top-k over every row): float32 probabilities, sorted.
+            torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1, descending=True)
+
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
-        attn.plan(batch)
-        hidden = model(batch, kv, attn)
-        logits = model.compute_logits(hidden[batch.logits_indices])
-        # The sampler's worst case (top-p/top-k over every row): float32 probabilities, sorted.
-        probs = torch.softmax(logits.float(), dim=-1)
-        torch.sort(probs, dim=-1, descending=True)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del kv, hidden, logits, probs
-    torch.cuda.empty_cache()
+    try:
+        step()
+    except torch.OutOfMemoryError as e:
+        raise ValueError(
+            f"the largest step the scheduler may plan ({batch.num_tokens} tokens in {batch.num_seqs} rows, up to "
+            f"{batch.max_seq_len} positions) does not fit in GPU memory even before the KV pool exists: lower "
+            f"--chunked-prefill-size or --max-running-requests, or use more GPUs ({str(e).splitlines()[0]})"
+        ) from None
+    finally:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        torch.cuda.empty_cache()
     return int(peak)

@@ -48,3 +48,33 @@ def test_dummy_batch_reads_and_writes_one_page() -> None:
     assert batch.extend_lens_cpu == [5, 1, 1] and batch.seq_lens_cpu == [75, 71, 71]
     assert set(batch.page_table.flatten().tolist()) == {1} or set(batch.page_table.flatten().tolist()) == {0, 1}
     assert int(batch.out_loc.max()) < 2 * 16 and batch.dp_num_tokens == [7, 7]
+
+
+def test_a_step_that_cannot_fit_at_start_up_names_the_flags() -> None:
+    # The measurement runs the real model (here on CPU, with the CUDA memory counters stubbed); an OOM in it is a
+    # start-up error that says what to lower, not a traceback.
+    from unittest import mock
+
+    import torch
+
+    from baleen.model.attention import TorchAttentionBackend
+    from baleen.model.config import ModelConfig
+    from baleen.model.loader import load_model
+    from baleen.model.make_model import tiny_model_path
+    from baleen.model.memory_plan import measure_step_peak
+
+    path = str(tiny_model_path())
+    cfg = ModelConfig.from_hf(path)
+    model = load_model(path, cfg, device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    batch = dummy_batch(StepShape(chunk=40, prefix=100, decode_rows=3), page_size=16, device="cpu")
+    counters = dict(synchronize=lambda *a: None, memory_allocated=lambda *a: 1000, reset_peak_memory_stats=lambda *a: None,
+                    max_memory_allocated=lambda *a: 5000, empty_cache=lambda: None)
+    with mock.patch.multiple(torch.cuda, **counters):
+        assert measure_step_peak(model, TorchAttentionBackend(), cfg, batch, torch.float32, torch.device("cpu")) == 4000
+
+        def out_of_memory(*args: object, **kwargs: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+        with mock.patch.object(type(model), "forward", out_of_memory), \
+                pytest.raises(ValueError, match=r"does not fit in GPU memory.*--chunked-prefill-size.*9.00 GiB"):
+            measure_step_peak(model, TorchAttentionBackend(), cfg, batch, torch.float32, torch.device("cpu"))
