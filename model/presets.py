@@ -59,6 +59,27 @@ def _v3_common() -> dict[str, Any]:
     }
 
 
+def _small_routing_and_rope() -> dict[str, Any]:
+    # The small presets' routing (16 experts in 4 groups, pick 2 groups, 4 experts a token) and YaRN over 8k.
+    return {
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 8192,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 4,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 2048,
+            "type": "yarn",
+        },
+    }
+
+
 def _tiny() -> dict[str, Any]:
     heads = 4
     return {
@@ -76,21 +97,7 @@ def _tiny() -> dict[str, Any]:
         "qk_nope_head_dim": 32,
         "qk_rope_head_dim": 16,
         "v_head_dim": 32,
-        "n_routed_experts": 16,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "routed_scaling_factor": 2.5,
-        "max_position_embeddings": 8192,
-        "rope_scaling": {
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "factor": 4,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-            "original_max_position_embeddings": 2048,
-            "type": "yarn",
-        },
+        **_small_routing_and_rope(),
     }
 
 
@@ -111,21 +118,7 @@ def _trained() -> dict[str, Any]:
         "qk_nope_head_dim": 32,
         "qk_rope_head_dim": 32,
         "v_head_dim": 64,  # = qk_nope + qk_rope: training's attention runs as one fused SDPA
-        "n_routed_experts": 16,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "routed_scaling_factor": 2.5,
-        "max_position_embeddings": 8192,
-        "rope_scaling": {
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "factor": 4,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-            "original_max_position_embeddings": 2048,
-            "type": "yarn",
-        },
+        **_small_routing_and_rope(),
     }
 
 
