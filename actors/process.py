@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -84,7 +85,7 @@ class ChildProcess:
         errors, child_errors = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=_child_entry,
-            args=(self._main, self._specs, self._args, os.getpid(), child_errors),
+            args=(self._main, self._specs, self._args, os.getpid(), child_errors, _log_setup()),
             name=self.name,
             daemon=self._daemon,
         )
@@ -182,9 +183,20 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)  # the parent died before the request above took effect
 
 
+def _log_setup() -> tuple[int, str] | None:
+    """The parent's root logging (level, format) for a spawned child, which starts with none; None: unconfigured."""
+    root = logging.getLogger()
+    fmt = next((getattr(h.formatter, "_fmt", None) for h in root.handlers if h.formatter is not None), None)
+    return (root.level, fmt or logging.BASIC_FORMAT) if root.handlers else None
+
+
 def _child_entry(
-    main: ChildMain, specs: list[ChannelSpec], args: tuple[Any, ...], parent_pid: int, errors: Connection
+    main: ChildMain, specs: list[ChannelSpec], args: tuple[Any, ...], parent_pid: int, errors: Connection,
+    log_setup: tuple[int, str] | None = None,
 ) -> None:
+    # NOTE: a spawned child has no logging set up: without this only WARNING and above would reach stderr, bare.
+    if log_setup is not None:
+        logging.basicConfig(level=log_setup[0], format=log_setup[1])
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:

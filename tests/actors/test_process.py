@@ -85,6 +85,12 @@ async def stubborn_main(channels: list[Channel]) -> None:
     await asyncio.Event().wait()
 
 
+async def logging_main(channels: list[Channel]) -> None:
+    import logging
+
+    logging.getLogger("baleen.child").info("an INFO line from the child")
+
+
 async def exchange(inbox: Channel, outbox: Channel, num: int) -> list[Message]:
     async def feed() -> None:
         for i in range(num):
@@ -153,6 +159,31 @@ def test_child_exception_reaches_parent() -> None:
     exit_ = run(main())
     assert exit_.exitcode == 1 and not exit_.ok
     assert exit_.error is not None and "ValueError: boom in child" in exit_.error
+
+
+_LOGGING_PARENT = """
+import asyncio, logging
+from baleen.actors.actor import run
+from baleen.actors.process import ChildProcess
+import test_process
+
+logging.basicConfig(level=logging.INFO, format="PARENT-FORMAT %(levelname)s %(name)s: %(message)s")
+
+async def main():
+    child = ChildProcess(test_process.logging_main, name="logger")
+    child.start()
+    assert (await child.wait()).ok
+
+run(main())
+"""
+
+
+def test_a_child_logs_at_the_parents_level_and_format() -> None:
+    # A spawned child starts with no logging set up: INFO lines (a rank's "weights loaded", its memory plan) were lost.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _LOGGING_PARENT], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "PARENT-FORMAT INFO baleen.child: an INFO line from the child" in proc.stderr
 
 
 def test_stop_is_graceful_then_escalates_to_kill() -> None:
