@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from baleen.api.reasoning import partial_tail
+from baleen.model.tokenizer_build import EOS_TOKEN as EOS
+from baleen.model.tokenizer_build import TOOL_CALL_BEGIN as CALL_BEGIN
+from baleen.model.tokenizer_build import TOOL_CALL_END as CALL_END
+from baleen.model.tokenizer_build import TOOL_CALLS_BEGIN as CALLS_BEGIN
+from baleen.model.tokenizer_build import TOOL_CALLS_END as CALLS_END
+from baleen.model.tokenizer_build import TOOL_SEP as SEP
 
-CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
-CALLS_END = "<｜tool▁calls▁end｜>"
-CALL_BEGIN = "<｜tool▁call▁begin｜>"
-CALL_END = "<｜tool▁call▁end｜>"
-SEP = "<｜tool▁sep｜>"
-EOS = "<｜end▁of▁sentence｜>"
 TOOL_CALL_PARSERS = ("deepseekv3", "deepseekv31")
 
 _TEXT_MARKERS = (CALLS_BEGIN, CALL_BEGIN, EOS)

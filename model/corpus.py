@@ -26,14 +26,20 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
-OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+from baleen.model.tokenizer_build import ASSISTANT_TOKEN as ASSISTANT
+from baleen.model.tokenizer_build import BOS_TOKEN as BOS
+from baleen.model.tokenizer_build import EOS_TOKEN as EOS
+from baleen.model.tokenizer_build import TOOL_CALL_BEGIN as CALL_BEGIN
+from baleen.model.tokenizer_build import TOOL_CALL_END as CALL_END
+from baleen.model.tokenizer_build import TOOL_CALLS_BEGIN as CALLS_BEGIN
+from baleen.model.tokenizer_build import TOOL_CALLS_END as CALLS_END
+from baleen.model.tokenizer_build import TOOL_OUTPUT_BEGIN as OUTPUT_BEGIN
+from baleen.model.tokenizer_build import TOOL_OUTPUT_END as OUTPUT_END
+from baleen.model.tokenizer_build import TOOL_OUTPUTS_BEGIN as OUTPUTS_BEGIN
+from baleen.model.tokenizer_build import TOOL_OUTPUTS_END as OUTPUTS_END
+from baleen.model.tokenizer_build import TOOL_SEP as SEP
+from baleen.model.tokenizer_build import USER_TOKEN as USER
+
 SYSTEM_PROMPTS = ("", "", "", "You are a helpful AI assistant", "You are a helpful assistant.")
 # The text the V3 template puts before the functions (api/templates/deepseek_v3.jinja).
 TOOLS_PREAMBLE = (

@@ -45,12 +45,18 @@ import torch
 from tokenizers import Tokenizer
 
 from baleen.actors.messages import GrammarSpec
+from baleen.model.tokenizer_build import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_SEP,
+)
 
 log = logging.getLogger("baleen.grammar")
 
 # DeepSeek's tool-call markers (api/tool_parser.py reads them): the tokens "tool_calls" grammars may generate.
-TOOL_CALL_TOKENS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-                    "<｜tool▁sep｜>")  # fmt: skip
+TOOL_CALL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)
 JSON_MAX_WHITESPACE = 1  # characters of whitespace a JSON grammar allows in a row
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[20:57:31] /project/cpp/x.cc:94: " before xgrammar's message
 

@@ -17,6 +17,12 @@ import baleen.api
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 PAD_TOKEN = "<｜▁pad▁｜>"
+USER_TOKEN, ASSISTANT_TOKEN = "<｜User｜>", "<｜Assistant｜>"
+# DeepSeek-V3's tool-call markers: the chat template writes them, api/tool_parser.py reads them, grammars emit them.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
 
 # (content, special): id = position. `<think>` and `</think>` are ordinary added tokens, as in DeepSeek-R1,
 # so they survive skip_special_tokens when the reasoning text is decoded.
@@ -24,19 +30,19 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     (BOS_TOKEN, True),
     (EOS_TOKEN, True),
     (PAD_TOKEN, True),
-    ("<｜User｜>", True),
-    ("<｜Assistant｜>", True),
+    (USER_TOKEN, True),
+    (ASSISTANT_TOKEN, True),
     ("<think>", False),
     ("</think>", False),
-    ("<｜tool▁calls▁begin｜>", True),
-    ("<｜tool▁calls▁end｜>", True),
-    ("<｜tool▁call▁begin｜>", True),
-    ("<｜tool▁call▁end｜>", True),
-    ("<｜tool▁outputs▁begin｜>", True),
-    ("<｜tool▁outputs▁end｜>", True),
-    ("<｜tool▁output▁begin｜>", True),
-    ("<｜tool▁output▁end｜>", True),
-    ("<｜tool▁sep｜>", True),
+    (TOOL_CALLS_BEGIN, True),
+    (TOOL_CALLS_END, True),
+    (TOOL_CALL_BEGIN, True),
+    (TOOL_CALL_END, True),
+    (TOOL_OUTPUTS_BEGIN, True),
+    (TOOL_OUTPUTS_END, True),
+    (TOOL_OUTPUT_BEGIN, True),
+    (TOOL_OUTPUT_END, True),
+    (TOOL_SEP, True),
 )
 
 DEFAULT_VOCAB_SIZE = 1000
