@@ -23,12 +23,12 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if TYPE_CHECKING:
     from baleen.actors.engine import Engine, EngineConfig
-    from baleen.actors.messages import GrammarSpec, RequestOutput, SamplingParams
+    from baleen.messages import GrammarSpec, RequestOutput, SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "GrammarSpec", "RequestOutput", "SamplingParams"]
 _HOMES = {"Engine": "baleen.actors.engine", "EngineConfig": "baleen.actors.engine",
-          "GrammarSpec": "baleen.actors.messages", "RequestOutput": "baleen.actors.messages",
-          "SamplingParams": "baleen.actors.messages"}
+          "GrammarSpec": "baleen.messages", "RequestOutput": "baleen.messages",
+          "SamplingParams": "baleen.messages"}
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 
 from baleen.actors.channel import Channel, ChannelClosed
-from baleen.actors.messages import Message, Shutdown
+from baleen.messages import Message, Shutdown
 
 PlanT = TypeVar("PlanT")
 StepT = TypeVar("StepT")

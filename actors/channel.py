@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from baleen.actors.messages import Message, decode, encode
 from baleen.actors.ring import ChannelClosed, ChannelFull, Ring, RingSpec
+from baleen.messages import Message, decode, encode
 
 __all__ = ["Channel", "ChannelClosed", "ChannelFull", "ChannelSpec", "LocalChannel", "ShmChannel", "open_channel"]
 

@@ -11,7 +11,7 @@ from tokenizers.decoders import DecodeStream
 
 from baleen.actors.actor import Actor
 from baleen.actors.channel import Channel
-from baleen.actors.messages import (
+from baleen.messages import (
     AbortRequest,
     Message,
     MetricsReport,

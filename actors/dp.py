@@ -28,7 +28,8 @@ from typing import cast
 import msgspec
 
 from baleen.actors.channel import Channel, ChannelClosed
-from baleen.actors.messages import (
+from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
+from baleen.messages import (
     Message,
     NewRequest,
     Shutdown,
@@ -39,7 +40,6 @@ from baleen.actors.messages import (
     decode,
     encode,
 )
-from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
 
 _LEN = 4  # bytes of the little-endian frame length
 

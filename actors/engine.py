@@ -40,14 +40,6 @@ from tokenizers import Tokenizer
 from baleen.actors.actor import Actor, supervise
 from baleen.actors.channel import Channel, ChannelClosed, LocalChannel, ShmChannel
 from baleen.actors.detokenizer import DetokenizerActor, RequestDecoder, RequestState
-from baleen.actors.messages import (
-    AbortRequest,
-    GenerateRequest,
-    RequestOutput,
-    SamplingParams,
-    Shutdown,
-    WorkerReady,
-)
 from baleen.actors.process import ChildExit, ChildProcess
 from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
 from baleen.actors.tokenizer import TokenizerActor
@@ -62,6 +54,14 @@ from baleen.actors.worker import (
     rank_channels,
     rank_main,
     ready_message,
+)
+from baleen.messages import (
+    AbortRequest,
+    GenerateRequest,
+    RequestOutput,
+    SamplingParams,
+    Shutdown,
+    WorkerReady,
 )
 from baleen.model.config import ModelConfig
 from baleen.model.kernel_choice import triton_decode_unsupported

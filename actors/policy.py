@@ -27,7 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from baleen.actors.messages import (
+from baleen.actors.page_allocator import PageAllocator
+from baleen.actors.radix_cache import RadixNode, make_prefix_cache
+from baleen.messages import (
     NewRequest,
     PageUpdate,
     SamplingParams,
@@ -37,8 +39,6 @@ from baleen.actors.messages import (
     StepResult,
     TokenDelta,
 )
-from baleen.actors.page_allocator import PageAllocator
-from baleen.actors.radix_cache import RadixNode, make_prefix_cache
 
 MAX_INFLIGHT_PLANS = 2  # overlap scheduling plans step N+1 while step N runs; never further ahead
 

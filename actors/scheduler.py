@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from baleen.actors.actor import Actor
 from baleen.actors.channel import Channel
 from baleen.actors.dp import DPRouter
-from baleen.actors.messages import (
+from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, SchedulerConfig, SchedulerError
+from baleen.messages import (
     AbortRequest,
     CompileGrammars,
     GrammarCompiled,
@@ -34,7 +35,6 @@ from baleen.actors.messages import (
     WorkerError,
     WorkerReady,
 )
-from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, SchedulerConfig, SchedulerError
 
 METRICS_INTERVAL_S = 0.25
 

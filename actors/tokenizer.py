@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from baleen.actors.actor import Actor
 from baleen.actors.channel import Channel
-from baleen.actors.messages import AbortRequest, GenerateRequest, Message, NewRequest
+from baleen.messages import AbortRequest, GenerateRequest, Message, NewRequest
 
 
 class TokenizerActor(Actor[list[Message], None]):

@@ -25,7 +25,8 @@ import torch
 from baleen.actors.actor import Actor, supervise
 from baleen.actors.channel import Channel, LocalChannel
 from baleen.actors.dp import ControlServer, SocketChannel, connect, watch_peers
-from baleen.actors.messages import (
+from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
+from baleen.messages import (
     CompileGrammars,
     GrammarCompiled,
     GrammarSpec,
@@ -35,7 +36,6 @@ from baleen.actors.messages import (
     WorkerError,
     WorkerReady,
 )
-from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.memory_plan import MemoryPlan

@@ -17,8 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from baleen.actors.messages import SamplingParams
 from baleen.api.errors import ApiError
+from baleen.messages import SamplingParams
 
 # ---- request types ----------------------------------------------------------------------------------
 

@@ -29,13 +29,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
-from baleen.actors.messages import RequestOutput, SamplingParams
 from baleen.api.chat_template import ChatTemplate
 from baleen.api.errors import ApiError
 from baleen.api.metrics import CONTENT_TYPE, FrontendMetrics
 from baleen.api.protocol import model_list
 from baleen.api.reasoning import REASONING_PARSERS
 from baleen.api.tool_parser import TOOL_CALL_PARSERS
+from baleen.messages import RequestOutput, SamplingParams
 from baleen.model.logit_processors import LogitProcessorRegistry
 
 log = logging.getLogger("baleen.server")

@@ -19,7 +19,6 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from baleen.actors.messages import RequestOutput, SamplingParams
 from baleen.api import protocol as p
 from baleen.api.reasoning import ReasoningParser, make_reasoning_parser, prompt_opens_reasoning
 from baleen.api.server import (
@@ -40,6 +39,7 @@ from baleen.api.server import (
 )
 from baleen.api.structured import chat_grammar
 from baleen.api.tool_parser import ToolCall, ToolCallDelta, ToolCallParser, make_tool_parser
+from baleen.messages import RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from baleen.actors.messages import RequestOutput, SamplingParams
 from baleen.api import protocol as p
 from baleen.api.errors import ApiError
 from baleen.api.server import (
@@ -37,6 +36,7 @@ from baleen.api.server import (
     unless_disconnected,
 )
 from baleen.api.structured import completion_grammar
+from baleen.messages import RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from baleen.actors.messages import GrammarSpec
 from baleen.api.errors import ApiError
 from baleen.api.protocol import (
     ChatCompletionRequest,
@@ -31,6 +30,7 @@ from baleen.api.protocol import (
 )
 from baleen.api.reasoning import THINK_END
 from baleen.api.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from baleen.messages import GrammarSpec
 from baleen.model.grammar import JSON_MAX_WHITESPACE, TOOL_CALL_TOKENS
 
 Format = dict[str, Any]  # one xgrammar structural-tag format, as JSON

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from baleen.actors.messages import RequestOutput, SamplingParams
+from baleen.messages import RequestOutput, SamplingParams
 
 
 class FastEngine:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
 from baleen.model.make_model import tiny_model_path

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.config import ModelConfig
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.make_model import tiny_model_path
 from baleen.model.presets import preset
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from baleen.actors.actor import run
 from baleen.actors.channel import Channel, ShmChannel
-from baleen.actors.messages import (
+from baleen.actors.process import ChildProcess
+from baleen.messages import (
     AbortRequest,
     Message,
     NewRequest,
@@ -36,7 +37,6 @@ from baleen.actors.messages import (
     TokenDeltas,
     encode,
 )
-from baleen.actors.process import ChildProcess
 
 NUM_REQUESTS = 256
 

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig, default_attention_backend
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
 

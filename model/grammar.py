@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from baleen.actors.messages import GrammarSpec
+from baleen.messages import GrammarSpec
 from baleen.model.tokenizer_build import (
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,

@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 import torch
 
-from baleen.actors.messages import PageUpdate, SlotInit, StepPlan, StepResult
+from baleen.messages import PageUpdate, SlotInit, StepPlan, StepResult
 from baleen.model.batch import ForwardBatch
 from baleen.model.grammar import GrammarSlots, SlotGrammar
 from baleen.model.sampler import BatchFlags, TokenMask

@@ -31,8 +31,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from baleen.actors.messages import SamplingParams
 from baleen.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
+from baleen.messages import SamplingParams
 from baleen.model.logit_processors import LogitProcessor, apply_logit_processors
 
 _MASK32 = 0xFFFFFFFF

@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from baleen.actors.messages import (
+from baleen.actors.policy import Scheduler
+from baleen.messages import (
     NewRequest,
     SamplingParams,
     StepPlan,
@@ -22,7 +23,6 @@ from baleen.actors.messages import (
     decode,
     encode,
 )
-from baleen.actors.policy import Scheduler
 
 VOCAB = 997
 UNWRITTEN = -1

@@ -9,7 +9,7 @@ import pytest
 
 from baleen.actors.actor import Actor, new_event_loop, run, supervise
 from baleen.actors.channel import Channel, LocalChannel
-from baleen.actors.messages import AbortRequest, Message, Shutdown
+from baleen.messages import AbortRequest, Message, Shutdown
 
 
 class StepActor(Actor[str, int]):

@@ -11,7 +11,7 @@ import pytest
 
 from baleen.actors.actor import Actor, run
 from baleen.actors.channel import Channel, ChannelClosed, ChannelFull, LocalChannel, ShmChannel
-from baleen.actors.messages import (
+from baleen.messages import (
     AbortRequest,
     GenerateRequest,
     Message,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from baleen.actors.engine import Engine, EngineConfig, EngineDead
-from baleen.actors.messages import RequestOutput, SamplingParams, StepPlan
+from baleen.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner, PendingStep
 
@@ -240,7 +240,7 @@ def test_close_and_ctrl_c_leave_no_processes_or_segments(model_path: str, tmp_pa
             f"""
             import asyncio, os
             from baleen.actors.engine import Engine, EngineConfig
-            from baleen.actors.messages import SamplingParams
+            from baleen.messages import SamplingParams
 
             async def main():
                 engine = await Engine.start(EngineConfig(model_path={model_path!r}, multiprocess=True))

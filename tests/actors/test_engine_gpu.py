@@ -8,7 +8,7 @@ import random
 import pytest
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.make_model import tiny_model_path
 
 pytestmark = pytest.mark.gpu

@@ -22,8 +22,8 @@ from fake_worker import (
     reference_tokens,
 )
 
-from baleen.actors.messages import StepPlan, StepResult
 from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.messages import StepPlan, StepResult
 
 JUNK = -7  # what a failed step leaves in the slots it was writing
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.actors.worker import WorkerActor
+from baleen.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.model.make_model import default_model_path
 
 CHUNK = 48

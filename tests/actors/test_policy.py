@@ -20,8 +20,8 @@ from fake_worker import (
     reference_tokens,
 )
 
-from baleen.actors.messages import NewRequest, SamplingParams, StepPlan
 from baleen.actors.policy import Scheduler, SchedulerConfig, SchedulerError
+from baleen.messages import NewRequest, SamplingParams, StepPlan
 
 BOTH = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 

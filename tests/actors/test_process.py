@@ -13,8 +13,8 @@ import pytest
 
 from baleen.actors.actor import Actor, run
 from baleen.actors.channel import Channel, LocalChannel, ShmChannel
-from baleen.actors.messages import Message, NewRequest, SamplingParams, StepResult, WorkerError
 from baleen.actors.process import ChildExit, ChildProcess
+from baleen.messages import Message, NewRequest, SamplingParams, StepResult, WorkerError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -16,7 +16,9 @@ import pytest
 
 from baleen.actors import scheduler
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import (
+from baleen.actors.policy import SchedulerConfig
+from baleen.actors.worker import WorkerActor, WorkerConfig, build_runner
+from baleen.messages import (
     GrammarSpec,
     PageUpdate,
     RequestOutput,
@@ -25,8 +27,6 @@ from baleen.actors.messages import (
     SlotInit,
     StepPlan,
 )
-from baleen.actors.policy import SchedulerConfig
-from baleen.actors.worker import WorkerActor, WorkerConfig, build_runner
 from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner
 

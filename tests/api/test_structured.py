@@ -12,13 +12,13 @@ import jsonschema
 import pytest
 from tokenizers import Tokenizer
 
-from baleen.actors.messages import GrammarSpec
 from baleen.api.errors import ApiError
 from baleen.api.protocol import decode_chat_request, decode_completion_request
 from baleen.api.reasoning import make_reasoning_parser
 from baleen.api.structured import chat_grammar, completion_grammar
 from baleen.api.tool_parser import CALLS_BEGIN, make_tool_parser
 from baleen.kernels.token_bitmask import unpack_bitmask
+from baleen.messages import GrammarSpec
 from baleen.model.grammar import GrammarCache, GrammarSlots
 from baleen.model.make_model import tiny_model_path
 

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
-from baleen.actors.messages import RequestOutput, SamplingParams
 from baleen.api.chat_template import ChatTemplate
 from baleen.api.server import ServerConfig, ServerState, create_app
 from baleen.launch_server import UvicornServer, uvicorn_config
+from baleen.messages import RequestOutput, SamplingParams
 
 TESTS_API = Path(__file__).resolve().parents[1] / "api"
 SCRIPTED = "scripted=scripted_processor:ScriptedProcessor"

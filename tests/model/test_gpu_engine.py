@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from baleen.actors.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.actors.worker import WorkerConfig, build_runner
+from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.attention import TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig

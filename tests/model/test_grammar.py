@@ -15,8 +15,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from baleen.actors.messages import GrammarSpec, SamplingParams
 from baleen.kernels.token_bitmask import unpack_bitmask
+from baleen.messages import GrammarSpec, SamplingParams
 from baleen.model.grammar import TOOL_CALL_TOKENS, GrammarCache, GrammarError, GrammarSlots, tokenizer_info
 from baleen.model.make_model import tiny_model_path
 from baleen.model.sampler import Sampler, SamplingState, TokenMask

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.logit_processors import (
     DeepSeekR1ThinkingBudget,
     LogitProcessor,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.sampler import Sampler, SamplingState, gumbel_noise, vocab_keys
 
 CPU = torch.device("cpu")

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from baleen.actors.dp import DPRouter
-from baleen.actors.messages import NewRequest, SamplingParams, StepPlan, StepResult
 from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.messages import NewRequest, SamplingParams, StepPlan, StepResult
 
 
 def router(num_dp: int, **kw: Any) -> DPRouter:

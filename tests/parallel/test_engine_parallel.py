@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from baleen.actors.engine import Engine, EngineConfig, EngineDead, run_node
-from baleen.actors.messages import RequestOutput, SamplingParams
+from baleen.messages import RequestOutput, SamplingParams
 from baleen.model.make_model import tiny_model_path
 
 GREEDY: dict[str, Any] = dict(temperature=0.0, ignore_eos=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import SamplingParams
+from baleen.messages import SamplingParams
 from baleen.model.make_model import tiny_model_path
 
 pytestmark = [

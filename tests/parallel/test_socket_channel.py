@@ -10,7 +10,7 @@ import pytest
 
 from baleen.actors.channel import ChannelClosed
 from baleen.actors.dp import ControlServer, SocketChannel, connect, watch_peers
-from baleen.actors.messages import SeqRow, Shutdown, StepPlan, StepResult, WorkerReady
+from baleen.messages import SeqRow, Shutdown, StepPlan, StepResult, WorkerReady
 
 
 def ready(rank: int) -> WorkerReady:

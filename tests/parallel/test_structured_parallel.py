@@ -10,7 +10,7 @@ import re
 import jsonschema
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.messages import GrammarSpec, SamplingParams
+from baleen.messages import GrammarSpec, SamplingParams
 from baleen.model.make_model import tiny_model_path
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
