@@ -18,11 +18,11 @@ from functools import partial
 
 import torch
 
+from baleen.kernels.act_quant import per_token_group_quant_fp8
 from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, bench_ms, header, roofline_ms
 from baleen.kernels.flashinfer_mla import FlashInferMLA
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
-    per_token_group_quant_fp8,
     pick_gemm_tiles,
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_kernel,

@@ -25,17 +25,18 @@ from functools import partial
 
 import torch
 
+from baleen.kernels.act_quant import dequant_token_groups, per_token_group_quant_fp8
 from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
 from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header, roofline_ms
-from baleen.kernels.fp8_gemm import (
-    GemmTiles,
+from baleen.kernels.fp8_cublas import (
     cublas_block_fp8_shape_ok,
     cublas_block_fp8_supported,
-    dequant_token_groups,
-    per_token_group_quant_fp8,
+    w8a8_block_fp8_matmul_cublas,
+)
+from baleen.kernels.fp8_gemm import (
+    GemmTiles,
     pick_gemm_tiles,
     w8a8_block_fp8_matmul,
-    w8a8_block_fp8_matmul_cublas,
     w8a8_block_fp8_matmul_kernel,
 )
 from baleen.kernels.fp8_gemv import (

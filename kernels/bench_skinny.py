@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
+from baleen.kernels.act_quant import per_token_group_quant_fp8
 from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
 from baleen.kernels.bench_gemm import quant_then_gemm
 from baleen.kernels.bench_util import (
@@ -44,7 +45,6 @@ from baleen.kernels.device import sm_count
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
     TiledFp8Weight,
-    per_token_group_quant_fp8,
     pick_gemm_tiles,
     tile_fp8_weight,
     w8a8_block_fp8_matmul,

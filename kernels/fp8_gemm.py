@@ -1,10 +1,10 @@
-"""Block-FP8 W8A8 linear layers: per-token-group activation quantization and the block-scaled GEMM.
+"""Block-FP8 W8A8 GEMMs in Triton: out [M, N] = dequant(x_fp8) @ dequant(w_fp8)^T.
 
-Activations are quantized on the fly to e4m3 with one scale per (row, 128 columns); weights come from the
-checkpoint as e4m3 with one `weight_scale_inv` per 128x128 block (see `kernels/quant.py`). The GEMM keeps
-fp32 accumulators and multiplies each K-block's partial product by `a_scale[row] * w_scale[col block]`.
-On Hopper, cuBLASLt (CUDA >= 12.9) runs the same recipe natively through `torch._scaled_mm`
-(`w8a8_block_fp8_matmul_cublas`); `fp8_block_linear` switches to it from a caller-chosen M.
+The activations come quantized per token per 128 columns (`kernels/act_quant.py`); the weights come from the
+checkpoint as e4m3 with one `weight_scale_inv` per 128x128 block (see `kernels/quant.py`). The kernels keep
+fp32 accumulators and multiply each K-block's partial product by `a_scale[row] * w_scale[col block]`. Few-token
+launches split K (`kernels/split_k.py`); a tiled copy of the weight (`TiledFp8Weight`) feeds the TMA 8 KB
+contiguous boxes. The cuBLAS path is `kernels/fp8_cublas.py`; the model calls `kernels/fp8_linear.py`.
 """
 
 from __future__ import annotations
@@ -16,122 +16,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from baleen.kernels.act_quant import dequant_token_groups
 from baleen.kernels.device import sm_count
-from baleen.kernels.quant import FP8_DTYPE, FP8_MAX, block_dequant
-
-# Smallest amax a group may have, so an all-zero group gets a finite scale.
-AMAX_EPS = 1e-10
-# Elements per program of the split-K reduction.
-_REDUCE_BLOCK = 1024
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Per-token-group quantization
-# ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def round_to_e4m3_mantissa(x):
-    """Round fp32 values to 3 mantissa bits (nearest, ties to even) so the fp8 cast below is exact."""
-    # NOTE: the Triton interpreter's fp32->fp8 cast drops the carry when rounding overflows the mantissa
-    # (124.3 becomes 64); casting a value already on the e4m3 grid is exact on the GPU and in the interpreter.
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def quantize_groups(x, FP8_MAX_C: tl.constexpr, EPS: tl.constexpr):
-    """x [G, GROUP] fp32 -> (values on the e4m3 grid [G, GROUP] fp32, scales [G]), scale = max(amax, EPS) / 448:
-    the one definition of the per-token-group recipe (the quantization kernel and the norm that writes FP8)."""
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX_C
-    return round_to_e4m3_mantissa(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)), scale
-
-
-@triton.jit
-def per_token_group_quant_fp8_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    M,
-    K,
-    num_groups,
-    stride_xm,
-    stride_qm,
-    stride_sm,
-    stride_sg,
-    GROUP: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr,
-    FP8_MAX_C: tl.constexpr,
-    EPS: tl.constexpr,
-):
-    # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns. Rows >= M are padding
-    # (cuBLAS wants M a multiple of 4): they read nothing and store zeros with the smallest scale.
-    row = tl.program_id(0)
-    g0 = tl.program_id(1) * GROUPS_PER_PROG
-    groups = g0 + tl.arange(0, GROUPS_PER_PROG)  # [G]
-    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [G, GROUP]
-    mask = (groups[:, None] < num_groups) & (cols < K)
-    k_read = tl.where(row < M, K, 0)  # padding rows read no columns
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < k_read, other=0.0).to(tl.float32)
-    q, scale = quantize_groups(x, FP8_MAX_C, EPS)
-    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
-
-
-def per_token_group_quant_fp8(
-    x: torch.Tensor, group: int = 128, column_major_scales: bool = False, pad_rows_to: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [M, K] to e4m3 with one float32 scale per (row, group of columns).
-
-    Returns (x_fp8 [Mp, K], scales [Mp, ceil(K/group)]) with scale = amax / 448, so x ~= x_fp8 * scale;
-    Mp is M rounded up to `pad_rows_to` (padding rows are zeros). `column_major_scales` gives the scales
-    strides (1, Mp), the layout cuBLAS's 1x128 block scaling reads. A partial last group is allowed.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"per_token_group_quant_fp8 wants a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
-    if group <= 0 or group & (group - 1):
-        raise ValueError(f"group must be a power of two, got {group}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if pad_rows_to < 1:
-        raise ValueError(f"pad_rows_to must be >= 1, got {pad_rows_to}")
-    m, k = x.shape
-    mp = triton.cdiv(m, pad_rows_to) * pad_rows_to
-    num_groups = triton.cdiv(k, group)
-    q = torch.empty((mp, k), dtype=FP8_DTYPE, device=x.device)
-    if column_major_scales:
-        s = torch.empty((num_groups, mp), dtype=torch.float32, device=x.device).t()  # [Mp, G], strides (1, Mp)
-    else:
-        s = torch.empty((mp, num_groups), dtype=torch.float32, device=x.device)
-    if mp == 0:
-        return q, s
-    groups_per_prog = min(triton.next_power_of_2(num_groups), max(1, 2048 // group))
-    grid = (mp, triton.cdiv(num_groups, groups_per_prog))
-    per_token_group_quant_fp8_kernel[grid](
-        x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        GROUP=group, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, EPS=AMAX_EPS,
-    )  # fmt: skip
-    return q, s
-
-
-def per_token_group_quant_fp8_ref(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch twin of `per_token_group_quant_fp8`."""
-    m, k = x.shape
-    num_groups = (k + group - 1) // group
-    padded = torch.zeros((m, num_groups * group), dtype=torch.float32, device=x.device)
-    padded[:, :k] = x.to(torch.float32)
-    g = padded.view(m, num_groups, group)
-    scale = g.abs().amax(dim=2).clamp(min=AMAX_EPS) / FP8_MAX  # [M, num_groups]
-    q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).view(m, -1)[:, :k].to(FP8_DTYPE)
-    return q, scale
-
-
-def dequant_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor, group: int = 128) -> torch.Tensor:
-    """Inverse of the per-token-group quantization, in float32 (used by references and tests)."""
-    k = x_fp8.shape[1]
-    return x_fp8.to(torch.float32) * scales.repeat_interleave(group, dim=1)[:, :k]
-
+from baleen.kernels.quant import FP8_DTYPE, block_dequant
+from baleen.kernels.split_k import SplitK, store_splits
 
 # ---------------------------------------------------------------------------------------------------------
 # The tiled weight layout for few-token GEMMs
@@ -181,31 +69,6 @@ def untile_fp8_weight(t: TiledFp8Weight) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Block-scaled GEMM
 # ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def store_splits(acc, out_ptr, part_ptr, counter_ptr, offs, mask, split, num_splits, stride_ps,
-                 FUSED_REDUCE: tl.constexpr):
-    """Store one split-K program's tile: straight to out when K is not split; else its fp32 partial, and with
-    FUSED_REDUCE the tile's last program to finish sums every split's partial (in split order, so the result
-    does not depend on which program that is), stores out and re-arms the tile's counter for the next launch.
-    offs [R, C] are the tile's element offsets in the row-major [M, N] plane of out and of each partial."""
-    if num_splits == 1:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + split * stride_ps + offs, acc, mask=mask)
-        if FUSED_REDUCE:
-            # Every thread's partial is stored before one thread's release increments the tile's counter;
-            # the program that takes it to num_splits acquires, so all partials are visible to it (the
-            # partials are read past L1, which is not coherent between SMs).
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                total = tl.zeros(acc.shape, dtype=tl.float32)
-                for sp in range(num_splits):
-                    total += tl.load(part_ptr + sp * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit
@@ -350,63 +213,6 @@ def w8a8_block_fp8_matmul_tma_kernel(
     store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask, split, num_splits, stride_ps, FUSED_REDUCE)
 
 
-@triton.jit
-def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl.constexpr):
-    # out [M*N] = sum over splits of c [split, M*N] (fp32, fixed order: deterministic), cast on the store.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for sp in range(num_splits):
-        acc += tl.load(c_ptr + sp * stride_cs + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
-    """out [M, N] = partials [splits, M, N] (fp32, contiguous per split) summed in split order, cast on the store."""
-    numel = out.numel()
-    splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-        partials, out, partials.shape[0], numel, partials.stride(0), BLOCK=_REDUCE_BLOCK, num_warps=4
-    )
-
-
-class SplitK:
-    """Where a split-K launch puts its partial sums and how they are reduced.
-
-    `fused` (the default where it can be): the kernel's last program per tile sums the partials
-    (`store_splits`), counting arrivals in a per-device counter array that every such launch shares, so
-    such launches must not run concurrently on two streams (the engine runs one compute stream). The array
-    is made (zeroed) on first use, outside CUDA-graph capture; a launch that would need it first during a
-    capture, or more tiles than it has, falls back to `reduce_splits` after the kernel: one more launch.
-    """
-
-    def __init__(self, splits: int, tiles: int, m: int, n: int, out: torch.Tensor, fused: bool) -> None:
-        self.splits = splits
-        self.partials = out[None] if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=out.device)
-        counters = _split_counters(out.device) if fused and splits > 1 else None
-        self.fused = counters is not None and tiles <= counters.numel()
-        self.counters = counters if self.fused else self.partials  # any pointer where no counter is read
-
-    def finish(self, out: torch.Tensor) -> None:
-        """Sum the partials into out unless the kernel did."""
-        if self.splits > 1 and not self.fused:
-            reduce_splits(self.partials, out)
-
-
-_SPLIT_COUNTERS = 1 << 16  # tiles one fused split-K launch may have (a [16, 64] tile each: N up to 4M)
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor | None:
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _counters[device] = torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
-    return counters
-
-
 @dataclass(frozen=True)
 class GemmTiles:
     """Tile shape and launch parameters of one block-FP8 GEMM launch."""
@@ -424,9 +230,10 @@ class GemmTiles:
 
 
 def pick_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemmTiles:
-    """Tile heuristic from H100 sweeps (bench.py --sweep-s): narrow tiles + split-K while the weight stream
-    dominates (M <= 64), then 64x128 tiles with 4 warps, which beat 128x128 / 8 warps at every large M
-    measured (the per-K-block scale multiply keeps the 128x128 accumulator path near 255 registers)."""
+    """Tile heuristic from H100 sweeps (loadtest/kernel_bench/bench_kernels.py --sweep-s): narrow tiles +
+    split-K while the weight stream dominates (M <= 64), then 64x128 tiles with 4 warps, which beat 128x128 /
+    8 warps at every large M measured (the per-K-block scale multiply keeps the 128x128 accumulator path near
+    255 registers)."""
     k_blocks = triton.cdiv(k, 128)
     if m <= 64:
         block_m = 16 if m <= 16 else 64
@@ -448,19 +255,21 @@ def fp8_gemm_unsupported(block: tuple[int, int]) -> str | None:
     return None
 
 
-def _check_gemm_limits(block: tuple[int, int]) -> None:
+def check_gemm_limits(block: tuple[int, int]) -> None:
+    """Raise `fp8_gemm_unsupported`'s reason as a ValueError (every W8A8 GEMM wrapper, before its launch)."""
     why = fp8_gemm_unsupported(block)
     if why is not None:
         raise ValueError(f"the FP8 GEMM kernels cannot take this shape: {why} (w8a8_block_fp8_matmul_ref can)")
 
 
-def _check_gemm_inputs(
+def check_gemm_inputs(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
     w_fp8: torch.Tensor | TiledFp8Weight,
     w_scale_inv: torch.Tensor,
     block: tuple[int, int],
 ) -> tuple[int, int, int]:
+    """(M, N, K) of a W8A8 GEMM's operands, or a ValueError naming the operand whose shape or dtype is wrong."""
     w_shape, w_dtype = ((w_fp8.n, w_fp8.k), w_fp8.data.dtype) if isinstance(w_fp8, TiledFp8Weight) else (w_fp8.shape, w_fp8.dtype)
     if x_fp8.dim() != 2 or len(w_shape) != 2:
         raise ValueError(f"expected 2-D x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w_shape)}")
@@ -495,8 +304,8 @@ def w8a8_block_fp8_matmul(
     the block. `tiles` overrides the heuristic (benchmarks sweep it); `fused_reduce=False` sums split-K
     partials in a second launch instead of in the kernel (see `SplitK`).
     """
-    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
-    _check_gemm_limits(block)
+    m, n, k = check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    check_gemm_limits(block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
     if w_fp8.stride(1) != 1:
@@ -544,8 +353,8 @@ def w8a8_block_fp8_matmul_tiled(
     """`w8a8_block_fp8_matmul` over a `TiledFp8Weight`: same operands otherwise, same result up to the
     accumulation order. x_fp8 [M, K] needs a 16-byte aligned base and K % 16 == 0 (the TMA reads it);
     `tiles` must have block_n = TILE_N and tma=True (default: `pick_tiled_tiles`)."""
-    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w, w_scale_inv, block)
-    _check_gemm_limits(block)
+    m, n, k = check_gemm_inputs(x_fp8, x_scale, w, w_scale_inv, block)
+    check_gemm_limits(block)
     if x_fp8.stride(1) != 1:
         x_fp8 = x_fp8.contiguous()
     if not _tma_ok(x_fp8):
@@ -612,132 +421,7 @@ def w8a8_block_fp8_matmul_ref(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Pure-torch twin of `w8a8_block_fp8_matmul`: dequantize both operands and multiply in float32."""
-    _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
+    check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
     a = dequant_token_groups(x_fp8, x_scale.to(torch.float32), block[1])
     w = block_dequant(w_fp8, w_scale_inv, block, torch.float32)
     return (a @ w.t()).to(out_dtype)
-
-
-
-# ---------------------------------------------------------------------------------------------------------
-# cuBLASLt block scaling (Hopper, CUDA >= 12.9) through torch._scaled_mm
-# ---------------------------------------------------------------------------------------------------------
-
-
-def cublas_block_fp8_supported(device: torch.device) -> bool:
-    """Whether torch._scaled_mm runs DeepSeek's 1x128 x 128x128 recipe on `device` (sm_90, CUDA >= 12.9).
-
-    Call it once, when the model is built; the answer does not change while the process runs.
-    """
-    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.cuda is None:
-        return False
-    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
-    # NOTE: torch only routes this recipe to cuBLASLt on compute capability 9.x (its deepseek check).
-    return (major, minor) >= (12, 9) and torch.cuda.get_device_capability(device)[0] == 9
-
-
-def cublas_block_fp8_shape_ok(n: int, k: int, block: tuple[int, int] = (128, 128)) -> bool:
-    """Whether an [N, K] weight fits the cuBLAS recipe as torch._scaled_mm passes it.
-
-    cuBLAS wants N and K multiples of 16 and reads the 128x128 scales with a leading dimension of
-    ceil(K/128) rounded up to 4, while the (v1) _scaled_mm API accepts only the unpadded layout: so the
-    number of K blocks must already be a multiple of 4 (true for every DeepSeek-V3 linear).
-    """
-    return tuple(block) == (128, 128) and n % 16 == 0 and k % 16 == 0 and triton.cdiv(k, 128) % 4 == 0
-
-
-def cublas_weight_scale(w_scale_inv: torch.Tensor) -> torch.Tensor:
-    """The weight scales as _scaled_mm's scale_b: [ceil(K/128), ceil(N/128)] fp32 with strides (1, ceil(K/128)).
-
-    For the checkpoint's contiguous fp32 `weight_scale_inv` this is a free view (`.t()`), so a model may
-    keep it next to the weight once, at load time; other dtypes or layouts cost one copy per call.
-    """
-    return w_scale_inv.to(torch.float32).contiguous().t()
-
-
-def w8a8_block_fp8_matmul_cublas(
-    x_fp8: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale_inv: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """`w8a8_block_fp8_matmul` on cuBLASLt: same operands, same result up to accumulation order.
-
-    x_fp8 [M, K] e4m3, x_scale [M, ceil(K/128)] fp32, w_fp8 [N, K] e4m3, w_scale_inv [ceil(N/128),
-    ceil(K/128)] fp32; returns [M, N] in out_dtype (bf16, fp16 or fp32). cuBLAS wants M a multiple of 4 and
-    the activation scales column-major (strides (1, M)): operands already in that form (from
-    `per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)`) are used as they are, others
-    are padded / copied here. The weight must pass `cublas_block_fp8_shape_ok`.
-    """
-    m, n, k = _check_gemm_inputs(x_fp8, x_scale, w_fp8, w_scale_inv, block)
-    _check_gemm_limits(block)
-    if not cublas_block_fp8_shape_ok(n, k, block):
-        raise ValueError(
-            f"cuBLAS block scaling needs a 128x128 block, N and K multiples of 16 and ceil(K/128) a multiple of "
-            f"4; got N={n}, K={k}, block={block}: use w8a8_block_fp8_matmul"
-        )
-    if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=x_fp8.device)
-    mp = triton.cdiv(m, 4) * 4
-    if x_fp8.stride(1) != 1:
-        x_fp8 = x_fp8.contiguous()
-    if mp != m:
-        pad = torch.zeros((mp - m, k), dtype=torch.uint8, device=x_fp8.device)
-        x_fp8 = torch.cat([x_fp8.view(torch.uint8), pad]).view(FP8_DTYPE)  # bytes: fp8 has few CUDA ops
-    # torch's check: strides (1, M), each relaxed where that dimension has size 1.
-    groups = x_scale.shape[1]
-    scale_ok = x_scale.dtype == torch.float32 and x_scale.stride(0) == 1 and (groups == 1 or x_scale.stride(1) == m)
-    if mp != m or not scale_ok:
-        padded = torch.ones((groups, mp), dtype=torch.float32, device=x_scale.device)
-        padded[:, :m] = x_scale.t()
-        x_scale = padded.t()  # [Mp, G], strides (1, Mp)
-    if w_fp8.stride(1) != 1:
-        w_fp8 = w_fp8.contiguous()
-    # mat2 = W^T [K, N] column-major; scale_b [ceil(K/128), ceil(N/128)] is read as 128x128 blocks.
-    w_scale_t = cublas_weight_scale(w_scale_inv)
-    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale_t, out_dtype=out_dtype)
-    return out[:m]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The entry the model calls
-# ---------------------------------------------------------------------------------------------------------
-
-
-def fp8_block_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale_inv: torch.Tensor,
-    block_size: tuple[int, int] = (128, 128),
-    bias: torch.Tensor | None = None,
-    cublas_min_m: int | None = None,
-) -> torch.Tensor:
-    """y [..., N] = x [..., K] @ W^T (+ bias) for a block-FP8 weight W [N, K], in x's dtype.
-
-    On CUDA the activations are quantized per token per 128 columns and a W8A8 GEMM runs: cuBLASLt
-    block scaling when `cublas_min_m` is set, M >= cublas_min_m and the weight fits it
-    (`cublas_block_fp8_shape_ok`); else the Triton kernel. The caller picks the threshold once, from the
-    measured crossover, and sets it only where `cublas_block_fp8_supported` said yes (None: never). Elsewhere the
-    reference path dequantizes the weight and multiplies in float32 (no activation rounding).
-    """
-    lead = x.shape[:-1]
-    k = x.shape[-1]
-    n = weight.shape[0]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    use_cublas = cublas_min_m is not None and m >= cublas_min_m and cublas_block_fp8_shape_ok(n, k, block_size)
-    if x.is_cuda and use_cublas:
-        # Quantize straight into the padded, column-major-scale layout cuBLAS reads: no copies.
-        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1], column_major_scales=True, pad_rows_to=4)
-        y = w8a8_block_fp8_matmul_cublas(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)[:m]
-    elif x.is_cuda:
-        x_fp8, x_scale = per_token_group_quant_fp8(x2, block_size[1])
-        y = w8a8_block_fp8_matmul(x_fp8, x_scale, weight, weight_scale_inv, block_size, x.dtype)
-    else:
-        w = block_dequant(weight, weight_scale_inv, block_size, torch.float32)
-        y = (x2.to(torch.float32) @ w.t()).to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*lead, n)

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from baleen.kernels.device import sm_count
-from baleen.kernels.fp8_gemm import reduce_splits
 from baleen.kernels.quant import FP8_DTYPE, block_dequant
+from baleen.kernels.split_k import reduce_splits
 
 # Largest number of activation rows the kernel takes: one fp32 accumulator set per row is unrolled.
 MAX_GEMV_M = 8

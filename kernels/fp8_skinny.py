@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from baleen.kernels.device import sm_count
-from baleen.kernels.fp8_gemm import SplitK, store_splits
 from baleen.kernels.fp8_gemv import check_w16_linear_inputs, dequant_linear_ref
+from baleen.kernels.split_k import SplitK, store_splits
 
 # Most activation rows one launch takes (the MMA's N side; padded to 16, the smallest tl.dot side).
 MAX_SKINNY_M = 32

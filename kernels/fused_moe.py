@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from baleen.kernels.fp8_gemm import (
+from baleen.kernels.act_quant import (
     dequant_token_groups,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baleen.kernels.fp8_gemm import AMAX_EPS, quantize_groups
+from baleen.kernels.act_quant import AMAX_EPS, quantize_groups
 from baleen.kernels.quant import FP8_DTYPE, FP8_MAX
 
 

@@ -246,7 +246,7 @@ class Fp8BlockLinearMethod:
         return y.reshape(*lead, y.shape[-1])
 
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
-        from baleen.kernels.fp8_gemm import fp8_block_linear  # lazy: only the FP8 path needs the kernels
+        from baleen.kernels.fp8_linear import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
         if not x.is_cuda:
             return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
@@ -258,7 +258,7 @@ class Fp8BlockLinearMethod:
             y = fp8_block_gemv(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.takes_quantized(layer, x):
-            from baleen.kernels.fp8_gemm import per_token_group_quant_fp8
+            from baleen.kernels.act_quant import per_token_group_quant_fp8
 
             x_q, x_s = per_token_group_quant_fp8(x.reshape(m, k), self.block_size[1])
             return self.apply_quantized(layer, x_q, x_s, x.shape[:-1], x.dtype)
@@ -268,7 +268,7 @@ class Fp8BlockLinearMethod:
             y = fp8_skinny_gemm(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self._cublas is None:
-            from baleen.kernels.fp8_gemm import cublas_block_fp8_supported
+            from baleen.kernels.fp8_cublas import cublas_block_fp8_supported
 
             self._cublas = cublas_block_fp8_supported(x.device)
         return fp8_block_linear(

@@ -1,28 +1,23 @@
-"""Per-token-group FP8 quantization and the block-FP8 GEMM against their torch references."""
+"""The Triton block-FP8 GEMMs (row-major and tiled weights, split K) against their torch reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import rel_err
+from kernel_checks import assert_quant_close, rel_err
 
-from baleen.kernels import fp8_gemm
+from baleen.kernels import split_k
+from baleen.kernels.act_quant import per_token_group_quant_fp8, per_token_group_quant_fp8_ref
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
-    cublas_block_fp8_shape_ok,
-    cublas_block_fp8_supported,
-    dequant_token_groups,
-    fp8_block_linear,
-    per_token_group_quant_fp8,
-    per_token_group_quant_fp8_ref,
     pick_tiled_tiles,
     tile_fp8_weight,
     untile_fp8_weight,
     w8a8_block_fp8_matmul,
-    w8a8_block_fp8_matmul_cublas,
     w8a8_block_fp8_matmul_ref,
     w8a8_block_fp8_matmul_tiled,
 )
+from baleen.kernels.fp8_linear import fp8_block_linear
 from baleen.kernels.quant import block_dequant, block_quant
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs the kernels on CPU
@@ -30,31 +25,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter r
 # (~13-bit mantissa) accumulator (max_num_imprecise_acc is unlimited there); the interpreter sums in fp32.
 # An emulation of that accumulator gave rel_err 1e-4..4e-4 on these shapes; a wrong scale gives O(1).
 FP8_DOT_TOL = 1e-5 if DEV == "cpu" else 2e-3
-
-
-
-def assert_quant_close(q: torch.Tensor, s: torch.Tensor, qr: torch.Tensor, sr: torch.Tensor) -> None:
-    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
-    a, b = q.float(), qr.float()
-    bad = a != b
-    # GPU division may land a value on the other side of a rounding boundary: one e4m3 step, rarely.
-    assert bad.float().mean() <= 1e-3, f"{int(bad.sum())} of {bad.numel()} quantized values differ"
-    assert ((a - b).abs() <= b.abs() / 8 + 2**-9)[bad].all()
-
-
-@pytest.mark.parametrize("shape", [(1, 128), (5, 300), (17, 1024)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_per_token_group_quant_matches_ref(shape: tuple[int, int], dtype: torch.dtype) -> None:
-    torch.manual_seed(shape[0])
-    x = (torch.randn(shape) * torch.rand(shape[0], 1) * 10).to(dtype).to(DEV)
-    x[0, :7] = 0.0  # a partly-zero group
-    q, s = per_token_group_quant_fp8(x)
-    qr, sr = per_token_group_quant_fp8_ref(x)
-    assert s.shape == (shape[0], (shape[1] + 127) // 128)
-    assert_quant_close(q, s, qr, sr)
-    # Round trip: every value within half an e4m3 step (relative 1/16) of the input, plus subnormal slack.
-    back = dequant_token_groups(q, s)
-    assert ((back - x.float()).abs() <= x.float().abs() / 16 + s.repeat_interleave(128, 1)[:, : shape[1]] * 2**-9).all()
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 200, 256), (33, 128, 384), (70, 96, 130)])
@@ -117,7 +87,7 @@ def test_fused_split_reduce_equals_the_reduce_launch(m: int, n: int, k: int, til
     for _ in range(2):  # the second launch finds the tile counters re-armed by the first
         fused = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
         torch.testing.assert_close(fused, two, rtol=0, atol=0)
-    counters = fp8_gemm._counters[torch.device("cpu") if DEV == "cpu" else torch.device("cuda", 0)]
+    counters = split_k._counters[torch.device("cpu") if DEV == "cpu" else torch.device("cuda", 0)]
     assert int(counters.abs().sum()) == 0
 
 
@@ -170,38 +140,10 @@ def test_fused_split_reduce_falls_back_past_its_counters(monkeypatch: pytest.Mon
     tiles = GemmTiles(16, 32, split_k=2)  # 8 tiles
     ref = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles, fused_reduce=False)
     small = torch.zeros(4, dtype=torch.int32, device=DEV)
-    monkeypatch.setattr(fp8_gemm, "_split_counters", lambda device: small)
+    monkeypatch.setattr(split_k, "_split_counters", lambda device: small)
     out = w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=torch.float32, tiles=tiles)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert int(small.abs().sum()) == 0  # the kernel never counted into the too-small array
-
-
-def test_quant_column_major_padded_layout() -> None:
-    torch.manual_seed(5)
-    x = torch.randn(6, 300).to(DEV)
-    q, s = per_token_group_quant_fp8(x)
-    qp, sp = per_token_group_quant_fp8(x, column_major_scales=True, pad_rows_to=4)
-    assert qp.shape == (8, 300) and sp.shape == (8, 3) and sp.stride() == (1, 8)
-    assert torch.equal(qp[:6].view(torch.uint8), q.view(torch.uint8))
-    assert torch.equal(sp[:6], s)
-    assert (qp[6:].float() == 0).all() and (sp[6:] > 0).all()
-    with pytest.raises(ValueError, match="pad_rows_to"):
-        per_token_group_quant_fp8(x, pad_rows_to=0)
-
-
-def test_cublas_shape_rules() -> None:
-    # Every DeepSeek-V3 linear fits (ceil(K/128) a multiple of 4); K = 640 (5 blocks) and N = 100 do not.
-    # Pure shape rules and a ValueError raised before any launch: CPU tensors on every machine.
-    for n, k in [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (7168, 18432), (7168, 2048)]:
-        assert cublas_block_fp8_shape_ok(n, k)
-    assert not cublas_block_fp8_shape_ok(256, 640)
-    assert not cublas_block_fp8_shape_ok(100, 512)
-    assert not cublas_block_fp8_shape_ok(256, 512, (64, 128))
-    assert not cublas_block_fp8_supported(torch.device("cpu"))
-    x_q, x_s = per_token_group_quant_fp8_ref(torch.randn(4, 640))
-    w_q, w_s = block_quant(torch.randn(256, 640))
-    with pytest.raises(ValueError, match="w8a8_block_fp8_matmul"):
-        w8a8_block_fp8_matmul_cublas(x_q, x_s, w_q, w_s)
 
 
 def test_matmul_rejects_bad_scales() -> None:
@@ -212,19 +154,6 @@ def test_matmul_rejects_bad_scales() -> None:
         w8a8_block_fp8_matmul(x_q, x_s, w_q, w_s[:, :1])
     with pytest.raises(ValueError, match="K="):
         w8a8_block_fp8_matmul(x_q[:, :128], x_s[:, :1], w_q, w_s)
-
-
-def test_fp8_block_linear_cpu_is_dequant_matmul() -> None:
-    # NOTE: CPU on every machine: off CUDA fp8_block_linear takes its torch reference path (dequantize, fp32
-    # matmul, no activation rounding), which is what this test pins down.
-    torch.manual_seed(0)
-    w_q, w_s = block_quant(torch.randn(576, 256) * 0.05)  # 576 rows: a partial edge block like kv_a_proj
-    x = torch.randn(2, 3, 256)
-    bias = torch.randn(576)
-    y = fp8_block_linear(x, w_q, w_s, (128, 128), bias, cublas_min_m=1)  # the threshold is ignored off CUDA
-    ref = x @ block_dequant(w_q, w_s).t() + bias
-    assert y.shape == (2, 3, 576)
-    assert rel_err(y, ref) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -246,32 +175,6 @@ def test_block_fp8_matmul_gpu(m: int, n: int, k: int) -> None:
     # The model's entry, against unquantized activations: W8A8 rounding only.
     y = fp8_block_linear(x, w_q, w_s, (128, 128))
     assert rel_err(y, x.float() @ block_dequant(w_q, w_s).t()) < 0.06
-
-
-needs_cublas_blocks = pytest.mark.skipif(
-    not torch.cuda.is_available() or not cublas_block_fp8_supported(torch.device("cuda")),
-    reason="needs cuBLASLt block-scaled FP8 (sm_90, CUDA >= 12.9)",
-)
-
-
-@pytest.mark.gpu
-@needs_cublas_blocks
-@pytest.mark.parametrize("m", [1, 3, 64, 200, 1024])
-@pytest.mark.parametrize("n,k", [(576, 7168), (24576, 1536), (4096, 512)])
-def test_block_fp8_matmul_cublas_gpu(m: int, n: int, k: int) -> None:
-    torch.manual_seed(m * 11 + n)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w_q, w_s = block_quant(torch.randn(n, k, device="cuda") * 0.02)
-    x_q, x_s = per_token_group_quant_fp8(x)  # row-major scales, M unpadded: the wrapper re-lays them out
-    ref = w8a8_block_fp8_matmul_ref(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
-    out = w8a8_block_fp8_matmul_cublas(x_q, x_s, w_q, w_s, out_dtype=torch.bfloat16)
-    assert out.shape == (m, n)
-    assert rel_err(out, ref) < 8e-3
-    # The model's path: quantized straight into the padded column-major layout, same answer as Triton.
-    y = fp8_block_linear(x, w_q, w_s, (128, 128), cublas_min_m=1)
-    y_triton = fp8_block_linear(x, w_q, w_s, (128, 128))
-    assert y.shape == (m, n)
-    assert rel_err(y, y_triton.float()) < 8e-3
 
 
 @pytest.mark.gpu

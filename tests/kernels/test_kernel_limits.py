@@ -11,13 +11,8 @@ import pytest
 import torch
 from kernel_checks import rel_err
 
-from baleen.kernels.fp8_gemm import (
-    dequant_token_groups,
-    fp8_gemm_unsupported,
-    per_token_group_quant_fp8_ref,
-    w8a8_block_fp8_matmul,
-    w8a8_block_fp8_matmul_ref,
-)
+from baleen.kernels.act_quant import dequant_token_groups, per_token_group_quant_fp8_ref
+from baleen.kernels.fp8_gemm import fp8_gemm_unsupported, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_ref
 from baleen.kernels.fp8_gemv import fp8_block_gemv, fp8_block_gemv_ref, fp8_gemv_unsupported
 from baleen.kernels.fp8_skinny import fp8_skinny_gemm, fp8_skinny_gemm_ref, fp8_skinny_unsupported
 from baleen.kernels.fused_moe import fused_moe_unsupported, select_experts_noaux_tc

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from baleen.kernels.fp8_gemm import per_token_group_quant_fp8
+from baleen.kernels.act_quant import per_token_group_quant_fp8
 from baleen.kernels.norm import rms_norm, rms_norm_quant_fp8, rms_norm_ref
 from baleen.kernels.rotary import apply_rotary_interleaved, apply_rotary_interleaved_ref, build_cos_sin_cache
 
