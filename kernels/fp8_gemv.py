@@ -161,7 +161,7 @@ class GemvTiles:
 
 def pick_gemv_tiles(m: int, n: int, k: int, num_sms: int = 132) -> GemvTiles:
     """Tiles for an M <= 8 weight stream, from the offline compile (registers, load width); the H100 sweep
-    in bench_gemm.py (--gemv-sweep-s) is what should refine it.
+    in loadtest/kernel_bench/bench_gemm.py (--gemv-sweep-s) is what should refine it.
 
     - K step: 4 warps x 32 lanes x 16 bytes = 2048 columns puts every warp on K with one 128-bit load per
       thread per row; a smaller power of two (1024, 512) when it divides K exactly, so no step is partly idle

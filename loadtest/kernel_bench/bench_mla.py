@@ -1,4 +1,4 @@
-"""MLA decode variants side by side against FlashInfer: `python -m baleen.kernels.bench_mla [--quick]`.
+"""MLA decode variants against FlashInfer: `python -P loadtest/kernel_bench/bench_mla.py [--quick]`.
 
 For 128 heads (and 16 as a control) x batch 1/32/128 x context 4k/8k x page 64 (and page 1 at 4k), it times
 every `MlaDecodeTiles` variant at a few KV split counts (CUDA-graph replays, L2 flushed), checks each
@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+# NOTE: these are scripts (`python -P loadtest/kernel_bench/<name>.py`); PYTHONSAFEPATH keeps their folder off
+# sys.path, so say it explicitly for the sibling modules. This folder holds only the kernel benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
+from bench_util import Deadline, Table, bench_graph_ms, header, print_compile_stats
 
-from baleen.kernels.bench import print_compile_stats
-from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header
 from baleen.kernels.flashinfer_mla import FlashInferMLA
 from baleen.kernels.mla_decode import (
     MlaDecodeTiles,

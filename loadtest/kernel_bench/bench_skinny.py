@@ -1,4 +1,4 @@
-"""Few-token FP8 linears at the V3 shapes: `python -m baleen.kernels.bench_skinny`.
+"""Few-token FP8 linears at the V3 shapes: `python -P loadtest/kernel_bench/bench_skinny.py`.
 
 For each decode linear and M = 1..32 it times, from bf16 activations, cold (`bench_cold_ms`: distinct weight
 copies back to back in one CUDA graph, as a forward pass meets them):
@@ -22,25 +22,31 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
+# NOTE: these are scripts (`python -P loadtest/kernel_bench/<name>.py`); PYTHONSAFEPATH keeps their folder off
+# sys.path, so say it explicitly for the sibling modules. This folder holds only the kernel benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
-
-from baleen.kernels.act_quant import per_token_group_quant_fp8
-from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
-from baleen.kernels.bench_gemm import quant_then_gemm
-from baleen.kernels.bench_util import (
+from bench_gemm import quant_then_gemm
+from bench_util import (
+    GEMM_SHAPES,
     Deadline,
     Table,
     bench_cold_ms,
     bench_graph_ms,
     cold_copies,
     header,
+    print_compile_stats,
     read_bytes,
     roofline_ms,
 )
+
+from baleen.kernels.act_quant import per_token_group_quant_fp8
 from baleen.kernels.device import sm_count
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
@@ -229,7 +235,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=90.0, help="seconds of tile sweeps, split over (layer, M)")
     parser.add_argument("--sweep", choices=("pointer", "tma", "all"), default="all", help="W8A8 variants to sweep")
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS), help="the M values")
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="layer names as in bench.GEMM_SHAPES")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="layer names as in bench_util.GEMM_SHAPES")
     args = parser.parse_args()
     print(header(), flush=True)
     table = Table("FP8 linear at few tokens, cold (ms; % = share of 3.0 TB/s for the weight bytes)", [

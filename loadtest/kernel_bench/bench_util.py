@@ -1,4 +1,5 @@
-"""Timing helpers for the kernel benchmarks: medians over CUDA events with an L2 flush, tables, headers."""
+"""Shared pieces of the kernel benchmarks: medians over CUDA events (L2 flushed, or cold copies), tables,
+headers, the V3 linear shapes and Triton compile stats."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ import triton.language as tl
 
 # Measured on the H100 box (FACTS.md): a large device-to-device copy moves ~3.0 TB/s (read + write).
 HBM_BYTES_PER_S = 3.0e12
+# (name, N, K) from DeepSeek-V3's linear layers.
+GEMM_SHAPES = [
+    ("q_a+kv_a", 2112, 7168), ("q_a", 1536, 7168), ("kv_a", 576, 7168), ("q_b", 24576, 1536),
+    ("kv_b", 32768, 512), ("o_proj", 7168, 16384), ("dense gate+up", 36864, 7168), ("dense down", 7168, 18432),
+    ("shared gate+up", 4096, 7168), ("shared down", 7168, 2048),
+]  # fmt: skip
 
 
 def bench_ms(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
@@ -156,3 +163,20 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.left() <= 0
+
+
+def print_compile_stats(kernel: object) -> None:
+    """Registers, spills and shared memory of every compiled variant of a @triton.jit kernel."""
+    try:
+        for caches in kernel.device_caches.values():  # type: ignore[attr-defined]
+            for compiled in caches[0].values():
+                meta = compiled.metadata
+                ptx = getattr(compiled, "asm", {}).get("ptx", "")
+                mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "no-mma")
+                print(
+                    f"    {getattr(kernel, '__name__', 'kernel')}: {mma} warps {meta.num_warps} stages {meta.num_stages} shared {meta.shared} "
+                    f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')} "
+                    f"consts {getattr(compiled, 'src', None) and compiled.src.constants}"
+                )
+    except Exception as e:  # introspection only; Triton internals move between releases
+        print(f"    compile stats unavailable: {type(e).__name__}: {e}")

@@ -1,6 +1,6 @@
-"""Block-FP8 GEMM paths side by side at the V3 shapes: `python -m baleen.kernels.bench_gemm`.
+"""Block-FP8 GEMM paths side by side at the V3 shapes: `python -P loadtest/kernel_bench/bench_gemm.py`.
 
-For every linear of `bench.GEMM_SHAPES` and M in 1..4096 it times (CUDA-graph replays, L2 flushed):
+For every linear of `bench_util.GEMM_SHAPES` and M in 1..4096 it times (CUDA-graph replays, L2 flushed):
   triton      : our kernel with the default tiles (`pick_gemm_tiles`)
   <tile>...   : Triton tile variants for M >= 64
   cublas      : cuBLASLt block scaling through torch._scaled_mm (operands already in its layout)
@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 from functools import partial
 
+# NOTE: these are scripts (`python -P loadtest/kernel_bench/<name>.py`); PYTHONSAFEPATH keeps their folder off
+# sys.path, so say it explicitly for the sibling modules. This folder holds only the kernel benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
+from bench_util import GEMM_SHAPES, Deadline, Table, bench_graph_ms, header, print_compile_stats, roofline_ms
 
 from baleen.kernels.act_quant import dequant_token_groups, per_token_group_quant_fp8
-from baleen.kernels.bench import GEMM_SHAPES, print_compile_stats
-from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header, roofline_ms
 from baleen.kernels.fp8_cublas import (
     cublas_block_fp8_shape_ok,
     cublas_block_fp8_supported,
@@ -55,7 +59,7 @@ LARGE_M_VARIANTS = {
     "128x128w4s3": GemmTiles(128, 128, num_warps=4, num_stages=3),
     "64x128w4s3": GemmTiles(64, 128, num_warps=4, num_stages=3),
 }
-# Shorter timing windows than bench.py: ~380 timings must fit in the device lease.
+# Shorter timing windows than bench_kernels.py: ~380 timings must fit in the device lease.
 WARMUP_MS, REP_MS = 10.0, 30.0
 
 

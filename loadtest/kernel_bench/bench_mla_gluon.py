@@ -1,4 +1,4 @@
-"""Gluon MLA decode vs FlashInfer vs the Triton kernel on Hopper: `python -m baleen.kernels.bench_mla_gluon`.
+"""Gluon MLA decode (Hopper) vs FlashInfer and Triton: `python -P loadtest/kernel_bench/bench_mla_gluon.py`.
 
 First the Gluon kernel is checked against `mla_decode_ref` at small shapes in a child process with a time limit
 (max |diff|, PASS/FAIL), so a compile error, a fault or a deadlock is reported and ends the run cleanly before
@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import traceback
 from collections.abc import Callable
 from functools import partial
 
+# NOTE: these are scripts (`python -P loadtest/kernel_bench/<name>.py`); PYTHONSAFEPATH keeps their folder off
+# sys.path, so say it explicitly for the sibling modules. This folder holds only the kernel benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
+from bench_util import Deadline, Table, bench_graph_ms, header, print_compile_stats
 
-from baleen.kernels.bench import print_compile_stats
-from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, header
 from baleen.kernels.flashinfer_mla import FlashInferMLA
 from baleen.kernels.mla_decode import mla_decode, mla_decode_ref, pick_num_kv_splits
 from baleen.kernels.mla_decode_gluon import (
@@ -91,7 +94,7 @@ def check_in_child() -> bool:
 
     A fault or a deadlock in the child cannot take this process (and its CUDA context) down.
     """
-    cmd = [sys.executable, "-m", "baleen.kernels.bench_mla_gluon", "--check-only"]
+    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--check-only"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
         stdout, tail = r.stdout, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Kernel benchmarks on one CUDA GPU, side by side in one run: `python -m baleen.kernels.bench`.
+"""Kernel benchmarks on one CUDA GPU, side by side: `python -P loadtest/kernel_bench/bench_kernels.py`.
 
   mla  : Triton MLA decode vs FlashInfer's MLA wrapper (batch 1/32/128 x 4k/8k, 128 and 16 heads, pages 64/1)
   gemm : block-FP8 GEMM vs torch._scaled_mm row-wise at V3 shapes, M = 1..4096, and vs the bytes roofline
@@ -13,13 +13,27 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 
+# NOTE: these are scripts (`python -P loadtest/kernel_bench/<name>.py`); PYTHONSAFEPATH keeps their folder off
+# sys.path, so say it explicitly for the sibling modules. This folder holds only the kernel benchmarks.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
+from bench_util import (
+    GEMM_SHAPES,
+    Deadline,
+    Table,
+    bench_graph_ms,
+    bench_ms,
+    header,
+    print_compile_stats,
+    roofline_ms,
+)
 
 from baleen.kernels.act_quant import per_token_group_quant_fp8
-from baleen.kernels.bench_util import Deadline, Table, bench_graph_ms, bench_ms, header, roofline_ms
 from baleen.kernels.flashinfer_mla import FlashInferMLA
 from baleen.kernels.fp8_gemm import (
     GemmTiles,
@@ -100,23 +114,6 @@ def bench_mla(sweep_s: float) -> Table:
     return table
 
 
-def print_compile_stats(kernel: object) -> None:
-    """Registers, spills and shared memory of every compiled variant of a @triton.jit kernel."""
-    try:
-        for caches in kernel.device_caches.values():  # type: ignore[attr-defined]
-            for compiled in caches[0].values():
-                meta = compiled.metadata
-                ptx = getattr(compiled, "asm", {}).get("ptx", "")
-                mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "no-mma")
-                print(
-                    f"    {getattr(kernel, '__name__', 'kernel')}: {mma} warps {meta.num_warps} stages {meta.num_stages} shared {meta.shared} "
-                    f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')} "
-                    f"consts {getattr(compiled, 'src', None) and compiled.src.constants}"
-                )
-    except Exception as e:  # introspection only; Triton internals move between releases
-        print(f"    compile stats unavailable: {type(e).__name__}: {e}")
-
-
 def _mla_row(
     table: Table, fi: FlashInferMLA | None, heads: int, page_size: int, batch: int, seq_len: int, sweep: bool
 ) -> None:
@@ -159,12 +156,6 @@ def _mla_row(
 
 # ----------------------------------------------------------------------------------------------- GEMM
 
-# (name, N, K) from DeepSeek-V3's linear layers.
-GEMM_SHAPES = [
-    ("q_a+kv_a", 2112, 7168), ("q_a", 1536, 7168), ("kv_a", 576, 7168), ("q_b", 24576, 1536),
-    ("kv_b", 32768, 512), ("o_proj", 7168, 16384), ("dense gate+up", 36864, 7168), ("dense down", 7168, 18432),
-    ("shared gate+up", 4096, 7168), ("shared down", 7168, 2048),
-]  # fmt: skip
 GEMM_MS = (1, 4, 16, 64, 256, 1024, 4096)
 SWEEP_GEMMS = ("o_proj", "dense gate+up", "kv_b")
 
