@@ -1,23 +1,20 @@
-"""The worker: one rank's model runner built in start-up order, and the actor that feeds it StepPlans.
+"""The worker: the actor that feeds one rank's model runner StepPlans, and the rank processes' entry points.
 
-With several ranks (TP / EP / DP attention, model/parallel.py) each rank is one process running
-`rank_main`: rank 0 also runs the scheduler; the other ranks of its node get plans through rings, ranks on
-other nodes through one TCP connection to rank 0 each (actors/dp.py). Every rank runs every plan of its DP
-group in the same order, so their collectives line up; only DP group leaders report StepResults.
+The runner is built by `model/build.py` (`build_runner`, in start-up order). With several ranks (TP / EP / DP
+attention, model/parallel.py) each rank is one process running `rank_main`: rank 0 also runs the scheduler; the
+other ranks of its node get plans through rings, ranks on other nodes through one TCP connection to rank 0 each
+(actors/dp.py). Every rank runs every plan of its DP group in the same order, so their collectives line up; only
+DP group leaders report StepResults.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -32,300 +29,17 @@ from baleen.messages import (
     GrammarSpec,
     Message,
     StepPlan,
-    StepResult,
     WorkerError,
     WorkerReady,
 )
-from baleen.model.batch import ForwardBatch
-from baleen.model.config import ModelConfig, ParallelConfig
-from baleen.model.memory_plan import MemoryPlan
-from baleen.model.parallel import DistInit, ParallelGroups, destroy_distributed, init_distributed
-from baleen.model.runner import ModelRunner, PendingStep, RunnerConfig
+from baleen.model.build import ATTENTION_BACKENDS as ATTENTION_BACKENDS  # NOTE: re-exported for api/cli.py
+from baleen.model.build import DTYPES as DTYPES  # NOTE: re-exported for actors/engine.py
+from baleen.model.build import WorkerConfig, build_runner
+from baleen.model.config import ParallelConfig
+from baleen.model.parallel import ParallelGroups, destroy_distributed, init_distributed
+from baleen.model.runner import ModelRunner, PendingStep
 
-log = logging.getLogger("baleen.worker")
 T = TypeVar("T")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerConfig:
-    """What a rank needs to build its runner."""
-
-    model_path: str | None
-    device: str = "cpu"
-    dtype: str = "float32"
-    load_format: str = "auto"
-    attention_backend: str = "torch"
-    page_size: int = 16
-    max_running_requests: int = 64
-    max_context_len: int = 4096
-    max_total_tokens: int | None = None
-    chunked_prefill_size: int | None = None  # the scheduler's prefill tokens a step (None: whole prompts)
-    mem_fraction_static: float = 0.85
-    kv_cache_dtype: str = "auto"
-    random_seed: int = 0
-    custom_logit_processors: tuple[str, ...] | None = None  # None: custom processors disabled
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    dist: DistInit | None = None  # how the ranks meet when tp_size > 1
-    check_sampling: bool = False  # ranks sharing a batch compare their sampled ids every step (tests, debug)
-    progress: bool = False
-    cuda_graph_bs: tuple[int, ...] | None = None  # None: the default sizes up to cuda_graph_max_bs
-    cuda_graph_max_bs: int | None = None
-    disable_cuda_graph: bool = False
-    fp8_tiled_weights: bool = False  # load_model(tile_fp8=...): tiled weight copies for few-token FP8 GEMMs
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        if self.kv_cache_dtype == "auto":
-            return self.torch_dtype
-        if self.kv_cache_dtype in ("fp8_e4m3", "fp8"):
-            return torch.float8_e4m3fn
-        return DTYPES[self.kv_cache_dtype]
-
-
-def make_attention_backend(name: str, device: torch.device) -> object:
-    """The attention backend named by --attention-backend."""
-    if name == "torch":
-        from baleen.model.attention import TorchAttentionBackend
-
-        return TorchAttentionBackend()
-    if device.type != "cuda":
-        raise ValueError(f"--attention-backend {name} needs a CUDA device; use 'torch' on {device.type}")
-    if name == "triton":
-        from baleen.model.attention_triton import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    if name == "flashinfer":
-        from baleen.model.attention_flashinfer import FlashInferAttentionBackend
-
-        return FlashInferAttentionBackend(device)
-    raise ValueError(f"--attention-backend {name!r} is not one of {ATTENTION_BACKENDS}")
-
-
-def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: Any, attn: Any,
-                     graph_max_bs: int | None, groups: ParallelGroups | None) -> int:
-    from baleen.model.kv_cache import KVCache
-
-    layers, dim, ps = model_config.num_hidden_layers, model_config.kv_cache_dim, cfg.page_size
-    if device.type == "cuda":
-        pages = KVCache.num_pages_for_budget(_gpu_memory_plan(cfg, model_config, device, model, attn, graph_max_bs,
-                                                              groups).kv_pool, layers, ps, dim, cfg.cache_dtype)
-    else:
-        # CPU: enough for every slot at a few thousand tokens unless --max-total-tokens says otherwise.
-        pages = 1 + -(-max(cfg.max_running_requests * 1024, 2 * cfg.max_context_len) // ps)
-    if cfg.max_total_tokens is not None:
-        pages = min(pages, 1 + -(-cfg.max_total_tokens // ps))
-    return pages
-
-
-def _gpu_memory_plan(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: Any, attn: Any,
-                     graph_max_bs: int | None, groups: ParallelGroups | None) -> MemoryPlan:
-    """Measure the largest steps (absorbed chunk over a prefix beside every decode row; a fresh expanded chunk;
-    the largest captured decode batch), then size the pool; --mem-fraction-static as SGLang means it."""
-    from baleen.model.memory_plan import StepShape, dummy_batch, measure_step_peak, plan_memory
-
-    dp = groups.parallel.dp_size if groups is not None and groups.dp_attention else 1
-    shape = StepShape.largest(cfg.chunked_prefill_size, cfg.max_context_len, cfg.max_running_requests)
-    shapes = [shape, StepShape(shape.chunk, 0, 0)]
-    peaks = [measure_step_peak(model, attn, model_config, dummy_batch(s, cfg.page_size, device, dp), cfg.cache_dtype,
-                               device) for s in shapes]  # fmt: skip
-    graphs = 0
-    if graph_max_bs:
-        # The graphs' pool holds every captured size's intermediates (largest first, the rest reuse it): 1.5x the
-        # largest eager decode step (H100, v3-shape, 64 rows: 0.40 GiB eager, 0.59 GiB captured).
-        decode = StepShape(1, shape.prefix + shape.chunk - 1, graph_max_bs - 1)
-        graphs = 3 * measure_step_peak(model, attn, model_config, dummy_batch(decode, cfg.page_size, device, dp),
-                                       cfg.cache_dtype, device) // 2  # fmt: skip
-    free, total = torch.cuda.mem_get_info(device)
-    plan = plan_memory(total, free, cfg.mem_fraction_static, max(peaks), graphs)
-    log.info("%s (largest step: a %d-token chunk over %d cached tokens beside %d decode rows)", plan.describe(),
-             shape.chunk, shape.prefix, shape.decode_rows)
-    return plan
-
-
-def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> ModelRunner:
-    """Start-up in the fixed order: build on meta + load weights, size the KV cache from memory, runner.
-
-    A rank of a multi-rank model passes its process groups (after `init_distributed`).
-    """
-    from tokenizers import Tokenizer
-
-    from baleen.model.grammar import GrammarCache, GrammarSlots
-    from baleen.model.kv_cache import KVCache
-    from baleen.model.loader import load_model
-    from baleen.model.logit_processors import LogitProcessorRegistry
-    from baleen.model.sampler import Sampler, SamplingState
-
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.random_seed)
-    if cfg.model_path is None:
-        raise ValueError("the worker needs a model path with a config.json")
-    if cfg.parallel.tp_size > 1 and groups is None:
-        raise ValueError("a rank of a multi-rank model needs its process groups: call init_distributed first")
-    model_config = ModelConfig.from_hf(cfg.model_path)
-    started = time.perf_counter()
-    experts_method = None
-    if device.type == "cuda":
-        from baleen.model.fused_experts import FusedExperts
-
-        experts_method = FusedExperts  # the reference TorchExperts syncs the host: no CUDA graphs with it
-    model = load_model(
-        cfg.model_path if cfg.load_format != "dummy" else None,
-        model_config,
-        parallel=cfg.parallel,
-        device=device,
-        dtype=cfg.torch_dtype,
-        load_format=cfg.load_format,
-        seed=cfg.random_seed,
-        progress=cfg.progress,
-        experts_method=experts_method,
-        groups=groups,
-        tile_fp8=cfg.fp8_tiled_weights,
-    )
-    log.info("weights loaded in %.1f s", time.perf_counter() - started)
-    if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
-        raise ValueError(
-            f"--attention-backend flashinfer needs DeepSeek's MLA shape (kv_lora_rank 512, rope 64); this model has "
-            f"{model_config.kv_lora_rank} + {model_config.qk_rope_head_dim}: use --attention-backend triton"
-        )
-    attn = make_attention_backend(cfg.attention_backend, device)
-    dp_attention = groups is not None and groups.dp_attention
-    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
-    graph_sizes: list[int] = []
-    if use_graphs:
-        from baleen.model.cuda_graph import graph_batch_sizes
-
-        graph_sizes = graph_batch_sizes(
-            list(cfg.cuda_graph_bs) if cfg.cuda_graph_bs else None, cfg.cuda_graph_max_bs, cfg.max_running_requests
-        )
-    num_pages = _kv_budget_pages(cfg, model_config, device, model, attn, max(graph_sizes, default=None), groups)
-    if groups is not None:
-        # NOTE: the scheduler hands out page ids that are valid on every rank: all use the smallest pool.
-        num_pages = groups.tp.min_int(num_pages, device)
-    kv_cache = KVCache.for_model(model_config, num_pages, cfg.page_size, cfg.cache_dtype, device)
-    log.info("KV cache: %d pages x %d tokens (%.2f GiB)", num_pages, cfg.page_size, kv_cache.num_bytes / 2**30)
-    state = SamplingState(
-        cfg.max_running_requests, model_config.vocab_size, device, random_seed=cfg.random_seed,
-        eos_token_ids=model_config.eos_token_ids,
-    )
-    tokenizer_file = Path(cfg.model_path) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
-    processors = (
-        LogitProcessorRegistry(cfg.custom_logit_processors) if cfg.custom_logit_processors is not None else None
-    )
-    runner_cfg = RunnerConfig(cfg.max_running_requests, cfg.page_size, cfg.max_context_len)
-    # Structured output: xgrammar is imported and the grammar vocabulary built on the first grammar only.
-    grammar_cache = GrammarCache(tokenizer, model_config.vocab_size, model_config.eos_token_ids,
-                                 max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))  # fmt: skip
-    graphs = None
-    if dp_attention and device.type == "cuda" and not cfg.disable_cuda_graph:
-        # TODO(graphs): DP attention needs every rank (idle ones too) to replay the graph of the padded size
-        # max(plan.dp_num_tokens) when plan.dp_all_decode; DecodeGraphs cannot do that yet.
-        log.info("DP attention: decode CUDA graphs are not used yet")
-    elif use_graphs:
-        from baleen.model.cuda_graph import DecodeGraphs
-
-        if not hasattr(attn, "init_graph_state"):
-            raise ValueError(f"--attention-backend {cfg.attention_backend} has no CUDA-graph support; add --disable-cuda-graph")
-        sizes = graph_sizes
-        heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
-        if hasattr(attn, "set_graph_shape"):
-            attn.set_graph_shape(heads, model_config.softmax_scale, cfg.torch_dtype)
-        graphs = DecodeGraphs(model, kv_cache, attn, sizes, runner_cfg.max_pages_per_seq, heads, device)
-    runner_cls = ModelRunner if groups is None else ParallelRunner
-    extra: dict[str, Any] = {} if groups is None else {"groups": groups, "check_sampling": cfg.check_sampling}
-    runner = runner_cls(
-        model,
-        kv_cache,
-        attn,
-        Sampler(state),
-        state,
-        runner_cfg,
-        device,
-        processors=processors,
-        tokenizer=tokenizer,
-        random_seed=cfg.random_seed,
-        graphs=graphs,
-        grammars=GrammarSlots(grammar_cache, pinned=device.type == "cuda"),
-        **extra,
-    )
-    if graphs is not None:
-        started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
-        runner.capture_graphs()
-        log.info("captured %d decode CUDA graphs in %.1f s (%.2f GiB)", len(graphs.batch_sizes),
-                 time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)
-    if device.type == "cuda":
-        grammar_cache.prepare()  # after the capture: nothing else may touch the device while a graph records
-    return runner
-
-
-class ParallelRunner(ModelRunner):
-    """A rank of a multi-rank model: DP-attention step shapes and idle steps, and an optional sampling check.
-
-    NOTE: sampling needs no broadcast. Ranks that share a batch hold bit-identical logits (the vocab slices
-    are all-gathered, the hidden states before them come out of the same all-reduces) and the sampler is
-    deterministic given its per-request seed, so they pick the same tokens; `check_sampling` verifies it.
-    """
-
-    recovers_from_oom = False  # see ModelRunner.recovers_from_oom
-
-    def __init__(self, *args: Any, groups: ParallelGroups, check_sampling: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.groups = groups
-        self.check_sampling = check_sampling and groups.attn.size > 1
-        self._mismatch: dict[int, torch.Tensor] = {}  # step_id -> device bool: the ranks disagreed
-
-    def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, torch.Tensor, list[int]]:
-        batch, sample_slots, sampled_slots = super().build_batch(plan)
-        if plan.dp_num_tokens:
-            batch.dp_num_tokens = list(plan.dp_num_tokens)
-        return batch, sample_slots, sampled_slots
-
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> PendingStep:
-        step = super().launch(plan)
-        if plan.dp_num_tokens and not plan.rows:
-            # An idle DP rank still joins every layer's MLP gather / reduce-scatter (and computes its share).
-            idle = ForwardBatch.build([], [], [], [], self.config.page_size, device=self.device)
-            idle.dp_num_tokens = list(plan.dp_num_tokens)
-            self.model(idle, self.kv_cache, self.attn)
-        if step.deferred is None:
-            self._check(step)
-        return step
-
-    @torch.inference_mode()
-    def complete(self, step: PendingStep) -> None:
-        deferred = step.deferred is not None
-        super().complete(step)
-        if deferred:
-            self._check(step)
-
-    def _check(self, step: PendingStep) -> None:
-        if self.check_sampling and step.sampled_slots:
-            ids = self.slot_tokens[torch.tensor(step.sampled_slots, device=self.device)]
-            hi = self.groups.attn.all_reduce(ids.clone(), "max")
-            lo = self.groups.attn.all_reduce(ids.clone(), "min")
-            self._mismatch[step.step_id] = (hi != lo).any()
-
-    def finish(self, pending: PendingStep) -> StepResult:
-        result = super().finish(pending)
-        bad = self._mismatch.pop(pending.step_id, None)
-        if bad is not None and bool(bad):
-            raise RuntimeError(
-                f"rank {self.groups.parallel.tp_rank} sampled other tokens than the ranks it shares step "
-                f"{pending.step_id} with: their logits differ"
-            )
-        return result
 
 
 def ready_message(runner: ModelRunner, rank: int) -> WorkerReady:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from baleen.actors.worker import WorkerConfig, build_runner
 from baleen.messages import GrammarSpec, SamplingParams, SeqRow, SlotInit
+from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.config import ModelConfig
 from baleen.model.grammar import TOOL_CALL_TOKENS, GrammarCache, GrammarSlots
 from baleen.model.presets import preset

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from baleen.actors.worker import WorkerConfig, build_runner
 from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.config import ModelConfig
 from baleen.model.presets import preset
 from baleen.model.runner import ModelRunner

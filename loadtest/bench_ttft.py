@@ -110,7 +110,7 @@ def compute_times(args: argparse.Namespace, path: Path, lengths: list[int], chun
     from baleen.actors.engine import _plan  # the worker settings the engine would start with
 
     cfg = ModelConfig.from_hf(str(path))
-    from baleen.actors.worker import build_runner
+    from baleen.model.build import build_runner
 
     worker = _plan(engine_config(args, path), str(path), cfg).worker
     runner = build_runner(worker)

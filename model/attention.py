@@ -1,4 +1,5 @@
-"""Attention backends in plan/run form, and the pure-torch one the CPU path and the tests run.
+"""Attention backends in plan/run form, the CUDA-graph hooks some of them add, and the pure-torch backend the CPU
+path and the tests run.
 
 A backend is planned once per step (`plan(batch)`: index tensors and sizes from the batch), then run once
 per layer in one of MLA's two forms:
@@ -7,12 +8,15 @@ per layer in one of MLA's two forms:
   sequence), returning [T, H, kv_lora_rank] (still to be multiplied by W_UV);
 - expanded: ragged causal MHA over the new tokens only, with K/V decompressed by kv_b_proj; valid only
   when no sequence of the batch has a cached prefix.
+
+Backends whose steps can be captured in CUDA graphs (Triton, FlashInfer) are `GraphAttentionBackend`s: three
+more hooks, which model/cuda_graph.py calls (see there).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,32 +24,75 @@ import torch
 from baleen.model.batch import ForwardBatch
 
 
-class AttentionBackend(Protocol):
-    """Per-step planning, per-layer attention.
+class AttentionBackend(ABC):
+    """Per-step planning, per-layer attention."""
 
-    Backends that run under CUDA graphs (triton, flashinfer) also provide three hooks, not part of this
-    protocol because the torch backend has no graph support:
-    - `init_graph_state(max_bs: int) -> None`: allocate the fixed-address metadata buffers every captured
-      decode batch size (1..max_bs) will read from;
-    - `plan_for_capture(bs: int) -> None`: plan a dummy decode batch of `bs` rows into those buffers
-      before the graph for `bs` is captured;
-    - `plan_for_replay(batch: ForwardBatch) -> None`: copy a real decode batch's metadata into the same
-      buffers (padded to the captured size) before replaying.
-    """
-
+    @abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
         """Build the step's metadata; called once before the layers run."""
-        ...
 
+    @abstractmethod
     def run_absorbed(
         self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """MQA over the paged latent: [T, H, C], [T, H, R], [pages, page_size, C+R] -> [T, H, C]."""
-        ...
 
+    @abstractmethod
     def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal ragged MHA over the new tokens: [T, H, D], [T, H, D], [T, H, Dv] -> [T, H, Dv]."""
-        ...
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """What every captured step of a set of CUDA graphs shares, known before the first capture.
+
+    A captured step has `num_seqs` sequences (one graph per size, up to `max_num_seqs`) of `query_len` new
+    tokens (query rows) each: 1 for decode; k + 1 for the verify step of speculative decoding, where the target
+    model checks k draft tokens of every sequence at once (causal within the sequence's rows).
+    """
+
+    query_len: int
+    max_num_seqs: int
+    max_pages: int  # page-table width of every captured batch (the runner's max_pages_per_seq)
+    page_size: int
+    num_heads: int  # attention heads on this rank
+    softmax_scale: float
+    dtype: torch.dtype  # of the queries and the latent cache
+    device: torch.device
+
+
+class GraphAttentionBackend(AttentionBackend):
+    """A backend whose steps can be captured in CUDA graphs and replayed (model/cuda_graph.py).
+
+    model/cuda_graph.py owns every static input of a captured step: token ids, positions, cache slots, and the
+    page table [max_num_seqs, max_pages] and seq_lens [max_num_seqs] int32 the attention kernels read; its
+    captured batches are built on them, so `plan_capture` sees them in its batch. A backend owns only the
+    metadata its kernels read besides them, through three hooks, called in this order:
+    1. `init_graphs(shape)` once: allocate that metadata (buffers);
+    2. `plan_capture(batch)` per captured size, before its graph is captured: plan the static batch, and decide
+       whatever the graph freezes (the Triton kernel's split count);
+    3. `plan_replay(...)` before every replay, with the real step's lengths on the host: refill the metadata a
+       kernel reads that the graph cannot derive on the device (FlashInfer's host-built plan); a no-op where the
+       captured kernels derive everything from the static inputs (Triton).
+    Every captured batch has `shape.query_len` query rows per sequence, so a verify step (k + 1 rows a sequence)
+    goes through the same three hooks as decode (1 row); a backend raises in `init_graphs` for a `query_len`
+    it cannot capture yet.
+    """
+
+    @abstractmethod
+    def init_graphs(self, shape: GraphShape) -> None:
+        """Allocate the fixed-address metadata every captured size reads."""
+
+    @abstractmethod
+    def plan_capture(self, batch: ForwardBatch) -> None:
+        """Plan the static batch of `batch.num_seqs` sequences (on model/cuda_graph.py's buffers) before its
+        graph is captured."""
+
+    @abstractmethod
+    def plan_replay(self, num_seqs: int, seq_lens: np.ndarray, page_table: torch.Tensor, table_rows: np.ndarray) -> None:
+        """Before replaying the graph of `num_seqs` sequences: its first len(seq_lens) rows are real (the rest
+        pad), sequence i ends at seq_lens[i] keys (after this step's query_len new ones) and reads its pages from
+        row table_rows[i] of `page_table` [rows, max_pages] int32 (the runner's per-slot table)."""
 
 
 # Score elements (float32) one block of the absorbed path may hold: keys per block are chosen to stay within it,
@@ -68,7 +115,7 @@ class TorchPlan:
     tokens: torch.Tensor | None = None  # [T'] int64, the batch's tokens when the plan covers part of it; None: all
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     """Reference attention in plain torch: pad the ragged batch per sequence and mask; no per-request loop.
 
     The absorbed form walks the keys in blocks with an online softmax, so its memory is bounded by the step's

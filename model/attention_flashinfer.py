@@ -7,8 +7,8 @@ computed on the host, so planning never waits for the GPU (overlap scheduling de
 without a prefix runs the expanded form through torch's fused attention, as the Triton backend does.
 
 CUDA graphs: FlashInfer pins a wrapper's metadata buffers at plan time, so each captured batch size gets
-its own wrapper; before a replay that wrapper is re-planned with the real batch (padded rows read one key
-of the padding page).
+its own wrapper; before a replay that wrapper is re-planned with the real step's lengths, its page ids
+gathered from the runner's per-slot page table (padded rows read one key of the padding page).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from baleen.model.attention import TorchAttentionBackend
+from baleen.model.attention import GraphAttentionBackend, GraphShape, TorchAttentionBackend
 from baleen.model.attention_triton import _ragged, expanded_prefill
 from baleen.model.batch import ForwardBatch
 
@@ -31,20 +31,24 @@ def _pinned(values: list[int] | np.ndarray, device: torch.device) -> torch.Tenso
 
 
 class _Csr:
-    """Host-built CSR metadata of one batch (optionally padded with one-key rows of the padding page)."""
+    """Host-built CSR metadata of one batch, optionally padded to `pad_to` sequences: padding rows have `pad_len`
+    new tokens over as many keys of the padding page. Sequence i reads its pages from row `table_rows[i]` of the
+    page table (default: row i)."""
 
-    def __init__(self, extend: list[int], seq_lens: list[int], page_size: int, max_pages: int, pad_to: int = 0):
+    def __init__(self, extend: list[int], seq_lens: list[int], page_size: int, max_pages: int, pad_to: int = 0,
+                 table_rows: list[int] | None = None, pad_len: int = 1):  # fmt: skip
         pad = max(0, pad_to - len(seq_lens))
-        extend = [*extend, *[1] * pad]
-        lens = [*seq_lens, *[1] * pad]
+        extend = [*extend, *[pad_len] * pad]
+        lens = [*seq_lens, *[pad_len] * pad]
         pages = [-(-n // page_size) for n in lens]
         self.qo = np.concatenate([[0], np.cumsum(extend)]).astype(np.int32)
         self.kv = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
         self.kv_len = np.asarray(lens, dtype=np.int32)
-        # flat positions into the [S, max_pages] page table; padding rows point at entry 0 of row 0,
-        # then are overwritten with page 0 below (pages[...] of a padded row are the padding page)
+        # flat positions into the [rows, max_pages] page table; padding rows' entries are not read: they are
+        # overwritten with page 0 below (pages[...] of a padded row are the padding page)
         real = len(seq_lens)
-        rows = np.repeat(np.arange(len(lens)), pages)
+        table = np.arange(len(lens)) if table_rows is None else np.asarray([*table_rows, *[0] * pad])
+        rows = np.repeat(table, pages)
         cols = np.arange(int(self.kv[-1])) - np.repeat(self.kv[:-1], pages)
         self.index = (rows * max_pages + cols).astype(np.int64)
         self.pad_from = int(self.kv[real])  # kv_indices entries from here on belong to padding rows
@@ -61,7 +65,7 @@ class _Csr:
         return dst
 
 
-class FlashInferAttentionBackend:
+class FlashInferAttentionBackend(GraphAttentionBackend):
     """FlashInfer MLA for the absorbed form; torch fused attention for the expanded prefill."""
 
     def __init__(self, device: torch.device, backend: str = "auto") -> None:
@@ -78,10 +82,8 @@ class FlashInferAttentionBackend:
         self._fallback = TorchAttentionBackend()  # shapes FlashInfer's MLA is not built for
         self._fallback_planned = False
         # CUDA graphs
-        self._graph_page_table: torch.Tensor | None = None
-        self._graph_seq_lens: torch.Tensor | None = None
+        self._graph_shape: GraphShape | None = None  # set by init_graphs
         self._graph_wrappers: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
-        self._max_pages = 0
 
     # ---- per step ------------------------------------------------------------------------------------
     def plan(self, batch: ForwardBatch) -> None:
@@ -129,25 +131,18 @@ class FlashInferAttentionBackend:
         return expanded_prefill(q, k, v, scale, _ragged(self._batch))
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------
-    def init_graph_state(self, max_bs: int, max_pages: int, device: torch.device) -> None:
-        self._graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.int32, device=device)
-        self._graph_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-        self._max_pages = max_pages
+    def init_graphs(self, shape: GraphShape) -> None:
+        """Each captured size gets its wrapper and buffers at its capture (`plan_capture`)."""
+        self._graph_shape = shape
 
-    def graph_buffers(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._graph_page_table is not None and self._graph_seq_lens is not None
-        return self._graph_page_table[:bs], self._graph_seq_lens[:bs]
-
-    def set_graph_shape(self, num_heads: int, scale: float, dtype: torch.dtype) -> None:
-        """What the captured wrappers are planned with (known once the model is built)."""
-        self._graph_shape = (num_heads, scale, dtype)
-
-    def plan_for_capture(self, batch: ForwardBatch, num_kv_splits: int) -> None:
-        bs = batch.num_seqs
+    def plan_capture(self, batch: ForwardBatch) -> None:
+        shape = self._graph_shape
+        assert shape is not None, "init_graphs(shape) must come before plan_capture"
+        bs, q = batch.num_seqs, shape.query_len
         bufs = {
-            "qo_indptr": torch.arange(bs + 1, dtype=torch.int32, device=self.device),
+            "qo_indptr": torch.arange(0, bs * q + 1, q, dtype=torch.int32, device=self.device),
             "kv_indptr": torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
-            "kv_indices": torch.zeros(bs * self._max_pages, dtype=torch.int32, device=self.device),
+            "kv_indices": torch.zeros(bs * shape.max_pages, dtype=torch.int32, device=self.device),
             "kv_len_arr": torch.ones(bs, dtype=torch.int32, device=self.device),
         }
         wrapper = self._flashinfer.mla.BatchMLAPagedAttentionWrapper(
@@ -157,14 +152,20 @@ class FlashInferAttentionBackend:
         self.plan(batch)
         self._replan(bs, batch.extend_lens_cpu, batch.seq_lens_cpu, batch.page_table, batch.page_size)
 
-    def plan_for_replay(self, batch: ForwardBatch, bs: int) -> None:
-        self.plan(batch)
-        self._replan(bs, batch.extend_lens_cpu, batch.seq_lens_cpu, batch.page_table, batch.page_size)
+    def plan_replay(self, num_seqs: int, seq_lens: np.ndarray, page_table: torch.Tensor, table_rows: np.ndarray) -> None:
+        shape = self._graph_shape
+        assert shape is not None
+        lens = seq_lens.tolist()
+        self._replan(num_seqs, [shape.query_len] * len(lens), lens, page_table, shape.page_size, table_rows.tolist())
 
-    def _replan(self, bs: int, extend: list[int], seq_lens: list[int], page_table: torch.Tensor, page_size: int) -> None:
+    def _replan(self, bs: int, extend: list[int], seq_lens: list[int], page_table: torch.Tensor, page_size: int,
+                table_rows: list[int] | None = None) -> None:  # fmt: skip
         wrapper, bufs = self._graph_wrappers[bs]
-        csr = _Csr(extend, seq_lens, page_size, page_table.shape[1], pad_to=bs)
+        shape = self._graph_shape
+        assert shape is not None
+        csr = _Csr(extend, seq_lens, page_size, page_table.shape[1], pad_to=bs, table_rows=table_rows,
+                   pad_len=shape.query_len)  # fmt: skip
         kv_indices = csr.kv_indices(page_table, out=bufs["kv_indices"])
-        num_heads, scale, dtype = self._graph_shape
-        self._plan_wrapper(wrapper, csr, kv_indices, num_heads, scale, dtype, page_size, causal=True)
+        self._plan_wrapper(wrapper, csr, kv_indices, shape.num_heads, shape.softmax_scale, shape.dtype, page_size,
+                           causal=True)  # fmt: skip
         self._active = wrapper

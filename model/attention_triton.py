@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from baleen.kernels.mla_extend import extend_rows
-from baleen.model.attention import TorchAttentionBackend
+from baleen.model.attention import GraphAttentionBackend, GraphShape, TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 
 
@@ -56,11 +57,13 @@ def expanded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(GraphAttentionBackend):
     """Triton split-KV MLA decode and absorbed extend; torch fused attention for prefill without a prefix.
 
     On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16, 64-multiple heads, 512 + 64,
     pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at 128 heads).
+    Under CUDA graphs the kernels read the graphs' static page table and seq_lens: nothing to plan before a
+    replay; the split count of each captured size is frozen at its capture.
     """
 
     def __init__(self) -> None:
@@ -73,9 +76,8 @@ class TritonAttentionBackend:
         self._fallback = TorchAttentionBackend()
         self._fallback_planned = False
         self._num_kv_splits: int | None = None
-        # CUDA-graph state: fixed-address page table and lengths every captured size reads
-        self._graph_page_table: torch.Tensor | None = None
-        self._graph_seq_lens: torch.Tensor | None = None
+        self._graph_shape: GraphShape | None = None  # set by init_graphs
+        self._num_sms = 0
         # captured size -> its KV split count; eager decode of n rows uses the count of the size n pads to,
         # so a step gives the same numbers whether or not it replays a graph
         self._decode_splits: dict[int, int] = {}
@@ -161,17 +163,26 @@ class TritonAttentionBackend:
         return expanded_prefill(q, k, v, scale, self._ragged)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------
-    def init_graph_state(self, max_bs: int, max_pages: int, device: torch.device) -> None:
-        self._graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.int32, device=device)
-        self._graph_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+    def init_graphs(self, shape: GraphShape) -> None:
+        if shape.query_len != 1:
+            # TODO(verify): several rows a sequence run the extend path (`extend_rows`): its seq_idx / kv_lens
+            # would need fixed buffers of max_num_seqs * query_len rows, filled in the graph.
+            raise ValueError(f"the Triton backend captures decode steps only (query_len 1), not {shape.query_len}")
+        self._graph_shape = shape
+        self._num_sms = torch.cuda.get_device_properties(shape.device).multi_processor_count
 
-    def graph_buffers(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static page table [bs, max_pages] and seq_lens [bs] a captured batch of `bs` rows reads."""
-        assert self._graph_page_table is not None and self._graph_seq_lens is not None
-        return self._graph_page_table[:bs], self._graph_seq_lens[:bs]
+    def plan_capture(self, batch: ForwardBatch) -> None:
+        """Plan the static decode batch and freeze its KV split count (as eager decode of that size picks it)."""
+        from baleen.kernels.mla_decode import pick_mla_decode_tiles, pick_num_kv_splits
 
-    def plan_for_capture(self, batch: ForwardBatch, num_kv_splits: int) -> None:
-        """Plan a batch built on the static buffers; the split count is frozen into the graph."""
+        shape = self._graph_shape
+        assert shape is not None, "init_graphs(shape) must come before plan_capture"
+        heads, bs = shape.num_heads, batch.num_seqs
+        block_h = pick_mla_decode_tiles(heads).block_h  # as eager decode picks it (Gluon too: 64)
+        splits = pick_num_kv_splits(bs, -(-heads // block_h), shape.max_pages * shape.page_size, self._num_sms, block_h)
         self.plan(batch)
-        self._num_kv_splits = num_kv_splits
-        self._decode_splits[batch.num_seqs] = num_kv_splits
+        self._num_kv_splits = splits
+        self._decode_splits[bs] = splits
+
+    def plan_replay(self, num_seqs: int, seq_lens: np.ndarray, page_table: torch.Tensor, table_rows: np.ndarray) -> None:
+        """Nothing: the captured kernels read the graphs' page table and seq_lens, which the graph fills itself."""

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baleen.kernels.activation import silu_and_mul
+from baleen.kernels.activation import silu_and_mul, silu_and_mul_ref
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
-from baleen.model.kernel_choice import KernelChoice, choose_kernels
+from baleen.model.kernel_choice import KernelChoice, KernelModule, choose_kernels
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
@@ -50,8 +50,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ---- modules ------------------------------------------------------------------------------------------
-class DeepseekV3MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)); with reduce_results=False each rank returns its partial sum."""
+class DeepseekV3MLP(KernelModule):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); with reduce_results=False each rank returns its partial sum.
+
+    `fused=False` keeps the torch SwiGLU on CUDA too (KernelChoice.glue).
+    """
 
     def __init__(
         self,
@@ -60,12 +63,19 @@ class DeepseekV3MLP(nn.Module):
         parallel: ParallelConfig,
         method: LinearMethod,
         reduce_results: bool = True,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, method, parallel)
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, method, parallel)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, method, parallel, reduce_results)
         self.gate_up: FusedLinear | None = None  # gate_proj and up_proj as one GEMM, after post_load()
+        self.fused = fused
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        # [T, 2 * intermediate] -> [T, intermediate]: one launch where the weights are on CUDA
+        self.silu_and_mul = silu_and_mul if self.fused and self.down_proj.weight.is_cuda else silu_and_mul_ref
 
     def post_load(self) -> None:
         """Fuse gate_proj and up_proj into one GEMM (their weights become views of the fused one)."""
@@ -80,10 +90,7 @@ class DeepseekV3MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if x.is_cuda:
-            return self.down_proj(silu_and_mul(self.gate_up.joint(x)))  # [T, 2 * intermediate] -> [T, intermediate]
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_and_mul(self.gate_up.joint(x)))  # [T, 2 * intermediate] -> [T, intermediate]
 
 
 class DeepseekV3MoE(nn.Module):
@@ -135,7 +142,7 @@ class DeepseekV3MoE(nn.Module):
         if config.n_shared_experts:
             width = config.n_shared_experts * config.moe_intermediate_size
             self.shared_experts = DeepseekV3MLP(
-                config.hidden_size, width, parallel, method, reduce_results=False
+                config.hidden_size, width, parallel, method, reduce_results=False, fused=kernels.glue
             )
         self.fused_shared = False  # set by post_load() once the shared expert sits in its expert slot
 
@@ -199,11 +206,12 @@ class DeepseekV3DecoderLayer(nn.Module):
             self.mlp = DeepseekV3MoE(config, parallel, dtype, method, kernels, experts_method)
         else:
             self.mlp = DeepseekV3MLP(
-                config.hidden_size, config.intermediate_size, parallel, method, reduce_results=False
+                config.hidden_size, config.intermediate_size, parallel, method, reduce_results=False,
+                fused=kernels.glue,
             )
         self.exchange: MlpExchange = make_exchange(groups)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
@@ -249,7 +257,7 @@ class DeepseekV3Model(nn.Module):
             DeepseekV3DecoderLayer(config, i, groups, dtype, kernels, experts_method)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         h = self.embed_tokens(ctx.batch.input_ids)  # [T, H]
@@ -451,9 +459,9 @@ class DeepseekV3ForCausalLM(nn.Module):
 class SharedHead(nn.Module):
     """The MTP layer's own final norm and output projection."""
 
-    def __init__(self, config: ModelConfig, groups: ParallelGroups, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, kernels: KernelChoice) -> None:
         super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
         self.head = make_lm_head(config, groups, dtype)
 
 
@@ -482,16 +490,16 @@ class DeepseekMTP(nn.Module):
         self.prefix = f"model.layers.{layer_id}."
         self.mla_policy = make_mla_policy(mla_mode)
         self.rotary = make_rotary(config)
+        kernels = kernels or choose_kernels(config, parallel)
         self.embed_tokens = make_embedding(config, groups, dtype)
-        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.glue)
         # NOTE: V3 keeps eh_proj in bf16 even in FP8 checkpoints.
         self.eh_proj = ReplicatedLinear(
             2 * config.hidden_size, config.hidden_size, UnquantizedLinearMethod(dtype), parallel
         )
-        kernels = kernels or choose_kernels(config, parallel)
         self.block = DeepseekV3DecoderLayer(config, layer_id, groups, dtype, kernels, experts_method)
-        self.shared_head = SharedHead(config, groups, dtype)
+        self.shared_head = SharedHead(config, groups, dtype, kernels)
 
     def share_embedding(self, embed: VocabParallelEmbedding) -> None:
         """Use the main model's embedding (checkpoints that omit `model.layers.{L}.embed_tokens.weight`)."""

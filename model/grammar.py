@@ -26,7 +26,7 @@ is allowed once the grammar is complete (xgrammar's stop tokens). Grammars of ki
 a second vocabulary in which DeepSeek's tool-call markers are ordinary tokens a grammar may require.
 
 NOTE: every rank of a tensor-parallel group runs the same matchers on the same tokens, so they fill the same
-masks and keep sampling the same tokens (see ParallelRunner in actors/worker.py).
+masks and keep sampling the same tokens (see ParallelRunner in model/build.py).
 """
 
 from __future__ import annotations

@@ -1,16 +1,25 @@
-"""Which fused CUDA kernels a model's shapes allow: chosen once, when the model is built (habit 9).
+"""Kernel or reference: which fused CUDA kernels a model's shapes allow (chosen once, when the model is built), and
+which one a module runs (chosen once per device, never per call) (habit 9).
 
 Each kernel has limits its pure-torch reference does not (power-of-two widths, a 128-column FP8 block, block-
 aligned TP shards). `choose_kernels` checks a model's shapes against them; where a kernel cannot take a layer's
 shape, that layer runs its reference instead and `KernelChoice.fallbacks` says so in one line naming the layer,
-the config field and the limit (the loader logs each once). The CPU path runs the references whatever this says.
+the config field and the limit (the loader logs each once). The modules get the choice at construction; each
+`KernelModule` then binds the callable it runs from where its weights are (`bind_kernels`): the kernel the
+choice allows on CUDA, the reference elsewhere (CPU, meta), again whenever its parameters move.
 The MLA decode kernel is the attention backend's: `triton_decode_unsupported` says why the Triton backend
 cannot serve a model, and the engine picks the torch backend or raises (actors/engine.py).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
+
+import torch
+from torch import nn
 
 from baleen.kernels.fp8_gemm import fp8_gemm_unsupported
 from baleen.kernels.fp8_gemv import fp8_gemv_unsupported
@@ -29,7 +38,28 @@ class KernelChoice:
     moe_route: bool = True  # V3 routing in one launch (else the torch selection)
     fp8_weights: bool = True  # FP8 linears and experts stay FP8 (else dequantized at load, as on CPU)
     fp8_absorb: bool = True  # absorbed decode multiplies by the FP8 W_UK / W_UV blocks (else dense copies)
+    # The rest of the decode glue: RMSNorm (+ residual, + FP8 quantization), SwiGLU, the router's float32-output GEMM.
+    # No kernel here has a backward: training (model/train.py) turns every field off.
+    glue: bool = True
     fallbacks: tuple[str, ...] = ()
+
+
+class KernelModule(nn.Module, ABC):
+    """A module that runs fused CUDA kernels where its weights are on CUDA and their torch references elsewhere.
+
+    `bind_kernels` makes the choice from the device its parameters are on and keeps the callables its forward
+    runs: call it at the end of `__init__` (parameters on meta or CPU: the references); it runs again after every
+    move (`.to()`, `.cuda()`, `Module._apply`; `materialize` in model/layers.py), so forward never asks.
+    """
+
+    @abstractmethod
+    def bind_kernels(self) -> None:
+        """Choose kernel or reference for the device this module's parameters are on now."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        super()._apply(fn, recurse)  # children first: a module may read its children's parameters
+        self.bind_kernels()
+        return self
 
 
 def _fp8_limit(config: ModelConfig, parallel: ParallelConfig) -> str | None:

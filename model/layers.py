@@ -4,7 +4,8 @@ Every parameter carries a `weight_loader(param, loaded)` that takes the FULL che
 `TensorSource`: only the rows and columns it indexes are read), checks its shape and copies this rank's
 shard into the parameter. Collectives go through a `Comm` (model/parallel.py), the TP group by default. The math of a linear is a *linear method* chosen at
 construction: `UnquantizedLinearMethod` (weight in the compute dtype) or `Fp8BlockLinearMethod` (e4m3 weight
-plus one float32 `weight_scale_inv` per block, as DeepSeek's checkpoints store them).
+plus one float32 `weight_scale_inv` per block, as DeepSeek's checkpoints store them); each linear swaps its method
+for the one of its weights' device (`LinearMethod.for_device`: the FP8 kernels on CUDA, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from baleen.kernels.norm import rms_norm, rms_norm_quant_fp8, rms_norm_ref
 from baleen.model.config import ParallelConfig, QuantConfig
+from baleen.model.kernel_choice import KernelModule
 from baleen.model.parallel import Comm
 
 if TYPE_CHECKING:
@@ -87,7 +89,8 @@ def shard_range(size: int, rank: int, world: int, what: str) -> tuple[int, int]:
 
 
 def materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Give every meta parameter real (uninitialised) storage on `device`, keeping its weight loader.
+    """Give every meta parameter real (uninitialised) storage on `device`, keeping its weight loader; then every
+    KernelModule binds the kernels or references of that device.
 
     `Module.to_empty` would drop the attributes we hang on parameters, so parameters are re-created here.
     """
@@ -98,6 +101,9 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
             fresh = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
             fresh.__dict__.update(param.__dict__)
             sub._parameters[name] = fresh
+    for sub in module.modules():
+        if isinstance(sub, KernelModule):
+            sub.bind_kernels()
 
 
 def default_comm(parallel: ParallelConfig) -> Comm:
@@ -106,18 +112,26 @@ def default_comm(parallel: ParallelConfig) -> Comm:
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (one fused Triton launch on CUDA, torch elsewhere)."""
+class RMSNorm(KernelModule):
+    """x / rms(x) * weight, computed in float32 (one fused Triton launch on CUDA, torch elsewhere).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32) -> None:
+    `fused=False` keeps the torch reference on CUDA too (KernelChoice.glue: training, the kernel has no backward).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
+                 fused: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = new_param((hidden_size,), dtype)
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        # (x, weight, eps, residual) -> (normed, x + residual); bound per device, see KernelModule
+        self.rms_norm = rms_norm if self.fused and self.weight.is_cuda else rms_norm_ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not self.weight.requires_grad:  # NOTE: the Triton norm has no backward (training)
-            return rms_norm(x, self.weight, self.eps)[0]
-        return rms_norm_ref(x, self.weight, self.eps)[0]
+        return self.rms_norm(x, self.weight, self.eps)[0]
 
     def then(self, linear: ColumnParallelLinear | ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
         """linear(self(x)) for a linear without an all-reduce; where that linear would quantize its input for
@@ -130,9 +144,7 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add of a pre-norm block fused into its norm."""
-        if x.is_cuda and not self.weight.requires_grad:
-            return rms_norm(x, self.weight, self.eps, residual)
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        return self.rms_norm(x, self.weight, self.eps, residual)
 
 
 # ---- linear methods --------------------------------------------------------------------------------------
@@ -151,6 +163,10 @@ class LinearMethod(Protocol):
 
     def create_weights(self, layer: LinearBase) -> None: ...
 
+    def for_device(self, device: torch.device) -> LinearMethod:
+        """The method for weights on `device` (itself when nothing changes); see KernelModule."""
+        ...
+
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -163,18 +179,19 @@ class UnquantizedLinearMethod:
     def create_weights(self, layer: LinearBase) -> None:
         layer.weight = new_param((layer.out_local, layer.in_local), self.dtype, layer.load_weight)
 
+    def for_device(self, device: torch.device) -> LinearMethod:
+        return self
+
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)
 
 
 class Fp8BlockLinearMethod:
-    """e4m3 weight [out, in] + float32 weight_scale_inv [ceil(out/bn), ceil(in/bk)]; block-FP8 GEMM (CUDA).
+    """e4m3 weight [out, in] + float32 weight_scale_inv [ceil(out/bn), ceil(in/bk)]: the reference, for weights off
+    CUDA (the weight dequantized per call, a float32 GEMM); `for_device` gives weights on CUDA the kernels' method,
+    `CudaFp8BlockLinearMethod`.
 
-    On the GPU the GEMM is picked by the token count M (crossovers measured on the H100, docs/PERF.md):
-    M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
-    M <= TILED_MAX_M on a layer with a tiled weight copy (`tile_weight`), the W8A8 GEMM over that copy;
-    SKINNY_MIN_M <= M <= SKINNY_MAX_M otherwise, the W8A16 tensor-core GEMM (`fp8_skinny`);
-    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
+    The token-count regimes of the CUDA method are class attributes here, so that benchmarks can move them for both.
     """
 
     CUBLAS_MIN_M = 128
@@ -193,7 +210,6 @@ class Fp8BlockLinearMethod:
 
     def __init__(self, block_size: tuple[int, int]) -> None:
         self.block_size = block_size
-        self._cublas: bool | None = None  # whether the device has cuBLAS block scaling; asked on first use
 
     def create_weights(self, layer: LinearBase) -> None:
         bn, bk = self.block_size
@@ -208,13 +224,57 @@ class Fp8BlockLinearMethod:
         scale_shape = (-(-layer.out_local // bn), -(-layer.in_local // bk))
         layer.weight_scale_inv = new_param(scale_shape, torch.float32, layer.load_scale)
 
+    def for_device(self, device: torch.device) -> LinearMethod:
+        if device.type == "cuda":
+            return CudaFp8BlockLinearMethod(self.block_size, device)
+        return self if type(self) is Fp8BlockLinearMethod else Fp8BlockLinearMethod(self.block_size)
+
+    def tile_weight(self, layer: LinearBase | FusedLinear) -> int:
+        """Give `layer` a tiled copy of its weight for the few-token GEMM (CUDA only); the bytes it adds: none here."""
+        return 0
+
+    def takes_quantized(self, layer: LinearWeights, x: torch.Tensor) -> bool:
+        """Whether `apply` would quantize x per token group and run the tiled GEMM (never off CUDA)."""
+        return False
+
+    def apply_quantized(
+        self, layer: LinearWeights, x_q: torch.Tensor, x_s: torch.Tensor, lead: torch.Size, dtype: torch.dtype
+    ) -> torch.Tensor:
+        raise ValueError("apply_quantized needs FP8 weights on CUDA with a tiled copy (takes_quantized said no)")
+
+    def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
+        from baleen.kernels.fp8_linear import fp8_block_linear  # lazy: only the FP8 path needs the kernels
+
+        return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
+
+
+class CudaFp8BlockLinearMethod(Fp8BlockLinearMethod):
+    """Block-FP8 weights on CUDA: the GEMM is picked by the token count M (crossovers measured on the H100,
+    docs/PERF.md):
+    M <= GEMV_MAX_M, the W8A16 GEMV (decode: no activation quantization, no split-K reduction);
+    M <= TILED_MAX_M on a layer with a tiled weight copy (`tile_weight`), the W8A8 GEMM over that copy;
+    SKINNY_MIN_M <= M <= SKINNY_MAX_M otherwise, the W8A16 tensor-core GEMM (`fp8_skinny`);
+    M >= CUBLAS_MIN_M, cuBLASLt's block-scaled FP8 where the device has it (prefill); between, our Triton GEMM.
+    """
+
+    def __init__(self, block_size: tuple[int, int], device: torch.device) -> None:
+        from baleen.kernels.fp8_cublas import cublas_block_fp8_supported
+
+        super().__init__(block_size)
+        self.device = device
+        # where M >= it, cuBLAS block scaling (None: the device has none, the Triton GEMM throughout)
+        self.cublas_min_m = self.CUBLAS_MIN_M if cublas_block_fp8_supported(device) else None
+
+    def for_device(self, device: torch.device) -> LinearMethod:
+        return self if device == self.device else super().for_device(device)
+
     def tile_weight(self, layer: LinearBase | FusedLinear) -> int:
         """Give `layer` a tiled copy of its weight (`weight_tiled`) for the few-token GEMM; the bytes it adds
-        (the weight's size again), 0 where that GEMM cannot read it (off CUDA, K % 16 != 0)."""
+        (the weight's size again), 0 where that GEMM cannot read it (K % 16 != 0)."""
         from baleen.kernels.fp8_gemm import TILE_K, tile_fp8_weight
 
         w = layer.weight
-        if not w.is_cuda or w.dtype != torch.float8_e4m3fn or w.shape[1] % 16 or self.block_size[1] != TILE_K:
+        if w.dtype != torch.float8_e4m3fn or w.shape[1] % 16 or self.block_size[1] != TILE_K:
             return 0
         layer.weight_tiled = tile_fp8_weight(w.data)
         return layer.weight_tiled.num_bytes
@@ -225,7 +285,7 @@ class Fp8BlockLinearMethod:
         k = x.shape[-1]
         m = x.numel() // max(k, 1)
         return (
-            x.is_cuda and not self._takes_gemv(m, k) and 0 < m <= self.TILED_MAX_M
+            not self._takes_gemv(m, k) and 0 < m <= self.TILED_MAX_M
             and getattr(layer, "weight_tiled", None) is not None
         )  # fmt: skip
 
@@ -248,8 +308,6 @@ class Fp8BlockLinearMethod:
     def apply(self, layer: LinearWeights, x: torch.Tensor) -> torch.Tensor:
         from baleen.kernels.fp8_linear import fp8_block_linear  # lazy: only the FP8 path needs the kernels
 
-        if not x.is_cuda:
-            return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block_size)
         k = x.shape[-1]
         m = x.numel() // max(k, 1)
         if self._takes_gemv(m, k):
@@ -267,14 +325,9 @@ class Fp8BlockLinearMethod:
 
             y = fp8_skinny_gemm(x.reshape(m, k), layer.weight, layer.weight_scale_inv, self.block_size)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if self._cublas is None:
-            from baleen.kernels.fp8_cublas import cublas_block_fp8_supported
-
-            self._cublas = cublas_block_fp8_supported(x.device)
         return fp8_block_linear(
-            x, layer.weight, layer.weight_scale_inv, self.block_size,
-            cublas_min_m=self.CUBLAS_MIN_M if self._cublas else None,
-        )  # fmt: skip
+            x, layer.weight, layer.weight_scale_inv, self.block_size, cublas_min_m=self.cublas_min_m
+        )
 
 
 def make_linear_method(quant: QuantConfig | None, dtype: torch.dtype) -> LinearMethod:
@@ -285,7 +338,7 @@ def make_linear_method(quant: QuantConfig | None, dtype: torch.dtype) -> LinearM
 
 
 # ---- linear layers -----------------------------------------------------------------------------------
-class LinearBase(nn.Module):
+class LinearBase(KernelModule):
     """A bias-free linear whose weight is this rank's [out_local, in_local] slice of [out, in]."""
 
     weight: nn.Parameter
@@ -313,6 +366,10 @@ class LinearBase(nn.Module):
         self.in_local = in_end - self.in_start
         self.method = method
         method.create_weights(self)
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        self.method = self.method.for_device(self.weight.device)
 
     @property
     def block_size(self) -> tuple[int, int] | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from baleen.kernels.fp8_gemv import fp8_block_gemv_batched
 from baleen.kernels.mla_prep import mla_prep, mla_prep_ref
@@ -15,7 +14,7 @@ from baleen.kernels.quant import block_dequant
 from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
-from baleen.model.kernel_choice import KernelChoice
+from baleen.model.kernel_choice import KernelChoice, KernelModule
 from baleen.model.kv_cache import KVCache
 from baleen.model.layers import (
     ColumnParallelLinear,
@@ -89,7 +88,7 @@ class StepContext:
         self.dp_num_tokens = batch.dp_num_tokens
 
 
-class DeepseekV3Attention(nn.Module):
+class DeepseekV3Attention(KernelModule):
     """Multi-head latent attention: the latent (kv_lora_rank) + shared rope key is all that is cached.
 
     Heads are split over the ranks `parallel` describes and `comm` sums o_proj over: all TP ranks, or with
@@ -128,19 +127,19 @@ class DeepseekV3Attention(nn.Module):
         self.rank = c.kv_lora_rank  # width of the cached latent before the rope part
         self.scale = c.softmax_scale
         self.dtype = dtype
-        # Chosen once from the shapes (model/kernel_choice.py); the CPU path always runs the reference.
-        self.prep = mla_prep if kernels.mla_prep else mla_prep_ref
+        # What CUDA runs, chosen once from the shapes (model/kernel_choice.py); `prep` is what runs here (bind_kernels).
+        self.cuda_prep = mla_prep if kernels.mla_prep else mla_prep_ref
         self.fp8_absorb = kernels.fp8_absorb
         q_out = c.num_attention_heads * c.qk_head_dim
         if c.q_lora_rank is None:
             self.q_proj = ColumnParallelLinear(c.hidden_size, q_out, method, parallel)
         else:
             self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, method, parallel)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype, kernels.glue)
             self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, q_out, method, parallel)
         self.q_lora = c.q_lora_rank is not None
         self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_cache_dim, method, parallel)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype, kernels.glue)
         kv_b_out = c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
         self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, kv_b_out, method, parallel)
         self.o_proj = RowParallelLinear(
@@ -156,6 +155,11 @@ class DeepseekV3Attention(nn.Module):
         self.w_uv_fp8: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
         # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM after post_load() when they can share it.
         self.qkv_a: FusedLinear | None = None
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        # latent norm + rotary + cache write: the fused launch where the weights are on CUDA, else the reference
+        self.prep = self.cuda_prep if self.kv_a_layernorm.weight.is_cuda else mla_prep_ref
 
     def post_load(self) -> None:
         """Derive W_UK / W_UV from kv_b_proj (dequantized when FP8) for the absorbed form."""
@@ -201,9 +205,8 @@ class DeepseekV3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.nope + self.rope)
         # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
         kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back
-        prep = self.prep if x.is_cuda else mla_prep_ref
         norm = self.kv_a_layernorm
-        prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
+        self.prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
              self.rope, kv)  # fmt: skip
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
         if ctx.absorbed:

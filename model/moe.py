@@ -19,7 +19,7 @@ from torch import nn
 from baleen.kernels.moe_route import route_noaux_tc
 from baleen.kernels.quant import block_dequant
 from baleen.model.config import ModelConfig, ParallelConfig
-from baleen.model.kernel_choice import KernelChoice
+from baleen.model.kernel_choice import KernelChoice, KernelModule
 from baleen.model.layers import TensorSource, check_shape, copy_into, new_param
 
 
@@ -70,7 +70,7 @@ def select_experts(
     return weights * routed_scaling_factor, topk_ids.to(torch.int32)
 
 
-class MoEGate(nn.Module):
+class MoEGate(KernelModule):
     """The router: logits in float32 from `weight` [E, H], then `select_experts`."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, kernels: KernelChoice) -> None:
@@ -85,6 +85,14 @@ class MoEGate(nn.Module):
         # V3/R1 routing runs as one Triton launch on CUDA where its shapes allow (kernels/moe_route.py); other
         # schemes stay in torch.
         self.kernel_route = kernels.moe_route
+        # NOTE: the out_dtype GEMM and the routing kernel have no backward: a gate being trained runs in torch.
+        self.glue = kernels.glue
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        cuda = self.weight.is_cuda
+        self.fp32_out_gemm = cuda and self.glue  # the logits of bf16 x and weight by a float32-output GEMM
+        self.route = cuda and self.glue and self.kernel_route and self.e_score_correction_bias is not None
 
     def forward(self, x: torch.Tensor, shared_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32).
@@ -92,15 +100,13 @@ class MoEGate(nn.Module):
         With `shared_id`, one more column (shared_id, weight 1.0) per row: the shared expert as an extra expert.
         """
         c = self.config
-        # NOTE: the out_dtype GEMM and the routing kernel have no backward: a gate being trained runs in torch.
-        fused = x.is_cuda and not self.weight.requires_grad
-        if fused and x.dtype != torch.float32:
+        if self.fp32_out_gemm and x.dtype != torch.float32:
             # bf16 products are exact in float32: a float32-output GEMM equals the upcast one (up to summation order).
             logits = torch.mm(x, self.weight.t(), out_dtype=torch.float32)  # [T, E]
         else:
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         bias = self.e_score_correction_bias
-        if fused and self.kernel_route and bias is not None:
+        if self.route and bias is not None:
             return route_noaux_tc(
                 logits, bias, self.top_k, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob,
                 shared_id,

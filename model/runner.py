@@ -9,9 +9,9 @@ queues its forward and defers its sampling, `complete` samples once the caller h
 model/grammar.py).
 
 A plain decode step on captured CUDA graphs costs the host one copy in and one copy out: the graph derives
-its inputs from the slots (`DecodeGraphs.run_staged`) and, when every row is greedy with nothing else asked,
-a captured tail samples too. One extra slot (`scratch_slot`, index num_slots) belongs to no request: padding
-rows and rows whose token is not kept point at it.
+its inputs from the slots (`DecodeGraphs.replay`, the one replay path) and, when every row is greedy with
+nothing else asked, a captured tail samples too. One extra slot (`scratch_slot`, index num_slots) belongs to
+no request: padding rows and rows whose token is not kept point at it.
 """
 
 from __future__ import annotations
@@ -20,16 +20,25 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 import torch
 
 from baleen.messages import PageUpdate, SlotInit, StepPlan, StepResult
+from baleen.model.attention import AttentionBackend, GraphAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.grammar import GrammarSlots, SlotGrammar
-from baleen.model.sampler import BatchFlags, TokenMask
+from baleen.model.sampler import BatchFlags, Sampler, TokenMask
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from baleen.model.cuda_graph import DecodeGraphs
+    from baleen.model.deepseek import DeepseekV3ForCausalLM
+    from baleen.model.kv_cache import KVCache
+    from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
 
 
 @dataclass(frozen=True)
@@ -109,34 +118,35 @@ def _i32(b: bytes) -> np.ndarray:
 
 
 class ModelRunner:
-    """Runs StepPlans on one rank: model, KV cache, attention backend, sampler."""
+    """Runs StepPlans on one rank: model, KV cache, attention backend, sampler (and its per-slot state).
+
+    Built by `model/build.py: build_runner`, in start-up order; `capture_graphs` adds the decode CUDA graphs.
+    """
 
     def __init__(
         self,
-        model: Any,
-        kv_cache: Any,
-        attn: Any,
-        sampler: Any,
-        sampling_state: Any,
+        model: DeepseekV3ForCausalLM,
+        kv_cache: KVCache,
+        attn: AttentionBackend,
+        sampler: Sampler,
         config: RunnerConfig,
         device: torch.device,
-        processors: Any = None,
-        tokenizer: Any = None,
+        *,
+        processors: LogitProcessorRegistry | None = None,
+        tokenizer: Tokenizer | None = None,
         random_seed: int = 0,
-        graphs: Any = None,
         grammars: GrammarSlots | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.attn = attn
         self.sampler = sampler
-        self.state = sampling_state
         self.config = config
         self.device = device
-        self.processors = processors
+        self.processors = processors  # None: custom logit processors are disabled
         self.tokenizer = tokenizer
         self.random_seed = random_seed
-        self.graphs = graphs  # DecodeGraphs | None: captured decode forwards
+        self.graphs: DecodeGraphs | None = None  # captured decode forwards (`capture_graphs`)
         self.scratch_slot = config.num_slots
         self.slot_tokens = torch.zeros(config.num_slots + 1, dtype=torch.int64, device=device)
         # NOTE: entry 0 of the pool is the padding page; unused table entries point at it.
@@ -148,16 +158,23 @@ class ModelRunner:
         self._deferred: PendingStep | None = None  # a launched step whose sampling waits for `_unaccepted`'s tokens
         self._pinned = device.type == "cuda"
 
-    def capture_graphs(self) -> None:
-        """Capture the decode graphs, reading their inputs from this runner's slots (staged mode)."""
-        assert self.graphs is not None
-        self.graphs.bind_slots(self.slot_tokens, self.page_table, self.sampler, self.scratch_slot)
-        self.graphs.capture()
+    def capture_graphs(self, batch_sizes: list[int], num_heads: int) -> DecodeGraphs:
+        """Capture decode graphs of `batch_sizes` rows (`num_heads` attention heads on this rank), reading their
+        inputs from this runner's slots; later plain decode steps replay them."""
+        from baleen.model.cuda_graph import DecodeGraphs
+
+        if not isinstance(self.attn, GraphAttentionBackend):
+            raise ValueError(f"{type(self.attn).__name__} has no CUDA-graph support; add --disable-cuda-graph")
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
+                              self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     # ---- slot state ------------------------------------------------------------------------------
     def _apply_slot_changes(self, plan: StepPlan) -> None:
         for slot in plan.freed_slots:
-            self.state.clear_slot(slot)
+            self.sampler.state.clear_slot(slot)
             self.slot_procs.pop(slot, None)
             if self.grammars is not None:
                 self.grammars.clear_slot(slot)  # a step in flight keeps its own reference to the matcher
@@ -173,7 +190,7 @@ class ModelRunner:
         if params.seed is None:
             # A stable per-request seed: a recomputed (preempted) request draws the same noise again.
             params = msgspec.structs.replace(params, seed=zlib.crc32(init.rid.encode()) ^ self.random_seed)
-        self.state.set_slot(init.slot, params, prompt, output)
+        self.sampler.state.set_slot(init.slot, params, prompt, output)
         self.slot_procs.pop(init.slot, None)
         if self.grammars is not None:
             self.grammars.clear_slot(init.slot)
@@ -190,7 +207,9 @@ class ModelRunner:
                 proc = _FailedProcessor("custom logit processors are disabled (--enable-custom-logit-processor)")
             else:
                 try:
-                    proc = self.processors.create(name, init.sampling.custom_params or {}, self.tokenizer)
+                    # NOTE: without a tokenizer.json a processor gets None; one that needs a tokenizer fails here.
+                    custom = init.sampling.custom_params or {}
+                    proc = self.processors.create(name, custom, self.tokenizer)  # type: ignore[arg-type]
                 except Exception as e:
                     proc = _FailedProcessor(str(e))
             self.slot_procs[init.slot] = (proc, output)
@@ -256,12 +275,12 @@ class ModelRunner:
         return batch, sslots_d, sampled_slots.tolist()
 
     def staged_rows(self, plan: StepPlan) -> torch.Tensor | None:
-        """The staged rows of a plain decode step (see `DecodeGraphs.run_staged`), or None when the step is not
-        one: some row extends by more than one token or has no prefix, or the batch outgrows the graphs."""
+        """The step rows of a plain decode step (see `DecodeGraphs.replay`), or None when the step is not one:
+        some row extends by more than one token or has no prefix, or the batch outgrows the graphs."""
         g = self.graphs
         rows = plan.rows
         n = len(rows)
-        if g is None or not g.staged or not 0 < n <= g.max_bs or getattr(plan, "dp_num_tokens", None):
+        if g is None or not 0 < n <= g.max_bs or getattr(plan, "dp_num_tokens", None):
             return None
         if any(r.extend_len != 1 or r.prefix_len < 1 for r in rows):
             return None
@@ -318,7 +337,7 @@ class ModelRunner:
             flags = self.sampler.state.flags(sampled_slots)
             grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
             greedy = len(sample_rows) == len(plan.rows) and not grammar_rows and self._plain_greedy(sampled_slots, flags)
-            logits, tokens = self.graphs.run_staged(staged, len(plan.rows), greedy)
+            logits, tokens = self.graphs.replay(staged, len(plan.rows), greedy)
             if tokens is not None:
                 host["token_ids"] = self._to_host(tokens)
                 logits = None  # sampled already
@@ -331,9 +350,7 @@ class ModelRunner:
                 sample_slots = self._to_device(np.asarray(sampled_slots))
         else:
             batch, sample_slots, sampled_slots = self.build_batch(plan)
-            if self.graphs is not None and self.graphs.can_run(batch):
-                logits = self.graphs.run(batch)
-            elif batch.num_tokens:
+            if batch.num_tokens:
                 self.attn.plan(batch)
                 hidden = self.model(batch, self.kv_cache, self.attn)
                 if sampled_slots:
@@ -420,7 +437,7 @@ class ModelRunner:
         """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
 
         Returns the k of the top-logprob tables (0 when none was asked)."""
-        procs = (
+        procs: list[tuple[int, LogitProcessor, list[int]]] = (
             [
                 (j, _Guarded(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
                 for j, s in enumerate(sampled_slots)

@@ -7,11 +7,12 @@ ForwardBatch sequence each, positions from 0) and a padding tail; `PackedAttenti
 backend like the others (plan once, run per layer) whose expanded-MLA `run` is causal attention inside each
 document, fused by SDPA. Without a cached prefix MLA runs its expanded form, so nothing reads the KV cache; the
 latents the layers write land in a two-slot scratch cache. Parameters are float32 under bf16 autocast on CUDA,
-with AdamW; the torch references replace the Triton kernels wherever weights require grad (the kernels have no
-backward). The MTP layer shares the embedding and the output head and learns the next-next token (loss weight
-0.3, DeepSeek-V3 §2.2); its gradient reaches the main model through the hidden states it reads. Routing is
-balanced without an auxiliary loss: after each step every gate's e_score_correction_bias moves by 0.01 towards
-equal expert loads (DeepSeek-V3 §2.1.2, whose 0.001 suits a far longer run).
+with AdamW; the model is built with every kernel of its KernelChoice off, so the torch references run everywhere
+(the Triton kernels have no backward). The MTP layer shares the embedding and the output head and learns the
+next-next token (loss weight 0.3, DeepSeek-V3 §2.2); its gradient reaches the main model through the hidden
+states it reads. Routing is balanced without an auxiliary loss: after each step every gate's
+e_score_correction_bias moves by 0.01 towards equal expert loads (DeepSeek-V3 §2.1.2, whose 0.001 suits a far
+longer run).
 
 Writes OUT/config.json, tokenizer.json, the weights (BF16, released names, no MTP copies of the embedding and the
 head: `make_model` adds them), loss.csv and train.json. Imports torch, safetensors and tokenizers only.
@@ -37,6 +38,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from baleen.model import corpus
+from baleen.model.attention import AttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
 from baleen.model.deepseek import DeepseekMTP, DeepseekV3ForCausalLM
@@ -205,7 +207,7 @@ def forward_batch(batch: Batch, device: torch.device) -> tuple[ForwardBatch, For
 
 
 # ---- attention over packed rows ----------------------------------------------------------------------------
-class PackedAttentionBackend:
+class PackedAttentionBackend(AttentionBackend):
     """Causal attention within each document of rows of `row_len` tokens (a batch's sequences fill whole rows)."""
 
     def __init__(self, row_len: int) -> None:
@@ -240,9 +242,8 @@ class PackedAttentionBackend:
 # ---- the model ---------------------------------------------------------------------------------------------
 def build_model(config: ModelConfig, device: torch.device) -> tuple[DeepseekV3ForCausalLM, DeepseekMTP]:
     """Float32 main model + MTP layer (sharing the embedding and the head), freshly initialised, trainable."""
-    # The fused Triton kernels have no backward: the torch references everywhere (norms and the router check
-    # requires_grad themselves).
-    kernels = KernelChoice(mla_prep=False, moe_route=False, fp8_weights=False, fp8_absorb=False)
+    # The fused Triton kernels have no backward: the torch references everywhere, on CUDA too.
+    kernels = KernelChoice(mla_prep=False, moe_route=False, fp8_weights=False, fp8_absorb=False, glue=False)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)
         mtp = DeepseekMTP(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)

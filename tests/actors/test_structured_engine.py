@@ -17,7 +17,7 @@ import pytest
 from baleen.actors import scheduler
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.actors.policy import SchedulerConfig
-from baleen.actors.worker import WorkerActor, WorkerConfig, build_runner
+from baleen.actors.worker import WorkerActor
 from baleen.messages import (
     GrammarSpec,
     PageUpdate,
@@ -27,6 +27,7 @@ from baleen.messages import (
     SlotInit,
     StepPlan,
 )
+from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner
 

@@ -100,7 +100,7 @@ def test_the_model_is_built_with_the_choice() -> None:
         fits = DeepseekV3ForCausalLM(config(), dtype=torch.float32)
     for model, prep, route in ((odd, mla_prep_ref, False), (fits, mla_prep, True)):
         layers = list(model.model.layers)
-        assert all(layer.self_attn.prep is prep for layer in layers)
+        assert all(layer.self_attn.cuda_prep is prep for layer in layers)  # meta: what runs is the reference
         assert all(layer.mlp.gate.kernel_route is route for layer in layers if isinstance(layer.mlp, DeepseekV3MoE))
 
 
