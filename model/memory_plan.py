@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
 from baleen.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from baleen.model.attention import AttentionBackend
+    from baleen.model.deepseek import DeepseekV3ForCausalLM
 
 log = logging.getLogger("baleen.memory")
 
@@ -111,8 +115,8 @@ def dummy_batch(shape: StepShape, page_size: int, device: torch.device, dp_size:
     return batch
 
 
-def measure_step_peak(model: Any, attn: Any, model_config: ModelConfig, batch: ForwardBatch, cache_dtype: torch.dtype,
-                      device: torch.device) -> int:
+def measure_step_peak(model: DeepseekV3ForCausalLM, attn: AttentionBackend, model_config: ModelConfig,
+                      batch: ForwardBatch, cache_dtype: torch.dtype, device: torch.device) -> int:
     """Peak bytes allocated above the current use while `model` runs `batch` and samples every row.
 
     Call on every rank of a multi-rank model (its collectives run). The cache is a two-page stand-in.
