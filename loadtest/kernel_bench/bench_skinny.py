@@ -128,7 +128,7 @@ def bench_layer(name: str, n: int, k: int, table: Table, budget_s: float, ms: tu
     ss = [torch.rand(math.ceil(n / 128), math.ceil(k / 128), device="cuda") * 1e-3 + 1e-4 for _ in range(copies)]
     w_ref = block_dequant(ws[0], ss[0])  # [N, K] fp32
     roof = roofline_ms(n * k)
-    method = Fp8BlockLinearMethod((128, 128))
+    method = Fp8BlockLinearMethod((128, 128)).for_device(torch.device("cuda"))
     sink = torch.empty(8 * sm_count(ws[0].device), dtype=torch.int32, device="cuda")
     tiled = [tile_fp8_weight(w) for w in ws]
 
