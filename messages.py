@@ -92,27 +92,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.grammar.kind!r}")
 
 
-# ---- frontend -> tokenizer -> scheduler ------------------------------------------------------------
-
-
-class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
-    """A request as the frontend submits it: text, or token ids already tokenized."""
-
-    rid: str
-    text: str | None = None
-    input_ids: bytes | None = None  # int32
-    sampling: SamplingParams = SamplingParams()
-    warmup: bool = False  # start-up's own request (Engine._warm_up): in no statistic, nothing left in the cache
+# ---- frontend -> scheduler ------------------------------------------------------------------------
 
 
 class NewRequest(msgspec.Struct, tag=True, kw_only=True):
-    """A tokenized request entering the scheduler."""
+    """A tokenized request entering the scheduler (`Engine.generate` checked it with admission.check_request)."""
 
     rid: str
     input_ids: bytes  # int32
     sampling: SamplingParams
-    arrival_time: float = 0.0
-    warmup: bool = False  # see GenerateRequest.warmup
+    warmup: bool = False  # start-up's own request (Engine._warm_up): in no statistic, nothing left in the cache
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -238,52 +227,39 @@ class Shutdown(msgspec.Struct, tag=True):
 # ---- scheduler -> detokenizer -> frontend ---------------------------------------------------------
 
 
-class TokenDelta(msgspec.Struct, array_like=True):
-    """One request's new tokens from one step."""
+class RequestOutput(msgspec.Struct, array_like=True, kw_only=True):
+    """One request's increment since its previous output: what the scheduler sends and `Engine.generate` yields.
 
-    rid: str
-    token_ids: list[int]
-    logprobs: list[float] | None
-    top_logprobs: list[list[tuple[int, float]]] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None
-    matched_stop: int | str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    error: str | None = None  # set with finish_reason "error"
-    error_kind: str | None = None  # "invalid" (HTTP 400) | "overloaded" (503) | "internal" (500)
-
-
-class TokenDeltas(msgspec.Struct, tag=True):
-    """All requests' deltas from one step, sent as one frame."""
-
-    items: list[TokenDelta]
-
-
-class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
-    """What `Engine.generate` yields: the increment since the last output of this request."""
+    The scheduler fills in the tokens, the finish and the usage; the detokenizer adds `text` (and, when a stop
+    string matched, sets finish_reason "stop" and matched_stop) before handing the same object on.
+    """
 
     rid: str
     text: str = ""
     token_ids: list[int] = []
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None
     matched_stop: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    error: str | None = None
-    error_kind: str | None = None
+    error: str | None = None  # set with finish_reason "error"
+    error_kind: str | None = None  # "invalid" (HTTP 400) | "overloaded" (503) | "internal" (500)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
+class TokenDeltas(msgspec.Struct, tag=True):
+    """All requests' outputs from one step, sent as one frame."""
+
+    items: list[RequestOutput]
+
+
 Message = (
-    GenerateRequest
-    | NewRequest
+    NewRequest
     | AbortRequest
     | StepPlan
     | StepResult
@@ -294,7 +270,6 @@ Message = (
     | MetricsReport
     | Shutdown
     | TokenDeltas
-    | RequestOutput
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,10 +1,11 @@
-"""Incremental detokenization: token ids in, UTF-8-safe text deltas out, stop strings caught across tokens."""
+"""The frontend's request state and incremental detokenization: token ids in, UTF-8-safe text out, stop strings
+caught across tokens."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -16,7 +17,7 @@ from baleen.messages import (
     Message,
     MetricsReport,
     RequestOutput,
-    TokenDelta,
+    SamplingParams,
     TokenDeltas,
     WorkerReady,
 )
@@ -82,75 +83,118 @@ class RequestDecoder:
 
 
 @dataclass
-class RequestState:
-    """The frontend's view of one request: its decoder and the queue `Engine.generate` reads."""
+class _Request:
+    """One request the frontend waits on: its decoder and the queue its `generate` call reads."""
 
     decoder: RequestDecoder
-    queue: asyncio.Queue[RequestOutput]
-    finished: bool = False
+    outputs: asyncio.Queue[RequestOutput]
+    finished: bool = False  # its last output was handed out: later ones (rows in flight) are dropped
 
 
-class DetokenizerActor(Actor[list[TokenDelta], None]):
-    """Turns the scheduler's token deltas into text outputs for the waiting `generate` calls."""
+@dataclass
+class _Sends:
+    """What one batch of messages produced: outputs for the waiting streams, stop-string aborts for the scheduler."""
+
+    outputs: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]] = field(default_factory=list)
+    aborts: list[AbortRequest] = field(default_factory=list)
+
+
+class DetokenizerActor(Actor[_Sends, None]):
+    """The frontend's request state: every live request, its decoder and its output queue.
+
+    `Engine` registers a request before submitting it and closes it when its stream ends; this actor turns the
+    scheduler's outputs into text and hands each to its request's queue. The decoder, the queue and `finished`
+    change only here.
+
+    NOTE: a stop string is matched here, on text, after the scheduler sent the tokens: this actor then sends
+    the scheduler an AbortRequest(reason "stop") to free the request. It is the one message going back
+    upstream; the request's later tokens, already planned, are dropped here.
+    """
 
     def __init__(
         self,
+        tokenizer: Tokenizer,
         inbox: Channel,
         scheduler: Channel,
-        requests: dict[str, RequestState],
         on_metrics: Callable[[dict[str, float]], None],
     ) -> None:
         super().__init__(inbox, name="detokenizer")
+        self.tokenizer = tokenizer
         self.scheduler = scheduler  # where stop-string matches are sent as aborts
-        self.requests = requests
         self.on_metrics = on_metrics
-        self._aborts: list[AbortRequest] = []
+        self._requests: dict[str, _Request] = {}
 
-    def decide(self, messages: list[Message]) -> list[TokenDelta] | None:
+    # ---- the frontend's side: register, close, end ------------------------------------------------------
+
+    def register(self, rid: str, sampling: SamplingParams) -> asyncio.Queue[RequestOutput]:
+        """Track a request before it is submitted; the queue its outputs arrive on. ValueError if `rid` is live."""
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        decoder = RequestDecoder(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens, stop=sampling.stop)
+        request = _Request(decoder, asyncio.Queue())
+        self._requests[rid] = request
+        return request.outputs
+
+    def close(self, rid: str) -> bool:
+        """Forget a request whose stream ended; True if it had not finished (the scheduler must abort it)."""
+        request = self._requests.pop(rid, None)
+        return request is not None and not request.finished
+
+    def end_all(self, reason: str, error: str | None = None, error_kind: str | None = None) -> None:
+        """Give every unfinished request its last output now (the engine closes, or died)."""
+        for rid, request in self._requests.items():
+            if not request.finished:
+                request.finished = True
+                request.outputs.put_nowait(RequestOutput(rid=rid, finish_reason=reason, error=error,
+                                                         error_kind=error_kind))
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    @property
+    def rids(self) -> list[str]:
+        """The live requests' ids."""
+        return list(self._requests)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+
+    def decide(self, messages: list[Message]) -> _Sends | None:
+        sends = _Sends()
         for msg in messages:
             match msg:
                 case TokenDeltas():
-                    for delta in msg.items:
-                        self._deliver(delta)
+                    for out in msg.items:
+                        self._decode(out, sends)
                 case MetricsReport():
                     self.on_metrics(msg.values)
                 case WorkerReady():
                     pass
                 case _:
                     raise TypeError(f"detokenizer got an unexpected {type(msg).__name__}")
+        return sends if sends.outputs or sends.aborts else None
+
+    async def launch(self, plan: _Sends) -> None:
+        for queue, out in plan.outputs:
+            queue.put_nowait(out)
+        for abort in plan.aborts:
+            await self.scheduler.send(abort)
         return None
 
-    async def receive(self, block: bool) -> list[Message]:
-        while self._aborts:
-            await self.scheduler.send(self._aborts.pop(0))
-        return await super().receive(block)
-
-    def _deliver(self, delta: TokenDelta) -> None:
-        state = self.requests.get(delta.rid)
-        if state is None or state.finished:
-            return  # aborted by the client, or already ended by a stop string
-        d = state.decoder.feed(delta.token_ids)
-        text, reason, matched = d.text, delta.finish_reason, delta.matched_stop
+    def _decode(self, out: RequestOutput, sends: _Sends) -> None:
+        """Add `out`'s text (it is the scheduler's object, handed on as it is); catch a stop string."""
+        request = self._requests.get(out.rid)
+        if request is None or request.finished:
+            return  # its stream is gone, or a stop string already ended it
+        d = request.decoder.feed(out.token_ids)
+        out.text = d.text
         if d.matched_stop is not None:
-            reason, matched = "stop", d.matched_stop
-            if delta.finish_reason is None:
-                self._aborts.append(AbortRequest(delta.rid, "stop", d.matched_stop))
-        elif reason is not None:
-            text += state.decoder.finish()
-        state.finished = reason is not None
-        state.queue.put_nowait(
-            RequestOutput(
-                rid=delta.rid,
-                text=text,
-                token_ids=delta.token_ids,
-                logprobs=delta.logprobs,
-                top_logprobs=delta.top_logprobs,
-                finish_reason=reason,
-                matched_stop=matched,
-                prompt_tokens=delta.prompt_tokens,
-                completion_tokens=delta.completion_tokens,
-                cached_tokens=delta.cached_tokens,
-                error=delta.error,
-                error_kind=delta.error_kind,
-            )
-        )
+            if out.finish_reason is None:
+                sends.aborts.append(AbortRequest(out.rid, "stop", d.matched_stop))
+            out.finish_reason, out.matched_stop = "stop", d.matched_stop
+        elif out.finished:
+            out.text += request.decoder.finish()
+        request.finished = out.finished
+        sends.outputs.append((request.outputs, out))

@@ -32,10 +32,10 @@ from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
 from baleen.messages import (
     Message,
     NewRequest,
+    RequestOutput,
     Shutdown,
     StepPlan,
     StepResult,
-    TokenDelta,
     WorkerReady,
     decode,
     encode,
@@ -66,12 +66,12 @@ class DPRouter:
         return len(s.running) + len(s.waiting), s.allocator.num_used
 
     def add_request(self, req: NewRequest) -> None:
-        """Queue on the least loaded DP rank; SchedulerError as Scheduler.add_request."""
+        """Queue on the least loaded DP rank; AdmissionError as Scheduler.add_request."""
         d = min(range(self.num_dp), key=self.load)
         self.schedulers[d].add_request(req)
         self._owner[req.rid] = d
 
-    def abort(self, rid: str, reason: str = "abort", matched_stop: int | str | None = None) -> TokenDelta | None:
+    def abort(self, rid: str, reason: str = "abort", matched_stop: int | str | None = None) -> RequestOutput | None:
         d = self._owner.pop(rid, None)
         return None if d is None else self.schedulers[d].abort(rid, reason, matched_stop)
 
@@ -106,8 +106,8 @@ class DPRouter:
             for d, p in enumerate(subs)
         ]
 
-    def process_result(self, result: StepResult) -> list[TokenDelta]:
-        """One DP leader's result of a step; deltas of the requests it carried tokens for."""
+    def process_result(self, result: StepResult) -> list[RequestOutput]:
+        """One DP leader's result of a step; outputs of the requests it carried tokens for."""
         g, d = divmod(result.step_id, self.num_dp)
         entry = self._inflight.get(g)
         if entry is None or entry[1][d]:

@@ -1,11 +1,15 @@
-"""The Engine: wires tokenizer -> scheduler -> worker(s) -> detokenizer, in-process or across processes.
+"""The Engine: wires scheduler -> worker(s) -> detokenizer, in-process or across processes.
 
     engine = await Engine.start(EngineConfig(model_path=...))
     async for out in engine.generate("Hello", SamplingParams(max_new_tokens=16)):
         print(out.text, end="")
     await engine.close()
 
-Multi-process layout: this (frontend) process runs the tokenizer and detokenizer actors; one child process
+`generate` tokenizes a text prompt, checks the request (admission.check_request: a bad one is a ValueError before
+anything is submitted), registers it with the detokenizer actor, which owns every live request's state, and sends it
+to the scheduler.
+
+Multi-process layout: this (frontend) process runs the detokenizer actor; one child process
 per rank of this node (`worker.rank_main`); rank 0's runs the scheduler next to its worker (they talk
 through an in-process channel, so planning step N+1 overlaps the GPU running step N). Frontend and rank 0
 talk through shared-memory rings, and so do rank 0 and the other ranks of its node (plans out, results
@@ -38,11 +42,11 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from baleen.actors.actor import Actor, supervise
+from baleen.actors.admission import EngineDead, Limits, check_request, tokenize
 from baleen.actors.channel import Channel, ChannelClosed, LocalChannel, ShmChannel
-from baleen.actors.detokenizer import DetokenizerActor, RequestDecoder, RequestState
+from baleen.actors.detokenizer import DetokenizerActor
 from baleen.actors.process import ChildExit, ChildProcess
 from baleen.actors.scheduler import SchedulerActor, SchedulerSettings
-from baleen.actors.tokenizer import TokenizerActor
 from baleen.actors.worker import (
     DTYPES,
     RankSpec,
@@ -57,7 +61,7 @@ from baleen.actors.worker import (
 )
 from baleen.messages import (
     AbortRequest,
-    GenerateRequest,
+    NewRequest,
     RequestOutput,
     SamplingParams,
     Shutdown,
@@ -318,10 +322,6 @@ async def run_node(config: EngineConfig) -> int:
                 await child.stop(timeout=5.0)
 
 
-class EngineDead(RuntimeError):
-    """The engine cannot serve: a worker died or failed."""
-
-
 class Engine:
     """The embeddable engine. Create it with `await Engine.start(config)`."""
 
@@ -332,11 +332,12 @@ class Engine:
         self.tokenizer = tokenizer
         self._plan = _plan(config, model_path, model_config)
         self.max_context_len = self._plan.worker.max_context_len
+        # What generate checks a request against; the scheduler checks the KV pool's size too.
+        self.limits = Limits(max_context_len=self.max_context_len, vocab_size=model_config.vocab_size)
         self.metrics: dict[str, float] = {}
         self.error: str | None = None  # set when the engine can no longer serve
         self._dead = asyncio.Event()  # set with `error`
-        self._requests: dict[str, RequestState] = {}
-        self._inbox: LocalChannel = LocalChannel()
+        self._detokenizer: DetokenizerActor | None = None  # owns every live request's state
         self._to_scheduler: Channel | None = None
         self._from_scheduler: Channel | None = None
         self._actors: list[Actor[Any, Any]] = []
@@ -388,11 +389,8 @@ class Engine:
             to_scheduler, from_scheduler = LocalChannel(), LocalChannel()
             rank0 = _rank0_actors(self._plan, runner, to_scheduler, from_scheduler, thread)
         self._to_scheduler = to_scheduler
-        self._actors = [
-            TokenizerActor(self.tokenizer, self._inbox, to_scheduler),
-            DetokenizerActor(from_scheduler, to_scheduler, self._requests, self._on_metrics),
-            *rank0,
-        ]
+        self._detokenizer = DetokenizerActor(self.tokenizer, from_scheduler, to_scheduler, self._on_metrics)
+        self._actors = [self._detokenizer, *rank0]
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="engine")
 
     def _start_ranks(self, requests: ShmChannel, deltas: ShmChannel) -> None:
@@ -457,8 +455,8 @@ class Engine:
         sampling = SamplingParams(max_new_tokens=num_new, temperature=0.0, ignore_eos=True)
         # Requests go to the least loaded DP rank: one each, so every rank's attention runs a real batch.
         warmups = [
-            self._stream(GenerateRequest(rid=f"warmup-{d}-{uuid.uuid4().hex}", input_ids=prompt, sampling=sampling,
-                                         warmup=True))
+            self._stream(NewRequest(rid=f"warmup-{d}-{uuid.uuid4().hex}", input_ids=prompt, sampling=sampling,
+                                    warmup=True))
             for d in range(self._plan.scheduler.num_dp)
         ]
         try:
@@ -494,22 +492,16 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         self.error = self.error or message
         self._dead.set()
-        for rid, state in list(self._requests.items()):
-            if not state.finished:
-                state.finished = True
-                state.queue.put_nowait(
-                    RequestOutput(rid=rid, finish_reason="error", error=message, error_kind="internal")
-                )
+        if self._detokenizer is not None:
+            self._detokenizer.end_all("error", message, "internal")
 
     async def close(self) -> None:
         """Stop every actor and worker process; pending requests end with finish_reason "abort"."""
         if self._closing:
             return
         self._closing = True
-        for rid, state in list(self._requests.items()):
-            if not state.finished:
-                state.finished = True
-                state.queue.put_nowait(RequestOutput(rid=rid, finish_reason="abort"))
+        if self._detokenizer is not None:
+            self._detokenizer.end_all("abort")
         if self._to_scheduler is not None and self.error is None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._to_scheduler.send(Shutdown("engine closing")), 1.0)
@@ -524,7 +516,7 @@ class Engine:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._supervisor), 5.0)
             self._supervisor.cancel()
-        channels = (self._to_scheduler, self._from_scheduler, self._inbox, *self._rings)
+        channels = (self._to_scheduler, self._from_scheduler, *self._rings)
         for channel in {id(c): c for c in channels if c is not None}.values():
             channel.close()
         # In-process, the worker's model, KV cache and CUDA graphs live in this process: drop them now, so an
@@ -570,58 +562,56 @@ class Engine:
     ) -> AsyncIterator[RequestOutput]:
         """Submit a prompt (text, or token ids) and yield its incremental outputs until it finishes.
 
+        Text is encoded as it is (no BOS added: a chat template writes its own). A request that can never be
+        served as asked (ids outside the vocabulary, an empty prompt, sampling parameters out of range, no room
+        in the context) raises ValueError (`admission.AdmissionError`) before anything is submitted, and so does
+        a request id in use.
         Each output holds the new text and token ids since the previous one; the last has
         `finish_reason` set ("stop", "length", "abort" or "error", with `error` saying why).
         Leaving the loop early (or the task being cancelled) aborts the request and frees its pages.
         """
         sampling = sampling or SamplingParams()
-        rid = rid or uuid.uuid4().hex
-        if rid in self._requests:
-            raise ValueError(f"request id {rid!r} is already in use")
-        if not isinstance(prompt, str):
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
-        if isinstance(prompt, str):
-            msg = GenerateRequest(rid=rid, text=prompt, sampling=sampling)
-        else:
-            msg = GenerateRequest(rid=rid, input_ids=array("i", prompt).tobytes(), sampling=sampling)
+        prompt_ids = tokenize(self.tokenizer, prompt)
+        check_request(prompt_ids, sampling, self.limits)
+        msg = NewRequest(rid=rid or uuid.uuid4().hex, input_ids=array("i", prompt_ids).tobytes(), sampling=sampling)
         async for out in self._stream(msg):
             yield out
 
-    async def _stream(self, msg: GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, msg: NewRequest) -> AsyncIterator[RequestOutput]:
         """Submit `msg` and yield its outputs until it finishes; abort it if the caller leaves early."""
-        if not self.healthy:
+        if not self.healthy or self._detokenizer is None or self._to_scheduler is None:
             raise EngineDead(self.error or "the engine is closed")
-        rid, sampling = msg.rid, msg.sampling
-        state = RequestState(
-            RequestDecoder(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens, stop=sampling.stop),
-            asyncio.Queue(),
-        )
-        self._requests[rid] = state
+        outputs = self._detokenizer.register(msg.rid, msg.sampling)
         try:
-            await self._inbox.send(msg)
+            await self._to_scheduler.send(msg)
             while True:
-                out = await state.queue.get()
+                out = await outputs.get()
                 yield out
                 if out.finished:
                     break
         finally:
-            if not state.finished:
-                state.finished = True
-                await self._send_abort(rid)
-            self._requests.pop(rid, None)
+            if self._detokenizer.close(msg.rid):
+                await self._send_abort(msg.rid)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose `generate` stream is open."""
+        return len(self._detokenizer) if self._detokenizer is not None else 0
 
     async def abort(self, rid: str) -> None:
         """Stop a request; its generate() ends with finish_reason "abort"."""
-        if rid in self._requests:
+        if self._detokenizer is not None and rid in self._detokenizer:
+            await self._send_abort(rid)
+
+    async def abort_all(self) -> None:
+        """Stop every request in flight; each generate() ends with finish_reason "abort"."""
+        for rid in self._detokenizer.rids if self._detokenizer is not None else []:
             await self._send_abort(rid)
 
     async def _send_abort(self, rid: str) -> None:
-        if self.healthy:
+        if self.healthy and self._to_scheduler is not None:
             with contextlib.suppress(ChannelClosed):
-                await self._inbox.send(AbortRequest(rid))
+                await self._to_scheduler.send(AbortRequest(rid))
 
     def _on_metrics(self, values: dict[str, float]) -> None:
         self.metrics = values

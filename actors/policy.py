@@ -1,11 +1,13 @@
 """The scheduling policy: which requests run each step, which pages they use, and when they stop.
 
 Pure Python (no torch): the SchedulerActor feeds it NewRequest/AbortRequest/StepResult and sends the
-StepPlans and TokenDeltas it returns. A step runs prefill chunks of at most `chunked_prefill_size` tokens in
-total, or decode rows (one token each, read from the slot on the device): as SGLang, prefill goes first and the
-running requests' decodes wait for a step without one. With `enable_mixed_chunk` (--enable-mixed-chunk, only with
-chunked prefill) the decode rows ride along with the prefill chunk instead, and the chunk is smaller by as many
-tokens as there are decode rows, so no stream stalls while a long prompt prefills.
+StepPlans and RequestOutputs (new token ids; the detokenizer adds the text) it returns. A request is checked by
+`admission.check_request` against the context length and the KV pool before it is queued. A step runs prefill
+chunks of at most `chunked_prefill_size` tokens in total, or decode rows (one token each, read from the slot on
+the device): as SGLang, prefill goes first and the running requests' decodes wait for a step without one. With
+`enable_mixed_chunk` (--enable-mixed-chunk, only with chunked prefill) the decode rows ride along with the
+prefill chunk instead, and the chunk is smaller by as many tokens as there are decode rows, so no stream stalls
+while a long prompt prefills.
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -27,28 +29,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from baleen.actors.admission import AdmissionError, Limits, check_request
 from baleen.actors.page_allocator import PageAllocator
 from baleen.actors.radix_cache import RadixNode, make_prefix_cache
 from baleen.messages import (
     NewRequest,
     PageUpdate,
+    RequestOutput,
     SamplingParams,
     SeqRow,
     SlotInit,
     StepPlan,
     StepResult,
-    TokenDelta,
 )
 
 MAX_INFLIGHT_PLANS = 2  # overlap scheduling plans step N+1 while step N runs; never further ahead
-
-
-class SchedulerError(ValueError):
-    """A request the scheduler refuses: kind "invalid" (HTTP 400) or "overloaded" (HTTP 503)."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +152,8 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.allocator = PageAllocator(config.usable_pages + 1, config.page_size)
+        self.limits = Limits(max_context_len=config.max_context_len,
+                             max_kv_tokens=self.allocator.capacity * config.page_size)
         self.cache = make_prefix_cache(config.page_size, config.enable_radix_cache)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admission order, oldest first
@@ -181,15 +178,18 @@ class Scheduler:
 
     # ---- requests in -------------------------------------------------------------------------------
     def add_request(self, req: NewRequest) -> None:
-        """Queue a request; SchedulerError("invalid"/"overloaded") when it cannot be taken."""
+        """Queue a request; AdmissionError ("invalid" or "overloaded") when it cannot be taken."""
         if len(req.input_ids) % 4:
-            raise SchedulerError(f"input_ids of {req.rid!r} is not int32 bytes", "invalid")
+            raise AdmissionError(f"input_ids of {req.rid!r} is not int32 bytes")
+        if req.rid in self._requests:
+            raise AdmissionError(f"request id {req.rid!r} is already in use")
         prompt = array("i")
         prompt.frombytes(req.input_ids)
-        max_len = self._check_request(req.rid, len(prompt), req.sampling)
+        max_len = check_request(prompt, req.sampling, self.limits)
         if len(self.waiting) >= self.config.max_queued_requests:
-            raise SchedulerError(f"the server is overloaded: {len(self.waiting)} requests are already waiting "
-                                 f"(max_queued_requests={self.config.max_queued_requests}); retry later", "overloaded")
+            raise AdmissionError(f"the server is overloaded: {len(self.waiting)} requests are already waiting "
+                                 f"(max_queued_requests={self.config.max_queued_requests}); retry later",
+                                 kind="overloaded")
         stop_ids = frozenset(req.sampling.stop_token_ids)
         if not req.sampling.ignore_eos:
             stop_ids |= self._eos
@@ -198,39 +198,7 @@ class Scheduler:
         self._requests[req.rid] = state
         self.waiting.append(state)
 
-    def _check_request(self, rid: str, prompt_len: int, sampling: SamplingParams) -> int:
-        """Validate a request; return its maximum total length (prompt + new tokens)."""
-        cfg = self.config
-        pool_tokens = self.allocator.capacity * cfg.page_size
-        if rid in self._requests:
-            raise SchedulerError(f"request id {rid!r} is already in use", "invalid")
-        if prompt_len == 0:
-            raise SchedulerError("the prompt is empty: at least one input token is needed", "invalid")
-        try:
-            sampling.check()
-        except ValueError as e:
-            raise SchedulerError(str(e), "invalid") from e
-        max_new = sampling.max_new_tokens
-        if max_new == 0:
-            raise SchedulerError("max_new_tokens must be at least 1", "invalid")
-        if max_new is None:
-            if prompt_len >= min(cfg.max_context_len, pool_tokens):
-                raise SchedulerError(f"the prompt has {prompt_len} tokens, which leaves no room to generate within "
-                                     f"the context length of {cfg.max_context_len} tokens (KV cache: {pool_tokens} "
-                                     "tokens); shorten the prompt", "invalid")
-            return min(cfg.max_context_len, pool_tokens)
-        total = prompt_len + max_new
-        if total > cfg.max_context_len:
-            raise SchedulerError(f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new}: {total} exceeds "
-                                 f"the context length of {cfg.max_context_len} tokens; shorten the prompt or lower "
-                                 "max_new_tokens", "invalid")
-        if total > pool_tokens:
-            raise SchedulerError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new}) exceeds the KV "
-                                 f"cache capacity of {pool_tokens} tokens; shorten the prompt or lower max_new_tokens",
-                                 "invalid")
-        return total
-
-    def abort(self, rid: str, reason: str = "abort", matched_stop: int | str | None = None) -> TokenDelta | None:
+    def abort(self, rid: str, reason: str = "abort", matched_stop: int | str | None = None) -> RequestOutput | None:
         """Finish a request now (its in-flight rows are dropped); None when it is not live."""
         req = self._requests.get(rid)
         if req is None:
@@ -447,8 +415,8 @@ class Scheduler:
             self.waiting.remove(req)
 
     # ---- results -----------------------------------------------------------------------------------
-    def process_result(self, result: StepResult) -> list[TokenDelta]:
-        """Append a step's sampled tokens, finish requests that stop; one TokenDelta per request that got one."""
+    def process_result(self, result: StepResult) -> list[RequestOutput]:
+        """Append a step's sampled tokens, finish requests that stop; one RequestOutput per request that got one."""
         if not self._inflight:
             raise ValueError(f"result of step {result.step_id} arrived but no plan is in flight")
         step = self._inflight.popleft()
@@ -467,7 +435,7 @@ class Scheduler:
         logprobs = _unpack("f", result.logprobs)
         top_ids, top_lps = _unpack("i", result.top_ids), _unpack("f", result.top_logprobs)
         k = result.top_k
-        deltas: list[TokenDelta] = []
+        deltas: list[RequestOutput] = []
         num_generated = 0  # tokens of served requests (not of warm-ups)
         errors = dict(result.errors)
         for i, req in enumerate(reqs):
@@ -505,13 +473,13 @@ class Scheduler:
         """Whether `req` still runs in the admission a plan row was made for (not finished, not preempted since)."""
         return not req.finished and req.slot is not None and req.admit_seq == admit_seq
 
-    def _fail_step(self, step: _InFlight, message: str) -> list[TokenDelta]:
+    def _fail_step(self, step: _InFlight, message: str) -> list[RequestOutput]:
         """A step the workers could not run (out of memory): its requests end with an error, nothing else does.
 
         Their pages go back with only what earlier steps finished cached (`done_len`); rows they have in the
         plan in flight after this one run on the workers but their results are dropped.
         """
-        deltas: list[TokenDelta] = []
+        deltas: list[RequestOutput] = []
         for req in step.sampled:
             req.num_inflight -= 1
         for req, seq, _ in step.writes:
@@ -533,9 +501,11 @@ class Scheduler:
         return None, None
 
     def _delta(self, req: Req, tokens: list[int], logprobs: list[float] | None,
-               top: list[list[tuple[int, float]]] | None, reason: str | None, matched: int | str | None) -> TokenDelta:
-        usage = (len(req.prompt), len(req.output), req.cached_tokens or 0)
-        return TokenDelta(req.rid, tokens, logprobs, top, reason, matched, *usage)
+               top: list[list[tuple[int, float]]] | None, reason: str | None,
+               matched: int | str | None) -> RequestOutput:
+        return RequestOutput(rid=req.rid, token_ids=tokens, logprobs=logprobs, top_logprobs=top, finish_reason=reason,
+                             matched_stop=matched, prompt_tokens=len(req.prompt), completion_tokens=len(req.output),
+                             cached_tokens=req.cached_tokens or 0)
 
     # ---- metrics -----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float | int]:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from baleen.actors.actor import Actor
+from baleen.actors.admission import AdmissionError
 from baleen.actors.channel import Channel
 from baleen.actors.dp import DPRouter
-from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, SchedulerConfig, SchedulerError
+from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, SchedulerConfig
 from baleen.messages import (
     AbortRequest,
     CompileGrammars,
@@ -27,10 +28,10 @@ from baleen.messages import (
     Message,
     MetricsReport,
     NewRequest,
+    RequestOutput,
     Shutdown,
     StepPlan,
     StepResult,
-    TokenDelta,
     TokenDeltas,
     WorkerError,
     WorkerReady,
@@ -101,7 +102,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
             raise ValueError(f"plan_dp_ranks {self.plan_dp_ranks} must give each plan channel a DP rank")
         self.deltas = deltas
         self.max_inflight = MAX_INFLIGHT_PLANS if overlap else 1
-        self._out: list[TokenDelta] = []
+        self._out: list[RequestOutput] = []
         self._may_schedule = False  # something changed since schedule() last returned None
         self._last_report = 0.0
         self._dirty = True  # metrics changed since the last report
@@ -125,7 +126,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
                         if msg.error is None:
                             self._add(req)
                         else:
-                            self._out.append(_error_delta(req.rid, msg.error, "invalid"))
+                            self._out.append(_error_output(req.rid, msg.error, "invalid"))
                 case AbortRequest():
                     delta = self._abort_held(msg.rid) or s.abort(msg.rid, msg.reason, msg.matched_stop)
                     if delta is not None:
@@ -148,8 +149,8 @@ class SchedulerActor(Actor[list[StepPlan], None]):
     def _add(self, req: NewRequest) -> None:
         try:
             self.scheduler.add_request(req)
-        except SchedulerError as e:
-            self._out.append(_error_delta(req.rid, str(e), e.kind))
+        except AdmissionError as e:
+            self._out.append(_error_output(req.rid, str(e), e.kind))
 
     def _hold(self, req: NewRequest, grammar: GrammarSpec) -> None:
         """Keep `req` until its grammar is compiled; ask the workers for that grammar once."""
@@ -158,14 +159,14 @@ class SchedulerActor(Actor[list[StepPlan], None]):
             self._compiles.append(grammar)
         waiting.append(req)
 
-    def _abort_held(self, rid: str) -> TokenDelta | None:
+    def _abort_held(self, rid: str) -> RequestOutput | None:
         for key, waiting in self._held.items():
             for req in waiting:
                 if req.rid == rid:
                     waiting.remove(req)
                     if not waiting:
                         del self._held[key]  # its GrammarCompiled finds nothing to release
-                    return TokenDelta(rid, [], None, None, "abort", None, len(req.input_ids) // 4, 0, 0)
+                    return RequestOutput(rid=rid, finish_reason="abort", prompt_tokens=len(req.input_ids) // 4)
         return None
 
     async def launch(self, plans: list[StepPlan]) -> None:
@@ -202,5 +203,5 @@ class SchedulerActor(Actor[list[StepPlan], None]):
             await channel.send(Shutdown("scheduler stopped"))
 
 
-def _error_delta(rid: str, message: str, kind: str) -> TokenDelta:
-    return TokenDelta(rid, [], None, None, "error", None, 0, 0, 0, message, kind)
+def _error_output(rid: str, message: str, kind: str) -> RequestOutput:
+    return RequestOutput(rid=rid, finish_reason="error", error=message, error_kind=kind)

@@ -30,10 +30,10 @@ from baleen.messages import (
     AbortRequest,
     Message,
     NewRequest,
+    RequestOutput,
     SamplingParams,
     Shutdown,
     StepResult,
-    TokenDelta,
     TokenDeltas,
     encode,
 )
@@ -48,14 +48,15 @@ def make_messages(kind: str, count: int, seed: int = 0) -> list[Message]:
     for i in range(count):
         if kind == "NewRequest 1-4k ids":
             ids = array("i", (rng.randrange(129_280) for _ in range(rng.randint(1024, 4096))))
-            out.append(NewRequest(rid=f"req-{i}", input_ids=ids.tobytes(), sampling=SamplingParams(), arrival_time=i))
+            out.append(NewRequest(rid=f"req-{i}", input_ids=ids.tobytes(), sampling=SamplingParams()))
         elif kind == "StepResult x256":
             ids = array("i", (rng.randrange(129_280) for _ in range(NUM_REQUESTS)))
             logprobs = array("f", (-rng.random() for _ in range(NUM_REQUESTS)))
             out.append(StepResult(step_id=i, token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), forward_time=0.01))
         elif kind == "TokenDeltas x256":
             items = [
-                TokenDelta(f"req-{j}", [rng.randrange(129_280)], [-rng.random()], None, None, None, 1000, i, 0)
+                RequestOutput(rid=f"req-{j}", token_ids=[rng.randrange(129_280)], logprobs=[-rng.random()],
+                              prompt_tokens=1000, completion_tokens=i)
                 for j in range(NUM_REQUESTS)
             ]
             out.append(TokenDeltas(items))

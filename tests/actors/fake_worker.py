@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from baleen.actors.policy import Scheduler
 from baleen.messages import (
     NewRequest,
+    RequestOutput,
     SamplingParams,
     StepPlan,
     StepResult,
-    TokenDelta,
     decode,
     encode,
 )
@@ -156,16 +156,16 @@ def _ints(b: bytes) -> list[int]:
 class Outcome:
     """Everything a driven run produced."""
 
-    deltas: dict[str, list[TokenDelta]] = field(default_factory=dict)
+    deltas: dict[str, list[RequestOutput]] = field(default_factory=dict)
     num_steps: int = 0
 
     def tokens(self, rid: str) -> list[int]:
         return [t for d in self.deltas[rid] for t in d.token_ids]
 
-    def final(self, rid: str) -> TokenDelta:
+    def final(self, rid: str) -> RequestOutput:
         return self.deltas[rid][-1]
 
-    def add(self, deltas: list[TokenDelta]) -> None:
+    def add(self, deltas: list[RequestOutput]) -> None:
         for d in deltas:
             got = self.deltas.setdefault(d.rid, [])
             assert not got or got[-1].finish_reason is None, f"{d.rid} got a delta after it finished"

@@ -13,7 +13,6 @@ from baleen.actors.actor import Actor, run
 from baleen.actors.channel import Channel, ChannelClosed, ChannelFull, LocalChannel, ShmChannel
 from baleen.messages import (
     AbortRequest,
-    GenerateRequest,
     Message,
     NewRequest,
     PageUpdate,
@@ -24,7 +23,6 @@ from baleen.messages import (
     SlotInit,
     StepPlan,
     StepResult,
-    TokenDelta,
     TokenDeltas,
     WorkerError,
     WorkerReady,
@@ -42,8 +40,7 @@ def sample_messages(num_rounds: int = 20) -> list[Message]:
         ids = int32(list(range(i, i + 50 * (i % 7) + 1)))
         sampling = SamplingParams(temperature=0.1 * (i % 5), top_k=i % 3 + 1, stop=[f"s{i}"], seed=i)
         out += [
-            GenerateRequest(rid=f"g{i}", text="héllo " * i, sampling=sampling),
-            NewRequest(rid=f"r{i}", input_ids=ids, sampling=sampling, arrival_time=i / 3),
+            NewRequest(rid=f"r{i}", input_ids=ids, sampling=sampling, warmup=i == 0),
             StepPlan(
                 step_id=i,
                 rows=[SeqRow(slot=i, prefix_len=i, extend_len=len(ids) // 4, input_ids=ids, sample=True)],
@@ -52,11 +49,13 @@ def sample_messages(num_rounds: int = 20) -> list[Message]:
                 freed_slots=[i - 1] if i else [],
             ),
             StepResult(step_id=i, token_ids=int32([i] * 8), forward_time=0.5),
-            TokenDeltas([TokenDelta(f"r{j}", [j, i], None, None, None, None, 5, j, 0) for j in range(i % 4)]),
+            TokenDeltas([RequestOutput(rid=f"r{j}", token_ids=[j, i], prompt_tokens=5, completion_tokens=j)
+                         for j in range(i % 4)]
+                        + [RequestOutput(rid=f"r{i}", text="ok", token_ids=[1, 2],
+                                         finish_reason="stop" if i % 2 else None)]),
             AbortRequest(f"r{i}", "stop", "</s>"),
             WorkerReady(rank=0, num_pages=i, page_size=64, max_context_len=4096, max_num_slots=8),
             WorkerError(rank=1, message=f"oops {i}"),
-            RequestOutput(rid=f"r{i}", text="ok", token_ids=[1, 2], finish_reason="stop" if i % 2 else None),
         ]
     return out
 

@@ -1,13 +1,17 @@
-"""Incremental detokenization: whole characters only, stop strings across token boundaries, specials."""
+"""Incremental detokenization: whole characters only, stop strings across token boundaries, specials; the
+detokenizer actor as the one owner of the frontend's request state (register, deliver, close, end)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from baleen.actors.detokenizer import RequestDecoder
+from baleen.actors.channel import LocalChannel
+from baleen.actors.detokenizer import DetokenizerActor, RequestDecoder
+from baleen.messages import AbortRequest, RequestOutput, SamplingParams, TokenDeltas
 
 TEXT = "The whale 🐳 sings: héllo 世界! Baleen plates filter krill. 日本語のテキスト and emoji 🎉🎉 end."
 
@@ -79,3 +83,76 @@ def test_special_tokens_skipped_or_kept(tok: Tokenizer) -> None:
     keep = RequestDecoder(tok, skip_special_tokens=False)
     assert skip.feed(ids).text + skip.finish() == "hello"
     assert keep.feed(ids).text + keep.finish() == "hello<eos>"
+
+
+# ---- the actor: it owns the frontend's request state ----------------------------------------------------
+
+
+def _actor(tok: Tokenizer) -> tuple[DetokenizerActor, LocalChannel]:
+    to_scheduler = LocalChannel()
+    return DetokenizerActor(tok, LocalChannel(), to_scheduler, lambda values: None), to_scheduler
+
+
+def _step(actor: DetokenizerActor, *outputs: RequestOutput) -> None:
+    """One decide + launch, as the actor's loop runs them."""
+    sends = actor.decide([TokenDeltas(list(outputs))])
+    if sends is not None:
+        asyncio.run(actor.launch(sends))
+
+
+def _drain(queue: asyncio.Queue[RequestOutput]) -> list[RequestOutput]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def test_register_deliver_close(tok: Tokenizer) -> None:
+    actor, to_scheduler = _actor(tok)
+    ids = tok.encode("hello").ids
+    queue = actor.register("a", SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        actor.register("a", SamplingParams())
+    assert "a" in actor and len(actor) == 1
+    _step(actor, RequestOutput(rid="a", token_ids=ids[:1]), RequestOutput(rid="nobody", token_ids=ids))
+    _step(actor, RequestOutput(rid="a", token_ids=ids[1:], finish_reason="length", completion_tokens=len(ids)))
+    outs = _drain(queue)
+    assert "".join(o.text for o in outs) == "hello" and outs[-1].finish_reason == "length"
+    _step(actor, RequestOutput(rid="a", token_ids=ids))  # a row in flight after the finish: dropped
+    assert _drain(queue) == [] and to_scheduler.recv_nowait() == []
+    assert actor.close("a") is False  # it had finished: nothing to abort
+    assert "a" not in actor and actor.close("a") is False
+
+
+def test_closing_an_unfinished_request_asks_for_an_abort(tok: Tokenizer) -> None:
+    actor, _ = _actor(tok)
+    queue = actor.register("b", SamplingParams())
+    _step(actor, RequestOutput(rid="b", token_ids=tok.encode("hi").ids))
+    assert actor.close("b") is True  # the caller sends the scheduler an AbortRequest
+    _step(actor, RequestOutput(rid="b", token_ids=[1], finish_reason="length"))
+    assert [o.finish_reason for o in _drain(queue)] == [None]
+
+
+def test_a_stop_string_ends_the_request_and_aborts_it_in_launch(tok: Tokenizer) -> None:
+    actor, to_scheduler = _actor(tok)
+    queue = actor.register("c", SamplingParams(stop=["krill"]))
+    sends = actor.decide([TokenDeltas([RequestOutput(rid="c", token_ids=tok.encode(TEXT).ids)])])
+    assert sends is not None and to_scheduler.recv_nowait() == [] and queue.empty()  # decide sends nothing
+    asyncio.run(actor.launch(sends))
+    (out,) = _drain(queue)
+    assert (out.text, out.finish_reason, out.matched_stop) == (TEXT[: TEXT.index("krill")], "stop", "krill")
+    assert to_scheduler.recv_nowait() == [AbortRequest("c", "stop", "krill")]
+    assert actor.close("c") is False
+
+
+def test_end_all_finishes_only_the_unfinished(tok: Tokenizer) -> None:
+    actor, _ = _actor(tok)
+    done, live = actor.register("done", SamplingParams()), actor.register("live", SamplingParams())
+    _step(actor, RequestOutput(rid="done", token_ids=[5], finish_reason="length"))
+    _drain(done)
+    actor.end_all("error", "the worker died", "internal")
+    assert _drain(done) == []
+    (out,) = _drain(live)
+    assert (out.finish_reason, out.error, out.error_kind) == ("error", "the worker died", "internal")
+    actor.end_all("abort")  # again: nothing more for either
+    assert _drain(live) == [] and sorted(actor.rids) == ["done", "live"]

@@ -20,7 +20,8 @@ from fake_worker import (
     reference_tokens,
 )
 
-from baleen.actors.policy import Scheduler, SchedulerConfig, SchedulerError
+from baleen.actors.admission import AdmissionError
+from baleen.actors.policy import Scheduler, SchedulerConfig
 from baleen.messages import NewRequest, SamplingParams, StepPlan
 
 BOTH = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
@@ -317,11 +318,11 @@ def test_rejections() -> None:
     sched = make(max_queued_requests=2, max_context_len=64)
     sched.add_request(new_request("a", [1, 2], max_new_tokens=8))
     sched.add_request(new_request("b", [1, 2], max_new_tokens=8))
-    with pytest.raises(SchedulerError, match="overloaded") as e:
+    with pytest.raises(AdmissionError, match="overloaded") as e:
         sched.add_request(new_request("c", [1, 2], max_new_tokens=8))
     assert e.value.kind == "overloaded" and isinstance(e.value, ValueError)
     sched = make(max_context_len=64)
-    with pytest.raises(SchedulerError, match=r"60 tokens and max_new_tokens is 10: 70 exceeds .* 64") as e:
+    with pytest.raises(AdmissionError, match=r"60 tokens and max_new_tokens is 10: 70 exceeds .* 64") as e:
         sched.add_request(new_request("x", [1] * 60, max_new_tokens=10))
     assert e.value.kind == "invalid"
     bad: list[tuple[Any, str]] = [
@@ -333,11 +334,11 @@ def test_rejections() -> None:
     ]
     small = make(num_pages=33, max_context_len=1024)  # 128 tokens of KV
     for req, msg in bad:
-        with pytest.raises(SchedulerError, match=msg) as e:
+        with pytest.raises(AdmissionError, match=msg) as e:
             (small if msg == "KV cache" else sched).add_request(req)
         assert e.value.kind == "invalid"
     sched.add_request(new_request("y", [1], max_new_tokens=8))
-    with pytest.raises(SchedulerError, match="already in use"):
+    with pytest.raises(AdmissionError, match="already in use"):
         sched.add_request(new_request("y", [1], max_new_tokens=8))
 
 
