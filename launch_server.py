@@ -31,7 +31,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from baleen.api.chat_template import ChatTemplate
-from baleen.api.server import ServerConfig, ServerState, create_app
+from baleen.api.server import create_app
+from baleen.api.state import ServerConfig, ServerState
 from baleen.model.logit_processors import LogitProcessorRegistry
 
 if TYPE_CHECKING:
@@ -74,10 +75,10 @@ class UvicornServer(uvicorn.Server):
         if self.engine_died:  # every request already has its error: nothing is left to finish
             grace = 0.0
             self.config.timeout_graceful_shutdown = int(ENGINE_DEATH_DRAIN_S)
-        log.info("shutting down: %d request(s) in flight get %.1f s to finish", len(self.state.inflight), grace)
+        log.info("shutting down: %d request(s) in flight get %.1f s to finish", self.state.engine.num_requests, grace)
         loop = asyncio.get_running_loop()
         aborts: list[asyncio.Future[None]] = []
-        timer = loop.call_later(grace, lambda: aborts.append(asyncio.ensure_future(self.state.abort_all())))
+        timer = loop.call_later(grace, lambda: aborts.append(asyncio.ensure_future(self.state.engine.abort_all())))
         try:
             await super().shutdown(sockets)
         finally:
@@ -118,7 +119,7 @@ async def _exit_when_engine_dies(server: UvicornServer, engine: Engine) -> None:
     server.engine_died = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ENGINE_DEATH_DRAIN_S
-    while state.inflight and loop.time() < deadline:  # routes turn the error outputs they hold into answers
+    while state.engine.num_requests and loop.time() < deadline:  # routes turn the error outputs they hold into answers
         await asyncio.sleep(0.01)
     server.should_exit = True
 

@@ -14,6 +14,9 @@ import msgspec
 # ---- parameters -------------------------------------------------------------------------------------
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag", "tool_calls")
+# Whitespace characters in a row a JSON grammar allows: the frontend writes it into structural tags
+# (api/structured.py), the workers compile json_schema grammars with it (model/grammar.py).
+JSON_MAX_WHITESPACE = 1
 
 
 class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):

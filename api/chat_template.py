@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from baleen.api.errors import ApiError
+from baleen.model.tokenizer_build import templates_dir
 
 BUILTIN_TEMPLATES = {
     "deepseek-v3": "deepseek_v3.jinja",
@@ -94,7 +94,7 @@ class ChatTemplate:
         if file is None:
             raise ValueError(f"unknown built-in chat template {name!r}; choose one of {sorted(BUILTIN_TEMPLATES)} "
                              "or give the path of a .jinja file")
-        text = resources.files("baleen.api").joinpath("templates", file).read_text(encoding="utf-8")
+        text = (templates_dir() / file).read_text(encoding="utf-8")
         return cls(text, name=name)
 
     @classmethod

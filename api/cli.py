@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from baleen.actors.engine import EngineConfig
-    from baleen.api.server import ServerConfig
+    from baleen.api.state import ServerConfig
 
 
 def _size(text: str) -> int:
@@ -192,7 +192,7 @@ def _check_quantization(args: argparse.Namespace) -> None:
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The HTTP server's settings from the serve flags."""
-    from baleen.api.server import ServerConfig
+    from baleen.api.state import ServerConfig
 
     return ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                         served_model_name=args.served_model_name or args.model_path or "default",

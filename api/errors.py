@@ -1,8 +1,12 @@
-"""OpenAI-style API errors: an exception carrying the HTTP status, and the JSON body clients expect."""
+"""OpenAI-style API errors: an exception carrying the HTTP status, the JSON body clients expect, and the mapping
+of the engine's refusals and error outputs onto them."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from baleen.actors.admission import AdmissionError
+from baleen.messages import RequestOutput
 
 # The `type` OpenAI uses for each status; ApiError picks it when the caller names none.
 _TYPE_FOR_STATUS = {
@@ -50,3 +54,20 @@ def error_body(
 ) -> dict[str, Any]:
     """`{"error": {"message", "type", "param", "code"}}`, the shape the openai client parses."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def admission_error(e: AdmissionError) -> ApiError:
+    """The HTTP error for a request the admission check refused (400, or 503 when the engine is overloaded)."""
+    if e.kind == "overloaded":
+        return ApiError(503, str(e), code="overloaded")
+    return ApiError(400, str(e), param=e.param, code=e.code)
+
+
+def engine_error(out: RequestOutput) -> ApiError:
+    """The HTTP error for an engine output with finish_reason "error" (503s get a Retry-After header)."""
+    message = out.error or "the engine failed the request"
+    if out.error_kind == "invalid":
+        return ApiError(400, message)
+    if out.error_kind == "overloaded":
+        return ApiError(503, message, code="overloaded")
+    return ApiError(500, message)

@@ -1,23 +1,20 @@
-"""OpenAI request types (msgspec), their conversion to SamplingParams, and the response bodies (plain dicts).
+"""OpenAI request types (msgspec) and their conversion to SamplingParams (the response bodies are in bodies.py).
 
 `decode_chat_request(body)` / `decode_completion_request(body)` ignore unknown fields as OpenAI does and
-turn a bad field into an ApiError(400) whose `param` is its path ("messages[0].role"). The response
-builders return dicts ready for orjson; nothing here looks at an engine.
+turn a bad field into an ApiError(400) whose `param` is its path ("messages[0].role"). Nothing here looks at
+an engine.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
-from collections.abc import Sequence
-from itertools import accumulate
 from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from baleen.api.errors import ApiError
+from baleen.actors.admission import AdmissionError, check_sampling
+from baleen.api.errors import ApiError, admission_error
 from baleen.messages import SamplingParams
 
 # ---- request types ----------------------------------------------------------------------------------
@@ -341,16 +338,22 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
 
 
+# How each request spells the engine's fields, so an admission error names the field the client sent.
+COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs": "logprobs"}
+
+
+def chat_fields(req: ChatCompletionRequest) -> dict[str, str]:
+    """The engine's field names as this chat request spells them (its prompt is `messages`)."""
+    max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return {"max_new_tokens": max_field, "min_new_tokens": "min_tokens", "prompt": "messages"}
+
+
 def _checked(params: SamplingParams, names: dict[str, str]) -> SamplingParams:
-    """Run SamplingParams.check(), renaming its field to the request field the client actually sent."""
+    """The sampling half of the engine's admission check, naming the request field the client actually sent."""
     try:
-        params.check()
-    except ValueError as e:
-        field, _, rest = str(e).partition(" ")
-        param = names.get(field, field)
-        raise ApiError(400, f"{param} {rest}", param=param) from None
-    if params.max_new_tokens == 0:  # the scheduler needs room for at least one token
-        raise ApiError(400, f"{names['max_new_tokens']} must be at least 1", param=names["max_new_tokens"])
+        check_sampling(params, names)
+    except AdmissionError as e:
+        raise admission_error(e) from None
     return params
 
 
@@ -360,13 +363,12 @@ def chat_sampling_params(req: ChatCompletionRequest, *, default_max_tokens: int 
     When the output will be searched for tool calls, special tokens are kept in the text: the tool-call
     markers are special tokens.
     """
-    max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_logprobs = req.top_logprobs or 0
     params = SamplingParams(**_common_fields(req), max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
                             logprobs=req.logprobs or top_logprobs > 0, top_logprobs=top_logprobs,
                             skip_special_tokens=req.skip_special_tokens and not req.parses_tool_calls)
-    return _checked(params, {"max_new_tokens": max_field, "min_new_tokens": "min_tokens"})
+    return _checked(params, chat_fields(req))
 
 
 def completion_sampling_params(req: CompletionRequest, *, default_max_tokens: int | None = 16) -> SamplingParams:
@@ -374,8 +376,7 @@ def completion_sampling_params(req: CompletionRequest, *, default_max_tokens: in
     params = SamplingParams(**_common_fields(req), logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                             max_new_tokens=default_max_tokens if req.max_tokens is None else req.max_tokens,
                             skip_special_tokens=req.skip_special_tokens)
-    return _checked(params, {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                             "top_logprobs": "logprobs"})
+    return _checked(params, COMPLETION_FIELDS)
 
 
 def _common_fields(req: _RequestParams) -> dict[str, Any]:
@@ -393,128 +394,3 @@ def _common_fields(req: _RequestParams) -> dict[str, Any]:
         "ignore_eos": req.ignore_eos, "custom_params": req.custom_params,
         "custom_logit_processor": resolve_logit_processor(req.custom_logit_processor),
     }
-
-
-# ---- responses ---------------------------------------------------------------------------------------
-
-_MIN_LOGPROB = -9999.0  # what OpenAI reports for impossible tokens; JSON has no -inf
-
-
-def new_id(prefix: str = "chatcmpl") -> str:
-    """A response id such as "chatcmpl-3f2a...": random, 32 hex digits."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def finish_reason(engine_reason: str | None, *, has_tool_calls: bool = False) -> str | None:
-    """The OpenAI finish_reason for the engine's: "tool_calls" when a turn that stopped made calls."""
-    return "tool_calls" if engine_reason == "stop" and has_tool_calls else engine_reason
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """The `usage` object, with the prefix-cache hits as prompt_tokens_details.cached_tokens."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def _extra(body: dict[str, Any], **optional: Any) -> dict[str, Any]:
-    """Add the optional fields that are set (token ids only when asked for, usage only where it belongs)."""
-    body.update((k, v) for k, v in optional.items() if v is not None)
-    return body
-
-
-def _logprob(value: float) -> float:
-    return max(float(value), _MIN_LOGPROB)
-
-
-def chat_logprob_entry(token: str, logprob: float, top: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
-    """One token of a chat choice's `logprobs.content`: the token, its logprob, bytes and alternatives."""
-    return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": _logprob(lp), "bytes": list(t.encode("utf-8"))} for t, lp in top]}
-
-
-def chat_choice(index: int, *, content: str | None, finish_reason: str | None,
-                reasoning_content: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
-                logprobs: list[dict[str, Any]] | None = None, matched_stop: int | str | None = None,
-                token_ids: list[int] | None = None) -> dict[str, Any]:
-    """One choice of a non-streamed chat completion; `logprobs` is the list of chat_logprob_entry."""
-    message = {"role": "assistant", "content": content, "reasoning_content": reasoning_content,
-               "tool_calls": tool_calls or None}
-    return _extra({"index": index, "message": message, "logprobs": None if logprobs is None else {"content": logprobs},
-                   "finish_reason": finish_reason, "matched_stop": matched_stop}, token_ids=token_ids)
-
-
-def chat_completion(*, id: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any],
-                    created: int | None = None, prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
-    """The body of a non-streamed chat completion."""
-    body: dict[str, Any] = {"id": id, "object": "chat.completion",
-                            "created": int(time.time()) if created is None else created, "model": model,
-                            "choices": choices, "usage": usage}
-    return _extra(body, prompt_token_ids=prompt_token_ids)
-
-
-def chat_delta(*, role: str | None = None, content: str | None = None, reasoning_content: str | None = None,
-               tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A streamed delta holding only what it carries (role goes on a choice's first chunk)."""
-    delta = {"role": role, "content": content, "reasoning_content": reasoning_content, "tool_calls": tool_calls}
-    return {k: v for k, v in delta.items() if v is not None and (k != "tool_calls" or v)}
-
-
-def chat_chunk(*, id: str, model: str, created: int, delta: dict[str, Any], index: int = 0,
-               finish_reason: str | None = None, matched_stop: int | str | None = None,
-               logprobs: list[dict[str, Any]] | None = None, token_ids: list[int] | None = None,
-               usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One `chat.completion.chunk` carrying one choice's delta (finish_reason set on its last chunk)."""
-    choice: dict[str, Any] = {"index": index, "delta": delta,
-                              "logprobs": None if logprobs is None else {"content": logprobs},
-                              "finish_reason": finish_reason}
-    if finish_reason is not None:
-        choice["matched_stop"] = matched_stop
-    choice = _extra(choice, token_ids=token_ids)
-    chunk: dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": [choice]}
-    return _extra(chunk, usage=usage)
-
-
-def usage_chunk(*, id: str, model: str, created: int, usage: dict[str, Any],
-                object: str = "chat.completion.chunk") -> dict[str, Any]:
-    """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
-    return {"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage}
-
-
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float],
-                        top: Sequence[Sequence[tuple[str, float]]] | None = None, *,
-                        text_offset: int = 0) -> dict[str, Any]:
-    """A text completion's `logprobs`: tokens, token_logprobs, top_logprobs and character offsets."""
-    offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=text_offset)) if tokens else []
-    return {"tokens": list(tokens), "token_logprobs": [_logprob(lp) for lp in logprobs],
-            "top_logprobs": None if top is None else [{t: _logprob(lp) for t, lp in row} for row in top],
-            "text_offset": offsets}
-
-
-def completion_choice(index: int, *, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
-                      matched_stop: int | str | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
-    """One choice of a text completion (streamed or not)."""
-    return _extra({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                   "matched_stop": matched_stop}, token_ids=token_ids)
-
-
-def text_completion(*, id: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None,
-                    created: int | None = None,
-                    prompt_token_ids: list[int] | list[list[int]] | None = None) -> dict[str, Any]:
-    """A text completion body (object "text_completion"); see completion_chunk for the streamed form."""
-    body: dict[str, Any] = {"id": id, "object": "text_completion",
-                            "created": int(time.time()) if created is None else created, "model": model,
-                            "choices": choices}
-    return _extra(body, usage=usage, prompt_token_ids=prompt_token_ids)
-
-
-def completion_chunk(*, id: str, model: str, created: int, choice: dict[str, Any],
-                     usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streamed text completion chunk: the same object as the full body, with one completion_choice."""
-    return text_completion(id=id, model=model, choices=[choice], usage=usage, created=created)
-
-
-def model_list(names: Sequence[str], *, created: int | None = None, owned_by: str = "baleen") -> dict[str, Any]:
-    """The body of GET /v1/models."""
-    t = int(time.time()) if created is None else created
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": t, "owned_by": owned_by} for n in names]}

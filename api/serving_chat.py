@@ -1,10 +1,11 @@
 """POST /v1/chat/completions: messages -> chat template -> token ids -> engine, answered whole or as SSE chunks.
 
 The prompt is rendered and tokenized here (the template starts with BOS, so no special tokens are added),
-which gives prompt_token_ids and lets the context check run before anything is submitted. Each of the `n`
-choices is its own engine request. Output text goes through the reasoning parser (`reasoning_content`), then,
-when the request has tools, the tool-call parser; streamed and whole answers give the same result. Structured
-output (response_format, regex, ebnf, forced or strict tool calls) becomes the requests' grammar (structured.py).
+which gives prompt_token_ids and lets the engine's admission check (context length, sampling fields) run
+before anything is submitted. Each of the `n` choices is its own engine request. Output text goes through the
+reasoning parser (`reasoning_content`), then, when the request has tools, the tool-call parser; streamed and whole
+answers give the same result. Structured output (response_format, regex, ebnf, forced or strict tool calls)
+becomes the requests' grammar (structured.py).
 """
 
 from __future__ import annotations
@@ -19,27 +20,19 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from baleen.actors.admission import tokenize
+from baleen.api import bodies as b
 from baleen.api import protocol as p
+from baleen.api.errors import engine_error
+from baleen.api.generation import ClientGone, Collected, Generation, collect, unless_disconnected
 from baleen.api.reasoning import ReasoningParser, make_reasoning_parser, prompt_opens_reasoning
-from baleen.api.server import (
-    CHAT_ROUTE,
-    SSE_DONE,
-    ClientGone,
-    Collected,
-    Generation,
-    JSONResponse,
-    ServerState,
-    check_context,
-    collect,
-    engine_error,
-    read_body,
-    sse,
-    sse_response,
-    unless_disconnected,
-)
+from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
+from baleen.api.state import ServerState
 from baleen.api.structured import chat_grammar
 from baleen.api.tool_parser import ToolCall, ToolCallDelta, ToolCallParser, make_tool_parser
 from baleen.messages import RequestOutput, SamplingParams
+
+ROUTE = "/v1/chat/completions"
 
 
 @dataclass(frozen=True)
@@ -57,15 +50,13 @@ class _Prepared:
 def _prepare(state: ServerState, req: p.ChatCompletionRequest) -> _Prepared:
     prompt = state.template.render(req.template_messages(), tools=req.template_tools(),
                                    **(req.chat_template_kwargs or {}))
-    prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids
+    prompt_ids = tokenize(state.tokenizer, prompt)
     params = p.chat_sampling_params(req)
     tool_parser = state.config.tool_call_parser if req.parses_tool_calls else None
     if tool_parser is None and params.skip_special_tokens != req.skip_special_tokens:
         # Special tokens are kept for the tool-call parser; without one the client gets what it asked for.
         params = msgspec.structs.replace(params, skip_special_tokens=req.skip_special_tokens)
-    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    check_context(len(prompt_ids), params.max_new_tokens, state.engine.max_context_len, field=field)
-    state.check_processor(params)
+    state.admit(prompt_ids, params, p.chat_fields(req))
     reasoning = state.config.reasoning_parser if req.separate_reasoning else None
     in_reasoning = req.thinking or prompt_opens_reasoning(prompt)
     # The grammar leaves the reasoning free when the parser will separate it, i.e. output starts inside it.
@@ -101,9 +92,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     req = p.decode_chat_request(await read_body(request, state.config.max_request_bytes))
     state.check_model(req.model)
     prep = _prepare(state, req)
-    response_id = p.new_id("chatcmpl")
-    generation = Generation(state, CHAT_ROUTE, [(prep.prompt_ids, sp) for sp in prep.params],
-                            response_id, started)
+    response_id = b.new_id("chatcmpl")
+    generation = Generation(state, ROUTE, [(prep.prompt_ids, sp) for sp in prep.params], response_id, started)
     streaming = False
     try:
         firsts = await unless_disconnected(request, generation.first())
@@ -112,7 +102,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                 raise engine_error(out)
         if req.stream:
             streaming = True
-            return sse_response(state, _stream(state, prep, generation, firsts, response_id))
+            frames = _stream(state, prep, generation, firsts, response_id)
+            return sse_response(frames, state.config.graceful_shutdown_s)
         results = await unless_disconnected(request, collect(generation, firsts))
         return JSONResponse(_whole(state, prep, results, response_id))
     except ClientGone:
@@ -141,12 +132,12 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
         assert last is not None
         logprobs = _logprob_entries(state, r.token_ids, r.logprobs, r.top_logprobs) if req.logprobs or req.top_logprobs \
             else None
-        choices.append(p.chat_choice(
+        choices.append(b.chat_choice(
             i, content=None if (calls or reasoning) and not content else content, reasoning_content=reasoning,
             tool_calls=[c.to_openai() for c in calls] or None, logprobs=logprobs,
-            finish_reason=p.finish_reason(last.finish_reason, has_tool_calls=bool(calls)),
+            finish_reason=b.finish_reason(last.finish_reason, has_tool_calls=bool(calls)),
             matched_stop=last.matched_stop, token_ids=r.token_ids if req.return_token_ids else None))
-    return p.chat_completion(id=response_id, model=req.model, choices=choices,
+    return b.chat_completion(id=response_id, model=req.model, choices=choices,
                              usage=_usage([r.last for r in results], len(prep.prompt_ids)),
                              prompt_token_ids=prep.prompt_ids if req.return_token_ids else None)
 
@@ -154,7 +145,7 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
 def _usage(lasts: list[RequestOutput | None], prompt_tokens: int) -> dict[str, Any]:
     """`usage` over all choices: the prompt once, every choice's completion tokens."""
     done = [r for r in lasts if r is not None]
-    return p.usage(prompt_tokens, sum(r.completion_tokens for r in done), done[0].cached_tokens if done else 0)
+    return b.usage(prompt_tokens, sum(r.completion_tokens for r in done), done[0].cached_tokens if done else 0)
 
 
 def _reasoning(prep: _Prepared) -> ReasoningParser:
@@ -168,7 +159,7 @@ def _logprob_entries(state: ServerState, token_ids: list[int], logprobs: list[fl
     text = state.token_text
     lps = logprobs or [0.0] * len(token_ids)
     tops = top or [[] for _ in token_ids]
-    return [p.chat_logprob_entry(text(t), lp, [(text(a), alp) for a, alp in alts])
+    return [b.chat_logprob_entry(text(t), lp, [(text(a), alp) for a, alp in alts])
             for t, lp, alts in zip(token_ids, lps, tops)]
 
 
@@ -215,7 +206,7 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
         cs.last = out
         reasoning, content, calls = cs.split(out.text, out.finished)
         first = not cs.started
-        delta = p.chat_delta(role="assistant" if first else None, content=content if content or first else None,
+        delta = b.chat_delta(role="assistant" if first else None, content=content if content or first else None,
                              reasoning_content=reasoning or None, tool_calls=calls or None)
         logprobs = _logprob_entries(state, out.token_ids, out.logprobs, out.top_logprobs) \
             if (req.logprobs or req.top_logprobs) and out.token_ids else None
@@ -223,8 +214,8 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
         if not (first or len(delta) or logprobs or token_ids or out.finished):
             return None
         cs.started = True
-        reason = p.finish_reason(out.finish_reason, has_tool_calls=cs.has_tool_calls) if out.finished else None
-        chunk = p.chat_chunk(id=response_id, model=req.model, created=created, delta=delta, index=i,
+        reason = b.finish_reason(out.finish_reason, has_tool_calls=cs.has_tool_calls) if out.finished else None
+        chunk = b.chat_chunk(id=response_id, model=req.model, created=created, delta=delta, index=i,
                              finish_reason=reason, matched_stop=out.matched_stop, logprobs=logprobs,
                              token_ids=token_ids)
         if not sent_prompt_ids:
@@ -243,7 +234,7 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
                 yield data
         else:
             if req.include_usage:
-                yield sse(p.usage_chunk(id=response_id, model=req.model, created=created,
+                yield sse(b.usage_chunk(id=response_id, model=req.model, created=created,
                                         usage=_usage([c.last for c in choices], len(prep.prompt_ids))))
         yield SSE_DONE
     finally:

@@ -1,7 +1,8 @@
 """POST /v1/completions: a prompt (text, texts, token ids or lists of them) -> engine, answered whole or streamed.
 
-Text prompts are tokenized here with the tokenizer's special tokens (BOS first, as Hugging Face does);
-token-id prompts go to the engine as they are, after a range check. Every prompt gets `n` choices, numbered
+Text prompts are tokenized with the tokenizer's special tokens (BOS first, as Hugging Face does); token-id prompts
+go to the engine as they are. Each prompt then passes the engine's admission check (its ids, the context length,
+the sampling fields) before anything is submitted. Every prompt gets `n` choices, numbered
 prompt-major (choice `j * n + k` is prompt j's k-th), each its own engine request.
 """
 
@@ -17,26 +18,17 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from baleen.actors.admission import tokenize
+from baleen.api import bodies as b
 from baleen.api import protocol as p
-from baleen.api.errors import ApiError
-from baleen.api.server import (
-    COMPLETION_ROUTE,
-    SSE_DONE,
-    ClientGone,
-    Collected,
-    Generation,
-    JSONResponse,
-    ServerState,
-    check_context,
-    collect,
-    engine_error,
-    read_body,
-    sse,
-    sse_response,
-    unless_disconnected,
-)
+from baleen.api.errors import engine_error
+from baleen.api.generation import ClientGone, Collected, Generation, collect, unless_disconnected
+from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
+from baleen.api.state import ServerState
 from baleen.api.structured import completion_grammar
 from baleen.messages import RequestOutput, SamplingParams
+
+ROUTE = "/v1/completions"
 
 
 @dataclass(frozen=True)
@@ -51,20 +43,13 @@ class _Prepared:
 
 def _prepare(state: ServerState, req: p.CompletionRequest) -> _Prepared:
     prompts = req.prompts()
-    encoded = [x if isinstance(x, list) else state.tokenizer.encode(x, add_special_tokens=True).ids for x in prompts]
-    vocab = state.vocab_size
-    for j, ids in enumerate(encoded):
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab} tokens",
-                           param="prompt" if len(encoded) == 1 else f"prompt[{j}]")
+    encoded = [tokenize(state.tokenizer, x, add_special_tokens=True) for x in prompts]
     params = p.completion_sampling_params(req)
     grammar = completion_grammar(req)
     if grammar is not None:
         params = msgspec.structs.replace(params, grammar=grammar)
-    for ids in encoded:
-        check_context(len(ids), params.max_new_tokens, state.engine.max_context_len, field="max_tokens")
-    state.check_processor(params)
+    for j, ids in enumerate(encoded):
+        state.admit(ids, params, {**p.COMPLETION_FIELDS, "prompt": "prompt" if len(encoded) == 1 else f"prompt[{j}]"})
     choices, echo = [], []
     for text, ids in zip(prompts, encoded):
         shown = (text if isinstance(text, str) else state.tokenizer.decode(ids)) if req.echo else ""
@@ -87,8 +72,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     req = p.decode_completion_request(await read_body(request, state.config.max_request_bytes))
     state.check_model(req.model)
     prep = _prepare(state, req)
-    response_id = p.new_id("cmpl")
-    generation = Generation(state, COMPLETION_ROUTE, prep.choices, response_id, started)
+    response_id = b.new_id("cmpl")
+    generation = Generation(state, ROUTE, prep.choices, response_id, started)
     streaming = False
     try:
         firsts = await unless_disconnected(request, generation.first())
@@ -97,7 +82,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                 raise engine_error(out)
         if req.stream:
             streaming = True
-            return sse_response(state, _stream(state, prep, generation, firsts, response_id))
+            frames = _stream(state, prep, generation, firsts, response_id)
+            return sse_response(frames, state.config.graceful_shutdown_s)
         results = await unless_disconnected(request, collect(generation, firsts))
         return JSONResponse(_whole(state, prep, results, response_id))
     except ClientGone:
@@ -113,13 +99,13 @@ def _logprobs(state: ServerState, prep: _Prepared, token_ids: list[int], logprob
         return None
     text = state.token_text
     rows = [[(text(a), lp) for a, lp in alts] for alts in top] if top else None
-    return p.completion_logprobs([text(t) for t in token_ids], logprobs or [0.0] * len(token_ids), rows,
+    return b.completion_logprobs([text(t) for t in token_ids], logprobs or [0.0] * len(token_ids), rows,
                                  text_offset=offset)
 
 
 def _usage(prep: _Prepared, lasts: list[RequestOutput | None]) -> dict[str, Any]:
     done = [x for x in lasts if x is not None]
-    return p.usage(sum(len(ids) for ids in prep.prompt_ids), sum(x.completion_tokens for x in done),
+    return b.usage(sum(len(ids) for ids in prep.prompt_ids), sum(x.completion_tokens for x in done),
                    done[0].cached_tokens if done else 0)
 
 
@@ -135,11 +121,11 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
     for i, r in enumerate(results):
         last = r.last
         assert last is not None
-        choices.append(p.completion_choice(
+        choices.append(b.completion_choice(
             i, text=prep.echo[i] + r.text, finish_reason=last.finish_reason, matched_stop=last.matched_stop,
             logprobs=_logprobs(state, prep, r.token_ids, r.logprobs, r.top_logprobs, len(prep.echo[i])),
             token_ids=r.token_ids if req.return_token_ids else None))
-    return p.text_completion(id=response_id, model=req.model, choices=choices,
+    return b.text_completion(id=response_id, model=req.model, choices=choices,
                              usage=_usage(prep, [r.last for r in results]), prompt_token_ids=_prompt_ids(prep))
 
 
@@ -162,9 +148,9 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
                              offsets[i] + (len(text) - len(out.text)))
         started[i] = True
         offsets[i] += len(text)
-        choice = p.completion_choice(i, text=text, finish_reason=out.finish_reason, matched_stop=out.matched_stop,
+        choice = b.completion_choice(i, text=text, finish_reason=out.finish_reason, matched_stop=out.matched_stop,
                                      logprobs=logprobs, token_ids=out.token_ids if req.return_token_ids else None)
-        chunk = p.completion_chunk(id=response_id, model=req.model, created=created, choice=choice)
+        chunk = b.completion_chunk(id=response_id, model=req.model, created=created, choice=choice)
         if not sent_prompt_ids:
             chunk["prompt_token_ids"], sent_prompt_ids = _prompt_ids(prep), True
         return sse(chunk)
@@ -181,7 +167,7 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
                 yield data
         else:
             if req.include_usage:
-                yield sse(p.usage_chunk(id=response_id, model=req.model, created=created, usage=_usage(prep, lasts),
+                yield sse(b.usage_chunk(id=response_id, model=req.model, created=created, usage=_usage(prep, lasts),
                                         object="text_completion"))
         yield SSE_DONE
     finally:

@@ -30,8 +30,8 @@ from baleen.api.protocol import (
 )
 from baleen.api.reasoning import THINK_END
 from baleen.api.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
-from baleen.messages import GrammarSpec
-from baleen.model.grammar import JSON_MAX_WHITESPACE, TOOL_CALL_TOKENS
+from baleen.messages import JSON_MAX_WHITESPACE, GrammarSpec
+from baleen.model.tokenizer_build import TOOL_CALL_TOKENS
 
 Format = dict[str, Any]  # one xgrammar structural-tag format, as JSON
 ANY_OBJECT: dict[str, Any] = {"type": "object"}

@@ -36,8 +36,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from baleen.messages import GrammarSpec, SamplingParams, SeqRow, SlotInit
 from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.config import ModelConfig
-from baleen.model.grammar import TOOL_CALL_TOKENS, GrammarCache, GrammarSlots
+from baleen.model.grammar import GrammarCache, GrammarSlots
 from baleen.model.presets import preset
+from baleen.model.tokenizer_build import TOOL_CALL_TOKENS
 
 RECORD = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from baleen.actors.admission import Limits
 from baleen.messages import RequestOutput, SamplingParams
 
 
@@ -36,7 +37,8 @@ class FastEngine:
 
         self.tokenizer = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
         self.model_path = "fast-fake"
-        self.max_context_len = 1 << 20
+        self.limits = Limits(max_context_len=1 << 20)
+        self.num_requests = 0  # generate() streams open
         self.metrics: dict[str, float] = {}
         self.error: str | None = None
 
@@ -48,12 +50,20 @@ class FastEngine:
                        rid: str | None = None) -> AsyncIterator[RequestOutput]:
         n = (sampling.max_new_tokens if sampling else None) or 16
         rid = rid or "r"
-        for i in range(1, n + 1):
-            await asyncio.sleep(0)  # let the other streams (and the HTTP writes) run, as the detokenizer does
-            yield RequestOutput(rid=rid, text=" tok", token_ids=[400 + i % 500], finish_reason="length" if i == n else None,
-                                prompt_tokens=len(prompt), completion_tokens=i)
+        self.num_requests += 1
+        try:
+            for i in range(1, n + 1):
+                await asyncio.sleep(0)  # let the other streams (and the HTTP writes) run, as the detokenizer does
+                yield RequestOutput(rid=rid, text=" tok", token_ids=[400 + i % 500],
+                                    finish_reason="length" if i == n else None, prompt_tokens=len(prompt),
+                                    completion_tokens=i)
+        finally:
+            self.num_requests -= 1
 
     async def abort(self, rid: str) -> None:
+        return None
+
+    async def abort_all(self) -> None:
         return None
 
     def info(self) -> dict[str, Any]:
@@ -63,7 +73,8 @@ class FastEngine:
 async def serve() -> None:
     """Run the real app over FastEngine on a free port; print `PORT n` once it listens."""
     from baleen.api.chat_template import ChatTemplate
-    from baleen.api.server import ServerConfig, ServerState, create_app
+    from baleen.api.server import create_app
+    from baleen.api.state import ServerConfig, ServerState
     from baleen.launch_server import UvicornServer, uvicorn_config
 
     config = ServerConfig(port=0, log_level="warning")

@@ -41,7 +41,7 @@ from baleen.model.tokenizer_build import TOOL_SEP as SEP
 from baleen.model.tokenizer_build import USER_TOKEN as USER
 
 SYSTEM_PROMPTS = ("", "", "", "You are a helpful AI assistant", "You are a helpful assistant.")
-# The text the V3 template puts before the functions (api/templates/deepseek_v3.jinja).
+# The text the V3 template puts before the functions (model/templates/deepseek_v3.jinja).
 TOOLS_PREAMBLE = (
     "## Tools\n\nYou can call the functions listed below. To call one, answer with\n"
     f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}NAME\n```json\nARGUMENTS\n```{CALL_END}{CALLS_END}\n"

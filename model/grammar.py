@@ -44,20 +44,11 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from baleen.messages import GrammarSpec
-from baleen.model.tokenizer_build import (
-    TOOL_CALL_BEGIN,
-    TOOL_CALL_END,
-    TOOL_CALLS_BEGIN,
-    TOOL_CALLS_END,
-    TOOL_SEP,
-)
+from baleen.messages import JSON_MAX_WHITESPACE, GrammarSpec
+from baleen.model.tokenizer_build import TOOL_CALL_TOKENS
 
 log = logging.getLogger("baleen.grammar")
 
-# DeepSeek's tool-call markers (api/tool_parser.py reads them): the tokens "tool_calls" grammars may generate.
-TOOL_CALL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)
-JSON_MAX_WHITESPACE = 1  # characters of whitespace a JSON grammar allows in a row
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[20:57:31] /project/cpp/x.cc:94: " before xgrammar's message
 
 

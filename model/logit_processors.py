@@ -4,10 +4,18 @@ A client picks a processor by NAME (`custom_logit_processor`) and passes it plai
 client code ever runs on the server. The server operator adds processors at start-up with
 `--custom-logit-processor NAME=module:attr`, which imports `attr` from `module` once (importlib).
 
-A processor is built once per request, `factory(custom_params, tokenizer)`, and then called for each of that
-request's next tokens as `proc(output_token_ids, logits)` with the request's row of logits ([vocab_size]).
-It returns the new row (it may modify and return the row it was given). Processors run on the host between
-the forward and the sampler, so a step with a processor row cannot overlap the next one (the runner syncs).
+A processor is built once per request, by the worker's runner alone: `factory(custom_params, tokenizer)`, then
+called for each of that request's next tokens as `proc(output_token_ids, logits)` with the request's row of
+logits ([vocab_size]). It returns the new row (it may modify and return the row it was given). Processors run on
+the host between the forward and the sampler, so a step with a processor row cannot overlap the next one (the
+runner syncs).
+
+The HTTP server checks a request's processor before submitting it, without building it (`check`): the name, and
+the params through the factory's `check_params(custom_params, tokenizer)` when it has one (ValueError: HTTP 400
+naming custom_params). A factory without one is checked when the worker builds it: a refusal there ends that
+request with an "invalid" error (HTTP 400 too), never the worker.
+
+torch is imported only where tensors are touched: the HTTP server imports this module for the registry.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
@@ -63,18 +73,25 @@ class DeepSeekR1ThinkingBudget:
     name = "deepseek_r1_thinking_budget"
 
     def __init__(self, custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
-        unknown = sorted(set(custom_params) - {"thinking_budget"})
-        if unknown:
-            raise ValueError(f"{self.name}: unknown custom_params {unknown}; it accepts only 'thinking_budget'")
-        budget = custom_params.get("thinking_budget")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"{self.name}: custom_params 'thinking_budget' must be an integer >= 0, "
-                             f"got {budget!r}")
-        self.thinking_budget = budget
+        self.check_params(custom_params, tokenizer)
+        self.thinking_budget: int = custom_params["thinking_budget"]
         self.newline_id = single_token_id(tokenizer, "\n")
         self.end_think_id = single_token_id(tokenizer, "</think>")
         self._scanned = 0  # output tokens already searched for </think>
         self._ended = False
+
+    @classmethod
+    def check_params(cls, custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
+        """ValueError unless `custom_params` is {"thinking_budget": int >= 0} and the tokenizer has its tokens."""
+        unknown = sorted(set(custom_params) - {"thinking_budget"})
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown custom_params {unknown}; it accepts only 'thinking_budget'")
+        budget = custom_params.get("thinking_budget")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"{cls.name}: custom_params 'thinking_budget' must be an integer >= 0, "
+                             f"got {budget!r}")
+        single_token_id(tokenizer, "\n")
+        single_token_id(tokenizer, "</think>")
 
     def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         n = len(output_token_ids)
@@ -130,8 +147,24 @@ class LogitProcessorRegistry:
         """The names a request may use, sorted."""
         return sorted(self._factories)
 
+    def check(self, name: str, params: dict[str, Any] | None, tokenizer: Tokenizer) -> None:
+        """What `create` would refuse, without building anything: ValueError (an HTTP 400) for an unknown name, or
+        for params the factory's `check_params` refuses (a factory without one is checked when it is built)."""
+        factory, params = self._factory(name, params)
+        check_params = getattr(factory, "check_params", None)
+        if check_params is not None:
+            self._call(name, check_params, params, tokenizer)
+
     def create(self, name: str, params: dict[str, Any] | None, tokenizer: Tokenizer) -> LogitProcessor:
         """Build `name` for one request; ValueError (an HTTP 400) for an unknown name or bad params."""
+        factory, params = self._factory(name, params)
+        proc = self._call(name, factory, params, tokenizer)
+        if not callable(proc):
+            raise ValueError(f"custom_logit_processor {name!r} built a {type(proc).__name__}, which is not "
+                             "callable as proc(output_token_ids, logits)")
+        return proc  # type: ignore[no-any-return]
+
+    def _factory(self, name: str, params: dict[str, Any] | None) -> tuple[LogitProcessorFactory, dict[str, Any]]:
         factory = self._factories.get(name)
         if factory is None:
             raise ValueError(f"unknown custom_logit_processor {name!r}; this server has {self.names()}")
@@ -139,16 +172,17 @@ class LogitProcessorRegistry:
             params = {}
         if not isinstance(params, dict):
             raise ValueError(f"custom_params must be a JSON object, got {type(params).__name__}")
+        return factory, params
+
+    @staticmethod
+    def _call(name: str, fn: Callable[..., Any], params: dict[str, Any], tokenizer: Tokenizer) -> Any:
+        """fn(params, tokenizer), with the factory's TypeError/KeyError turned into a ValueError naming it."""
         try:
-            proc = factory(params, tokenizer)
+            return fn(params, tokenizer)
         except ValueError:
             raise
         except (TypeError, KeyError) as e:
             raise ValueError(f"custom_logit_processor {name!r} rejected custom_params: {e!r}") from e
-        if not callable(proc):
-            raise ValueError(f"custom_logit_processor {name!r} built a {type(proc).__name__}, which is not "
-                             "callable as proc(output_token_ids, logits)")
-        return proc
 
 
 def _load(module: str, attr: str, spec: str) -> LogitProcessorFactory:
@@ -169,6 +203,8 @@ def _load(module: str, attr: str, spec: str) -> LogitProcessorFactory:
 
 def apply_logit_processors(logits: torch.Tensor, rows: list[tuple[int, LogitProcessor, list[int]]]) -> None:
     """Run each (row, processor, output ids so far) on its row of `logits` [n, vocab], in place."""
+    import torch
+
     vocab = logits.shape[-1]
     for row, proc, output_ids in rows:
         view = logits[row]  # [vocab]

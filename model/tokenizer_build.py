@@ -12,8 +12,6 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-import baleen.api
-
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 PAD_TOKEN = "<｜▁pad▁｜>"
@@ -23,6 +21,8 @@ TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁c
 TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+# The markers a "tool_calls" grammar may generate (model/grammar.py makes them ordinary tokens for it).
+TOOL_CALL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)
 
 # (content, special): id = position. `<think>` and `</think>` are ordinary added tokens, as in DeepSeek-R1,
 # so they survive skip_special_tokens when the reasoning text is decoded.
@@ -55,8 +55,9 @@ def data_dir() -> Path:
 
 
 def templates_dir() -> Path:
-    """The built-in chat templates shipped with baleen.api."""
-    return Path(baleen.api.__file__).parent / "templates"
+    """DeepSeek's chat templates: written into the checkpoints make-model creates, the built-ins of
+    --chat-template (api/chat_template.py)."""
+    return Path(__file__).parent / "templates"
 
 
 def build_tokenizer(

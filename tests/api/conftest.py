@@ -60,7 +60,7 @@ def fake_server(fake_engine: FakeEngine) -> Iterator[ThreadServer]:
     """An in-process server over the fake engine, with an API key and a 4 KiB body limit."""
     from harness import ThreadServer
 
-    from baleen.api.server import ServerConfig
+    from baleen.api.state import ServerConfig
 
     config = ServerConfig(host="127.0.0.1", port=0, api_key="sekret", max_request_bytes=4096, log_level="warning",
                           served_model_name="fake")

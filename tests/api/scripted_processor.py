@@ -20,14 +20,18 @@ class ScriptedProcessor:
     """Forces `custom_params["text"]`, then EOS (then EOS again, if the request ignores it)."""
 
     def __init__(self, custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
+        self.check_params(custom_params, tokenizer)
+        self.ids = tokenizer.encode(custom_params["text"], add_special_tokens=False).ids
+        self.eos = int(tokenizer.token_to_id(EOS))
+
+    @staticmethod
+    def check_params(custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
+        """What the server checks before it submits a request (it never builds the processor)."""
         text = custom_params.get("text")
         if not isinstance(text, str) or not text:
             raise ValueError(f"scripted: custom_params 'text' must be a non-empty string, got {text!r}")
-        self.ids = tokenizer.encode(text, add_special_tokens=False).ids
-        eos = tokenizer.token_to_id(EOS)
-        if eos is None:
+        if tokenizer.token_to_id(EOS) is None:
             raise ValueError("scripted: the tokenizer has no end-of-sentence token")
-        self.eos = int(eos)
 
     def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         n = len(output_token_ids)

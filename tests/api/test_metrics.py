@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from baleen.api.metrics import FrontendMetrics
-from baleen.api.server import ServerConfig
+from baleen.api.state import ServerConfig
 
 CHAT, COMPLETION = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]

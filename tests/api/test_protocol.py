@@ -11,6 +11,7 @@ import httpx2
 import openai
 import pytest
 
+from baleen.api import bodies as b
 from baleen.api import protocol as p
 from baleen.api.errors import ApiError, error_body
 
@@ -29,7 +30,7 @@ class DeepSeekR1ThinkingBudgetLogitProcessor:
 
 
 def _usage_body() -> dict[str, Any]:
-    return p.usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
+    return b.usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
 
 
 def _client(handler: Callable[[httpx2.Request], httpx2.Response]) -> openai.OpenAI:
@@ -46,8 +47,8 @@ def _capture(sent: list[bytes], reply: dict[str, Any]) -> Callable[[httpx2.Reque
 
 
 def _simple_chat() -> dict[str, Any]:
-    return p.chat_completion(id="chatcmpl-x", model="default", created=1,
-                             choices=[p.chat_choice(0, content="ok", finish_reason="stop")], usage=_usage_body())
+    return b.chat_completion(id="chatcmpl-x", model="default", created=1,
+                             choices=[b.chat_choice(0, content="ok", finish_reason="stop")], usage=_usage_body())
 
 
 def test_seed_openai_chat_example_decodes() -> None:
@@ -267,9 +268,9 @@ def test_completion_errors(body: dict[str, Any], param: str, fragment: str) -> N
 
 def test_completion_through_the_openai_client() -> None:
     sent: list[bytes] = []
-    logprobs = p.completion_logprobs(["Par", "is"], [-0.5, float("-inf")], [[("Par", -0.5)], [("is", -1e9)]])
-    reply = p.text_completion(id=p.new_id("cmpl"), model="m", created=3, usage=_usage_body(), choices=[
-        p.completion_choice(0, text="Paris", finish_reason="length", logprobs=logprobs, token_ids=[11, 12])])
+    logprobs = b.completion_logprobs(["Par", "is"], [-0.5, float("-inf")], [[("Par", -0.5)], [("is", -1e9)]])
+    reply = b.text_completion(id=b.new_id("cmpl"), model="m", created=3, usage=_usage_body(), choices=[
+        b.completion_choice(0, text="Paris", finish_reason="length", logprobs=logprobs, token_ids=[11, 12])])
     client = _client(_capture(sent, reply))
     out = client.completions.create(model="m", prompt="The capital of France is", max_tokens=2, logprobs=1,
                                     temperature=0, stop=["\n"], echo=False)
@@ -288,10 +289,10 @@ def test_completion_through_the_openai_client() -> None:
 def test_chat_response_parses_in_the_openai_client() -> None:
     calls = [{"id": "call_1", "type": "function", "function": {"name": "query_weather",
                                                                 "arguments": "{\"city\": \"Qingdao\"}"}}]
-    lp = [p.chat_logprob_entry("é", -0.25, [("é", -0.25), ("e", -2.0)])]
-    reply = p.chat_completion(id=p.new_id(), model="m", usage=_usage_body(), prompt_token_ids=[1, 2], choices=[
-        p.chat_choice(0, content=None, reasoning_content="think", tool_calls=calls, logprobs=lp,
-                      finish_reason=p.finish_reason("stop", has_tool_calls=True), token_ids=[9])])
+    lp = [b.chat_logprob_entry("é", -0.25, [("é", -0.25), ("e", -2.0)])]
+    reply = b.chat_completion(id=b.new_id(), model="m", usage=_usage_body(), prompt_token_ids=[1, 2], choices=[
+        b.chat_choice(0, content=None, reasoning_content="think", tool_calls=calls, logprobs=lp,
+                      finish_reason=b.finish_reason("stop", has_tool_calls=True), token_ids=[9])])
     assert reply["id"].startswith("chatcmpl-") and reply["object"] == "chat.completion"
     out = _client(_capture([], reply)).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     choice = out.choices[0]
@@ -317,21 +318,21 @@ def _sse(chunks: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Resp
 
 
 def test_chat_stream_chunks_parse_in_the_openai_client() -> None:
-    rid, created = p.new_id(), 5
+    rid, created = b.new_id(), 5
     head = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "query_weather", "arguments": ""}}
 
     def chunk(delta: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        return p.chat_chunk(id=rid, model="m", created=created, delta=delta, **kw)
+        return b.chat_chunk(id=rid, model="m", created=created, delta=delta, **kw)
 
     chunks = [
-        chunk(p.chat_delta(role="assistant", content="")),
-        chunk(p.chat_delta(reasoning_content="hmm")),
-        chunk(p.chat_delta(content="Checking.")),
-        chunk(p.chat_delta(tool_calls=[head])),
-        chunk(p.chat_delta(tool_calls=[{"index": 0, "function": {"arguments": "{\"city\": "}}])),
-        chunk(p.chat_delta(tool_calls=[{"index": 0, "function": {"arguments": "\"Qingdao\"}"}}])),
-        chunk(p.chat_delta(), finish_reason="tool_calls"),
-        p.usage_chunk(id=rid, model="m", created=created, usage=_usage_body()),
+        chunk(b.chat_delta(role="assistant", content="")),
+        chunk(b.chat_delta(reasoning_content="hmm")),
+        chunk(b.chat_delta(content="Checking.")),
+        chunk(b.chat_delta(tool_calls=[head])),
+        chunk(b.chat_delta(tool_calls=[{"index": 0, "function": {"arguments": "{\"city\": "}}])),
+        chunk(b.chat_delta(tool_calls=[{"index": 0, "function": {"arguments": "\"Qingdao\"}"}}])),
+        chunk(b.chat_delta(), finish_reason="tool_calls"),
+        b.usage_chunk(id=rid, model="m", created=created, usage=_usage_body()),
     ]
     assert chunks[-1]["choices"] == [] and chunks[0]["object"] == "chat.completion.chunk"
     stream = _client(_sse(chunks)).chat.completions.create(
@@ -365,14 +366,14 @@ def test_error_body_reaches_the_client() -> None:
 
 
 def test_small_builders() -> None:
-    assert p.finish_reason("stop") == "stop" and p.finish_reason("length", has_tool_calls=True) == "length"
-    assert p.finish_reason(None, has_tool_calls=True) is None
-    assert p.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+    assert b.finish_reason("stop") == "stop" and b.finish_reason("length", has_tool_calls=True) == "length"
+    assert b.finish_reason(None, has_tool_calls=True) is None
+    assert b.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
                              "prompt_tokens_details": {"cached_tokens": 0}}
-    assert p.chat_delta() == {} and p.chat_delta(content="") == {"content": ""}
-    last = p.chat_chunk(id="i", model="m", created=1, delta={}, finish_reason="stop", matched_stop="###")
+    assert b.chat_delta() == {} and b.chat_delta(content="") == {"content": ""}
+    last = b.chat_chunk(id="i", model="m", created=1, delta={}, finish_reason="stop", matched_stop="###")
     assert last["choices"][0]["matched_stop"] == "###"
-    models = p.model_list(["a"], created=9)
+    models = b.model_list(["a"], created=9)
     assert models["data"][0] == {"id": "a", "object": "model", "created": 9, "owned_by": "baleen"}
-    a, b = p.new_id(), p.new_id()
-    assert a != b and len(a) == len("chatcmpl-") + 32
+    first, second = b.new_id(), b.new_id()
+    assert first != second and len(first) == len("chatcmpl-") + 32

@@ -25,8 +25,10 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
+from baleen.actors.admission import Limits
 from baleen.api.chat_template import ChatTemplate
-from baleen.api.server import ServerConfig, ServerState, create_app
+from baleen.api.server import create_app
+from baleen.api.state import ServerConfig, ServerState
 from baleen.launch_server import UvicornServer, uvicorn_config
 from baleen.messages import RequestOutput, SamplingParams
 
@@ -143,12 +145,13 @@ class FakeEngine:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.model_path = "fake-model"
-        self.max_context_len = 256
+        self.limits = Limits(max_context_len=256, vocab_size=tokenizer.get_vocab_size())
         self.metrics: dict[str, float] = {"num_used_pages": 3.0, "num_evictable_pages": 1.0}
         self.error: str | None = None
         self.error_kind: str | None = None  # "invalid" | "overloaded" | "internal": every request fails so
         self.crash: Exception | None = None  # generate() raises this before its first output
         self.aborted: list[str] = []
+        self.num_requests = 0  # generate() streams open
 
     @property
     def healthy(self) -> bool:
@@ -159,18 +162,25 @@ class FakeEngine:
         rid = rid or "r"
         if self.crash is not None:
             raise self.crash
-        if self.error_kind is not None:
-            yield RequestOutput(rid=rid, finish_reason="error", error=f"fake {self.error_kind} error",
-                                error_kind=self.error_kind)
-            return
-        n = (sampling.max_new_tokens if sampling else None) or 4
-        for i in range(n):
-            await asyncio.sleep(0)
-            yield RequestOutput(rid=rid, text="a", token_ids=[97], finish_reason="length" if i == n - 1 else None,
-                                prompt_tokens=len(prompt), completion_tokens=i + 1)
+        self.num_requests += 1
+        try:
+            if self.error_kind is not None:
+                yield RequestOutput(rid=rid, finish_reason="error", error=f"fake {self.error_kind} error",
+                                    error_kind=self.error_kind)
+                return
+            n = (sampling.max_new_tokens if sampling else None) or 4
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield RequestOutput(rid=rid, text="a", token_ids=[97], finish_reason="length" if i == n - 1 else None,
+                                    prompt_tokens=len(prompt), completion_tokens=i + 1)
+        finally:
+            self.num_requests -= 1
 
     async def abort(self, rid: str) -> None:
         self.aborted.append(rid)
+
+    async def abort_all(self) -> None:
+        return None
 
     def info(self) -> dict[str, Any]:
         return {"model_path": self.model_path}

@@ -17,9 +17,10 @@ from tokenizers import Tokenizer
 
 from baleen.kernels.token_bitmask import unpack_bitmask
 from baleen.messages import GrammarSpec, SamplingParams
-from baleen.model.grammar import TOOL_CALL_TOKENS, GrammarCache, GrammarError, GrammarSlots, tokenizer_info
+from baleen.model.grammar import GrammarCache, GrammarError, GrammarSlots, tokenizer_info
 from baleen.model.make_model import tiny_model_path
 from baleen.model.sampler import Sampler, SamplingState, TokenMask
+from baleen.model.tokenizer_build import TOOL_CALL_TOKENS
 
 VOCAB = 1024  # the tiny model's (its tokenizer has 1000 ids)
 EOS = 1

@@ -92,19 +92,56 @@ def test_thinking_budget_through_the_sampler(r1_tokenizer: Tokenizer) -> None:
     assert any(t not in (nl, end) for t in history[5:] + others[0] + others[1])
 
 
-def test_thinking_budget_params_and_tokenizer_checked(r1_tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize("step", ["check", "create"])
+def test_thinking_budget_params_and_tokenizer_checked(r1_tokenizer: Tokenizer, step: str) -> None:
+    # check (the server, building nothing) refuses exactly what create (the worker) refuses
     reg = LogitProcessorRegistry()
+    run = getattr(reg, step)
     bad: list[dict[str, Any]] = [{}, {"thinking_budget": -1}, {"thinking_budget": 2.5},
                                  {"thinking_budget": True}, {"thinking_budget": "10"}]
     for params in bad:
         with pytest.raises(ValueError, match="thinking_budget"):
-            reg.create(BUDGET, params, r1_tokenizer)
+            run(BUDGET, params, r1_tokenizer)
     with pytest.raises(ValueError, match="budget_tokens"):
-        reg.create(BUDGET, {"thinking_budget": 3, "budget_tokens": 3}, r1_tokenizer)
+        run(BUDGET, {"thinking_budget": 3, "budget_tokens": 3}, r1_tokenizer)
     with pytest.raises(ValueError, match="JSON object"):
-        reg.create(BUDGET, [3], r1_tokenizer)  # type: ignore[arg-type]
+        run(BUDGET, [3], r1_tokenizer)
     with pytest.raises(ValueError, match="</think>"):
-        reg.create(BUDGET, {"thinking_budget": 3}, byte_level_tokenizer(["<think>"]))
+        run(BUDGET, {"thinking_budget": 3}, byte_level_tokenizer(["<think>"]))
+    with pytest.raises(ValueError, match="unknown custom_logit_processor 'nope'"):
+        run("nope", {}, r1_tokenizer)
+    run(BUDGET, {"thinking_budget": 3}, r1_tokenizer)
+
+
+def test_check_builds_nothing(r1_tokenizer: Tokenizer) -> None:
+    built: list[dict[str, Any]] = []
+
+    class Checked:
+        def __init__(self, custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
+            built.append(custom_params)
+
+        def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            return logits
+
+        @staticmethod
+        def check_params(custom_params: dict[str, Any], tokenizer: Tokenizer) -> None:
+            if custom_params.get("k") != 1:
+                raise ValueError("k must be 1")
+
+    def unchecked(custom_params: dict[str, Any], tokenizer: Tokenizer) -> LogitProcessor:
+        built.append(custom_params)
+        return Checked(custom_params, tokenizer)
+
+    reg = LogitProcessorRegistry()
+    reg.register("checked", Checked)
+    reg.register("unchecked", unchecked)
+    reg.check("checked", {"k": 1}, r1_tokenizer)
+    with pytest.raises(ValueError, match="k must be 1"):
+        reg.check("checked", {"k": 2}, r1_tokenizer)
+    reg.check("unchecked", {"anything": True}, r1_tokenizer)  # no check_params: the worker finds out
+    assert built == []
+    reg.create("checked", {"k": 1}, r1_tokenizer)
+    assert built == [{"k": 1}]
 
 
 def test_registry_names_create_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

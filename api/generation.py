@@ -1,0 +1,163 @@
+"""The engine requests behind one HTTP request: started, merged, collected and aborted together.
+
+A route makes one `Generation` per HTTP request (one engine request per choice), awaits `first()` (an error there
+can still become an HTTP status), then streams `rest()` or `collect`s it, and always ends with `aclose()`, which
+aborts what has not finished. `unless_disconnected` cancels the work when the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from baleen.actors.admission import EngineDead
+from baleen.api.errors import ApiError, engine_error
+from baleen.api.state import ServerState
+from baleen.messages import RequestOutput, SamplingParams
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (aborting its engine requests): ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class Generation:
+    """The engine requests behind one HTTP request, one per choice: started, merged and aborted together."""
+
+    def __init__(self, state: ServerState, route: str, requests: Sequence[tuple[list[int], SamplingParams]],
+                 rid_prefix: str, started: float) -> None:
+        self.state, self.route, self.started = state, route, started
+        self.rids = [f"{rid_prefix}-{i}" for i in range(len(requests))]
+        self._gens = [state.engine.generate(ids, params, rid=rid) for rid, (ids, params) in zip(self.rids, requests)]
+        self._last: list[RequestOutput | None] = [None] * len(requests)  # latest output per choice
+        self._last_token_at = [started] * len(requests)  # when each choice's latest tokens arrived
+        self._pumps: list[asyncio.Future[None]] = []  # n > 1: one task per choice feeding the merge
+
+    async def first(self) -> list[RequestOutput]:
+        """Each choice's first output (so an error can still become an HTTP status); ApiError on an error."""
+        self.state.check_can_serve()
+        try:
+            firsts = list(await asyncio.gather(*(anext(g) for g in self._gens)))
+        except EngineDead as e:  # the engine died between the health check and the submission
+            raise ApiError(503, f"the engine cannot serve requests: {e}") from None
+        self.state.metrics.observe_ttft(self.route, time.perf_counter() - self.started)
+        for i, out in enumerate(firsts):
+            self._note(i, out)
+        return firsts
+
+    async def rest(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The outputs after the first ones, as (choice index, output), merged in arrival order."""
+        live = [i for i, last in enumerate(self._last) if last is None or not last.finished]
+        if len(live) == 1:
+            async for out in self._gens[live[0]]:
+                self._note(live[0], out)
+                yield live[0], out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        self._pumps = [asyncio.ensure_future(self._pump(i, queue)) for i in live]
+        for _ in live:
+            while True:
+                i, out = await queue.get()
+                self._note(i, out)
+                yield i, out
+                if out.finished:
+                    break
+
+    async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput]]) -> None:
+        try:
+            async for out in self._gens[i]:
+                queue.put_nowait((i, out))
+        except Exception as e:  # never leave the merge waiting for a finish that cannot come
+            queue.put_nowait((i, RequestOutput(rid=self.rids[i], finish_reason="error", error=str(e),
+                                               error_kind="internal")))
+
+    def _note(self, i: int, out: RequestOutput) -> None:
+        now, metrics = time.perf_counter(), self.state.metrics
+        first, failed = self._last[i] is None, out.finish_reason == "error"
+        if first and not failed:
+            metrics.observe_first_token(now - self.started)
+        elif not first and out.token_ids:
+            metrics.observe_inter_token(now - self._last_token_at[i], len(out.token_ids))
+        if first or out.token_ids:
+            self._last_token_at[i] = now
+        self._last[i] = out
+        if out.finished:
+            metrics.observe_finished(out.finish_reason or "", out.prompt_tokens, out.completion_tokens,
+                                     None if failed else now - self.started)
+
+    async def aclose(self) -> None:
+        """Abort whatever has not finished (the engine frees its pages) and forget the request ids."""
+        for pump in self._pumps:  # a cancelled pump closes its engine stream, which sends the abort
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for last in self._last:
+            if last is not None and not last.finished:  # the client left: count what it was given
+                self.state.metrics.observe_finished("abort", last.prompt_tokens, last.completion_tokens)
+        for gen in self._gens:
+            close = getattr(gen, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+
+@dataclass
+class Collected:
+    """One choice's whole output, gathered for a non-streamed answer."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.top_logprobs += out.top_logprobs or []
+        self.last = out
+
+
+async def collect(generation: Generation, firsts: Sequence[RequestOutput]) -> list[Collected]:
+    """Every choice's whole output; ApiError when the engine failed one of them."""
+    results = [Collected() for _ in firsts]
+
+    def add(i: int, out: RequestOutput) -> None:
+        if out.finish_reason == "error":
+            raise engine_error(out)
+        results[i].add(out)
+
+    for i, out in enumerate(firsts):
+        add(i, out)
+    async for i, out in generation.rest():
+        add(i, out)
+    return results
