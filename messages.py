@@ -157,12 +157,14 @@ class SeqRow(msgspec.Struct, array_like=True):
     """One sequence of the step's flat batch.
 
     `input_ids` empty means a decode row: its single input token is the one the previous step sampled
-    into the slot, still on the device (this is what lets overlap scheduling plan ahead).
+    into the slot, still on the device (this is what lets overlap scheduling plan ahead). A decode row with
+    `extend_len` = 1 + k (k >= 1) is a speculative verify row: its inputs are the slot's token and the first k
+    draft tokens the drafter left in the slot; it commits 1 to k + 1 tokens (`StepResult.num_tokens`).
     """
 
     slot: int
     prefix_len: int  # latents already cached for this sequence
-    extend_len: int  # new tokens this step (1 for a decode row)
+    extend_len: int  # new tokens this step (1 for a decode row, 1 + drafts for a verify row)
     input_ids: bytes  # int32 new tokens, or b"" for a decode row
     sample: bool  # sample a token after this row (False for a prefill chunk that is not the last)
 
@@ -183,14 +185,19 @@ class StepPlan(msgspec.Struct, tag=True, kw_only=True):
 
 
 class StepResult(msgspec.Struct, tag=True, kw_only=True):
-    """Rank 0's sampled tokens for one step, in the order of the plan's sampled rows."""
+    """Rank 0's sampled tokens for one step, in the order of the plan's sampled rows.
+
+    Each sampled row commits one token, or, for a speculative verify row, `num_tokens[i]` of them (its accepted
+    drafts and the token sampled after them); the per-token arrays list them row after row.
+    """
 
     step_id: int
-    token_ids: bytes  # int32 [num_sampled]
-    logprobs: bytes | None = None  # float32 [num_sampled], log-prob of each sampled token
+    token_ids: bytes  # int32 [num_committed]
+    logprobs: bytes | None = None  # float32 [num_committed], log-prob of each committed token
     top_k: int = 0  # width of the top-logprob tables below
-    top_ids: bytes | None = None  # int32 [num_sampled, top_k]
-    top_logprobs: bytes | None = None  # float32 [num_sampled, top_k]
+    top_ids: bytes | None = None  # int32 [num_committed, top_k]
+    top_logprobs: bytes | None = None  # float32 [num_committed, top_k]
+    num_tokens: bytes | None = None  # int32 [num_sampled]: tokens each sampled row committed; None: one each
     forward_time: float = 0.0  # seconds the worker spent on the step
     # (sampled row, message) for requests whose custom logit processor failed: only they end, with an error
     errors: list[tuple[int, str]] = []
@@ -249,6 +256,8 @@ class RequestOutput(msgspec.Struct, array_like=True, kw_only=True):
     cached_tokens: int = 0
     error: str | None = None  # set with finish_reason "error"
     error_kind: str | None = None  # "invalid" (HTTP 400) | "overloaded" (503) | "internal" (500)
+    # Speculative decoding: verify rows this request ran so far (SGLang's spec_verify_ct); None when it is off
+    spec_verify_ct: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -26,12 +26,14 @@ from baleen.model.runner import ModelRunner, PendingStep, RunnerConfig
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from baleen.model.deepseek import DeepseekV3ForCausalLM
+    from baleen.model.deepseek import DeepseekMTP, DeepseekV3ForCausalLM
     from baleen.model.grammar import GrammarSlots
     from baleen.model.kv_cache import KVCache
     from baleen.model.logit_processors import LogitProcessorRegistry
     from baleen.model.memory_plan import MemoryPlan
+    from baleen.model.moe import ExpertsFactory
     from baleen.model.sampler import Sampler
+    from baleen.model.speculative import MtpDrafter
 
 log = logging.getLogger("baleen.build")
 
@@ -65,6 +67,8 @@ class WorkerConfig:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     fp8_tiled_weights: bool = False  # load_model(tile_fp8=...): tiled weight copies for few-token FP8 GEMMs
+    speculative_num_steps: int = 0  # drafts a verify row may carry (the MTP drafter's chain); 0: no speculation
+    speculative_draft_model_path: str | None = None  # a NextN checkpoint; None: the target's own MTP layer
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -102,7 +106,7 @@ def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch
                      attn: AttentionBackend, graph_max_bs: int | None, groups: ParallelGroups | None) -> int:  # fmt: skip
     from baleen.model.kv_cache import KVCache
 
-    layers, dim, ps = model_config.num_hidden_layers, model_config.kv_cache_dim, cfg.page_size
+    layers, dim, ps = _cache_layers(cfg, model_config), model_config.kv_cache_dim, cfg.page_size
     if device.type == "cuda":
         pages = KVCache.num_pages_for_budget(_gpu_memory_plan(cfg, model_config, device, model, attn, graph_max_bs,
                                                               groups).kv_pool, layers, ps, dim, cfg.cache_dtype)
@@ -112,6 +116,11 @@ def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch
     if cfg.max_total_tokens is not None:
         pages = min(pages, 1 + -(-cfg.max_total_tokens // ps))
     return pages
+
+
+def _cache_layers(cfg: WorkerConfig, model_config: ModelConfig) -> int:
+    """Latent layers of the KV cache: the target's, and the drafter's one when speculating."""
+    return model_config.num_hidden_layers + (1 if cfg.speculative_num_steps else 0)
 
 
 def _gpu_memory_plan(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: DeepseekV3ForCausalLM,
@@ -148,7 +157,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
 
     from baleen.model.grammar import GrammarCache, GrammarSlots
     from baleen.model.kv_cache import KVCache
-    from baleen.model.loader import load_model
+    from baleen.model.loader import LoadedModel, load_model
     from baleen.model.logit_processors import LogitProcessorRegistry
     from baleen.model.sampler import Sampler, SamplingState
 
@@ -169,7 +178,8 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         from baleen.model.fused_experts import FusedExperts
 
         experts_method = FusedExperts  # the reference TorchExperts syncs the host: no CUDA graphs with it
-    model = load_model(
+    own_mtp = bool(cfg.speculative_num_steps) and cfg.speculative_draft_model_path is None
+    loaded = load_model(
         cfg.model_path if cfg.load_format != "dummy" else None,
         model_config,
         parallel=cfg.parallel,
@@ -181,7 +191,11 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         experts_method=experts_method,
         groups=groups,
         tile_fp8=cfg.fp8_tiled_weights,
+        with_mtp=own_mtp,
     )
+    model, mtp = (loaded.model, loaded.mtp) if isinstance(loaded, LoadedModel) else (loaded, None)
+    if cfg.speculative_num_steps:
+        mtp = _draft_layer(cfg, model_config, mtp, model, device, experts_method, groups)
     log.info("weights loaded in %.1f s", time.perf_counter() - started)
     if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
         raise ValueError(
@@ -204,7 +218,8 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     if groups is not None:
         # NOTE: the scheduler hands out page ids that are valid on every rank: all use the smallest pool.
         num_pages = groups.tp.min_int(num_pages, device)
-    kv_cache = KVCache.for_model(model_config, num_pages, cfg.page_size, cfg.cache_dtype, device)
+    kv_cache = KVCache(_cache_layers(cfg, model_config), num_pages, cfg.page_size, model_config.kv_cache_dim,
+                       cfg.cache_dtype, device)  # fmt: skip
     log.info("KV cache: %d pages x %d tokens (%.2f GiB)", num_pages, cfg.page_size, kv_cache.num_bytes / 2**30)
     state = SamplingState(
         cfg.max_running_requests, model_config.vocab_size, device, random_seed=cfg.random_seed,
@@ -220,14 +235,21 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     grammar_cache = GrammarCache(tokenizer, model_config.vocab_size, model_config.eos_token_ids,
                                  max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))  # fmt: skip
     grammars = GrammarSlots(grammar_cache, pinned=device.type == "cuda")
+    drafter = None
+    if cfg.speculative_num_steps:
+        from baleen.model.speculative import MtpDrafter
+
+        assert mtp is not None
+        drafter = MtpDrafter(mtp, cfg.speculative_num_steps, cfg.max_running_requests, device)
     runner: ModelRunner
     if groups is None:
         runner = ModelRunner(model, kv_cache, attn, Sampler(state), runner_cfg, device, processors=processors,
-                             tokenizer=tokenizer, random_seed=cfg.random_seed, grammars=grammars)  # fmt: skip
+                             tokenizer=tokenizer, random_seed=cfg.random_seed, grammars=grammars,
+                             drafter=drafter)  # fmt: skip
     else:
         runner = ParallelRunner(model, kv_cache, attn, Sampler(state), runner_cfg, device, groups=groups,
                                 check_sampling=cfg.check_sampling, processors=processors, tokenizer=tokenizer,
-                                random_seed=cfg.random_seed, grammars=grammars)  # fmt: skip
+                                random_seed=cfg.random_seed, grammars=grammars, drafter=drafter)  # fmt: skip
     if dp_attention and device.type == "cuda" and not cfg.disable_cuda_graph:
         # TODO(graphs): DP attention needs every rank (idle ones too) to replay the graph of the padded size
         # max(plan.dp_num_tokens) when plan.dp_all_decode; DecodeGraphs cannot do that yet.
@@ -243,6 +265,32 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     return runner
 
 
+def _draft_layer(cfg: WorkerConfig, model_config: ModelConfig, own: DeepseekMTP | None, model: DeepseekV3ForCausalLM,
+                 device: torch.device, experts_method: ExpertsFactory | None, groups: ParallelGroups | None) -> DeepseekMTP:
+    """The drafter's MTP layer: the target checkpoint's own `model.layers.{L}.*`, or that of
+    --speculative-draft-model-path (a NextN checkpoint as SGLang's export writes it: the same names, one layer);
+    it shares the target's embedding when its checkpoint has none, and its output head."""
+    from baleen.model.loader import load_model
+
+    mtp = own
+    path = cfg.speculative_draft_model_path
+    if path is not None:
+        draft_config = ModelConfig.from_hf(path)
+        if draft_config.hidden_size != model_config.hidden_size or draft_config.vocab_size != model_config.vocab_size:
+            raise ValueError(f"--speculative-draft-model-path {path}: hidden_size/vocab_size "
+                             f"{draft_config.hidden_size}/{draft_config.vocab_size} differ from the target's "
+                             f"{model_config.hidden_size}/{model_config.vocab_size}")  # fmt: skip
+        mtp = load_model(path if cfg.load_format != "dummy" else None, draft_config, parallel=cfg.parallel,
+                         device=device, dtype=cfg.torch_dtype, load_format=cfg.load_format, seed=cfg.random_seed + 1,
+                         progress=cfg.progress, experts_method=experts_method, groups=groups, with_mtp=True).mtp
+    if mtp is None:
+        where = path or cfg.model_path
+        raise ValueError(f"speculative decoding needs an MTP (NextN) layer: {where} has none "
+                         "(num_nextn_predict_layers = 0 or no model.layers.{num_hidden_layers}.* tensors); "
+                         "give one with --speculative-draft-model-path")  # fmt: skip
+    return mtp
+
+
 class ParallelRunner(ModelRunner):
     """A rank of a multi-rank model: DP-attention step shapes and idle steps, and an optional sampling check.
 
@@ -256,9 +304,10 @@ class ParallelRunner(ModelRunner):
     def __init__(self, model: DeepseekV3ForCausalLM, kv_cache: KVCache, attn: AttentionBackend, sampler: Sampler,
                  config: RunnerConfig, device: torch.device, *, groups: ParallelGroups, check_sampling: bool = False,
                  processors: LogitProcessorRegistry | None = None, tokenizer: Tokenizer | None = None,
-                 random_seed: int = 0, grammars: GrammarSlots | None = None) -> None:  # fmt: skip
+                 random_seed: int = 0, grammars: GrammarSlots | None = None,
+                 drafter: MtpDrafter | None = None) -> None:  # fmt: skip
         super().__init__(model, kv_cache, attn, sampler, config, device, processors=processors, tokenizer=tokenizer,
-                         random_seed=random_seed, grammars=grammars)  # fmt: skip
+                         random_seed=random_seed, grammars=grammars, drafter=drafter)  # fmt: skip
         self.groups = groups
         self.check_sampling = check_sampling and groups.attn.size > 1
         self._mismatch: dict[int, torch.Tensor] = {}  # step_id -> device bool: the ranks disagreed

@@ -236,6 +236,25 @@ def load_model(
 ) -> LoadedModel: ...
 
 
+@overload
+def load_model(
+    path: str | Path | None,
+    config: ModelConfig,
+    *,
+    parallel: ParallelConfig = ...,
+    device: torch.device | str = ...,
+    dtype: torch.dtype = ...,
+    load_format: str = ...,
+    seed: int = ...,
+    mla_mode: str = ...,
+    with_mtp: bool,
+    progress: bool = ...,
+    experts_method: ExpertsFactory | None = ...,
+    groups: ParallelGroups | None = ...,
+    tile_fp8: bool = ...,
+) -> DeepseekV3ForCausalLM | LoadedModel: ...
+
+
 def load_model(
     path: str | Path | None,
     config: ModelConfig,

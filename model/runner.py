@@ -30,7 +30,7 @@ from baleen.messages import PageUpdate, SlotInit, StepPlan, StepResult
 from baleen.model.attention import AttentionBackend, GraphAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.grammar import GrammarSlots, SlotGrammar
-from baleen.model.sampler import BatchFlags, Sampler, TokenMask
+from baleen.model.sampler import Ahead, BatchFlags, Sampler, TokenMask
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from baleen.model.deepseek import DeepseekV3ForCausalLM
     from baleen.model.kv_cache import KVCache
     from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
+    from baleen.model.speculative import MtpDrafter
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class ModelRunner:
         tokenizer: Tokenizer | None = None,
         random_seed: int = 0,
         grammars: GrammarSlots | None = None,
+        drafter: MtpDrafter | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -154,6 +156,7 @@ class ModelRunner:
         # slot -> (processor, output ids so far) for requests that asked for a custom logit processor
         self.slot_procs: dict[int, tuple[Any, list[int]]] = {}
         self.grammars = grammars  # None: structured output is not served
+        self.drafter = drafter  # None: no speculative decoding
         self._unaccepted: PendingStep | None = None  # the last step with constrained rows its matchers have not seen
         self._deferred: PendingStep | None = None  # a launched step whose sampling waits for `_unaccepted`'s tokens
         self._pinned = device.type == "cuda"
@@ -227,7 +230,10 @@ class ModelRunner:
 
     # ---- the step --------------------------------------------------------------------------------
     def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, torch.Tensor, list[int]]:
-        """Host lists -> one host->device copy -> the ForwardBatch, the sampled rows' slots (device and host)."""
+        """Host lists -> one host->device copy -> the ForwardBatch, the sampled rows' slots (device and host).
+
+        A speculative verify row (no input ids, extend_len 1 + k) reads its slot's token and k drafts, and each of
+        its tokens is a logits row (its slot repeated in the sampled slots)."""
         rows = plan.rows
         num_seqs = len(rows)
         ext = np.fromiter((r.extend_len for r in rows), dtype=np.int64, count=num_seqs)
@@ -240,21 +246,36 @@ class ModelRunner:
         positions = prefix[tok_seq] + (np.arange(num_tokens, dtype=np.int64) - qo[:-1][tok_seq])
         explicit = np.zeros(num_tokens, dtype=np.int64)
         from_slot = np.full(num_tokens, -1, dtype=np.int64)  # slot to read the input token from, or -1
+        # A verify row's token j >= 1 is its slot's draft j (speculative decoding): flat index into the drafts, or -1
+        from_draft = np.full(num_tokens, -1, dtype=np.int64)
         for i, r in enumerate(rows):
             if r.input_ids:
                 explicit[qo[i] : qo[i + 1]] = _i32(r.input_ids)
             else:
                 from_slot[qo[i]] = r.slot
-        sample_rows = [i for i, r in enumerate(rows) if r.sample]
-        logits_idx = qo[1:][sample_rows] - 1
-        sampled_slots = slots[sample_rows]
+                if r.extend_len > 1:
+                    k = self.drafter.num_steps if self.drafter is not None else 0
+                    if r.extend_len - 1 > k:
+                        raise ValueError(f"a verify row of {r.extend_len - 1} drafts, but this runner drafts {k}")
+                    from_draft[qo[i] + 1 : qo[i + 1]] = r.slot * k + np.arange(r.extend_len - 1)
+        # logits rows: a verify row's every token (the sample after each), any other sampled row's last
+        sample_rows = np.fromiter((i for i, r in enumerate(rows) if r.sample), dtype=np.int64)
+        verify = np.fromiter((not r.input_ids for r in rows), dtype=bool, count=num_seqs)[sample_rows]
+        first = np.where(verify, qo[:-1][sample_rows], qo[1:][sample_rows] - 1)
+        count = qo[1:][sample_rows] - first
+        logits_idx = np.arange(int(count.sum()), dtype=np.int64) + np.repeat(first - (np.cumsum(count) - count), count)
+        sampled_slots = slots[tok_seq[logits_idx]]
         seq_lens = prefix + ext
-        host = np.concatenate([explicit, from_slot, positions, tok_seq, slots, qo, seq_lens, prefix, logits_idx, sampled_slots])
+        host = np.concatenate([explicit, from_slot, from_draft, positions, tok_seq, slots, qo, seq_lens, prefix,
+                               logits_idx, sampled_slots])  # fmt: skip
         dev = self._to_device(host)
-        t, s, n = num_tokens, num_seqs, len(sample_rows)
-        views = torch.split(dev, [t, t, t, t, s, s + 1, s, s, n, n])
-        explicit_d, from_slot_d, positions_d, tok_seq_d, slots_d, qo_d, seq_lens_d, prefix_d, logits_d, sslots_d = views
+        t, s, n = num_tokens, num_seqs, len(logits_idx)
+        views = torch.split(dev, [t, t, t, t, t, s, s + 1, s, s, n, n])
+        explicit_d, from_slot_d, from_draft_d, positions_d, tok_seq_d, slots_d, qo_d, seq_lens_d, prefix_d, logits_d, sslots_d = views
         input_ids = torch.where(from_slot_d >= 0, self.slot_tokens[from_slot_d.clamp(min=0)], explicit_d)
+        if self.drafter is not None and (from_draft >= 0).any():
+            drafts = self.drafter.tokens.view(-1)[from_draft_d.clamp(min=0)]
+            input_ids = torch.where(from_draft_d >= 0, drafts, input_ids)
         ps = self.config.page_size
         max_pages = max(1, -(-int(seq_lens.max(initial=0)) // ps))
         table = self.page_table[slots_d, :max_pages]  # [num_seqs, max_pages]
@@ -324,6 +345,8 @@ class ModelRunner:
         return PendingStep(plan.step_id, 0, {}, None, 0, started, failed=failed)
 
     def _launch(self, plan: StepPlan, started: float) -> PendingStep:
+        if self.drafter is not None:
+            return self._launch_speculative(plan, started, self.drafter)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
         logits: torch.Tensor | None = None
@@ -371,6 +394,52 @@ class ModelRunner:
             self._complete(step)
         return step
 
+    def _launch_speculative(self, plan: StepPlan, started: float, drafter: MtpDrafter) -> PendingStep:
+        """A step with the MTP drafter (model/speculative.py): drafts for the verify rows, the target forward over
+        every row, every verify token sampled, the accepted ones committed, then the draft-extend.
+
+        NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet); a constrained row (grammar,
+        custom logit processor) never carries drafts, and its mask waits for the previous step's tokens here."""
+        from baleen.model.speculative import accept, verify_layout
+
+        drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
+        batch, sample_slots, sampled_slots = self.build_batch(plan)
+        host: dict[str, torch.Tensor] = {}
+        errors: list[tuple[int, str]] = []
+        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors)
+        if not batch.num_tokens:
+            self._record(step)
+            return step
+        self.attn.plan(batch)
+        hidden = self.model(batch, self.kv_cache, self.attn)
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if not sampled_slots:
+            drafter.extend(batch, hidden, empty, empty, empty, self.kv_cache, self.attn)
+            self._record(step)
+            return step
+        layout = verify_layout(plan, drafter.tokens, self.device)
+        step.grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
+        if layout.has_drafts:
+            drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
+            if drafted & ({sampled_slots[j] for j, _ in step.grammar_rows} | self.slot_procs.keys()):
+                raise ValueError("a verify row of a request with a grammar or a custom logit processor: those "
+                                 "requests decode without drafts")
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        mask = self._token_mask(step.grammar_rows, errors) if step.grammar_rows else None
+        flags = self.sampler.state.flags(sampled_slots)
+        step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
+        keep, num_tokens, last = accept(tokens, layout)
+        self.sampler.record(sample_slots, tokens, flags.penalties, keep)
+        row_slots = sample_slots[last]
+        self.slot_tokens[row_slots] = tokens[last].to(torch.int64)
+        host["keep"] = self._to_host(keep)
+        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
+        drafter.extend(batch, hidden, tokens, last, row_slots, self.kv_cache, self.attn)
+        self._record(step)
+        if step.grammar_rows:
+            self._unaccepted = step
+        return step
+
     def tokens_awaited(self, step: PendingStep) -> Any:
         """What a deferred step's sampling waits for: the previous step's event (None: nothing to wait for).
 
@@ -392,7 +461,7 @@ class ModelRunner:
         if self._deferred is step:
             self._deferred = None
         mask = self._token_mask(step.grammar_rows, step.errors) if step.grammar_rows else None
-        step.top_k = self._sample(d.logits, d.sample_slots, step.sampled_slots, d.flags, step.host, step.errors, mask)
+        step.top_k, _ = self._sample(d.logits, d.sample_slots, step.sampled_slots, d.flags, step.host, step.errors, mask)
         self._record(step)
         if step.grammar_rows:
             self._unaccepted = step
@@ -433,10 +502,12 @@ class ModelRunner:
     def _sample(
         self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int], flags: BatchFlags,
         host: dict[str, torch.Tensor], errors: list[tuple[int, str]], mask: TokenMask | None = None,
-    ) -> int:  # fmt: skip
+        ahead: Ahead | None = None,
+    ) -> tuple[int, torch.Tensor]:  # fmt: skip
         """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
 
-        Returns the k of the top-logprob tables (0 when none was asked)."""
+        Returns the k of the top-logprob tables (0 when none was asked) and the tokens [n] (device). With `ahead`
+        (verify rows) the tokens are neither kept in the slots nor counted: the caller commits the accepted."""
         procs: list[tuple[int, LogitProcessor, list[int]]] = (
             [
                 (j, _Guarded(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
@@ -447,17 +518,19 @@ class ModelRunner:
             else []
         )
         out = self.sampler.sample(
-            logits, sample_slots, host_slots=sampled_slots, processors=procs or None, flags=flags, mask=mask
-        )
-        self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
+            logits, sample_slots, host_slots=sampled_slots, processors=procs or None, flags=flags, mask=mask,
+            ahead=ahead,
+        )  # fmt: skip
+        if ahead is None:
+            self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
         host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
         if out.logprobs is not None:
             host["logprobs"] = self._to_host(out.logprobs.float())
         if out.top_ids is None or out.top_logprobs is None:
-            return 0
+            return 0, out.token_ids
         host["top_ids"] = self._to_host(out.top_ids.to(torch.int32))
         host["top_logprobs"] = self._to_host(out.top_logprobs.float())
-        return int(out.top_ids.shape[1])
+        return int(out.top_ids.shape[1]), out.token_ids
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for the step's copies (the step's one host sync) and package the result."""
@@ -468,22 +541,34 @@ class ModelRunner:
             return StepResult(step_id=pending.step_id, token_ids=b"", failed=pending.failed,
                               forward_time=time.perf_counter() - pending.started)
         self._accept_grammar_tokens(pending)  # unless the next step's launch did already
-        h = pending.host
-        ids = h["token_ids"].numpy() if "token_ids" in h else np.zeros(0, dtype=np.int32)
+        h = {name: t.numpy() for name, t in pending.host.items()}
+        slots = pending.sampled_slots
+        errors = pending.errors
+        if "keep" in h:  # speculative: keep the committed rows; a row's errors move to its sampled plan row
+            keep = h.pop("keep").astype(bool)
+            row_of = np.repeat(np.arange(len(h["num_tokens"])), h["num_tokens"])  # committed token -> plan row
+            first_of = np.cumsum(keep) - 1  # logits row -> its committed index (where kept)
+            errors = [(int(row_of[first_of[j]]), m) for j, m in errors if keep[j]]
+            slots = [s for s, k in zip(slots, keep) if k]
+            for name in ("token_ids", "logprobs", "top_ids", "top_logprobs"):
+                if name in h:
+                    h[name] = h[name][keep]
+        ids = h["token_ids"] if "token_ids" in h else np.zeros(0, dtype=np.int32)
         if self.slot_procs:  # processors see every earlier token: keep their histories on the host
-            for slot, tok in zip(pending.sampled_slots, ids.tolist()):
+            for slot, tok in zip(slots, ids.tolist()):
                 entry = self.slot_procs.get(slot)
                 if entry is not None:
                     entry[1].append(tok)
         return StepResult(
             step_id=pending.step_id,
             token_ids=ids.tobytes(),
-            logprobs=h["logprobs"].numpy().tobytes() if "logprobs" in h else None,
+            logprobs=h["logprobs"].tobytes() if "logprobs" in h else None,
             top_k=pending.top_k,
-            top_ids=h["top_ids"].numpy().tobytes() if "top_ids" in h else None,
-            top_logprobs=h["top_logprobs"].numpy().tobytes() if "top_logprobs" in h else None,
+            top_ids=h["top_ids"].tobytes() if "top_ids" in h else None,
+            top_logprobs=h["top_logprobs"].tobytes() if "top_logprobs" in h else None,
+            num_tokens=h["num_tokens"].tobytes() if "num_tokens" in h else None,
             forward_time=time.perf_counter() - pending.started,
-            errors=pending.errors,
+            errors=errors,
         )
 
     def needs_sync_before(self, plan: StepPlan) -> bool:

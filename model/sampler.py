@@ -83,6 +83,15 @@ MAX_BANNED_IDS = 16  # EOS + stop_token_ids a min_new_tokens request can hold ba
 
 
 @dataclass(frozen=True)
+class Ahead:
+    """Speculative verify rows: row i is sampled after `tokens[i]` ([n, k] int64, -1 padded; `count[i]` [n] of
+    them), draft tokens its slot's state has not counted yet (`Sampler.sample`)."""
+
+    count: torch.Tensor  # [n] int64
+    tokens: torch.Tensor  # [n, k] int64
+
+
+@dataclass(frozen=True)
 class SampleOutput:
     """The sampled rows' tokens and (when some row asked) logprobs, all on the device."""
 
@@ -337,14 +346,19 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, host_slots: Sequence[int] | None = None,
                processors: list[tuple[int, LogitProcessor, list[int]]] | None = None,
-               flags: BatchFlags | None = None, mask: TokenMask | None = None) -> SampleOutput:
+               flags: BatchFlags | None = None, mask: TokenMask | None = None,
+               ahead: Ahead | None = None) -> SampleOutput:
         """Pick one token per row of `logits` [n, vocab] (float32) for the requests in `slots` [n] (device).
 
         `host_slots` (the same slots on the host) makes the skipped stages exact for this batch; without it
         they are decided over all occupied slots. `processors` are applied to a copy after the raw logprobs are
         taken. `flags` (the caller's `state.flags(host_slots)`, when it has them already) saves recomputing
         them. `mask` bans, in its rows, every token the row's grammar does not allow (after the processors).
-        `logits` is not modified. NOTE: a slot appears at most once per call.
+        `logits` is not modified. NOTE: a slot appears at most once per call, unless `ahead` is given.
+
+        `ahead` (speculative verify rows): row i comes after `ahead.tokens[i]` (draft tokens its slot's state has
+        not counted), so it is sampled as that slot's token number num_generated + ahead.count[i] would be (its
+        noise, min_new_tokens, penalties); nothing is recorded: the caller records the tokens it keeps (`record`).
         """
         st = self.state
         n = logits.shape[0]
@@ -362,17 +376,18 @@ class Sampler:
         if mask is not None:
             self.apply_mask(x, mask.bitmask, mask.rows)
         if flags.penalties:
-            x = self.apply_penalties(x, slots)
+            x = self.apply_penalties(x, slots, ahead)
         if flags.min_tokens:
-            x = self.mask_early_stops(x, slots)
+            x = self.mask_early_stops(x, slots, ahead)
         if flags.all_greedy:
             tokens = row_argmax(x)  # [n]; the fast path when nothing else is asked is just this
         else:
-            tokens = self._draw(x, slots, flags)
+            tokens = self._draw(x, slots, flags, ahead)
         out = SampleOutput(token_ids=tokens.to(torch.int32))
         if flags.logprobs or flags.top_logprobs:
             out = self._logprobs(raw, tokens, flags.top_logprobs)
-        self._record(slots, tokens, flags.penalties)
+        if ahead is None:
+            self.record(slots, tokens, flags.penalties)
         return out
 
     def greedy_tail(self, logits: torch.Tensor, write_slots: torch.Tensor, slot_tokens: torch.Tensor) -> torch.Tensor:
@@ -389,21 +404,25 @@ class Sampler:
         slot_tokens.index_copy_(0, write_slots, tokens)
         return tokens.to(torch.int32)
 
-    def mask_early_stops(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def mask_early_stops(self, logits: torch.Tensor, slots: torch.Tensor, ahead: Ahead | None = None) -> torch.Tensor:
         """Logits [n, vocab] with EOS and stop ids at -inf for rows still short of min_new_tokens."""
         st = self.state
         banned = st.banned[slots]  # [n, MAX_BANNED_IDS], -1 padded
-        early = (st.num_generated[slots] < st.min_tokens[slots]).unsqueeze(1) & (banned >= 0)
+        num_generated = st.num_generated[slots] if ahead is None else st.num_generated[slots] + ahead.count
+        early = (num_generated < st.min_tokens[slots]).unsqueeze(1) & (banned >= 0)
         # amax: a padding entry (clamped to id 0, False) never un-bans a real id 0
         mask = torch.zeros(logits.shape, dtype=torch.int8, device=logits.device)
         mask.scatter_reduce_(1, banned.clamp(min=0), early.to(torch.int8), reduce="amax")
         return logits.masked_fill(mask.bool(), float("-inf"))
 
-    def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor, ahead: Ahead | None = None) -> torch.Tensor:
         """Logits [n, vocab] after repetition (prompt + output), frequency and presence (output) penalties."""
         st = self.state
         assert st.output_counts is not None and st.prompt_mask is not None, "no slot has asked for penalties"
         counts = st.output_counts[slots]  # [n, vocab] times each token was generated
+        if ahead is not None and ahead.tokens.shape[1]:
+            drafts = ahead.tokens  # [n, k], -1 padded
+            counts.scatter_add_(1, drafts.clamp(min=0), (drafts >= 0).to(counts.dtype))
         generated = counts > 0
         seen = st.prompt_mask[slots] | generated  # [n, vocab]
         fp = st.fparams[slots]  # [n, 6]
@@ -412,10 +431,12 @@ class Sampler:
         x = torch.where(seen, penalised, logits)
         return x - fp[:, _FREQ, None] * counts - fp[:, _PRES, None] * generated
 
-    def _draw(self, x: torch.Tensor, slots: torch.Tensor, flags: BatchFlags) -> torch.Tensor:
+    def _draw(self, x: torch.Tensor, slots: torch.Tensor, flags: BatchFlags, ahead: Ahead | None = None) -> torch.Tensor:
         st = self.state
         fp = st.fparams[slots]  # [n, 6]
         ip = st.iparams[slots]  # [n, 3]
+        if ahead is not None:
+            ip[:, _NUM_GEN] += ahead.count
         temp = fp[:, _TEMP]
         greedy_tokens = row_argmax(x)  # [n]
         scaled = x / torch.where(temp > 0, temp, 1.0)[:, None]  # [n, vocab]
@@ -456,10 +477,12 @@ class Sampler:
             top_ids, top_lp = idx.to(torch.int32), vals - lse[:, None]
         return SampleOutput(tokens.to(torch.int32), lp, top_ids, top_lp)
 
-    def _record(self, slots: torch.Tensor, tokens: torch.Tensor, penalties: bool) -> None:
+    def record(self, slots: torch.Tensor, tokens: torch.Tensor, penalties: bool, keep: torch.Tensor | None = None) -> None:
+        """Count the tokens [n] as generated by their slots [n] (the noise counter; penalties' counts); `keep`
+        [n] bool: only those rows (a slot may appear several times)."""
         st = self.state
-        ones = torch.ones(slots.shape, dtype=torch.int64, device=slots.device)
+        ones = torch.ones(slots.shape, dtype=torch.int64, device=slots.device) if keep is None else keep.to(torch.int64)
         st.iparams.view(-1).index_add_(0, slots * 3 + _NUM_GEN, ones)
         if penalties and st.output_counts is not None:
-            flat = slots * st.vocab_size + tokens  # [n] into the flattened [num_slots * vocab] counts
+            flat = slots * st.vocab_size + tokens.to(torch.int64)  # [n] into the flattened [num_slots * vocab] counts
             st.output_counts.view(-1).scatter_add_(0, flat, ones.to(torch.float32))
