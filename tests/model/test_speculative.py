@@ -183,3 +183,28 @@ def test_a_runner_without_drafter_refuses_verify_rows() -> None:
                                          new_slots=[init], page_updates=[pages])))  # fmt: skip
     with pytest.raises(ValueError, match="verify row of 2 drafts"):
         runner.launch(StepPlan(step_id=1, rows=[SeqRow(0, 5, 3, b"", True)]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_greedy_verify_on_cuda_equals_plain_decoding(backend: str) -> None:
+    """On the GPU (the trained default model, whose logits are peaked enough that kernel rounding never flips an
+    argmax here): verify rows through the backend's extend path commit the plain greedy tokens."""
+    from tokenizers import Tokenizer
+
+    from baleen.model.make_model import default_model_path
+
+    path = default_model_path()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompts = [tok.encode(t).ids for t in ("The capital of France is", "To be, or not to be, that is")]
+
+    def runner(k: int) -> ModelRunner:
+        return build_runner(WorkerConfig(model_path=str(path), device="cuda", dtype="bfloat16", page_size=PAGE,
+                                         attention_backend=backend, max_running_requests=4, disable_cuda_graph=True,
+                                         max_context_len=PAGES_PER_SLOT * PAGE, speculative_num_steps=k))  # fmt: skip
+
+    params = [SamplingParams(temperature=0.0, max_new_tokens=32)] * 2
+    want, _ = _decode(runner(0), prompts, params, 32, 0)
+    got, per_step = _decode(runner(3), prompts, params, 32, 3)
+    assert got == want
+    assert sum(per_step) / len(per_step) > 1.2  # the trained MTP layer's drafts are accepted often
