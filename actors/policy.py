@@ -6,8 +6,18 @@ StepPlans and RequestOutputs (new token ids; the detokenizer adds the text) it r
 chunks of at most `chunked_prefill_size` tokens in total, or decode rows (one token each, read from the slot on
 the device): as SGLang, prefill goes first and the running requests' decodes wait for a step without one. With
 `enable_mixed_chunk` (--enable-mixed-chunk, only with chunked prefill) the decode rows ride along with the
-prefill chunk instead, and the chunk is smaller by as many tokens as there are decode rows, so no stream stalls
+prefill chunk instead, and the chunk is smaller by as many tokens as the decode rows hold, so no stream stalls
 while a long prompt prefills.
+
+Speculative decoding (`speculative_num_steps` = k > 0): a decoding request's row is a verify row of 1 + k_row
+tokens (the slot's last token and k_row drafts the worker's drafter left there; k_row = k, or fewer near the
+request's length limit), which commits 1 to k_row + 1 tokens (`StepResult.num_tokens`). Its pages are reserved for
+all 1 + k_row latents before the plan is sent; the result only sets the lengths (`kv_len`, `done_len`) to what was
+committed, so rejected drafts cost no page traffic, and the radix cache never sees them.
+
+NOTE: a speculating request has at most one row in flight: how many tokens a verify row commits is known only
+when its result arrives, and its next row's prefix_len depends on it. Other requests' rows still overlap as
+before. (Device-side lengths would lift this: the worker would then derive the next prefix itself.)
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -63,6 +73,8 @@ class SchedulerConfig:
     # Admission keeps this many future decode tokens per running request (capped by its max_new_tokens)
     # in reserve; growth beyond it is served by preempting the newest request.
     decode_reserve_tokens: int = 256
+    # Draft tokens a verify row checks (--speculative-num-steps); 0: no speculative decoding, one token a row
+    speculative_num_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_context_len", "max_queued_requests"):
@@ -76,11 +88,19 @@ class SchedulerConfig:
             raise ValueError(f"chunked_prefill_size must be >= 1 or None, got {self.chunked_prefill_size}")
         if self.decode_reserve_tokens < 0:
             raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
+        if self.speculative_num_steps < 0:
+            raise ValueError(f"speculative_num_steps must be >= 0, got {self.speculative_num_steps}")
 
     @property
     def mixed_chunk(self) -> bool:
         """Whether decode rows ride along with prefill chunks (as SGLang: only with chunked prefill)."""
         return self.enable_mixed_chunk and self.chunked_prefill_size is not None
+
+    @property
+    def reserve_tokens(self) -> int:
+        """Tokens kept in reserve beyond a request's current length: the decode reserve, plus the drafts a verify
+        row writes ahead of what it commits."""
+        return self.decode_reserve_tokens + self.speculative_num_steps
 
     @property
     def usable_pages(self) -> int:
@@ -105,11 +125,12 @@ class Req:
     pages: list[int] = field(default_factory=list)  # page table: cache-owned pages first, then private ones
     num_cached_pages: int = 0  # leading pages owned by the radix cache, locked through `node`
     node: RadixNode | None = None
-    kv_len: int = 0  # tokens whose latents are written, counting plans in flight
+    kv_len: int = 0  # tokens whose latents are written, counting plans in flight (a verify row's drafts included)
     done_len: int = 0  # tokens whose latents finished steps wrote (what may enter the radix cache)
     num_inflight: int = 0  # sampled rows in plans whose results have not arrived
     admit_seq: int = 0  # larger = admitted more recently (the preemption victim order)
-    planned_step: int = -1  # last step with a row for this request
+    planned_step: int | None = None  # last step with a row for this request
+    num_verify: int = 0  # verify rows (speculative decoding) whose results it got: SGLang's spec_verify_ct
     cached_tokens: int | None = None  # prompt tokens served by the radix cache at first admission
     finished: bool = False
     warmup: bool = False  # start-up's own request: counted in no statistic, its pages never cached
@@ -131,6 +152,7 @@ class _PlanBuilder:
     new_slots: list[SlotInit] = field(default_factory=list)
     page_updates: list[PageUpdate] = field(default_factory=list)
     sampled: list[Req] = field(default_factory=list)  # requests of the sampled rows, in row order
+    drafts: list[int] = field(default_factory=list)  # draft tokens of each sampled row (0: not a verify row)
     writes: list[tuple[Req, int, int]] = field(default_factory=list)  # every row: (request, admit_seq, kv end)
     preempted: bool = False
 
@@ -141,6 +163,7 @@ class _InFlight:
 
     step_id: int
     sampled: list[Req]  # requests of its sampled rows, in row order
+    drafts: list[int]  # draft tokens of each sampled row (0: not a verify row)
     writes: list[tuple[Req, int, int]]  # (request, its admit_seq then, kv length once the step ran) per row
 
 
@@ -175,6 +198,11 @@ class Scheduler:
         self.num_cached_prompt_tokens = 0
         self.num_generated_tokens = 0
         self.last_step_time = 0.0
+        # Speculative decoding, over every verify row whose result arrived (warm-ups excluded)
+        self.num_verify_rows = 0
+        self.num_verify_tokens = 0  # tokens they committed: accepted drafts + the token sampled after them
+        self.num_draft_tokens = 0  # drafts they checked
+        self.num_accepted_drafts = 0
 
     # ---- requests in -------------------------------------------------------------------------------
     def add_request(self, req: NewRequest) -> None:
@@ -235,28 +263,36 @@ class Scheduler:
         plan = StepPlan(step_id=b.step_id, rows=b.rows, new_slots=b.new_slots, page_updates=b.page_updates,
                         freed_slots=self._freed_slots)
         self._freed_slots = []
-        self._inflight.append(_InFlight(b.step_id, b.sampled, b.writes))
+        self._inflight.append(_InFlight(b.step_id, b.sampled, b.drafts, b.writes))
         return plan
 
     def _schedule_decodes(self, b: _PlanBuilder) -> None:
+        spec = self.config.speculative_num_steps
         for req in list(self.running):  # oldest first: the newest are the preemption victims
             if req.slot is None or req.kv_len < len(req.fill):
                 continue  # preempted in this loop, or still prefilling
-            if len(req.output) + req.num_inflight >= req.max_new_tokens:
+            if spec and req.num_inflight:
+                continue  # its next prefix depends on how many tokens the row in flight commits
+            left = req.max_new_tokens - len(req.output) - req.num_inflight
+            if left <= 0:
                 continue  # its last token is already in flight
-            if not self._grow(req, req.kv_len + 1, b):
+            # NOTE: a verify row commits at most `left` tokens and writes positions kv_len .. kv_len + drafts, all
+            # below max_len - 1 <= max_context_len: kv_len is len(prompt + output) - 1 with nothing in flight.
+            drafts = min(spec, left - 1)
+            if not self._grow(req, req.kv_len + 1 + drafts, b):
                 continue  # it was the victim itself
-            b.rows.append(SeqRow(req.slot, req.kv_len, 1, b"", True))
+            b.rows.append(SeqRow(req.slot, req.kv_len, 1 + drafts, b"", True))
             b.sampled.append(req)
+            b.drafts.append(drafts)
             req.num_inflight += 1
-            req.kv_len += 1
+            req.kv_len += 1 + drafts  # until the result says how many of these latents hold committed tokens
             req.planned_step = b.step_id
             b.writes.append((req, req.admit_seq, req.kv_len))
 
     def _schedule_prefills(self, b: _PlanBuilder) -> None:
         cfg = self.config
         budget = cfg.chunked_prefill_size if cfg.chunked_prefill_size is not None else cfg.max_context_len
-        budget -= len(b.rows)  # the decode rows a mixed step already holds (SGLang's mixed_with_decode_tokens)
+        budget -= sum(r.extend_len for r in b.rows)  # the decode rows a mixed step holds (mixed_with_decode_tokens)
         for req in list(self.running):  # chunked prefills in progress go first
             if budget <= 0:
                 return
@@ -285,7 +321,7 @@ class Scheduler:
         fill = req.all_tokens()
         match = self.cache.match_prefix(fill)
         self.cache.lock(match.node)
-        target = min(req.max_len, len(fill) + self.config.decode_reserve_tokens)
+        target = min(req.max_len, len(fill) + self.config.reserve_tokens)
         need = self.allocator.pages_for(target) - len(match.pages)
         if need > self.allocator.num_free + self.cache.num_evictable_pages - reserve:
             self.cache.unlock(match.node)
@@ -318,6 +354,7 @@ class Scheduler:
         b.rows.append(SeqRow(req.slot, start, num, req.fill[start : start + num].tobytes(), last))
         if last:
             b.sampled.append(req)
+            b.drafts.append(0)
             req.num_inflight += 1
         req.kv_len += num
         req.planned_step = b.step_id
@@ -325,9 +362,9 @@ class Scheduler:
         self.num_prefill_tokens += num
 
     def _future_pages(self, req: Req) -> int:
-        """Pages `req` will likely still need: the rest of its prefill plus the decode reserve."""
+        """Pages `req` will likely still need: the rest of its prefill plus the decode reserve (and drafts)."""
         cur = max(len(req.fill), req.kv_len)
-        target = min(req.max_len, cur + self.config.decode_reserve_tokens)
+        target = min(req.max_len, cur + self.config.reserve_tokens)
         return max(0, self.allocator.pages_for(target) - len(req.pages))
 
     def _grow(self, req: Req, new_len: int, b: _PlanBuilder) -> bool:
@@ -416,7 +453,7 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------------------
     def process_result(self, result: StepResult) -> list[RequestOutput]:
-        """Append a step's sampled tokens, finish requests that stop; one RequestOutput per request that got one."""
+        """Append a step's committed tokens, finish requests that stop; one RequestOutput per request that got some."""
         if not self._inflight:
             raise ValueError(f"result of step {result.step_id} arrived but no plan is in flight")
         step = self._inflight.popleft()
@@ -425,21 +462,21 @@ class Scheduler:
             raise ValueError(f"result of step {result.step_id} arrived while step {step_id} was expected")
         if result.failed is not None:
             return self._fail_step(step, result.failed)
-        live = [req for req, seq, end in step.writes if self._current(req, seq) and end > req.done_len]
-        for req, seq, end in step.writes:
-            if self._current(req, seq):
-                req.done_len = max(req.done_len, end)
-        tokens = _unpack("i", result.token_ids)
-        if tokens is None or len(tokens) != len(reqs):
-            raise ValueError(f"step {step_id} sampled {len(reqs)} rows but the result has {len(result.token_ids) // 4}")
-        logprobs = _unpack("f", result.logprobs)
-        top_ids, top_lps = _unpack("i", result.top_ids), _unpack("f", result.top_logprobs)
-        k = result.top_k
+        errors = dict(result.errors)
+        counts = self._committed_counts(result, step, errors)
+        live = self._settle_lengths(step, counts, errors)
+        got = _Committed.unpack(result)
         deltas: list[RequestOutput] = []
         num_generated = 0  # tokens of served requests (not of warm-ups)
-        errors = dict(result.errors)
+        end = 0
         for i, req in enumerate(reqs):
+            first, end = end, end + counts[i]  # the row's committed tokens are got.tokens[first:end]
             req.num_inflight -= 1
+            if step.drafts[i] and not req.warmup and i not in errors:
+                self.num_verify_rows += 1
+                self.num_verify_tokens += counts[i]
+                self.num_draft_tokens += step.drafts[i]
+                self.num_accepted_drafts += counts[i] - 1
             if req.finished:
                 continue  # finished or aborted after this plan was sent: the row is dropped
             if i in errors:
@@ -448,25 +485,70 @@ class Scheduler:
                 delta.error, delta.error_kind = errors[i], "invalid"
                 deltas.append(delta)
                 continue
-            token = tokens[i]
-            req.output.append(token)
-            sp = req.sampling
-            lps = [logprobs[i]] if sp.logprobs and logprobs is not None else None
-            tops = None
-            if sp.top_logprobs and top_ids is not None and top_lps is not None:
-                n = min(sp.top_logprobs, k)
-                tops = [[(top_ids[i * k + j], top_lps[i * k + j]) for j in range(n)]]
-            reason, matched = self._check_stop(req, token)
-            if reason is not None:
-                self._finish(req)
-            deltas.append(self._delta(req, [token], lps, tops, reason, matched))
-            num_generated += not req.warmup
+            req.num_verify += step.drafts[i] > 0
+            deltas.append(self._append(req, got, first, end))
+            num_generated += 0 if req.warmup else len(deltas[-1].token_ids)
         now = self._clock()
         self._gen_window.append((now, num_generated))
         self.num_generated_tokens += num_generated
         self.last_step_time = result.forward_time
         self._cache_prefilled([req for req in live if not req.finished])
         return deltas
+
+    def _append(self, req: Req, got: _Committed, first: int, end: int) -> RequestOutput:
+        """Append a row's committed tokens one at a time with the stop checks (a stop inside the run drops the
+        tokens after it); finish `req` if it stops; its RequestOutput."""
+        reason, matched = None, None
+        for t in range(first, end):
+            req.output.append(got.tokens[t])
+            reason, matched = self._check_stop(req, got.tokens[t])
+            if reason is not None:
+                end = t + 1
+                break
+        if reason is not None:
+            self._finish(req)
+        sp, k = req.sampling, got.top_k
+        lps = got.logprobs[first:end].tolist() if sp.logprobs and got.logprobs is not None else None
+        tops = None
+        if sp.top_logprobs and got.top_ids is not None and got.top_logprobs is not None:
+            tops = [[(got.top_ids[t * k + j], got.top_logprobs[t * k + j]) for j in range(min(sp.top_logprobs, k))]
+                    for t in range(first, end)]
+        return self._delta(req, got.tokens[first:end].tolist(), lps, tops, reason, matched)
+
+    @staticmethod
+    def _committed_counts(result: StepResult, step: _InFlight, errors: dict[int, str]) -> list[int]:
+        """Tokens each sampled row committed (1 + accepted drafts for a verify row); ValueError for a bad result."""
+        num_rows = len(step.sampled)
+        counts = _unpack("i", result.num_tokens)
+        if counts is None:
+            counts = array("i", [1] * num_rows)
+        elif len(counts) != num_rows:
+            raise ValueError(f"step {step.step_id} sampled {num_rows} rows but the result counts {len(counts)}")
+        for i, (n, drafts) in enumerate(zip(counts, step.drafts)):
+            if not (0 if i in errors else 1) <= n <= drafts + 1:  # a failed row may commit nothing
+                raise ValueError(f"row {i} of step {step.step_id} committed {n} tokens with {drafts} drafts")
+        if len(result.token_ids) != 4 * sum(counts):
+            raise ValueError(f"step {step.step_id} committed {sum(counts)} tokens but the result has "
+                             f"{len(result.token_ids) // 4}")
+        return counts.tolist()
+
+    def _settle_lengths(self, step: _InFlight, counts: list[int], errors: dict[int, str]) -> list[Req]:
+        """What the step's rows wrote is done: each current request's done_len (and, after a verify row, kv_len,
+        planned with every draft) moves to the latents of committed tokens; the requests whose done_len grew."""
+        # Latents a verify row wrote beyond its committed tokens: its rejected drafts (a failed row keeps its first)
+        rejected = {req: drafts + 1 - (1 if i in errors else counts[i])
+                    for i, (req, drafts) in enumerate(zip(step.sampled, step.drafts)) if drafts}
+        live: list[Req] = []
+        for req, seq, end in step.writes:
+            if not self._current(req, seq):
+                continue  # already ended, or preempted since: its next admission recomputes everything
+            if req in rejected:  # NOTE: its only row in flight (one verify row at a time), so kv_len == end
+                end -= rejected[req]
+                req.kv_len = end
+            if end > req.done_len:
+                req.done_len = end
+                live.append(req)
+        return live
 
     @staticmethod
     def _current(req: Req, admit_seq: int) -> bool:
@@ -505,7 +587,8 @@ class Scheduler:
                matched: int | str | None) -> RequestOutput:
         return RequestOutput(rid=req.rid, token_ids=tokens, logprobs=logprobs, top_logprobs=top, finish_reason=reason,
                              matched_stop=matched, prompt_tokens=len(req.prompt), completion_tokens=len(req.output),
-                             cached_tokens=req.cached_tokens or 0)
+                             cached_tokens=req.cached_tokens or 0,
+                             spec_verify_ct=req.num_verify if self.config.speculative_num_steps else None)
 
     # ---- metrics -----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float | int]:
@@ -530,7 +613,39 @@ class Scheduler:
             "num_preemptions": self.num_preemptions,
             "num_failed_steps": self.num_failed_steps,
             "num_inflight_plans": len(self._inflight),
+            **spec_metrics(self.num_verify_rows, self.num_verify_tokens, self.num_draft_tokens, self.num_accepted_drafts),
         }
+
+
+def spec_metrics(verify_rows: int, verify_tokens: int, draft_tokens: int, accepted_drafts: int) -> dict[str, float | int]:
+    """Speculative decoding's counters and ratios: the accept length (tokens committed per verify row, SGLang's
+    spec_accept_length) and the accept rate (accepted drafts / drafts checked); 0 before any verify row."""
+    return {
+        "num_verify_rows": verify_rows,
+        "num_verify_tokens": verify_tokens,
+        "num_draft_tokens": draft_tokens,
+        "num_accepted_drafts": accepted_drafts,
+        "spec_accept_length": verify_tokens / verify_rows if verify_rows else 0.0,
+        "spec_accept_rate": accepted_drafts / draft_tokens if draft_tokens else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class _Committed:
+    """A result's per-token arrays: the committed tokens of every sampled row, one row after the other."""
+
+    tokens: array  # int32 [num_committed]
+    logprobs: array | None  # float32 [num_committed]
+    top_k: int
+    top_ids: array | None  # int32 [num_committed * top_k]
+    top_logprobs: array | None  # float32 [num_committed * top_k]
+
+    @classmethod
+    def unpack(cls, result: StepResult) -> _Committed:
+        tokens = _unpack("i", result.token_ids)
+        assert tokens is not None
+        return cls(tokens, _unpack("f", result.logprobs), result.top_k, _unpack("i", result.top_ids),
+                   _unpack("f", result.top_logprobs))
 
 
 def _unpack(typecode: str, b: bytes | None) -> array | None:

@@ -4,6 +4,11 @@ The fake worker runs StepPlans in order the way a real rank does: per-slot page 
 store holding the token id written to each cache slot, and a per-slot "last sampled token" that decode rows
 read. It "samples" a hash of every token id it reads back through the page table, so a wrong page, a stale
 page or a wrong prefix reuse changes the output.
+
+With `draft_accuracy` set it is also a speculating worker: a verify row (a decode row of 1 + k tokens) reads the
+slot's last token and k drafts (each the true next token with probability `draft_accuracy`, a deterministic
+function of the sequence), writes all k + 1 latents, and commits the accepted drafts plus the token after them,
+exactly as k + 1 plain decode steps would have generated them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def next_token(tokens: Sequence[int], vocab: int = VOCAB) -> int:
     return h % vocab
 
 
+def draft_token(tokens: Sequence[int], accuracy: float, vocab: int = VOCAB) -> int:
+    """The fake drafter's guess of the token after `tokens`: right with probability `accuracy` (deterministic)."""
+    right = next_token(tokens, vocab)
+    return right if next_token([*tokens, 0x5EED], 1000) < accuracy * 1000 else (right + 1) % vocab
+
+
 def fake_logprob(token: int) -> float:
     return -(token % 17) / 4.0
 
@@ -61,18 +72,24 @@ def new_request(rid: str, prompt: Sequence[int], **sampling: object) -> NewReque
 class FakeWorker:
     """Executes StepPlans in order against a simulated paged KV store."""
 
-    def __init__(self, num_pages: int, page_size: int, num_slots: int, max_pages_per_slot: int, vocab: int = VOCAB):
+    def __init__(self, num_pages: int, page_size: int, num_slots: int, max_pages_per_slot: int, vocab: int = VOCAB,
+                 draft_accuracy: float | None = None):
         self.page_size = page_size
         self.vocab = vocab
+        self.draft_accuracy = draft_accuracy  # None: not a speculating worker (a verify row is an error)
         self.kv = [UNWRITTEN] * (num_pages * page_size)  # token id whose latent sits in each cache slot
         self.page_tables = [[0] * max_pages_per_slot for _ in range(num_slots)]  # 0: the padding page
         self.slot_tokens: list[int | None] = [None] * num_slots
         self.slot_sampling: list[SamplingParams | None] = [None] * num_slots
         self.slot_rid: list[str | None] = [None] * num_slots
+        self.slot_len: list[int | None] = [None] * num_slots  # valid latents of the slot's sequence
         self.generated: dict[str, list[int]] = {}  # rid -> every token sampled for it, dropped rows included
         self.next_step_id = 0
         self.num_prefill_tokens = 0  # tokens of rows with explicit input ids
         self.num_decode_rows = 0
+        self.num_verify_rows = 0
+        self.num_drafts = 0
+        self.num_accepted = 0
         self.plans: list[StepPlan] = []
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -86,11 +103,13 @@ class FakeWorker:
             self.slot_sampling[slot] = None
             self.slot_tokens[slot] = None
             self.slot_rid[slot] = None
+            self.slot_len[slot] = None
         for init in plan.new_slots:
             assert self.slot_sampling[init.slot] is None, f"slot {init.slot} initialised while in use"
             self.slot_sampling[init.slot] = init.sampling
             self.slot_tokens[init.slot] = None
             self.slot_rid[init.slot] = init.rid
+            self.slot_len[init.slot] = None
             # A request re-prefilled after a preemption resumes with exactly the tokens it generated.
             assert _ints(init.output_ids) == self.generated.setdefault(init.rid, []), f"{init.rid} output_ids"
         for upd in plan.page_updates:
@@ -107,7 +126,10 @@ class FakeWorker:
             else:
                 token = self.slot_tokens[row.slot]
                 assert token is not None, f"decode row for slot {row.slot} before anything was sampled"
-                tokens = [token]
+                # The planned prefix is the slot's committed length: one more than any row in flight would know.
+                assert row.prefix_len == self.slot_len[row.slot], f"slot {row.slot}: decode row at {row.prefix_len}, " \
+                    f"{self.slot_len[row.slot]} latents valid"
+                tokens = [token, *self._drafts(row.slot, row.prefix_len, token, row.extend_len - 1)]
                 self.num_decode_rows += 1
             assert len(tokens) == row.extend_len
             table = self.page_tables[row.slot]
@@ -116,28 +138,55 @@ class FakeWorker:
                 page = table[pos // ps]
                 assert page != 0, f"slot {row.slot} writes position {pos} into the padding page"
                 self.kv[page * ps + pos % ps] = t
-        sampled: list[tuple[int, int]] = []
+            self.slot_len[row.slot] = row.prefix_len + row.extend_len
+        sampled: list[tuple[int, list[int]]] = []
         for row in plan.rows:
             if not row.sample:
                 continue
             table = self.page_tables[row.slot]
             seq = [self.kv[table[p // ps] * ps + p % ps] for p in range(row.prefix_len + row.extend_len)]
             assert UNWRITTEN not in seq, f"slot {row.slot} reads a latent that was never written"
-            sampled.append((row.slot, next_token(seq, self.vocab)))
-        for slot, token in sampled:
-            self.slot_tokens[slot] = token
-            self.generated[self.slot_rid[slot] or ""].append(token)
+            # A verify row commits each draft the model agrees with, then the model's own token after them.
+            end = row.prefix_len + 1 if not row.input_ids else len(seq)
+            committed = [next_token(seq[:end], self.vocab)]
+            while end < len(seq) and seq[end] == committed[-1]:
+                end += 1
+                committed.append(next_token(seq[:end], self.vocab))
+            if row.extend_len > 1 and not row.input_ids:
+                self.num_accepted += len(committed) - 1
+                self.slot_len[row.slot] = row.prefix_len + len(committed)
+            sampled.append((row.slot, committed))
+        for slot, committed in sampled:
+            self.slot_tokens[slot] = committed[-1]
+            self.generated[self.slot_rid[slot] or ""].extend(committed)
         return self._result(plan.step_id, sampled)
 
-    def _result(self, step_id: int, sampled: list[tuple[int, int]]) -> StepResult:
+    def _drafts(self, slot: int, prefix_len: int, token: int, num: int) -> list[int]:
+        """The drafts the drafter left for the slot: `num` guesses continuing its valid sequence and `token`."""
+        if num == 0:
+            return []
+        assert self.draft_accuracy is not None, "a verify row reached a worker that does not speculate"
+        ps, table = self.page_size, self.page_tables[slot]
+        seq = [self.kv[table[p // ps] * ps + p % ps] for p in range(prefix_len)] + [token]
+        drafts: list[int] = []
+        for _ in range(num):
+            drafts.append(draft_token(seq, self.draft_accuracy, self.vocab))
+            seq.append(drafts[-1])
+        self.num_verify_rows += 1
+        self.num_drafts += num
+        return drafts
+
+    def _result(self, step_id: int, sampled: list[tuple[int, list[int]]]) -> StepResult:
         params = [self.slot_sampling[s] for s, _ in sampled]
         want_lp = any(p is not None and p.logprobs for p in params)
         k = max((p.top_logprobs for p in params if p is not None), default=0)
-        tokens = [t for _, t in sampled]
+        tokens = [t for _, committed in sampled for t in committed]
         top_ids = [(t + j) % self.vocab for t in tokens for j in range(k)]
+        counts = [len(committed) for _, committed in sampled]
         return StepResult(
             step_id=step_id,
             token_ids=i32(tokens),
+            num_tokens=i32(counts) if any(n > 1 for n in counts) else None,
             logprobs=array("f", [fake_logprob(t) for t in tokens]).tobytes() if want_lp else None,
             top_k=k,
             top_ids=i32(top_ids) if k else None,
@@ -172,10 +221,10 @@ class Outcome:
             got.append(d)
 
 
-def make_worker(sched: Scheduler) -> FakeWorker:
+def make_worker(sched: Scheduler, draft_accuracy: float | None = None) -> FakeWorker:
     cfg = sched.config
     max_pages = -(-cfg.max_context_len // cfg.page_size)
-    return FakeWorker(cfg.num_pages, cfg.page_size, cfg.max_running_requests, max_pages)
+    return FakeWorker(cfg.num_pages, cfg.page_size, cfg.max_running_requests, max_pages, draft_accuracy=draft_accuracy)
 
 
 def drive(
