@@ -122,6 +122,15 @@ class EngineConfig:
     # cost of those weights' memory again. "auto": on, except under DP attention (every rank holds all of the
     # attention weights there, so the copies would cost tp_size times as much).
     fp8_tiled_weights: str = "auto"
+    # Speculative decoding (SGLang's --speculative-* flags): EAGLE (NEXTN is an alias) drafts with the model's MTP
+    # layer, or a NextN checkpoint's. With an algorithm set, None means DeepSeek's defaults: 3 steps, topk 1, 4 draft
+    # tokens (num_steps + 1, the only value topk 1 allows); the worker verifies num_steps drafts a decode row.
+    speculative_algorithm: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    speculative_draft_model_path: str | None = None
+    decode_log_interval: int = 40  # the scheduler logs a line every this many decode steps (SGLang's flag)
     show_progress: bool = False
 
     def resolved_device(self) -> str:
@@ -189,6 +198,52 @@ def _check_config(config: EngineConfig, device: str) -> None:
         raise ValueError(f"--device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
     if config.dist_timeout is not None and config.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {config.dist_timeout}")
+    if config.decode_log_interval < 1:
+        raise ValueError(f"--decode-log-interval must be >= 1, got {config.decode_log_interval}")
+
+
+SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")  # NEXTN: SGLang's alias of EAGLE for DeepSeek's MTP layer
+SPECULATIVE_MAX_RUNNING_REQUESTS = 48  # the seeds' defaults under MTP: --max-running-requests, CUDA graph sizes
+
+
+def speculative_num_steps(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The drafts a verify row checks (--speculative-num-steps), 0 without --speculative-algorithm; ValueError
+    naming the flag for settings no start-up could serve."""
+    flags = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
+             "speculative_draft_model_path")
+    if config.speculative_algorithm is None:
+        given = [f"--{name.replace('_', '-')}" for name in flags if getattr(config, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --speculative-algorithm EAGLE (or NEXTN)")
+        return 0
+    if config.speculative_algorithm.upper() not in SPECULATIVE_ALGORITHMS:
+        raise ValueError(f"--speculative-algorithm {config.speculative_algorithm} is not one of "
+                         f"{', '.join(SPECULATIVE_ALGORITHMS)}")
+    topk = 1 if config.speculative_eagle_topk is None else config.speculative_eagle_topk
+    if topk < 1:
+        raise ValueError(f"--speculative-eagle-topk must be >= 1, got {topk}")
+    if topk > 1:
+        raise ValueError(f"--speculative-eagle-topk {topk}: topk > 1 (tree drafts) is not supported yet; use "
+                         "--speculative-eagle-topk 1 (a chain of drafts)")
+    draft_tokens = config.speculative_num_draft_tokens
+    steps = config.speculative_num_steps
+    if steps is None:  # derived from --speculative-num-draft-tokens when only that was given, else DeepSeek's 3
+        steps = draft_tokens - 1 if draft_tokens is not None and draft_tokens >= 2 else 3
+    if steps < 1:
+        raise ValueError(f"--speculative-num-steps must be >= 1, got {steps}")
+    if draft_tokens is not None and draft_tokens != steps + 1:
+        log.warning("--speculative-num-draft-tokens %d is adjusted to %d: with --speculative-eagle-topk 1 a verify "
+                    "step checks the last token and --speculative-num-steps (%d) drafts", draft_tokens, steps + 1, steps)
+    path = config.speculative_draft_model_path
+    if path is not None and not Path(path).is_dir():
+        raise ValueError(f"--speculative-draft-model-path {path}: no such directory")
+    if path is None and not model_config.has_mtp:
+        raise ValueError(f"--speculative-algorithm {config.speculative_algorithm} drafts with the model's MTP (NextN) "
+                         "layer, and this model has none (num_nextn_predict_layers is 0): give a NextN checkpoint "
+                         "with --speculative-draft-model-path")
+    if config.enable_dp_attention:
+        raise ValueError("--speculative-algorithm does not run with --enable-dp-attention yet")
+    return steps
 
 
 def _attention_backend(config: EngineConfig, model_config: ModelConfig, cuda: bool) -> tuple[str, bool]:
@@ -218,6 +273,12 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
+    spec_steps = speculative_num_steps(config, model_config)
+    max_running = config.max_running_requests or (
+        SPECULATIVE_MAX_RUNNING_REQUESTS if spec_steps else (256 if cuda else 64))
+    graph_max_bs = config.cuda_graph_max_bs
+    if spec_steps and config.cuda_graph_bs is None and graph_max_bs is None:
+        graph_max_bs = SPECULATIVE_MAX_RUNNING_REQUESTS  # as SGLang: more with --cuda-graph-bs / --cuda-graph-max-bs
     parallel = rank_layout(
         model_config, tp_size=config.tp_size, dp_size=config.dp_size, ep_size=config.ep_size, nnodes=config.nnodes,
         node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention,
@@ -237,7 +298,7 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         load_format=config.load_format,
         attention_backend=attention_backend,
         page_size=page_size,
-        max_running_requests=config.max_running_requests or (256 if cuda else 64),
+        max_running_requests=max_running,
         max_context_len=context,
         max_total_tokens=config.max_total_tokens,
         chunked_prefill_size=None if chunk == -1 else chunk,
@@ -247,12 +308,14 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         custom_logit_processors=config.custom_logit_processors if config.enable_custom_logit_processor else None,
         progress=config.show_progress,
         cuda_graph_bs=config.cuda_graph_bs,
-        cuda_graph_max_bs=config.cuda_graph_max_bs,
+        cuda_graph_max_bs=graph_max_bs,
         disable_cuda_graph=disable_cuda_graph,
         fp8_tiled_weights=_tiled_weights(config.fp8_tiled_weights, parallel.dp_size > 1),
         parallel=parallel,
         dist=None if parallel.tp_size == 1 else dist_init(config.dist_init_addr, config.dist_timeout, config.nnodes),
         check_sampling=config.check_rank_sampling,
+        speculative_num_steps=spec_steps,
+        speculative_draft_model_path=config.speculative_draft_model_path,
     )
     scheduler = SchedulerSettings(
         chunked_prefill_size=None if chunk == -1 else chunk,
@@ -263,6 +326,8 @@ def _plan(config: EngineConfig, model_path: str, model_config: ModelConfig) -> _
         max_total_tokens=config.max_total_tokens,
         num_dp=parallel.dp_size,
         enable_mixed_chunk=config.enable_mixed_chunk,
+        speculative_num_steps=spec_steps,
+        decode_log_interval=config.decode_log_interval,
     )
     return _Plan(worker, scheduler, config.nnodes)
 
@@ -272,7 +337,8 @@ def _rank0_actors(plan: _Plan, runner: Any, requests: Channel, deltas: Channel,
     plans, results = LocalChannel(), LocalChannel()
     router = plan.scheduler.build(ready_message(runner, 0))
     return [
-        SchedulerActor(router, requests, results, [plans], deltas, overlap=plan.scheduler.overlap),
+        SchedulerActor(router, requests, results, [plans], deltas, overlap=plan.scheduler.overlap,
+                       decode_log_interval=plan.scheduler.decode_log_interval),
         WorkerActor(runner, plans, results, rank=0, thread=thread),
     ]
 

@@ -7,10 +7,15 @@ leaders send back StepResults, through as many result channels as there are lead
 A request with a grammar (structured output) waits here, outside the batch, while the workers compile it: its
 grammar goes to every rank at once (CompileGrammars) and the request enters the scheduler when rank 0 answers
 (GrammarCompiled), or ends with an "invalid" error (HTTP 400) when the grammar does not compile.
+
+Every `decode_log_interval` decode steps it logs one INFO line (SGLang's --decode-log-interval): running and queued
+requests, KV usage, generation throughput, and under speculative decoding the accept length and rate since the
+previous line.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +43,9 @@ from baleen.messages import (
 )
 
 METRICS_INTERVAL_S = 0.25
+SPEC_COUNTERS = ("num_verify_rows", "num_verify_tokens", "num_draft_tokens", "num_accepted_drafts")
+
+log = logging.getLogger("baleen.scheduler")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +60,8 @@ class SchedulerSettings:
     max_total_tokens: int | None = None
     num_dp: int = 1  # DP attention groups, one Scheduler each
     enable_mixed_chunk: bool = False  # decode rows ride along with prefill chunks (--enable-mixed-chunk)
+    speculative_num_steps: int = 0  # drafts a verify row checks (--speculative-num-steps); 0: no speculation
+    decode_log_interval: int = 40  # decode steps between two decode log lines
 
     def build(self, ready: WorkerReady) -> DPRouter:
         """One Scheduler per DP rank, each over the pool every rank has (the smallest, agreed at start-up)."""
@@ -66,6 +76,7 @@ class SchedulerSettings:
             max_queued_requests=self.max_queued_requests,
             enable_radix_cache=self.enable_radix_cache,
             eos_token_ids=self.eos_token_ids,
+            speculative_num_steps=self.speculative_num_steps,
         )
         return DPRouter([Scheduler(config) for _ in range(self.num_dp)])
 
@@ -90,6 +101,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         *,
         overlap: bool = True,
         plan_dp_ranks: Sequence[int] | None = None,
+        decode_log_interval: int = 40,
     ) -> None:
         results = [results] if isinstance(results, Channel) else list(results)
         super().__init__([requests, *results], name="scheduler")
@@ -108,6 +120,9 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         self._dirty = True  # metrics changed since the last report
         self._held: dict[tuple[str, str], list[NewRequest]] = {}  # requests waiting for their grammar, by its key
         self._compiles: list[GrammarSpec] = []  # grammars to send to every rank
+        self.decode_log_interval = decode_log_interval
+        self._num_decode_steps = 0
+        self._logged_spec = (0.0,) * len(SPEC_COUNTERS)  # the speculative counters at the last decode log line
 
     def busy(self) -> bool:
         return self._may_schedule and self.scheduler.num_inflight < self.max_inflight
@@ -144,7 +159,22 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         plan = s.schedule()
         if plan is None:
             self._may_schedule = False
+        elif all(not row.input_ids for p in plan for row in p.rows):
+            self._num_decode_steps += 1
+            if self._num_decode_steps % self.decode_log_interval == 0:
+                self._log_decode()
         return plan
+
+    def _log_decode(self) -> None:
+        """The periodic decode line; the accept length and rate are those of the verify rows since the last one."""
+        m = self.scheduler.metrics()
+        spec = tuple(float(m[k]) for k in SPEC_COUNTERS)
+        rows, tokens, drafts, accepted = (now - then for now, then in zip(spec, self._logged_spec))
+        self._logged_spec = spec
+        accept = f", accept len {tokens / rows:.2f}, accept rate {accepted / drafts:.2f}" if rows and drafts else ""
+        queued = int(m["num_waiting_requests"]) + sum(map(len, self._held.values()))
+        log.info("decode batch: #running-req %d, #queue-req %d, token usage %.2f%s, gen throughput %.1f tok/s",
+                 m["num_running_requests"], queued, m["token_usage"], accept, m["gen_throughput"])
 
     def _add(self, req: NewRequest) -> None:
         try:

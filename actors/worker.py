@@ -286,6 +286,7 @@ async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups
         [plans, *plan_rings, *(remote[r] for r in remote_ranks)],
         deltas,
         overlap=spec.scheduler.overlap,
+        decode_log_interval=spec.scheduler.decode_log_interval,
         plan_dp_ranks=[spec.dp_rank(r) for r in [0, *local, *remote_ranks]],
     )
     await supervise(scheduler, WorkerActor(runner, plans, results, rank=0, thread=thread), extra=[watch_peers(remote)])

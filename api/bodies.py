@@ -22,10 +22,14 @@ def finish_reason(engine_reason: str | None, *, has_tool_calls: bool = False) ->
     return "tool_calls" if engine_reason == "stop" and has_tool_calls else engine_reason
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """The `usage` object, with the prefix-cache hits as prompt_tokens_details.cached_tokens."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          spec_verify_ct: int | None = None) -> dict[str, Any]:
+    """The `usage` object, with the prefix-cache hits as prompt_tokens_details.cached_tokens; under speculative
+    decoding also `spec_verify_ct` (an extension field: the verify steps of every choice, SGLang's name), so
+    completion_tokens / spec_verify_ct is about the request's accept length."""
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return _extra(body, spec_verify_ct=spec_verify_ct)
 
 
 def _extra(body: dict[str, Any], **optional: Any) -> dict[str, Any]:

@@ -85,11 +85,6 @@ PENDING_FLAGS: dict[str, Any] = {
     "node_rank": 0,
     "dist_init_addr": None,
     "dist_timeout": None,
-    "speculative_algorithm": None,
-    "speculative_num_steps": None,
-    "speculative_eagle_topk": None,
-    "speculative_num_draft_tokens": None,
-    "speculative_draft_model_path": None,
     "enable_torch_compile": False,
     "torch_compile_max_bs": None,
     "cuda_graph_bs": None,
@@ -135,6 +130,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     for dest in ("attention_backend", "context_length", "page_size", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
                  "kv_cache_dtype", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
+                 "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
+                 "speculative_num_draft_tokens", "speculative_draft_model_path", "decode_log_interval",
                  *PENDING_FLAGS, *NOOP_FLAGS):
         value = values.get(dest)
         if dest in fields and value is not None:
@@ -148,9 +145,6 @@ _FEATURES = {
     "nnodes": "multi-node serving", "node_rank": "multi-node serving", "dist_init_addr": "multi-node serving",
     "dist_timeout": "multi-rank start-up", "enable_torch_compile": "torch.compile",
     "torch_compile_max_bs": "torch.compile", "cuda_graph_bs": "CUDA graphs", "cuda_graph_max_bs": "CUDA graphs",
-    **{k: "speculative decoding (MTP/EAGLE)" for k in ("speculative_algorithm", "speculative_num_steps",
-                                                      "speculative_eagle_topk", "speculative_num_draft_tokens",
-                                                      "speculative_draft_model_path")},
 }
 
 
@@ -231,6 +225,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graceful-shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get before they are aborted (default 5)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    g.add_argument("--decode-log-interval", type=int, default=None, metavar="STEPS",
+                   help="log running requests, KV usage, throughput and the speculative accept length every STEPS "
+                        "decode steps (default 40)")
     g.add_argument("--stay-up-after-engine-death", action="store_true",
                    help="when a worker process dies (or an engine actor fails), keep the server up answering 503 "
                         "(default: log the cause and exit with code 1 within 5 s, for a supervisor to restart it)")
@@ -270,12 +267,17 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "again (default auto: on, off with --enable-dp-attention)")
     g.add_argument("--enable-torch-compile", action="store_true")
     g.add_argument("--torch-compile-max-bs", type=int, default=None)
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--speculative-algorithm", default=None, choices=("EAGLE", "NEXTN"))
-    g.add_argument("--speculative-num-steps", type=int, default=None)
-    g.add_argument("--speculative-eagle-topk", type=int, default=None)
-    g.add_argument("--speculative-num-draft-tokens", type=int, default=None)
-    g.add_argument("--speculative-draft-model-path", default=None)
+    g = p.add_argument_group("speculative decoding (MTP)")
+    g.add_argument("--speculative-algorithm", default=None, choices=("EAGLE", "NEXTN"),
+                   help="draft with the model's MTP layer and verify the drafts in one forward (NEXTN: an alias); "
+                        "--max-running-requests and the CUDA graph sizes then default to 48")
+    g.add_argument("--speculative-num-steps", type=int, default=None, help="drafts a verify step checks (default 3)")
+    g.add_argument("--speculative-eagle-topk", type=int, default=None,
+                   help="draft branches per step (default 1; only 1, a chain of drafts, is supported)")
+    g.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tokens a verify step runs: --speculative-num-steps + 1 with topk 1 (default 4)")
+    g.add_argument("--speculative-draft-model-path", default=None,
+                   help="a NextN checkpoint (as SGLang's export writes it); default: the model's own MTP layer")
     g = p.add_argument_group("OpenAI API")
     g.add_argument("--chat-template", default=None,
                    help=f"built-in {sorted(BUILTIN_TEMPLATES)} or a .jinja path (default: the checkpoint's)")

@@ -30,6 +30,13 @@ _ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "gen_throughput": ("baleen_gen_throughput", "gauge", "Generated tokens per second over the last window"),
     "last_step_time": ("baleen_last_step_time_seconds", "gauge", "Duration of the last engine step"),
     "num_preemptions": ("baleen_num_preemptions_total", "counter", "Requests preempted since start"),
+    "spec_accept_length": ("baleen_spec_accept_length", "gauge",
+                           "Speculative decoding: mean tokens committed per verify step (accepted drafts + 1)"),
+    "spec_accept_rate": ("baleen_spec_accept_rate", "gauge", "Speculative decoding: accepted / proposed drafts (0..1)"),
+    "num_verify_rows": ("baleen_spec_verify_steps_total", "counter", "Speculative verify steps (one per request)"),
+    "num_verify_tokens": ("baleen_spec_verify_tokens_total", "counter", "Tokens committed by speculative verify steps"),
+    "num_draft_tokens": ("baleen_spec_draft_tokens_total", "counter", "Draft tokens proposed to verify steps"),
+    "num_accepted_drafts": ("baleen_spec_accepted_drafts_total", "counter", "Draft tokens the verify steps accepted"),
 }
 
 # engine.metrics key -> (SGLang's gauge, help); exported even before the engine's first report (as 0)
@@ -39,6 +46,8 @@ _SGLANG_GAUGES: dict[str, tuple[str, str]] = {
     "gen_throughput": ("sglang:gen_throughput", "The generation throughput (token/s)"),
     "cache_hit_rate": ("sglang:cache_hit_rate", "The prefix cache hit rate"),
     "token_usage": ("sglang:token_usage", "The token usage (share of the KV pool allocated)"),
+    "spec_accept_length": ("sglang:spec_accept_length", "The average acceptance length of speculative decoding"),
+    "spec_accept_rate": ("sglang:spec_accept_rate", "The acceptance rate of speculative decoding (accepted / drafts)"),
 }
 
 # Seconds; HTTP latency spans a whole request (a stream included), TTFT only up to the first token.

@@ -84,7 +84,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     `thinking`), `separate_reasoning`, `stream_options.include_usage`, `return_token_ids`,
     `custom_logit_processor` + `custom_params`, structured output (`response_format` json_object/json_schema,
     `regex`, `ebnf`, tool_choice "required" or named, `strict` tools). Answer: `chat.completion` (or `chat.completion.chunk`s, then
-    `data: [DONE]`) with `reasoning_content`, `tool_calls`, `matched_stop`, `usage`. Errors: OpenAI bodies
+    `data: [DONE]`) with `reasoning_content`, `tool_calls`, `matched_stop`, `usage` (with `spec_verify_ct`, the
+    verify steps, under speculative decoding). Errors: OpenAI bodies
     with 400 (bad field, context overflow, tool_choice, unknown processor, a schema, regex or grammar that does not
     compile), 404 (model), 413, 500, 503.
     """
@@ -145,7 +146,9 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
 def _usage(lasts: list[RequestOutput | None], prompt_tokens: int) -> dict[str, Any]:
     """`usage` over all choices: the prompt once, every choice's completion tokens."""
     done = [r for r in lasts if r is not None]
-    return b.usage(prompt_tokens, sum(r.completion_tokens for r in done), done[0].cached_tokens if done else 0)
+    verify = [r.spec_verify_ct for r in done if r.spec_verify_ct is not None]  # only under speculative decoding
+    return b.usage(prompt_tokens, sum(r.completion_tokens for r in done), done[0].cached_tokens if done else 0,
+                   sum(verify) if verify else None)
 
 
 def _reasoning(prep: _Prepared) -> ReasoningParser:

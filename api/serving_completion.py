@@ -65,7 +65,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 
     Body (protocol.CompletionRequest): `prompt` (a string, strings, token ids, or lists of ids: `n` choices
     each), `model`, `max_tokens` (default 16), `echo`, `logprobs` (alternatives per token), and the sampling,
-    stopping, structured-output and extension fields of chat. Answer: `text_completion` with `usage` (and `prompt_token_ids` /
+    stopping, structured-output and extension fields of chat. Answer: `text_completion` with `usage` (as for chat; and `prompt_token_ids` /
     `token_ids` with `return_token_ids`); errors as for chat.
     """
     started = time.perf_counter()
@@ -105,8 +105,9 @@ def _logprobs(state: ServerState, prep: _Prepared, token_ids: list[int], logprob
 
 def _usage(prep: _Prepared, lasts: list[RequestOutput | None]) -> dict[str, Any]:
     done = [x for x in lasts if x is not None]
+    verify = [x.spec_verify_ct for x in done if x.spec_verify_ct is not None]  # only under speculative decoding
     return b.usage(sum(len(ids) for ids in prep.prompt_ids), sum(x.completion_tokens for x in done),
-                   done[0].cached_tokens if done else 0)
+                   done[0].cached_tokens if done else 0, sum(verify) if verify else None)
 
 
 def _prompt_ids(prep: _Prepared) -> list[int] | list[list[int]] | None:

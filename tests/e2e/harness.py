@@ -152,6 +152,7 @@ class FakeEngine:
         self.crash: Exception | None = None  # generate() raises this before its first output
         self.aborted: list[str] = []
         self.num_requests = 0  # generate() streams open
+        self.speculative = False  # outputs carry spec_verify_ct: one verify step per two tokens after the first
 
     @property
     def healthy(self) -> bool:
@@ -172,7 +173,8 @@ class FakeEngine:
             for i in range(n):
                 await asyncio.sleep(0)
                 yield RequestOutput(rid=rid, text="a", token_ids=[97], finish_reason="length" if i == n - 1 else None,
-                                    prompt_tokens=len(prompt), completion_tokens=i + 1)
+                                    prompt_tokens=len(prompt), completion_tokens=i + 1,
+                                    spec_verify_ct=(i + 1) // 2 if self.speculative else None)
         finally:
             self.num_requests -= 1
 

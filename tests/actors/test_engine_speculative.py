@@ -1,0 +1,129 @@
+"""Speculative decoding through the Engine: the start-up checks of the --speculative-* settings and their defaults,
+and greedy generations on the tiny model (its MTP layer drafts) equal to those without speculation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import re
+from typing import Any
+
+import pytest
+
+from baleen.actors.engine import Engine, EngineConfig, _plan
+from baleen.messages import RequestOutput, SamplingParams
+from baleen.model.config import ModelConfig
+from baleen.model.make_model import tiny_model_path
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(tiny_model_path())
+
+
+@pytest.fixture(scope="module")
+def model_config(model_path: str) -> ModelConfig:
+    config = ModelConfig.from_hf(model_path)
+    assert config.has_mtp
+    return config
+
+
+def plan(model_path: str, model_config: ModelConfig, **kw: Any) -> Any:
+    return _plan(EngineConfig(model_path=model_path, device="cpu", **kw), model_path, model_config)
+
+
+def test_defaults_under_speculation(model_path: str, model_config: ModelConfig) -> None:
+    off = plan(model_path, model_config)
+    assert (off.worker.speculative_num_steps, off.scheduler.speculative_num_steps) == (0, 0)
+    assert off.worker.max_running_requests == 64 and off.worker.cuda_graph_max_bs is None
+    for algorithm in ("EAGLE", "NEXTN"):  # NEXTN is an alias
+        on = plan(model_path, model_config, speculative_algorithm=algorithm)
+        assert (on.worker.speculative_num_steps, on.scheduler.speculative_num_steps) == (3, 3)  # DeepSeek's 3/1/4
+        assert on.worker.speculative_draft_model_path is None
+        # The seeds: 48 running requests and CUDA graphs up to 48 by default under MTP
+        assert (on.worker.max_running_requests, on.worker.cuda_graph_max_bs) == (48, 48)
+    mine = plan(model_path, model_config, speculative_algorithm="EAGLE", speculative_num_steps=1,
+                speculative_eagle_topk=1, speculative_num_draft_tokens=2, max_running_requests=96, cuda_graph_bs=(1, 96))
+    assert (mine.worker.speculative_num_steps, mine.worker.max_running_requests) == (1, 96)
+    assert (mine.worker.cuda_graph_bs, mine.worker.cuda_graph_max_bs) == ((1, 96), None)
+    # Only the draft token count given: the steps follow from it
+    assert plan(model_path, model_config, speculative_algorithm="EAGLE",
+                speculative_num_draft_tokens=3).worker.speculative_num_steps == 2
+
+
+def test_num_draft_tokens_is_adjusted_with_a_warning(model_path: str, model_config: ModelConfig,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="baleen.engine"):
+        p = plan(model_path, model_config, speculative_algorithm="EAGLE", speculative_num_steps=2,
+                 speculative_num_draft_tokens=8)
+    assert p.worker.speculative_num_steps == 2
+    assert "--speculative-num-draft-tokens 8 is adjusted to 3" in caplog.text
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(speculative_algorithm="EAGLE", speculative_eagle_topk=4), "topk > 1 (tree drafts) is not supported yet"),
+    (dict(speculative_algorithm="EAGLE", speculative_eagle_topk=0), "--speculative-eagle-topk must be >= 1"),
+    (dict(speculative_algorithm="EAGLE", speculative_num_steps=0), "--speculative-num-steps must be >= 1"),
+    (dict(speculative_algorithm="MEDUSA"), "--speculative-algorithm MEDUSA is not one of EAGLE, NEXTN"),
+    (dict(speculative_num_steps=2), "--speculative-num-steps needs --speculative-algorithm"),
+    (dict(speculative_algorithm="EAGLE", speculative_draft_model_path="/no/such/dir"),
+     "--speculative-draft-model-path /no/such/dir: no such directory"),
+    (dict(speculative_algorithm="EAGLE", tp_size=2, enable_dp_attention=True, dp_size=2),
+     "--enable-dp-attention"),
+    (dict(decode_log_interval=0), "--decode-log-interval must be >= 1"),
+], ids=lambda x: str(x)[:40] if isinstance(x, dict) else None)
+def test_bad_settings_name_the_flag(model_path: str, model_config: ModelConfig, kw: dict[str, Any],
+                                    message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan(model_path, model_config, **kw)
+
+
+def test_a_model_without_mtp_needs_a_draft_model(model_path: str, model_config: ModelConfig) -> None:
+    no_mtp = dataclasses.replace(model_config, num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match=r"has none .*--speculative-draft-model-path"):
+        plan(model_path, no_mtp, speculative_algorithm="NEXTN")
+    # A NextN checkpoint serves instead (the worker checks its shapes when it loads it)
+    assert plan(model_path, no_mtp, speculative_algorithm="NEXTN",
+                speculative_draft_model_path=model_path).worker.speculative_draft_model_path == model_path
+
+
+async def _generate(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], RequestOutput]:
+    ids: list[int] = []
+    last: RequestOutput | None = None
+    async for out in engine.generate(prompt, params):
+        ids += out.token_ids
+        last = out
+    assert last is not None
+    return ids, last
+
+
+def test_greedy_outputs_equal_those_without_speculation(model_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(16, 1000) for _ in range(rng.randint(3, 40))] for _ in range(6)]
+    lengths = [rng.randint(1, 14) for _ in prompts]
+
+    async def run(**kw: Any) -> tuple[list[tuple[list[int], RequestOutput]], dict[str, float]]:
+        config = EngineConfig(model_path=model_path, device="cpu", dtype="float32", context_length=256, **kw)
+        async with await Engine.start(config) as engine:
+            outs = await asyncio.gather(*(
+                _generate(engine, p, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
+                for p, n in zip(prompts, lengths)))
+            await asyncio.sleep(0.3)  # the scheduler's last metrics report
+            return list(outs), engine.metrics
+
+    plain, _ = asyncio.run(run())
+    with caplog.at_level(logging.INFO, logger="baleen.scheduler"):
+        spec, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3, decode_log_interval=2))
+    for (ids, last), (want, plain_last), n in zip(spec, plain, lengths):
+        assert ids == want and len(ids) == n and last.finish_reason == "length"
+        assert plain_last.spec_verify_ct is None and last.spec_verify_ct is not None
+        assert (last.spec_verify_ct > 0) == (n >= 3) and last.spec_verify_ct <= n - 1  # one row per 1 to 4 tokens
+    assert metrics["num_verify_rows"] == sum(last.spec_verify_ct or 0 for _, last in spec)
+    assert 1.0 <= metrics["spec_accept_length"] <= 4.0 and 0.0 <= metrics["spec_accept_rate"] <= 1.0
+    assert "decode batch: #running-req" in caplog.text and "accept len" in caplog.text
+    # The rank processes get the settings too
+    spec_mp, _ = asyncio.run(run(speculative_algorithm="NEXTN", speculative_num_steps=2, multiprocess=True))
+    assert [ids for ids, _ in spec_mp] == [ids for ids, _ in plain]
+    assert all(last.spec_verify_ct is not None for _, last in spec_mp)
