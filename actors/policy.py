@@ -17,7 +17,8 @@ committed, so rejected drafts cost no page traffic, and the radix cache never se
 
 NOTE: a speculating request has at most one row in flight: how many tokens a verify row commits is known only
 when its result arrives, and its next row's prefix_len depends on it. Other requests' rows still overlap as
-before. (Device-side lengths would lift this: the worker would then derive the next prefix itself.)
+before, and so do a constrained request's (a grammar or a custom logit processor: the worker drafts nothing for
+it, so it decodes one token a row). (Device-side lengths would lift this: the worker would then derive the next prefix itself.)
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -130,6 +131,7 @@ class Req:
     num_inflight: int = 0  # sampled rows in plans whose results have not arrived
     admit_seq: int = 0  # larger = admitted more recently (the preemption victim order)
     planned_step: int | None = None  # last step with a row for this request
+    max_drafts: int = 0  # drafts its verify rows may carry (0: it decodes one token a row)
     num_verify: int = 0  # verify rows (speculative decoding) whose results it got: SGLang's spec_verify_ct
     cached_tokens: int | None = None  # prompt tokens served by the radix cache at first admission
     finished: bool = False
@@ -221,8 +223,12 @@ class Scheduler:
         stop_ids = frozenset(req.sampling.stop_token_ids)
         if not req.sampling.ignore_eos:
             stop_ids |= self._eos
-        state = Req(rid=req.rid, sampling=req.sampling, prompt=prompt, max_len=max_len, stop_ids=stop_ids,
-                    warmup=req.warmup)
+        # NOTE: the worker verifies no drafts for a constrained request (a grammar's mask, or a custom processor,
+        # needs each token before the next): it decodes one token a row, overlapped as without speculation.
+        sp = req.sampling
+        constrained = sp.grammar is not None or sp.custom_logit_processor is not None
+        state = Req(rid=req.rid, sampling=sp, prompt=prompt, max_len=max_len, stop_ids=stop_ids, warmup=req.warmup,
+                    max_drafts=0 if constrained else self.config.speculative_num_steps)
         self._requests[req.rid] = state
         self.waiting.append(state)
 
@@ -267,18 +273,17 @@ class Scheduler:
         return plan
 
     def _schedule_decodes(self, b: _PlanBuilder) -> None:
-        spec = self.config.speculative_num_steps
         for req in list(self.running):  # oldest first: the newest are the preemption victims
             if req.slot is None or req.kv_len < len(req.fill):
                 continue  # preempted in this loop, or still prefilling
-            if spec and req.num_inflight:
+            if req.max_drafts and req.num_inflight:
                 continue  # its next prefix depends on how many tokens the row in flight commits
             left = req.max_new_tokens - len(req.output) - req.num_inflight
             if left <= 0:
                 continue  # its last token is already in flight
             # NOTE: a verify row commits at most `left` tokens and writes positions kv_len .. kv_len + drafts, all
             # below max_len - 1 <= max_context_len: kv_len is len(prompt + output) - 1 with nothing in flight.
-            drafts = min(spec, left - 1)
+            drafts = min(req.max_drafts, left - 1)
             if not self._grow(req, req.kv_len + 1 + drafts, b):
                 continue  # it was the victim itself
             b.rows.append(SeqRow(req.slot, req.kv_len, 1 + drafts, b"", True))

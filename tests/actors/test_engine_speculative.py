@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from baleen.actors.engine import Engine, EngineConfig, _plan
-from baleen.messages import RequestOutput, SamplingParams
+from baleen.messages import GrammarSpec, RequestOutput, SamplingParams
 from baleen.model.config import ModelConfig
 from baleen.model.make_model import tiny_model_path
 
@@ -127,3 +127,22 @@ def test_greedy_outputs_equal_those_without_speculation(model_path: str, caplog:
     spec_mp, _ = asyncio.run(run(speculative_algorithm="NEXTN", speculative_num_steps=2, multiprocess=True))
     assert [ids for ids, _ in spec_mp] == [ids for ids, _ in plain]
     assert all(last.spec_verify_ct is not None for _, last in spec_mp)
+
+
+def test_a_constrained_request_decodes_beside_speculating_ones(model_path: str) -> None:
+    # The worker drafts nothing under a grammar: its rows are plain decode rows in the speculative worker's steps.
+    grammar = GrammarSpec("regex", r"[a-f0-9]{8}")
+
+    async def main() -> None:
+        config = EngineConfig(model_path=model_path, device="cpu", dtype="float32", context_length=256,
+                              speculative_algorithm="EAGLE", speculative_num_steps=2)
+        async with await Engine.start(config) as engine:
+            greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+            (ids, last), (_, plain) = await asyncio.gather(
+                _generate(engine, [20, 21, 22], SamplingParams(max_new_tokens=30, seed=1, grammar=grammar)),
+                _generate(engine, [30, 31, 32, 33], greedy))
+            text = engine.tokenizer.decode(ids)
+            assert re.fullmatch(r"[a-f0-9]{8}", text) and last.finish_reason == "stop", (text, last)
+            assert last.spec_verify_ct == 0 and (plain.spec_verify_ct or 0) > 0
+
+    asyncio.run(main())

@@ -29,7 +29,7 @@ from test_failed_step import FailingWorker
 
 from baleen.actors.dp import DPRouter
 from baleen.actors.policy import Scheduler, SchedulerConfig
-from baleen.messages import NewRequest, SamplingParams, StepPlan, StepResult
+from baleen.messages import GrammarSpec, NewRequest, SamplingParams, StepPlan, StepResult
 
 K = 3  # drafts a verify row checks (DeepSeek's default --speculative-num-steps)
 
@@ -366,3 +366,32 @@ def test_random_mixes_keep_invariants(seed: int) -> None:
             assert got == tokens[: len(got)]
         else:
             assert got == tokens and (final.finish_reason, final.matched_stop) == (reason, matched)
+
+
+@pytest.mark.parametrize("constraint", [dict(grammar=GrammarSpec("regex", "[a-z]+")),
+                                        dict(custom_logit_processor="thinking_budget")], ids=["grammar", "processor"])
+def test_constrained_requests_decode_without_drafts(constraint: dict[str, Any]) -> None:
+    # The worker verifies no drafts under a grammar or a custom logit processor: such a request's rows are plain
+    # decode rows, overlapped as without speculation, beside a speculating request's verify rows.
+    sched = make()
+    reqs = [new_request("c", [1, 2, 3], max_new_tokens=12, ignore_eos=True, **constraint),
+            new_request("s", [4, 5, 6], max_new_tokens=12, ignore_eos=True)]
+    slots: dict[str, int] = {}
+    inflight = {"c": 0}
+
+    def on_step(s: Scheduler, plan: StepPlan | None) -> None:
+        for r in s.running:
+            slots[r.rid] = r.slot or 0
+            if r.rid == "c":
+                inflight["c"] = max(inflight["c"], r.num_inflight)
+        if plan is not None:
+            for row in plan.rows:
+                if not row.input_ids and row.slot == slots.get("c"):
+                    assert row.extend_len == 1
+
+    worker = make_worker(sched, draft_accuracy=1.0)
+    out = drive(sched, worker, {0: reqs}, overlap=True, on_step=on_step)
+    check_idle(sched)
+    assert out.tokens("c") == reference_tokens([1, 2, 3], 12) and out.tokens("s") == reference_tokens([4, 5, 6], 12)
+    assert out.final("c").spec_verify_ct == 0 and out.final("s").spec_verify_ct == 3  # 1 + 4 + 4 + 3
+    assert inflight["c"] == 2  # overlapped
