@@ -514,8 +514,9 @@ class Engine:
         what /metrics and `cached_tokens` report after start-up is about the users' requests alone.
         """
         started = time.perf_counter()
-        # A few prompt tokens (any ids of the vocabulary do) and two greedy new ones: a prefill and a decode.
-        num_new = 2
+        # A few prompt tokens (any ids of the vocabulary do) and two greedy new ones: a prefill and a decode; under
+        # speculative decoding k more, so that decode is a verify row with every draft.
+        num_new = 2 + self._plan.scheduler.speculative_num_steps
         num_prompt = max(1, min(4, self.max_context_len - num_new))
         prompt = array("i", [(17 + 31 * i) % self.model_config.vocab_size for i in range(num_prompt)]).tobytes()
         sampling = SamplingParams(max_new_tokens=num_new, temperature=0.0, ignore_eos=True)
