@@ -178,6 +178,9 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         from baleen.model.fused_experts import FusedExperts
 
         experts_method = FusedExperts  # the reference TorchExperts syncs the host: no CUDA graphs with it
+    if cfg.speculative_num_steps and groups is not None and groups.dp_attention:
+        # TODO(spec): DP ranks must agree on the draft and verify shapes (every MTP step joins the MoE collectives)
+        raise ValueError("speculative decoding does not run with --enable-dp-attention yet")
     own_mtp = bool(cfg.speculative_num_steps) and cfg.speculative_draft_model_path is None
     loaded = load_model(
         cfg.model_path if cfg.load_format != "dummy" else None,
