@@ -62,6 +62,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "tp2": dict(tp_size=2),
     "tp2-ep2": dict(tp_size=2, ep_size=2),
     "dp-attention2": dict(tp_size=2, dp_size=2, enable_dp_attention=True),
+    # every rank drafts and verifies the same rows: the committed tokens agree (check_rank_sampling)
+    "tp2-speculative": dict(tp_size=2, speculative_algorithm="EAGLE", speculative_num_steps=2),
 }
 
 
