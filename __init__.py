@@ -22,11 +22,12 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if TYPE_CHECKING:
-    from baleen.actors.engine import Engine, EngineConfig
+    from baleen.actors.engine import Engine
+    from baleen.actors.engine_config import EngineConfig
     from baleen.messages import GrammarSpec, RequestOutput, SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "GrammarSpec", "RequestOutput", "SamplingParams"]
-_HOMES = {"Engine": "baleen.actors.engine", "EngineConfig": "baleen.actors.engine",
+_HOMES = {"Engine": "baleen.actors.engine", "EngineConfig": "baleen.actors.engine_config",
           "GrammarSpec": "baleen.messages", "RequestOutput": "baleen.messages",
           "SamplingParams": "baleen.messages"}
 

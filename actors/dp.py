@@ -28,7 +28,8 @@ from typing import cast
 import msgspec
 
 from baleen.actors.channel import Channel, ChannelClosed
-from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, spec_metrics
+from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
+from baleen.actors.policy_stats import spec_metrics
 from baleen.messages import (
     Message,
     NewRequest,
@@ -132,15 +133,15 @@ class DPRouter:
         parts = [s.metrics() for s in self.schedulers]
         out: dict[str, float | int] = {k: sum(p[k] for p in parts) for k in parts[0]}
         capacity = sum(s.allocator.capacity for s in self.schedulers)
-        prompt = sum(s.num_prompt_tokens for s in self.schedulers)
+        prompt = sum(s.stats.num_prompt_tokens for s in self.schedulers)
         out["token_usage"] = out["num_used_pages"] / capacity
-        out["cache_hit_rate"] = sum(s.num_cached_prompt_tokens for s in self.schedulers) / prompt if prompt else 0.0
+        out["cache_hit_rate"] = sum(s.stats.num_cached_prompt_tokens for s in self.schedulers) / prompt if prompt else 0.0
         out["last_step_time"] = max(p["last_step_time"] for p in parts)
         out["num_inflight_plans"] = len(self._inflight)
         out.update(spec_metrics(*(int(out[k]) for k in ("num_verify_rows", "num_verify_tokens", "num_draft_tokens",
                                                           "num_accepted_drafts"))))
         for d, s in enumerate(self.schedulers):  # how evenly the DP ranks are loaded
-            out[f"dp{d}_num_generated_tokens"] = s.num_generated_tokens
+            out[f"dp{d}_num_generated_tokens"] = s.stats.num_generated_tokens
         return out
 
 

@@ -1,13 +1,14 @@
 """The scheduling policy: which requests run each step, which pages they use, and when they stop.
 
-Pure Python (no torch): the SchedulerActor feeds it NewRequest/AbortRequest/StepResult and sends the
-StepPlans and RequestOutputs (new token ids; the detokenizer adds the text) it returns. A request is checked by
-`admission.check_request` against the context length and the KV pool before it is queued. A step runs prefill
-chunks of at most `chunked_prefill_size` tokens in total, or decode rows (one token each, read from the slot on
-the device): as SGLang, prefill goes first and the running requests' decodes wait for a step without one. With
-`enable_mixed_chunk` (--enable-mixed-chunk, only with chunked prefill) the decode rows ride along with the
-prefill chunk instead, and the chunk is smaller by as many tokens as the decode rows hold, so no stream stalls
-while a long prompt prefills.
+Pure Python (no torch): the SchedulerActor feeds it NewRequest/AbortRequest/StepResult and sends the StepPlans and
+RequestOutputs (new token ids; the detokenizer adds the text) it returns. Its records (SchedulerConfig, Req, the
+plans) are in policy_state.py, the reading of a StepResult in results.py, and what it counts for /metrics in
+policy_stats.py. A request is checked by `admission.check_request` against the context length and the KV pool before
+it is queued. A step runs prefill chunks of at most `chunked_prefill_size` tokens in total, or decode rows (one
+token each, read from the slot on the device): as SGLang, prefill goes first and the running requests' decodes wait
+for a step without one. With `enable_mixed_chunk` (--enable-mixed-chunk, only with chunked prefill) the decode rows
+ride along with the prefill chunk instead, and the chunk is smaller by as many tokens as the decode rows hold, so no
+stream stalls while a long prompt prefills.
 
 Speculative decoding (`speculative_num_steps` = k > 0): a decoding request's row is a verify row of 1 + k_row
 tokens (the slot's last token and k_row drafts the worker's drafter left there; k_row = k, or fewer near the
@@ -38,16 +39,17 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from baleen.actors.admission import AdmissionError, Limits, check_request
 from baleen.actors.page_allocator import PageAllocator
-from baleen.actors.radix_cache import RadixNode, make_prefix_cache
+from baleen.actors.policy_state import InFlight, PlanBuilder, Req, SchedulerConfig
+from baleen.actors.policy_stats import SchedulerStats
+from baleen.actors.radix_cache import make_prefix_cache
+from baleen.actors.results import Committed, committed_counts, settle_lengths
 from baleen.messages import (
     NewRequest,
     PageUpdate,
     RequestOutput,
-    SamplingParams,
     SeqRow,
     SlotInit,
     StepPlan,
@@ -55,118 +57,6 @@ from baleen.messages import (
 )
 
 MAX_INFLIGHT_PLANS = 2  # overlap scheduling plans step N+1 while step N runs; never further ahead
-
-
-@dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
-    """Limits and pool sizes the scheduler plans with."""
-
-    page_size: int
-    num_pages: int  # the workers' KV pool, page 0 included (the padding page)
-    max_running_requests: int  # = number of device slots
-    max_context_len: int
-    max_total_tokens: int | None = None  # cap on KV tokens in use; None: the whole pool
-    chunked_prefill_size: int | None = 8192  # prefill tokens per step; None: whole prompts
-    enable_mixed_chunk: bool = False  # decode rows join prefill steps (whose chunk shrinks by one token per row)
-    max_queued_requests: int = 4096
-    enable_radix_cache: bool = True
-    eos_token_ids: tuple[int, ...] = ()
-    # Admission keeps this many future decode tokens per running request (capped by its max_new_tokens)
-    # in reserve; growth beyond it is served by preempting the newest request.
-    decode_reserve_tokens: int = 256
-    # Draft tokens a verify row checks (--speculative-num-steps); 0: no speculative decoding, one token a row
-    speculative_num_steps: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("page_size", "max_running_requests", "max_context_len", "max_queued_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_pages < 2:
-            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}")
-        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
-            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must hold one page ({self.page_size})")
-        if self.chunked_prefill_size is not None and self.chunked_prefill_size < 1:
-            raise ValueError(f"chunked_prefill_size must be >= 1 or None, got {self.chunked_prefill_size}")
-        if self.decode_reserve_tokens < 0:
-            raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
-        if self.speculative_num_steps < 0:
-            raise ValueError(f"speculative_num_steps must be >= 0, got {self.speculative_num_steps}")
-
-    @property
-    def mixed_chunk(self) -> bool:
-        """Whether decode rows ride along with prefill chunks (as SGLang: only with chunked prefill)."""
-        return self.enable_mixed_chunk and self.chunked_prefill_size is not None
-
-    @property
-    def reserve_tokens(self) -> int:
-        """Tokens kept in reserve beyond a request's current length: the decode reserve, plus the drafts a verify
-        row writes ahead of what it commits."""
-        return self.decode_reserve_tokens + self.speculative_num_steps
-
-    @property
-    def usable_pages(self) -> int:
-        """Pages the scheduler may hand out: the pool minus page 0, capped by max_total_tokens."""
-        if self.max_total_tokens is None:
-            return self.num_pages - 1
-        return min(self.num_pages - 1, self.max_total_tokens // self.page_size)
-
-
-@dataclass(eq=False)
-class Req:
-    """The scheduler's state for one live request."""
-
-    rid: str
-    sampling: SamplingParams
-    prompt: array  # int32
-    max_len: int  # prompt + the most tokens it may generate
-    stop_ids: frozenset[int]
-    output: list[int] = field(default_factory=list)
-    fill: array = field(default_factory=lambda: array("i"))  # tokens to prefill: prompt + output at admission
-    slot: int | None = None  # None while waiting
-    pages: list[int] = field(default_factory=list)  # page table: cache-owned pages first, then private ones
-    num_cached_pages: int = 0  # leading pages owned by the radix cache, locked through `node`
-    node: RadixNode | None = None
-    kv_len: int = 0  # tokens whose latents are written, counting plans in flight (a verify row's drafts included)
-    done_len: int = 0  # tokens whose latents finished steps wrote (what may enter the radix cache)
-    num_inflight: int = 0  # sampled rows in plans whose results have not arrived
-    admit_seq: int = 0  # larger = admitted more recently (the preemption victim order)
-    planned_step: int | None = None  # last step with a row for this request
-    max_drafts: int = 0  # drafts its verify rows may carry (0: it decodes one token a row)
-    num_verify: int = 0  # verify rows (speculative decoding) whose results it got: SGLang's spec_verify_ct
-    cached_tokens: int | None = None  # prompt tokens served by the radix cache at first admission
-    finished: bool = False
-    warmup: bool = False  # start-up's own request: counted in no statistic, its pages never cached
-
-    @property
-    def max_new_tokens(self) -> int:
-        """The most tokens it may generate (max_new_tokens, or what the context leaves when that was None)."""
-        return self.max_len - len(self.prompt)
-
-    def all_tokens(self) -> array:
-        """Prompt and every generated token the host knows of."""
-        return self.prompt + array("i", self.output)
-
-
-@dataclass
-class _PlanBuilder:
-    step_id: int
-    rows: list[SeqRow] = field(default_factory=list)
-    new_slots: list[SlotInit] = field(default_factory=list)
-    page_updates: list[PageUpdate] = field(default_factory=list)
-    sampled: list[Req] = field(default_factory=list)  # requests of the sampled rows, in row order
-    drafts: list[int] = field(default_factory=list)  # draft tokens of each sampled row (0: not a verify row)
-    writes: list[tuple[Req, int, int]] = field(default_factory=list)  # every row: (request, admit_seq, kv end)
-    preempted: bool = False
-
-
-@dataclass
-class _InFlight:
-    """A plan sent, its result not yet processed."""
-
-    step_id: int
-    sampled: list[Req]  # requests of its sampled rows, in row order
-    drafts: list[int]  # draft tokens of each sampled row (0: not a verify row)
-    writes: list[tuple[Req, int, int]]  # (request, its admit_seq then, kv length once the step ran) per row
 
 
 class Scheduler:
@@ -185,26 +75,11 @@ class Scheduler:
         self._requests: dict[str, Req] = {}  # every live request, waiting or running
         self._free_slots = list(range(config.max_running_requests - 1, -1, -1))
         self._freed_slots: list[int] = []  # slots to clear in the next plan
-        self._inflight: deque[_InFlight] = deque()
+        self._inflight: deque[InFlight] = deque()
         self._next_step_id = 0
         self._next_admit_seq = 0
         self._eos = frozenset(config.eos_token_ids)
-        self._clock = clock
-        self._window_s = metrics_window_s
-        self._start_time = clock()
-        self._gen_window: deque[tuple[float, int]] = deque()
-        self.num_preemptions = 0
-        self.num_failed_steps = 0
-        self.num_prefill_tokens = 0  # prefill tokens planned since start (cache hits excluded)
-        self.num_prompt_tokens = 0
-        self.num_cached_prompt_tokens = 0
-        self.num_generated_tokens = 0
-        self.last_step_time = 0.0
-        # Speculative decoding, over every verify row whose result arrived (warm-ups excluded)
-        self.num_verify_rows = 0
-        self.num_verify_tokens = 0  # tokens they committed: accepted drafts + the token sampled after them
-        self.num_draft_tokens = 0  # drafts they checked
-        self.num_accepted_drafts = 0
+        self.stats = SchedulerStats(clock, metrics_window_s)  # what /metrics counts, warm-ups excluded
 
     # ---- requests in -------------------------------------------------------------------------------
     def add_request(self, req: NewRequest) -> None:
@@ -255,7 +130,7 @@ class Scheduler:
         """Plan the next step, or None when there is nothing to run (or two plans are in flight)."""
         if len(self._inflight) >= MAX_INFLIGHT_PLANS:
             return None
-        b = _PlanBuilder(self._next_step_id)
+        b = PlanBuilder(self._next_step_id)
         if self.config.mixed_chunk:
             self._schedule_decodes(b)
             self._schedule_prefills(b)
@@ -269,10 +144,10 @@ class Scheduler:
         plan = StepPlan(step_id=b.step_id, rows=b.rows, new_slots=b.new_slots, page_updates=b.page_updates,
                         freed_slots=self._freed_slots)
         self._freed_slots = []
-        self._inflight.append(_InFlight(b.step_id, b.sampled, b.drafts, b.writes))
+        self._inflight.append(InFlight(b.step_id, b.sampled, b.drafts, b.writes))
         return plan
 
-    def _schedule_decodes(self, b: _PlanBuilder) -> None:
+    def _schedule_decodes(self, b: PlanBuilder) -> None:
         for req in list(self.running):  # oldest first: the newest are the preemption victims
             if req.slot is None or req.kv_len < len(req.fill):
                 continue  # preempted in this loop, or still prefilling
@@ -294,7 +169,7 @@ class Scheduler:
             req.planned_step = b.step_id
             b.writes.append((req, req.admit_seq, req.kv_len))
 
-    def _schedule_prefills(self, b: _PlanBuilder) -> None:
+    def _schedule_prefills(self, b: PlanBuilder) -> None:
         cfg = self.config
         budget = cfg.chunked_prefill_size if cfg.chunked_prefill_size is not None else cfg.max_context_len
         budget -= sum(r.extend_len for r in b.rows)  # the decode rows a mixed step holds (mixed_with_decode_tokens)
@@ -321,7 +196,7 @@ class Scheduler:
             reserve += self._future_pages(req)
             budget -= num
 
-    def _admit(self, req: Req, budget: int, reserve: int, b: _PlanBuilder) -> int:
+    def _admit(self, req: Req, budget: int, reserve: int, b: PlanBuilder) -> int:
         """Give `req` a slot and its first chunk; return the chunk length, 0 when pages are short."""
         fill = req.all_tokens()
         match = self.cache.match_prefix(fill)
@@ -343,8 +218,8 @@ class Scheduler:
         if req.cached_tokens is None:  # count the first admission only, not re-prefills after preemption
             req.cached_tokens = match.matched_len
             if not req.warmup:
-                self.num_prompt_tokens += len(req.prompt)
-                self.num_cached_prompt_tokens += match.matched_len
+                self.stats.num_prompt_tokens += len(req.prompt)
+                self.stats.num_cached_prompt_tokens += match.matched_len
         out = array("i", req.output).tobytes()
         b.new_slots.append(SlotInit(req.slot, req.rid, req.sampling, req.prompt.tobytes(), out))
         b.page_updates.append(PageUpdate(req.slot, 0, array("i", req.pages).tobytes()))
@@ -352,7 +227,7 @@ class Scheduler:
         self._add_prefill_row(req, num, b)
         return num
 
-    def _add_prefill_row(self, req: Req, num: int, b: _PlanBuilder) -> None:
+    def _add_prefill_row(self, req: Req, num: int, b: PlanBuilder) -> None:
         assert req.slot is not None
         start = req.kv_len
         last = start + num == len(req.fill)  # only the last chunk samples
@@ -364,7 +239,7 @@ class Scheduler:
         req.kv_len += num
         req.planned_step = b.step_id
         b.writes.append((req, req.admit_seq, req.kv_len))
-        self.num_prefill_tokens += num
+        self.stats.num_prefill_tokens += num
 
     def _future_pages(self, req: Req) -> int:
         """Pages `req` will likely still need: the rest of its prefill plus the decode reserve (and drafts)."""
@@ -372,7 +247,7 @@ class Scheduler:
         target = min(req.max_len, cur + self.config.reserve_tokens)
         return max(0, self.allocator.pages_for(target) - len(req.pages))
 
-    def _grow(self, req: Req, new_len: int, b: _PlanBuilder) -> bool:
+    def _grow(self, req: Req, new_len: int, b: PlanBuilder) -> bool:
         """Give `req` pages for `new_len` tokens; False when it was preempted instead."""
         assert req.slot is not None
         num = self.allocator.pages_for(new_len) - len(req.pages)
@@ -385,7 +260,7 @@ class Scheduler:
         req.pages += pages
         return True
 
-    def _alloc(self, num: int, requester: Req, b: _PlanBuilder) -> list[int] | None:
+    def _alloc(self, num: int, requester: Req, b: PlanBuilder) -> list[int] | None:
         """Free pages by LRU eviction, then by preempting the newest unplanned request; None if that is `requester`."""
         while True:
             pages = self._evict_and_alloc(num)
@@ -404,13 +279,13 @@ class Scheduler:
             self.allocator.free(self.cache.evict(short))
         return self.allocator.alloc(num)
 
-    def _preempt(self, req: Req, b: _PlanBuilder) -> None:
+    def _preempt(self, req: Req, b: PlanBuilder) -> None:
         """Recompute later: release pages and slot, back to the front of the queue."""
         self._release(req)
         self.running.remove(req)
         self.waiting.appendleft(req)
         req.fill, req.kv_len, req.done_len = array("i"), 0, 0  # re-prefilled from prompt + output when re-admitted
-        self.num_preemptions += 1
+        self.stats.num_preemptions += 1
         b.preempted = True
 
     def _cache_prefilled(self, reqs: list[Req]) -> None:
@@ -468,9 +343,9 @@ class Scheduler:
         if result.failed is not None:
             return self._fail_step(step, result.failed)
         errors = dict(result.errors)
-        counts = self._committed_counts(result, step, errors)
-        live = self._settle_lengths(step, counts, errors)
-        got = _Committed.unpack(result)
+        counts = committed_counts(result, step, errors)
+        live = settle_lengths(step, counts, errors)
+        got = Committed.unpack(result)
         deltas: list[RequestOutput] = []
         num_generated = 0  # tokens of served requests (not of warm-ups)
         end = 0
@@ -478,10 +353,7 @@ class Scheduler:
             first, end = end, end + counts[i]  # the row's committed tokens are got.tokens[first:end]
             req.num_inflight -= 1
             if step.drafts[i] and not req.warmup and i not in errors:
-                self.num_verify_rows += 1
-                self.num_verify_tokens += counts[i]
-                self.num_draft_tokens += step.drafts[i]
-                self.num_accepted_drafts += counts[i] - 1
+                self.stats.count_verify_row(step.drafts[i], counts[i])
             if req.finished:
                 continue  # finished or aborted after this plan was sent: the row is dropped
             if i in errors:
@@ -493,14 +365,11 @@ class Scheduler:
             req.num_verify += step.drafts[i] > 0
             deltas.append(self._append(req, got, first, end))
             num_generated += 0 if req.warmup else len(deltas[-1].token_ids)
-        now = self._clock()
-        self._gen_window.append((now, num_generated))
-        self.num_generated_tokens += num_generated
-        self.last_step_time = result.forward_time
+        self.stats.count_step(num_generated, result.forward_time)
         self._cache_prefilled([req for req in live if not req.finished])
         return deltas
 
-    def _append(self, req: Req, got: _Committed, first: int, end: int) -> RequestOutput:
+    def _append(self, req: Req, got: Committed, first: int, end: int) -> RequestOutput:
         """Append a row's committed tokens one at a time with the stop checks (a stop inside the run drops the
         tokens after it); finish `req` if it stops; its RequestOutput."""
         reason, matched = None, None
@@ -512,55 +381,10 @@ class Scheduler:
                 break
         if reason is not None:
             self._finish(req)
-        sp, k = req.sampling, got.top_k
-        lps = got.logprobs[first:end].tolist() if sp.logprobs and got.logprobs is not None else None
-        tops = None
-        if sp.top_logprobs and got.top_ids is not None and got.top_logprobs is not None:
-            tops = [[(got.top_ids[t * k + j], got.top_logprobs[t * k + j]) for j in range(min(sp.top_logprobs, k))]
-                    for t in range(first, end)]
+        lps, tops = got.logprobs_of(first, end, req.sampling)
         return self._delta(req, got.tokens[first:end].tolist(), lps, tops, reason, matched)
 
-    @staticmethod
-    def _committed_counts(result: StepResult, step: _InFlight, errors: dict[int, str]) -> list[int]:
-        """Tokens each sampled row committed (1 + accepted drafts for a verify row); ValueError for a bad result."""
-        num_rows = len(step.sampled)
-        counts = _unpack("i", result.num_tokens)
-        if counts is None:
-            counts = array("i", [1] * num_rows)
-        elif len(counts) != num_rows:
-            raise ValueError(f"step {step.step_id} sampled {num_rows} rows but the result counts {len(counts)}")
-        for i, (n, drafts) in enumerate(zip(counts, step.drafts)):
-            if not (0 if i in errors else 1) <= n <= drafts + 1:  # a failed row may commit nothing
-                raise ValueError(f"row {i} of step {step.step_id} committed {n} tokens with {drafts} drafts")
-        if len(result.token_ids) != 4 * sum(counts):
-            raise ValueError(f"step {step.step_id} committed {sum(counts)} tokens but the result has "
-                             f"{len(result.token_ids) // 4}")
-        return counts.tolist()
-
-    def _settle_lengths(self, step: _InFlight, counts: list[int], errors: dict[int, str]) -> list[Req]:
-        """What the step's rows wrote is done: each current request's done_len (and, after a verify row, kv_len,
-        planned with every draft) moves to the latents of committed tokens; the requests whose done_len grew."""
-        # Latents a verify row wrote beyond its committed tokens: its rejected drafts (a failed row keeps its first)
-        rejected = {req: drafts + 1 - (1 if i in errors else counts[i])
-                    for i, (req, drafts) in enumerate(zip(step.sampled, step.drafts)) if drafts}
-        live: list[Req] = []
-        for req, seq, end in step.writes:
-            if not self._current(req, seq):
-                continue  # already ended, or preempted since: its next admission recomputes everything
-            if req in rejected:  # NOTE: its only row in flight (one verify row at a time), so kv_len == end
-                end -= rejected[req]
-                req.kv_len = end
-            if end > req.done_len:
-                req.done_len = end
-                live.append(req)
-        return live
-
-    @staticmethod
-    def _current(req: Req, admit_seq: int) -> bool:
-        """Whether `req` still runs in the admission a plan row was made for (not finished, not preempted since)."""
-        return not req.finished and req.slot is not None and req.admit_seq == admit_seq
-
-    def _fail_step(self, step: _InFlight, message: str) -> list[RequestOutput]:
+    def _fail_step(self, step: InFlight, message: str) -> list[RequestOutput]:
         """A step the workers could not run (out of memory): its requests end with an error, nothing else does.
 
         Their pages go back with only what earlier steps finished cached (`done_len`); rows they have in the
@@ -570,13 +394,13 @@ class Scheduler:
         for req in step.sampled:
             req.num_inflight -= 1
         for req, seq, _ in step.writes:
-            if not self._current(req, seq):
+            if not req.runs_in(seq):
                 continue  # already ended, or preempted since: its next admission recomputes everything
             self._finish(req)
             delta = self._delta(req, [], None, None, "error", None)
             delta.error, delta.error_kind = message, "overloaded"
             deltas.append(delta)
-        self.num_failed_steps += 1
+        self.stats.num_failed_steps += 1
         return deltas
 
     def _check_stop(self, req: Req, token: int) -> tuple[str | None, int | None]:
@@ -598,12 +422,6 @@ class Scheduler:
     # ---- metrics -----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float | int]:
         """Gauges and counters for /metrics."""
-        now = self._clock()
-        while self._gen_window and self._gen_window[0][0] < now - self._window_s:
-            self._gen_window.popleft()
-        span = min(self._window_s, now - self._start_time)
-        gen_tokens = sum(n for _, n in self._gen_window)
-        prompt = self.num_prompt_tokens
         return {
             "num_running_requests": len(self.running),
             "num_waiting_requests": len(self.waiting),
@@ -612,51 +430,6 @@ class Scheduler:
             "num_cached_pages": self.cache.num_cached_pages,
             "num_evictable_pages": self.cache.num_evictable_pages,
             "token_usage": self.allocator.num_used / self.allocator.capacity,
-            "cache_hit_rate": self.num_cached_prompt_tokens / prompt if prompt else 0.0,
-            "gen_throughput": gen_tokens / span if span > 0 else 0.0,
-            "last_step_time": self.last_step_time,
-            "num_preemptions": self.num_preemptions,
-            "num_failed_steps": self.num_failed_steps,
             "num_inflight_plans": len(self._inflight),
-            **spec_metrics(self.num_verify_rows, self.num_verify_tokens, self.num_draft_tokens, self.num_accepted_drafts),
+            **self.stats.metrics(),
         }
-
-
-def spec_metrics(verify_rows: int, verify_tokens: int, draft_tokens: int, accepted_drafts: int) -> dict[str, float | int]:
-    """Speculative decoding's counters and ratios: the accept length (tokens committed per verify row, SGLang's
-    spec_accept_length) and the accept rate (accepted drafts / drafts checked); 0 before any verify row."""
-    return {
-        "num_verify_rows": verify_rows,
-        "num_verify_tokens": verify_tokens,
-        "num_draft_tokens": draft_tokens,
-        "num_accepted_drafts": accepted_drafts,
-        "spec_accept_length": verify_tokens / verify_rows if verify_rows else 0.0,
-        "spec_accept_rate": accepted_drafts / draft_tokens if draft_tokens else 0.0,
-    }
-
-
-@dataclass(frozen=True)
-class _Committed:
-    """A result's per-token arrays: the committed tokens of every sampled row, one row after the other."""
-
-    tokens: array  # int32 [num_committed]
-    logprobs: array | None  # float32 [num_committed]
-    top_k: int
-    top_ids: array | None  # int32 [num_committed * top_k]
-    top_logprobs: array | None  # float32 [num_committed * top_k]
-
-    @classmethod
-    def unpack(cls, result: StepResult) -> _Committed:
-        tokens = _unpack("i", result.token_ids)
-        assert tokens is not None
-        return cls(tokens, _unpack("f", result.logprobs), result.top_k, _unpack("i", result.top_ids),
-                   _unpack("f", result.top_logprobs))
-
-
-def _unpack(typecode: str, b: bytes | None) -> array | None:
-    """int32 ("i") or float32 ("f") bytes as an array."""
-    if b is None:
-        return None
-    out = array(typecode)
-    out.frombytes(b)
-    return out

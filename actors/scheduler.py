@@ -24,7 +24,8 @@ from baleen.actors.actor import Actor
 from baleen.actors.admission import AdmissionError
 from baleen.actors.channel import Channel
 from baleen.actors.dp import DPRouter
-from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler, SchedulerConfig
+from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import (
     AbortRequest,
     CompileGrammars,

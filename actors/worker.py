@@ -33,7 +33,6 @@ from baleen.messages import (
     WorkerReady,
 )
 from baleen.model.build import ATTENTION_BACKENDS as ATTENTION_BACKENDS  # NOTE: re-exported for api/cli.py
-from baleen.model.build import DTYPES as DTYPES  # NOTE: re-exported for actors/engine.py
 from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.config import ParallelConfig
 from baleen.model.parallel import ParallelGroups, destroy_distributed, init_distributed

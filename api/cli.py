@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from baleen.actors.engine import EngineConfig
+    from baleen.actors.engine_config import EngineConfig
     from baleen.api.state import ServerConfig
 
 
@@ -103,7 +103,7 @@ class UnsupportedFlag(ValueError):
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the serve flags describe; UnsupportedFlag/ValueError for what cannot be served."""
-    from baleen.actors.engine import EngineConfig
+    from baleen.actors.engine_config import EngineConfig
 
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     values = vars(args)

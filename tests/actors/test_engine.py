@@ -310,13 +310,13 @@ def test_failing_logit_processor_fails_only_its_request(model_path: str) -> None
 @pytest.mark.parametrize("setting, dp, want", [("auto", 1, True), ("auto", 2, False), ("on", 2, True), ("off", 1, False)])
 def test_fp8_tiled_weights_setting_reaches_the_worker(model_path: str, setting: str, dp: int, want: bool) -> None:
     # auto: tiled copies except under DP attention, where every rank holds all of attention's weights.
-    from baleen.actors.engine import _plan
+    from baleen.actors.engine_config import plan_startup
     from baleen.model.config import ModelConfig
 
     dp_flags = {"tp_size": 2, "dp_size": 2, "enable_dp_attention": True} if dp > 1 else {}
     config = EngineConfig(model_path=model_path, device="cpu", fp8_tiled_weights=setting, **dp_flags)
-    plan = _plan(config, model_path, ModelConfig.from_hf(model_path))
+    plan = plan_startup(config, model_path, ModelConfig.from_hf(model_path))
     assert plan.worker.fp8_tiled_weights is want
     with pytest.raises(ValueError, match="fp8_tiled_weights"):
-        _plan(EngineConfig(model_path=model_path, device="cpu", fp8_tiled_weights="yes"), model_path,
+        plan_startup(EngineConfig(model_path=model_path, device="cpu", fp8_tiled_weights="yes"), model_path,
               ModelConfig.from_hf(model_path))

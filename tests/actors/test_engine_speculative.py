@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from baleen.actors.engine import Engine, EngineConfig, _plan
+from baleen.actors.engine import Engine
+from baleen.actors.engine_config import EngineConfig, plan_startup
 from baleen.messages import GrammarSpec, RequestOutput, SamplingParams
 from baleen.model.config import ModelConfig
 from baleen.model.make_model import tiny_model_path
@@ -31,7 +32,7 @@ def model_config(model_path: str) -> ModelConfig:
 
 
 def plan(model_path: str, model_config: ModelConfig, **kw: Any) -> Any:
-    return _plan(EngineConfig(model_path=model_path, device="cpu", **kw), model_path, model_config)
+    return plan_startup(EngineConfig(model_path=model_path, device="cpu", **kw), model_path, model_config)
 
 
 def test_defaults_under_speculation(model_path: str, model_config: ModelConfig) -> None:

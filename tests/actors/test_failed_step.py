@@ -22,7 +22,8 @@ from fake_worker import (
     reference_tokens,
 )
 
-from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.actors.policy import Scheduler
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import StepPlan, StepResult
 
 JUNK = -7  # what a failed step leaves in the slots it was writing

@@ -21,7 +21,8 @@ from fake_worker import (
 )
 
 from baleen.actors.admission import AdmissionError
-from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.actors.policy import Scheduler
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import NewRequest, SamplingParams, StepPlan
 
 BOTH = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
@@ -203,8 +204,8 @@ def test_preemption_gives_identical_outputs(overlap: bool, radix: bool) -> None:
     sched = make(num_pages=25, max_running_requests=6, decode_reserve_tokens=0, enable_radix_cache=radix)
     prompts = [[i, *range(20, 29)] for i in range(6)]
     out = run(sched, {0: [new_request(f"r{i}", p, max_new_tokens=40) for i, p in enumerate(prompts)]}, overlap)
-    assert sched.num_preemptions > 0
-    assert sched.metrics()["num_preemptions"] == sched.num_preemptions
+    assert sched.stats.num_preemptions > 0
+    assert sched.metrics()["num_preemptions"] == sched.stats.num_preemptions
     for i, p in enumerate(prompts):
         assert out.tokens(f"r{i}") == reference_tokens(p, 40)
         assert out.final(f"r{i}").completion_tokens == 40
@@ -230,7 +231,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first(overlap: bool) -> Non
     out = run(sched, arrivals, overlap, on_step=on_step)
     # b, admitted after a, is the victim (a never is); back at the front of the queue, it goes before c.
     assert events[:5] == ["+a", "+b", "-b", "+b", "+c"] and "-a" not in events
-    assert sched.num_preemptions == events.count("-b") >= 1
+    assert sched.stats.num_preemptions == events.count("-b") >= 1
     for rid, p in prompts.items():
         assert out.tokens(rid) == reference_tokens(p, 30)
 

@@ -28,7 +28,8 @@ from fake_worker import (
 from test_failed_step import FailingWorker
 
 from baleen.actors.dp import DPRouter
-from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.actors.policy import Scheduler
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import GrammarSpec, NewRequest, SamplingParams, StepPlan, StepResult
 
 K = 3  # drafts a verify row checks (DeepSeek's default --speculative-num-steps)
@@ -215,7 +216,7 @@ def test_preemption_mid_run_gives_identical_outputs(overlap: bool, radix: bool) 
     prompts = [[i, *range(20, 29)] for i in range(6)]
     out, _, _ = run(sched, {0: [new_request(f"r{i}", p, max_new_tokens=40) for i, p in enumerate(prompts)]},
                     overlap, 0.7)
-    assert sched.num_preemptions > 0
+    assert sched.stats.num_preemptions > 0
     for i, p in enumerate(prompts):
         assert out.tokens(f"r{i}") == reference_tokens(p, 40)
 
@@ -313,7 +314,7 @@ def test_metrics_and_per_request_verify_count() -> None:
 def test_dp_router_recomputes_the_ratios() -> None:
     router = DPRouter([make(), make()])
     for d, s in enumerate(router.schedulers):
-        s.num_verify_rows, s.num_verify_tokens, s.num_draft_tokens, s.num_accepted_drafts = (
+        s.stats.num_verify_rows, s.stats.num_verify_tokens, s.stats.num_draft_tokens, s.stats.num_accepted_drafts = (
             (10, 30, 30, 20) if d == 0 else (30, 30, 90, 0))
     m = router.metrics()
     assert m["spec_accept_length"] == pytest.approx(60 / 40) and m["spec_accept_rate"] == pytest.approx(20 / 120)

@@ -16,7 +16,7 @@ import pytest
 
 from baleen.actors import scheduler
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.policy import SchedulerConfig
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.actors.worker import WorkerActor
 from baleen.messages import (
     GrammarSpec,

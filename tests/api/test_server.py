@@ -421,16 +421,16 @@ def test_flags_map_onto_engine_and_server_config() -> None:
 
 
 def test_a_flag_is_used_once_engine_config_has_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
-    from baleen.actors import engine
+    from baleen.actors import engine_config
 
-    missing = [d for d in cli.PENDING_FLAGS if d not in {f.name for f in dataclasses.fields(engine.EngineConfig)}]
+    missing = [d for d in cli.PENDING_FLAGS if d not in {f.name for f in dataclasses.fields(engine_config.EngineConfig)}]
     if "enable_torch_compile" not in missing:
         pytest.skip("EngineConfig already has every field this test grows")
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
-    class GrownConfig(engine.EngineConfig):
+    class GrownConfig(engine_config.EngineConfig):
         enable_torch_compile: bool = False
 
-    monkeypatch.setattr(engine, "EngineConfig", GrownConfig)
+    monkeypatch.setattr(engine_config, "EngineConfig", GrownConfig)
     ec = cli.engine_config_from_args(_args(["--enable-torch-compile"]))
     assert isinstance(ec, GrownConfig) and ec.enable_torch_compile

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from baleen.actors.engine import EngineConfig, _plan
+from baleen.actors.engine_config import EngineConfig, plan_startup
 from baleen.kernels.mla_prep import mla_prep, mla_prep_ref
 from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.deepseek import DeepseekV3ForCausalLM, DeepseekV3MoE
@@ -105,7 +105,7 @@ def test_the_model_is_built_with_the_choice() -> None:
 
 
 def _plan_for(cfg: ModelConfig, **flags: Any) -> Any:
-    return _plan(EngineConfig(model_path="m", **flags), "m", cfg)
+    return plan_startup(EngineConfig(model_path="m", **flags), "m", cfg)
 
 
 def test_triton_backend_gives_way_or_fails_naming_the_fields(caplog: pytest.LogCaptureFixture) -> None:

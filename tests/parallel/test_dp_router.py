@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from baleen.actors.dp import DPRouter
-from baleen.actors.policy import Scheduler, SchedulerConfig
+from baleen.actors.policy import Scheduler
+from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import NewRequest, SamplingParams, StepPlan, StepResult
 
 
