@@ -291,12 +291,14 @@ def test_tiled_fp8_weights_give_the_same_decode() -> None:
     assert added == want + dense.gate_up.weight_tiled.num_bytes + dense.down_proj.weight_tiled.num_bytes
     after = run()
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # the prefill (106 tokens) reads no tiles
-    # NOTE: both paths quantize activations to FP8 (~2.6% from the float product each, measured on the H100), so
-    # tiny differences in accumulation order flip activation roundings in later layers: the dummy model's logits
-    # over three layers agree to a cosine of ~0.98, not more. Each linear is checked against the float reference.
+    # NOTE: the tiled GEMM quantizes activations to FP8 per token group (~2.6% from the float product, measured on
+    # the H100), where the untiled path took the W8A16 skinny GEMM at 24 tokens (0.2%) and another W8A8 kernel at 3;
+    # in later layers tiny differences flip activation roundings: the dummy model's logits over three layers agree
+    # to a cosine of ~0.98, not more. Each tiled linear is checked against the W8A8 product it computes instead.
     for b, a in zip(before[1:], after[1:]):
         cos = float(torch.nn.functional.cosine_similarity(b, a, dim=-1).min())
         assert cos > 0.95, f"logits over tiled weights: cosine {cos:.5f}"
+    from baleen.kernels.act_quant import dequant_token_groups, per_token_group_quant_fp8
     from baleen.kernels.fp8_gemv import dequant_linear_ref
 
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -304,13 +306,11 @@ def test_tiled_fp8_weights_give_the_same_decode() -> None:
         assert lin is not None
         for m in (3, 24):
             x = torch.randn(m, lin.weight.shape[1], device=dev, dtype=torch.bfloat16, generator=gen)
-            want = dequant_linear_ref(x, lin.weight, lin.weight_scale_inv, lin.method.block_size, torch.float32)
-            tiled, lin.weight_tiled = lin.weight_tiled, None
-            plain = lin.method.apply(lin, x).float()
-            lin.weight_tiled = tiled
+            x8 = dequant_token_groups(*per_token_group_quant_fp8(x, 128))  # the activations the W8A8 GEMM reads
+            want = dequant_linear_ref(x8, lin.weight, lin.weight_scale_inv, lin.method.block_size, torch.float32)
             got = lin.method.apply(lin, x).float()
-            err, err_plain = float((got - want).norm() / want.norm()), float((plain - want).norm() / want.norm())
-            assert err < 0.04 and err <= 1.2 * err_plain + 1e-3, (tuple(lin.weight.shape), m, err, err_plain)
+            err = float((got - want).norm() / want.norm())
+            assert err < 0.01, (tuple(lin.weight.shape), m, err)
 
 
 def test_staged_step_with_one_token_prompt_chunks_equals_eager(tmp_path: Path) -> None:
