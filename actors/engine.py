@@ -48,12 +48,10 @@ from baleen.actors.admission import EngineDead, Limits, check_request, tokenize
 from baleen.actors.channel import Channel, ChannelClosed, LocalChannel, ShmChannel
 from baleen.actors.detokenizer import DetokenizerActor
 from baleen.actors.engine_config import EngineConfig, StartupPlan, plan_startup
-from baleen.actors.engine_config import default_attention_backend as default_attention_backend
 from baleen.actors.process import ChildExit, ChildProcess
 from baleen.actors.scheduler import SchedulerActor
 from baleen.actors.worker import (
     WorkerActor,
-    build_runner,
     cpu_thread,
     in_thread,
     rank_channels,
@@ -69,14 +67,12 @@ from baleen.messages import (
     WorkerReady,
 )
 from baleen.model.config import ModelConfig
+from baleen.model.runner import ModelRunner
 
 log = logging.getLogger("baleen.engine")
 # The first request on CUDA JIT-compiles the kernels it uses; at V3 sizes, on a cold Triton cache, that can
 # take minutes, so the warm-up's limit is generous: it catches a hang, not a slow compile.
 WARMUP_TIMEOUT_S = 600.0
-# NOTE: loadtest/bench_ttft.py imports `default_attention_backend` (above) and `_plan` from this module; both go once
-# it imports `default_attention_backend` and `plan_startup` from actors/engine_config.py.
-_plan = plan_startup
 
 
 def _rank0_actors(plan: StartupPlan, runner: Any, requests: Channel, deltas: Channel,
@@ -194,7 +190,7 @@ class Engine:
         else:
             thread = cpu_thread(self._plan.worker.device)  # the worker's torch thread, which builds its runner too
             try:
-                runner = await in_thread(thread, build_runner, self._plan.worker)
+                runner = await in_thread(thread, ModelRunner.build, self._plan.worker)
             except BaseException:
                 if thread is not None:
                     thread.shutdown(wait=False)

@@ -33,7 +33,7 @@ from baleen.messages import (
     WorkerReady,
 )
 from baleen.model.build import ATTENTION_BACKENDS as ATTENTION_BACKENDS  # NOTE: re-exported for api/cli.py
-from baleen.model.build import WorkerConfig, build_runner
+from baleen.model.build import WorkerConfig
 from baleen.model.config import ParallelConfig
 from baleen.model.parallel import ParallelGroups, destroy_distributed, init_distributed
 from baleen.model.runner import ModelRunner, PendingStep
@@ -249,7 +249,7 @@ async def rank_main(channels: Sequence[Channel], spec: RankSpec) -> None:
     if rank == 0:
         await _rank0(channels, spec, store, groups, thread)
     elif rank < spec.ranks_per_node:
-        runner = await in_thread(thread, build_runner, cfg, groups)
+        runner = await in_thread(thread, ModelRunner.build, cfg, groups)
         plans, results = channels[0], (channels[1] if len(channels) > 1 else None)
         await supervise(WorkerActor(runner, plans, results, rank=rank, thread=thread))
     else:
@@ -268,7 +268,7 @@ async def _rank0(channels: Sequence[Channel], spec: RankSpec, store: Any, groups
     if spec.nnodes > 1:
         server = await ControlServer.start()
         await asyncio.to_thread(store.set, CONTROL_PORT_KEY, str(server.port))
-    runner = await in_thread(thread, build_runner, cfg, groups)
+    runner = await in_thread(thread, ModelRunner.build, cfg, groups)
     remote: dict[int, SocketChannel] = {}
     if server is not None:
         assert cfg.dist is not None
@@ -298,7 +298,7 @@ async def _remote_rank(spec: RankSpec, store: Any, groups: ParallelGroups | None
     rank = cfg.parallel.tp_rank
     port = int(await asyncio.to_thread(store.get, CONTROL_PORT_KEY))
     channel = await connect(cfg.dist.host, port, cfg.dist.timeout_s)
-    runner = await in_thread(thread, build_runner, cfg, groups)
+    runner = await in_thread(thread, ModelRunner.build, cfg, groups)
     await channel.send(ready_message(runner, rank))
     await supervise(WorkerActor(runner, channel, channel if spec.is_leader(rank) else None, rank=rank, thread=thread))
     if not channel.received_shutdown:

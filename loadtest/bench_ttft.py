@@ -42,7 +42,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from baleen.actors.engine import Engine, EngineConfig, default_attention_backend
+from baleen.actors.engine import Engine
+from baleen.actors.engine_config import EngineConfig, default_attention_backend
 from baleen.messages import SamplingParams
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
@@ -107,12 +108,12 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def compute_times(args: argparse.Namespace, path: Path, lengths: list[int], chunk: int) -> dict[int, float]:
     """Seconds of the model forward (+ last-token logits) over each prompt length, chunked; best of --repeats."""
-    from baleen.actors.engine import _plan  # the worker settings the engine would start with
+    from baleen.actors.engine_config import plan_startup  # the worker settings the engine would start with
 
     cfg = ModelConfig.from_hf(str(path))
     from baleen.model.build import build_runner
 
-    worker = _plan(engine_config(args, path), str(path), cfg).worker
+    worker = plan_startup(engine_config(args, path), str(path), cfg).worker
     runner = build_runner(worker)
     device, ps = runner.device, worker.page_size
     rng = random.Random(1)

@@ -8,7 +8,7 @@ the config field and the limit (the loader logs each once). The modules get the 
 `KernelModule` then binds the callable it runs from where its weights are (`bind_kernels`): the kernel the
 choice allows on CUDA, the reference elsewhere (CPU, meta), again whenever its parameters move.
 The MLA decode kernel is the attention backend's: `triton_decode_unsupported` says why the Triton backend
-cannot serve a model, and the engine picks the torch backend or raises (actors/engine.py).
+cannot serve a model, and the engine picks the torch backend or raises (actors/engine_config.py).
 """
 
 from __future__ import annotations

@@ -35,10 +35,12 @@ from baleen.model.sampler import Ahead, BatchFlags, Sampler, TokenMask
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from baleen.model.build import WorkerConfig
     from baleen.model.cuda_graph import DecodeGraphs
     from baleen.model.deepseek import DeepseekV3ForCausalLM
     from baleen.model.kv_cache import KVCache
     from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
+    from baleen.model.parallel import ParallelGroups
     from baleen.model.speculative import MtpDrafter
 
 
@@ -160,6 +162,14 @@ class ModelRunner:
         self._unaccepted: PendingStep | None = None  # the last step with constrained rows its matchers have not seen
         self._deferred: PendingStep | None = None  # a launched step whose sampling waits for `_unaccepted`'s tokens
         self._pinned = device.type == "cuda"
+
+    @staticmethod
+    def build(config: WorkerConfig, groups: ParallelGroups | None = None) -> ModelRunner:
+        """A rank's runner built in start-up order (model/build.py: `build_runner`): weights, attention backend, KV
+        cache sized from measured memory, the drafter, CUDA graphs; a ParallelRunner for a rank of several."""
+        from baleen.model.build import build_runner
+
+        return build_runner(config, groups)
 
     def capture_graphs(self, batch_sizes: list[int], num_heads: int) -> DecodeGraphs:
         """Capture decode graphs of `batch_sizes` rows (`num_heads` attention heads on this rank), reading their

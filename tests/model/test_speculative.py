@@ -2,7 +2,7 @@
 tokens plain decoding draws (greedy and seeded sampling), and the acceptance rule keeps the target's distribution.
 
 The scheduler's side (verify rows, stops inside an accepted run, page accounting) is tested in
-tests/actors/test_speculative_policy.py; the engine end to end in tests/actors/test_speculative_engine.py.
+tests/actors/test_policy_speculative.py; the engine end to end in tests/actors/test_engine_speculative.py.
 """
 
 from __future__ import annotations
