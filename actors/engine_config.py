@@ -16,7 +16,7 @@ from pathlib import Path
 
 from baleen.actors.scheduler import SchedulerSettings
 from baleen.actors.worker import RankSpec
-from baleen.model.build import DTYPES, WorkerConfig
+from baleen.model.build import DTYPES, WorkerConfig, check_kv_cache_dtype
 from baleen.model.config import ModelConfig
 from baleen.model.kernel_choice import triton_decode_unsupported
 from baleen.model.parallel import dist_init, rank_layout
@@ -120,9 +120,6 @@ def _tiled_weights(setting: str, dp_attention: bool) -> bool:
     return setting == "on" or (setting == "auto" and not dp_attention)
 
 
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8", *DTYPES)
-
-
 def _check_config(config: EngineConfig, device: str) -> None:
     """ValueError naming the flag for EngineConfig values no start-up could serve with (the model's fields are
     checked by ModelConfig, the rank layout by rank_layout): before any rank loads anything."""
@@ -139,8 +136,6 @@ def _check_config(config: EngineConfig, device: str) -> None:
         raise ValueError(f"--mem-fraction-static must be in (0, 1], got {config.mem_fraction_static}")
     if config.dtype != "auto" and config.dtype not in DTYPES:
         raise ValueError(f"--dtype {config.dtype!r} is not one of {('auto', *DTYPES)}")
-    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ValueError(f"--device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
     if config.dist_timeout is not None and config.dist_timeout <= 0:
@@ -220,6 +215,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
+    check_kv_cache_dtype(config.kv_cache_dtype, attention_backend)
     spec_steps = speculative_num_steps(config, model_config)
     max_running = config.max_running_requests or (
         SPECULATIVE_MAX_RUNNING_REQUESTS if spec_steps else (256 if cuda else 64))

@@ -252,7 +252,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "instead of waiting for a step without prefill, so streams do not stall while a long prompt "
                         "prefills (default off, as SGLang)")
     g.add_argument("--page-size", type=int, default=None)
-    g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8_e4m3", "bfloat16", "float16", "float32"))
+    g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32"),
+                   help="auto: the model dtype; fp8_e4m3 halves the KV bytes (a per-layer scale from the checkpoint's "
+                        "*.self_attn.k_scale / kv_scale when it has them, else 1.0; not with --attention-backend "
+                        "flashinfer yet)")
     g.add_argument("--disable-overlap-schedule", action="store_true")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--single-process", action="store_true",

@@ -13,6 +13,11 @@ product is computed twice. `mla_decode_tokm_kernel` puts tokens on M instead (S^
 a 128-token block gives each warpgroup its own 64 tokens for QK and its own 256 output columns for PV, with
 P^T passed through shared memory, the split FlashMLA uses; its KV block can arrive by TMA when a page holds
 whole blocks, which keeps the 144 KB block out of registers.
+
+An FP8 (e4m3) cache stores latent / kv_scale with one scale per layer's cache tensor. Both kernels load its
+rows as FP8 (half the bytes of bf16) and convert them to q's dtype before the dots; the scale costs nothing:
+scores are q . (k * kv_scale), so it folds into the softmax scale, and P @ (v * kv_scale) = (P @ v) * kv_scale
+into each split's output (the merge is linear in the partials).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def mla_decode_kernel(
     o_ptr,
     lse_ptr,
     sm_scale_log2,
+    v_scale,
     num_heads,
     stride_qn_b,
     stride_qn_h,
@@ -115,12 +121,14 @@ def mla_decode_kernel(
             pages = tl.load(pt_row + toks // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
             rows = pages * PAGE_SIZE + toks % PAGE_SIZE
         row_ptrs = cache_ptr + rows * stride_cache_tok  # [BLOCK_N]
-        kv = tl.load(row_ptrs[:, None] + dv0 + offs_c[None, :], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, BLOCK_DV]
-        k_pe = tl.load(row_ptrs[:, None] + D_LATENT + offs_r[None, :], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
+        # [BLOCK_N, BLOCK_DV], [BLOCK_N, D_ROPE]; an FP8 cache converts to q's dtype here (no-op otherwise)
+        kv = tl.load(row_ptrs[:, None] + dv0 + offs_c[None, :], mask=mask_n[:, None], other=0.0).to(q_own.dtype)
+        k_pe = tl.load(row_ptrs[:, None] + D_LATENT + offs_r[None, :], mask=mask_n[:, None], other=0.0).to(q_own.dtype)
 
         qk = tl.dot(q_own, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_H, BLOCK_N]
         if NUM_DV == 2:
             kv_other = tl.load(row_ptrs[:, None] + other0 + offs_c[None, :], mask=mask_n[:, None], other=0.0)
+            kv_other = kv_other.to(q_own.dtype)
             qk += tl.dot(q_other, tl.trans(kv_other))
         qk = tl.where(mask_n[None, :], qk * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -131,7 +139,7 @@ def mla_decode_kernel(
         m_i = m_new
 
     has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]  # v_scale: the FP8 cache's scale (else 1)
     o_ptrs = o_ptr + b * stride_o_b + offs_h[:, None] * stride_o_h + split * stride_o_s + dv0 + offs_c[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None])
     if STORE_LSE:
@@ -167,6 +175,7 @@ def mla_decode_tokm_kernel(
     o_ptr,
     lse_ptr,
     sm_scale_log2,
+    v_scale,
     num_heads,
     stride_qn_b,
     stride_qn_h,
@@ -230,17 +239,17 @@ def mla_decode_tokm_kernel(
             # A page holds whole blocks, so the block is rows [row0, row0 + BLOCK_N) of one page; past `end`
             # they are other tokens' or unwritten (zeroed) rows, finite, and their scores are masked to -inf.
             row0 = (tl.load(pt_row + t0 // PAGE_SIZE) * PAGE_SIZE + t0 % PAGE_SIZE).to(tl.int32)
-            kv = kv_desc.load([row0, 0])  # [BLOCK_N, D_LATENT]
-            k_pe = pe_desc.load([row0, 0])  # [BLOCK_N, D_ROPE]
+            kv = kv_desc.load([row0, 0]).to(q_t.dtype)  # [BLOCK_N, D_LATENT]; FP8 converts here
+            k_pe = pe_desc.load([row0, 0]).to(q_t.dtype)  # [BLOCK_N, D_ROPE]
         else:
             pages = tl.load(pt_row + toks // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
             row_ptrs = cache_ptr + (pages * PAGE_SIZE + toks % PAGE_SIZE) * stride_cache_tok  # [BLOCK_N]
-            kv = tl.load(row_ptrs[:, None] + offs_c[None, :], mask=mask_n[:, None], other=0.0)
-            k_pe = tl.load(row_ptrs[:, None] + D_LATENT + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+            kv = tl.load(row_ptrs[:, None] + offs_c[None, :], mask=mask_n[:, None], other=0.0).to(q_t.dtype)
+            k_pe = tl.load(row_ptrs[:, None] + D_LATENT + offs_r[None, :], mask=mask_n[:, None], other=0.0).to(q_t.dtype)
         m_i, l_i, acc = _tokm_block(kv, k_pe, q_t, qpe_t, mask_n, m_i, l_i, acc, sm_scale_log2)
 
     has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[None, :]  # [D_LATENT, BLOCK_H]
+    out = acc * (v_scale / tl.where(has, l_i, 1.0))[None, :]  # [D_LATENT, BLOCK_H]; v_scale as in mla_decode_kernel
     o_ptrs = o_ptr + b * stride_o_b + offs_h[None, :] * stride_o_h + split * stride_o_s + offs_c[:, None]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_h[None, :])
     if STORE_LSE:
@@ -359,6 +368,7 @@ def mla_decode(
     max_seq_len: int | None = None,
     tiles: MlaDecodeTiles | None = None,
     seq_idx: torch.Tensor | None = None,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query token per sequence against its paged latent cache.
 
@@ -370,6 +380,7 @@ def mla_decode(
     heuristic from the batch shape and `max_seq_len`, itself defaulting to the page table's capacity).
     `seq_idx` [B] int32, if given, names the page-table row of each query row (extend: many rows per
     sequence, each with its own causal length in seq_lens); page_table may then have any number of rows.
+    The cache has q's dtype, or is float8_e4m3fn holding latent / `kv_scale` (one scale for the whole tensor).
     """
     batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
     why = mla_decode_unsupported(d_latent, d_rope)
@@ -386,7 +397,8 @@ def mla_decode(
         cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
         num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, sm_count(q_nope.device), t.block_h)
     splits = int(num_kv_splits)
-    scale_log2 = float(sm_scale) * _LOG2E
+    scale_log2 = float(sm_scale) * float(kv_scale) * _LOG2E  # keys are cache * kv_scale
+    v_scale = float(kv_scale)  # values too: applied to each split's output
     o_part, lse, strides = split_buffers(out, splits)
     common = (
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(1), page_table.stride(0),
@@ -397,7 +409,8 @@ def mla_decode(
         descs = _kv_descriptors(cache, d_latent, t.block_n) if t.tma and page_size % t.block_n == 0 else None
         kv_desc, pe_desc = descs if descs is not None else (None, None)
         mla_decode_tokm_kernel[(batch * num_head_blocks, splits)](
-            q_nope, q_pe, cache, kv_desc, pe_desc, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, num_heads,
+            q_nope, q_pe, cache, kv_desc, pe_desc, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, v_scale,
+            num_heads,
             *common, num_head_blocks,
             PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_H=t.block_h, BLOCK_N=t.block_n,
             USE_TMA=descs is not None, STORE_LSE=splits > 1, HAS_SEQ_IDX=seq_idx is not None,
@@ -406,7 +419,7 @@ def mla_decode(
     else:
         num_dv = 2 if t.split_dv else 1
         mla_decode_kernel[(batch * num_head_blocks * num_dv, splits)](
-            q_nope, q_pe, cache, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, num_heads,
+            q_nope, q_pe, cache, page_table, seq_lens, seq_rows, o_part, lse, scale_log2, v_scale, num_heads,
             *common, num_head_blocks * num_dv,
             PAGE_SIZE=page_size, D_LATENT=d_latent, D_ROPE=d_rope,
             BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_DV=d_latent // num_dv, STORE_LSE=splits > 1,
@@ -446,8 +459,9 @@ def check_mla_decode_inputs(
         raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} disagree on [B, H]")
     if cache.shape[2] != d_latent + d_rope:
         raise ValueError(f"cache rows have {cache.shape[2]} values, expected {d_latent} + {d_rope}")
-    if q_nope.dtype != cache.dtype or q_pe.dtype != cache.dtype:
-        raise ValueError(f"q and cache dtypes differ: {q_nope.dtype}, {q_pe.dtype}, {cache.dtype}")
+    if q_pe.dtype != q_nope.dtype or cache.dtype not in (q_nope.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"q_nope and q_pe need one dtype and the cache that dtype or float8_e4m3fn: got "
+                         f"{q_nope.dtype}, {q_pe.dtype}, {cache.dtype}")
     if page_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError("page_table and seq_lens must be int32")
     if seq_lens.shape[0] != batch or (seq_idx is None and page_table.shape[0] != batch):
@@ -522,8 +536,9 @@ def mla_decode_ref(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     sm_scale: float,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Pure-torch twin of `mla_decode` (float32 math, one sequence at a time)."""
+    """Pure-torch twin of `mla_decode` (float32 math, one sequence at a time; the cache dequantized by `kv_scale`)."""
     batch, _, d_latent = q_nope.shape
     page_size = cache.shape[1]
     flat = cache.reshape(-1, cache.shape[2])
@@ -532,7 +547,7 @@ def mla_decode_ref(
         seq_len = int(seq_lens[b])
         toks = torch.arange(seq_len, device=cache.device)
         slots = page_table[b, toks // page_size].to(torch.int64) * page_size + toks % page_size
-        kv = flat[slots].to(torch.float32)  # [seq_len, D_LATENT + D_ROPE]
+        kv = flat[slots].to(torch.float32) * kv_scale  # [seq_len, D_LATENT + D_ROPE]
         q = torch.cat([q_nope[b], q_pe[b]], dim=-1).to(torch.float32)  # [H, D_LATENT + D_ROPE]
         p = torch.softmax((q @ kv.t()) * sm_scale, dim=-1)  # [H, seq_len]
         out[b] = (p @ kv[:, :d_latent]).to(out.dtype)

@@ -47,12 +47,13 @@ def mla_extend(
     num_kv_splits: int | None = None,
     max_seq_len: int | None = None,
     tiles: MlaDecodeTiles | None = None,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Absorbed-MLA attention of T new tokens: q_nope [T, H, D_LATENT], q_pe [T, H, D_ROPE] -> [T, H, D_LATENT].
 
     cache [num_pages, page_size, D_LATENT + D_ROPE]; page_table [S, max_pages] int32; qo_indptr [S+1] int32
     (tokens of sequence i are rows qo_indptr[i]:qo_indptr[i+1]); seq_lens [S] int32 cached keys per
-    sequence including the new tokens. Other arguments as in `mla_decode`.
+    sequence including the new tokens. Other arguments (an FP8 cache's `kv_scale` too) as in `mla_decode`.
     """
     num_tokens = q_nope.shape[0]
     if qo_indptr.dtype != torch.int32 or qo_indptr.shape[0] != seq_lens.shape[0] + 1:
@@ -61,7 +62,8 @@ def mla_extend(
         raise ValueError(f"page_table has {page_table.shape[0]} rows for {seq_lens.shape[0]} sequences")
     seq_idx, kv_lens = extend_rows(qo_indptr, seq_lens, num_tokens, causal)
     return mla_decode(
-        q_nope, q_pe, cache, page_table, kv_lens, sm_scale, num_kv_splits, max_seq_len, tiles, seq_idx=seq_idx
+        q_nope, q_pe, cache, page_table, kv_lens, sm_scale, num_kv_splits, max_seq_len, tiles, seq_idx=seq_idx,
+        kv_scale=kv_scale,
     )
 
 
@@ -74,8 +76,10 @@ def mla_extend_ref(
     seq_lens: torch.Tensor,
     sm_scale: float,
     causal: bool = True,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Pure-torch twin of `mla_extend` (float32, one sequence at a time, explicit causal mask)."""
+    """Pure-torch twin of `mla_extend` (float32, one sequence at a time, explicit causal mask; the cache
+    dequantized by `kv_scale`)."""
     d_latent = q_nope.shape[2]
     page_size = cache.shape[1]
     flat = cache.reshape(-1, cache.shape[2])
@@ -85,7 +89,7 @@ def mla_extend_ref(
         seq_len = int(seq_lens[s])
         toks = torch.arange(seq_len, device=cache.device)
         slots = page_table[s, toks // page_size].to(torch.int64) * page_size + toks % page_size
-        kv = flat[slots].to(torch.float32)  # [seq_len, D_LATENT + D_ROPE]
+        kv = flat[slots].to(torch.float32) * kv_scale  # [seq_len, D_LATENT + D_ROPE]
         q = torch.cat([q_nope[lo:hi], q_pe[lo:hi]], dim=-1).to(torch.float32)  # [e, H, D]
         scores = torch.einsum("ehd,kd->ehk", q, kv) * sm_scale  # [e, H, seq_len]
         if causal:

@@ -4,7 +4,8 @@ After the kv_a projection a token has latent = [c_kv (kv_lora_rank) | k_pe (rope
 heads q = [q_nope | q_pe] per head. This kernel, one program per token:
   - normalises c_kv (RMSNorm with the kv_a_layernorm weight, HF rounding),
   - rotates k_pe and every head's q_pe (interleaved pairs) by the token's cos/sin row, q_pe in place,
-  - stores [c_kv | k_pe] into the paged cache at the token's flat slot,
+  - stores [c_kv | k_pe] into the paged cache at the token's flat slot (an FP8 e4m3 cache stores them times
+    1 / its per-tensor scale, saturating at +-448; readers multiply by the scale),
   - optionally also into `kv_out` [T, kv_lora_rank + rope] (the expanded form needs c_kv and k_pe).
 Unfused, this is ~25 small torch launches per layer (norm, two rotaries, cat, index_put and their casts).
 """
@@ -29,6 +30,7 @@ def mla_prep_kernel(
     kv_out_ptr,
     num_heads,
     eps,
+    inv_cache_scale,
     stride_latent,
     stride_qt,
     stride_qh,
@@ -63,9 +65,12 @@ def mla_prep_kernel(
         r1 = (k1 * cos + k0 * sin).to(latent_ptr.dtype.element_ty)
         slot = tl.load(out_loc_ptr + t).to(tl.int64)
         dst = cache_ptr + slot * (D_LATENT + 2 * HALF)
-        tl.store(dst + offs_c, c_store.to(cache_ptr.dtype.element_ty))
-        tl.store(dst + D_LATENT + 2 * offs_i, r0.to(cache_ptr.dtype.element_ty))
-        tl.store(dst + D_LATENT + 2 * offs_i + 1, r1.to(cache_ptr.dtype.element_ty))
+        # The cache holds value / scale (scale 1 unless the cache is FP8): the activation-dtype value, in float32
+        # times the reciprocal, rounded once to the cache dtype (as mla_prep_ref does).
+        cache_ty = cache_ptr.dtype.element_ty
+        tl.store(dst + offs_c, (c_store.to(tl.float32) * inv_cache_scale).to(cache_ty))
+        tl.store(dst + D_LATENT + 2 * offs_i, (r0.to(tl.float32) * inv_cache_scale).to(cache_ty))
+        tl.store(dst + D_LATENT + 2 * offs_i + 1, (r1.to(tl.float32) * inv_cache_scale).to(cache_ty))
         if HAS_KV_OUT:
             out = kv_out_ptr + t * stride_kv_out
             tl.store(out + offs_c, c_store)
@@ -130,13 +135,15 @@ def mla_prep(
     cache: torch.Tensor,
     rope: int,
     kv_out: torch.Tensor | None = None,
+    cache_scale: float = 1.0,
 ) -> None:
     """Normalise c_kv, rotate k_pe and q's q_pe (in place), write [c_kv | k_pe] into `cache` at `out_loc`.
 
     latent [T, kv_lora_rank + rope] (rows may be strided: a slice of a fused projection), norm_weight
     [kv_lora_rank], q [T, H, nope + rope] (q_pe is its last `rope` values per head), cos_sin [T, 2, rope/2]
     float32 (cos then sin), out_loc [T] flat cache slots, cache [num_pages, page_size, kv_lora_rank + rope].
-    `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent.
+    `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent (unscaled).
+    The cache receives the latent times 1 / `cache_scale` (the per-tensor scale of an FP8 cache; 1 otherwise).
     """
     num_tokens, d_latent = _check(latent, norm_weight, q, cos_sin, out_loc, cache, rope, kv_out)
     why = mla_prep_unsupported(d_latent, rope)
@@ -148,7 +155,7 @@ def mla_prep(
     block_h = min(16, triton.next_power_of_2(q.shape[1]))
     mla_prep_kernel[(num_tokens, 1 + triton.cdiv(q.shape[1], block_h))](
         latent, norm_weight, q, cs, out_loc, cache, kv_out if kv_out is not None else latent,
-        q.shape[1], float(eps), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
+        q.shape[1], float(eps), 1.0 / float(cache_scale), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
         kv_out.stride(0) if kv_out is not None else 0,
         D_LATENT=d_latent, HALF=rope // 2, Q_PE_OFFSET=q.shape[2] - rope,
         BLOCK_H=block_h, HAS_KV_OUT=kv_out is not None, num_warps=2,
@@ -165,6 +172,7 @@ def mla_prep_ref(
     cache: torch.Tensor,
     rope: int,
     kv_out: torch.Tensor | None = None,
+    cache_scale: float = 1.0,
 ) -> None:
     """Pure-torch twin of `mla_prep` (same in-place effects), for any kv_lora_rank and even rope."""
     num_tokens, d_latent = _check(latent, norm_weight, q, cos_sin, out_loc, cache, rope, kv_out)
@@ -178,9 +186,11 @@ def mla_prep_ref(
     apply_rotary_interleaved_ref(q[..., q.shape[2] - rope :], k_pe, positions, table)
     row = torch.cat([c, k_pe], dim=-1)
     flat = cache.view(-1, cache.shape[2])
+    # value / scale as the kernel computes it: float32 times the float32 reciprocal, one rounding to the cache dtype
+    stored = (row.to(torch.float32) * (1.0 / cache_scale)).to(cache.dtype)  # the scalar rounds to float32 too
     if cache.dtype == torch.float8_e4m3fn:  # NOTE: CPU torch cannot index_put into e4m3; move the bytes
-        flat.view(torch.uint8)[out_loc.to(torch.int64)] = row.to(cache.dtype).view(torch.uint8)
+        flat.view(torch.uint8)[out_loc.to(torch.int64)] = stored.view(torch.uint8)
     else:
-        flat[out_loc.to(torch.int64)] = row.to(cache.dtype)
+        flat[out_loc.to(torch.int64)] = stored
     if kv_out is not None:
         kv_out.copy_(row)

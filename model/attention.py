@@ -5,7 +5,8 @@ A backend is planned once per step (`plan(batch)`: index tensors and sizes from 
 per layer in one of MLA's two forms:
 - absorbed: MQA of q_latent [T, H, kv_lora_rank] (q_nope already multiplied by W_UK) and q_pe over the
   paged latent cache, causal by absolute position (a token at position p sees cache entries 0..p of its
-  sequence), returning [T, H, kv_lora_rank] (still to be multiplied by W_UV);
+  sequence), returning [T, H, kv_lora_rank] (still to be multiplied by W_UV); the cache layer has the
+  activation dtype, or is FP8 holding latent / kv_scale (model/kv_cache.py);
 - expanded: ragged causal MHA over the new tokens only, with K/V decompressed by kv_b_proj; valid only
   when no sequence of the batch has a cached prefix.
 
@@ -33,9 +34,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def run_absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float,
+        kv_scale: float = 1.0,
     ) -> torch.Tensor:
-        """MQA over the paged latent: [T, H, C], [T, H, R], [pages, page_size, C+R] -> [T, H, C]."""
+        """MQA over the paged latent: [T, H, C], [T, H, R], [pages, page_size, C+R] -> [T, H, C]; the cache's
+        values are its entries times `kv_scale` (an FP8 cache's per-tensor scale)."""
 
     @abstractmethod
     def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,7 +60,7 @@ class GraphShape:
     page_size: int
     num_heads: int  # attention heads on this rank
     softmax_scale: float
-    dtype: torch.dtype  # of the queries and the latent cache
+    dtype: torch.dtype  # of the queries (the latent cache's too, unless it is FP8)
     device: torch.device
 
 
@@ -194,19 +197,21 @@ class TorchAttentionBackend(AttentionBackend):
         return max(16, self.score_budget // max(num_rows, 1))
 
     def run_absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float,
+        kv_scale: float = 1.0,
     ) -> torch.Tensor:
         self._current()
         if len(self._absorbed_plans) == 1:
-            return self._absorbed(q_latent, q_pe, kv_cache_layer, scale, self._absorbed_plans[0])
+            return self._absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale, self._absorbed_plans[0])
         out = torch.empty_like(q_latent)
         for p in self._absorbed_plans:
             assert p.tokens is not None
-            out[p.tokens] = self._absorbed(q_latent[p.tokens], q_pe[p.tokens], kv_cache_layer, scale, p)
+            out[p.tokens] = self._absorbed(q_latent[p.tokens], q_pe[p.tokens], kv_cache_layer, scale, kv_scale, p)
         return out
 
     def _absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float, p: TorchPlan
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float,
+        kv_scale: float, p: TorchPlan,
     ) -> torch.Tensor:
         # NOTE: the reference computes in float32 whatever the model dtype, as the fused kernels do.
         rank = q_latent.shape[-1]
@@ -218,7 +223,9 @@ class TorchAttentionBackend(AttentionBackend):
         for k0 in range(0, p.max_seq_len, block):
             k_pos = torch.arange(k0, min(k0 + block, p.max_seq_len), device=q_c.device)  # [K]
             slots = p.page_table[:, k_pos // p.page_size].to(torch.int64) * p.page_size + k_pos % p.page_size
-            kv = flat[slots].float()  # [S, K, C+R]
+            kv = flat[slots].float()  # [S, K, C+R]; an FP8 cache dequantized: its entries times kv_scale
+            if kv_scale != 1.0:
+                kv = kv * kv_scale
             c_kv, k_pe = kv[..., :rank], kv[..., rank:]
             scores = torch.einsum("sqhc,skc->shqk", q_c, c_kv) + torch.einsum("sqhr,skr->shqk", q_r, k_pe)
             mask = k_pos.view(1, 1, -1) <= p.q_pos.unsqueeze(-1)  # [S, E, K] key position <= query position

@@ -9,6 +9,10 @@ without a prefix runs the expanded form through torch's fused attention, as the 
 CUDA graphs: FlashInfer pins a wrapper's metadata buffers at plan time, so each captured batch size gets
 its own wrapper; before a replay that wrapper is re-planned with the real step's lengths, its page ids
 gathered from the runner's per-slot page table (padded rows read one key of the padding page).
+
+FP8 caches (`--kv-cache-dtype fp8_e4m3`) are refused at start-up (model/build.py `check_kv_cache_dtype`).
+TODO(fp8-kv): FlashInfer's MLA wrapper plans with a kv_data_type; an e4m3 cache with our per-tensor scale
+needs its FP8 MLA path (and the scale folded into sm_scale and the output), tested on the GPU.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class FlashInferAttentionBackend(GraphAttentionBackend):
         )  # fmt: skip
 
     def run_absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float,
+        kv_scale: float = 1.0,
     ) -> torch.Tensor:
         b = self._batch
         assert b is not None, "plan(batch) must run before the layers"
@@ -115,7 +120,9 @@ class FlashInferAttentionBackend(GraphAttentionBackend):
             if not self._fallback_planned:
                 self._fallback.plan(b)
                 self._fallback_planned = True
-            return self._fallback.run_absorbed(q_latent, q_pe, kv_cache_layer, scale)
+            return self._fallback.run_absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale)
+        if kv_cache_layer.dtype != q_latent.dtype:
+            raise ValueError(f"the FlashInfer backend reads a cache of the activation dtype, not {kv_cache_layer.dtype}")
         wrapper = self._active
         if wrapper is None:
             if self._planned is None:

@@ -62,6 +62,8 @@ class TritonAttentionBackend(GraphAttentionBackend):
 
     On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16, 64-multiple heads, 512 + 64,
     pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at 128 heads).
+    An FP8 cache runs the Triton kernels (they load e4m3 and fold `kv_scale` into the softmax scale and the
+    output); TODO(fp8-kv): the Gluon kernel for FP8 caches, which 128 heads at batch >= 32 need to be fast.
     Under CUDA graphs the kernels read the graphs' static page table and seq_lens: nothing to plan before a
     replay; the split count of each captured size is frozen at its capture.
     """
@@ -98,14 +100,15 @@ class TritonAttentionBackend(GraphAttentionBackend):
                 self._num_kv_splits = self._decode_splits[min(fits)]
 
     def run_absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor, scale: float,
+        kv_scale: float = 1.0,
     ) -> torch.Tensor:
         b = self._batch
         assert b is not None, "plan(batch) must run before the layers"
         if self._decode:
             from baleen.kernels.mla_decode import mla_decode
 
-            if self._use_gluon(q_latent, q_pe, kv_cache_layer):
+            if self._use_gluon(q_latent, q_pe, kv_cache_layer):  # bf16 caches only: kv_scale is 1
                 from baleen.kernels.mla_decode_gluon import mla_decode_gluon
 
                 return mla_decode_gluon(
@@ -114,10 +117,10 @@ class TritonAttentionBackend(GraphAttentionBackend):
                 )  # fmt: skip
             return mla_decode(
                 q_latent, q_pe.to(q_latent.dtype), kv_cache_layer, b.page_table, b.seq_lens, scale,
-                num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len,
+                num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len, kv_scale=kv_scale,
             )  # fmt: skip
         if self._extend_rows is None or not self._kernel_takes(q_latent, kv_cache_layer):
-            return self._reference_absorbed(q_latent, q_pe, kv_cache_layer, scale)
+            return self._reference_absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale)
         seq_idx, kv_lens = self._extend_rows
         q_pe = q_pe.to(q_latent.dtype)
         if self._use_gluon(q_latent, q_pe, kv_cache_layer):
@@ -128,25 +131,27 @@ class TritonAttentionBackend(GraphAttentionBackend):
         from baleen.kernels.mla_decode import mla_decode
 
         return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
-                          seq_idx=seq_idx)  # fmt: skip
+                          seq_idx=seq_idx, kv_scale=kv_scale)  # fmt: skip
 
     @staticmethod
     def _kernel_takes(q_latent: torch.Tensor, cache: torch.Tensor) -> bool:
-        """The decode kernels read a cache of the activation dtype, at widths `mla_decode_unsupported` accepts."""
+        """The decode kernels read a cache of the activation dtype or FP8, at widths `mla_decode_unsupported`
+        accepts."""
         from baleen.kernels.mla_decode import mla_decode_unsupported
 
         d_latent = q_latent.shape[2]
-        return cache.dtype == q_latent.dtype and mla_decode_unsupported(d_latent, cache.shape[2] - d_latent) is None
+        dtype_ok = cache.dtype in (q_latent.dtype, torch.float8_e4m3fn)
+        return dtype_ok and mla_decode_unsupported(d_latent, cache.shape[2] - d_latent) is None
 
     def _reference_absorbed(
-        self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, scale: float
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, scale: float, kv_scale: float
     ) -> torch.Tensor:
         """The torch backend's blocked absorbed attention (bounded memory): shapes or dtypes no kernel takes."""
         assert self._batch is not None
         if not self._fallback_planned:
             self._fallback.plan(self._batch)
             self._fallback_planned = True
-        return self._fallback.run_absorbed(q_latent, q_pe, cache, scale)
+        return self._fallback.run_absorbed(q_latent, q_pe, cache, scale, kv_scale)
 
     def _use_gluon(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
         key = (q_latent.device, q_latent.shape[1], q_latent.shape[2], q_pe.shape[2], cache.shape[1], cache.dtype)

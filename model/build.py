@@ -39,6 +39,9 @@ log = logging.getLogger("baleen.build")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
+FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8")
+# --kv-cache-dtype: "auto" (the activation dtype), SGLang's names (fp8_e4m3, bf16) and ours
+KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES, "bf16", *DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +59,7 @@ class WorkerConfig:
     max_total_tokens: int | None = None
     chunked_prefill_size: int | None = None  # the scheduler's prefill tokens a step (None: whole prompts)
     mem_fraction_static: float = 0.85
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; FP8 caches get per-layer scales from the checkpoint
     random_seed: int = 0
     custom_logit_processors: tuple[str, ...] | None = None  # None: custom processors disabled
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -78,9 +81,19 @@ class WorkerConfig:
     def cache_dtype(self) -> torch.dtype:
         if self.kv_cache_dtype == "auto":
             return self.torch_dtype
-        if self.kv_cache_dtype in ("fp8_e4m3", "fp8"):
+        if self.kv_cache_dtype in FP8_KV_CACHE_DTYPES:
             return torch.float8_e4m3fn
-        return DTYPES[self.kv_cache_dtype]
+        return DTYPES["bfloat16" if self.kv_cache_dtype == "bf16" else self.kv_cache_dtype]
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str) -> None:
+    """ValueError naming the flag for a --kv-cache-dtype no start-up serves, or one the backend cannot read."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES and attention_backend == "flashinfer":
+        # TODO(fp8-kv): FlashInfer's FP8 MLA path (model/attention_flashinfer.py)
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is not supported by --attention-backend flashinfer "
+                         "yet; use triton")
 
 
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -116,6 +129,18 @@ def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch
     if cfg.max_total_tokens is not None:
         pages = min(pages, 1 + -(-cfg.max_total_tokens // ps))
     return pages
+
+
+def _kv_scales(cfg: WorkerConfig, num_layers: int) -> list[float] | None:
+    """An FP8 cache's per-layer scales from the checkpoint (model/loader.py `read_kv_scales`); None: all 1.0."""
+    if cfg.cache_dtype != torch.float8_e4m3fn or cfg.load_format == "dummy" or cfg.model_path is None:
+        return None
+    from baleen.model.loader import read_kv_scales
+
+    scales = read_kv_scales(cfg.model_path, num_layers)
+    if scales is not None:
+        log.info("FP8 KV cache scales from the checkpoint: %.4g .. %.4g", min(scales), max(scales))
+    return scales
 
 
 def _cache_layers(cfg: WorkerConfig, model_config: ModelConfig) -> int:
@@ -171,6 +196,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         raise ValueError("the worker needs a model path with a config.json")
     if cfg.parallel.tp_size > 1 and groups is None:
         raise ValueError("a rank of a multi-rank model needs its process groups: call init_distributed first")
+    check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.attention_backend)
     model_config = ModelConfig.from_hf(cfg.model_path)
     started = time.perf_counter()
     experts_method = None
@@ -222,9 +248,11 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     if groups is not None:
         # NOTE: the scheduler hands out page ids that are valid on every rank: all use the smallest pool.
         num_pages = groups.tp.min_int(num_pages, device)
-    kv_cache = KVCache(_cache_layers(cfg, model_config), num_pages, cfg.page_size, model_config.kv_cache_dim,
-                       cfg.cache_dtype, device)  # fmt: skip
-    log.info("KV cache: %d pages x %d tokens (%.2f GiB)", num_pages, cfg.page_size, kv_cache.num_bytes / 2**30)
+    cache_layers = _cache_layers(cfg, model_config)
+    kv_cache = KVCache(cache_layers, num_pages, cfg.page_size, model_config.kv_cache_dim, cfg.cache_dtype, device,
+                       _kv_scales(cfg, cache_layers))  # fmt: skip
+    log.info("KV cache: %d pages x %d tokens (%.2f GiB, %s)", num_pages, cfg.page_size, kv_cache.num_bytes / 2**30,
+             str(cfg.cache_dtype).removeprefix("torch."))  # fmt: skip
     state = SamplingState(
         cfg.max_running_requests, model_config.vocab_size, device, random_seed=cfg.random_seed,
         eos_token_ids=model_config.eos_token_ids,

@@ -11,6 +11,12 @@ built without quantization.
 
 Tensors reach the weight loaders as lazy `TensorSource`s over safetensors' `get_slice`: a rank reads only
 the rows and columns of its shard (and nothing of another EP rank's experts), never whole tensors.
+
+KV-cache scales: a checkpoint quantized for an FP8 KV cache may carry per-layer scalars named
+`model.layers.N.self_attn.{k_scale,v_scale,kv_scale}` (also under `self_attn.attn.`, as some quantizers write
+them). They are not parameters: `load_model` skips them and `read_kv_scales` returns one scale per cache layer.
+MLA caches one latent that is both key and value, so a layer's scale is the largest of its named scales (no
+value the quantizer saw saturates); a layer without one gets 1.0.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +190,32 @@ class DequantSource:
         return dense[r0 - rb0 * bn : r1 - rb0 * bn, c0 - cb0 * bk : c1 - cb0 * bk]
 
 
+_KV_SCALE_RE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(?:k_scale|v_scale|kv_scale)")
+
+
+def read_kv_scales(path: str | Path, num_layers: int) -> list[float] | None:
+    """One FP8 KV-cache scale per cache layer (0 .. num_layers - 1; the MTP layer's index is num_hidden_layers)
+    from the checkpoint's `*.self_attn.{k,v,kv}_scale` scalars, the largest where a layer has several, 1.0 where
+    it has none; None when the checkpoint has none at all. ValueError naming a tensor that is not a finite
+    positive scalar."""
+    ckpt = Checkpoint(path)
+    try:
+        found: dict[int, float] = {}
+        for name in ckpt.names:
+            m = _KV_SCALE_RE.fullmatch(name)
+            if m is None or int(m.group(1)) >= num_layers:
+                continue
+            value = ckpt.get(name).to(torch.float32)
+            if value.numel() != 1 or not 0.0 < float(value) < math.inf:
+                raise ValueError(f"checkpoint tensor {name!r} must be one finite positive KV-cache scale, got "
+                                 f"{value.flatten()[:4].tolist()}")  # fmt: skip
+            layer = int(m.group(1))
+            found[layer] = max(found.get(layer, 0.0), float(value))
+    finally:
+        ckpt.close()
+    return [found.get(i, 1.0) for i in range(num_layers)] if found else None
+
+
 def _mtp_prefix(config: ModelConfig) -> str:
     return f"model.layers.{config.num_hidden_layers}."
 
@@ -308,8 +341,9 @@ def load_model(
             )
         ckpt = Checkpoint(path)
         try:
-            mtp_names = [n for n in ckpt.names if _is_mtp_name(n, config)]
-            main_names = [n for n in ckpt.names if not _is_mtp_name(n, config)]
+            names = [n for n in ckpt.names if _KV_SCALE_RE.fullmatch(n) is None]  # KV scales: read_kv_scales
+            mtp_names = [n for n in names if _is_mtp_name(n, config)]
+            main_names = [n for n in names if not _is_mtp_name(n, config)]
             if with_mtp and config.has_mtp and mtp_names:
                 with torch.device("meta"):
                     mtp = DeepseekMTP(model_config, parallel, dtype, mla_mode, experts_method, groups, kernels)

@@ -206,8 +206,10 @@ class DeepseekV3Attention(KernelModule):
         # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
         kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back
         norm = self.kv_a_layernorm
+        # An FP8 cache holds latent / kv_scale; kv (the expanded form's input) keeps the unscaled latent.
+        kv_scale = ctx.kv_cache.scale(self.layer_id)
         self.prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
-             self.rope, kv)  # fmt: skip
+                  self.rope, kv, cache_scale=kv_scale)  # fmt: skip
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [T, H, nope], [T, H, rope]
         if ctx.absorbed:
             if self.w_uk is None or self.w_uv is None:
@@ -218,7 +220,8 @@ class DeepseekV3Attention(KernelModule):
             q_latent = (
                 fp8_block_gemv_batched(q_nope, *fp8[0]) if fp8 else torch.einsum("thd,hdc->thc", q_nope, self.w_uk)
             )
-            o_latent = ctx.attn.run_absorbed(q_latent, q_pe, ctx.kv_cache.layer(self.layer_id), self.scale)
+            o_latent = ctx.attn.run_absorbed(q_latent, q_pe, ctx.kv_cache.layer(self.layer_id), self.scale,
+                                             kv_scale=kv_scale)  # fmt: skip
             # [T, H, v_head_dim]
             o = fp8_block_gemv_batched(o_latent, *fp8[1]) if fp8 else torch.einsum("thc,hvc->thv", o_latent, self.w_uv)
         else:

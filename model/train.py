@@ -235,7 +235,7 @@ class PackedAttentionBackend(AttentionBackend):
         return o.transpose(1, 2).reshape(T, H, v.shape[-1])
 
     def run_absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, kv_scale: float = 1.0) -> torch.Tensor:
         raise ValueError("training runs the expanded form only (no cached prefix)")
 
 

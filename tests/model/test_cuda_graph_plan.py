@@ -37,8 +37,8 @@ class RecordingBackend(GraphAttentionBackend):
         self.torch.plan(batch)
 
     def run_absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache_layer: torch.Tensor,
-                     scale: float) -> torch.Tensor:  # fmt: skip
-        return self.torch.run_absorbed(q_latent, q_pe, kv_cache_layer, scale)
+                     scale: float, kv_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+        return self.torch.run_absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale)
 
     def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         return self.torch.run_expanded(q, k, v, scale)
