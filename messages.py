@@ -182,6 +182,9 @@ class StepPlan(msgspec.Struct, tag=True, kw_only=True):
     # is decode-only or empty (then every rank can replay a CUDA graph of the same padded size).
     dp_num_tokens: list[int] = []
     dp_all_decode: bool = False
+    # ... and under speculative decoding, for each draft step s = 1, 2, ... (d2, d3, ... of the verify rows), every
+    # DP rank's number of verify rows that draft at that step: every rank runs as many MTP steps, idle ones too.
+    dp_draft_rows: list[list[int]] = []
 
 
 class StepResult(msgspec.Struct, tag=True, kw_only=True):

@@ -34,6 +34,7 @@ from baleen.messages import (
     Message,
     NewRequest,
     RequestOutput,
+    SeqRow,
     Shutdown,
     StepPlan,
     StepResult,
@@ -46,6 +47,14 @@ _LEN = 4  # bytes of the little-endian frame length
 
 
 # ---- DP attention: one scheduler per DP rank, in lock-step -------------------------------------------------
+
+def draft_rows_per_step(rows_per_rank: list[list[SeqRow]]) -> list[list[int]]:
+    """For each draft step s = 1 .. (the longest verify row's drafts - 1), every DP rank's verify rows that draft
+    at it (a verify row of k drafts drafts at steps 1 .. k - 1; its first draft comes from the previous step)."""
+    drafts = [[r.extend_len - 1 for r in rows if not r.input_ids and r.extend_len > 1] for rows in rows_per_rank]
+    steps = max((k for ks in drafts for k in ks), default=1) - 1
+    return [[sum(k > s for k in ks) for ks in drafts] for s in range(1, steps + 1)]
+
 class DPRouter:
     """Schedulers of all DP ranks behind the single-scheduler interface the SchedulerActor uses."""
 
@@ -100,12 +109,15 @@ class DPRouter:
             return [msgspec.structs.replace(subs[0], step_id=g)]
         counts = [0 if p is None else sum(r.extend_len for r in p.rows) for p in subs]
         all_decode = all(r.extend_len == 1 for p in subs if p is not None for r in p.rows)
+        drafts = draft_rows_per_step([[] if p is None else p.rows for p in subs])
         return [
-            msgspec.structs.replace(p, step_id=g * n + d, dp_num_tokens=counts, dp_all_decode=all_decode)
+            msgspec.structs.replace(p, step_id=g * n + d, dp_num_tokens=counts, dp_all_decode=all_decode,
+                                    dp_draft_rows=drafts)
             if p is not None
-            else StepPlan(step_id=g * n + d, rows=[], dp_num_tokens=counts, dp_all_decode=all_decode)
+            else StepPlan(step_id=g * n + d, rows=[], dp_num_tokens=counts, dp_all_decode=all_decode,
+                          dp_draft_rows=drafts)
             for d, p in enumerate(subs)
-        ]
+        ]  # fmt: skip
 
     def process_result(self, result: StepResult) -> list[RequestOutput]:
         """One DP leader's result of a step; outputs of the requests it carried tokens for."""

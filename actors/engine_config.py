@@ -183,8 +183,6 @@ def speculative_num_steps(config: EngineConfig, model_config: ModelConfig) -> in
         raise ValueError(f"--speculative-algorithm {config.speculative_algorithm} drafts with the model's MTP (NextN) "
                          "layer, and this model has none (num_nextn_predict_layers is 0): give a NextN checkpoint "
                          "with --speculative-draft-model-path")
-    if config.enable_dp_attention:
-        raise ValueError("--speculative-algorithm does not run with --enable-dp-attention yet")
     return steps
 
 

@@ -204,9 +204,6 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         from baleen.model.fused_experts import FusedExperts
 
         experts_method = FusedExperts  # the reference TorchExperts syncs the host: no CUDA graphs with it
-    if cfg.speculative_num_steps and groups is not None and groups.dp_attention:
-        # TODO(spec): DP ranks must agree on the draft and verify shapes (every MTP step joins the MoE collectives)
-        raise ValueError("speculative decoding does not run with --enable-dp-attention yet")
     own_mtp = bool(cfg.speculative_num_steps) and cfg.speculative_draft_model_path is None
     loaded = load_model(
         cfg.model_path if cfg.load_format != "dummy" else None,
@@ -353,7 +350,7 @@ class ParallelRunner(ModelRunner):
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         step = super().launch(plan)
-        if plan.dp_num_tokens and not plan.rows:
+        if plan.dp_num_tokens and not plan.rows and self.drafter is None:  # a drafter's step joins them itself
             # An idle DP rank still joins every layer's MLP gather / reduce-scatter (and computes its share).
             idle = ForwardBatch.build([], [], [], [], self.config.page_size, device=self.device)
             idle.dp_num_tokens = list(plan.dp_num_tokens)

@@ -417,10 +417,12 @@ class ModelRunner:
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
         step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors)
-        if not batch.num_tokens:
+        if not batch.num_tokens and not plan.dp_num_tokens:
             self._record(step)
             return step
-        self.attn.plan(batch)
+        if batch.num_tokens:
+            self.attn.plan(batch)
+        # an idle DP rank too: it joins every layer's MoE exchange, the target's and the MTP layer's
         hidden = self.model(batch, self.kv_cache, self.attn)
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         if not sampled_slots:

@@ -124,20 +124,22 @@ class MtpDrafter:
 
     def draft(self, plan: StepPlan, page_table: torch.Tensor, kv_cache: KVCache, attn: AttentionBackend) -> None:
         """d2 .. dk of every verify row of `plan` (row with extend_len 1 + k and no input ids): k - 1 one-token
-        MTP steps, step s at position prefix_len + s - 1, on the MTP's own hidden state."""
+        MTP steps, step s at position prefix_len + s - 1, on the MTP's own hidden state.
+
+        Under DP attention every rank runs the step count the plan says (`dp_draft_rows`), with no rows if it has
+        none there: the MTP layer's MoE exchanges tokens between the DP ranks."""
         rows = [(r.slot, r.prefix_len, r.extend_len - 1) for r in plan.rows if not r.input_ids and r.extend_len > 2]
-        if not rows:
-            return
+        steps = len(plan.dp_draft_rows) if plan.dp_num_tokens else max((k for _, _, k in rows), default=1) - 1
         device = self.tokens.device
         ps = kv_cache.page_size
-        for s in range(1, max(k for _, _, k in rows)):
+        for s in range(1, steps + 1):
             live = [(slot, prefix) for slot, prefix, k in rows if k > s]
             n = len(live)
             slots = np.fromiter((slot for slot, _ in live), dtype=np.int64, count=n)
             pos = np.fromiter((prefix + s - 1 for _, prefix in live), dtype=np.int64, count=n)
             host = torch.from_numpy(np.concatenate([slots, pos, np.arange(n + 1, dtype=np.int64)]))
             slots_d, pos_d, qo_d = host.to(device, non_blocking=True).split([n, n, n + 1])
-            max_pages = int(pos.max()) // ps + 1
+            max_pages = int(pos.max(initial=0)) // ps + 1
             table = page_table[slots_d, :max_pages]
             out_loc = table[torch.arange(n, device=device), pos_d // ps].to(torch.int64) * ps + pos_d % ps
             seq_lens = (pos + 1).tolist()
@@ -145,11 +147,14 @@ class MtpDrafter:
                 input_ids=self.tokens[slots_d, s - 1], positions=pos_d, out_loc=out_loc, qo_indptr=qo_d.to(torch.int32),
                 seq_lens=(pos_d + 1).to(torch.int32), prefix_lens=pos_d.to(torch.int32), page_table=table,
                 logits_indices=qo_d[:n], seq_lens_cpu=seq_lens, extend_lens_cpu=[1] * n, page_size=ps,
+                dp_num_tokens=list(plan.dp_draft_rows[s - 1]) if plan.dp_num_tokens else None,
             )  # fmt: skip
-            attn.plan(batch)
+            if n:
+                attn.plan(batch)
             g = self.mtp(batch, self.hidden[slots_d], kv_cache, attn)
-            self.tokens[slots_d, s] = row_argmax(self.mtp.compute_logits(g))
-            self.hidden[slots_d] = g
+            if n:
+                self.tokens[slots_d, s] = row_argmax(self.mtp.compute_logits(g))
+                self.hidden[slots_d] = g
 
     def extend(
         self, batch: ForwardBatch, hidden: torch.Tensor, samples: torch.Tensor, last: torch.Tensor,

@@ -71,8 +71,6 @@ def test_num_draft_tokens_is_adjusted_with_a_warning(model_path: str, model_conf
     (dict(speculative_num_steps=2), "--speculative-num-steps needs --speculative-algorithm"),
     (dict(speculative_algorithm="EAGLE", speculative_draft_model_path="/no/such/dir"),
      "--speculative-draft-model-path /no/such/dir: no such directory"),
-    (dict(speculative_algorithm="EAGLE", tp_size=2, enable_dp_attention=True, dp_size=2),
-     "--enable-dp-attention"),
     (dict(decode_log_interval=0), "--decode-log-interval must be >= 1"),
 ], ids=lambda x: str(x)[:40] if isinstance(x, dict) else None)
 def test_bad_settings_name_the_flag(model_path: str, model_config: ModelConfig, kw: dict[str, Any],

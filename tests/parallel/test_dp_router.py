@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from baleen.actors.dp import DPRouter
+from baleen.actors.dp import DPRouter, draft_rows_per_step
 from baleen.actors.policy import Scheduler
 from baleen.actors.policy_state import SchedulerConfig
-from baleen.messages import NewRequest, SamplingParams, StepPlan, StepResult
+from baleen.messages import NewRequest, SamplingParams, SeqRow, StepPlan, StepResult
 
 
 def router(num_dp: int, **kw: Any) -> DPRouter:
@@ -116,3 +116,14 @@ def test_one_dp_rank_is_the_plain_scheduler() -> None:
     r.process_result(result(plans[0]))
     mine, plain = r.metrics(), r.schedulers[0].metrics()
     assert mine.keys() == plain.keys() and mine["num_used_pages"] == plain["num_used_pages"] > 0
+
+
+def test_every_dp_rank_learns_the_draft_steps_of_all() -> None:
+    """Verify rows of 3 and 2 drafts on rank 0, one of 4 on rank 2, none on rank 1: steps 1..3 (d2..d4)."""
+    def verify(k: int) -> SeqRow:
+        return SeqRow(0, 10, 1 + k, b"", True)
+
+    prefill = SeqRow(1, 0, 5, b"\0" * 20, True)
+    ranks = [[verify(3), verify(2), prefill], [prefill], [verify(4), SeqRow(2, 7, 1, b"", True)]]
+    assert draft_rows_per_step(ranks) == [[2, 0, 1], [1, 0, 1], [0, 0, 1]]
+    assert draft_rows_per_step([[prefill], []]) == []

@@ -64,6 +64,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "dp-attention2": dict(tp_size=2, dp_size=2, enable_dp_attention=True),
     # every rank drafts and verifies the same rows: the committed tokens agree (check_rank_sampling)
     "tp2-speculative": dict(tp_size=2, speculative_algorithm="EAGLE", speculative_num_steps=2),
+    # DP ranks with different verify rows (and idle ones) run the same MTP steps: the plan says how many
+    "dp-attention2-speculative": dict(tp_size=2, dp_size=2, enable_dp_attention=True, speculative_algorithm="EAGLE",
+                                      speculative_num_steps=3),
 }
 
 
