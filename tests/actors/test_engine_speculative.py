@@ -145,3 +145,54 @@ def test_a_constrained_request_decodes_beside_speculating_ones(model_path: str) 
             assert last.spec_verify_ct == 0 and (plain.spec_verify_ct or 0) > 0
 
     asyncio.run(main())
+
+
+async def _collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[int], str, RequestOutput, list]:
+    ids: list[int] = []
+    text = ""
+    lps: list = []
+    last: RequestOutput | None = None
+    async for out in engine.generate(prompt, params):
+        ids += out.token_ids
+        text += out.text
+        lps += list(zip(out.logprobs or [], out.top_logprobs or []))
+        last = out
+    assert last is not None
+    return ids, text, last, lps
+
+
+def test_the_trained_model_serves_every_sampling_feature_as_without_speculation() -> None:
+    """The trained default model, whose MTP layer's drafts are often accepted, so stops and limits fall inside
+    accepted runs: seeded sampling with penalties and logprobs, a stop string, stop token ids, min_new_tokens,
+    max_tokens at a run's end give the tokens, text, finish reasons and logprobs they give without speculation."""
+    from baleen.model.make_model import default_model_path
+
+    path = str(default_model_path())
+    cases = [
+        ("To be, or not to be, that is", SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=5,
+                                                       frequency_penalty=0.3, logprobs=True, top_logprobs=2)),
+        ("The capital of France is", SamplingParams(max_new_tokens=40, temperature=0.0, stop=["Rome"])),
+        ("What is 12 + 35?", SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[13, 16])),
+        ("Once more unto the breach, dear friends,", SamplingParams(max_new_tokens=7, temperature=0.0)),
+        ("Name the capital of Japan.", SamplingParams(max_new_tokens=30, temperature=1.0, seed=9, min_new_tokens=12)),
+    ]
+
+    async def run(**kw: Any) -> tuple[list[tuple[list[int], str, RequestOutput, list]], dict[str, float]]:
+        config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
+        async with await Engine.start(config) as engine:
+            outs = await asyncio.gather(*(_collect(engine, p, sp) for p, sp in cases))
+            await asyncio.sleep(0.3)  # the scheduler's last metrics report
+            return list(outs), engine.metrics
+
+    plain, _ = asyncio.run(run())
+    spec, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3))
+    for (ids, text, last, lps), (want_ids, want_text, want_last, want_lps) in zip(spec, plain):
+        assert (ids, text, last.finish_reason, last.matched_stop) == (want_ids, want_text, want_last.finish_reason,
+                                                                      want_last.matched_stop)  # fmt: skip
+        assert last.completion_tokens == want_last.completion_tokens
+        assert len(lps) == len(want_lps)
+        for (lp, top), (want_lp, want_top) in zip(lps, want_lps):
+            assert lp == pytest.approx(want_lp, abs=1e-3)
+            assert [t for t, _ in top] == [t for t, _ in want_top]
+    assert plain[1][2].finish_reason == "stop" and plain[3][2].finish_reason == "length"
+    assert metrics["spec_accept_length"] > 1.2  # the drafts are accepted: the stops above fell inside runs
