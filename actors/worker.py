@@ -36,7 +36,8 @@ from baleen.model.build import ATTENTION_BACKENDS as ATTENTION_BACKENDS  # NOTE:
 from baleen.model.build import WorkerConfig
 from baleen.model.config import ParallelConfig
 from baleen.model.parallel import ParallelGroups, destroy_distributed, init_distributed
-from baleen.model.runner import ModelRunner, PendingStep
+from baleen.model.runner import ModelRunner
+from baleen.model.step import PendingStep
 
 T = TypeVar("T")
 

@@ -21,7 +21,8 @@ from baleen.model.attention import AttentionBackend, GraphAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig, ParallelConfig
 from baleen.model.parallel import DistInit, ParallelGroups
-from baleen.model.runner import ModelRunner, PendingStep, RunnerConfig
+from baleen.model.runner import ModelRunner
+from baleen.model.step import PendingStep, RunnerConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

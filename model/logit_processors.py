@@ -215,3 +215,33 @@ def apply_logit_processors(logits: torch.Tensor, rows: list[tuple[int, LogitProc
                              f"shape ({vocab},)")
         if out.data_ptr() != view.data_ptr():
             view.copy_(out)
+
+
+class FailedProcessor:
+    """Stands in for a custom logit processor that could not be built; its request ends with the error."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        raise ValueError(self.message)
+
+
+class GuardedProcessor:
+    """A request's logit processor whose failure (an exception, or a result of the wrong shape) is recorded
+    against its row instead of propagating: that request ends with an error, the batch goes on."""
+
+    def __init__(self, row: int, proc: Any, errors: list[tuple[int, str]]) -> None:
+        self.row, self.proc, self.errors = row, proc, errors
+
+    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        import torch  # NOTE: lazily: the HTTP layer imports this module and never torch
+
+        try:
+            out = self.proc(output_token_ids, logits)
+            if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+                raise ValueError(f"it returned {type(out).__name__} {getattr(out, 'shape', '')}, not logits of shape {tuple(logits.shape)}")
+            return out
+        except Exception as e:
+            self.errors.append((self.row, f"the custom logit processor failed: {e}"))
+            return logits

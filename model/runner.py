@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,7 +29,9 @@ from baleen.messages import PageUpdate, SlotInit, StepPlan, StepResult
 from baleen.model.attention import AttentionBackend, GraphAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.grammar import GrammarSlots, SlotGrammar
+from baleen.model.logit_processors import FailedProcessor, GuardedProcessor
 from baleen.model.sampler import Ahead, BatchFlags, Sampler, TokenMask
+from baleen.model.step import DeferredSample, PendingStep, RunnerConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -42,75 +43,6 @@ if TYPE_CHECKING:
     from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
     from baleen.model.parallel import ParallelGroups
     from baleen.model.speculative import MtpDrafter
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    """Sizes of the per-slot device state."""
-
-    num_slots: int
-    page_size: int
-    max_context_len: int
-
-    @property
-    def max_pages_per_seq(self) -> int:
-        return -(-self.max_context_len // self.page_size)
-
-
-@dataclass
-class _DeferredSample:
-    """A launched step's sampling, waiting for the previous step's tokens: its grammar mask depends on them."""
-
-    logits: torch.Tensor  # [num_sampled, vocab]
-    sample_slots: torch.Tensor  # [num_sampled] device
-    flags: BatchFlags
-
-
-@dataclass
-class PendingStep:
-    """A launched step whose sampled ids are on their way to the host."""
-
-    step_id: int
-    num_sampled: int
-    host: dict[str, torch.Tensor]  # name -> host tensor being filled by a non-blocking copy
-    event: Any  # torch.cuda.Event | None
-    top_k: int
-    started: float
-    sampled_slots: list[int] = field(default_factory=list)
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (sampled row, message)
-    failed: str | None = None  # the step could not run (out of memory): every request in it fails
-    # (sampled row, matcher) of its grammar-constrained rows; the matchers accept the step's tokens once
-    grammar_rows: list[tuple[int, SlotGrammar]] = field(default_factory=list)
-    grammar_accepted: bool = False
-    deferred: _DeferredSample | None = None  # set: forward queued, sampling waits for `ModelRunner.complete`
-
-
-class _FailedProcessor:
-    """Stands in for a custom logit processor that could not be built; its request ends with the error."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        raise ValueError(self.message)
-
-
-class _Guarded:
-    """A request's logit processor whose failure (an exception, or a result of the wrong shape) is recorded
-    against its row instead of propagating: that request ends with an error, the batch goes on."""
-
-    def __init__(self, row: int, proc: Any, errors: list[tuple[int, str]]) -> None:
-        self.row, self.proc, self.errors = row, proc, errors
-
-    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        try:
-            out = self.proc(output_token_ids, logits)
-            if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
-                raise ValueError(f"it returned {type(out).__name__} {getattr(out, 'shape', '')}, not logits of shape {tuple(logits.shape)}")
-            return out
-        except Exception as e:
-            self.errors.append((self.row, f"the custom logit processor failed: {e}"))
-            return logits
 
 
 log = logging.getLogger("baleen.runner")
@@ -217,14 +149,14 @@ class ModelRunner:
             # the worker: the other requests of the batch go on.
             proc: Any
             if self.processors is None:
-                proc = _FailedProcessor("custom logit processors are disabled (--enable-custom-logit-processor)")
+                proc = FailedProcessor("custom logit processors are disabled (--enable-custom-logit-processor)")
             else:
                 try:
                     # NOTE: without a tokenizer.json a processor gets None; one that needs a tokenizer fails here.
                     custom = init.sampling.custom_params or {}
                     proc = self.processors.create(name, custom, self.tokenizer)  # type: ignore[arg-type]
                 except Exception as e:
-                    proc = _FailedProcessor(str(e))
+                    proc = FailedProcessor(str(e))
             self.slot_procs[init.slot] = (proc, output)
 
     def _write_pages(self, updates: list[PageUpdate]) -> None:
@@ -394,7 +326,7 @@ class ModelRunner:
         if logits is None:
             self._record(step)
             return step
-        step.deferred = _DeferredSample(logits, sample_slots, flags or self.sampler.state.flags(sampled_slots))
+        step.deferred = DeferredSample(logits, sample_slots, flags or self.sampler.state.flags(sampled_slots))
         if step.grammar_rows and self._unaccepted is not None:
             # NOTE: the overlap's slack. The forward is queued; the mask needs the previous step's tokens, which
             # are still on the device. The caller waits for them (`tokens_awaited`) off its event loop, then
@@ -522,7 +454,7 @@ class ModelRunner:
         (verify rows) the tokens are neither kept in the slots nor counted: the caller commits the accepted."""
         procs: list[tuple[int, LogitProcessor, list[int]]] = (
             [
-                (j, _Guarded(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
+                (j, GuardedProcessor(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
                 for j, s in enumerate(sampled_slots)
                 if s in self.slot_procs
             ]
@@ -556,15 +488,10 @@ class ModelRunner:
         h = {name: t.numpy() for name, t in pending.host.items()}
         slots = pending.sampled_slots
         errors = pending.errors
-        if "keep" in h:  # speculative: keep the committed rows; a row's errors move to its sampled plan row
-            keep = h.pop("keep").astype(bool)
-            row_of = np.repeat(np.arange(len(h["num_tokens"])), h["num_tokens"])  # committed token -> plan row
-            first_of = np.cumsum(keep) - 1  # logits row -> its committed index (where kept)
-            errors = [(int(row_of[first_of[j]]), m) for j, m in errors if keep[j]]
-            slots = [s for s, k in zip(slots, keep) if k]
-            for name in ("token_ids", "logprobs", "top_ids", "top_logprobs"):
-                if name in h:
-                    h[name] = h[name][keep]
+        if "keep" in h:  # speculative: the committed rows only
+            from baleen.model.speculative import committed_rows
+
+            slots, errors = committed_rows(h, slots, errors)
         ids = h["token_ids"] if "token_ids" in h else np.zeros(0, dtype=np.int32)
         if self.slot_procs:  # processors see every earlier token: keep their histories on the host
             for slot, tok in zip(slots, ids.tolist()):

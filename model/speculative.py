@@ -107,6 +107,20 @@ def accept(tokens: torch.Tensor, layout: VerifyLayout) -> tuple[torch.Tensor, to
     return keep, num_tokens, starts + num_tokens - 1
 
 
+def committed_rows(
+    host: dict[str, np.ndarray], slots: list[int], errors: list[tuple[int, str]]
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """A finished speculative step's host arrays cut to its committed tokens, in place (`host["keep"]` [logits
+    rows] goes); returns the committed tokens' slots and the errors moved from logits rows to sampled plan rows."""
+    keep = host.pop("keep").astype(bool)
+    row_of = np.repeat(np.arange(len(host["num_tokens"])), host["num_tokens"])  # committed token -> plan row
+    first_of = np.cumsum(keep) - 1  # logits row -> its committed index (where kept)
+    for name in ("token_ids", "logprobs", "top_ids", "top_logprobs"):
+        if name in host:
+            host[name] = host[name][keep]
+    return [s for s, k in zip(slots, keep) if k], [(int(row_of[first_of[j]]), m) for j, m in errors if keep[j]]
+
+
 class MtpDrafter:
     """The MTP layer as a chain drafter (topk 1) of `num_steps` tokens, with its per-slot state on the device."""
 

@@ -18,7 +18,8 @@ import pytest
 from baleen.actors.engine import Engine, EngineConfig, EngineDead
 from baleen.messages import RequestOutput, SamplingParams, StepPlan
 from baleen.model.make_model import tiny_model_path
-from baleen.model.runner import ModelRunner, PendingStep
+from baleen.model.runner import ModelRunner
+from baleen.model.step import PendingStep
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
