@@ -19,8 +19,6 @@ import asyncio
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -32,8 +30,7 @@ from baleen.actors.engine import Engine, EngineConfig
 from baleen.messages import SamplingParams
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
-from baleen.model.make_model import tiny_model_path
-from baleen.model.presets import preset
+from baleen.model.make_model import dummy_checkpoint
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
@@ -154,11 +151,7 @@ def main() -> None:
                     help="the MLA rate from baleen's kernel alone (skips FlashInfer's ~25 s first-use JIT)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp)
-        (model_dir / "config.json").write_text(json.dumps(preset(args.preset)))
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # ids past its vocabulary decode to nothing
-            shutil.copy(tiny_model_path() / name, model_dir / name)
+    with dummy_checkpoint(args.preset) as model_dir:
         results = asyncio.run(run(args, model_dir))
     print(f"\n# bench_long_prompt — {args.preset} on {results['device']}, {results['date']}, chunk {args.chunk}")
     print(f"prefill {results['prefill_tokens_per_s']:.0f} tok/s (one-chunk TTFT); MLA extend TFLOP/s: "

@@ -146,13 +146,7 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model-path", default=None, help="a checkpoint (default: the seeded tiny model)")
-    src.add_argument("--preset", default=None, help="dummy weights of a preset instead, e.g. v3-shape")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--context-length", type=int, default=None)
-    ap.add_argument("--chunked-prefill-size", type=int, default=None)
+    _sibling("bench_ttft").add_engine_args(ap)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--stream-prompt-len", type=int, default=32)
     ap.add_argument("--long-prompt-len", type=int, default=16384)

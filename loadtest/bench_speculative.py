@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +31,7 @@ import torch
 
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.messages import SamplingParams
-from baleen.model.make_model import default_model_path, tiny_model_path
-from baleen.model.presets import preset
+from baleen.model.make_model import default_model_path, dummy_checkpoint
 
 PROMPTS = [
     "The capital of France is",
@@ -64,12 +61,8 @@ def model_dir(args: argparse.Namespace) -> Iterator[Path]:
     if args.preset is None:
         yield Path(args.model_path) if args.model_path else default_model_path()
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "config.json").write_text(json.dumps(preset(args.preset)))
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # ids past its vocabulary decode to nothing
-            shutil.copy(tiny_model_path() / name, out / name)
-        yield out
+    with dummy_checkpoint(args.preset) as path:
+        yield path
 
 
 def prompts(args: argparse.Namespace, path: Path, n: int) -> list[list[int]]:

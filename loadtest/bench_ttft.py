@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,18 +64,13 @@ def model_dir(args: argparse.Namespace) -> Iterator[Path]:
     if args.model_path is not None:
         yield Path(args.model_path)
         return
-    from baleen.model.make_model import tiny_model_path
+    from baleen.model.make_model import dummy_checkpoint, tiny_model_path
 
     if args.preset is None:
         yield tiny_model_path()
         return
-    from baleen.model.presets import preset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(preset(args.preset)))
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # ids past its vocabulary decode to nothing
-            shutil.copy(tiny_model_path() / name, Path(tmp) / name)
-        yield Path(tmp)
+    with dummy_checkpoint(args.preset) as path:
+        yield path
 
 
 def engine_config(args: argparse.Namespace, path: Path) -> EngineConfig:
@@ -299,8 +293,8 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The model and engine flags `model_dir` and `engine_config` read (bench_mixed_chunk takes them too)."""
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model-path", default=None, help="a checkpoint (default: the seeded tiny model)")
     src.add_argument("--preset", default=None, help="dummy weights of a preset instead, e.g. v3-shape")
@@ -308,6 +302,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--context-length", type=int, default=None)
     ap.add_argument("--chunked-prefill-size", type=int, default=None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(ap)
     ap.add_argument("--page-size", type=int, default=None)
     ap.add_argument("--enable-mixed-chunk", action="store_true")
     ap.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,

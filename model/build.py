@@ -222,7 +222,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     )
     model, mtp = (loaded.model, loaded.mtp) if isinstance(loaded, LoadedModel) else (loaded, None)
     if cfg.speculative_num_steps:
-        mtp = _draft_layer(cfg, model_config, mtp, model, device, experts_method, groups)
+        mtp = _draft_layer(cfg, model_config, mtp, device, experts_method, groups)
     log.info("weights loaded in %.1f s", time.perf_counter() - started)
     if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
         raise ValueError(
@@ -295,11 +295,12 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     return runner
 
 
-def _draft_layer(cfg: WorkerConfig, model_config: ModelConfig, own: DeepseekMTP | None, model: DeepseekV3ForCausalLM,
-                 device: torch.device, experts_method: ExpertsFactory | None, groups: ParallelGroups | None) -> DeepseekMTP:
-    """The drafter's MTP layer: the target checkpoint's own `model.layers.{L}.*`, or that of
-    --speculative-draft-model-path (a NextN checkpoint as SGLang's export writes it: the same names, one layer);
-    it shares the target's embedding when its checkpoint has none, and its output head."""
+def _draft_layer(cfg: WorkerConfig, model_config: ModelConfig, own: DeepseekMTP | None, device: torch.device,
+                 experts_method: ExpertsFactory | None, groups: ParallelGroups | None) -> DeepseekMTP:
+    """The drafter's MTP layer: the target checkpoint's own `model.layers.{L}.*`, or that of the checkpoint at
+    --speculative-draft-model-path, loaded as a whole (its main layers too) with the target's shapes.
+
+    TODO(spec): read SGLang's NextN export (the MTP layer alone) without building that checkpoint's main model."""
     from baleen.model.loader import load_model
 
     mtp = own

@@ -14,6 +14,7 @@ caches the seeded random tiny model the tests run on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -462,6 +463,18 @@ def _cached(cache_dir: str | Path | None, name: str, build: Callable[[Path], Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def dummy_checkpoint(preset_name: str) -> Iterator[Path]:
+    """A temporary folder holding a preset's config.json and the tiny model's tokenizer, for load_format="dummy"
+    (benchmarks of a shape, e.g. v3-shape): ids past the tokenizer's vocabulary decode to nothing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "config.json").write_text(json.dumps(preset_config(preset_name)))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_model_path() / name, out / name)
+        yield out
 
 
 def parse_size(text: str) -> int:

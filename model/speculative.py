@@ -59,10 +59,7 @@ class VerifyLayout:
     ahead: Ahead  # per logits row: the drafts before it
     next_draft: torch.Tensor  # [num_logits] int64: the draft the row's sample is checked against, -1 for none
     segment: torch.Tensor  # [num_logits] int64: the sampled plan row of each logits row
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.counts.sum())
+    starts_d: torch.Tensor  # `starts` on the device
 
     @property
     def has_drafts(self) -> bool:
@@ -81,15 +78,15 @@ def verify_layout(plan: StepPlan, drafts: torch.Tensor, device: torch.device) ->
     j = np.arange(total, dtype=np.int64) - starts[segment]  # row j of its verify row: after j drafts
     slots = np.fromiter((r.slot for r in sampled), dtype=np.int64, count=len(sampled))[segment]
     kmax = int(counts.max(initial=1)) - 1
-    host = torch.from_numpy(np.concatenate([j, slots, segment, counts[segment]]))
-    j_d, slots_d, seg_d, cnt_d = host.to(device, non_blocking=True).split(total)
+    host = torch.from_numpy(np.concatenate([j, slots, segment, counts[segment], starts]))
+    j_d, slots_d, seg_d, cnt_d, starts_d = host.to(device, non_blocking=True).split([total] * 4 + [len(starts)])
     cols = torch.arange(kmax, device=device)
     ahead_tokens = drafts[slots_d, :kmax] if kmax else torch.zeros(total, 0, dtype=torch.int64, device=device)
     ahead_tokens = ahead_tokens.masked_fill(cols[None, :] >= j_d[:, None], -1)
     # row j checks draft d_{j+1} (column j); the row after the last draft checks none
     nxt = drafts[slots_d, j_d.clamp(max=max(kmax - 1, 0))] if kmax else torch.full_like(j_d, -1)
     next_draft = torch.where(j_d + 1 < cnt_d, nxt, -1)
-    return VerifyLayout(starts, counts, Ahead(j_d, ahead_tokens), next_draft, seg_d)
+    return VerifyLayout(starts, counts, Ahead(j_d, ahead_tokens), next_draft, seg_d, starts_d)
 
 
 def accept(tokens: torch.Tensor, layout: VerifyLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +97,7 @@ def accept(tokens: torch.Tensor, layout: VerifyLayout) -> tuple[torch.Tensor, to
     """
     miss = (tokens.to(torch.int64) != layout.next_draft).to(torch.int64)
     before = miss.cumsum(0) - miss  # misses strictly before each row, over the whole flat array
-    starts = torch.from_numpy(layout.starts).to(tokens.device, non_blocking=True)
+    starts = layout.starts_d
     keep = (before - before[starts][layout.segment]) == 0
     num_tokens = torch.zeros(len(layout.starts), dtype=torch.int64, device=tokens.device)
     num_tokens.index_add_(0, layout.segment, keep.to(torch.int64))
