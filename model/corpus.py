@@ -378,11 +378,34 @@ SYLLABLES = ("ka", "lo", "mi", "ra", "to", "ven", "dor", "sa", "ni", "bar", "que
 
 
 def made_up_city(rng: random.Random) -> str:
-    """A pronounceable name no list holds: tool calls and reasoning must copy it from the request."""
-    def word() -> str:
+    """A name no list holds: tool calls and reasoning must copy it from the request, not recall it.
+
+    Three kinds, so that copying is learnt for any tokens, not for a few syllables: syllables; a real city's
+    start joined to another's end ("Tren" + "oble"); letters drawn one by one."""
+    def syllables() -> str:
         return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
 
+    def spliced() -> str:
+        a, b = rng.choice(_train_cities()), rng.choice(_train_cities())
+        return (a[: rng.randint(2, max(2, len(a) - 1))] + b[rng.randint(1, max(1, len(b) - 2)) :]).title()
+
+    def letters() -> str:
+        n = rng.randint(3, 10)
+        return "".join(rng.choice(VOWELS if i % 2 == (n % 2) else CONSONANTS) for i in range(n)).capitalize()
+
+    def word() -> str:
+        return rng.choice((syllables, spliced, letters))()
+
     return word() if rng.random() < 0.8 else f"{word()} {word()}"
+
+
+@cache
+def _train_cities() -> list[str]:
+    return split_cities(heldout=False)
+
+
+VOWELS = "aeiouaeiouy"
+CONSONANTS = "bcdfghjklmnpqrstvwxzbdgklmnrst"
 
 
 def tool_doc(rng: random.Random, city_pool: list[str] | None = None, novel: bool = False) -> Doc:
@@ -488,8 +511,9 @@ def text_doc(rng: random.Random, text: str, min_chars: int = 300, max_chars: int
 
 # ---- the mixture ------------------------------------------------------------------------------------------------
 MIXTURE: tuple[tuple[str, float], ...] = (
-    ("capital", 0.17), ("capital_list", 0.06), ("capital_check", 0.06), ("add", 0.13), ("sub", 0.13),
-    ("mul", 0.10), ("tools", 0.20), ("chat", 0.02), ("text", 0.13),
+    ("capital", 0.15), ("capital_list", 0.04), ("capital_list_first", 0.03), ("capital_check", 0.04),
+    ("capital_check_novel", 0.03), ("add", 0.12), ("sub", 0.12), ("mul", 0.10), ("tools", 0.14),
+    ("tools_novel", 0.08), ("chat", 0.02), ("text", 0.13),
 )
 
 

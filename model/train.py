@@ -9,7 +9,8 @@ document, fused by SDPA. Without a cached prefix MLA runs its expanded form, so 
 latents the layers write land in a two-slot scratch cache. Parameters are float32 under bf16 autocast on CUDA,
 with AdamW; the model is built with every kernel of its KernelChoice off, so the torch references run everywhere
 (the Triton kernels have no backward). The MTP layer shares the embedding and the output head and learns the
-next-next token (loss weight 0.3, DeepSeek-V3 §2.2); its gradient reaches the main model through the hidden
+next-next token (loss weight 0.3, DeepSeek-V3 §2.2), plus the main model's own next distribution (a distillation
+term: the drafter is judged by agreeing with the model); its gradient reaches the main model through the hidden
 states it reads. Routing is balanced without an auxiliary loss: after each step every gate's
 e_score_correction_bias moves by 0.01 towards equal expert loads (DeepSeek-V3 §2.1.2, whose 0.001 suits a far
 longer run).
@@ -88,7 +89,7 @@ def train_tokenizer(seed: int = 0, num_docs: int = 30000) -> Tokenizer:
             text = text.replace(s, "\n")
         texts.append(text)
     texts.append(corpus.shakespeare())
-    return build_tokenizer(TOKENIZER_VOCAB, texts=texts, single_digits=True)
+    return build_tokenizer(TOKENIZER_VOCAB, texts=texts, single_digits=True, words_apart=True)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Batch:
     weight1: torch.Tensor
     target2: torch.Tensor  # token t + 2, weight2 likewise
     weight2: torch.Tensor
+    has_next: torch.Tensor  # bool: token t + 1 is in the same document (the MTP's distillation positions)
     family: torch.Tensor  # family index of each token's document
     real: torch.Tensor  # bool, False on the padding at the end of rows
     seg_lens: list[int]
@@ -126,7 +128,7 @@ class BatchMaker:
     def __call__(self, step: int) -> Batch:
         L = self.row_len
         docs = corpus.documents(self.seed * 1_000_003 + step, 1 << 30, self.mixture)
-        cols: dict[str, list[int]] = {k: [] for k in ("ids", "nxt", "pos", "t1", "w1", "t2", "w2", "fam", "real")}
+        cols: dict[str, list[int]] = {k: [] for k in ("ids", "nxt", "pos", "t1", "w1", "t2", "w2", "nx", "fam", "real")}
         seg_lens: list[int] = []
         waiting: list[tuple[corpus.Doc, list[int], list[bool]]] = []  # documents that did not fit a row's end
         for _ in range(self.rows):
@@ -152,6 +154,7 @@ class BatchMaker:
                 cols["w1"] += [*flags[1:], False]
                 cols["t2"] += [*ids[2:], PAD_ID, PAD_ID][:n]
                 cols["w2"] += [*flags[2:], False, False][:n]
+                cols["nx"] += [1] * (n - 1) + [0]
                 cols["fam"] += [fam] * n
                 cols["real"] += [1] * n
                 seg_lens.append(n)
@@ -159,7 +162,7 @@ class BatchMaker:
             if used < L:  # the row's tail: one padding segment
                 pad = L - used
                 for k, v in (("ids", PAD_ID), ("nxt", PAD_ID), ("t1", PAD_ID), ("w1", 0), ("t2", PAD_ID),
-                             ("w2", 0), ("fam", 0), ("real", 0)):
+                             ("w2", 0), ("nx", 0), ("fam", 0), ("real", 0)):
                     cols[k] += [v] * pad
                 cols["pos"] += range(pad)
                 seg_lens.append(pad)
@@ -168,7 +171,7 @@ class BatchMaker:
             return torch.tensor(cols[k], dtype=dtype)
 
         return Batch(t("ids"), t("nxt"), t("pos"), t("t1"), t("w1", torch.float32), t("t2"), t("w2", torch.float32),
-                     t("fam"), t("real", torch.bool), seg_lens)
+                     t("nx", torch.bool), t("fam"), t("real", torch.bool), seg_lens)
 
 
 def batches(maker: BatchMaker, start: int, workers: int) -> Generator[Batch, None, None]:
@@ -314,9 +317,20 @@ class ExpertLoads:
         return worst
 
 
+@dataclass
+class StepLosses:
+    main: torch.Tensor  # next-token cross-entropy over the trained tokens
+    mtp: torch.Tensor  # the MTP layer's: next-next-token cross-entropy + distillation from the main model
+    per_token: torch.Tensor  # [N] main loss where weight1 > 0, else 0 (detached)
+    mtp_agree: torch.Tensor  # share of positions where the MTP's top-1 is the main model's next top-1 (detached)
+
+
 def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: PackedAttentionBackend,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(main loss, MTP loss, per-token main loss [N] where weight1 > 0 else 0)."""
+           device: torch.device) -> StepLosses:
+    """The step's losses. The MTP layer learns the data's next-next token (DeepSeek-V3 §2.2) and, at every position
+    whose next token is in the document, the main model's own distribution one token later (KL to it, the teacher
+    detached): as a drafter it is judged by how often its top-1 is the main model's next top-1, on the model's own
+    outputs as much as on the data's."""
     main_batch, mtp_batch = forward_batch(batch, device)
     cfg = model.config
     kv = KVCache.for_model(cfg, num_pages=2, page_size=1, dtype=torch.bfloat16, device=device, with_mtp=True)
@@ -328,8 +342,14 @@ def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: P
     h2 = mtp(mtp_batch, hidden, kv, attn)
     rows2 = w2.nonzero().squeeze(1)
     ce2 = F.cross_entropy(mtp.compute_logits(h2[rows2]), batch.target2.to(device)[rows2])
+    rows3 = batch.has_next.to(device).nonzero().squeeze(1)
+    with torch.no_grad():
+        teacher = F.log_softmax(model.compute_logits(hidden[rows3 + 1]).float(), dim=-1)
+    student = F.log_softmax(mtp.compute_logits(h2[rows3]).float(), dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    agree = (student.detach().argmax(-1) == teacher.argmax(-1)).float().mean()
     per_token = torch.zeros_like(w1).index_put_((rows1,), ce1.detach().float())
-    return ce1.mean(), ce2, per_token
+    return StepLosses(ce1.mean(), ce2 + kl, per_token, agree)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -372,7 +392,7 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
     log_rows: list[dict[str, float]] = []
     fam_sum = torch.zeros(len(FAMILIES), device=device)
     fam_cnt = torch.zeros(len(FAMILIES), device=device)
-    run_sum = torch.zeros(2, device=device)  # main and MTP loss summed since the last log line
+    run_sum = torch.zeros(3, device=device)  # main loss, MTP loss and MTP agreement summed since the last log line
     run_n = 0
     t_train = t_mark = time.monotonic()
     step = 0
@@ -384,14 +404,15 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
             group["lr"] = lr_at(step, total, tcfg) * group["lr_scale"]
         loads.real = batch.real.to(device)
         with autocast:
-            loss1, loss2, per_token = losses(model, mtp, batch, attn, device)
-            loss = loss1 + MTP_WEIGHT * loss2
+            step_losses = losses(model, mtp, batch, attn, device)
+            loss = step_losses.main + MTP_WEIGHT * step_losses.mtp
+        per_token = step_losses.per_token
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
         opt.step()
         imbalance = loads.update(BIAS_UPDATE)
-        run_sum += torch.stack([loss1.detach(), loss2.detach()]).float()
+        run_sum += torch.stack([step_losses.main.detach(), step_losses.mtp.detach(), step_losses.mtp_agree]).float()
         run_n += 1
         fam = batch.family.to(device)
         fam_sum.index_add_(0, fam, per_token)
@@ -407,7 +428,7 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
             run_sum.zero_()
             run_n = 0
             row = {"step": step, "elapsed_s": round(time.monotonic() - t_train, 1), "loss": round(mean[0], 4),
-                   "mtp_loss": round(mean[1], 4), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                   "mtp_loss": round(mean[1], 4), "mtp_agree": round(mean[2], 4), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
                    "max_load": round(imbalance, 2)}
             fam_mean = (fam_sum / fam_cnt.clamp(min=1)).tolist()
             row.update({f"loss_{f}": round(v, 4) for f, v in zip(FAMILIES, fam_mean)})

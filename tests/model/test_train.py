@@ -49,7 +49,7 @@ def random_batch(seed: int, rows: int = 3) -> train.Batch:
     before_last = torch.zeros(n, dtype=torch.bool)
     before_last[ends - 1] = True
     w2 = (~last & ~before_last).float()
-    return train.Batch(ids, nxt, pos, nxt, w1, ids.roll(-2), w2, torch.zeros(n, dtype=torch.int64),
+    return train.Batch(ids, nxt, pos, nxt, w1, ids.roll(-2), w2, ~last, torch.zeros(n, dtype=torch.int64),
                        torch.ones(n, dtype=torch.bool), lens)
 
 
@@ -76,13 +76,15 @@ def test_loss_falls_and_the_weights_load_back(tmp_path: Path) -> None:
     history = []
     for step in range(30):
         batch = random_batch(step % 4)
-        l1, l2, _ = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        step_losses = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        l1, l2 = step_losses.main, step_losses.mtp
         opt.zero_grad()
         (l1 + train.MTP_WEIGHT * l2).backward()
         opt.step()
         loads.update(train.BIAS_UPDATE)
-        history.append((l1.item(), l2.item()))
+        history.append((l1.item(), l2.item(), step_losses.mtp_agree.item()))
     assert history[-1][0] < 0.6 * history[0][0] and history[-1][1] < 0.7 * history[0][1], history
+    assert sum(h[2] for h in history[-5:]) > sum(h[2] for h in history[:5]) + 0.5, history  # the drafter agrees more
     assert all(g.e_score_correction_bias.abs().sum() > 0 for g in loads.gates)  # type: ignore[union-attr]
 
     # The released layout (the MTP layer's embedding and head copied in) loads into the serving model.
@@ -97,9 +99,9 @@ def test_loss_falls_and_the_weights_load_back(tmp_path: Path) -> None:
     assert loaded.mtp is not None
     batch = random_batch(9, rows=1)
     with torch.no_grad():
-        l1, l2, _ = train.losses(model, mtp, batch, attn, torch.device("cpu"))
-        m1, m2, _ = train.losses(loaded.model, loaded.mtp, batch, attn, torch.device("cpu"))
-    torch.testing.assert_close((m1, m2), (l1, l2), rtol=1e-4, atol=1e-4)
+        want = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        got = train.losses(loaded.model, loaded.mtp, batch, attn, torch.device("cpu"))
+    torch.testing.assert_close((got.main, got.mtp), (want.main, want.mtp), rtol=1e-4, atol=1e-4)
 
 
 def test_batches_fill_rows_with_whole_documents() -> None:
