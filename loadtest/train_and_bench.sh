@@ -47,7 +47,7 @@ serve_and_bench() {  # $1: bf16 | fp8
   done
   log "$1 server up after $((SECONDS - t0))s"
   local mtp=(); [ "$1" = bf16 ] && [ -n "${MTP_DEVICE:-}" ] && mtp=(--mtp-model-path "$path" --mtp-device "$MTP_DEVICE")
-  timeout 90 python3 loadtest/bench_accuracy.py --num "${NUM:-20}" --concurrency 32 --json "$OUT/acc_$1.json" "${mtp[@]}" \
+  timeout "${BENCH_TIMEOUT:-90}" python3 loadtest/bench_accuracy.py --num "${NUM:-20}" --concurrency 32 --json "$OUT/acc_$1.json" "${mtp[@]}" \
     >"$WORK/bench_$1.log" 2>&1
   log "$1 bench exit $?"
   grep "^|" "$WORK/bench_$1.log" >>"$LOG"
