@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | bf16 | fp8_e4m3 (the roofline counts its bytes)")
     ap.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of a few decode steps")
     ap.add_argument("--profile-top", type=int, default=12, help="how many kernels --profile lists")
@@ -193,6 +194,7 @@ def main() -> None:
                 disable_cuda_graph=args.disable_cuda_graph or not cuda,
                 cuda_graph_bs=tuple(args.batch_sizes),
                 fp8_tiled_weights=args.fp8_tiled_weights == "on",
+                kv_cache_dtype=args.kv_cache_dtype,
             )
         )
     load_s = time.perf_counter() - started
@@ -211,8 +213,10 @@ def main() -> None:
     for bs in args.batch_sizes:
         d = Driver(runner, cfg.vocab_size)
         slots = list(range(bs))
-        for i in range(0, bs, max(1, args.prefill_tokens // args.context_len)):
-            d.prefill(slots[i : i + max(1, args.prefill_tokens // args.context_len)], args.context_len, gen)
+        group = max(1, args.prefill_tokens // args.context_len)
+        for i in range(0, bs, group):
+            for done in range(0, args.context_len, args.prefill_tokens):  # long contexts: chunks of the prefill size
+                d.prefill(slots[i : i + group], min(args.prefill_tokens, args.context_len - done), gen)
         for _ in range(3):
             d.decode(slots)  # warm-up
         times = sorted(d.decode(slots) for _ in range(args.decode_steps))
@@ -228,8 +232,10 @@ def main() -> None:
                      "x_roofline": step / roof})
     results["decode"] = rows
     results["fp8_tiled_weights"] = args.fp8_tiled_weights
+    results["kv_cache_dtype"] = args.kv_cache_dtype
+    results["context_len"] = args.context_len
     print(f"# bench_one_batch — {args.preset} on {device_name}, {results['date']}, dummy weights, "
-          f"FP8 tiled weights {args.fp8_tiled_weights}")
+          f"FP8 tiled weights {args.fp8_tiled_weights}, KV cache {args.kv_cache_dtype}, context {args.context_len}")
     print(f"setup (weights + KV + graphs): {load_s:.1f} s; prefill {results['prefill_tokens_per_s']:.0f} tokens/s "
           f"(4 x {per} tokens)")
     print("| batch | decode step ms (overlapped) | serial ms | tokens/s | weights GB | of which experts | KV GB "
