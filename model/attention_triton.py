@@ -65,7 +65,10 @@ class TritonAttentionBackend(GraphAttentionBackend):
     An FP8 cache runs the Triton kernels (they load e4m3 and fold `kv_scale` into the softmax scale and the
     output); TODO(fp8-kv): the Gluon kernel for FP8 caches, which 128 heads at batch >= 32 need to be fast.
     Under CUDA graphs the kernels read the graphs' static page table and seq_lens: nothing to plan before a
-    replay; the split count of each captured size is frozen at its capture.
+    replay; the split count of each captured size is frozen at its capture. Several graph shapes may share one
+    backend (speculative decoding: one-token draft steps and verify steps of k + 1 rows a sequence); a verify
+    shape's extend rows (`extend_rows`) live in fixed buffers of max_num_seqs * query_len rows: the sequence of
+    each row is fixed, the keys each row sees are derived from the static seq_lens in the graph, at every layer.
     """
 
     def __init__(self) -> None:
@@ -78,7 +81,11 @@ class TritonAttentionBackend(GraphAttentionBackend):
         self._fallback = TorchAttentionBackend()
         self._fallback_planned = False
         self._num_kv_splits: int | None = None
-        self._graph_shape: GraphShape | None = None  # set by init_graphs
+        self._graph_shapes: dict[int, GraphShape] = {}  # query_len -> its shape (init_graphs)
+        # query_len > 1 -> (seq_idx [max_num_seqs * q], kv_lens [max_num_seqs * q], offsets [q]) int32
+        self._graph_rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # a captured verify batch's (seq_lens [bs, 1], offsets [1, q], kv_lens [bs, q]): kv_lens = seq_lens + offsets
+        self._graph_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._num_sms = 0
         # captured size -> its KV split count; eager decode of n rows uses the count of the size n pads to,
         # so a step gives the same numbers whether or not it replays a graph
@@ -89,6 +96,7 @@ class TritonAttentionBackend(GraphAttentionBackend):
         self._decode = batch.is_decode and batch.has_prefix
         self._ragged = None if self._decode else _ragged(batch)
         self._extend_rows = None
+        self._graph_kv = None
         self._fallback_planned = False
         if not self._decode and batch.has_prefix:
             # [T] sequence of each new token, [T] keys it sees: computed once for every layer's launch
@@ -121,6 +129,9 @@ class TritonAttentionBackend(GraphAttentionBackend):
             )  # fmt: skip
         if self._extend_rows is None or not self._kernel_takes(q_latent, kv_cache_layer):
             return self._reference_absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale)
+        if self._graph_kv is not None:  # a captured verify step: each row's keys from this replay's seq_lens
+            lens, offsets, rows_kv = self._graph_kv
+            torch.add(lens, offsets, out=rows_kv)
         seq_idx, kv_lens = self._extend_rows
         q_pe = q_pe.to(q_latent.dtype)
         if self._use_gluon(q_latent, q_pe, kv_cache_layer):
@@ -131,7 +142,7 @@ class TritonAttentionBackend(GraphAttentionBackend):
         from baleen.kernels.mla_decode import mla_decode
 
         return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
-                          seq_idx=seq_idx, kv_scale=kv_scale)  # fmt: skip
+                          seq_idx=seq_idx, kv_scale=kv_scale, num_kv_splits=self._num_kv_splits)  # fmt: skip
 
     @staticmethod
     def _kernel_takes(q_latent: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -169,25 +180,39 @@ class TritonAttentionBackend(GraphAttentionBackend):
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------
     def init_graphs(self, shape: GraphShape) -> None:
-        if shape.query_len != 1:
-            # TODO(verify): several rows a sequence run the extend path (`extend_rows`): its seq_idx / kv_lens
-            # would need fixed buffers of max_num_seqs * query_len rows, filled in the graph.
-            raise ValueError(f"the Triton backend captures decode steps only (query_len 1), not {shape.query_len}")
-        self._graph_shape = shape
+        """Allocate a shape's fixed buffers; one backend takes several query lengths (each its own call)."""
+        q = shape.query_len
+        if q < 1:
+            raise ValueError(f"a captured step needs query_len >= 1, got {q}")
+        self._graph_shapes[q] = shape
         self._num_sms = torch.cuda.get_device_properties(shape.device).multi_processor_count
+        if q > 1:
+            rows = torch.arange(shape.max_num_seqs * q, dtype=torch.int32, device=shape.device)
+            # row r belongs to sequence r // q and is its token r % q: it sees seq_len - q + r % q + 1 keys
+            offsets = torch.arange(q, dtype=torch.int32, device=shape.device) - (q - 1)
+            self._graph_rows[q] = (rows // q, torch.ones_like(rows), offsets)
 
     def plan_capture(self, batch: ForwardBatch) -> None:
-        """Plan the static decode batch and freeze its KV split count (as eager decode of that size picks it)."""
+        """Plan the static batch and freeze its KV split count (decode: as eager decode of that size picks it)."""
         from baleen.kernels.mla_decode import pick_mla_decode_tiles, pick_num_kv_splits
 
-        shape = self._graph_shape
-        assert shape is not None, "init_graphs(shape) must come before plan_capture"
+        q = batch.extend_lens_cpu[0] if batch.extend_lens_cpu else 1
+        shape = self._graph_shapes.get(q)
+        if shape is None or any(n != q for n in batch.extend_lens_cpu):
+            raise ValueError(f"plan_capture of a batch of {batch.extend_lens_cpu} query rows a sequence: "
+                             f"init_graphs took query lengths {sorted(self._graph_shapes)}")  # fmt: skip
         heads, bs = shape.num_heads, batch.num_seqs
         block_h = pick_mla_decode_tiles(heads).block_h  # as eager decode picks it (Gluon too: 64)
-        splits = pick_num_kv_splits(bs, -(-heads // block_h), shape.max_pages * shape.page_size, self._num_sms, block_h)
+        capacity = shape.max_pages * shape.page_size
+        splits = pick_num_kv_splits(bs * q, -(-heads // block_h), capacity, self._num_sms, block_h)
         self.plan(batch)
         self._num_kv_splits = splits
-        self._decode_splits[bs] = splits
+        if q == 1:
+            self._decode_splits[bs] = splits
+            return
+        seq_idx, kv_lens, offsets = self._graph_rows[q]
+        self._extend_rows = (seq_idx[: bs * q], kv_lens[: bs * q])
+        self._graph_kv = (batch.seq_lens.view(bs, 1), offsets.view(1, q), kv_lens[: bs * q].view(bs, q))
 
     def plan_replay(self, num_seqs: int, seq_lens: np.ndarray, page_table: torch.Tensor, table_rows: np.ndarray) -> None:
         """Nothing: the captured kernels read the graphs' page table and seq_lens, which the graph fills itself."""
