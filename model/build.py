@@ -1,5 +1,6 @@
 """Building one rank's model runner, in the fixed start-up order: build on meta and load the weights, choose the
-attention backend, size the KV cache from measured memory, make the runner, capture the decode CUDA graphs.
+attention backend, size the KV cache from measured memory, make the runner, capture the decode CUDA graphs (a
+speculating runner: its verify step's graphs, model/spec_graphs.py).
 
 `build_runner(WorkerConfig)` is the one entry (actors/worker.py calls it on every rank, the benchmarks and tests
 too); a rank of a multi-rank model gets a `ParallelRunner`.
@@ -117,12 +118,12 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
 
 
 def _kv_budget_pages(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: DeepseekV3ForCausalLM,
-                     attn: AttentionBackend, graph_max_bs: int | None, groups: ParallelGroups | None) -> int:  # fmt: skip
+                     attn: AttentionBackend, graph_sizes: list[int], groups: ParallelGroups | None) -> int:  # fmt: skip
     from baleen.model.kv_cache import KVCache
 
     layers, dim, ps = _cache_layers(cfg, model_config), model_config.kv_cache_dim, cfg.page_size
     if device.type == "cuda":
-        pages = KVCache.num_pages_for_budget(_gpu_memory_plan(cfg, model_config, device, model, attn, graph_max_bs,
+        pages = KVCache.num_pages_for_budget(_gpu_memory_plan(cfg, model_config, device, model, attn, graph_sizes,
                                                               groups).kv_pool, layers, ps, dim, cfg.cache_dtype)
     else:
         # CPU: enough for every slot at a few thousand tokens unless --max-total-tokens says otherwise.
@@ -150,9 +151,10 @@ def _cache_layers(cfg: WorkerConfig, model_config: ModelConfig) -> int:
 
 
 def _gpu_memory_plan(cfg: WorkerConfig, model_config: ModelConfig, device: torch.device, model: DeepseekV3ForCausalLM,
-                     attn: AttentionBackend, graph_max_bs: int | None, groups: ParallelGroups | None) -> MemoryPlan:
+                     attn: AttentionBackend, graph_sizes: list[int], groups: ParallelGroups | None) -> MemoryPlan:
     """Measure the largest steps (absorbed chunk over a prefix beside every decode row; a fresh expanded chunk;
-    the largest captured decode batch), then size the pool; --mem-fraction-static as SGLang means it."""
+    the largest captured decode batch, or verify batch of k + 1 tokens a row), then size the pool;
+    --mem-fraction-static as SGLang means it."""
     from baleen.model.memory_plan import StepShape, dummy_batch, measure_step_peak, plan_memory
 
     dp = groups.parallel.dp_size if groups is not None and groups.dp_attention else 1
@@ -161,12 +163,18 @@ def _gpu_memory_plan(cfg: WorkerConfig, model_config: ModelConfig, device: torch
     peaks = [measure_step_peak(model, attn, model_config, dummy_batch(s, cfg.page_size, device, dp), cfg.cache_dtype,
                                device) for s in shapes]  # fmt: skip
     graphs = 0
-    if graph_max_bs:
+    if graph_sizes:
         # The graphs' pool holds every captured size's intermediates (largest first, the rest reuse it): 1.5x the
-        # largest eager decode step (H100, v3-shape, 64 rows: 0.40 GiB eager, 0.59 GiB captured).
-        decode = StepShape(1, shape.prefix + shape.chunk - 1, graph_max_bs - 1)
+        # largest eager decode step (H100, v3-shape, 64 rows: 0.40 GiB eager, 0.59 GiB captured). A verify step of
+        # k + 1 tokens a row costs what a decode step of that many rows does.
+        q = 1 + cfg.speculative_num_steps
+        decode = StepShape(1, shape.prefix + shape.chunk - 1, max(graph_sizes) * q - 1)
         graphs = 3 * measure_step_peak(model, attn, model_config, dummy_batch(decode, cfg.page_size, device, dp),
                                        cfg.cache_dtype, device) // 2  # fmt: skip
+        if cfg.speculative_num_steps:
+            # and every size keeps its verify hidden states and float32 logits (the sampler and the extend read them)
+            row_bytes = model_config.vocab_size * 4 + model_config.hidden_size * cfg.torch_dtype.itemsize
+            graphs += sum(graph_sizes) * q * row_bytes
     free, total = torch.cuda.mem_get_info(device)
     plan = plan_memory(total, free, cfg.mem_fraction_static, max(peaks), graphs)
     log.info("%s (largest step: a %d-token chunk over %d cached tokens beside %d decode rows)", plan.describe(),
@@ -231,8 +239,13 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         )
     attn = make_attention_backend(cfg.attention_backend, device)
     dp_attention = groups is not None and groups.dp_attention
-    # TODO(spec): the draft loop and the verify step are not captured yet; a speculating runner runs eagerly
-    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention and not cfg.speculative_num_steps
+    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
+    if use_graphs and cfg.speculative_num_steps and cfg.attention_backend != "triton":
+        # FlashInfer re-plans on the host before every replay; one graph of k - 1 draft steps (k - 1 lengths) cannot
+        # (model/spec_graphs.py). The torch backend captures nothing.
+        log.warning("speculative decoding captures CUDA graphs with --attention-backend triton only: %s runs its "
+                    "speculative steps eagerly (slower than plain decoding)", cfg.attention_backend)
+        use_graphs = False
     if use_graphs and not isinstance(attn, GraphAttentionBackend):
         raise ValueError(f"--attention-backend {cfg.attention_backend} has no CUDA-graph support; add --disable-cuda-graph")
     graph_sizes: list[int] = []
@@ -242,7 +255,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         graph_sizes = graph_batch_sizes(
             list(cfg.cuda_graph_bs) if cfg.cuda_graph_bs else None, cfg.cuda_graph_max_bs, cfg.max_running_requests
         )
-    num_pages = _kv_budget_pages(cfg, model_config, device, model, attn, max(graph_sizes, default=None), groups)
+    num_pages = _kv_budget_pages(cfg, model_config, device, model, attn, graph_sizes, groups)
     if groups is not None:
         # NOTE: the scheduler hands out page ids that are valid on every rank: all use the smallest pool.
         num_pages = groups.tp.min_int(num_pages, device)
@@ -287,9 +300,13 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     elif use_graphs:
         heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
         started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
-        runner.capture_graphs(graph_sizes, heads)
-        log.info("captured %d decode CUDA graphs in %.1f s (%.2f GiB)", len(graph_sizes),
-                 time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)
+        if cfg.speculative_num_steps:
+            runner.capture_spec_graphs(graph_sizes, heads)
+        else:
+            runner.capture_graphs(graph_sizes, heads)
+        log.info("captured %s CUDA graphs of %d sizes in %.1f s (%.2f GiB)",
+                 "speculative verify step" if cfg.speculative_num_steps else "decode", len(graph_sizes),
+                 time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)  # fmt: skip
     if device.type == "cuda":
         grammar_cache.prepare()  # after the capture: nothing else may touch the device while a graph records
     return runner

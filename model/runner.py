@@ -11,7 +11,8 @@ model/grammar.py).
 A plain decode step on captured CUDA graphs costs the host one copy in and one copy out: the graph derives
 its inputs from the slots (`DecodeGraphs.replay`, the one replay path) and, when every row is greedy with
 nothing else asked, a captured tail samples too. One extra slot (`scratch_slot`, index num_slots) belongs to
-no request: padding rows and rows whose token is not kept point at it.
+no request: padding rows and rows whose token is not kept point at it. A speculating runner captures the verify
+step's graphs instead (`SpecGraphs`, model/spec_graphs.py), for steps whose every row is a verify row of k drafts.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from baleen.model.kv_cache import KVCache
     from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
     from baleen.model.parallel import ParallelGroups
+    from baleen.model.spec_graphs import SpecGraphs
     from baleen.model.speculative import MtpDrafter
 
 
@@ -83,6 +85,7 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.random_seed = random_seed
         self.graphs: DecodeGraphs | None = None  # captured decode forwards (`capture_graphs`)
+        self.spec_graphs: SpecGraphs | None = None  # captured verify steps (`capture_spec_graphs`)
         self.scratch_slot = config.num_slots
         self.slot_tokens = torch.zeros(config.num_slots + 1, dtype=torch.int64, device=device)
         # NOTE: entry 0 of the pool is the padding page; unused table entries point at it.
@@ -114,6 +117,19 @@ class ModelRunner:
                               self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
         graphs.capture()
         self.graphs = graphs
+        return graphs
+
+    def capture_spec_graphs(self, batch_sizes: list[int], num_heads: int) -> SpecGraphs:
+        """Capture the speculative verify step's graphs (draft loop, verify, greedy tail, draft-extend) of
+        `batch_sizes` rows; later steps whose every row is a verify row of k drafts replay them."""
+        from baleen.model.spec_graphs import SpecGraphs
+
+        if self.drafter is None:
+            raise ValueError("speculative graphs need the runner's drafter (speculative_num_steps)")
+        graphs = SpecGraphs(self.model, self.drafter, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
+                            self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
+        graphs.capture()
+        self.spec_graphs = graphs
         return graphs
 
     # ---- slot state ------------------------------------------------------------------------------
@@ -344,6 +360,11 @@ class ModelRunner:
         custom logit processor) never carries drafts, and its mask waits for the previous step's tokens here."""
         from baleen.model.speculative import accept, verify_layout
 
+        if self.spec_graphs is not None:
+            rows = self.spec_graphs.step_rows_of(plan, self._pinned)
+            graphed = self._launch_spec_graphed(plan, started, rows, self.spec_graphs) if rows is not None else None
+            if graphed is not None:
+                return graphed
         drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
@@ -382,6 +403,41 @@ class ModelRunner:
         self._record(step)
         if step.grammar_rows:
             self._unaccepted = step
+        return step
+
+    def _launch_spec_graphed(self, plan: StepPlan, started: float, rows: torch.Tensor,
+                             g: SpecGraphs) -> PendingStep | None:  # fmt: skip
+        """`_launch_speculative` on the captured graphs (every row a verify row of k drafts, `rows` its host rows);
+        None for a step the eager path must see (a constrained row with drafts: it refuses it)."""
+        from baleen.model.speculative import accept, verify_layout
+
+        slots = [r.slot for r in plan.rows]
+        if self.slot_procs.keys() & set(slots) or (self.grammars is not None and self.grammars.rows(slots)):
+            return None
+        n, q, bs = len(slots), g.query_len, rows.shape[0]
+        sampled_slots = [s for s in slots for _ in range(q)]  # every token of a verify row is a logits row
+        flags = self.sampler.state.flags(sampled_slots)
+        host: dict[str, torch.Tensor] = {}
+        errors: list[tuple[int, str]] = []
+        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors)
+        logits = g.draft_and_verify(rows, n)
+        if flags.plain_greedy:
+            tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
+            host["token_ids"] = self._to_host(tokens)
+            g.extend(bs)
+        else:
+            assert self.drafter is not None
+            layout = verify_layout(plan, self.drafter.tokens, self.device)
+            sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
+            step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, None,
+                                              layout.ahead)  # fmt: skip
+            keep, num_tokens, last = accept(tokens, layout)
+            self.sampler.record(sample_slots, tokens, flags.penalties, keep)
+            self.slot_tokens[sample_slots[last]] = tokens[last].to(torch.int64)
+            g.extend(bs, tokens.to(torch.int64), last)
+        host["keep"] = self._to_host(keep)
+        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
+        self._record(step)
         return step
 
     def tokens_awaited(self, step: PendingStep) -> Any:

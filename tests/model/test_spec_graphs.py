@@ -1,0 +1,219 @@
+"""The speculative verify step's graphs (model/spec_graphs.py): on CPU their bodies run eagerly (`eager=True`) over
+the same static buffers the CUDA graphs capture, and must commit exactly what the eager speculative path and plain
+decoding do (greedy, seeded sampling with penalties), padding rows and mixed steps included, leaving the drafter's
+state and every request's cache bit-equal. GPU: captured graphs on the Triton backend against plain decoding.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+from baleen.model.build import WorkerConfig, build_runner
+from baleen.model.make_model import tiny_model_path
+from baleen.model.runner import ModelRunner
+from baleen.model.spec_graphs import SpecGraphs
+
+PAGE = 16
+PAGES_PER_SLOT = 8  # 128 tokens a request
+PROMPTS = [[5, 9, 33, 41, 7, 12, 99, 3], [17, 4, 250, 8, 8, 61], [300, 12, 77, 2, 19, 200, 31, 45, 90, 6, 13],
+           [44, 81, 7, 19, 19, 2, 140]]  # fmt: skip
+
+
+def _runner(num_steps: int, sizes: list[int] | None = None, **kw: Any) -> ModelRunner:
+    runner = build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=4,
+                                       max_context_len=PAGES_PER_SLOT * PAGE, speculative_num_steps=num_steps, **kw))  # fmt: skip
+    if sizes is not None:
+        assert runner.drafter is not None
+        g = SpecGraphs(runner.model, runner.drafter, runner.kv_cache, runner.attn, runner.sampler, sizes,
+                       runner.model.config.num_attention_heads, runner.slot_tokens, runner.page_table,
+                       runner.scratch_slot, eager=True)  # fmt: skip
+        g.make_eager()
+        runner.spec_graphs = g
+        calls = g.replayed = []  # type: ignore[attr-defined]
+        inner = g.draft_and_verify
+
+        def counted(rows: torch.Tensor, n: int) -> torch.Tensor:
+            calls.append((rows.shape[0], n))
+            return inner(rows, n)
+
+        g.draft_and_verify = counted  # type: ignore[method-assign]
+    return runner
+
+
+def _decode(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingParams], num_new: int,
+            num_drafts: int) -> list[list[int]]:  # fmt: skip
+    """Prefill every prompt, then verify rows of up to num_drafts drafts (fewer near num_new) until each has num_new
+    tokens (as tests/model/test_speculative.py)."""
+    n = len(prompts)
+    inits = [SlotInit(s, f"r{s}", params[s], array("i", p).tobytes()) for s, p in enumerate(prompts)]
+    pages = [PageUpdate(s, 0, array("i", range(1 + s * PAGES_PER_SLOT, 1 + (s + 1) * PAGES_PER_SLOT)).tobytes())
+             for s in range(n)]  # fmt: skip
+    rows = [SeqRow(s, 0, len(p), array("i", p).tobytes(), True) for s, p in enumerate(prompts)]
+    out: list[list[int]] = [[] for _ in range(n)]
+    plan = StepPlan(step_id=0, rows=rows, new_slots=inits, page_updates=pages)
+    step = 0
+    while True:
+        res = runner.finish(runner.launch(plan))
+        ids = np.frombuffer(res.token_ids, dtype=np.int32).tolist()
+        counts = np.frombuffer(res.num_tokens, dtype=np.int32).tolist() if res.num_tokens else [1] * len(plan.rows)
+        at = 0
+        for r, c in zip(plan.rows, counts):
+            out[r.slot].extend(ids[at : at + c])
+            at += c
+        step += 1
+        live = [s for s in range(n) if len(out[s]) < num_new]
+        if not live:
+            return [o[:num_new] for o in out]
+        rows = [SeqRow(s, len(prompts[s]) + len(out[s]) - 1, 1 + min(num_drafts, num_new - len(out[s]) - 1), b"", True)
+                for s in live]  # fmt: skip
+        plan = StepPlan(step_id=step, rows=rows)
+
+
+@pytest.mark.parametrize("sizes", [[1, 2, 4], [4]])
+def test_graphed_greedy_steps_equal_the_eager_path_bit_for_bit(sizes: list[int]) -> None:
+    """Three requests (padded to 4), then four (none padded with [4]); the last steps carry fewer drafts and run
+    eagerly. Tokens equal plain decoding; the drafter's state and the cache equal the eager speculative path's."""
+    for prompts in (PROMPTS[:3], PROMPTS):
+        params = [SamplingParams(temperature=0.0, max_new_tokens=24)] * len(prompts)
+        want = _decode(_runner(0), prompts, params, 24, 0)
+        eager = _runner(3)
+        graphed = _runner(3, sizes)
+        assert _decode(eager, prompts, params, 24, 3) == want
+        assert _decode(graphed, prompts, params, 24, 3) == want
+        calls = graphed.spec_graphs.replayed  # type: ignore[union-attr]
+        assert len(calls) >= 3 and all(bs == 4 and n == len(prompts) for bs, n in calls)
+        n = len(prompts)
+        assert eager.drafter is not None and graphed.drafter is not None
+        assert torch.equal(eager.drafter.tokens[:n], graphed.drafter.tokens[:n])
+        assert torch.equal(eager.slot_tokens[:n], graphed.slot_tokens[:n])
+        # unpadded, the graphs' bodies compute what the eager path does, bit for bit; padded, the matrix products
+        # run over more rows (CPU GEMMs may round a row differently with another row count)
+        same = torch.equal if n in sizes else lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert same(eager.drafter.hidden[:n], graphed.drafter.hidden[:n])
+        for a, b in zip(eager.kv_cache.layers, graphed.kv_cache.layers):
+            assert same(a[1:], b[1:])  # every page but the padding page 0
+        assert torch.equal(eager.sampler.state.iparams, graphed.sampler.state.iparams)  # tokens counted alike
+
+
+def test_graphed_sampled_steps_draw_the_plain_tokens() -> None:
+    """Seeded sampling with top-p/top-k/min-p, penalties and min_new_tokens: the eager sampler over the graphs'
+    verify logits, then the graphed draft-extend; token for token the plain draws."""
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=20),
+        SamplingParams(temperature=0.8, top_k=20, min_p=0.05, frequency_penalty=0.5, presence_penalty=0.3,
+                       repetition_penalty=1.2, seed=11, max_new_tokens=20),
+        SamplingParams(temperature=1.3, seed=3, min_new_tokens=10, max_new_tokens=20),
+    ]  # fmt: skip
+    want = _decode(_runner(0), PROMPTS[:3], params, 20, 0)
+    graphed = _runner(3, [1, 2, 4])
+    assert _decode(graphed, PROMPTS[:3], params, 20, 3) == want
+    assert len(graphed.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
+
+
+def test_one_draft_step_and_mixed_greedy_sampled_rows() -> None:
+    """k = 1 (no draft loop: the graph only verifies and extends); a greedy row beside a sampled one."""
+    params = [SamplingParams(temperature=0.0, max_new_tokens=16), SamplingParams(temperature=0.7, seed=5,
+                                                                                 max_new_tokens=16)]  # fmt: skip
+    want = _decode(_runner(0), PROMPTS[:2], params, 16, 0)
+    graphed = _runner(1, [2])
+    assert _decode(graphed, PROMPTS[:2], params, 16, 1) == want
+    assert graphed.spec_graphs.replayed  # type: ignore[union-attr]
+
+
+def test_which_steps_replay() -> None:
+    """Only steps whose every row is a sampled verify row of k drafts within the page table, at most the largest
+    captured size; padding rows are the scratch slot's."""
+    runner = _runner(2, [1, 2])
+    g = runner.spec_graphs
+    assert g is not None
+    verify = [SeqRow(0, 10, 3, b"", True), SeqRow(2, 5, 3, b"", True)]
+    rows = g.step_rows_of(StepPlan(step_id=1, rows=verify[:1]), pinned=False)
+    assert rows is not None and rows.tolist() == [[0, 10]]
+    rows = g.step_rows_of(StepPlan(step_id=1, rows=verify), pinned=False)
+    assert rows is not None and rows.tolist() == [[0, 10], [2, 5]]
+    g.batch_sizes, g.max_bs = [1, 4], 4  # a padded size
+    rows = g.step_rows_of(StepPlan(step_id=1, rows=verify), pinned=False)
+    assert rows is not None and rows.tolist() == [[0, 10], [2, 5], [4, 1], [4, 1]]
+    limit = PAGES_PER_SLOT * PAGE
+    for other in (
+        [SeqRow(0, 10, 2, b"", True)],  # fewer drafts
+        [SeqRow(0, 10, 1, b"", True)],  # a plain decode row
+        [SeqRow(0, 0, 3, array("i", [1, 2, 3]).tobytes(), True)],  # a prompt chunk
+        [SeqRow(0, 10, 3, b"", False)],  # not sampled
+        [SeqRow(0, limit - 2, 3, b"", True)],  # past the page table
+        [SeqRow(s, 10, 3, b"", True) for s in range(4)] + [SeqRow(0, 1, 3, b"", True)],  # above the largest size
+    ):
+        assert g.step_rows_of(StepPlan(step_id=1, rows=other), pinned=False) is None
+
+
+def test_padding_rows_write_only_the_padding_page() -> None:
+    """A step of one request padded to 4: the cache pages nobody owns stay untouched (zeros), page 0 takes the
+    padding rows' latents, and the request's pages equal the eager path's."""
+    params = [SamplingParams(temperature=0.0, max_new_tokens=12)]
+    eager, graphed = _runner(3), _runner(3, [4])
+    want = _decode(eager, PROMPTS[:1], params, 12, 3)
+    assert _decode(graphed, PROMPTS[:1], params, 12, 3) == want
+    assert graphed.spec_graphs.replayed  # type: ignore[union-attr]
+    owned = 1 + PAGES_PER_SLOT
+    for a, b in zip(eager.kv_cache.layers, graphed.kv_cache.layers):
+        assert torch.allclose(a[1:owned], b[1:owned], rtol=1e-4, atol=1e-5)  # padded: see above
+        assert not b[owned:].any()
+    assert any(layer[0].any() for layer in graphed.kv_cache.layers)
+
+
+# ---- GPU: captured graphs -------------------------------------------------------------------------------
+
+
+def _gpu_runner(num_steps: int, graphs: bool, path: Any, **kw: Any) -> ModelRunner:
+    return build_runner(WorkerConfig(model_path=str(path), device="cuda", dtype="bfloat16", page_size=PAGE,
+                                     attention_backend="triton", max_running_requests=4, cuda_graph_bs=(1, 2, 4),
+                                     disable_cuda_graph=not graphs, max_context_len=PAGES_PER_SLOT * PAGE,
+                                     speculative_num_steps=num_steps, **kw))  # fmt: skip
+
+
+def _default_prompts() -> tuple[Any, list[list[int]]]:
+    from tokenizers import Tokenizer
+
+    from baleen.model.make_model import default_model_path
+
+    path = default_model_path()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    texts = ("The capital of France is", "To be, or not to be, that is", "What is 27 + 58?")
+    return path, [tok.encode(t).ids for t in texts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_cuda_graphed_speculation_equals_plain_decoding(num_steps: int) -> None:
+    """The trained default model (peaked logits: kernel rounding flips no argmax here): greedy tokens through the
+    captured draft loop, verify, tail and extend equal plain graphed decoding and the eager speculative path."""
+    path, prompts = _default_prompts()
+    params = [SamplingParams(temperature=0.0, max_new_tokens=40)] * len(prompts)
+    want = _decode(_gpu_runner(0, True, path), prompts, params, 40, 0)
+    runner = _gpu_runner(num_steps, True, path)
+    g = runner.spec_graphs
+    assert g is not None and g.batch_sizes == [1, 2, 4]
+    replays = []
+    inner = g.draft_and_verify
+    g.draft_and_verify = lambda rows, n: replays.append(n) or inner(rows, n)  # type: ignore[method-assign]
+    assert _decode(runner, prompts, params, 40, num_steps) == want
+    assert len(replays) >= 5
+    runner.spec_graphs = None  # the same runner eagerly
+    assert _decode(runner, prompts, params, 40, num_steps) == want
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_speculation_with_sampling_and_single_rows() -> None:
+    """Seeded sampling (the eager sampler between the graphs) and a batch of one (size 1): the plain draws."""
+    path, prompts = _default_prompts()
+    params = [SamplingParams(temperature=0.7, seed=3, max_new_tokens=32),
+              SamplingParams(temperature=0.0, max_new_tokens=32)]  # fmt: skip
+    for batch in ([prompts[0]], prompts[:2]):
+        want = _decode(_gpu_runner(0, True, path), batch, params[: len(batch)], 32, 0)
+        assert _decode(_gpu_runner(3, True, path), batch, params[: len(batch)], 32, 3) == want
