@@ -4,12 +4,18 @@ speculation, per (num_steps, eagle_topk, num_draft_tokens) and batch size, on th
     python loadtest/bench_speculative.py                                   # the trained default model, CPU
     python loadtest/bench_speculative.py --device cuda --batch-sizes 1 32 --steps 1 2 3 --out spec.json
     python loadtest/bench_speculative.py --preset v3-shape --device cuda   # dummy weights: accept length ~1
+    python loadtest/bench_speculative.py --step-costs --batch-sizes 1 32   # v3-shape: graph replay costs, CUDA
 
 Each configuration starts its own engine (as SGLang's script starts a server per configuration), warms it with one
 batch, then runs `--repeats` batches of B concurrent greedy requests (prompts from the default model's corpus of
 held-out questions, or random ids for a preset), each generating `--max-new-tokens` tokens with ignore_eos. Decode
 tokens/s counts every generated token after each request's first over the wall time from the batch's first to its
 last token; accept length is completion tokens / verify steps (SGLang's spec_verify_ct), averaged over requests.
+
+`--step-costs` (CUDA) times the captured graphs themselves on one runner with dummy weights (`--preset`, default
+v3-shape): the plain decode step (model/cuda_graph.py) against the speculative one's parts (model/spec_graphs.py:
+the draft loop of k - 1 MTP steps, the verify forward over k + 1 tokens a row, the greedy tail, the draft-extend),
+every request at `--context-len` cached tokens; GPU time per replay, from CUDA events over `--replays` replays.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.messages import SamplingParams
+from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.make_model import default_model_path, dummy_checkpoint
 
 PROMPTS = [
@@ -125,6 +131,81 @@ async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_
     return rows
 
 
+def _gpu_ms(replay: Any, n: int) -> float:
+    """GPU milliseconds per call of `replay` over n back-to-back calls (after 3 warm ones)."""
+    for _ in range(3):
+        replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def step_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The decode graph vs the speculative step's graphs, per batch size, on one runner (see the docstring)."""
+    from array import array
+
+    from baleen.model.build import WorkerConfig, build_runner
+
+    k, sizes, ctx = args.steps[-1], sorted(args.batch_sizes), args.cached_len
+    chunk = 4096
+    with model_dir(args) as path:
+        runner = build_runner(WorkerConfig(
+            model_path=str(path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend="triton",
+            page_size=64, max_running_requests=max(sizes), max_context_len=ctx + 64, chunked_prefill_size=chunk,
+            max_total_tokens=max(sizes) * (ctx + 128) + chunk, cuda_graph_bs=tuple(sizes), speculative_num_steps=k,
+        ))  # fmt: skip
+    sg = runner.spec_graphs
+    assert sg is not None, "no speculative graphs captured"
+    cfg = runner.model.config
+    graphs = runner.capture_graphs(sizes, cfg.num_attention_heads)  # the plain decode step, on the same runner
+    # every slot gets a ctx-token prompt, prefilled a few requests a step
+    rng = random.Random(0)
+    per_slot = -(-(ctx + 64) // 64)
+    group = max(1, chunk // ctx)
+    for first in range(0, max(sizes), group):
+        slots = range(first, min(first + group, max(sizes)))
+        ids = {s: array("i", [rng.randrange(100, min(cfg.vocab_size, 2000)) for _ in range(ctx)]).tobytes() for s in slots}
+        plan = StepPlan(step_id=first, rows=[SeqRow(s, 0, ctx, ids[s], True) for s in slots],
+                        new_slots=[SlotInit(s, f"r{s}", SamplingParams(temperature=0.0), ids[s]) for s in slots],
+                        page_updates=[PageUpdate(s, 0, array("i", range(1 + s * per_slot, 1 + (s + 1) * per_slot)).tobytes())
+                                      for s in slots])  # fmt: skip
+        runner.finish(runner.launch(plan))
+    rows = []
+    for bs in sizes:
+        spec_rows = torch.tensor([[s, ctx] for s in range(bs)], dtype=torch.int64)
+        decode_rows = torch.tensor([[s, ctx + 1, -1, s] for s in range(bs)], dtype=torch.int64)
+        graphs.step_rows[:bs].copy_(decode_rows)
+        sg.draft_and_verify(spec_rows, bs)  # fills the step rows
+        torch.cuda.synchronize()
+        decode = _gpu_ms(graphs.graphs[bs][0].replay, args.replays)
+        draft = _gpu_ms(sg.draft_graphs[bs].replay, args.replays) if k > 1 else 0.0
+        verify = _gpu_ms(sg.verify_graphs[bs][0].replay, args.replays)
+        tail = _gpu_ms(sg.tail_graphs[bs].replay, args.replays)
+        extend = _gpu_ms(sg.extend_graphs[bs].replay, args.replays)
+        full = draft + verify + tail + extend
+        rows.append({"batch_size": bs, "decode_ms": decode, "draft_ms": draft, "verify_ms": verify, "tail_ms": tail,
+                     "extend_ms": extend, "verify_over_decode": verify / decode, "draft_share": draft / verify,
+                     "spec_step_over_decode": full / decode})  # fmt: skip
+    return rows
+
+
+def print_step_costs(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    k = args.steps[-1]
+    print(f"\n# bench_speculative --step-costs — {args.preset or 'v3-shape'}, {k} drafts, context {args.cached_len}, "
+          f"on {torch.cuda.get_device_name()}, {date.today().isoformat()} (GPU ms per graph replay)")
+    print("| batch | decode | draft loop | verify | tail | extend | verify / decode (target <= 1.15 at 1, 1.5 at 32) "
+          "| draft / verify (<= 0.15) | whole spec step / decode (break-even accept length) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch_size']} | {r['decode_ms']:.3f} | {r['draft_ms']:.3f} | {r['verify_ms']:.3f} | "
+              f"{r['tail_ms']:.3f} | {r['extend_ms']:.3f} | {r['verify_over_decode']:.2f}x | {r['draft_share']:.1%} | "
+              f"{r['spec_step_over_decode']:.2f}x |")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -140,11 +221,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=64, help="random prompt tokens (with --preset)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--step-costs", action="store_true", help="time the captured graphs instead (CUDA; --preset, "
+                    "default v3-shape; the last --steps value drafts)")  # fmt: skip
+    ap.add_argument("--cached-len", type=int, default=1024, help="cached tokens a request (--step-costs)")
+    ap.add_argument("--replays", type=int, default=50, help="graph replays timed (--step-costs)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.step_costs:
+        args.preset = args.preset or "v3-shape"
+        rows = step_costs(args)
+        print_step_costs(args, rows)
+        if args.out is not None:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
+                                            "step_costs": rows}, indent=1))  # fmt: skip
+        return 0
     configs = [SpecConfig(0)] + [SpecConfig(s, k, s + 1) for s in args.steps for k in args.topk]
     with model_dir(args) as path:
         rows = [r for spec in configs for r in asyncio.run(measure(args, path, spec, args.batch_sizes))]
