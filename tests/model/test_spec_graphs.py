@@ -7,6 +7,7 @@ state and every request's cache bit-equal. GPU: captured graphs on the Triton ba
 from __future__ import annotations
 
 from array import array
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -165,6 +166,55 @@ def test_padding_rows_write_only_the_padding_page() -> None:
         assert torch.allclose(a[1:owned], b[1:owned], rtol=1e-4, atol=1e-5)  # padded: see above
         assert not b[owned:].any()
     assert any(layer[0].any() for layer in graphed.kv_cache.layers)
+
+
+def test_triton_verify_shape_derives_each_rows_keys_at_every_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton backend's verify shape (query_len 3) beside a decode shape on one backend: planned once on static
+    buffers, it reads whatever lengths the static seq_lens hold when it runs (as a replayed graph does), on fixed
+    seq_idx / kv_lens rows with its split count frozen; equal to the extend reference (Triton interpreter on CPU)."""
+    from types import SimpleNamespace
+
+    from baleen.kernels.mla_extend import mla_extend_ref
+    from baleen.model.attention import GraphShape
+    from baleen.model.attention_triton import TritonAttentionBackend
+    from baleen.model.batch import ForwardBatch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=4))
+    torch.manual_seed(0)
+    heads, d_latent, d_rope, ps, max_pages, bs, q = 2, 64, 32, 16, 4, 2, 3
+    attn = TritonAttentionBackend()
+    for query_len in (1, q):
+        attn.init_graphs(GraphShape(query_len, 4, max_pages, ps, heads, 0.2, torch.float32, dev))
+    cache = torch.randn(12, ps, d_latent + d_rope, device=dev)
+    table = torch.tensor([[3, 7, 1, 9], [5, 2, 0, 0]], dtype=torch.int32, device=dev)
+    seq_lens = torch.ones(4, dtype=torch.int32, device=dev)  # the graphs' static lengths
+    decode = ForwardBatch(input_ids=torch.zeros(bs, dtype=torch.int64, device=dev),
+                          positions=torch.zeros(bs, dtype=torch.int64, device=dev),
+                          out_loc=torch.zeros(bs, dtype=torch.int64, device=dev),
+                          qo_indptr=torch.arange(bs + 1, dtype=torch.int32, device=dev), seq_lens=seq_lens[:bs],
+                          prefix_lens=seq_lens[:bs], page_table=table, logits_indices=torch.arange(bs, device=dev),
+                          seq_lens_cpu=[2] * bs, extend_lens_cpu=[1] * bs, page_size=ps)  # fmt: skip
+    attn.plan_capture(decode)
+    assert list(attn._decode_splits) == [bs]
+    t = bs * q
+    verify = ForwardBatch(input_ids=torch.zeros(t, dtype=torch.int64, device=dev),
+                          positions=torch.zeros(t, dtype=torch.int64, device=dev),
+                          out_loc=torch.zeros(t, dtype=torch.int64, device=dev),
+                          qo_indptr=torch.arange(0, t + 1, q, dtype=torch.int32, device=dev), seq_lens=seq_lens[:bs],
+                          prefix_lens=seq_lens[:bs], page_table=table, logits_indices=torch.arange(t, device=dev),
+                          seq_lens_cpu=[max_pages * ps] * bs, extend_lens_cpu=[q] * bs, page_size=ps)  # fmt: skip
+    attn.plan_capture(verify)
+    q_nope = torch.randn(t, heads, d_latent, device=dev)
+    q_pe = torch.randn(t, heads, d_rope, device=dev)
+    for lens in ([24, 8], [40, 3], [64, 17]):  # what three replays' preps would write
+        seq_lens[:bs] = torch.tensor(lens, dtype=torch.int32)
+        got = attn.run_absorbed(q_nope, q_pe, cache, 0.2)
+        want = mla_extend_ref(q_nope, q_pe, cache, table, verify.qo_indptr, seq_lens[:bs], 0.2)
+        torch.testing.assert_close(got, want, rtol=2e-3 if dev.type == "cuda" else 1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="query rows a sequence"):
+        attn.plan_capture(replace(verify, extend_lens_cpu=[2, 2]))
 
 
 # ---- GPU: captured graphs -------------------------------------------------------------------------------
