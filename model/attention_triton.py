@@ -60,10 +60,10 @@ def expanded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 class TritonAttentionBackend(GraphAttentionBackend):
     """Triton split-KV MLA decode and absorbed extend; torch fused attention for prefill without a prefix.
 
-    On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16, 64-multiple heads, 512 + 64,
-    pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at 128 heads).
-    An FP8 cache runs the Triton kernels (they load e4m3 and fold `kv_scale` into the softmax scale and the
-    output); TODO(fp8-kv): the Gluon kernel for FP8 caches, which 128 heads at batch >= 32 need to be fast.
+    On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16 q, a bf16 or FP8 cache, 64-multiple
+    heads, 512 + 64, pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at
+    128 heads). All kernels read an FP8 cache as e4m3 and fold `kv_scale` into the softmax scale and the output;
+    elsewhere (page 1, other head counts) the Triton kernels serve it.
     Under CUDA graphs the kernels read the graphs' static page table and seq_lens: nothing to plan before a
     replay; the split count of each captured size is frozen at its capture. Several graph shapes may share one
     backend (speculative decoding: one-token draft steps and verify steps of k + 1 rows a sequence); a verify
@@ -116,12 +116,12 @@ class TritonAttentionBackend(GraphAttentionBackend):
         if self._decode:
             from baleen.kernels.mla_decode import mla_decode
 
-            if self._use_gluon(q_latent, q_pe, kv_cache_layer):  # bf16 caches only: kv_scale is 1
+            if self._use_gluon(q_latent, q_pe, kv_cache_layer):
                 from baleen.kernels.mla_decode_gluon import mla_decode_gluon
 
                 return mla_decode_gluon(
                     q_latent, q_pe.to(q_latent.dtype), kv_cache_layer, b.page_table, b.seq_lens, scale,
-                    num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len,
+                    num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len, kv_scale=kv_scale,
                 )  # fmt: skip
             return mla_decode(
                 q_latent, q_pe.to(q_latent.dtype), kv_cache_layer, b.page_table, b.seq_lens, scale,
@@ -138,7 +138,7 @@ class TritonAttentionBackend(GraphAttentionBackend):
             from baleen.kernels.mla_decode_gluon import mla_decode_gluon
 
             return mla_decode_gluon(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale,
-                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx)  # fmt: skip
+                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx, kv_scale=kv_scale)  # fmt: skip
         from baleen.kernels.mla_decode import mla_decode
 
         return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
@@ -170,7 +170,8 @@ class TritonAttentionBackend(GraphAttentionBackend):
         if use is None:
             from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported
 
-            use = cache.dtype == q_latent.dtype == torch.bfloat16 and gluon_mla_decode_supported(*key[:5])
+            # bf16 q over a bf16 or e4m3 cache (key[5] is the cache's dtype)
+            use = q_latent.dtype == torch.bfloat16 and gluon_mla_decode_supported(*key)
             self._gluon[key] = use
         return use
 
