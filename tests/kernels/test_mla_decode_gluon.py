@@ -34,7 +34,6 @@ def make_case(seq_lens: list[int], heads: int, page_size: int) -> tuple[torch.Te
     return to(q_nope), to(q_pe), to(cache), table.cuda(), lens.cuda()
 
 
-
 def _need_hopper() -> None:
     if not gluon_mla_decode_supported("cuda", 128, D_LATENT, D_ROPE, 64):
         pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
@@ -107,3 +106,148 @@ def test_gluon_mla_decode_unsupported_on_cpu() -> None:
     one = torch.ones(1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="use mla_decode"):
         mla_decode_gluon(q, q[..., :D_ROPE].contiguous(), cache, one, one[0], 0.1)
+
+
+# ---- FP8 (e4m3) cache ---------------------------------------------------------------------------------------
+
+
+def to_fp8(cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
+    """The cache as an FP8 KV cache holds it: e4m3 of latent / kv_scale (kept inside e4m3's +-448)."""
+    return (cache.float() / kv_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def check_fp8(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache8: torch.Tensor,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    kv_scale: float,
+    splits: int | None,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The FP8-cache Gluon output; asserts it equals the bf16 Gluon kernel's over the cache upcast to bf16 (e4m3 ->
+    bf16 is exact and the partitions after the loader are the same code) and is within 1e-2 of the Triton kernel's
+    (FP8 cache, kv_scale folded the same way)."""
+    from baleen.kernels.mla_decode import mla_decode
+
+    out = mla_decode_gluon(q_nope, q_pe, cache8, table, lens, 0.0625, num_kv_splits=splits, seq_idx=seq_idx,
+                           kv_scale=kv_scale)  # fmt: skip
+    assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
+    up = mla_decode_gluon(q_nope, q_pe, cache8.to(torch.bfloat16), table, lens, 0.0625, num_kv_splits=splits,
+                          seq_idx=seq_idx, kv_scale=kv_scale)  # fmt: skip
+    diff = float((out.float() - up.float()).abs().max())
+    assert torch.equal(out, up), f"FP8 path != bf16 path over the upcast cache: max |diff| {diff:.3g}"
+    tri = mla_decode(q_nope, q_pe, cache8, table, lens, 0.0625, num_kv_splits=splits, seq_idx=seq_idx,
+                     kv_scale=kv_scale)  # fmt: skip
+    assert rel_err(out, tri) < 1e-2
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "heads,page_size,splits,seq_lens,kv_scale",
+    [
+        (128, 64, 1, [1000], 0.5),  # one split: the output scaled in the kernel, no merge
+        (128, 64, 4, [1, 63, 64, 65, 1000], 2.0),  # ragged; empty splits; partials merged
+        (128, 128, 1, [65, 1, 300], 0.25),
+        (128, 128, 3, [64, 1000, 63], 1.5),
+        (64, 64, 2, [129, 7, 64], 0.5),  # one head block
+        (128, 64, None, [5 + 31 * i for i in range(33)], 2.0),  # batch 33, the default split heuristic
+        (128, 64, None, [4000, 4097], 1.0),
+    ],
+)
+def test_mla_decode_gluon_fp8_matches_ref(
+    heads: int, page_size: int, splits: int | None, seq_lens: list[int], kv_scale: float
+) -> None:
+    _need_hopper()
+    torch.manual_seed(heads + page_size + (splits or 0) + len(seq_lens) + int(8 * kv_scale))
+    q_nope, q_pe, cache, table, lens = make_case(seq_lens, heads, page_size)
+    cache8 = to_fp8(cache, kv_scale)
+    out = check_fp8(q_nope, q_pe, cache8, table, lens, kv_scale, splits)
+    ref = mla_decode_ref(q_nope, q_pe, cache8, table, lens, 0.0625, kv_scale=kv_scale)  # dequantized in fp32
+    for b in range(len(seq_lens)):  # per sequence, so one broken length is named
+        assert rel_err(out[b], ref[b]) < 1e-2, f"sequence {b} (len {seq_lens[b]})"
+
+
+@pytest.mark.gpu
+def test_mla_decode_gluon_fp8_subnormals() -> None:
+    # Latents mostly below e4m3's smallest normal (2^-6): the converter's bf16 multiply must keep the bf16
+    # subnormals its bit trick makes of them (a flush to zero would break the equality with the upcast cache).
+    _need_hopper()
+    torch.manual_seed(5)
+    q_nope, q_pe, cache, table, lens = make_case([300, 64, 129], 128, 64)
+    cache8 = to_fp8(cache * 2.0**-8, 1.0)
+    assert (cache8.float().abs() < 2.0**-6).float().mean() > 0.5
+    q_nope, q_pe = q_nope * 64, q_pe * 64  # scores of order 1 over such small keys
+    out = check_fp8(q_nope, q_pe, cache8, table, lens, 1.0, 2)
+    ref = mla_decode_ref(q_nope, q_pe, cache8, table, lens, 0.0625)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None])
+def test_mla_decode_gluon_fp8_extend_rows(splits: int | None) -> None:
+    # Extend over an FP8 cache: every new token a query row with its own causal length (the seq_idx form).
+    _need_hopper()
+    from baleen.kernels.mla_extend import extend_rows, mla_extend_ref
+
+    torch.manual_seed(13)
+    prefix, extend = [0, 700, 64, 1], [130, 3, 64, 1]
+    _, _, cache, table, _ = make_case([p + e for p, e in zip(prefix, extend)], 128, 64)
+    cache8 = to_fp8(cache, 0.5)
+    num_tokens = sum(extend)
+    q_nope = torch.randn(num_tokens, 128, D_LATENT, device="cuda").to(torch.bfloat16)
+    q_pe = torch.randn(num_tokens, 128, D_ROPE, device="cuda").to(torch.bfloat16)
+    qo = torch.tensor([0, *torch.tensor(extend).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([p + e for p, e in zip(prefix, extend)], dtype=torch.int32, device="cuda")
+    seq_idx, kv_lens = extend_rows(qo, lens, num_tokens)
+    out = check_fp8(q_nope, q_pe, cache8, table, kv_lens, 0.5, splits, seq_idx=seq_idx)
+    ref = mla_extend_ref(q_nope, q_pe, cache8, table, qo, lens, 0.0625, kv_scale=0.5)
+    for i in range(len(prefix)):
+        a, b = int(qo[i]), int(qo[i + 1])
+        assert rel_err(out[a:b], ref[a:b]) < 1e-2, f"sequence {i} (prefix {prefix[i]}, extend {extend[i]})"
+
+
+def test_gluon_mla_decode_fp8_refused_on_cpu() -> None:
+    assert not gluon_mla_decode_supported("cpu", 128, D_LATENT, D_ROPE, 64, torch.float8_e4m3fn)
+    q = torch.zeros(1, 128, D_LATENT, dtype=torch.bfloat16)
+    one = torch.ones(1, 1, dtype=torch.int32)
+    cache8 = torch.zeros(2, 64, D_LATENT + D_ROPE, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="use mla_decode"):
+        mla_decode_gluon(q, q[..., :D_ROPE].contiguous(), cache8, one, one[0], 0.1, kv_scale=0.5)
+    q16 = q.to(torch.float16)  # fp16 q: the Gluon kernel takes bf16 only
+    with pytest.raises(ValueError, match="bf16"):
+        mla_decode_gluon(q16, q16[..., :D_ROPE].contiguous(), cache8, one, one[0], 0.1)
+
+
+def test_gluon_launch_args_fold_kv_scale() -> None:
+    # The scale contract of the Triton kernel: softmax scale x kv_scale (log2 domain), output x kv_scale; an
+    # e4m3 cache goes in as a pointer to the 4-warp converter, a bf16 one would go as TMA descriptors.
+    import math
+
+    from baleen.kernels.mla_decode import split_buffers
+    from baleen.kernels.mla_decode_gluon import FP8_LOADER_WARPS, kernel_launch_args
+
+    q = torch.zeros(2, 128, D_LATENT, dtype=torch.bfloat16)
+    qpe = torch.zeros(2, 128, D_ROPE, dtype=torch.bfloat16)
+    cache8 = torch.zeros(4, 64, D_LATENT + D_ROPE, dtype=torch.float8_e4m3fn)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    out = torch.empty_like(q)
+    o_part, lse, strides = split_buffers(out, 3)
+    args, kwargs = kernel_launch_args(q, qpe, cache8, table, lens, None, o_part, lse, strides, 3, 0.125, 0.5)
+    assert args[2] is None and args[3] is None and args[4] is cache8  # no descriptors; the cache pointer
+    assert math.isclose(args[10], 0.125 * 0.5 * math.log2(math.e)) and args[11] == 0.5
+    assert kwargs["KV_FP8"] and kwargs["LOADER_WARPS"] == FP8_LOADER_WARPS and kwargs["STORE_LSE"]
+    assert args[16] == cache8.stride(1)  # row stride in elements (= bytes for e4m3)
+
+
+def test_e4m3_to_bf16_bit_trick_is_exact() -> None:
+    # What _E4M3_TO_BF16_PTX computes, in torch: every finite e4m3 byte, subnormals and signed zeros included.
+    x = torch.arange(256, dtype=torch.int32)
+    bits = ((x & 0x80) << 8) | ((x & 0x7F) << 4)  # bf16 bits of value * 2^-120
+    got = (bits << 16).view(torch.float32).double() * 2.0**120
+    want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite], want[finite]) and int(finite.sum()) == 254
