@@ -1,11 +1,15 @@
 """Gluon MLA decode (Hopper) vs FlashInfer and Triton: `python -P loadtest/kernel_bench/bench_mla_gluon.py`.
 
-First the Gluon kernel is checked against `mla_decode_ref` at small shapes in a child process with a time limit
-(max |diff|, PASS/FAIL), so a compile error, a fault or a deadlock is reported and ends the run cleanly before
-anything is timed. Then 128 heads x batch 1/32/128 x context 4k/8k at page 64 (and page 128 at 128 x 4k):
-CUDA-graph-timed ms of the Gluon kernel (best over the default split count and a few others while the budget
-lasts, as `ms@splits`), FlashInfer and the plain Triton kernel, and FI/gluon, triton/gluon (> 1: Gluon is
-faster). Ends with the compile stats. Budget: < 3 minutes.
+First the Gluon kernel is checked against `mla_decode_ref` at small shapes, over bf16 and FP8 (e4m3, kv_scale
+0.5) caches, in a child process with a time limit (max |diff|, PASS/FAIL), so a compile error, a fault or a
+deadlock is reported and ends the run cleanly before anything is timed. Then (`--section bf16`) 128 heads x batch
+1/32/128 x context 4k/8k at page 64 (and page 128 at 128 x 4k): CUDA-graph-timed ms of the Gluon kernel (best
+over the default split count and a few others while the budget lasts, as `ms@splits`), FlashInfer and the plain
+Triton kernel, and FI/gluon, triton/gluon (> 1: Gluon is faster). Then (`--section fp8`) the FP8 KV cache at 128
+heads, page 64, batch 1/32/128 x context 4k/8k/32k, default split counts: the Gluon kernel over a bf16 cache, over
+the same cache in e4m3, the Triton kernel over the e4m3 cache, each as ms and GB/s of KV bytes read (576 values a
+token, 2 or 1 bytes each), and bf16/fp8 (> 1: the FP8 cache is faster; issue 20 asks >= 1.4 at 32 x 8k) and
+triton/fp8. Ends with the compile stats. Budget: ~3 minutes for both sections (`--section all`, the default).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from baleen.kernels.mla_decode_gluon import (
 D_LATENT, D_ROPE = 512, 64
 SM_SCALE = 1.0 / math.sqrt(192)
 MAX_DIFF = 0.05  # bf16 outputs agree to ~1e-2 over thousands of keys; more is a bug
-CHECK_TIMEOUT_S = 90.0  # the child's checks: CUDA start-up, then compiles and five small cases
+KV_SCALE = 0.5  # the FP8 cases' per-layer scale (the cache holds latent / KV_SCALE)
+CHECK_TIMEOUT_S = 150.0  # the child's checks: CUDA start-up, then compiles and nine small cases (bf16 and FP8)
 
 
 def report_error(what: str, e: BaseException) -> None:
@@ -62,22 +67,37 @@ def make_case(batch: int, seq_lens: list[int], heads: int, page_size: int) -> tu
     return q_nope, q_pe, cache, table, lens
 
 
+def to_fp8(cache: torch.Tensor, kv_scale: float = KV_SCALE) -> torch.Tensor:
+    """The cache as an FP8 KV cache holds it: e4m3 of latent / kv_scale (the junk rows clamped to e4m3's 448)."""
+    return (cache.float() / kv_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
 def check_kernel() -> bool:
-    """Small shapes against the torch reference (ragged lengths, splits 1 and several, pages 64 and 128)."""
-    cases = [  # heads, page, splits, seq_lens
-        (128, 64, 1, [1000, 1, 65]),
-        (128, 64, 4, [1, 63, 64, 65, 1000]),
-        (128, 128, 3, [64, 1000, 63, 129]),
-        (64, 64, 2, [129, 7, 64]),
-        (128, 64, None, [4096] * 4),
+    """Small shapes against the torch reference (ragged lengths, splits 1 and several, pages 64 and 128), over
+    bf16 caches and then e4m3 ones (the reference dequantizes them)."""
+    cases = [  # heads, page, splits, seq_lens, fp8
+        (128, 64, 1, [1000, 1, 65], False),
+        (128, 64, 4, [1, 63, 64, 65, 1000], False),
+        (128, 128, 3, [64, 1000, 63, 129], False),
+        (64, 64, 2, [129, 7, 64], False),
+        (128, 64, None, [4096] * 4, False),
+        (128, 64, 1, [1000, 1, 65], True),
+        (128, 64, 4, [1, 63, 64, 65, 1000], True),
+        (128, 128, 3, [64, 1000, 63, 129], True),
+        (128, 64, None, [4096] * 4, True),
     ]
     ok_all = True
-    for heads, page, splits, seq_lens in cases:
-        tag = f"h{heads} p{page} splits {splits} lens {seq_lens}"
+    for heads, page, splits, seq_lens, fp8 in cases:
+        tag = f"{'fp8' if fp8 else 'bf16'} h{heads} p{page} splits {splits} lens {seq_lens}"
         try:
             q_nope, q_pe, cache, table, lens = make_case(len(seq_lens), seq_lens, heads, page)
-            out = mla_decode_gluon(q_nope, q_pe, cache, table, lens, SM_SCALE, num_kv_splits=splits)
-            ref = mla_decode_ref(q_nope, q_pe, cache, table, lens, SM_SCALE)
+            kv_scale = KV_SCALE if fp8 else 1.0
+            if fp8:
+                cache = to_fp8(cache)
+            out = mla_decode_gluon(
+                q_nope, q_pe, cache, table, lens, SM_SCALE, num_kv_splits=splits, kv_scale=kv_scale
+            )
+            ref = mla_decode_ref(q_nope, q_pe, cache, table, lens, SM_SCALE, kv_scale=kv_scale)
             torch.cuda.synchronize()
             diff = float((out.float() - ref.float()).abs().max())
             ok = math.isfinite(diff) and diff <= MAX_DIFF
@@ -158,11 +178,53 @@ def run_shape(
     table.add(label, cell, fi_ms, tri_ms, fi_ms / best_ms, tri_ms / best_ms)
 
 
+def run_fp8_shape(batch: int, seq_len: int, table: Table) -> None:
+    """Gluon over a bf16 cache, Gluon and Triton over the same cache in e4m3 (default split counts); add a row."""
+    heads, page = 128, 64
+    label = f"h{heads} p{page} b{batch} {seq_len // 1024}k"
+    q_nope, q_pe, cache, pt, lens = make_case(batch, [seq_len] * batch, heads, page)
+    cache8 = to_fp8(cache)
+    args = (q_nope, q_pe)
+    bf_ms, _ = time_or_nan(
+        f"gluon bf16 {label}",
+        partial(mla_decode_gluon, *args, cache, pt, lens, SM_SCALE, max_seq_len=seq_len),
+    )
+    del cache
+    f8_ms, f8_out = time_or_nan(
+        f"gluon fp8 {label}",
+        partial(mla_decode_gluon, *args, cache8, pt, lens, SM_SCALE, max_seq_len=seq_len, kv_scale=KV_SCALE),
+    )
+    tri_ms, tri_out = time_or_nan(
+        f"triton fp8 {label}",
+        partial(mla_decode, *args, cache8, pt, lens, SM_SCALE, max_seq_len=seq_len, kv_scale=KV_SCALE),
+    )
+    d = math.nan
+    if f8_out is not None and tri_out is not None:
+        d = float((f8_out.float() - tri_out.float()).abs().max())
+    splits = pick_num_kv_splits(
+        batch, heads // BLOCK_H, seq_len, torch.cuda.get_device_properties(0).multi_processor_count, BLOCK_H
+    )
+    tokens = batch * seq_len * (D_LATENT + D_ROPE)  # KV values read (once from HBM at best)
+    gbs = lambda num_bytes, ms: num_bytes / (ms * 1e-3) / 1e9 if ms > 0 else math.nan
+    bad = "" if d <= MAX_DIFF else " WRONG"
+    table.add(
+        label, splits, f"{bf_ms:.4f}", f"{f8_ms:.4f}", f"{tri_ms:.4f}", f"{gbs(2 * tokens, bf_ms):.0f}",
+        f"{gbs(tokens, f8_ms):.0f}", f"{gbs(tokens, tri_ms):.0f}", f"{bf_ms / f8_ms:.2f}", f"{tri_ms / f8_ms:.2f}",
+        f"{d:.3g}{bad}",
+    )  # fmt: skip
+
+
 def main() -> None:
     """Check the kernel (child process), time every shape, print the compile stats and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--budget-s", type=float, default=100.0, help="no extra split counts after this long (from the start)"
+    )
+    parser.add_argument(
+        "--section",
+        choices=["all", "bf16", "fp8"],
+        default="all",
+        help="bf16: Gluon vs FlashInfer vs Triton over bf16 caches; fp8: bf16 vs FP8 caches (default: both)",
     )
     # --check-only: what check_in_child runs in its child process
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
@@ -178,23 +240,38 @@ def main() -> None:
     if not check_in_child():
         print("the Gluon kernel failed its checks; nothing timed")
         return
-    fi: FlashInferMLA | None
-    try:
-        fi = FlashInferMLA("cuda")
-    except Exception as e:  # absent optional dependency
-        print(f"FlashInfer unavailable ({e}); comparing with the Triton kernel only")
-        fi = None
-    table = Table(
-        "MLA decode 128 heads: Gluon (best ms@splits) vs FlashInfer vs Triton (graph-timed ms)",
-        ["shape", "gluon", "FI", "triton", "FI/gluon", "triton/gluon"],
-    )
-    shapes = [(b, ctx, 64) for b in (128, 32, 1) for ctx in (4096, 8192)] + [(128, 4096, 128)]
-    for batch, seq_len, page in shapes:
-        run_shape(batch, seq_len, page, fi, deadline, table)
-        torch.cuda.empty_cache()
+    tables = []
+    if args.section in ("all", "bf16"):
+        fi: FlashInferMLA | None
+        try:
+            fi = FlashInferMLA("cuda")
+        except Exception as e:  # absent optional dependency
+            print(f"FlashInfer unavailable ({e}); comparing with the Triton kernel only")
+            fi = None
+        table = Table(
+            "MLA decode 128 heads: Gluon (best ms@splits) vs FlashInfer vs Triton (graph-timed ms)",
+            ["shape", "gluon", "FI", "triton", "FI/gluon", "triton/gluon"],
+        )
+        shapes = [(b, ctx, 64) for b in (128, 32, 1) for ctx in (4096, 8192)] + [(128, 4096, 128)]
+        for batch, seq_len, page in shapes:
+            run_shape(batch, seq_len, page, fi, deadline, table)
+            torch.cuda.empty_cache()
+        tables.append(table)
+    if args.section in ("all", "fp8"):
+        table = Table(
+            f"MLA decode 128 heads, bf16 vs FP8 (e4m3, kv_scale {KV_SCALE}) KV cache (graph-timed ms, GB/s of KV)",
+            ["shape", "splits", "gluon bf16", "gluon fp8", "triton fp8", "GB/s bf16", "GB/s fp8", "GB/s tri fp8",
+             "bf16/fp8", "triton/fp8", "max|fp8-tri|"],
+        )  # fmt: skip
+        for batch in (1, 32, 128):
+            for seq_len in (4096, 8192, 32768):
+                run_fp8_shape(batch, seq_len, table)
+                torch.cuda.empty_cache()
+        tables.append(table)
     print("compile stats (regs is the launch budget; the partitions set theirs with setmaxnreg):")
     print_compile_stats(mla_decode_gluon_kernel)
-    print(table.render())
+    for table in tables:
+        print(table.render())
 
 
 if __name__ == "__main__":
