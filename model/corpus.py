@@ -511,18 +511,17 @@ def text_doc(rng: random.Random, text: str, min_chars: int = 300, max_chars: int
 
 # ---- the mixture ------------------------------------------------------------------------------------------------
 MIXTURE: tuple[tuple[str, float], ...] = (
-    ("capital", 0.15), ("capital_list", 0.04), ("capital_list_first", 0.03), ("capital_check", 0.04),
-    ("capital_check_novel", 0.03), ("add", 0.12), ("sub", 0.12), ("mul", 0.10), ("tools", 0.14),
-    ("tools_novel", 0.08), ("chat", 0.02), ("text", 0.13),
+    ("capital", 0.17), ("capital_list", 0.06), ("capital_check", 0.06), ("add", 0.13), ("sub", 0.13),
+    ("mul", 0.10), ("tools", 0.20), ("chat", 0.02), ("text", 0.13),
 )
 
 
 # Stage 2 (fine-tuning the stage-1 model): copying names it cannot have memorised, one list per length, and the
 # rest of the mixture so that nothing is forgotten.
 FINETUNE_MIXTURE: tuple[tuple[str, float], ...] = (
-    ("tools_novel", 0.24), ("tools", 0.10), ("capital_list_first", 0.12), ("capital_check_novel", 0.08),
-    ("capital", 0.08), ("capital_check", 0.04), ("add", 0.08), ("sub", 0.08), ("mul", 0.06), ("chat", 0.02),
-    ("text", 0.10),
+    ("tools_novel", 0.28), ("tools", 0.08), ("capital_list_first", 0.10), ("capital_check_novel", 0.10),
+    ("capital", 0.07), ("capital_check", 0.03), ("add", 0.07), ("sub", 0.07), ("mul", 0.06), ("chat", 0.02),
+    ("text", 0.12),
 )
 MIXTURES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
 

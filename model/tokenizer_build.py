@@ -66,15 +66,12 @@ def build_tokenizer(
     *,
     texts: list[str] | None = None,
     single_digits: bool = False,
-    words_apart: bool = False,
 ) -> Tokenizer:
     """Train the byte-level BPE tokenizer; the same corpus and vocab_size always give the same tokenizer.
 
     `texts` replaces the corpus files (the trained default model's tokenizer reads its training documents);
     `single_digits` makes every digit its own token (so column arithmetic sees one digit per token) instead of
-    DeepSeek's runs of up to three. `words_apart` gives the space before a word a token of its own, so a word is
-    the same tokens after a space, a quote or a line start (" Qingdao" in a question and "Qingdao" in a JSON
-    argument): a small model can then copy a name it never saw token for token, instead of having to respell it.
+    DeepSeek's runs of up to three.
     """
     num_added = len(ADDED_TOKENS)
     if vocab_size < num_added + 256:
@@ -88,7 +85,6 @@ def build_tokenizer(
     # Like DeepSeek's: digits in runs of at most 3, CJK runs apart, then GPT-2's byte-level split.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            *([pre_tokenizers.Split(Regex(r" (?=\p{L})"), behavior="isolated")] if words_apart else []),
             pre_tokenizers.Split(Regex(r"\p{N}" if single_digits else r"\p{N}{1,3}"), behavior="isolated"),
             pre_tokenizers.Split(Regex("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),

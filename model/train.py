@@ -89,7 +89,7 @@ def train_tokenizer(seed: int = 0, num_docs: int = 30000) -> Tokenizer:
             text = text.replace(s, "\n")
         texts.append(text)
     texts.append(corpus.shakespeare())
-    return build_tokenizer(TOKENIZER_VOCAB, texts=texts, single_digits=True, words_apart=True)
+    return build_tokenizer(TOKENIZER_VOCAB, texts=texts, single_digits=True)
 
 
 @dataclass
