@@ -192,3 +192,45 @@ def test_tiny_model_logits_over_an_fp8_cache_stay_close_to_a_float_cache(tiny: A
         if mla_mode == "auto":
             # The first step prefills without a prefix: the expanded form reads the fresh latents, not the cache.
             torch.testing.assert_close(logits[0], ref_logits[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+@pytest.mark.parametrize(
+    ("prefix", "extend"),
+    [([700, 65, 1], [1, 1, 1]), ([300, 0, 129], [4, 70, 1])],
+    ids=["decode", "mixed-extend"],
+)
+def test_gpu_backends_read_an_fp8_cache_at_deepseek_widths(backend: str, prefix: list[int], extend: list[int]) -> None:
+    # DeepSeek's 512 + 64 latent, 128 heads, pages of 64 rows: the Gluon decode kernel (Hopper) or the Triton
+    # kernels, and FlashInfer's MLA planned with an e4m3 kv_data_type, against the torch backend over the
+    # dequantized cache (both read the same bf16 queries).
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    from baleen.model.build import make_attention_backend
+
+    dev, heads, page = torch.device("cuda"), 128, 64
+    g = torch.Generator().manual_seed(sum(prefix))
+    pages = torch.randperm(96, generator=g)[1:].tolist()  # page 0 is the padding page
+    tables, used = [], 0
+    for p, e in zip(prefix, extend):
+        n = -(-(p + e) // page)
+        tables.append(pages[used : used + n])
+        used += n
+    batch = ForwardBatch.build([0] * sum(extend), prefix, extend, tables, page, device=dev)
+    kv_scale = 0.05
+    cache = torch.randn(96, page, 576, generator=g) * 0.5
+    cache8 = (cache / kv_scale).to(FP8).to(dev)
+    dequant = (cache8.float() * kv_scale).to(torch.bfloat16)
+    t = batch.num_tokens
+    q = (torch.randn(t, heads, 512, generator=g) * 0.1).to(torch.bfloat16).to(dev)
+    q_pe = (torch.randn(t, heads, 64, generator=g) * 0.1).to(torch.bfloat16).to(dev)
+    want = TorchAttentionBackend()
+    want.plan(batch)
+    ref = want.run_absorbed(q.float(), q_pe.float(), dequant.float(), 0.1).to(torch.bfloat16)
+    attn = make_attention_backend(backend, dev)
+    attn.plan(batch)
+    got = attn.run_absorbed(q, q_pe, cache8, 0.1, kv_scale=kv_scale)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
