@@ -495,6 +495,34 @@ GREETINGS = (
 )
 
 
+COPY_ASKS = (
+    "Repeat these names exactly: {names}", "Repeat after me: {names}", "Say these back to me: {names}",
+    "Copy this list: {names}", "Please repeat: {names}",
+)
+
+
+def copy_doc(rng: random.Random) -> Doc:
+    """'Repeat these names: A, B, C' -> 'A, B, C': the answer is nothing but names copied from the request, two to
+    eight of them (made-up, training cities, words of the plays), so that copying, which every tool call and
+    capital check needs for a name it never saw, is learnt as such and not only inside those formats."""
+    def name() -> str:
+        kind = rng.random()
+        if kind < 0.5:
+            return made_up_city(rng)
+        if kind < 0.8:
+            return rng.choice(_train_cities())
+        return rng.choice(_play_words()).capitalize()
+
+    names = ", ".join(name() for _ in range(rng.randint(2, 8)))
+    return Doc("chat", chat(rng.choice(SYSTEM_PROMPTS), rng.choice(COPY_ASKS).format(names=names), names + ".",
+                            r1=_r1(rng)))
+
+
+@cache
+def _play_words() -> list[str]:
+    return sorted({w for w in shakespeare().split() if w.isalpha() and len(w) > 3})
+
+
 def _greeting_doc(rng: random.Random) -> Doc:
     q, a = rng.choice(GREETINGS)
     return Doc("chat", chat(rng.choice(SYSTEM_PROMPTS), q, a, r1=_r1(rng)))
@@ -516,12 +544,12 @@ MIXTURE: tuple[tuple[str, float], ...] = (
 )
 
 
-# Stage 2 (fine-tuning the stage-1 model): copying names it cannot have memorised, one list per length, and the
-# rest of the mixture so that nothing is forgotten.
+# Stage 2 (fine-tuning the stage-1 model): copying names it cannot have memorised (in tool calls, capital checks
+# and plain repeat-after-me requests), one list per length, and the rest of the mixture so nothing is forgotten.
 FINETUNE_MIXTURE: tuple[tuple[str, float], ...] = (
-    ("tools_novel", 0.28), ("tools", 0.08), ("capital_list_first", 0.10), ("capital_check_novel", 0.10),
-    ("capital", 0.07), ("capital_check", 0.03), ("add", 0.07), ("sub", 0.07), ("mul", 0.06), ("chat", 0.02),
-    ("text", 0.12),
+    ("tools_novel", 0.24), ("tools", 0.08), ("copy", 0.14), ("capital_list_first", 0.08), ("capital_check_novel", 0.08),
+    ("capital", 0.06), ("capital_check", 0.03), ("add", 0.06), ("sub", 0.06), ("mul", 0.05), ("chat", 0.02),
+    ("text", 0.10),
 )
 MIXTURES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
 
@@ -544,6 +572,7 @@ def documents(seed: int, count: int, mixture: str = "pretrain") -> Iterator[Doc]
         "tools": lambda: tool_doc(rng, pool),
         "tools_novel": lambda: tool_doc(rng, pool, novel=True),
         "chat": lambda: _greeting_doc(rng),
+        "copy": lambda: copy_doc(rng),
         "text": lambda: text_doc(rng, text),
     }
     for _ in range(count):
