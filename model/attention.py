@@ -60,9 +60,8 @@ class GraphShape:
     page_size: int
     num_heads: int  # attention heads on this rank
     softmax_scale: float
-    dtype: torch.dtype  # of the queries
+    dtype: torch.dtype  # of the queries (the latent cache's too, unless it is FP8)
     device: torch.device
-    kv_dtype: torch.dtype | None = None  # of the latent cache (FP8 with --kv-cache-dtype fp8_e4m3); None: `dtype`
 
 
 class GraphAttentionBackend(AttentionBackend):
