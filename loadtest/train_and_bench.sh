@@ -3,6 +3,7 @@
 # and run bench_accuracy.py against each (with MTP_DEVICE set, also the MTP agreement on the BF16 checkpoint).
 #
 #   OUT=/somewhere bash loadtest/train_and_bench.sh [TRAIN_SECONDS]
+#   TRAIN_ARGS="--init model/data --mixture finetune --lr 1e-3" OUT=... bash loadtest/train_and_bench.sh 150  # stage 2
 #
 # Writes OUT/trained-* (copy them into model/data/), loss.csv, train.json, acc_bf16.json, acc_fp8.json and log.txt
 # (eight files: what a device call returns). Server dependencies the GPU image lacks travel as wheels in .whl/.

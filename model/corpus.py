@@ -551,7 +551,13 @@ FINETUNE_MIXTURE: tuple[tuple[str, float], ...] = (
     ("capital", 0.06), ("capital_check", 0.03), ("add", 0.06), ("sub", 0.06), ("mul", 0.05), ("chat", 0.02),
     ("text", 0.10),
 )
-MIXTURES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
+# Stage 3 (`--mtp-only`: the MTP layer alone, distilling the frozen model): mostly free text, where its
+# next-next guesses are hardest, and the chat formats it drafts in serving.
+MTP_MIXTURE: tuple[tuple[str, float], ...] = (
+    ("text", 0.50), ("tools", 0.08), ("tools_novel", 0.04), ("copy", 0.04), ("add", 0.06), ("sub", 0.06),
+    ("mul", 0.05), ("capital", 0.06), ("capital_list", 0.03), ("capital_check", 0.04), ("chat", 0.04),
+)
+MIXTURES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE, "mtp": MTP_MIXTURE}
 
 
 def documents(seed: int, count: int, mixture: str = "pretrain") -> Iterator[Doc]:

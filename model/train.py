@@ -76,6 +76,7 @@ class TrainConfig:
     workers: int = 6
     mixture: str = "pretrain"  # corpus.MIXTURES: "finetune" is stage 2, from `init`'s weights
     init: str | None = None  # a folder with trained-weights-*.safetensors and trained-tokenizer.json
+    mtp_only: bool = False  # train the MTP layer alone: the main model (its embedding and head too) stays as loaded
 
 
 # ---- tokenizer and batches ---------------------------------------------------------------------------------
@@ -326,16 +327,17 @@ class StepLosses:
 
 
 def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: PackedAttentionBackend,
-           device: torch.device) -> StepLosses:
+           device: torch.device, frozen_main: bool = False) -> StepLosses:
     """The step's losses. The MTP layer learns the data's next-next token (DeepSeek-V3 §2.2) and, at every position
     whose next token is in the document, the main model's own distribution one token later (KL to it, the teacher
     detached): as a drafter it is judged by how often its top-1 is the main model's next top-1, on the model's own
-    outputs as much as on the data's."""
+    outputs as much as on the data's. `frozen_main`: the main model runs without gradients (an MTP-only stage)."""
     main_batch, mtp_batch = forward_batch(batch, device)
     cfg = model.config
     kv = KVCache.for_model(cfg, num_pages=2, page_size=1, dtype=torch.bfloat16, device=device, with_mtp=True)
     attn.plan(main_batch)  # the MTP batch has the same documents: one plan serves both
-    hidden = model(main_batch, kv, attn)  # [N, H]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_main):
+        hidden = model(main_batch, kv, attn)  # [N, H]
     w1, w2 = batch.weight1.to(device), batch.weight2.to(device)
     rows1 = w1.nonzero().squeeze(1)
     ce1 = F.cross_entropy(model.compute_logits(hidden[rows1]), batch.target1.to(device)[rows1], reduction="none")
@@ -374,6 +376,10 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
     model, mtp = build_model(config, device)
     if tcfg.init is not None:
         load_trained(model, mtp, config, Path(tcfg.init))
+    if tcfg.mtp_only:
+        if tcfg.init is None:
+            raise ValueError("--mtp-only trains the MTP layer of --init's model: give --init")
+        model.requires_grad_(False)  # the embedding and the head the MTP layer shares too
     params = _params([model, mtp])
     trainable = [p for p in params.values() if p.requires_grad]
     # Router weights learn 10x slower: Adam's full-size steps would otherwise swing every token to the same
@@ -385,7 +391,7 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
               {"params": router, "weight_decay": 0.0, "lr_scale": ROUTER_LR_SCALE}]
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    loads = ExpertLoads([model, mtp])
+    loads = ExpertLoads([mtp] if tcfg.mtp_only else [model, mtp])
     attn = PackedAttentionBackend(tcfg.row_len)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     total = tcfg.steps or 10**9
@@ -404,7 +410,7 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
             group["lr"] = lr_at(step, total, tcfg) * group["lr_scale"]
         loads.real = batch.real.to(device)
         with autocast:
-            step_losses = losses(model, mtp, batch, attn, device)
+            step_losses = losses(model, mtp, batch, attn, device, frozen_main=tcfg.mtp_only)
             loss = step_losses.main + MTP_WEIGHT * step_losses.mtp
         per_token = step_losses.per_token
         opt.zero_grad(set_to_none=True)
@@ -519,13 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--override", default="{}", help="JSON config.json fields to change (small CPU trials)")
     p.add_argument("--mixture", default="pretrain", choices=sorted(corpus.MIXTURES))
     p.add_argument("--init", default=None, help="start from the trained-* weights and tokenizer in this folder")
+    p.add_argument("--mtp-only", action="store_true", help="train the MTP layer of --init's model alone")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 100, or steps / 10)")
     a = p.parse_args(argv)
     raw = preset("trained")
     raw.update(json.loads(a.override))
     config = ModelConfig.from_dict(raw)
     tcfg = TrainConfig(seed=a.seed, steps=a.steps, time_budget_s=a.time_budget, rows=a.rows, row_len=a.row_len,
-                       lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init,
+                       lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init, mtp_only=a.mtp_only,
                        warmup_steps=a.warmup if a.warmup is not None else min(100, (a.steps or 1000) // 10))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=2) + "\n")

@@ -171,7 +171,7 @@ def test_the_trained_model_serves_every_sampling_feature_as_without_speculation(
     cases = [
         ("To be, or not to be, that is", SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=5,
                                                        frequency_penalty=0.3, logprobs=True, top_logprobs=2)),
-        ("The capital of France is", SamplingParams(max_new_tokens=40, temperature=0.0, stop=["Rome"])),
+        ("The capital of France is", SamplingParams(max_new_tokens=40, temperature=0.0, stop=["alalalal"])),
         ("What is 12 + 35?", SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[13, 16])),
         ("Once more unto the breach, dear friends,", SamplingParams(max_new_tokens=7, temperature=0.0)),
         ("Name the capital of Japan.", SamplingParams(max_new_tokens=30, temperature=1.0, seed=9, min_new_tokens=12)),

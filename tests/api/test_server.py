@@ -146,7 +146,7 @@ def test_completion_forms_stream_and_echo(main_server: ServerProcess, tokenizer:
 def test_n_choices(main_server: ServerProcess) -> None:
     client = client_for(main_server)
     # An open request: the trained model's answer to it is uncertain enough that seeded choices differ.
-    messages = [{"role": "user", "content": "Say something."}]
+    messages = [{"role": "user", "content": "Speak, friend."}]
     kwargs: dict[str, Any] = dict(model="default", messages=messages, max_tokens=6, n=3, temperature=1.0, seed=11,
                                   extra_body={"ignore_eos": True, "return_token_ids": True})
     whole = client.chat.completions.create(**kwargs)

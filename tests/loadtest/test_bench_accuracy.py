@@ -35,9 +35,12 @@ def test_small_sample_every_family(server: ServerProcess, tmp_path: Path) -> Non
     res = json.loads(out.read_text())
     families = ("capitals", "capital_lists", "add", "sub", "mul", "tools", "tools_none", "reasoning")
     assert all(res[f]["n"] == 2 for f in families)
-    # What the shipped model does reliably (the full bench's numbers and its shortfalls are in docs/PERF.md).
-    assert all(res[f]["accuracy"] == 1.0 for f in ("capitals", "add", "sub", "mul", "tools_none", "reasoning")), res
+    # What the shipped model does reliably: 100% of 40 on the H100 (capitals, lists, held-out weather calls, no-tool
+    # requests); 95-97.5% (arithmetic, capital checks: one slip in 40, e.g. 33 * 57 on this seed in float32), so one
+    # of two here. The full bench's numbers are in docs/PERF.md.
+    assert all(res[f]["accuracy"] == 1.0 for f in ("capitals", "capital_lists", "tools", "tools_none")), res
+    assert all(res[f]["accuracy"] >= 0.5 for f in ("add", "sub", "mul", "reasoning")), res
     tools = res["tools"]
-    assert tools["finish_tool_calls"] == tools["parses"] == tools["right_name"] == 1.0, tools
+    assert tools["finish_tool_calls"] == tools["parses"] == tools["right_name"] == tools["right_arguments"] == 1.0
     assert res["reasoning"]["reasoning_split"] == res["add"]["reasoning_split"] == 1.0  # in reasoning_content
     assert res["mtp"]["mtp_agreement_chat_answers"] >= 0.8, res["mtp"]

@@ -117,3 +117,24 @@ def test_batches_fill_rows_with_whole_documents() -> None:
     real = b.real.nonzero().squeeze(1)
     assert b.input_ids[real].ne(train.PAD_ID).all()
     assert b.weight1.sum() > 0 and (b.weight1 <= b.real.float()).all()
+
+
+def test_an_mtp_only_stage_changes_the_mtp_layer_alone(tmp_path: Path) -> None:
+    # --mtp-only from the shipped default model: the written main model (embedding and head included) is the
+    # loaded one bit for bit; the MTP layer moved.
+    from safetensors.torch import load_file
+
+    from baleen.model.make_model import trained_weight_files
+
+    assert train.main([str(tmp_path), "--init", str(corpus.data_dir()), "--mtp-only", "--mixture", "mtp",
+                       "--steps", "2", "--rows", "1", "--row-len", "256", "--workers", "0", "--device", "cpu"]) == 0
+    before: dict[str, torch.Tensor] = {}
+    after: dict[str, torch.Tensor] = {}
+    for f in trained_weight_files():
+        before.update(load_file(f))
+    for f in sorted(tmp_path.glob("trained-weights-*.safetensors")):
+        after.update(load_file(f))
+    assert before.keys() == after.keys()
+    mtp = f"model.layers.{json.loads((tmp_path / 'config.json').read_text())['num_hidden_layers']}."
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(mtp))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(mtp))
