@@ -1,6 +1,9 @@
 """Train the embedded default model through baleen's own DeepSeek-V3 modules (one definition of the architecture).
 
-    python -P -m baleen.model.train OUT [--time-budget 420] [--steps N] [--seed 0]
+    python -P -m baleen.model.train OUT [--time-budget 420] [--steps N] [--seed 0]          # stage 1
+    python -P -m baleen.model.train OUT --init model/data --mixture finetune --lr 1e-3         # stage 2
+    python -P -m baleen.model.train OUT --init model/data --mtp-only --mixture mtp [--self-distill 4000]
+                                                         # stage 3: the MTP layer alone, on the model's own text too
 
 The serving modules run unchanged over a flat batch: each row of `row_len` tokens holds whole documents (one
 ForwardBatch sequence each, positions from 0) and a padding tail; `PackedAttentionBackend` is an attention
@@ -39,7 +42,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from baleen.model import corpus
-from baleen.model.attention import AttentionBackend
+from baleen.model.attention import AttentionBackend, TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
 from baleen.model.deepseek import DeepseekMTP, DeepseekV3ForCausalLM
@@ -77,6 +80,7 @@ class TrainConfig:
     mixture: str = "pretrain"  # corpus.MIXTURES: "finetune" is stage 2, from `init`'s weights
     init: str | None = None  # a folder with trained-weights-*.safetensors and trained-tokenizer.json
     mtp_only: bool = False  # train the MTP layer alone: the main model (its embedding and head too) stays as loaded
+    self_distill: int = 0  # with mtp_only: this many greedy continuations of the model's own, half the documents
 
 
 # ---- tokenizer and batches ---------------------------------------------------------------------------------
@@ -113,9 +117,11 @@ class Batch:
 class BatchMaker:
     """Step -> Batch, a pure function of (seed, step): the same batches in any worker, in any order."""
 
-    def __init__(self, tokenizer_json: str, seed: int, rows: int, row_len: int, mixture: str = "pretrain") -> None:
+    def __init__(self, tokenizer_json: str, seed: int, rows: int, row_len: int, mixture: str = "pretrain",
+                 extra: list[list[int]] | None = None, extra_share: float = 0.0) -> None:  # fmt: skip
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.seed, self.rows, self.row_len, self.mixture = seed, rows, row_len, mixture
+        self.extra, self.extra_share = extra or [], extra_share  # token-id documents (free text), drawn this often
 
     def tokenize(self, doc: corpus.Doc) -> tuple[list[int], list[bool]]:
         ids: list[int] = []
@@ -129,25 +135,30 @@ class BatchMaker:
     def __call__(self, step: int) -> Batch:
         L = self.row_len
         docs = corpus.documents(self.seed * 1_000_003 + step, 1 << 30, self.mixture)
+        rng = random.Random(self.seed * 1_000_003 + step + 1)
         cols: dict[str, list[int]] = {k: [] for k in ("ids", "nxt", "pos", "t1", "w1", "t2", "w2", "nx", "fam", "real")}
         seg_lens: list[int] = []
-        waiting: list[tuple[corpus.Doc, list[int], list[bool]]] = []  # documents that did not fit a row's end
+        waiting: list[tuple[str, list[int], list[bool]]] = []  # documents (family, ids) that did not fit a row's end
         for _ in range(self.rows):
             used, misses = 0, 0
             while misses < 8:  # a row's tail is filled with the next documents that fit, else padded
                 if waiting and used + len(waiting[0][1]) <= L:
-                    doc, ids, flags = waiting.pop(0)
+                    family, ids, flags = waiting.pop(0)
                 else:
-                    doc = next(docs)
-                    ids, flags = self.tokenize(doc)
-                    if len(ids) == L and doc.family != "text":
+                    if self.extra and rng.random() < self.extra_share:
+                        family, ids = "text", self.extra[rng.randrange(len(self.extra))][:L]
+                        flags = [True] * len(ids)
+                    else:
+                        doc = next(docs)
+                        family, (ids, flags) = doc.family, self.tokenize(doc)
+                    if len(ids) == L and family != "text":
                         continue  # a conversation longer than a row: its answer would be cut off
                     if used + len(ids) > L:
-                        waiting.append((doc, ids, flags))
+                        waiting.append((family, ids, flags))
                         misses += 1
                         continue
                 n = len(ids)
-                fam = FAMILIES.index(doc.family)
+                fam = FAMILIES.index(family)
                 cols["ids"] += ids
                 cols["nxt"] += [*ids[1:], PAD_ID]
                 cols["pos"] += range(n)
@@ -244,13 +255,14 @@ class PackedAttentionBackend(AttentionBackend):
 
 
 # ---- the model ---------------------------------------------------------------------------------------------
-def build_model(config: ModelConfig, device: torch.device) -> tuple[DeepseekV3ForCausalLM, DeepseekMTP]:
+def build_model(config: ModelConfig, device: torch.device, mla_mode: str = "expanded") -> tuple[
+        DeepseekV3ForCausalLM, DeepseekMTP]:  # fmt: skip
     """Float32 main model + MTP layer (sharing the embedding and the head), freshly initialised, trainable."""
     # The fused Triton kernels have no backward: the torch references everywhere, on CUDA too.
     kernels = KernelChoice(mla_prep=False, moe_route=False, fp8_weights=False, fp8_absorb=False, glue=False)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)
-        mtp = DeepseekMTP(config, dtype=torch.float32, mla_mode="expanded", kernels=kernels)
+        model = DeepseekV3ForCausalLM(config, dtype=torch.float32, mla_mode=mla_mode, kernels=kernels)
+        mtp = DeepseekMTP(config, dtype=torch.float32, mla_mode=mla_mode, kernels=kernels)
     mtp.share_embedding(model.model.embed_tokens)
     mtp.shared_head.head = model.lm_head  # DeepSeek-V3's MTP modules share the output head too
     materialize(model, device)
@@ -354,6 +366,47 @@ def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: P
     return StepLosses(ce1.mean(), ce2 + kl, per_token, agree)
 
 
+@torch.no_grad()
+def greedy_continuations(model: DeepseekV3ForCausalLM, prompts: list[list[int]], new_tokens: int,
+                         device: torch.device, page: int = 16) -> list[list[int]]:  # fmt: skip
+    """Each prompt and its greedy continuation of `new_tokens` tokens (a model built with mla_mode "auto": the
+    prompt prefilled, then one decode step a token over the paged cache; torch attention)."""
+    n = len(prompts)
+    per = -(-(max(len(p) for p in prompts) + new_tokens) // page)
+    tables = [[1 + i * per + j for j in range(per)] for i in range(n)]
+    kv = KVCache.for_model(model.config, 1 + n * per, page, torch.float32, device)
+    attn = TorchAttentionBackend()
+    seqs = [list(p) for p in prompts]
+    ids, prefix, extend = [t for p in prompts for t in p], [0] * n, [len(p) for p in prompts]
+    for _ in range(new_tokens):
+        batch = ForwardBatch.build(ids, prefix, extend, tables, page, device=device)
+        attn.plan(batch)
+        nxt = model.compute_logits(model(batch, kv, attn)[batch.logits_indices]).argmax(-1).tolist()
+        for s, t in zip(seqs, nxt):
+            s.append(int(t))
+        ids, prefix, extend = [s[-1] for s in seqs], [len(s) - 1 for s in seqs], [1] * n
+    return seqs
+
+
+def self_distill_docs(config: ModelConfig, init: Path, tok: Tokenizer, count: int, seed: int,
+                      device: torch.device) -> list[list[int]]:  # fmt: skip
+    """`count` documents of the model's own text: bos + a training passage's first 48 tokens + its greedy 48 more
+    (what the MTP layer drafts in serving is the model's output, not the plays')."""
+    model, mtp = build_model(config, device, mla_mode="auto")
+    load_trained(model, mtp, config, init)
+    model.post_load()  # the absorbed form's matrices, for decoding over the cache
+    rng = random.Random(seed + 17)
+    text = corpus.shakespeare()
+    bos = tok.token_to_id(corpus.BOS)
+    assert bos is not None, "the tokenizer has no bos token"
+    prompts = [[bos, *tok.encode(corpus.text_doc(rng, text, 400, 600).pieces[1][0], add_special_tokens=False).ids[:48]]
+               for _ in range(count)]  # fmt: skip
+    out: list[list[int]] = []
+    for i in range(0, count, 256):
+        out += greedy_continuations(model, prompts[i : i + 256], 48, device)
+    return out
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -370,7 +423,13 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
     else:  # stage 2 keeps stage 1's tokenizer
         tok = Tokenizer.from_file(str(Path(tcfg.init) / "trained-tokenizer.json"))
     tok.save(str(out / "trained-tokenizer.json"))
-    maker = BatchMaker(tok.to_str(), tcfg.seed, tcfg.rows, tcfg.row_len, tcfg.mixture)
+    extra: list[list[int]] = []
+    if tcfg.self_distill:
+        if not tcfg.mtp_only or tcfg.init is None:
+            raise ValueError("--self-distill needs --mtp-only and --init (the frozen model writes the documents)")
+        extra = self_distill_docs(config, Path(tcfg.init), tok, tcfg.self_distill, tcfg.seed, device)
+        print(f"{len(extra)} self-generated documents in {time.monotonic() - t0:.1f}s", flush=True)
+    maker = BatchMaker(tok.to_str(), tcfg.seed, tcfg.rows, tcfg.row_len, tcfg.mixture, extra, 0.5 if extra else 0.0)
     stream = batches(maker, 0, tcfg.workers)
     torch.manual_seed(tcfg.seed)
     model, mtp = build_model(config, device)
@@ -526,13 +585,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixture", default="pretrain", choices=sorted(corpus.MIXTURES))
     p.add_argument("--init", default=None, help="start from the trained-* weights and tokenizer in this folder")
     p.add_argument("--mtp-only", action="store_true", help="train the MTP layer of --init's model alone")
+    p.add_argument("--self-distill", type=int, default=0, help="with --mtp-only: greedy continuations to train on")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 100, or steps / 10)")
     a = p.parse_args(argv)
     raw = preset("trained")
     raw.update(json.loads(a.override))
     config = ModelConfig.from_dict(raw)
     tcfg = TrainConfig(seed=a.seed, steps=a.steps, time_budget_s=a.time_budget, rows=a.rows, row_len=a.row_len,
-                       lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init, mtp_only=a.mtp_only,
+                       lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init, mtp_only=a.mtp_only, self_distill=a.self_distill,
                        warmup_steps=a.warmup if a.warmup is not None else min(100, (a.steps or 1000) // 10))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=2) + "\n")

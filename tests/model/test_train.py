@@ -14,6 +14,7 @@ from baleen.model import corpus, train
 from baleen.model.attention import TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
 from baleen.model.config import ModelConfig
+from baleen.model.kv_cache import KVCache
 from baleen.model.loader import load_model
 from baleen.model.presets import preset
 
@@ -138,3 +139,24 @@ def test_an_mtp_only_stage_changes_the_mtp_layer_alone(tmp_path: Path) -> None:
     mtp = f"model.layers.{json.loads((tmp_path / 'config.json').read_text())['num_hidden_layers']}."
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(mtp))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(mtp))
+
+
+def test_greedy_continuations_over_the_cache_equal_recomputing_the_whole_sequence() -> None:
+    # The self-distillation documents' generator (prefill, then decode steps over the paged cache) against the
+    # plain way: the whole sequence through the expanded model again for every token.
+    _, cfg = small_config()
+    torch.manual_seed(0)
+    model, _ = train.build_model(cfg, torch.device("cpu"), mla_mode="auto")
+    model.post_load()
+    prompts = [[5, 9, 17, 33, 2], [40, 41], [7] * 19]
+    got = train.greedy_continuations(model, prompts, 6, torch.device("cpu"), page=4)
+    attn = TorchAttentionBackend()
+    for prompt, seq in zip(prompts, got):
+        want = list(prompt)
+        for _ in range(6):
+            batch = ForwardBatch.build(want, [0], [len(want)], [list(range(1, 1 + -(-len(want) // 4)))], 4)
+            kv = KVCache.for_model(cfg, 1 + -(-len(want) // 4), 4, torch.float32, torch.device("cpu"))
+            attn.plan(batch)
+            with torch.no_grad():
+                want.append(int(model.compute_logits(model(batch, kv, attn)[batch.logits_indices]).argmax(-1)))
+        assert seq == want
