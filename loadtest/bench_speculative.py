@@ -7,8 +7,8 @@ speculation, per (num_steps, eagle_topk, num_draft_tokens) and batch size, on th
     python loadtest/bench_speculative.py --step-costs --batch-sizes 1 32   # v3-shape: graph replay costs, CUDA
 
 Each configuration starts its own engine (as SGLang's script starts a server per configuration), warms it with one
-batch, then runs `--repeats` batches of B concurrent greedy requests (prompts from the default model's corpus of
-held-out questions, or random ids for a preset), each generating `--max-new-tokens` tokens with ignore_eos. Decode
+batch, then runs `--repeats` batches of B concurrent greedy requests (the default model: two questions through its chat
+template for each free-text start, `QUESTIONS` / `TEXTS`; random ids for a preset), each generating `--max-new-tokens` tokens with ignore_eos. Decode
 tokens/s counts every generated token after each request's first over the wall time from the batch's first to its
 last token; accept length is completion tokens / verify steps (SGLang's spec_verify_ct), averaged over requests.
 
@@ -39,15 +39,20 @@ from baleen.actors.engine import Engine, EngineConfig
 from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.make_model import default_model_path, dummy_checkpoint
 
-PROMPTS = [
-    "The capital of France is",
+# What the default model is asked in serving: questions through its chat template (rendered as the API renders
+# them), and free text to continue, alternately.
+QUESTIONS = [
     "What is 27 + 58?",
-    "To be, or not to be, that is the question:",
     "Name the capital of Japan.",
     "What is 9 * 7?",
-    "Once more unto the breach, dear friends,",
+    "How's the weather like in Qingdao today",
     "What is the capital of Kenya?",
     "Compute 140 - 67.",
+]
+TEXTS = [
+    "The capital of France is",
+    "To be, or not to be, that is the question:",
+    "Once more unto the breach, dear friends,",
 ]
 
 
@@ -77,8 +82,19 @@ def prompts(args: argparse.Namespace, path: Path, n: int) -> list[list[int]]:
         return [[rng.randrange(100, 2000) for _ in range(args.prompt_len)] for _ in range(n)]
     from tokenizers import Tokenizer
 
+    from baleen.model import corpus
+
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return [tok.encode(PROMPTS[i % len(PROMPTS)]).ids for i in range(n)]
+    tools = [corpus.QUERY_WEATHER]
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append(tok.encode(TEXTS[i // 3 % len(TEXTS)]).ids)
+        else:
+            q = QUESTIONS[(i - i // 3) % len(QUESTIONS)]
+            prompt = corpus.chat("", q, "", tools if "weather" in q else None)[0][0]
+            out.append(tok.encode(prompt, add_special_tokens=False).ids)
+    return out
 
 
 async def one_batch(engine: Engine, batch: list[list[int]], max_new: int) -> tuple[float, int, list[float]]:
