@@ -11,18 +11,17 @@ from array import array
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from test_speculative import PAGE, PAGES_PER_SLOT
+from test_speculative import _decode as decode_steps
 
-from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+from baleen.messages import SamplingParams, SeqRow, StepPlan
 from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner
 from baleen.model.spec_graphs import SpecGraphs
 
-PAGE = 16
-PAGES_PER_SLOT = 8  # 128 tokens a request
 PROMPTS = [[5, 9, 33, 41, 7, 12, 99, 3], [17, 4, 250, 8, 8, 61], [300, 12, 77, 2, 19, 200, 31, 45, 90, 6, 13],
            [44, 81, 7, 19, 19, 2, 140]]  # fmt: skip
 
@@ -51,30 +50,8 @@ def _runner(num_steps: int, sizes: list[int] | None = None, **kw: Any) -> ModelR
 def _decode(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingParams], num_new: int,
             num_drafts: int) -> list[list[int]]:  # fmt: skip
     """Prefill every prompt, then verify rows of up to num_drafts drafts (fewer near num_new) until each has num_new
-    tokens (as tests/model/test_speculative.py)."""
-    n = len(prompts)
-    inits = [SlotInit(s, f"r{s}", params[s], array("i", p).tobytes()) for s, p in enumerate(prompts)]
-    pages = [PageUpdate(s, 0, array("i", range(1 + s * PAGES_PER_SLOT, 1 + (s + 1) * PAGES_PER_SLOT)).tobytes())
-             for s in range(n)]  # fmt: skip
-    rows = [SeqRow(s, 0, len(p), array("i", p).tobytes(), True) for s, p in enumerate(prompts)]
-    out: list[list[int]] = [[] for _ in range(n)]
-    plan = StepPlan(step_id=0, rows=rows, new_slots=inits, page_updates=pages)
-    step = 0
-    while True:
-        res = runner.finish(runner.launch(plan))
-        ids = np.frombuffer(res.token_ids, dtype=np.int32).tolist()
-        counts = np.frombuffer(res.num_tokens, dtype=np.int32).tolist() if res.num_tokens else [1] * len(plan.rows)
-        at = 0
-        for r, c in zip(plan.rows, counts):
-            out[r.slot].extend(ids[at : at + c])
-            at += c
-        step += 1
-        live = [s for s in range(n) if len(out[s]) < num_new]
-        if not live:
-            return [o[:num_new] for o in out]
-        rows = [SeqRow(s, len(prompts[s]) + len(out[s]) - 1, 1 + min(num_drafts, num_new - len(out[s]) - 1), b"", True)
-                for s in live]  # fmt: skip
-        plan = StepPlan(step_id=step, rows=rows)
+    tokens: tests/model/test_speculative.py's loop."""
+    return decode_steps(runner, prompts, params, num_new, num_drafts)[0]
 
 
 @pytest.mark.parametrize("sizes", [[1, 2, 4], [4]])
