@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from baleen.model.logit_processors import LogitProcessor, LogitProcessorRegistry
     from baleen.model.parallel import ParallelGroups
     from baleen.model.spec_graphs import SpecGraphs
-    from baleen.model.speculative import MtpDrafter
+    from baleen.model.speculative import MtpDrafter, VerifyLayout
 
 
 log = logging.getLogger("baleen.runner")
@@ -358,7 +358,7 @@ class ModelRunner:
 
         NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet); a constrained row (grammar,
         custom logit processor) never carries drafts, and its mask waits for the previous step's tokens here."""
-        from baleen.model.speculative import accept, verify_layout
+        from baleen.model.speculative import verify_layout
 
         if self.spec_graphs is not None:
             rows = self.spec_graphs.step_rows_of(plan, self._pinned)
@@ -393,13 +393,8 @@ class ModelRunner:
         mask = self._token_mask(step.grammar_rows, errors) if step.grammar_rows else None
         flags = self.sampler.state.flags(sampled_slots)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
-        keep, num_tokens, last = accept(tokens, layout)
-        self.sampler.record(sample_slots, tokens, flags.penalties, keep)
-        row_slots = sample_slots[last]
-        self.slot_tokens[row_slots] = tokens[last].to(torch.int64)
-        host["keep"] = self._to_host(keep)
-        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
-        drafter.extend(batch, hidden, tokens, last, row_slots, self.kv_cache, self.attn)
+        last = self._commit_accepted(tokens, sample_slots, flags, layout, host)
+        drafter.extend(batch, hidden, tokens, last, sample_slots[last], self.kv_cache, self.attn)
         self._record(step)
         if step.grammar_rows:
             self._unaccepted = step
@@ -409,7 +404,7 @@ class ModelRunner:
                              g: SpecGraphs) -> PendingStep | None:  # fmt: skip
         """`_launch_speculative` on the captured graphs (every row a verify row of k drafts, `rows` its host rows);
         None for a step the eager path must see (a constrained row with drafts: it refuses it)."""
-        from baleen.model.speculative import accept, verify_layout
+        from baleen.model.speculative import verify_layout
 
         slots = [r.slot for r in plan.rows]
         if self.slot_procs.keys() & set(slots) or (self.grammars is not None and self.grammars.rows(slots)):
@@ -431,14 +426,27 @@ class ModelRunner:
             sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
             step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, None,
                                               layout.ahead)  # fmt: skip
-            keep, num_tokens, last = accept(tokens, layout)
-            self.sampler.record(sample_slots, tokens, flags.penalties, keep)
-            self.slot_tokens[sample_slots[last]] = tokens[last].to(torch.int64)
+            last = self._commit_accepted(tokens, sample_slots, flags, layout, host)
             g.extend(bs, tokens.to(torch.int64), last)
+            self._record(step)
+            return step
         host["keep"] = self._to_host(keep)
         host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
         self._record(step)
         return step
+
+    def _commit_accepted(self, tokens: torch.Tensor, sample_slots: torch.Tensor, flags: BatchFlags,
+                         layout: VerifyLayout, host: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """A sampled verify step's accepted tokens: counted for the penalties, each row's last kept in its slot, the
+        keep mask and counts on their way to the host. Returns each row's last committed logits row (`accept`'s last)."""
+        from baleen.model.speculative import accept
+
+        keep, num_tokens, last = accept(tokens, layout)
+        self.sampler.record(sample_slots, tokens, flags.penalties, keep)
+        self.slot_tokens[sample_slots[last]] = tokens[last].to(torch.int64)
+        host["keep"] = self._to_host(keep)
+        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
+        return last
 
     def tokens_awaited(self, step: PendingStep) -> Any:
         """What a deferred step's sampling waits for: the previous step's event (None: nothing to wait for).
