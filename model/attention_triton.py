@@ -138,7 +138,8 @@ class TritonAttentionBackend(GraphAttentionBackend):
             from baleen.kernels.mla_decode_gluon import mla_decode_gluon
 
             return mla_decode_gluon(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale,
-                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx, kv_scale=kv_scale)  # fmt: skip
+                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx, kv_scale=kv_scale,
+                                    num_kv_splits=self._num_kv_splits)  # fmt: skip
         from baleen.kernels.mla_decode import mla_decode
 
         return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,

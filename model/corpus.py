@@ -564,7 +564,7 @@ def documents(seed: int, count: int, mixture: str = "pretrain") -> Iterator[Doc]
     """`count` documents of a mixture, the same ones for the same seed."""
     rng = random.Random(seed)
     text = shakespeare()
-    pool = split_cities(heldout=False)
+    pool = _train_cities()
     kinds, weights = zip(*MIXTURES[mixture])
     makers: dict[str, Callable[[], Doc]] = {
         "capital": lambda: capital_doc(rng),
