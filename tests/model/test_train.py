@@ -160,3 +160,16 @@ def test_greedy_continuations_over_the_cache_equal_recomputing_the_whole_sequenc
             with torch.no_grad():
                 want.append(int(model.compute_logits(model(batch, kv, attn)[batch.logits_indices]).argmax(-1)))
         assert seq == want
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--mtp-only"], "--mtp-only trains the MTP layer of --init's model: give --init"),
+     (["--init", "model/data", "--self-distill", "8"], "--self-distill needs --mtp-only and --init")],
+)
+def test_stage_flags_without_what_they_need_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
+    args = [str(tmp_path), *flags, "--steps", "1", "--rows", "1", "--row-len", "256", "--workers", "0", "--device", "cpu"]
+    if "--init" in flags:
+        args[args.index("model/data")] = str(corpus.data_dir())
+    with pytest.raises(ValueError, match=message):
+        train.main(args)
