@@ -153,6 +153,9 @@ class PageUpdate(msgspec.Struct, array_like=True):
     pages: bytes
 
 
+PREFIX_ON_DEVICE = -1  # SeqRow.prefix_len of a verify row whose prefix only the device knows
+
+
 class SeqRow(msgspec.Struct, array_like=True):
     """One sequence of the step's flat batch.
 
@@ -160,10 +163,14 @@ class SeqRow(msgspec.Struct, array_like=True):
     into the slot, still on the device (this is what lets overlap scheduling plan ahead). A decode row with
     `extend_len` = 1 + k (k >= 1) is a speculative verify row: its inputs are the slot's token and the first k
     draft tokens the drafter left in the slot; it commits 1 to k + 1 tokens (`StepResult.num_tokens`).
+
+    A verify row planned while the request's previous verify row is still in flight has `prefix_len`
+    PREFIX_ON_DEVICE: how many tokens that row commits is known on the device only, where the drafter keeps each
+    slot's committed length (`MtpDrafter.lens`); the runner reads it there (overlap scheduling under speculation).
     """
 
     slot: int
-    prefix_len: int  # latents already cached for this sequence
+    prefix_len: int  # latents already cached for this sequence, or PREFIX_ON_DEVICE
     extend_len: int  # new tokens this step (1 for a decode row, 1 + drafts for a verify row)
     input_ids: bytes  # int32 new tokens, or b"" for a decode row
     sample: bool  # sample a token after this row (False for a prefill chunk that is not the last)

@@ -16,10 +16,14 @@ request's length limit), which commits 1 to k_row + 1 tokens (`StepResult.num_to
 all 1 + k_row latents before the plan is sent; the result only sets the lengths (`kv_len`, `done_len`) to what was
 committed, so rejected drafts cost no page traffic, and the radix cache never sees them.
 
-NOTE: a speculating request has at most one row in flight: how many tokens a verify row commits is known only
-when its result arrives, and its next row's prefix_len depends on it. Other requests' rows still overlap as
-before, and so do a constrained request's (a grammar or a custom logit processor: the worker drafts nothing for
-it, so it decodes one token a row). (Device-side lengths would lift this: the worker would then derive the next prefix itself.)
+NOTE: under overlap scheduling a speculating request may have two verify rows in flight: how many tokens the
+first commits is known when its result arrives, after the second was planned. The second row's prefix is then
+`PREFIX_ON_DEVICE` (the worker reads the committed length where the first row's step left it); its pages are
+reserved for the most the first may commit, and `kv_len` stays that upper bound until the results settle it
+(`results.settle_lengths`). A second row is planned only with all k drafts within the length limit counted at
+that upper bound; nearer the limit the request waits for its result. A constrained request's rows (a grammar or
+a custom logit processor: the worker drafts nothing for it, so it decodes one token a row) overlap as without
+speculation.
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -42,11 +46,12 @@ from collections.abc import Callable
 
 from baleen.actors.admission import AdmissionError, Limits, check_request
 from baleen.actors.page_allocator import PageAllocator
-from baleen.actors.policy_state import InFlight, PlanBuilder, Req, SchedulerConfig
+from baleen.actors.policy_state import InFlight, PlanBuilder, Req, SchedulerConfig, Write
 from baleen.actors.policy_stats import SchedulerStats
 from baleen.actors.radix_cache import make_prefix_cache
 from baleen.actors.results import Committed, committed_counts, settle_lengths
 from baleen.messages import (
+    PREFIX_ON_DEVICE,
     NewRequest,
     PageUpdate,
     RequestOutput,
@@ -151,23 +156,30 @@ class Scheduler:
         for req in list(self.running):  # oldest first: the newest are the preemption victims
             if req.slot is None or req.kv_len < len(req.fill):
                 continue  # preempted in this loop, or still prefilling
-            if req.max_drafts and req.num_inflight:
-                continue  # its next prefix depends on how many tokens the row in flight commits
-            left = req.max_new_tokens - len(req.output) - req.num_inflight
+            left = req.max_new_tokens - len(req.output) - req.inflight_tokens
             if left <= 0:
-                continue  # its last token is already in flight
+                continue  # its last token is already in flight (or may be)
             # NOTE: a verify row commits at most `left` tokens and writes positions kv_len .. kv_len + drafts, all
-            # below max_len - 1 <= max_context_len: kv_len is len(prompt + output) - 1 with nothing in flight.
+            # below max_len - 1 <= max_context_len: kv_len is len(prompt + output) - 1 + inflight_tokens at most.
             drafts = min(req.max_drafts, left - 1)
+            if req.num_unsettled and drafts < req.max_drafts:
+                continue  # near its length limit behind a verify row in flight: wait for what that commits
             if not self._grow(req, req.kv_len + 1 + drafts, b):
                 continue  # it was the victim itself
-            b.rows.append(SeqRow(req.slot, req.kv_len, 1 + drafts, b"", True))
-            b.sampled.append(req)
-            b.drafts.append(drafts)
-            req.num_inflight += 1
+            prefix = PREFIX_ON_DEVICE if req.num_unsettled else req.kv_len
+            b.rows.append(SeqRow(req.slot, prefix, 1 + drafts, b"", True))
+            self._add_sampled(req, drafts, b)
             req.kv_len += 1 + drafts  # until the result says how many of these latents hold committed tokens
             req.planned_step = b.step_id
-            b.writes.append((req, req.admit_seq, req.kv_len))
+            b.writes.append(Write(req, req.admit_seq, req.kv_len, req.num_rejected))
+
+    @staticmethod
+    def _add_sampled(req: Req, drafts: int, b: PlanBuilder) -> None:
+        b.sampled.append(req)
+        b.drafts.append(drafts)
+        req.num_inflight += 1
+        req.inflight_tokens += 1 + drafts
+        req.num_unsettled += drafts > 0
 
     def _schedule_prefills(self, b: PlanBuilder) -> None:
         cfg = self.config
@@ -233,12 +245,10 @@ class Scheduler:
         last = start + num == len(req.fill)  # only the last chunk samples
         b.rows.append(SeqRow(req.slot, start, num, req.fill[start : start + num].tobytes(), last))
         if last:
-            b.sampled.append(req)
-            b.drafts.append(0)
-            req.num_inflight += 1
+            self._add_sampled(req, 0, b)
         req.kv_len += num
         req.planned_step = b.step_id
-        b.writes.append((req, req.admit_seq, req.kv_len))
+        b.writes.append(Write(req, req.admit_seq, req.kv_len, req.num_rejected))
         self.stats.num_prefill_tokens += num
 
     def _future_pages(self, req: Req) -> int:
@@ -351,7 +361,7 @@ class Scheduler:
         end = 0
         for i, req in enumerate(reqs):
             first, end = end, end + counts[i]  # the row's committed tokens are got.tokens[first:end]
-            req.num_inflight -= 1
+            self._settled(req, step.drafts[i])
             if step.drafts[i] and not req.warmup and i not in errors:
                 self.stats.count_verify_row(step.drafts[i], counts[i])
             if req.finished:
@@ -368,6 +378,13 @@ class Scheduler:
         self.stats.count_step(num_generated, result.forward_time)
         self._cache_prefilled([req for req in live if not req.finished])
         return deltas
+
+    @staticmethod
+    def _settled(req: Req, drafts: int) -> None:
+        """A sampled row of `req` with `drafts` drafts is out of flight (`_add_sampled` undone)."""
+        req.num_inflight -= 1
+        req.inflight_tokens -= 1 + drafts
+        req.num_unsettled -= drafts > 0
 
     def _append(self, req: Req, got: Committed, first: int, end: int) -> RequestOutput:
         """Append a row's committed tokens one at a time with the stop checks (a stop inside the run drops the
@@ -391,9 +408,9 @@ class Scheduler:
         plan in flight after this one run on the workers but their results are dropped.
         """
         deltas: list[RequestOutput] = []
-        for req in step.sampled:
-            req.num_inflight -= 1
-        for req, seq, _ in step.writes:
+        for req, drafts in zip(step.sampled, step.drafts):
+            self._settled(req, drafts)
+        for req, seq, *_ in step.writes:
             if not req.runs_in(seq):
                 continue  # already ended, or preempted since: its next admission recomputes everything
             self._finish(req)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from baleen.actors.radix_cache import RadixNode
 from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit
@@ -82,6 +83,9 @@ class Req:
     kv_len: int = 0  # tokens whose latents are written, counting plans in flight (a verify row's drafts included)
     done_len: int = 0  # tokens whose latents finished steps wrote (what may enter the radix cache)
     num_inflight: int = 0  # sampled rows in plans whose results have not arrived
+    inflight_tokens: int = 0  # the most tokens those rows may commit (1 a row, 1 + drafts a verify row)
+    num_unsettled: int = 0  # verify rows in flight: until their results arrive the host's kv_len is an upper bound
+    num_rejected: int = 0  # latents of rejected drafts taken off kv_len so far (`results.settle_lengths`)
     admit_seq: int = 0  # larger = admitted more recently (the preemption victim order)
     planned_step: int | None = None  # last step with a row for this request
     max_drafts: int = 0  # drafts its verify rows may carry (0: it decodes one token a row)
@@ -104,6 +108,15 @@ class Req:
         return not self.finished and self.slot is not None and self.admit_seq == admit_seq
 
 
+class Write(NamedTuple):
+    """What a plan row leaves in its request's KV cache once its step ran."""
+
+    req: Req
+    admit_seq: int  # the admission the row was planned in
+    end: int  # kv length after the row, as planned: every draft of its verify rows (and earlier ones) counted
+    rejected: int  # `req.num_rejected` when planned: end less what was rejected since is the real length
+
+
 @dataclass
 class PlanBuilder:
     """A step's plan while the scheduler builds it."""
@@ -114,7 +127,7 @@ class PlanBuilder:
     page_updates: list[PageUpdate] = field(default_factory=list)
     sampled: list[Req] = field(default_factory=list)  # requests of the sampled rows, in row order
     drafts: list[int] = field(default_factory=list)  # draft tokens of each sampled row (0: not a verify row)
-    writes: list[tuple[Req, int, int]] = field(default_factory=list)  # every row: (request, admit_seq, kv end)
+    writes: list[Write] = field(default_factory=list)  # every row's
     preempted: bool = False
 
 
@@ -125,4 +138,4 @@ class InFlight:
     step_id: int
     sampled: list[Req]  # requests of its sampled rows, in row order
     drafts: list[int]  # draft tokens of each sampled row (0: not a verify row)
-    writes: list[tuple[Req, int, int]]  # (request, its admit_seq then, kv length once the step ran) per row
+    writes: list[Write]  # per row

@@ -36,12 +36,16 @@ def settle_lengths(step: InFlight, counts: list[int], errors: dict[int, str]) ->
     rejected = {req: drafts + 1 - (1 if i in errors else counts[i])
                 for i, (req, drafts) in enumerate(zip(step.sampled, step.drafts)) if drafts}
     live: list[Req] = []
-    for req, seq, end in step.writes:
+    for req, seq, end, rejected_then in step.writes:
         if not req.runs_in(seq):
             continue  # already ended, or preempted since: its next admission recomputes everything
-        if req in rejected:  # NOTE: its only row in flight (one verify row at a time), so kv_len == end
-            end -= rejected[req]
-            req.kv_len = end
+        if req in rejected:
+            # NOTE: kv_len also counts a later verify row in flight (planned at this row's end, every draft
+            # counted); it moves by what this row rejected, and that row's end by everything rejected since it
+            # was planned.
+            req.kv_len -= rejected[req]
+            req.num_rejected += rejected[req]
+        end -= req.num_rejected - rejected_then
         if end > req.done_len:
             req.done_len = end
             live.append(req)

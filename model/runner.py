@@ -365,6 +365,7 @@ class ModelRunner:
             graphed = self._launch_spec_graphed(plan, started, rows, self.spec_graphs) if rows is not None else None
             if graphed is not None:
                 return graphed
+        plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
         drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
@@ -393,7 +394,9 @@ class ModelRunner:
         mask = self._token_mask(step.grammar_rows, errors) if step.grammar_rows else None
         flags = self.sampler.state.flags(sampled_slots)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
-        last = self._commit_accepted(tokens, sample_slots, flags, layout, host)
+        # each sampled row's latents before its first logits row's token: its end less its logits rows
+        base = np.fromiter((r.prefix_len + r.extend_len for r in plan.rows if r.sample), dtype=np.int64) - layout.counts
+        last = self._commit_accepted(tokens, sample_slots, flags, layout, host, self._to_device(base))
         drafter.extend(batch, hidden, tokens, last, sample_slots[last], self.kv_cache, self.attn)
         self._record(step)
         if step.grammar_rows:
@@ -426,7 +429,7 @@ class ModelRunner:
             sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
             step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, None,
                                               layout.ahead)  # fmt: skip
-            last = self._commit_accepted(tokens, sample_slots, flags, layout, host)
+            last = self._commit_accepted(tokens, sample_slots, flags, layout, host, g.step_rows[:n, 1])
             g.extend(bs, tokens.to(torch.int64), last)
             self._record(step)
             return step
@@ -436,14 +439,18 @@ class ModelRunner:
         return step
 
     def _commit_accepted(self, tokens: torch.Tensor, sample_slots: torch.Tensor, flags: BatchFlags,
-                         layout: VerifyLayout, host: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
-        """A sampled verify step's accepted tokens: counted for the penalties, each row's last kept in its slot, the
-        keep mask and counts on their way to the host. Returns each row's last committed logits row (`accept`'s last)."""
+                         layout: VerifyLayout, host: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """A sampled verify step's accepted tokens: counted for the penalties, each row's last kept in its slot, its
+        committed length (`base` [num_sampled] + its count) in the drafter's, the keep mask and counts on their way
+        to the host. Returns each row's last committed logits row (`accept`'s last)."""
         from baleen.model.speculative import accept
 
+        assert self.drafter is not None
         keep, num_tokens, last = accept(tokens, layout)
         self.sampler.record(sample_slots, tokens, flags.penalties, keep)
-        self.slot_tokens[sample_slots[last]] = tokens[last].to(torch.int64)
+        row_slots = sample_slots[last]
+        self.slot_tokens[row_slots] = tokens[last].to(torch.int64)
+        self.drafter.lens[row_slots] = base + num_tokens
         host["keep"] = self._to_host(keep)
         host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
         return last

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from baleen.messages import StepPlan
+from baleen.messages import PREFIX_ON_DEVICE, StepPlan
 from baleen.model.attention import GraphAttentionBackend, GraphShape
 from baleen.model.batch import ForwardBatch
 from baleen.model.sampler import row_argmax
@@ -162,8 +162,10 @@ class SpecGraphs:
         if not 0 < n <= self.max_bs or plan.dp_num_tokens:
             return None
         q, limit = self.query_len, self.max_pages * self.page_size
-        if any(r.input_ids or r.extend_len != q or not r.sample or r.prefix_len < 1 or r.prefix_len + q > limit
-               for r in rows):  # fmt: skip
+        # NOTE: a PREFIX_ON_DEVICE row's prefix is read in the graph (`_resolve_lens`); the scheduler planned it
+        # within the request's length limit, which the page table holds
+        if any(r.input_ids or r.extend_len != q or not r.sample or r.prefix_len + q > limit
+               or (r.prefix_len < 1 and r.prefix_len != PREFIX_ON_DEVICE) for r in rows):  # fmt: skip
             return None
         host = torch.empty((self.padded_size(n), 2), dtype=torch.int64, pin_memory=pinned)
         h = host.numpy()
@@ -198,6 +200,11 @@ class SpecGraphs:
         ps = self.page_size
         page = torch.gather(table, 1, torch.div(pos, ps, rounding_mode="floor")).to(torch.int64)
         torch.add(page * ps, torch.remainder(pos, ps), out=out)
+
+    def _resolve_lens(self, bs: int) -> None:
+        """In the graph: a PREFIX_ON_DEVICE row's cached length, from the drafter's (its last step's commit)."""
+        slots, lens = self.step_rows[:bs, 0], self.step_rows[:bs, 1]
+        torch.where(lens >= 0, lens, self.drafter.lens[slots], out=lens)
 
     def _prep_draft(self, bs: int, s: int) -> None:
         """In the graph: draft step s's inputs (position L + s - 1; the token d_s, the hidden state that drafted
@@ -239,6 +246,7 @@ class SpecGraphs:
     @torch.inference_mode()
     def _draft_body(self, bs: int) -> None:
         slots = self.step_rows[:bs, 0]
+        self._resolve_lens(bs)
         for s in range(1, self.num_steps):
             self._prep_draft(bs, s)
             batch = self._plan_eager(self._draft_batch(bs), s)
@@ -248,6 +256,7 @@ class SpecGraphs:
 
     @torch.inference_mode()
     def _verify_body(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._resolve_lens(bs)  # a no-op after the draft loop's (k > 1)
         self._prep_verify(bs)
         batch = self._plan_eager(self._verify_batch(bs), self.query_len)
         hidden = self.model(batch, self.kv_cache, self.attn)  # [bs * q, H]
@@ -268,6 +277,7 @@ class SpecGraphs:
         flat_slots = torch.where(real, slots, 0)[:, None].expand(bs, q).reshape(-1)
         self.sampler.record(flat_slots, tokens.view(-1), False, (keep & real[:, None]).view(-1))
         self.slot_tokens[slots] = tokens.view(-1)[last]
+        self.drafter.lens[slots] = self.step_rows[:bs, 1] + num_tokens
         self.tokens[: bs * q].copy_(tokens.view(-1))
         self.keep[: bs * q].copy_(keep.view(-1))
         self.num_tokens[:bs].copy_(num_tokens)
@@ -354,7 +364,9 @@ class SpecGraphs:
         and the verify forward -> logits [n * (k + 1), vocab] (float32, on the device)."""
         bs = rows.shape[0]
         self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
-        self._host_rows = rows.numpy()
+        if self.eager:  # plan with real lengths: read the unknown ones now
+            self._host_rows = rows.numpy().copy()
+            self._host_rows[:, 1] = torch.where(rows[:, 1] >= 0, rows[:, 1], self.drafter.lens[rows[:, 0].to(self.drafter.lens.device)].cpu())
         self.draft_graphs[bs].replay()
         graph, _, logits = self.verify_graphs[bs]
         graph.replay()

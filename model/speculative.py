@@ -37,10 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 import torch
 
-from baleen.messages import StepPlan
+from baleen.messages import PREFIX_ON_DEVICE, StepPlan
 from baleen.model.batch import ForwardBatch
 from baleen.model.sampler import Ahead, row_argmax
 
@@ -132,6 +133,20 @@ class MtpDrafter:
         # the runner's scratch slot
         self.tokens = torch.zeros(num_slots + 1, num_steps, dtype=torch.int64, device=device)
         self.hidden = torch.zeros(num_slots + 1, hidden, dtype=dtype, device=device)  # MTP output that drafted
+        # slot -> latents of its committed tokens after its last sampled row: what a verify row planned behind one
+        # in flight (SeqRow.prefix_len PREFIX_ON_DEVICE) starts at; written by every speculative step's commit
+        self.lens = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+
+    def resolve(self, plan: StepPlan) -> StepPlan:
+        """`plan` with every PREFIX_ON_DEVICE row's prefix read from `lens` (a host sync, when there is one)."""
+        unknown = [i for i, r in enumerate(plan.rows) if r.prefix_len == PREFIX_ON_DEVICE]
+        if not unknown:
+            return plan
+        slots = torch.tensor([plan.rows[i].slot for i in unknown], device=self.lens.device)
+        rows = list(plan.rows)
+        for i, length in zip(unknown, self.lens[slots].tolist()):
+            rows[i] = msgspec.structs.replace(rows[i], prefix_len=length)
+        return msgspec.structs.replace(plan, rows=rows)
 
     def draft(self, plan: StepPlan, page_table: torch.Tensor, kv_cache: KVCache, attn: AttentionBackend) -> None:
         """d2 .. dk of every verify row of `plan` (row with extend_len 1 + k and no input ids): k - 1 one-token

@@ -8,7 +8,8 @@ page or a wrong prefix reuse changes the output.
 With `draft_accuracy` set it is also a speculating worker: a verify row (a decode row of 1 + k tokens) reads the
 slot's last token and k drafts (each the true next token with probability `draft_accuracy`, a deterministic
 function of the sequence), writes all k + 1 latents, and commits the accepted drafts plus the token after them,
-exactly as k + 1 plain decode steps would have generated them.
+exactly as k + 1 plain decode steps would have generated them. A verify row planned behind another in flight
+(prefix PREFIX_ON_DEVICE) starts at the slot's committed length, as the real drafter's `lens` say.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from baleen.actors.policy import Scheduler
 from baleen.messages import (
+    PREFIX_ON_DEVICE,
     NewRequest,
     RequestOutput,
     SamplingParams,
@@ -89,6 +93,7 @@ class FakeWorker:
         self.num_decode_rows = 0
         self.num_verify_rows = 0
         self.num_drafts = 0
+        self.num_device_prefix_rows = 0  # verify rows planned behind one in flight (PREFIX_ON_DEVICE)
         self.num_accepted = 0
         self.plans: list[StepPlan] = []
 
@@ -117,6 +122,13 @@ class FakeWorker:
             self.page_tables[upd.slot][upd.start : upd.start + len(pages)] = pages
         ps = self.page_size
         assert len({r.slot for r in plan.rows}) == len(plan.rows), "a slot appears twice in one step"
+        # A verify row planned behind one in flight starts where the device says that one committed to.
+        for i, r in enumerate(plan.rows):
+            if r.prefix_len == PREFIX_ON_DEVICE:
+                assert not r.input_ids and r.extend_len > 1, "PREFIX_ON_DEVICE on a row that is no verify row"
+                assert self.slot_len[r.slot] is not None, f"slot {r.slot}: PREFIX_ON_DEVICE before any row ran"
+                plan.rows[i] = msgspec.structs.replace(r, prefix_len=self.slot_len[r.slot])
+                self.num_device_prefix_rows += 1
         # Like a real forward: every row's new latents are written before any attention reads.
         for row in plan.rows:
             assert self.slot_sampling[row.slot] is not None, f"row for uninitialised slot {row.slot}"

@@ -30,7 +30,7 @@ from test_failed_step import FailingWorker
 from baleen.actors.dp import DPRouter
 from baleen.actors.policy import Scheduler
 from baleen.actors.policy_state import SchedulerConfig
-from baleen.messages import GrammarSpec, NewRequest, SamplingParams, StepPlan, StepResult
+from baleen.messages import PREFIX_ON_DEVICE, GrammarSpec, NewRequest, SamplingParams, StepPlan, StepResult
 
 K = 3  # drafts a verify row checks (DeepSeek's default --speculative-num-steps)
 
@@ -57,8 +57,9 @@ def expected(prompt: Sequence[int], sp: SamplingParams, eos: Sequence[int] = (),
 def run(sched: Scheduler, arrivals: dict[int, list[NewRequest]], overlap: bool, accuracy: float,
         aborts: dict[int, list[str]] | None = None, worker: Any = None,
         keep_cache: bool = False) -> tuple[Outcome, FakeWorker, list[StepPlan]]:
-    """Drive to the end, checking the page invariants, the cache's contents and one row in flight per request
-    after every loop step; every plan, in order; at the end every page is free once the cache is emptied."""
+    """Drive to the end, checking the page invariants, the cache's contents and at most one row in flight per
+    request (two with overlap) after every loop step; every plan, in order; at the end every page is free once the
+    cache is emptied."""
     worker = worker or make_worker(sched, draft_accuracy=accuracy)
     inner = getattr(worker, "inner", worker)
     plans: list[StepPlan] = []
@@ -67,7 +68,12 @@ def run(sched: Scheduler, arrivals: dict[int, list[NewRequest]], overlap: bool, 
         check_invariants(s)
         check_cache_contents(s, inner)
         if s.config.speculative_num_steps:
-            assert all(r.num_inflight <= 1 for r in [*s.running, *s.waiting]), "two rows of a request in flight"
+            reqs = [*s.running, *s.waiting]
+            assert all(r.num_inflight <= (2 if overlap else 1) for r in reqs), "too many rows of a request in flight"
+            for r in reqs:  # a decoding request with nothing in flight: the host's lengths are exact again
+                if not r.num_inflight:
+                    assert (r.inflight_tokens, r.num_unsettled) == (0, 0)
+                    assert r.slot is None or r.kv_len < len(r.fill) or r.kv_len == r.done_len, r
         if plan is not None:
             plans.append(plan)
 
@@ -245,28 +251,48 @@ def test_failed_step_with_verify_rows(overlap: bool) -> None:
             assert out.tokens(f"r{i}") == reference_tokens(p, 20)
 
 
-def test_one_row_in_flight_and_others_overlap() -> None:
-    # With overlap a speculating request is planned again only once its row's result is in; a request that
-    # joins meanwhile still prefills beside it.
+@pytest.mark.parametrize("accuracy", [0.0, 1.0])
+def test_a_verify_row_behind_one_in_flight_reads_its_prefix_on_the_device(accuracy: float) -> None:
+    # With overlap a speculating request's next verify row is planned before the last one's result is in: its
+    # prefix is PREFIX_ON_DEVICE, its pages cover everything the row in flight may commit, and the results settle
+    # kv_len back to the committed length, rejected drafts of both rows taken off.
+    sched = make()
+    worker = make_worker(sched, draft_accuracy=accuracy)
+    sched.add_request(new_request("a", [1, 2, 3], max_new_tokens=30))
+    p0, p1 = sched.schedule(), sched.schedule()
+    assert p0 is not None and p1 is not None and sched.schedule() is None  # two plans in flight at most
+    assert [(r.prefix_len, r.extend_len) for r in p1.rows] == [(3, 1 + K)]  # behind a prefill: the prefix is known
+    (a,) = sched.running
+    out = Outcome()
+    out.add(sched.process_result(worker.execute(p0)))
+    p2 = sched.schedule()
+    assert p2 is not None and [(r.prefix_len, r.extend_len) for r in p2.rows] == [(PREFIX_ON_DEVICE, 1 + K)]
+    assert a.kv_len == 3 + 2 * (1 + K) and len(a.pages) == 3  # pages for everything p1 may commit, then p2
+    out.add(sched.process_result(worker.execute(p1)))
+    n1 = 1 + (K if accuracy else 0)
+    assert (a.kv_len, a.done_len) == (3 + n1 + 1 + K, 3 + n1)
+    p3 = sched.schedule()
+    assert p3 is not None and p3.rows[0].prefix_len == PREFIX_ON_DEVICE
+    out.add(sched.process_result(worker.execute(p2)))
+    assert a.done_len == 3 + 2 * n1 and a.kv_len == a.done_len + 1 + K  # p3's row still counted in full
+    out.add(sched.process_result(worker.execute(p3)))
+    assert a.kv_len == a.done_len == 3 + 3 * n1 and a.num_inflight == 0
+    assert out.tokens("a") == reference_tokens([1, 2, 3], 1 + 3 * n1)
+    assert worker.num_device_prefix_rows == 2
+
+
+def test_near_its_length_limit_a_request_waits_for_the_verify_row_in_flight() -> None:
     sched = make()
     worker = make_worker(sched, draft_accuracy=1.0)
-    sched.add_request(new_request("a", [1, 2, 3], max_new_tokens=30))
-    p0 = sched.schedule()
-    assert p0 is not None and sched.schedule() is None  # a's prefill result is not in
+    sched.add_request(new_request("a", [1, 2, 3], max_new_tokens=6))
+    p0, p1 = sched.schedule(), sched.schedule()
+    assert p0 is not None and p1 is not None
     sched.process_result(worker.execute(p0))
-    p1 = sched.schedule()
-    assert p1 is not None and [(r.prefix_len, r.extend_len) for r in p1.rows] == [(3, 1 + K)]
-    assert sched.schedule() is None  # a has its verify row in flight
-    sched.add_request(new_request("b", [4, 5], max_new_tokens=3))
+    # p1 may commit 4 tokens after the first: 6 - 1 - 4 leaves room for no drafts, so no row goes behind it
+    assert sched.schedule() is None
+    sched.process_result(worker.execute(p1))
     p2 = sched.schedule()
-    assert p2 is not None and [r.input_ids for r in p2.rows] == [i32([4, 5])]  # b's prefill overlaps
-    out = Outcome()
-    out.add(sched.process_result(worker.execute(p1)))
-    assert out.tokens("a") == reference_tokens([1, 2, 3], 5)[1:]  # all drafts accepted: 4 tokens at once
-    (a,) = [r for r in sched.running if r.rid == "a"]
-    assert a.kv_len == a.done_len == 3 + 4 and len(a.pages) == 2  # pages for 3 + 1 + K reserved
-    p3 = sched.schedule()
-    assert p3 is not None and [(r.prefix_len, r.extend_len) for r in p3.rows] == [(7, 1 + K)]
+    assert p2 is not None and [(r.prefix_len, r.extend_len) for r in p2.rows] == [(7, 1)]
 
 
 def test_rejected_drafts_cost_only_a_length_change() -> None:

@@ -27,8 +27,9 @@ PROMPTS = [[5, 9, 33, 41, 7, 12, 99, 3], [17, 4, 250, 8, 8, 61], [300, 12, 77, 2
 
 
 def _runner(num_steps: int, sizes: list[int] | None = None, **kw: Any) -> ModelRunner:
-    runner = build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=4,
-                                       max_context_len=PAGES_PER_SLOT * PAGE, speculative_num_steps=num_steps, **kw))  # fmt: skip
+    kw.setdefault("model_path", str(tiny_model_path()))
+    runner = build_runner(WorkerConfig(page_size=PAGE, max_running_requests=4, max_context_len=PAGES_PER_SLOT * PAGE,
+                                       speculative_num_steps=num_steps, **kw))  # fmt: skip
     if sizes is not None:
         assert runner.drafter is not None
         g = SpecGraphs(runner.model, runner.drafter, runner.kv_cache, runner.attn, runner.sampler, sizes,
@@ -92,6 +93,19 @@ def test_graphed_sampled_steps_draw_the_plain_tokens() -> None:
     want = _decode(_runner(0), PROMPTS[:3], params, 20, 0)
     graphed = _runner(3, [1, 2, 4])
     assert _decode(graphed, PROMPTS[:3], params, 20, 3) == want
+    assert len(graphed.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_graphed_steps_read_a_prefix_only_the_device_knows(temperature: float) -> None:
+    """Rows with PREFIX_ON_DEVICE (planned behind a verify row in flight) replay the graphs, which read the
+    prefix from the drafter's lengths: the plain tokens, greedy and sampled."""
+    path, prompts = _default_prompts()  # trained: drafts accepted, so the lengths move by several tokens
+    params = [SamplingParams(temperature=temperature, seed=i, max_new_tokens=24) for i in range(3)]
+    want = _decode(_runner(0, model_path=str(path)), prompts, params, 24, 0)
+    graphed = _runner(3, [4], model_path=str(path))
+    got, per_step = decode_steps(graphed, prompts, params, 24, 3, device_prefix=True)
+    assert got == want and max(per_step) > 1
     assert len(graphed.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
 
 
@@ -237,8 +251,12 @@ def test_cuda_graphed_speculation_equals_plain_decoding(num_steps: int) -> None:
     g.draft_and_verify = lambda rows, n: replays.append(n) or inner(rows, n)  # type: ignore[method-assign]
     assert _decode(runner, prompts, params, 40, num_steps) == want
     assert len(replays) >= 5
+    replays.clear()  # rows planned behind one in flight: the graphs read their prefixes on the device
+    assert decode_steps(runner, prompts, params, 40, num_steps, device_prefix=True)[0] == want
+    assert len(replays) >= 5
     runner.spec_graphs = None  # the same runner eagerly
     assert _decode(runner, prompts, params, 40, num_steps) == want
+    assert decode_steps(runner, prompts, params, 40, num_steps, device_prefix=True)[0] == want
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+from baleen.messages import PREFIX_ON_DEVICE, PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.build import WorkerConfig, build_runner
 from baleen.model.make_model import tiny_model_path
 from baleen.model.runner import ModelRunner
@@ -31,9 +31,10 @@ def _runner(num_steps: int) -> ModelRunner:
 
 
 def _decode(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingParams], num_new: int,
-            num_drafts: int) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+            num_drafts: int, device_prefix: bool = False) -> tuple[list[list[int]], list[int]]:  # fmt: skip
     """Prefill every prompt, then decode until each has num_new tokens: verify rows of up to num_drafts drafts
-    (0: plain decode rows). Returns the tokens and, per step, the tokens committed."""
+    (0: plain decode rows; with `device_prefix` a verify row's prefix is PREFIX_ON_DEVICE, as the scheduler plans
+    one behind another in flight). Returns the tokens and, per step, the tokens committed."""
     n = len(prompts)
     inits = [SlotInit(s, f"r{s}", params[s], array("i", p).tobytes()) for s, p in enumerate(prompts)]
     pages = [PageUpdate(s, 0, array("i", range(1 + s * PAGES_PER_SLOT, 1 + (s + 1) * PAGES_PER_SLOT)).tobytes())
@@ -61,7 +62,7 @@ def _decode(runner: ModelRunner, prompts: list[list[int]], params: list[Sampling
         for s in live:
             kv = len(prompts[s]) + len(out[s]) - 1  # the last token is not cached yet
             k = min(num_drafts, num_new - len(out[s]) - 1)
-            rows.append(SeqRow(s, kv, 1 + k, b"", True))
+            rows.append(SeqRow(s, PREFIX_ON_DEVICE if device_prefix and k else kv, 1 + k, b"", True))
         plan = StepPlan(step_id=step, rows=rows)
 
 
@@ -89,6 +90,32 @@ def test_seeded_sampling_under_speculation_draws_the_same_tokens() -> None:
     want, _ = _decode(_runner(0), PROMPTS, params, 20, 0)
     got, _ = _decode(_runner(3), PROMPTS, params, 20, 3)
     assert got == want
+
+
+def test_a_verify_row_reads_its_prefix_from_the_last_commit_on_the_device() -> None:
+    """Rows with PREFIX_ON_DEVICE (overlap scheduling) start where the slot's last step committed to: greedy and
+    seeded sampling draw the plain tokens, and the drafter's lengths are the committed ones."""
+    from tokenizers import Tokenizer
+
+    from baleen.model.make_model import default_model_path
+
+    path = default_model_path()  # trained: its drafts are often accepted, so lengths move by several tokens
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompts = [tok.encode(t).ids for t in ("The capital of France is", "To be, or not to be", "What is 27 + 58?")]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=5, top_k=30),
+              SamplingParams(temperature=0.7, seed=9, frequency_penalty=0.4)]  # fmt: skip
+
+    def runner(num_steps: int) -> ModelRunner:
+        return build_runner(WorkerConfig(model_path=str(path), page_size=PAGE, max_running_requests=4,
+                                         max_context_len=PAGES_PER_SLOT * PAGE, speculative_num_steps=num_steps))
+
+    want, _ = _decode(runner(0), prompts, params, 20, 0)
+    spec = runner(3)
+    got, per_step = _decode(spec, prompts, params, 20, 3, device_prefix=True)
+    assert got == want and max(per_step) > 1  # drafts were accepted: the lengths moved by more than one
+    assert spec.drafter is not None
+    # the last step commits each row's 20th token; its latent is not cached yet
+    assert spec.drafter.lens[:3].tolist() == [len(p) + 20 - 1 for p in prompts]
 
 
 def test_verify_rows_mix_with_prefill_and_plain_rows() -> None:
