@@ -402,8 +402,9 @@ def self_distill_docs(config: ModelConfig, init: Path, tok: Tokenizer, count: in
     prompts = [[bos, *tok.encode(corpus.text_doc(rng, text, 400, 600).pieces[1][0], add_special_tokens=False).ids[:48]]
                for _ in range(count)]  # fmt: skip
     out: list[list[int]] = []
-    for i in range(0, count, 256):
-        out += greedy_continuations(model, prompts[i : i + 256], 48, device)
+    batch = 1024 if device.type == "cuda" else 256  # on the GPU a decode step's cost is its launches: big batches
+    for i in range(0, count, batch):
+        out += greedy_continuations(model, prompts[i : i + batch], 48, device)
     return out
 
 
