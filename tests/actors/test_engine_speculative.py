@@ -196,3 +196,28 @@ def test_the_trained_model_serves_every_sampling_feature_as_without_speculation(
             assert [t for t, _ in top] == [t for t, _ in want_top]
     assert plain[1][2].finish_reason == "stop" and plain[3][2].finish_reason == "length"
     assert metrics["spec_accept_length"] > 1.2  # the drafts are accepted: the stops above fell inside runs
+
+
+def test_preemption_with_two_verify_rows_in_flight_gives_the_plain_tokens() -> None:
+    """A KV pool too small for every request at once: the newest are preempted (some with two verify rows in
+    flight under the overlap scheduler, their prefix known only on the device) and recomputed later; each request
+    still generates what it generates without speculation, and every page comes back."""
+    from baleen.model.make_model import default_model_path
+
+    path = str(default_model_path())
+    prompts = ["To be, or not to be, that is", "The capital of France is", "Once more unto the breach, dear friends,"]
+    # NOTE: admission reserves the decode reserve (256 tokens) beyond a prompt: requests outgrow it, then preempt
+    sp = SamplingParams(max_new_tokens=320, temperature=0.0, ignore_eos=True)
+
+    async def run(**kw: Any) -> tuple[list[list[int]], dict[str, float]]:
+        config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
+        async with await Engine.start(config) as engine:
+            outs = await asyncio.gather(*(_collect(engine, p, sp) for p in prompts))
+            await asyncio.sleep(0.3)  # the scheduler's last metrics report
+            return [ids for ids, *_ in outs], engine.metrics
+
+    plain, _ = asyncio.run(run())
+    spec, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3, max_total_tokens=640))
+    assert spec == plain and all(len(ids) == 320 for ids in spec)
+    assert metrics["num_preemptions"] > 0 and metrics["spec_accept_length"] > 1.2
+    assert metrics["num_used_pages"] == metrics["num_cached_pages"]  # nothing but the radix cache holds pages
