@@ -256,7 +256,8 @@ class SpecGraphs:
 
     @torch.inference_mode()
     def _verify_body(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._resolve_lens(bs)  # a no-op after the draft loop's (k > 1)
+        if self.num_steps == 1:  # no draft loop before it to resolve the lengths
+            self._resolve_lens(bs)
         self._prep_verify(bs)
         batch = self._plan_eager(self._verify_batch(bs), self.query_len)
         hidden = self.model(batch, self.kv_cache, self.attn)  # [bs * q, H]
@@ -365,8 +366,8 @@ class SpecGraphs:
         bs = rows.shape[0]
         self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
         if self.eager:  # plan with real lengths: read the unknown ones now
-            self._host_rows = rows.numpy().copy()
-            self._host_rows[:, 1] = torch.where(rows[:, 1] >= 0, rows[:, 1], self.drafter.lens[rows[:, 0].to(self.drafter.lens.device)].cpu())
+            lens = self.drafter.lens.cpu()[rows[:, 0]]
+            self._host_rows = torch.stack([rows[:, 0], torch.where(rows[:, 1] >= 0, rows[:, 1], lens)], 1).numpy()
         self.draft_graphs[bs].replay()
         graph, _, logits = self.verify_graphs[bs]
         graph.replay()
