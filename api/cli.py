@@ -115,6 +115,16 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     device = args.device
     if (args.cuda_graph_bs or args.cuda_graph_max_bs) and _resolved_device(device) == "cpu":
         raise UnsupportedFlag("--cuda-graph-bs/--cuda-graph-max-bs: CUDA graphs need --device cuda")
+    if args.disable_mla:  # not pending: the KV cache layout is MLA's latent, there is no per-head K/V path
+        raise UnsupportedFlag("--disable-mla: baleen serves DeepSeek models only with MLA (a latent KV cache), never "
+                              "as plain multi-head attention; drop the flag (--attention-backend torch is the "
+                              "unoptimised reference attention, if that is what you want)")
+    attention_backend = args.attention_backend
+    if args.enable_flashinfer_mla:  # SGLang's older spelling of --attention-backend flashinfer
+        if attention_backend not in (None, "flashinfer"):
+            raise UnsupportedFlag(f"--enable-flashinfer-mla means --attention-backend flashinfer, which contradicts "
+                                  f"--attention-backend {attention_backend}; drop one of them")
+        attention_backend = "flashinfer"
     specs = tuple(args.custom_logit_processor or ())
     if specs:
         from baleen.model.logit_processors import LogitProcessorRegistry
@@ -126,8 +136,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         "dtype": _DTYPES[args.dtype], "load_format": args.load_format,
         "enable_custom_logit_processor": args.enable_custom_logit_processor or bool(specs),
         "custom_logit_processors": specs, "random_seed": args.random_seed, "multiprocess": not args.single_process,
+        "attention_backend": attention_backend,
     }
-    for dest in ("attention_backend", "context_length", "page_size", "max_running_requests", "max_total_tokens",
+    for dest in ("context_length", "page_size", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
                  "kv_cache_dtype", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
@@ -262,6 +273,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="run the worker inside the server process (default: a separate process)")
     g = p.add_argument_group("kernels")
     g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
+    g.add_argument("--enable-flashinfer-mla", action="store_true",
+                   help="SGLang's older name for --attention-backend flashinfer; means exactly that")
+    g.add_argument("--disable-mla", action="store_true",
+                   help="refused: baleen serves DeepSeek models only with MLA (SGLang's flag, accepted to say so)")
     g.add_argument("--cuda-graph-bs", type=int, nargs="+", default=None)
     g.add_argument("--cuda-graph-max-bs", type=int, default=None)
     g.add_argument("--disable-cuda-graph", action="store_true")

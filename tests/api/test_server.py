@@ -374,6 +374,8 @@ def test_pending_flags_are_refused_until_engine_config_has_them(argv: list[str],
     (["--cuda-graph-max-bs", "8", "--device", "cpu"], "CUDA graphs"), (["--quantization", "w8a8_int8"], "w8a8_int8"),
     (["--quantization", "fp8"], "not FP8"), (["--custom-logit-processor", "no-equals-sign"], "NAME=module:attr"),
     (["--reasoning-parser", "qwen3"], "invalid choice"), (["--kv-cache-dtype", "fp8_e5m2"], "invalid choice"),
+    (["--enable-flashinfer-mla", "--attention-backend", "torch"], "contradicts --attention-backend torch"),
+    (["--disable-mla"], "--disable-mla: baleen serves DeepSeek models only with MLA"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_refused_flags_exit_2(argv: list[str], named: str, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,6 +420,22 @@ def test_flags_map_onto_engine_and_server_config() -> None:
     assert defaults.model_path is None and not defaults.enable_custom_logit_processor
     assert defaults.fp8_tiled_weights == "auto" and not defaults.enable_mixed_chunk  # off, as SGLang
     assert cli.server_config_from_args(_args([])).port == 30000
+
+
+def test_enable_flashinfer_mla_flag_is_attention_backend_flashinfer() -> None:
+    alias = cli.engine_config_from_args(_args(["--enable-flashinfer-mla"]))
+    assert alias.attention_backend == "flashinfer"
+    assert alias == cli.engine_config_from_args(_args(["--attention-backend", "flashinfer"]))
+    both = _args(["--enable-flashinfer-mla", "--attention-backend", "flashinfer"])
+    assert cli.engine_config_from_args(both).attention_backend == "flashinfer"
+    with pytest.raises(cli.UnsupportedFlag, match=r"--enable-flashinfer-mla.*--attention-backend triton"):
+        cli.engine_config_from_args(_args(["--enable-flashinfer-mla", "--attention-backend", "triton"]))
+
+
+def test_disable_mla_flag_is_refused_not_pending() -> None:
+    assert "disable_mla" not in cli.PENDING_FLAGS
+    with pytest.raises(cli.UnsupportedFlag, match=r"^--disable-mla: .*--attention-backend torch"):
+        cli.engine_config_from_args(_args(["--disable-mla"]))
 
 
 def test_a_flag_is_used_once_engine_config_has_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
