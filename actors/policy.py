@@ -21,9 +21,10 @@ first commits is known when its result arrives, after the second was planned. Th
 `PREFIX_ON_DEVICE` (the worker reads the committed length where the first row's step left it); its pages are
 reserved for the most the first may commit, and `kv_len` stays that upper bound until the results settle it
 (`results.settle_lengths`). A second row is planned only with all k drafts within the length limit counted at
-that upper bound; nearer the limit the request waits for its result. A constrained request's rows (a grammar or
-a custom logit processor: the worker drafts nothing for it, so it decodes one token a row) overlap as without
-speculation.
+that upper bound; nearer the limit the request waits for its result. A request with a custom logit processor
+decodes one token a row (the worker drafts nothing for it: a processor sees each token before the next) and
+overlaps as without speculation; a grammar's request speculates (the worker masks each verify row by the matcher
+walked over the drafts before it).
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -103,12 +104,11 @@ class Scheduler:
         stop_ids = frozenset(req.sampling.stop_token_ids)
         if not req.sampling.ignore_eos:
             stop_ids |= self._eos
-        # NOTE: the worker verifies no drafts for a constrained request (a grammar's mask, or a custom processor,
-        # needs each token before the next): it decodes one token a row, overlapped as without speculation.
+        # NOTE: the worker verifies no drafts for a request with a custom processor (it needs each token before the
+        # next): it decodes one token a row, overlapped as without speculation.
         sp = req.sampling
-        constrained = sp.grammar is not None or sp.custom_logit_processor is not None
         state = Req(rid=req.rid, sampling=sp, prompt=prompt, max_len=max_len, stop_ids=stop_ids, warmup=req.warmup,
-                    max_drafts=0 if constrained else self.config.speculative_num_steps)
+                    max_drafts=0 if sp.custom_logit_processor is not None else self.config.speculative_num_steps)
         self._requests[req.rid] = state
         self.waiting.append(state)
 

@@ -243,12 +243,23 @@ class GrammarSlots:
             return []
         return [(j, g) for j, s in enumerate(sampled_slots) if (g := self._slots.get(s)) is not None]
 
-    def fill(self, rows: Sequence[tuple[int, SlotGrammar]]) -> torch.Tensor:
-        """The bitmask [len(rows), num_words] int32 (host; pinned for a CUDA upload) of the rows' next tokens."""
+    def fill(self, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int] | None = None) -> torch.Tensor:
+        """The bitmask [len(rows), num_words] int32 (host; pinned for a CUDA upload) of the rows' next tokens.
+
+        `drafts` [len(rows)] (speculative steps): the draft each row's sample is checked against, -1 for none. A
+        request's verify rows are adjacent, one matcher; row j's mask is its matcher's after the drafts d1 .. dj
+        (what plain decoding would use had it sampled them), and the matcher is rolled back after."""
         bitmask = torch.empty((len(rows), self.cache.num_words), dtype=torch.int32, pin_memory=self.pinned)
         plain: list[Any] = []  # xgr.GrammarMatcher of the rows xgrammar fills
         indices: list[int] = []
+        chained: set[int] = set()  # rows filled walking their request's drafts
+        if drafts is not None:
+            for i in range(len(rows)):
+                if drafts[i] >= 0 and i not in chained:
+                    chained.update(self._fill_drafts(bitmask, rows, drafts, i))
         for i, (_, g) in enumerate(rows):
+            if i in chained:
+                continue
             if g.plain:
                 plain.append(g.matcher)
                 indices.append(i)
@@ -263,3 +274,34 @@ class GrammarSlots:
                 self._batch = xgr.BatchGrammarMatcher(self.cache.max_threads)
             self._batch.batch_fill_next_token_bitmask(plain, bitmask, indices)
         return bitmask
+
+    @staticmethod
+    def _fill_drafts(bitmask: torch.Tensor, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int],
+                     first: int) -> range:  # fmt: skip
+        """Fill one request's verify rows from `first` (its rows run while the matcher is the same and the row
+        before checked a draft); returns them."""
+        g = rows[first][1]
+        end = first + 1
+        while end < len(rows) and rows[end][1] is g and drafts[end - 1] >= 0:
+            end += 1
+        advanced = 0
+        for i in range(first, end):
+            if g.plain:
+                assert g.matcher is not None
+                g.matcher.fill_next_token_bitmask(bitmask, i)
+            else:
+                g.fill_special(bitmask, i)
+            d = drafts[i]
+            if d < 0 or not g.plain:
+                continue  # the last row, or a matcher that no token moves (ended or failed): same mask on
+            assert g.matcher is not None
+            if not g.matcher.accept_token(d):
+                # d breaks the grammar, so this row's sample (masked) is not d: no later row is committed. They
+                # still get a mask that allows something, for the sampler.
+                bitmask[i + 1 : end] = bitmask[i]
+                break
+            advanced += 1
+        if advanced:
+            assert g.matcher is not None
+            g.matcher.rollback(advanced)
+        return range(first, end)

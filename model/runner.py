@@ -356,8 +356,9 @@ class ModelRunner:
         """A step with the MTP drafter (model/speculative.py): drafts for the verify rows, the target forward over
         every row, every verify token sampled, the accepted ones committed, then the draft-extend.
 
-        NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet); a constrained row (grammar,
-        custom logit processor) never carries drafts, and its mask waits for the previous step's tokens here."""
+        NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet). A row with a custom logit
+        processor never carries drafts; a grammar row's masks wait for the previous step's tokens here, and for its
+        drafts (each verify row is masked as its matcher stands after the drafts before it)."""
         from baleen.model.speculative import verify_layout
 
         if self.spec_graphs is not None:
@@ -385,13 +386,17 @@ class ModelRunner:
             return step
         layout = verify_layout(plan, drafter.tokens, self.device)
         step.grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
+        drafts: list[int] | None = None  # the draft each grammar row checks, for its mask (host)
         if layout.has_drafts:
             drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
-            if drafted & ({sampled_slots[j] for j, _ in step.grammar_rows} | self.slot_procs.keys()):
-                raise ValueError("a verify row of a request with a grammar or a custom logit processor: those "
-                                 "requests decode without drafts")
+            if drafted & self.slot_procs.keys():
+                raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
+                                 "without drafts")
+            if step.grammar_rows:
+                # NOTE: a host sync for the drafts (the matchers walk them); steps with grammar rows sync anyway
+                drafts = layout.next_draft[[j for j, _ in step.grammar_rows]].tolist()
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        mask = self._token_mask(step.grammar_rows, errors) if step.grammar_rows else None
+        mask = self._token_mask(step.grammar_rows, errors, drafts) if step.grammar_rows else None
         flags = self.sampler.state.flags(sampled_slots)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
         # each sampled row's latents before its first logits row's token: its end less its logits rows
@@ -486,14 +491,18 @@ class ModelRunner:
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]]) -> TokenMask:
+    def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]],
+                    drafts: list[int] | None = None) -> TokenMask:  # fmt: skip
         """The step's grammar bitmask, on its way to the device: the previous step's tokens advance the matchers
-        (waiting for them unless the caller did), the rows' next-token masks are filled on the host, uploaded."""
+        (waiting for them unless the caller did), the rows' next-token masks are filled on the host, uploaded.
+        `drafts` [len(rows)]: the draft each row checks (-1: none), for a speculative step's verify rows."""
         assert self.grammars is not None
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)
-        errors.extend((j, g.error) for j, g in rows if g.error is not None)
-        bitmask = self.grammars.fill(rows)
+        # a failed matcher's error goes on its request's first row (a verify row's first token is always committed)
+        errors.extend((j, g.error) for i, (j, g) in enumerate(rows)
+                      if g.error is not None and (i == 0 or rows[i - 1][1] is not g))  # fmt: skip
+        bitmask = self.grammars.fill(rows, drafts)
         device_mask = bitmask if self.device.type == "cpu" else bitmask.to(self.device, non_blocking=True)
         return TokenMask(device_mask, self._to_device(np.fromiter((j for j, _ in rows), dtype=np.int64)))
 
@@ -507,8 +516,10 @@ class ModelRunner:
         if step.event is not None:
             step.event.synchronize()
         ids = step.host["token_ids"].numpy()
+        keep = step.host["keep"].numpy() if "keep" in step.host else None  # speculative: the committed rows
         for j, g in step.grammar_rows:
-            g.accept(int(ids[j]))
+            if keep is None or keep[j]:
+                g.accept(int(ids[j]))
 
     def _plain_greedy(self, sampled_slots: list[int], flags: BatchFlags) -> bool:
         """Every row greedy, and nothing asked that the captured greedy tail does not do."""

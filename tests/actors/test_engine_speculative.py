@@ -128,8 +128,9 @@ def test_greedy_outputs_equal_those_without_speculation(model_path: str, caplog:
     assert all(last.spec_verify_ct is not None for _, last in spec_mp)
 
 
-def test_a_constrained_request_decodes_beside_speculating_ones(model_path: str) -> None:
-    # The worker drafts nothing under a grammar: its rows are plain decode rows in the speculative worker's steps.
+def test_a_grammar_request_speculates_beside_a_plain_one(model_path: str) -> None:
+    # The worker masks each verify row of a grammar's request by its matcher walked over the drafts before it:
+    # the output follows the grammar, and the request speculates (its verify rows carry drafts).
     grammar = GrammarSpec("regex", r"[a-f0-9]{8}")
 
     async def main() -> None:
@@ -142,9 +143,55 @@ def test_a_constrained_request_decodes_beside_speculating_ones(model_path: str) 
                 _generate(engine, [30, 31, 32, 33], greedy))
             text = engine.tokenizer.decode(ids)
             assert re.fullmatch(r"[a-f0-9]{8}", text) and last.finish_reason == "stop", (text, last)
-            assert last.spec_verify_ct == 0 and (plain.spec_verify_ct or 0) > 0
+            assert (last.spec_verify_ct or 0) > 0 and (plain.spec_verify_ct or 0) > 0
 
     asyncio.run(main())
+
+
+def test_the_trained_model_under_a_grammar_gives_the_tokens_it_gives_without_speculation() -> None:
+    """Structured output under speculation, on the trained default model (its drafts are often accepted, also
+    inside the grammar): greedy and seeded sampling through JSON schemas and a regex give, token for token, what
+    they give without speculation, and the drafts are accepted."""
+    import json
+
+    from baleen.model.make_model import default_model_path
+
+    path = str(default_model_path())
+    person = GrammarSpec("json_schema", json.dumps({
+        "type": "object", "properties": {"country": {"type": "string", "maxLength": 24},
+                                         "capital": {"type": "string", "maxLength": 24}},
+        "required": ["country", "capital"], "additionalProperties": False}))  # fmt: skip
+    total = GrammarSpec("json_schema", json.dumps({
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                         "sum": {"type": "integer"}}, "required": ["a", "b", "sum"]}))  # fmt: skip
+    cases = [
+        ("The capital of France is", SamplingParams(max_new_tokens=48, temperature=0.0, grammar=person)),
+        ("What is 12 + 35?", SamplingParams(max_new_tokens=48, temperature=0.0, grammar=total)),
+        ("Name the capital of Japan.", SamplingParams(max_new_tokens=48, temperature=1.0, seed=3, grammar=person)),
+        ("To be, or not to be, that is", SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                       grammar=GrammarSpec("regex", r"[a-z ]{4,40}\."))),
+        ("Once more unto the breach, dear friends,", SamplingParams(max_new_tokens=24, temperature=0.0)),
+    ]
+
+    async def run(**kw: Any) -> tuple[list[tuple[list[int], str, RequestOutput, list]], dict[str, float]]:
+        config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
+        async with await Engine.start(config) as engine:
+            outs = await asyncio.gather(*(_collect(engine, p, sp) for p, sp in cases))
+            await asyncio.sleep(0.3)  # the scheduler's last metrics report
+            return list(outs), engine.metrics
+
+    plain, _ = asyncio.run(run())
+    spec, _ = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3))
+    for (ids, text, last, _), (want_ids, want_text, want_last, _) in zip(spec, plain):
+        assert (ids, text, last.finish_reason) == (want_ids, want_text, want_last.finish_reason), text
+    for _, text, last, _ in plain[:3]:
+        assert last.finish_reason == "stop", (text, last.finish_reason)
+        json.loads(text)  # the schemas' JSON, ended by the grammar
+    # NOTE: few drafts are accepted here (1.15 tokens a verify row when written): the MTP layer drafts what the model
+    # would write unconstrained, and inside JSON the grammar forces other tokens. Drafting under the mask: a TODO.
+    grammar_rows = [last.spec_verify_ct or 0 for _, _, last, _ in spec[:4]]
+    grammar_tokens = [last.completion_tokens for _, _, last, _ in spec[:4]]
+    assert all(grammar_rows) and sum(grammar_tokens) > sum(grammar_rows) + 4, (grammar_tokens, grammar_rows)
 
 
 async def _collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[int], str, RequestOutput, list]:

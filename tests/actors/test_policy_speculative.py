@@ -395,13 +395,11 @@ def test_random_mixes_keep_invariants(seed: int) -> None:
             assert got == tokens and (final.finish_reason, final.matched_stop) == (reason, matched)
 
 
-@pytest.mark.parametrize("constraint", [dict(grammar=GrammarSpec("regex", "[a-z]+")),
-                                        dict(custom_logit_processor="thinking_budget")], ids=["grammar", "processor"])
-def test_constrained_requests_decode_without_drafts(constraint: dict[str, Any]) -> None:
-    # The worker verifies no drafts under a grammar or a custom logit processor: such a request's rows are plain
-    # decode rows, overlapped as without speculation, beside a speculating request's verify rows.
+def test_a_processor_request_decodes_without_drafts() -> None:
+    # The worker verifies no drafts under a custom logit processor: such a request's rows are plain decode rows,
+    # overlapped as without speculation, beside a speculating request's verify rows.
     sched = make()
-    reqs = [new_request("c", [1, 2, 3], max_new_tokens=12, ignore_eos=True, **constraint),
+    reqs = [new_request("c", [1, 2, 3], max_new_tokens=12, ignore_eos=True, custom_logit_processor="thinking_budget"),
             new_request("s", [4, 5, 6], max_new_tokens=12, ignore_eos=True)]
     slots: dict[str, int] = {}
     inflight = {"c": 0}
@@ -422,3 +420,13 @@ def test_constrained_requests_decode_without_drafts(constraint: dict[str, Any]) 
     assert out.tokens("c") == reference_tokens([1, 2, 3], 12) and out.tokens("s") == reference_tokens([4, 5, 6], 12)
     assert out.final("c").spec_verify_ct == 0 and out.final("s").spec_verify_ct == 3  # 1 + 4 + 4 + 3
     assert inflight["c"] == 2  # overlapped
+
+
+def test_a_grammar_request_speculates() -> None:
+    # The worker masks a grammar request's verify rows draft by draft: its rows carry drafts like any other's.
+    sched = make()
+    reqs = [new_request("g", [1, 2, 3], max_new_tokens=12, ignore_eos=True, grammar=GrammarSpec("regex", "[a-z]+"))]
+    worker = make_worker(sched, draft_accuracy=1.0)
+    out = drive(sched, worker, {0: reqs}, overlap=True)
+    check_idle(sched)
+    assert out.tokens("g") == reference_tokens([1, 2, 3], 12) and out.final("g").spec_verify_ct == 3

@@ -163,6 +163,68 @@ def test_batch_fill_matches_one_by_one(cache: GrammarCache) -> None:
         assert torch.equal(slots.fill([row])[0], batch[i])
 
 
+
+def test_verify_rows_are_masked_as_plain_decoding_would_mask_them(cache: GrammarCache) -> None:
+    """A speculative step's rows of one request: row j's mask is the matcher's after the drafts d1 .. dj, i.e. the
+    plain walk's j-th mask while the drafts follow the walk; after a draft the grammar rejects, the rows repeat that
+    row's mask; past the stop token, only stop tokens; the matchers stand where they stood."""
+    slots = GrammarSlots(cache)
+    specs = [GrammarSpec("json_schema", json.dumps(SCHEMAS[0])), GrammarSpec("regex", REGEXES[0]),
+             GrammarSpec("regex", REGEXES[3])]
+    walks = [[*walk(slots, spec, seed), EOS] for seed, spec in enumerate(specs)]
+    for slot, spec in enumerate(specs):
+        slots.set_slot(slot, spec)
+    plain = []  # every walk's masks, one plain fill a token
+    for slot, tokens in enumerate(walks):
+        g = slots.get(slot)
+        assert g is not None
+        masks = []
+        for t in tokens:
+            masks.append(slots.fill([(0, g)])[0])
+            g.accept(t)
+        masks.append(slots.fill([(0, g)])[0])  # after the stop token: only stop tokens
+        plain.append(masks)
+        slots.set_slot(slot, spec)  # back to the start
+    k = 3
+    for start in (0, 2):  # a step in the middle of each walk: advance the matchers to it
+        for slot, tokens in enumerate(walks):
+            slots.set_slot(slot, specs[slot], tokens[:start])
+        rows, drafts, want = [], [], []
+        # slot 0: drafts that follow its walk; slot 1: its second draft breaks the grammar; slot 2: a plain row
+        for slot in (0, 1):
+            g = slots.get(slot)
+            assert g is not None
+            ds = walks[slot][start : start + k]
+            if slot == 1:  # d2: a token the grammar rejects after d1
+                allowed = unpack_bitmask(plain[1][start + 1][None], VOCAB)[0]
+                ds = [ds[0], int((allowed == 0).nonzero()[0]), ds[2]]
+            rows += [(len(rows) + j, g) for j in range(k + 1)]
+            drafts += [*ds, -1]
+            if slot == 0:
+                want += plain[0][start : start + k + 1]
+            else:
+                want += [plain[1][start], plain[1][start + 1], plain[1][start + 1], plain[1][start + 1]]
+        g2 = slots.get(2)
+        assert g2 is not None
+        rows.append((len(rows), g2))
+        drafts.append(-1)
+        want.append(plain[2][start])
+        got = slots.fill(rows, drafts)
+        for i, w in enumerate(want):
+            assert torch.equal(got[i], w), (start, i)
+        for slot in range(3):  # rolled back: a plain fill sees the step's first mask again
+            g = slots.get(slot)
+            assert g is not None and torch.equal(slots.fill([(0, g)])[0], plain[slot][start])
+    # a walk's last drafts run past its stop token: the row after it allows only stop tokens
+    tokens = walks[1]
+    slots.set_slot(1, specs[1], tokens[: len(tokens) - 2])
+    g = slots.get(1)
+    assert g is not None
+    got = slots.fill([(0, g), (1, g), (2, g)], [tokens[-2], EOS, -1])
+    assert torch.equal(got[0], plain[1][-3]) and torch.equal(got[1], plain[1][-2]) and torch.equal(got[2], plain[1][-1])
+    assert unpack_bitmask(got[2:], VOCAB)[0].nonzero().flatten().tolist() == [EOS]
+    assert g.plain and torch.equal(slots.fill([(0, g)])[0], plain[1][-3])
+
 def sample_masked(sampler: Sampler, logits: torch.Tensor, allowed: torch.Tensor, rows: Sequence[int]) -> Any:
     bits = torch.zeros(len(rows), -(-VOCAB // 32) * 32, dtype=torch.int64)
     bits[:, :VOCAB] = allowed.to(torch.int64)
