@@ -179,6 +179,14 @@ def speculative_num_steps(config: EngineConfig, model_config: ModelConfig) -> in
     path = config.speculative_draft_model_path
     if path is not None and not Path(path).is_dir():
         raise ValueError(f"--speculative-draft-model-path {path}: no such directory")
+    if path is not None:
+        draft = ModelConfig.from_hf(path)
+        if not (draft.is_nextn_export or draft.has_mtp):
+            raise ValueError(f"--speculative-draft-model-path {path} has no MTP (NextN) layer "
+                             "(num_nextn_predict_layers is 0)")
+        misfits = model_config.draft_misfits(draft)
+        if misfits:
+            raise ValueError(f"--speculative-draft-model-path {path} does not fit the model: {', '.join(misfits)}")
     if path is None and not model_config.has_mtp:
         raise ValueError(f"--speculative-algorithm {config.speculative_algorithm} drafts with the model's MTP (NextN) "
                          "layer, and this model has none (num_nextn_predict_layers is 0): give a NextN checkpoint "
@@ -201,6 +209,9 @@ def _attention_backend(config: EngineConfig, model_config: ModelConfig, cuda: bo
 
 
 def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfig) -> StartupPlan:
+    if model_config.is_nextn_export:
+        raise ValueError(f"{model_path} holds an MTP (NextN) layer alone, not a model to serve: give it as "
+                         "--speculative-draft-model-path beside its target model")
     device = config.resolved_device()
     _check_config(config, device)
     cuda = device.startswith("cuda")

@@ -230,7 +230,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     )
     model, mtp = (loaded.model, loaded.mtp) if isinstance(loaded, LoadedModel) else (loaded, None)
     if cfg.speculative_num_steps:
-        mtp = _draft_layer(cfg, model_config, mtp, device, experts_method, groups)
+        mtp = _draft_layer(cfg, model, mtp, device, experts_method, groups)
     log.info("weights loaded in %.1f s", time.perf_counter() - started)
     if cfg.attention_backend == "flashinfer" and (model_config.kv_lora_rank, model_config.qk_rope_head_dim) != (512, 64):
         raise ValueError(
@@ -312,31 +312,22 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     return runner
 
 
-def _draft_layer(cfg: WorkerConfig, model_config: ModelConfig, own: DeepseekMTP | None, device: torch.device,
+def _draft_layer(cfg: WorkerConfig, model: DeepseekV3ForCausalLM, own: DeepseekMTP | None, device: torch.device,
                  experts_method: ExpertsFactory | None, groups: ParallelGroups | None) -> DeepseekMTP:
-    """The drafter's MTP layer: the target checkpoint's own `model.layers.{L}.*`, or that of the checkpoint at
-    --speculative-draft-model-path, loaded as a whole (its main layers too) with the target's shapes.
+    """The drafter's MTP layer: the target checkpoint's own `model.layers.{L}.*`, or the MTP layer alone of the
+    checkpoint at --speculative-draft-model-path (SGLang's NextN export or a whole DeepSeek checkpoint)."""
+    from baleen.model.loader import load_mtp
 
-    TODO(spec): read SGLang's NextN export (the MTP layer alone) without building that checkpoint's main model."""
-    from baleen.model.loader import load_model
-
-    mtp = own
     path = cfg.speculative_draft_model_path
     if path is not None:
-        draft_config = ModelConfig.from_hf(path)
-        if draft_config.hidden_size != model_config.hidden_size or draft_config.vocab_size != model_config.vocab_size:
-            raise ValueError(f"--speculative-draft-model-path {path}: hidden_size/vocab_size "
-                             f"{draft_config.hidden_size}/{draft_config.vocab_size} differ from the target's "
-                             f"{model_config.hidden_size}/{model_config.vocab_size}")  # fmt: skip
-        mtp = load_model(path if cfg.load_format != "dummy" else None, draft_config, parallel=cfg.parallel,
-                         device=device, dtype=cfg.torch_dtype, load_format=cfg.load_format, seed=cfg.random_seed + 1,
-                         progress=cfg.progress, experts_method=experts_method, groups=groups, with_mtp=True).mtp
-    if mtp is None:
-        where = path or cfg.model_path
-        raise ValueError(f"speculative decoding needs an MTP (NextN) layer: {where} has none "
+        return load_mtp(path, model.config, model, parallel=cfg.parallel, device=device, dtype=cfg.torch_dtype,
+                        load_format=cfg.load_format, seed=cfg.random_seed + 1, progress=cfg.progress,
+                        experts_method=experts_method, groups=groups, tile_fp8=cfg.fp8_tiled_weights)  # fmt: skip
+    if own is None:
+        raise ValueError(f"speculative decoding needs an MTP (NextN) layer: {cfg.model_path} has none "
                          "(num_nextn_predict_layers = 0 or no model.layers.{num_hidden_layers}.* tensors); "
                          "give one with --speculative-draft-model-path")  # fmt: skip
-    return mtp
+    return own
 
 
 class ParallelRunner(ModelRunner):

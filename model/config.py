@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+# SGLang's NextN export (scripts/export_deepseek_nextn.py): the MTP layer alone, as `model.layers.0.*`, no embedding
+# or head; a draft model (--speculative-draft-model-path), never a model to serve.
+NEXTN_ARCHITECTURE = "DeepseekV3ForCausalLMNextN"
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -116,6 +119,20 @@ class ModelConfig:
         return tuple(self.eos_token_id)
 
     @property
+    def is_nextn_export(self) -> bool:
+        """An MTP layer alone (NEXTN_ARCHITECTURE), loaded with `load_mtp` beside its target model."""
+        return self.architecture == NEXTN_ARCHITECTURE
+
+    def draft_misfits(self, draft: ModelConfig) -> list[str]:
+        """What keeps `draft`'s MTP layer from drafting for this target: its fields that must match and do not, as
+        "name draft (target value)"; empty when it fits (the layer caches in the target's KV cache and reads its
+        embeddings and vocabulary)."""
+        same = ("hidden_size", "vocab_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim")
+        return [f"{k} {getattr(draft, k)} (target {getattr(self, k)})" for k in same
+                if getattr(draft, k) != getattr(self, k)]
+
+    @property
     def has_mtp(self) -> bool:
         return self.num_nextn_predict_layers > 0
 
@@ -151,7 +168,7 @@ class ModelConfig:
         """Validate and normalise a config.json dict (released or transformers spelling)."""
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in archs if a in (*SUPPORTED_ARCHITECTURES, NEXTN_ARCHITECTURE)), None)
         if arch is None:
             if model_type in SUPPORTED_MODEL_TYPES:
                 arch = "DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
@@ -162,7 +179,7 @@ class ModelConfig:
                 )
         r = _Reader(raw)
         # transformers' DeepseekV3Config omits the gating fields: V3 means noaux_tc over sigmoid scores.
-        is_v3 = arch == "DeepseekV3ForCausalLM"
+        is_v3 = arch in ("DeepseekV3ForCausalLM", NEXTN_ARCHITECTURE)
         n_routed = r.get_opt_int("n_routed_experts")
         cfg = cls(
             architecture=arch,

@@ -505,6 +505,10 @@ class DeepseekMTP(nn.Module):
         """Use the main model's embedding (checkpoints that omit `model.layers.{L}.embed_tokens.weight`)."""
         self.embed_tokens = embed
 
+    def share_head(self, head: ParallelLMHead) -> None:
+        """Use the main model's output head (checkpoints that omit `model.layers.{L}.shared_head.head.weight`)."""
+        self.shared_head.head = head
+
     def forward(
         self, batch: ForwardBatch, hidden_prev: torch.Tensor, kv_cache: KVCache, attn: AttentionBackend
     ) -> torch.Tensor:

@@ -311,10 +311,10 @@ def load_model(
     `tile_fp8` gives the FP8 linears that decode runs a tiled copy of their weights (`tile_decode_weights`:
     faster GEMMs at 2-64 tokens for as much memory again as those weights).
     """
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(
-            f"load_format={load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'"
-        )
+    _check_load_format(load_format)
+    if config.is_nextn_export:
+        raise ValueError(f"{path} holds an MTP (NextN) layer alone, not a model to serve: give it as "
+                         "--speculative-draft-model-path beside its target model")
     device = torch.device(device)
     kernels = choose_kernels(config, parallel)
     if device.type == "cuda" and parallel.tp_rank == 0:
@@ -358,14 +358,7 @@ def load_model(
             loaded = model.load_weights(ckpt.weights(main_names, dequant, block, dtype, bar))
             check_complete(model, loaded)
             if mtp is not None:
-                embed_name = _mtp_prefix(config) + "embed_tokens.weight"
-                if embed_name not in ckpt:
-                    mtp.share_embedding(model.model.embed_tokens)
-                materialize(mtp, device)
-                mtp_loaded = mtp.load_weights(ckpt.weights(mtp_names, dequant, block, dtype, bar))
-                if embed_name not in ckpt:
-                    mtp_loaded.add("embed_tokens.weight")
-                check_complete(mtp, mtp_loaded, mtp.checkpoint_name)
+                _fill_mtp(mtp, ckpt, _mtp_prefix(config), model, device, dequant, block, dtype, bar)
             bar.close()
             log.info("read %.2f GiB of the checkpoint's tensors", ckpt.num_bytes_read / 2**30)
         finally:
@@ -379,6 +372,96 @@ def load_model(
     if with_mtp:
         return LoadedModel(model, mtp)
     return model
+
+
+def _check_load_format(load_format: str) -> None:
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format={load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
+
+
+def _fill_mtp(mtp: DeepseekMTP, ckpt: Checkpoint, prefix: str, target: DeepseekV3ForCausalLM, device: torch.device,
+              dequant: bool, block: tuple[int, int], dtype: torch.dtype, bar: tqdm | None) -> None:
+    """Materialise `mtp` (on meta) and load the checkpoint's `{prefix}*` tensors into it as its own
+    `model.layers.{L}.*`; an embedding or output head the checkpoint does not hold is the target's."""
+    names = [n for n in ckpt.names if n.startswith(prefix) and _KV_SCALE_RE.fullmatch(n) is None]
+    shared = [name for name in ("embed_tokens.weight", "shared_head.head.weight") if prefix + name not in ckpt]
+    if "embed_tokens.weight" in shared:
+        mtp.share_embedding(target.model.embed_tokens)
+    if "shared_head.head.weight" in shared:
+        mtp.share_head(target.lm_head)
+    materialize(mtp, device)
+    weights = ckpt.weights(names, dequant, block, dtype, bar)
+    loaded = mtp.load_weights((mtp.prefix + name.removeprefix(prefix), t) for name, t in weights)
+    loaded.update(shared)
+    check_complete(mtp, loaded, lambda name: prefix + mtp.checkpoint_name(name).removeprefix(mtp.prefix))
+
+
+def load_mtp(
+    path: str | Path | None,
+    config: ModelConfig,
+    target: DeepseekV3ForCausalLM,
+    *,
+    parallel: ParallelConfig = ParallelConfig(),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    load_format: str = "auto",
+    seed: int = 0,
+    mla_mode: str = "auto",
+    progress: bool = True,
+    experts_method: ExpertsFactory | None = None,
+    groups: ParallelGroups | None = None,
+    tile_fp8: bool = False,
+) -> DeepseekMTP:
+    """The MTP (NextN) layer of the checkpoint at `path` alone, for the target model `target` (built from
+    `config`): a draft model (--speculative-draft-model-path). Nothing of that checkpoint's main model is read.
+
+    The checkpoint is either SGLang's NextN export (architectures [DeepseekV3ForCausalLMNextN], the layer as
+    `model.layers.0.*`, without embedding or head) or a whole DeepSeek checkpoint (its `model.layers.{its L}.*`).
+    The layer is built with the target's layer index, so it caches its latents in the target's KV-cache layer L;
+    its attention shapes and vocabulary must be the target's. An embedding or head the checkpoint lacks is the
+    target's (V3's MTP layer shares both). `load_format="dummy"`: seeded random weights of the draft's shapes.
+    """
+    _check_load_format(load_format)
+    if path is None:
+        raise ValueError("load_mtp needs the draft checkpoint's path (its config.json gives the layer's shapes)")
+    draft = ModelConfig.from_hf(path)
+    misfits = config.draft_misfits(draft)
+    if misfits:
+        raise ValueError(f"the draft model at {path} does not fit the target: {', '.join(misfits)}")
+    prefix = "model.layers.0." if draft.is_nextn_export else f"model.layers.{draft.num_hidden_layers}."
+    # The layer takes the target's index (its KV-cache layer and the MoE rule's layer id) and the draft's own shapes.
+    layer_config = draft.with_(architecture=config.architecture, num_hidden_layers=config.num_hidden_layers,
+                               num_nextn_predict_layers=1)
+    device = torch.device(device)
+    kernels = choose_kernels(layer_config, parallel)
+    if not kernels.fp8_weights or device.type != "cuda":
+        layer_config = layer_config.with_(quant=None)
+    with torch.device("meta"):
+        mtp = DeepseekMTP(layer_config, parallel, dtype, mla_mode, experts_method, groups, kernels)
+    if load_format == "dummy":
+        mtp.share_embedding(target.model.embed_tokens)
+        mtp.share_head(target.lm_head)
+        materialize(mtp, device)
+        init_dummy_weights(mtp, seed)
+    else:
+        ckpt = Checkpoint(path)
+        try:
+            if prefix + "eh_proj.weight" not in ckpt:
+                raise ValueError(f"the draft model at {path} has no MTP layer: no {prefix}eh_proj.weight"
+                                 + ("" if draft.is_nextn_export else " (num_nextn_predict_layers = "
+                                    f"{draft.num_nextn_predict_layers})"))  # fmt: skip
+            dequant = layer_config.quant is None and draft.quant is not None
+            block = draft.quant.weight_block_size if draft.quant is not None else (128, 128)
+            bar = tqdm(desc="loading the draft layer", disable=not progress)
+            _fill_mtp(mtp, ckpt, prefix, target, device, dequant, block, dtype, bar)
+            bar.close()
+            log.info("draft layer: read %.2f GiB of %s", ckpt.num_bytes_read / 2**30, path)
+        finally:
+            ckpt.close()
+    mtp.post_load()
+    if tile_fp8 and device.type == "cuda":
+        tile_decode_weights(mtp)
+    return mtp
 
 
 @torch.no_grad()

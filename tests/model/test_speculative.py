@@ -240,8 +240,8 @@ def test_greedy_verify_on_cuda_equals_plain_decoding(backend: str) -> None:
 def test_a_draft_checkpoint_of_other_shapes_is_refused_naming_the_flag() -> None:
     from baleen.model.make_model import default_model_path
 
-    with pytest.raises(ValueError, match=r"--speculative-draft-model-path .*: hidden_size/vocab_size 256/4096 differ "
-                                         r"from the target's 128/1024"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"the draft model at .* does not fit the target: hidden_size 256 \(target "
+                                         r"128\), vocab_size 4096 \(target 1024\)"):  # fmt: skip
         build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=2,
                                   max_context_len=128, speculative_num_steps=2,
                                   speculative_draft_model_path=str(default_model_path())))  # fmt: skip
