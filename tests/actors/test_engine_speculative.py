@@ -173,15 +173,8 @@ def test_the_trained_model_under_a_grammar_gives_the_tokens_it_gives_without_spe
         ("Once more unto the breach, dear friends,", SamplingParams(max_new_tokens=24, temperature=0.0)),
     ]
 
-    async def run(**kw: Any) -> tuple[list[tuple[list[int], str, RequestOutput, list]], dict[str, float]]:
-        config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
-        async with await Engine.start(config) as engine:
-            outs = await asyncio.gather(*(_collect(engine, p, sp) for p, sp in cases))
-            await asyncio.sleep(0.3)  # the scheduler's last metrics report
-            return list(outs), engine.metrics
-
-    plain, _ = asyncio.run(run())
-    spec, _ = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3))
+    plain, _ = asyncio.run(_run_cases(path, cases))
+    spec, _ = asyncio.run(_run_cases(path, cases, speculative_algorithm="EAGLE", speculative_num_steps=3))
     for (ids, text, last, _), (want_ids, want_text, want_last, _) in zip(spec, plain):
         assert (ids, text, last.finish_reason) == (want_ids, want_text, want_last.finish_reason), text
     for _, text, last, _ in plain[:3]:
@@ -208,6 +201,16 @@ async def _collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple
     return ids, text, last, lps
 
 
+async def _run_cases(path: str, cases: list[tuple[str, SamplingParams]],
+                     **kw: Any) -> tuple[list[tuple[list[int], str, RequestOutput, list]], dict[str, float]]:
+    """Every case at once through an Engine on the model at `path` (CPU, float32); the outputs and the metrics."""
+    config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
+    async with await Engine.start(config) as engine:
+        outs = await asyncio.gather(*(_collect(engine, p, sp) for p, sp in cases))
+        await asyncio.sleep(0.3)  # the scheduler's last metrics report
+        return list(outs), engine.metrics
+
+
 def test_the_trained_model_serves_every_sampling_feature_as_without_speculation() -> None:
     """The trained default model, whose MTP layer's drafts are often accepted, so stops and limits fall inside
     accepted runs: seeded sampling with penalties and logprobs, a stop string, stop token ids, min_new_tokens,
@@ -224,15 +227,8 @@ def test_the_trained_model_serves_every_sampling_feature_as_without_speculation(
         ("Name the capital of Japan.", SamplingParams(max_new_tokens=30, temperature=1.0, seed=9, min_new_tokens=12)),
     ]
 
-    async def run(**kw: Any) -> tuple[list[tuple[list[int], str, RequestOutput, list]], dict[str, float]]:
-        config = EngineConfig(model_path=path, device="cpu", dtype="float32", context_length=512, **kw)
-        async with await Engine.start(config) as engine:
-            outs = await asyncio.gather(*(_collect(engine, p, sp) for p, sp in cases))
-            await asyncio.sleep(0.3)  # the scheduler's last metrics report
-            return list(outs), engine.metrics
-
-    plain, _ = asyncio.run(run())
-    spec, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3))
+    plain, _ = asyncio.run(_run_cases(path, cases))
+    spec, metrics = asyncio.run(_run_cases(path, cases, speculative_algorithm="EAGLE", speculative_num_steps=3))
     for (ids, text, last, lps), (want_ids, want_text, want_last, want_lps) in zip(spec, plain):
         assert (ids, text, last.finish_reason, last.matched_stop) == (want_ids, want_text, want_last.finish_reason,
                                                                       want_last.matched_stop)  # fmt: skip
