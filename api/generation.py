@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgspec
 from starlette.requests import Request
 
 from baleen.actors.admission import EngineDead
@@ -22,6 +23,13 @@ from baleen.api.state import ServerState
 from baleen.messages import RequestOutput, SamplingParams
 
 T = TypeVar("T")
+
+
+def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies for n choices of one prompt; with a seed, choice k uses seed + k so the choices differ (as OpenAI's)."""
+    if params.seed is None:
+        return [params] * n
+    return [params] + [msgspec.structs.replace(params, seed=params.seed + k) for k in range(1, n)]
 
 
 class ClientGone(Exception):

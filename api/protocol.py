@@ -204,25 +204,25 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]+)`")
 _RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
 MAX_N = 128
-_Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
+T = TypeVar("T")
 
 
 def decode_chat_request(body: bytes | str) -> ChatCompletionRequest:
     """Decode and validate a chat completion body; ApiError(400) naming the bad field."""
-    req = _decode(_chat_decoder, body)
+    req = decode_json(_chat_decoder, body)
     _check_chat(req)
     return req
 
 
 def decode_completion_request(body: bytes | str) -> CompletionRequest:
     """Decode and validate a text completion body; ApiError(400) naming the bad field."""
-    req = _decode(_completion_decoder, body)
+    req = decode_json(_completion_decoder, body)
     _check_completion(req)
     return req
 
 
-def _decode(decoder: msgspec.json.Decoder[_Req], body: bytes | str) -> _Req:
-    """Decode; msgspec's "Expected `int`, got `str` - at `$.n`" becomes an ApiError whose param is the path."""
+def decode_json(decoder: msgspec.json.Decoder[T], body: bytes | str) -> T:
+    """Decode a body; msgspec's "Expected `int`, got `str` - at `$.n`" becomes an ApiError whose param is the path."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
@@ -371,12 +371,16 @@ def chat_sampling_params(req: ChatCompletionRequest, *, default_max_tokens: int 
     return _checked(params, chat_fields(req))
 
 
-def completion_sampling_params(req: CompletionRequest, *, default_max_tokens: int | None = 16) -> SamplingParams:
-    """SamplingParams for a text completion (OpenAI's default max_tokens is 16); ApiError(400) on bad fields."""
+def completion_sampling_params(req: CompletionRequest, *, default_max_tokens: int | None = 16,
+                               names: dict[str, str] = COMPLETION_FIELDS) -> SamplingParams:
+    """SamplingParams for a text completion (OpenAI's default max_tokens is 16); ApiError(400) on bad fields.
+
+    names: how the request spells the engine's fields in error messages (SGLang's /generate maps its own fields here).
+    """
     params = SamplingParams(**_common_fields(req), logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                             max_new_tokens=default_max_tokens if req.max_tokens is None else req.max_tokens,
                             skip_special_tokens=req.skip_special_tokens)
-    return _checked(params, COMPLETION_FIELDS)
+    return _checked(params, names)
 
 
 def _common_fields(req: _RequestParams) -> dict[str, Any]:

@@ -53,10 +53,14 @@ def sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float) -> Response:
-    """A streamed answer; a disconnect cancels `frames` (whose cleanup aborts the engine requests)."""
+def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float, *, ping: bool = True) -> Response:
+    """A streamed answer; a disconnect cancels `frames` (whose cleanup aborts the engine requests).
+
+    ping: send a `: ping` comment after 15 s without data (keeps proxies from closing idle streams). SGLang's own
+    clients of /generate read every non-empty line as `data:` JSON, so that route sends none, as SGLang does.
+    """
     from sse_starlette.sse import EventSourceResponse
 
     # At shutdown sse-starlette would cut streams at once; instead they run until the server's own
     # grace period aborts their requests, so each still ends with a finish_reason and [DONE].
-    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0)
+    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=None if ping else 0)

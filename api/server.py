@@ -2,7 +2,9 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (serving_chat.py, serving_completion.py), GET
 /v1/models, GET /health (200 only while the engine can serve), GET /metrics (Prometheus, metrics.py), GET
-/server_info. Bodies are decoded by msgspec (protocol.py), answers encoded by orjson, streams sent as SSE.
+/server_info; SGLang's native API (serving_native.py): POST /generate, GET /get_model_info, GET /get_server_info,
+GET|POST /flush_cache, GET /health_generate. Bodies are decoded by msgspec (protocol.py, native_protocol.py),
+answers encoded by orjson, streams sent as SSE.
 Every error is an OpenAI error body with the right status. A client that leaves aborts its engine requests.
 What the routes share lives in state.py (ServerState), generation.py (the engine requests of one HTTP request)
 and responses.py; this module only assembles the app. The process around it (engine start, uvicorn, graceful
@@ -25,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from baleen.api import serving_chat, serving_completion
+from baleen.api import serving_chat, serving_completion, serving_native
 from baleen.api.bodies import model_list
 from baleen.api.errors import ApiError
 from baleen.api.metrics import CONTENT_TYPE
@@ -33,8 +35,10 @@ from baleen.api.responses import JSONResponse, error_response
 from baleen.api.state import ServerState
 
 log = logging.getLogger("baleen.server")
-_ROUTES = (serving_chat.ROUTE, serving_completion.ROUTE, "/v1/models", "/health", "/metrics", "/server_info")
-_OPEN_ROUTES = ("/health", "/metrics")  # answered without the API key, for probes and scrapers
+_NATIVE_ROUTES = (serving_native.ROUTE, "/get_model_info", "/get_server_info", "/flush_cache", "/health_generate")
+_ROUTES = (serving_chat.ROUTE, serving_completion.ROUTE, "/v1/models", "/health", "/metrics", "/server_info",
+           *_NATIVE_ROUTES)
+_OPEN_ROUTES = ("/health", "/health_generate", "/metrics")  # answered without the API key (probes, scrapers; as SGLang)
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
@@ -116,11 +120,25 @@ def create_app(state: ServerState) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def server_info(request: Request) -> Response:
+    async def server_info(request: Request) -> Response:  # also SGLang's /get_server_info
         config = {k: v for k, v in asdict(state.config).items() if k != "api_key"}
         return JSONResponse({**state.engine.info(), "server_config": config, "served_model_name": state.model_name,
                              "chat_template": state.template.name,
-                             "custom_logit_processors": state.processors.names() if state.processors else None})
+                             "custom_logit_processors": state.processors.names() if state.processors else None,
+                             **serving_native.server_info(state)})
+
+    # ---- SGLang's native API
+    async def generate(request: Request) -> Response:
+        return await _guarded(serving_native.generate(state, request))
+
+    async def get_model_info(request: Request) -> Response:
+        return JSONResponse(serving_native.model_info(state))
+
+    async def flush_cache(request: Request) -> Response:
+        return serving_native.flush_cache(state)
+
+    async def health_generate(request: Request) -> Response:
+        return await serving_native.health_generate(state)
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -128,7 +146,8 @@ def create_app(state: ServerState) -> Starlette:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        message = {404: f"no route {request.url.path!r}; see /v1/chat/completions, /v1/completions, /v1/models",
+        message = {404: f"no route {request.url.path!r}; see /v1/chat/completions, /v1/completions, /v1/models, "
+                        "/generate",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
         response = error_response(ApiError(exc.status_code, message), state.config.retry_after_s)
         response.headers.update(exc.headers or {})
@@ -145,6 +164,11 @@ def create_app(state: ServerState) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/server_info", server_info, methods=["GET"]),
+        Route(serving_native.ROUTE, generate, methods=["POST", "PUT"]),
+        Route("/get_model_info", get_model_info, methods=["GET"]),
+        Route("/get_server_info", server_info, methods=["GET"]),
+        Route("/flush_cache", flush_cache, methods=["GET", "POST"]),
+        Route("/health_generate", health_generate, methods=["GET"]),
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}
     return Starlette(routes=routes, middleware=[Middleware(_Frontend, state=state)],

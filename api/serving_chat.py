@@ -24,7 +24,7 @@ from baleen.actors.admission import tokenize
 from baleen.api import bodies as b
 from baleen.api import protocol as p
 from baleen.api.errors import engine_error
-from baleen.api.generation import ClientGone, Collected, Generation, collect, unless_disconnected
+from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
 from baleen.api.reasoning import ReasoningParser, make_reasoning_parser, prompt_opens_reasoning
 from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
 from baleen.api.state import ServerState
@@ -64,14 +64,7 @@ def _prepare(state: ServerState, req: p.ChatCompletionRequest) -> _Prepared:
     grammar = chat_grammar(req, tool_parser=tool_parser, reasoning=opens, token_id=state.tokenizer.token_to_id)
     if grammar is not None:
         params = msgspec.structs.replace(params, grammar=grammar)
-    return _Prepared(req, prompt_ids, _per_choice(params, req.n), reasoning, in_reasoning, tool_parser)
-
-
-def _per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n copies; with a seed, choice i uses seed + i so the choices differ as OpenAI's do."""
-    if params.seed is None:
-        return [params] * n
-    return [params] + [msgspec.structs.replace(params, seed=params.seed + i) for i in range(1, n)]
+    return _Prepared(req, prompt_ids, per_choice(params, req.n), reasoning, in_reasoning, tool_parser)
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:

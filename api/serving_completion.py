@@ -22,7 +22,7 @@ from baleen.actors.admission import tokenize
 from baleen.api import bodies as b
 from baleen.api import protocol as p
 from baleen.api.errors import engine_error
-from baleen.api.generation import ClientGone, Collected, Generation, collect, unless_disconnected
+from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
 from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
 from baleen.api.state import ServerState
 from baleen.api.structured import completion_grammar
@@ -53,10 +53,8 @@ def _prepare(state: ServerState, req: p.CompletionRequest) -> _Prepared:
     choices, echo = [], []
     for text, ids in zip(prompts, encoded):
         shown = (text if isinstance(text, str) else state.tokenizer.decode(ids)) if req.echo else ""
-        for k in range(req.n):
-            seeded = params if params.seed is None or k == 0 else msgspec.structs.replace(params, seed=params.seed + k)
-            choices.append((ids, seeded))
-            echo.append(shown)
+        choices += [(ids, seeded) for seeded in per_choice(params, req.n)]
+        echo += [shown] * req.n
     return _Prepared(req, encoded, choices, echo)
 
 

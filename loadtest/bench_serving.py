@@ -1,10 +1,11 @@
-"""Serving benchmark for any OpenAI-compatible server: TTFT, TPOT, ITL, E2E latency and token throughput.
+"""Serving benchmark for any OpenAI-compatible server (or SGLang's native /generate): TTFT, TPOT, ITL, E2E latency
+and token throughput.
 
     python loadtest/bench_serving.py --backend openai --dataset-name random --random-input-len 1024 \
         --random-output-len 128 --num-prompts 200 --request-rate 8 --output-file out.json --plot out.png
 
-Token counts come from the server's `usage` (streamed with `stream_options.include_usage`); the prompt
-lengths asked for are only targets. `--soak-seconds N` runs a fixed rate for N seconds and reports
+Token counts come from the server's `usage` (streamed with `stream_options.include_usage`; /generate's
+`meta_info`); the prompt lengths asked for are only targets. `--soak-seconds N` runs a fixed rate for N seconds and reports
 failures, the RSS of `--watch-pid` processes and their children, and a Prometheus gauge once idle.
 
 One file on purpose (past the usual 500 lines): it is copied to client machines and run there without
@@ -51,10 +52,11 @@ BACKENDS = {
     "sglang-oai-chat": "chat",
     "openai-completions": "completions",
     "sglang-oai": "completions",
-    "sglang": "completions",
     "vllm": "completions",
+    "sglang": "generate",  # SGLang's native API, as sglang.bench_serving --backend sglang
+    "sglang-native": "generate",
 }
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
 PERCENTILES = {"mean": None, "median": 50.0, "p90": 90.0, "p99": 99.0}
 
 
@@ -72,6 +74,29 @@ class StreamError(ValueError):
     """The server's SSE stream was malformed, truncated or carried an error."""
 
 
+def sse_data(line: str) -> str | None:
+    """The payload of an SSE `data:` line ("[DONE]" or JSON text); None for blank lines and SSE comments/fields."""
+    line = line.strip()
+    if not line or line.startswith((":", "event:", "id:", "retry:")):
+        return None
+    if not line.startswith("data:"):
+        raise StreamError(f"not an SSE data line: {line[:80]!r}")
+    return line[5:].strip()
+
+
+def parse_chunk(data: str) -> dict[str, Any]:
+    """One chunk's JSON object; StreamError when it is not one, or is an error chunk."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise StreamError(f"chunk is not JSON ({exc}): {data[:80]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise StreamError(f"chunk is not an object: {data[:80]!r}")
+    if "error" in chunk:
+        raise StreamError(f"server error in stream: {chunk['error']}")
+    return chunk
+
+
 @dataclass
 class StreamParser:
     """Reads one OpenAI SSE response line by line and records when token-bearing chunks arrive."""
@@ -86,36 +111,29 @@ class StreamParser:
     done: bool = False
 
     def feed(self, line: str, now: float) -> None:
-        """Consume one line of the body; raises StreamError on anything an OpenAI client could not parse."""
-        line = line.strip()
-        if not line or line.startswith((":", "event:", "id:", "retry:")):
+        """Consume one line of the body; raises StreamError on anything a client could not parse."""
+        data = sse_data(line)
+        if data is None:
             return
-        if not line.startswith("data:"):
-            raise StreamError(f"not an SSE data line: {line[:80]!r}")
         if self.done:
             raise StreamError("data after [DONE]")
-        data = line[5:].strip()
         if data == "[DONE]":
             self.done = True
             return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise StreamError(f"chunk is not JSON ({exc}): {data[:80]!r}") from exc
-        if not isinstance(chunk, dict):
-            raise StreamError(f"chunk is not an object: {data[:80]!r}")
-        if "error" in chunk:
-            raise StreamError(f"server error in stream: {chunk['error']}")
+        self.feed_chunk(parse_chunk(data), now)
+
+    def feed_chunk(self, chunk: dict[str, Any], now: float) -> None:
+        """Consume one OpenAI chunk."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         choices = chunk.get("choices")
         if not isinstance(choices, list):
-            raise StreamError(f"chunk without a choices list: {data[:80]!r}")
+            raise StreamError(f"chunk without a choices list: {str(chunk)[:80]!r}")
         self.finish_reason = chunk.get("finish_reason") or self.finish_reason  # seen at top level too
         try:
             got_token = [self._read_choice(choice) for choice in choices]  # a list: read every choice
         except (AttributeError, TypeError) as exc:
-            raise StreamError(f"malformed choice ({exc}): {data[:80]!r}") from exc
+            raise StreamError(f"malformed choice ({exc}): {str(chunk)[:80]!r}") from exc
         if any(got_token):
             self.token_times.append(now)
 
@@ -177,6 +195,30 @@ class StreamParser:
         if self.usage and self.usage.get("completion_tokens") is not None:
             return int(self.usage["completion_tokens"])
         return len(self.token_times)
+
+
+@dataclass
+class GenerateStreamParser(StreamParser):
+    """Reads one stream of SGLang's /generate: every chunk holds the text so far and `meta_info` (token counts,
+    finish_reason {"type": ...}); a chunk whose completion_tokens grew carried tokens."""
+
+    num_tokens: int = 0
+
+    def feed_chunk(self, chunk: dict[str, Any], now: float) -> None:
+        """Consume one /generate chunk."""
+        meta, text = chunk.get("meta_info"), chunk.get("text")
+        if not isinstance(meta, dict) or not isinstance(text, str):
+            raise StreamError(f"a /generate chunk needs text and meta_info: {str(chunk)[:80]!r}")
+        count = int(meta.get("completion_tokens") or 0)
+        if count > self.num_tokens:
+            self.token_times.append(now)
+            self.num_tokens = count
+        self.text = [text]  # cumulative
+        reason = meta.get("finish_reason")
+        if reason:
+            self.finish_reason = str(reason.get("type") if isinstance(reason, dict) else reason)
+        self.usage = {"prompt_tokens": meta.get("prompt_tokens"), "completion_tokens": count,
+                      "prompt_tokens_details": {"cached_tokens": meta.get("cached_tokens")}}
 
 
 @dataclass(frozen=True)
@@ -340,6 +382,10 @@ def jsonl_dataset(path: str, num: int, default_output_len: int, api: str) -> lis
 
 def build_body(cfg: BenchConfig, spec: RequestSpec) -> dict[str, Any]:
     """The JSON body of one streamed request."""
+    if cfg.api == "generate":  # what sglang.bench_serving --backend sglang sends
+        sampling = {"temperature": cfg.temperature, "max_new_tokens": spec.output_len, "ignore_eos": cfg.ignore_eos}
+        prompt_key = "text" if isinstance(spec.prompt, str) else "input_ids"
+        return {prompt_key: spec.prompt, "sampling_params": sampling, "stream": True} | spec.extra | cfg.extra_body
     body: dict[str, Any] = {
         "model": cfg.model,
         "max_tokens": spec.output_len,
@@ -364,7 +410,7 @@ async def send_one(
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     start = time.perf_counter()
     rec.start = start - t0
-    parser = StreamParser(start)
+    parser = GenerateStreamParser(start) if cfg.api == "generate" else StreamParser(start)
     try:
         content = orjson.dumps(build_body(cfg, spec))
         async with client.stream("POST", cfg.url, content=content, headers=headers) as resp:
@@ -694,7 +740,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--backend", choices=sorted(BACKENDS), default="openai",
-        help="openai: /v1/chat/completions; openai-completions (and sglang, vllm): /v1/completions")
+        help="openai: /v1/chat/completions; openai-completions (and sglang-oai, vllm): /v1/completions; "
+             "sglang (and sglang-native): SGLang's native /generate")
     add("--base-url", help="server URL, e.g. http://127.0.0.1:30000 (overrides --host/--port)")
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=30000)
