@@ -47,17 +47,34 @@ class RotaryEmbedding:
         self.max_position_embeddings = max_position_embeddings
         self.inv_freq, self.mscale = rope_inv_freq(dim, rope)
         self._cos_sin: torch.Tensor | None = None  # [max_positions, 2, dim/2]
+        self._fixed = False  # reserved: captured CUDA graphs read the cache's storage, so it may not grow
 
     def _build(self, num_positions: int, device: torch.device) -> torch.Tensor:
         t = torch.arange(num_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(t, self.inv_freq.to(device))  # [num_positions, dim/2]
         return torch.stack([freqs.cos(), freqs.sin()], dim=1) * self.mscale
 
+    def reserve(self, num_positions: int, device: torch.device) -> None:
+        """Build the cache for positions 0 .. num_positions - 1 on `device` now, and never rebuild it after.
+
+        NOTE: call before capturing CUDA graphs that run this embedding. A graph keeps reading the storage the
+        cache had at its capture; a cache that grew later would free that storage under the graph (seen on the
+        H100: the MTP draft graph captured before the draft-extend grew the MTP layer's cache read freed memory,
+        stale cos/sin at best, an illegal address once the allocator released the block)."""
+        cache = self._cos_sin
+        if cache is None or cache.shape[0] < num_positions or cache.device != device:
+            self._cos_sin = self._build(max(num_positions, self.max_position_embeddings), device)
+        self._fixed = True
+
     def cos_sin(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
         """positions [T] -> [T, 2, dim/2]; `max_position` (a host int bound) lets the cache grow without a sync."""
         need = max(self.max_position_embeddings, (max_position or 0) + 1)
         cache = self._cos_sin
         if cache is None or cache.shape[0] < need or cache.device != positions.device:
+            if self._fixed or (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+                held = 0 if cache is None else cache.shape[0]
+                raise RuntimeError(f"the rotary cache holds {held} positions and this step needs {need}: it may not "
+                                   "grow once CUDA graphs read it (reserve() enough positions before the capture)")
             size = need if cache is None else max(need, 2 * cache.shape[0])
             cache = self._cos_sin = self._build(size, positions.device)
         return cache[positions]

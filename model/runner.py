@@ -113,6 +113,7 @@ class ModelRunner:
 
         if not isinstance(self.attn, GraphAttentionBackend):
             raise ValueError(f"{type(self.attn).__name__} has no CUDA-graph support; add --disable-cuda-graph")
+        self._reserve_rotary()
         graphs = DecodeGraphs(self.model, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
                               self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
         graphs.capture()
@@ -126,11 +127,20 @@ class ModelRunner:
 
         if self.drafter is None:
             raise ValueError("speculative graphs need the runner's drafter (speculative_num_steps)")
+        self._reserve_rotary()
         graphs = SpecGraphs(self.model, self.drafter, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
                             self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
         graphs.capture()
         self.spec_graphs = graphs
         return graphs
+
+    def _reserve_rotary(self) -> None:
+        """Build the model's and the drafter's rotary caches for every position a slot's page table can hold, once,
+        before a capture (`RotaryEmbedding.reserve`: the graphs read their storage, which may not move after)."""
+        positions = self.page_table.shape[1] * self.config.page_size + 1
+        self.model.rotary.reserve(positions, self.device)
+        if self.drafter is not None:
+            self.drafter.mtp.rotary.reserve(positions, self.device)
 
     # ---- slot state ------------------------------------------------------------------------------
     def _apply_slot_changes(self, plan: StepPlan) -> None:

@@ -245,3 +245,28 @@ def test_a_draft_checkpoint_of_other_shapes_is_refused_naming_the_flag() -> None
         build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=2,
                                   max_context_len=128, speculative_num_steps=2,
                                   speculative_draft_model_path=str(default_model_path())))  # fmt: skip
+
+
+def test_rotary_caches_are_reserved_for_the_page_table_and_never_move_after() -> None:
+    """Captured graphs read the rotary caches' storage (the draft loop the MTP layer's, verify the model's): the
+    runner builds both for every position a slot can hold before capturing, and a cache then refuses to grow
+    instead of freeing that storage under the graphs (on the H100 a draft graph captured before the draft-extend
+    grew the MTP cache read freed memory: an illegal address)."""
+    runner = _runner(2)
+    assert runner.drafter is not None
+    caches = (runner.model.rotary, runner.drafter.mtp.rotary)
+    runner._reserve_rotary()
+    capacity = PAGES_PER_SLOT * PAGE
+    stored = [c._cos_sin for c in caches]
+    for cache, before in zip(caches, stored):
+        assert before is not None and before.shape[0] >= capacity + 1
+        positions = torch.tensor([0, 5, capacity], dtype=torch.int64)
+        got = cache.cos_sin(positions, capacity)
+        fresh = type(cache)(cache.dim, cache.max_position_embeddings, runner.model.config.rope)
+        assert torch.equal(got, fresh.cos_sin(positions, capacity))
+        assert cache._cos_sin is before  # the same storage
+        with pytest.raises(RuntimeError, match="may not grow once CUDA graphs read it"):
+            cache.cos_sin(positions, before.shape[0] + 1)
+    # Steps after it run as before: a speculative decode over the reserved caches
+    tokens, _ = _decode(runner, [[5, 6, 7]], [SamplingParams(max_new_tokens=8, temperature=0.0)], 8, 2)
+    assert len(tokens[0]) == 8 and all(c._cos_sin is s for c, s in zip(caches, stored))
