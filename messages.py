@@ -115,6 +115,10 @@ class AbortRequest(msgspec.Struct, tag=True):
     matched_stop: str | None = None
 
 
+class FlushCache(msgspec.Struct, tag=True):
+    """Evict every cached prefix no request holds (SGLang's /flush_cache); answered with CacheFlushed."""
+
+
 # ---- scheduler -> worker ---------------------------------------------------------------------------
 
 
@@ -238,6 +242,14 @@ class MetricsReport(msgspec.Struct, tag=True):
     values: dict[str, float]
 
 
+class CacheFlushed(msgspec.Struct, tag=True):
+    """The answer to one FlushCache: the pages the prefix cache gave back, and those it still holds for requests
+    in flight (their prefixes stay until those requests end)."""
+
+    num_pages: int
+    num_held_pages: int
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Stop the receiving actor after it drains what it is doing."""
 
@@ -283,6 +295,8 @@ class TokenDeltas(msgspec.Struct, tag=True):
 Message = (
     NewRequest
     | AbortRequest
+    | FlushCache
+    | CacheFlushed
     | StepPlan
     | StepResult
     | CompileGrammars

@@ -14,6 +14,7 @@ from baleen.actors.actor import Actor
 from baleen.actors.channel import Channel
 from baleen.messages import (
     AbortRequest,
+    CacheFlushed,
     Message,
     MetricsReport,
     RequestOutput,
@@ -117,11 +118,13 @@ class DetokenizerActor(Actor[_Sends, None]):
         inbox: Channel,
         scheduler: Channel,
         on_metrics: Callable[[dict[str, float]], None],
+        on_flushed: Callable[[CacheFlushed], None] | None = None,
     ) -> None:
         super().__init__(inbox, name="detokenizer")
         self.tokenizer = tokenizer
         self.scheduler = scheduler  # where stop-string matches are sent as aborts
         self.on_metrics = on_metrics
+        self.on_flushed = on_flushed  # the scheduler's answers to FlushCache
         self._requests: dict[str, _Request] = {}
 
     # ---- the frontend's side: register, close, end ------------------------------------------------------
@@ -170,6 +173,8 @@ class DetokenizerActor(Actor[_Sends, None]):
                         self._decode(out, sends)
                 case MetricsReport():
                     self.on_metrics(msg.values)
+                case CacheFlushed() if self.on_flushed is not None:
+                    self.on_flushed(msg)
                 case WorkerReady():
                     pass
                 case _:

@@ -85,6 +85,11 @@ class DPRouter:
         d = self._owner.pop(rid, None)
         return None if d is None else self.schedulers[d].abort(rid, reason, matched_stop)
 
+    def flush_cache(self) -> tuple[int, int]:
+        """Every DP rank's `Scheduler.flush_cache`, summed."""
+        freed, held = zip(*(s.flush_cache() for s in self.schedulers))
+        return sum(freed), sum(held)
+
     @property
     def num_inflight(self) -> int:
         """Global steps sent whose results have not all arrived."""

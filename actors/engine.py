@@ -29,6 +29,7 @@ cause (the HTTP server exits on it, see launch_server.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -60,6 +61,8 @@ from baleen.actors.worker import (
 )
 from baleen.messages import (
     AbortRequest,
+    CacheFlushed,
+    FlushCache,
     NewRequest,
     RequestOutput,
     SamplingParams,
@@ -155,6 +158,7 @@ class Engine:
         self._child: ChildProcess | None = None  # rank 0's
         self._rings: list[ShmChannel] = []  # rank 0 <-> other ranks; this process owns their segments
         self._closing = False
+        self._flushes: collections.deque[asyncio.Future[CacheFlushed]] = collections.deque()  # FlushCache waiting
 
     # ---- start / stop ------------------------------------------------------------------------------------
     @classmethod
@@ -198,7 +202,8 @@ class Engine:
             to_scheduler, from_scheduler = LocalChannel(), LocalChannel()
             rank0 = _rank0_actors(self._plan, runner, to_scheduler, from_scheduler, thread)
         self._to_scheduler = to_scheduler
-        self._detokenizer = DetokenizerActor(self.tokenizer, from_scheduler, to_scheduler, self._on_metrics)
+        self._detokenizer = DetokenizerActor(self.tokenizer, from_scheduler, to_scheduler, self._on_metrics,
+                                             self._on_flushed)
         self._actors = [self._detokenizer, *rank0]
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="engine")
 
@@ -425,6 +430,38 @@ class Engine:
 
     def _on_metrics(self, values: dict[str, float]) -> None:
         self.metrics = values
+
+    async def flush_cache(self, timeout: float = 30.0) -> CacheFlushed:
+        """Evict every cached prefix no request holds (SGLang's /flush_cache); the scheduler's answer: the pages it
+        gave back and the cached pages requests in flight still hold. EngineDead when the engine cannot serve,
+        TimeoutError when no answer came within `timeout` seconds."""
+        if not self.healthy or self._to_scheduler is None:
+            raise EngineDead(self.error or "the engine is closed")
+        answer: asyncio.Future[CacheFlushed] = asyncio.get_running_loop().create_future()
+        self._flushes.append(answer)
+        dead: asyncio.Future[Any] = asyncio.ensure_future(self._dead.wait())
+        try:
+            await self._to_scheduler.send(FlushCache())
+            waiters: list[asyncio.Future[Any]] = [answer, dead]
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            if not answer.done():
+                answer.cancel()
+                self._flushes.remove(answer)
+        if answer.cancelled():
+            if self.error is not None:
+                raise EngineDead(self.error)
+            raise TimeoutError(f"the scheduler did not answer a cache flush within {timeout:.0f} s")
+        return answer.result()
+
+    def _on_flushed(self, msg: CacheFlushed) -> None:
+        # The scheduler answers FlushCache messages in the order they came.
+        while self._flushes:
+            waiter = self._flushes.popleft()
+            if not waiter.done():
+                waiter.set_result(msg)
+                return
 
     def info(self) -> dict[str, Any]:
         """Configuration and state, for /server_info."""

@@ -283,6 +283,13 @@ class Scheduler:
             if victim is requester:
                 return None
 
+    def flush_cache(self) -> tuple[int, int]:
+        """Evict every cached prefix no request holds (SGLang's /flush_cache): (pages freed, cached pages left,
+        which requests in flight still hold)."""
+        pages = self.cache.evict(self.cache.num_cached_pages)
+        self.allocator.free(pages)
+        return len(pages), self.cache.num_cached_pages
+
     def _evict_and_alloc(self, num: int) -> list[int] | None:
         short = num - self.allocator.num_free
         if short > 0:

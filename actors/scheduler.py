@@ -28,7 +28,9 @@ from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
 from baleen.actors.policy_state import SchedulerConfig
 from baleen.messages import (
     AbortRequest,
+    CacheFlushed,
     CompileGrammars,
+    FlushCache,
     GrammarCompiled,
     GrammarSpec,
     Message,
@@ -121,6 +123,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         self._dirty = True  # metrics changed since the last report
         self._held: dict[tuple[str, str], list[NewRequest]] = {}  # requests waiting for their grammar, by its key
         self._compiles: list[GrammarSpec] = []  # grammars to send to every rank
+        self._flushed: list[CacheFlushed] = []  # answers to FlushCache, sent with the next deltas
         self.decode_log_interval = decode_log_interval
         self._num_decode_steps = 0
         self._logged_spec = (0.0,) * len(SPEC_COUNTERS)  # the speculative counters at the last decode log line
@@ -143,6 +146,8 @@ class SchedulerActor(Actor[list[StepPlan], None]):
                             self._add(req)
                         else:
                             self._out.append(_error_output(req.rid, msg.error, "invalid"))
+                case FlushCache():
+                    self._flushed.append(CacheFlushed(*s.flush_cache()))
                 case AbortRequest():
                     delta = self._abort_held(msg.rid) or s.abort(msg.rid, msg.reason, msg.matched_stop)
                     if delta is not None:
@@ -221,6 +226,9 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         if self._out:
             items, self._out = self._out, []
             await self.deltas.send(TokenDeltas(items))
+        for answer in self._flushed:
+            await self.deltas.send(answer)
+        self._flushed.clear()
         now = time.monotonic()
         if self._dirty and (idle or now - self._last_report >= METRICS_INTERVAL_S):
             self._dirty, self._last_report = False, now

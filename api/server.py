@@ -135,7 +135,7 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse(serving_native.model_info(state))
 
     async def flush_cache(request: Request) -> Response:
-        return serving_native.flush_cache(state)
+        return await serving_native.flush_cache(state)
 
     async def health_generate(request: Request) -> Response:
         return await serving_native.health_generate(state)

@@ -39,10 +39,7 @@ from baleen.messages import RequestOutput, SamplingParams
 
 ROUTE = "/generate"
 HEALTH_TIMEOUT_S = 20.0  # SGLang's default health-check timeout
-FLUSH_REFUSED = ("the prefix cache holds pages, and flushing it is not supported: baleen's radix cache belongs to "
-                 "the scheduler, which takes no flush message; cached pages no request uses are evicted, least "
-                 "recently used first, when new requests need room. Start the server with --disable-radix-cache (then "
-                 "/flush_cache always succeeds), or restart it, to measure without prefix-cache hits")
+FLUSH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -256,13 +253,17 @@ def server_info(state: ServerState) -> dict[str, Any]:
     return {"tokenizer_path": model_info(state)["tokenizer_path"], "internal_states": [entry]}
 
 
-def flush_cache(state: ServerState) -> Response:
-    """GET|POST /flush_cache: 200 when the prefix cache holds nothing (the radix cache is off, or the scheduler's
-    latest report counts no cached pages), else 501 (see FLUSH_REFUSED)."""
-    radix_off = (state.engine.info().get("engine_config") or {}).get("disable_radix_cache")
-    if radix_off or not state.engine.metrics.get("num_cached_pages"):
-        return Response("The prefix cache holds no pages: there is nothing to flush.\n", media_type="text/plain")
-    raise ApiError(501, FLUSH_REFUSED, code="not_implemented")
+async def flush_cache(state: ServerState) -> Response:
+    """GET|POST /flush_cache: evict every cached prefix no request holds (`Engine.flush_cache`); 200 with what was
+    freed. Prefixes that running or queued requests hold stay until those requests end (SGLang instead refuses
+    the whole flush while any request is in flight)."""
+    state.check_can_serve()
+    try:
+        flushed = await state.engine.flush_cache(FLUSH_TIMEOUT_S)
+    except (EngineDead, TimeoutError) as e:
+        raise ApiError(503, f"the cache was not flushed: {e}") from None
+    held = f"; {flushed.num_held_pages} pages stay cached for requests in flight" if flushed.num_held_pages else ""
+    return Response(f"Cache flushed: {flushed.num_pages} pages freed{held}.\n", media_type="text/plain")
 
 
 async def health_generate(state: ServerState) -> Response:

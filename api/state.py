@@ -19,7 +19,7 @@ from baleen.api.errors import ApiError, admission_error
 from baleen.api.metrics import FrontendMetrics
 from baleen.api.reasoning import REASONING_PARSERS
 from baleen.api.tool_parser import TOOL_CALL_PARSERS
-from baleen.messages import RequestOutput, SamplingParams
+from baleen.messages import CacheFlushed, RequestOutput, SamplingParams
 from baleen.model.logit_processors import LogitProcessorRegistry
 
 
@@ -76,6 +76,8 @@ class EngineClient(Protocol):
     async def abort(self, rid: str) -> None: ...
 
     async def abort_all(self) -> None: ...
+
+    async def flush_cache(self, timeout: float = ...) -> CacheFlushed: ...
 
     def info(self) -> dict[str, Any]: ...
 

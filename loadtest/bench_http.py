@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from baleen.actors.admission import Limits
-from baleen.messages import RequestOutput, SamplingParams
+from baleen.messages import CacheFlushed, RequestOutput, SamplingParams
 
 
 class FastEngine:
@@ -65,6 +65,9 @@ class FastEngine:
 
     async def abort_all(self) -> None:
         return None
+
+    async def flush_cache(self, timeout: float = 30.0) -> CacheFlushed:
+        return CacheFlushed(num_pages=0, num_held_pages=0)  # it caches nothing
 
     def info(self) -> dict[str, Any]:
         return {"model_path": self.model_path}

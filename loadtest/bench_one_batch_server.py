@@ -9,8 +9,8 @@ The prompts are random token ids of exactly --input-len when the tokenizer is at
 naming a checkpoint folder or tokenizer.json), else random common words (about one token each); the token counts
 reported are the server's. The measures are SGLang's: TTFT is when the last request of the batch got its first
 token; input throughput = prompt tokens / TTFT; output throughput = output tokens / (latency - TTFT); overall = all
-tokens / latency. Unlike SGLang's it does not call /flush_cache (baleen has none; fresh random prompts miss the
-prefix cache anyway). Needs what bench_serving.py needs (its prompts and stream parser are reused from it).
+tokens / latency. Unlike SGLang's it does not call /flush_cache (fresh random prompts miss the prefix cache
+anyway). Needs what bench_serving.py needs (its prompts and stream parser are reused from it).
 """
 
 from __future__ import annotations

@@ -94,6 +94,46 @@ def test_shared_system_prompt_is_computed_once(model_path: str) -> None:
     assert all(c == 0 for _, c in uncached)
 
 
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["in-process", "multiprocess"])
+def test_flush_cache_frees_every_prefix_no_request_holds(model_path: str, multiprocess: bool) -> None:
+    rng = random.Random(2)
+    done, running = ([rng.randrange(16, 1000) for _ in range(70)] for _ in range(2))
+    params = SamplingParams(max_new_tokens=6, **GREEDY)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        config = EngineConfig(model_path=model_path, page_size=16, multiprocess=multiprocess)
+        async with await Engine.start(config) as engine:
+            first, _, _ = await _collect(engine, done, params)
+            started: list[RequestOutput] = []
+
+            async def hold() -> None:  # a request in flight: its prefix stays
+                long = SamplingParams(max_new_tokens=4000, **GREEDY)  # type: ignore[arg-type]
+                async for out in engine.generate(running, long, rid="running"):
+                    started.append(out)
+
+            task = asyncio.create_task(hold())
+            while not any(o.token_ids for o in started):
+                await asyncio.sleep(0.01)
+            flushed = await engine.flush_cache()
+            assert flushed.num_pages >= 4 and flushed.num_held_pages >= 4  # 70-token prompts: 4 whole pages each
+            again, _, last = await _collect(engine, done, params)
+            assert again == first and last.cached_tokens == 0  # recomputed: the same tokens
+            await engine.abort("running")
+            await asyncio.wait_for(task, 5)
+            assert started[-1].finish_reason == "abort"
+            flushed = await engine.flush_cache()  # both prompts' pages now: nothing is held
+            assert flushed.num_pages >= 8 and flushed.num_held_pages == 0
+            for _ in range(100):
+                if engine.metrics.get("num_used_pages") == 0 and engine.metrics.get("num_cached_pages") == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.metrics["num_used_pages"] == engine.metrics["num_cached_pages"] == 0
+        with pytest.raises(EngineDead):
+            await engine.flush_cache()
+
+    asyncio.run(main())
+
+
 def test_stop_string_cuts_text_and_stops_generation(model_path: str) -> None:
     async def main() -> None:
         async with await Engine.start(EngineConfig(model_path=model_path)) as engine:

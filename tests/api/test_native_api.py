@@ -274,13 +274,19 @@ def test_info_flush_and_health_routes(http: httpx.Client) -> None:
     assert state["last_gen_throughput"] >= 0 and "avg_spec_accept_length" not in state  # no speculation here
     assert state["effective_max_running_requests_per_dp"] == 64 and state["dp_size"] == 1
     assert state["memory_usage"]["token_capacity"] == 16 * (state["num_free_pages"] + state["num_used_pages"]) > 0
-    for method in ("GET", "POST"):  # the prefix cache holds pages, which baleen cannot drop
-        message = error(http.request(method, "/flush_cache"), 501)
-        assert "--disable-radix-cache" in message
+    cached = gauge(http.get("/metrics").text, "baleen_num_cached_pages")
+    flushed = http.post("/flush_cache")  # nothing runs: every cached page is freed
+    assert flushed.status_code == 200 and flushed.text == f"Cache flushed: {cached:.0f} pages freed.\n"
+    deadline = time.monotonic() + 5
+    while gauge(http.get("/metrics").text, "baleen_num_cached_pages"):
+        assert time.monotonic() < deadline, "the flushed cache must report no pages"
+        time.sleep(0.05)
+    again = http.get("/flush_cache")
+    assert again.status_code == 200 and again.text == "Cache flushed: 0 pages freed.\n"
     assert http.get("/health_generate").status_code == 200
     assert error(http.get("/generate"), 405)
     metrics = http.get("/metrics").text
-    assert 'route="/generate",status="200"' in metrics and 'route="/flush_cache",status="501"' in metrics
+    assert 'route="/generate",status="200"' in metrics and 'route="/flush_cache",status="200"' in metrics
 
 
 def test_disconnect_frees_pages(main_server: ServerProcess, http: httpx.Client) -> None:
@@ -322,8 +328,9 @@ def test_auth_limits_and_engine_failures(fake_server: ThreadServer, fake_engine:
         out = h.post("/generate", json=OK, headers=auth).json()
         assert out["text"] == "aa" and out["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
         assert h.get("/get_model_info", headers=auth).json()["model_path"] == "fake-model"
-        flushed = h.post("/flush_cache", headers=auth)  # this engine reports no cached pages: nothing to flush
-        assert flushed.status_code == 200 and "nothing to flush" in flushed.text
+        flushed = h.post("/flush_cache", headers=auth)
+        assert flushed.status_code == 200 and flushed.text == "Cache flushed: 1 pages freed.\n"
+        error(h.post("/flush_cache"), 401)
         error(h.post("/generate", json={"text": "x" * 5000}, headers=auth), 413)
         fake_engine.error = "the worker process died"
         try:
@@ -331,6 +338,7 @@ def test_auth_limits_and_engine_failures(fake_server: ThreadServer, fake_engine:
                 resp = h.post("/generate", json=body, headers=auth)
                 assert "the worker process died" in error(resp, 503) and resp.headers["retry-after"] == "1"
             error(h.get("/health_generate"), 503)
+            assert "the worker process died" in error(h.post("/flush_cache", headers=auth), 503)
         finally:
             fake_engine.error = None
         fake_engine.error_kind = "overloaded"

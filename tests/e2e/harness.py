@@ -25,12 +25,12 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
-from baleen.actors.admission import Limits
+from baleen.actors.admission import EngineDead, Limits
 from baleen.api.chat_template import ChatTemplate
 from baleen.api.server import create_app
 from baleen.api.state import ServerConfig, ServerState
 from baleen.launch_server import UvicornServer, uvicorn_config
-from baleen.messages import RequestOutput, SamplingParams
+from baleen.messages import CacheFlushed, RequestOutput, SamplingParams
 
 TESTS_API = Path(__file__).resolve().parents[1] / "api"
 SCRIPTED = "scripted=scripted_processor:ScriptedProcessor"
@@ -186,6 +186,11 @@ class FakeEngine:
 
     def info(self) -> dict[str, Any]:
         return {"model_path": self.model_path}
+
+    async def flush_cache(self, timeout: float = 30.0) -> CacheFlushed:
+        if self.error is not None:
+            raise EngineDead(self.error)
+        return CacheFlushed(num_pages=int(self.metrics.get("num_evictable_pages", 0)), num_held_pages=0)
 
 
 class ThreadServer:
