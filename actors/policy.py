@@ -159,11 +159,14 @@ class Scheduler:
             left = req.max_new_tokens - len(req.output) - req.inflight_tokens
             if left <= 0:
                 continue  # its last token is already in flight (or may be)
-            # NOTE: a verify row commits at most `left` tokens and writes positions kv_len .. kv_len + drafts, all
-            # below max_len - 1 <= max_context_len: kv_len is len(prompt + output) - 1 + inflight_tokens at most.
-            drafts = min(req.max_drafts, left - 1)
+            # NOTE: a verify row carries its full drafts wherever their latents fit the page table, near the
+            # request's length limit too: the stop checks keep at most `left` of the tokens it commits, and a step
+            # whose every row carries k drafts replays the captured graphs (one shorter row makes the step eager).
+            # It writes positions kv_len .. kv_len + drafts, below the page table's capacity.
+            drafts = min(req.max_drafts, self.allocator.pages_for(self.config.max_context_len) * self.config.page_size
+                         - 1 - req.kv_len)
             if req.num_unsettled and drafts < req.max_drafts:
-                continue  # near its length limit behind a verify row in flight: wait for what that commits
+                continue  # at the page table's end behind a verify row in flight: wait for what that commits
             if not self._grow(req, req.kv_len + 1 + drafts, b):
                 continue  # it was the victim itself
             prefix = PREFIX_ON_DEVICE if req.num_unsettled else req.kv_len

@@ -165,23 +165,24 @@ def test_stop_inside_an_accepted_run_drops_the_rest(overlap: bool) -> None:
         assert len(sched.cache.peek([*prompt, *ref])) == min(done_len, kept) // 4
 
 
+@pytest.mark.parametrize("room", [0, 5, 64], ids=["tight", "page", "ample"])
 @pytest.mark.parametrize("max_new", [1, 2, 3, 4, 5, 6, 9, 10])
-def test_length_limit_shrinks_the_last_verify_row(max_new: int) -> None:
+def test_verify_rows_keep_their_drafts_up_to_the_page_table_s_end(max_new: int, room: int) -> None:
+    """Near its length limit a verify row still carries k drafts (a step whose rows all do replays the captured
+    graphs), and what it commits past the limit is dropped; only the page table's end shortens a row."""
     prompt = [2, 7, 1, 8]
-    sched = make(max_context_len=len(prompt) + max_new)  # no room beyond the request either
+    sched = make(max_context_len=len(prompt) + max_new + room)
+    capacity = -(-sched.config.max_context_len // 4) * 4  # the page table's positions (pages of 4)
     out, _, plans = run(sched, {0: [new_request("r", prompt, max_new_tokens=max_new)]}, False, 1.0)
     assert out.tokens("r") == reference_tokens(prompt, max_new) and out.final("r").finish_reason == "length"
-    left = max_new - 1  # after the prefill's token
-    want = []
-    while left > 0:
-        want.append(min(K, left - 1))
-        left -= want[-1] + 1
-    drafts = [r.extend_len - 1 for p in plans for r in p.rows if not r.input_ids]
-    assert drafts == want  # the last row's drafts never run past max_new_tokens: k = 0 is a plain decode row
-    assert out.final("r").spec_verify_ct == sum(d > 0 for d in want)
-    for p in plans:
-        for r in p.rows:
-            assert r.prefix_len + r.extend_len <= len(prompt) + max_new
+    rows = [r for p in plans for r in p.rows if not r.input_ids]
+    for r in rows:
+        assert r.prefix_len + r.extend_len <= capacity  # every latent it writes has a page-table entry
+        assert r.extend_len - 1 == min(K, capacity - 1 - r.prefix_len)  # full drafts unless the table ends
+    assert out.final("r").spec_verify_ct == sum(r.extend_len > 1 for r in rows)
+    if room >= K:
+        assert all(r.extend_len == K + 1 for r in rows)
+    assert sched.allocator.num_free == sched.allocator.num_pages - 1 - sched.cache.num_cached_pages
 
 
 def test_min_new_tokens_inside_a_run() -> None:
@@ -281,18 +282,21 @@ def test_a_verify_row_behind_one_in_flight_reads_its_prefix_on_the_device(accura
     assert worker.num_device_prefix_rows == 2
 
 
-def test_near_its_length_limit_a_request_waits_for_the_verify_row_in_flight() -> None:
+def test_near_its_length_limit_a_verify_row_goes_behind_the_one_in_flight() -> None:
     sched = make()
     worker = make_worker(sched, draft_accuracy=1.0)
     sched.add_request(new_request("a", [1, 2, 3], max_new_tokens=6))
     p0, p1 = sched.schedule(), sched.schedule()
     assert p0 is not None and p1 is not None
     sched.process_result(worker.execute(p0))
-    # p1 may commit 4 tokens after the first: 6 - 1 - 4 leaves room for no drafts, so no row goes behind it
-    assert sched.schedule() is None
-    sched.process_result(worker.execute(p1))
+    # p1 may commit 4 tokens after the first, one short of the limit: the next row goes behind it with its full
+    # drafts (its prefix on the device); whatever it commits past the limit is dropped
     p2 = sched.schedule()
-    assert p2 is not None and [(r.prefix_len, r.extend_len) for r in p2.rows] == [(7, 1)]
+    assert p2 is not None and [(r.prefix_len, r.extend_len) for r in p2.rows] == [(PREFIX_ON_DEVICE, 1 + K)]
+    outs = sched.process_result(worker.execute(p1)) + sched.process_result(worker.execute(p2))
+    assert [t for d in outs for t in d.token_ids] == reference_tokens([1, 2, 3], 6)[1:]
+    assert outs[-1].finish_reason == "length" and sched.schedule() is None and not sched.running
+    assert sched.allocator.num_free == sched.allocator.num_pages - 1 - sched.cache.num_cached_pages
 
 
 def test_rejected_drafts_cost_only_a_length_change() -> None:
