@@ -200,6 +200,17 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+        # NOTE: the memory plan sizes the KV pool from what the driver calls free. Blocks an earlier engine of this
+        # process freed stay reserved by torch's caching allocator (and objects in reference cycles stay allocated
+        # until a collection): give them back first, or this engine would plan around a dead one's pool (seen on
+        # the H100: the third engine of a sweep got 39 of 66 GiB).
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        if torch.cuda.memory_allocated(device) > 1 << 30:
+            log.warning("%.1f GiB of tensors allocated in this process are still alive before this engine loads: "
+                        "its KV pool will be smaller by that much", torch.cuda.memory_allocated(device) / 2**30)
     torch.manual_seed(cfg.random_seed)
     if cfg.model_path is None:
         raise ValueError("the worker needs a model path with a config.json")
