@@ -279,7 +279,7 @@ def test_close_and_ctrl_c_leave_no_processes_or_segments(model_path: str, tmp_pa
     script.write_text(
         textwrap.dedent(
             f"""
-            import asyncio, os
+            import asyncio, faulthandler, logging, os, signal, sys
             from baleen.actors.engine import Engine, EngineConfig
             from baleen.messages import SamplingParams
 
@@ -293,6 +293,8 @@ def test_close_and_ctrl_c_leave_no_processes_or_segments(model_path: str, tmp_pa
                     await engine.close()
 
             if __name__ == "__main__":
+                logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+                faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if it hangs
                 try:
                     asyncio.run(main())
                 except KeyboardInterrupt:
@@ -301,15 +303,22 @@ def test_close_and_ctrl_c_leave_no_processes_or_segments(model_path: str, tmp_pa
         )
     )
     before = _shm_segments()
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("child"), line
     child_pid = int(line.split()[1])
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=20)
-    assert "interrupted" in out
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running 30 s after Ctrl-C; its log and stacks:\n{err[-12000:]}") from None
+    assert "interrupted" in out, err[-4000:]
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
