@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import anyio
 import msgspec
 from starlette.requests import Request
 
 from baleen.actors.admission import EngineDead
 from baleen.api.errors import ApiError, engine_error
+from baleen.api.responses import SSE_DONE, sse
 from baleen.api.state import ServerState
 from baleen.messages import RequestOutput, SamplingParams
 
@@ -121,6 +123,29 @@ class Generation:
         if out.finished:
             metrics.observe_finished(out.finish_reason or "", out.prompt_tokens, out.completion_tokens,
                                      None if failed else now - self.started)
+
+    async def frames(self, firsts: Sequence[RequestOutput], frame: Callable[[int, RequestOutput], bytes | None],
+                     tail: Callable[[], bytes | None] | None = None) -> AsyncIterator[bytes]:
+        """A streamed answer's SSE events: `frame(i, out)` of every output (None: nothing to send); an engine error
+        becomes its error event and ends the stream; else `tail()` (a usage chunk) follows the last; then [DONE].
+        The requests are aborted however the stream ends (a client that leaves cancels it)."""
+        try:
+            for i, out in enumerate(firsts):
+                if (data := frame(i, out)) is not None:
+                    yield data
+            async for i, out in self.rest():
+                if out.finish_reason == "error":
+                    yield sse(engine_error(out).body())
+                    break
+                if (data := frame(i, out)) is not None:
+                    yield data
+            else:
+                if tail is not None and (data := tail()) is not None:
+                    yield data
+            yield SSE_DONE
+        finally:
+            with anyio.CancelScope(shield=True):  # a cancelled stream must still abort (anyio re-cancels each await)
+                await self.aclose()
 
     async def aclose(self) -> None:
         """Abort whatever has not finished (the engine frees its pages) and forget the request ids."""

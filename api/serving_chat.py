@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +25,7 @@ from baleen.api import protocol as p
 from baleen.api.errors import engine_error
 from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
 from baleen.api.reasoning import ReasoningParser, make_reasoning_parser, prompt_opens_reasoning
-from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
+from baleen.api.responses import JSONResponse, read_body, sse, sse_response
 from baleen.api.state import ServerState
 from baleen.api.structured import chat_grammar
 from baleen.api.tool_parser import ToolCall, ToolCallDelta, ToolCallParser, make_tool_parser
@@ -189,7 +188,7 @@ class _ChoiceStream:
         return reasoning, content, calls
 
 
-async def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
+def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
                   response_id: str) -> AsyncIterator[bytes]:
     req = prep.req
     created = int(time.time())
@@ -218,21 +217,10 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
             chunk["prompt_token_ids"], sent_prompt_ids = prep.prompt_ids, True
         return sse(chunk)
 
-    try:
-        for i, out in enumerate(firsts):
-            if (data := frame(i, out)) is not None:
-                yield data
-        async for i, out in generation.rest():
-            if out.finish_reason == "error":
-                yield sse(engine_error(out).body())
-                break
-            if (data := frame(i, out)) is not None:
-                yield data
-        else:
-            if req.include_usage:
-                yield sse(b.usage_chunk(id=response_id, model=req.model, created=created,
-                                        usage=_usage([c.last for c in choices], len(prep.prompt_ids))))
-        yield SSE_DONE
-    finally:
-        with anyio.CancelScope(shield=True):  # a cancelled stream must still abort (anyio re-cancels each await)
-            await generation.aclose()
+    def usage() -> bytes | None:
+        if not req.include_usage:
+            return None
+        return sse(b.usage_chunk(id=response_id, model=req.model, created=created,
+                                 usage=_usage([c.last for c in choices], len(prep.prompt_ids))))
+
+    return generation.frames(firsts, frame, usage)

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,7 +31,7 @@ from baleen.api.errors import ApiError, engine_error
 from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
 from baleen.api.native_protocol import NativePrompt, choice_ids, decode_generate_request, prompts
 from baleen.api.protocol import completion_sampling_params
-from baleen.api.responses import SSE_DONE, JSONResponse, read_body, sse, sse_response
+from baleen.api.responses import JSONResponse, read_body, sse, sse_response
 from baleen.api.state import ServerState
 from baleen.api.structured import completion_grammar
 from baleen.messages import RequestOutput, SamplingParams
@@ -125,7 +124,7 @@ async def generate(state: ServerState, request: Request) -> Response:
             await generation.aclose()
 
 
-async def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
+def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
                   ids: list[str], started: float) -> AsyncIterator[bytes]:
     got = [Collected() for _ in prep.choices]
 
@@ -138,20 +137,7 @@ async def _stream(state: ServerState, prep: _Prepared, generation: Generation, f
             answer["index"] = i
         return sse(answer)
 
-    try:
-        for i, out in enumerate(firsts):
-            if (data := frame(i, out)) is not None:
-                yield data
-        async for i, out in generation.rest():
-            if out.finish_reason == "error":
-                yield sse(engine_error(out).body())
-                break
-            if (data := frame(i, out)) is not None:
-                yield data
-        yield SSE_DONE
-    finally:
-        with anyio.CancelScope(shield=True):  # a cancelled stream must still abort (anyio re-cancels each await)
-            await generation.aclose()
+    return generation.frames(firsts, frame)
 
 
 # ---- the answer ----------------------------------------------------------------------------------------------
