@@ -293,6 +293,9 @@ def test_close_and_ctrl_c_leave_no_processes_or_segments(model_path: str, tmp_pa
                     await engine.close()
 
             if __name__ == "__main__":
+                # as in a terminal, even if started with SIGINT ignored (a background job of a non-interactive shell,
+                # e.g. `make test &`, passes SIG_IGN on, and Ctrl-C then never reached this engine)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
                 faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if it hangs
                 try:
