@@ -204,6 +204,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         chat_template=args.chat_template, reasoning_parser=args.reasoning_parser,
                         tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_size,
                         graceful_shutdown_s=args.graceful_shutdown_timeout, log_level=args.log_level,
+                        sse_ping_interval_s=args.sse_ping_interval,
                         stay_up_after_engine_death=args.stay_up_after_engine_death)
 
 
@@ -235,6 +236,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="largest request body, e.g. 32MiB (default); larger ones get HTTP 413")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get before they are aborted (default 5)")
+    g.add_argument("--sse-ping-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="send a ': ping' SSE comment on /v1 streams idle this long, for proxies that close idle "
+                        "connections (default 0: never; SGLang's and vLLM's benchmark clients fail on comments)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
     g.add_argument("--decode-log-interval", type=int, default=None, metavar="STEPS",
                    help="log running requests, KV usage, throughput and the speculative accept length every STEPS "

@@ -53,14 +53,15 @@ def sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float, *, ping: bool = True) -> Response:
+def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float, *, ping_s: float = 0.0) -> Response:
     """A streamed answer; a disconnect cancels `frames` (whose cleanup aborts the engine requests).
 
-    ping: send a `: ping` comment after 15 s without data (keeps proxies from closing idle streams). SGLang's own
-    clients of /generate read every non-empty line as `data:` JSON, so that route sends none, as SGLang does.
+    ping_s: send a `: ping` comment after that many seconds without data (keeps proxies from closing idle streams);
+    0 sends none. SGLang's and vLLM's benchmark clients read every non-empty line as `data:` JSON and fail a request
+    on a comment, so the default is none, as those servers send.
     """
     from sse_starlette.sse import EventSourceResponse
 
     # At shutdown sse-starlette would cut streams at once; instead they run until the server's own
     # grace period aborts their requests, so each still ends with a finish_reason and [DONE].
-    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=None if ping else 0)
+    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=ping_s or 0)

@@ -96,7 +96,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         if req.stream:
             streaming = True
             frames = _stream(state, prep, generation, firsts, response_id)
-            return sse_response(frames, state.config.graceful_shutdown_s)
+            return sse_response(frames, state.config.graceful_shutdown_s, ping_s=state.config.sse_ping_interval_s)
         results = await unless_disconnected(request, collect(generation, firsts))
         return JSONResponse(_whole(state, prep, results, response_id))
     except ClientGone:

@@ -113,7 +113,7 @@ async def generate(state: ServerState, request: Request) -> Response:
         if stream:
             streaming = True
             frames = _stream(state, prep, generation, firsts, ids, started)
-            return sse_response(frames, state.config.graceful_shutdown_s, ping=False)
+            return sse_response(frames, state.config.graceful_shutdown_s)  # never pings: SGLang's clients of /generate
         results = await unless_disconnected(request, collect(generation, firsts))
         answers = [_answer(state, prep, i, r, ids[i], started) for i, r in enumerate(results)]
         return JSONResponse(answers[0] if prep.single else answers)

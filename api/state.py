@@ -36,6 +36,9 @@ class ServerConfig:
     tool_call_parser: str | None = None
     max_request_bytes: int = 32 << 20
     graceful_shutdown_s: float = 5.0
+    # A `: ping` SSE comment after this many seconds without data on an OpenAI-route stream (0: never, as SGLang
+    # and vLLM: their benchmark clients parse every non-empty line as JSON and fail a request on a comment).
+    sse_ping_interval_s: float = 0.0
     retry_after_s: int = 1
     log_level: str = "info"
     # When the engine dies (a worker process died, an engine actor failed): False exits the server with code 1
@@ -47,6 +50,8 @@ class ServerConfig:
             raise ValueError(f"--reasoning-parser {self.reasoning_parser!r}: choose one of {list(REASONING_PARSERS)}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"--tool-call-parser {self.tool_call_parser!r}: choose one of {list(TOOL_CALL_PARSERS)}")
+        if self.sse_ping_interval_s < 0:
+            raise ValueError(f"--sse-ping-interval must be >= 0 seconds, got {self.sse_ping_interval_s}")
         if self.max_request_bytes < 1:
             raise ValueError(f"the request size limit must be at least 1 byte, got {self.max_request_bytes}")
         if not 0 <= self.port < 65536:

@@ -7,7 +7,7 @@ Input errors go to the real server (subprocess); failures only an engine can pro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -204,3 +204,34 @@ def test_dead_engine_is_503_and_crash_is_500(fake_server: ThreadServer, fake_eng
         assert http.get("/health").status_code == 200 and http.post(CHAT, json=FAKE_BODY).status_code == 200
         text = http.get("/metrics").text
         assert "baleen_pages_used 2" in text  # used 3 - evictable 1
+
+
+@pytest.mark.parametrize("ping_s", [0.0, 0.2], ids=["default", "--sse-ping-interval 0.2"])
+def test_streams_send_ping_comments_only_when_asked(fake_engine: FakeEngine, ping_s: float) -> None:
+    """SGLang's and vLLM's benchmark clients json-parse every non-empty line of a stream: by default a request that
+    waits long for its tokens gets no `: ping` comment (which would fail it there); operators behind proxies that
+    close idle connections turn them on."""
+    from baleen.api.responses import sse_response
+    from baleen.api.state import ServerConfig
+
+    async def nothing() -> AsyncIterator[bytes]:
+        yield b""
+
+    assert ServerConfig().sse_ping_interval_s == 0 and sse_response(nothing(), 5.0).ping_interval == 0  # type: ignore[attr-defined]
+    config = ServerConfig(host="127.0.0.1", port=0, log_level="warning", sse_ping_interval_s=ping_s)
+    fake_engine.delay_s = 0.5
+    try:
+        with ThreadServer(fake_engine, config) as server, httpx.Client(base_url=server.url, timeout=10) as h:
+            for route, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True}),
+                                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                          "max_tokens": 2, "stream": True}),
+                                ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2},
+                                               "stream": True})):
+                with h.stream("POST", route, json=body) as resp:
+                    lines = [line for line in resp.iter_lines() if line]
+                pings = [line for line in lines if line.startswith(":")]
+                assert lines[-1] == "data: [DONE]"
+                # /generate never pings (SGLang's own route); the OpenAI routes ping when configured
+                assert bool(pings) == (ping_s > 0 and route != "/generate"), (route, lines)
+    finally:
+        fake_engine.delay_s = 0.0

@@ -401,7 +401,7 @@ def test_flags_map_onto_engine_and_server_config() -> None:
                   "--disable-cuda-graph", "--trust-remote-code", "--tp", "1", "--max-queued-requests", "9",
                   "--host", "0.0.0.0", "--port", "40000", "--api-key", "k", "--tool-call-parser", "deepseekv31",
                   "--reasoning-parser", "deepseek-r1", "--chat-template", "deepseek-v31", "--max-request-size", "1MiB",
-                  "--fp8-tiled-weights", "off", "--enable-mixed-chunk"])
+                  "--fp8-tiled-weights", "off", "--enable-mixed-chunk", "--sse-ping-interval", "30"])
     ec = cli.engine_config_from_args(args)
     assert (ec.model_path, ec.tokenizer_path, ec.dtype, ec.load_format, ec.device) == ("/m", "/t", "float16", "dummy", "cpu")
     assert (ec.mem_fraction_static, ec.max_running_requests, ec.max_total_tokens, ec.chunked_prefill_size) == \
@@ -415,7 +415,7 @@ def test_flags_map_onto_engine_and_server_config() -> None:
     sc = cli.server_config_from_args(args)
     assert (sc.host, sc.port, sc.api_key, sc.served_model_name) == ("0.0.0.0", 40000, "k", "/m")
     assert (sc.tool_call_parser, sc.reasoning_parser, sc.chat_template) == ("deepseekv31", "deepseek-r1", "deepseek-v31")
-    assert sc.max_request_bytes == 1 << 20
+    assert sc.max_request_bytes == 1 << 20 and sc.sse_ping_interval_s == 30.0
     defaults = cli.engine_config_from_args(_args([]))
     assert defaults.model_path is None and not defaults.enable_custom_logit_processor
     assert defaults.fp8_tiled_weights == "auto" and not defaults.enable_mixed_chunk  # off, as SGLang
