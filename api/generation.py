@@ -17,6 +17,7 @@ from typing import TypeVar
 import anyio
 import msgspec
 from starlette.requests import Request
+from starlette.responses import Response
 
 from baleen.actors.admission import EngineDead
 from baleen.api.errors import ApiError, engine_error
@@ -123,6 +124,28 @@ class Generation:
         if out.finished:
             metrics.observe_finished(out.finish_reason or "", out.prompt_tokens, out.completion_tokens,
                                      None if failed else now - self.started)
+
+    async def respond(self, request: Request, stream: Callable[[list[RequestOutput]], Response] | None,
+                      whole: Callable[[list[Collected]], Response]) -> Response:
+        """A route's answer: every choice's first output (an engine error becomes its HTTP status), then
+        `stream(firsts)` (a streamed response, which owns the requests from then on) or `whole(results)`; 499 for
+        a client that left meanwhile. The requests are aborted unless a stream took them over."""
+        streaming = False
+        try:
+            firsts = await unless_disconnected(request, self.first())
+            for out in firsts:
+                if out.finish_reason == "error":
+                    raise engine_error(out)
+            if stream is not None:
+                response = stream(firsts)
+                streaming = True
+                return response
+            return whole(await unless_disconnected(request, collect(self, firsts)))
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not streaming:
+                await self.aclose()
 
     async def frames(self, firsts: Sequence[RequestOutput], frame: Callable[[int, RequestOutput], bytes | None],
                      tail: Callable[[], bytes | None] | None = None) -> AsyncIterator[bytes]:

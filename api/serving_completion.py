@@ -20,8 +20,7 @@ from starlette.responses import Response
 from baleen.actors.admission import tokenize
 from baleen.api import bodies as b
 from baleen.api import protocol as p
-from baleen.api.errors import engine_error
-from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
+from baleen.api.generation import Collected, Generation, per_choice
 from baleen.api.responses import JSONResponse, read_body, sse, sse_response
 from baleen.api.state import ServerState
 from baleen.api.structured import completion_grammar
@@ -71,23 +70,13 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     prep = _prepare(state, req)
     response_id = b.new_id("cmpl")
     generation = Generation(state, ROUTE, prep.choices, response_id, started)
-    streaming = False
-    try:
-        firsts = await unless_disconnected(request, generation.first())
-        for out in firsts:
-            if out.finish_reason == "error":
-                raise engine_error(out)
-        if req.stream:
-            streaming = True
-            frames = _stream(state, prep, generation, firsts, response_id)
-            return sse_response(frames, state.config.graceful_shutdown_s, ping_s=state.config.sse_ping_interval_s)
-        results = await unless_disconnected(request, collect(generation, firsts))
-        return JSONResponse(_whole(state, prep, results, response_id))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        if not streaming:
-            await generation.aclose()
+
+    def stream(firsts: list[RequestOutput]) -> Response:
+        return sse_response(_stream(state, prep, generation, firsts, response_id), state.config.graceful_shutdown_s,
+                            ping_s=state.config.sse_ping_interval_s)
+
+    return await generation.respond(request, stream if req.stream else None,
+                                    lambda results: JSONResponse(_whole(state, prep, results, response_id)))
 
 
 def _logprobs(state: ServerState, prep: _Prepared, token_ids: list[int], logprobs: list[float] | None,

@@ -27,8 +27,8 @@ from starlette.responses import Response
 
 from baleen.actors.admission import EngineDead, tokenize
 from baleen.api import bodies as b
-from baleen.api.errors import ApiError, engine_error
-from baleen.api.generation import ClientGone, Collected, Generation, collect, per_choice, unless_disconnected
+from baleen.api.errors import ApiError
+from baleen.api.generation import Collected, Generation, per_choice
 from baleen.api.native_protocol import NativePrompt, choice_ids, decode_generate_request, prompts
 from baleen.api.protocol import completion_sampling_params
 from baleen.api.responses import JSONResponse, read_body, sse, sse_response
@@ -104,24 +104,15 @@ async def generate(state: ServerState, request: Request) -> Response:
     generation = Generation(state, ROUTE, [(c.prompt_ids, c.params) for c in prep.choices], b.new_id("generate"),
                             started)
     ids = [c.rid or rid for c, rid in zip(prep.choices, generation.rids)]
-    streaming = False
-    try:
-        firsts = await unless_disconnected(request, generation.first())
-        for out in firsts:
-            if out.finish_reason == "error":
-                raise engine_error(out)
-        if stream:
-            streaming = True
-            frames = _stream(state, prep, generation, firsts, ids, started)
-            return sse_response(frames, state.config.graceful_shutdown_s)  # never pings: SGLang's clients of /generate
-        results = await unless_disconnected(request, collect(generation, firsts))
+
+    def streamed(firsts: list[RequestOutput]) -> Response:  # never pings: SGLang's clients of /generate
+        return sse_response(_stream(state, prep, generation, firsts, ids, started), state.config.graceful_shutdown_s)
+
+    def whole(results: list[Collected]) -> Response:
         answers = [_answer(state, prep, i, r, ids[i], started) for i, r in enumerate(results)]
         return JSONResponse(answers[0] if prep.single else answers)
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        if not streaming:
-            await generation.aclose()
+
+    return await generation.respond(request, streamed if stream else None, whole)
 
 
 def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
