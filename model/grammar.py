@@ -192,6 +192,30 @@ class SlotGrammar:
         """Whether `fill` is xgrammar's own (not a failed or finished matcher)."""
         return self.error is None and self.matcher is not None and not self.matcher.is_terminated()
 
+    def force_drafts(self, drafts: list[int], num_words: int) -> bool:
+        """Where the grammar allows one token only, make it the draft: walking `drafts` in order (while each is one
+        the grammar accepts), a position whose mask holds a single token gets that token. The matcher is rolled back
+        after; `drafts` changes in place; whether any draft changed. (Lossless as any draft: the verify keeps a
+        draft only where the request's own sample equals it.)"""
+        if not self.plain:
+            return False
+        assert self.matcher is not None
+        row = torch.empty((1, num_words), dtype=torch.int32)
+        changed, advanced = False, 0
+        for j, d in enumerate(drafts):
+            if self.matcher.is_terminated():
+                break
+            self.matcher.fill_next_token_bitmask(row, 0)
+            only = _only_token(row[0])
+            if only is not None and only != d:
+                drafts[j], d, changed = only, only, True
+            if not self.matcher.accept_token(d):
+                break
+            advanced += 1
+        if advanced:
+            self.matcher.rollback(advanced)
+        return changed
+
     def fill_special(self, bitmask: torch.Tensor, i: int) -> None:
         """Row i of `bitmask` for a matcher that is not `plain`: all tokens after an error, else (the grammar
         ended, e.g. with ignore_eos) only the stop tokens."""
@@ -201,6 +225,17 @@ class SlotGrammar:
         bitmask[i] = 0
         for t in self.stop_token_ids:
             bitmask[i, t // 32] |= _bit(t % 32)
+
+
+def _only_token(words: torch.Tensor) -> int | None:
+    """The one token a bitmask row [num_words] int32 allows, None when it allows none or several."""
+    nonzero = torch.nonzero(words).flatten()
+    if nonzero.numel() != 1:
+        return None
+    word = int(words[nonzero[0]]) & 0xFFFFFFFF
+    if word & (word - 1):
+        return None
+    return int(nonzero[0]) * 32 + word.bit_length() - 1
 
 
 def _bit(b: int) -> int:

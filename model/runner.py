@@ -378,6 +378,8 @@ class ModelRunner:
                 return graphed
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
         drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
+        if self.grammars is not None:
+            self._force_grammar_drafts(plan, drafter)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
@@ -500,6 +502,29 @@ class ModelRunner:
         if self.device.type == "cuda":
             step.event = torch.cuda.Event()
             step.event.record()
+
+    def _force_grammar_drafts(self, plan: StepPlan, drafter: MtpDrafter) -> None:
+        """A grammar request's drafts, where its grammar allows one token only, are that token (a JSON schema's keys,
+        quotes and braces) instead of the MTP layer's guess, which knows nothing of the grammar. One host read of
+        those requests' drafts; steps with grammar rows sync for their masks anyway."""
+        assert self.grammars is not None
+        verify = [(r.slot, r.extend_len - 1) for r in plan.rows if r.sample and not r.input_ids and r.extend_len > 1]
+        found = self.grammars.rows([s for s, _ in verify]) if verify else []
+        if not found:
+            return
+        if self._unaccepted is not None:
+            self._accept_grammar_tokens(self._unaccepted)  # the matchers stand after every committed token
+        slots = [verify[j][0] for j, _ in found]
+        host = drafter.tokens[slots].cpu()
+        changed = False
+        for (j, g), row in zip(found, host):
+            k = verify[j][1]
+            drafts = row[:k].tolist()
+            if g.force_drafts(drafts, self.grammars.cache.num_words):
+                row[:k] = torch.tensor(drafts, dtype=row.dtype)
+                changed = True
+        if changed:
+            drafter.tokens[slots] = host.to(self.device)
 
     def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]],
                     drafts: list[int] | None = None) -> TokenMask:  # fmt: skip

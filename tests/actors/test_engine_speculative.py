@@ -180,11 +180,12 @@ def test_the_trained_model_under_a_grammar_gives_the_tokens_it_gives_without_spe
     for _, text, last, _ in plain[:3]:
         assert last.finish_reason == "stop", (text, last.finish_reason)
         json.loads(text)  # the schemas' JSON, ended by the grammar
-    # NOTE: few drafts are accepted here (1.15 tokens a verify row when written): the MTP layer drafts what the model
-    # would write unconstrained, and inside JSON the grammar forces other tokens. Drafting under the mask: a TODO.
+    # NOTE: the MTP layer drafts what the model would write unconstrained; where the grammar allows one token only
+    # (keys, quotes, braces) that token is the draft instead: 111 tokens in 81 verify rows when written, against 95
+    # rows with the MTP layer's drafts alone (1.37 against 1.17 tokens a row)
     grammar_rows = [last.spec_verify_ct or 0 for _, _, last, _ in spec[:4]]
     grammar_tokens = [last.completion_tokens for _, _, last, _ in spec[:4]]
-    assert all(grammar_rows) and sum(grammar_tokens) > sum(grammar_rows) + 4, (grammar_tokens, grammar_rows)
+    assert all(grammar_rows) and sum(grammar_tokens) >= 1.3 * sum(grammar_rows), (grammar_tokens, grammar_rows)
 
 
 async def _collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[int], str, RequestOutput, list]:

@@ -225,6 +225,37 @@ def test_verify_rows_are_masked_as_plain_decoding_would_mask_them(cache: Grammar
     assert unpack_bitmask(got[2:], VOCAB)[0].nonzero().flatten().tolist() == [EOS]
     assert g.plain and torch.equal(slots.fill([(0, g)])[0], plain[1][-3])
 
+def test_forced_tokens_become_the_drafts(cache: GrammarCache) -> None:
+    """Where a grammar allows one token only, force_drafts makes it the draft (walking the drafts while the grammar
+    accepts them) and leaves the others; the matcher stands where it stood."""
+    slots = GrammarSlots(cache)
+    num_forced = 0
+    for seed, spec in enumerate([GrammarSpec("json_schema", json.dumps(SCHEMAS[0])), GrammarSpec("regex", REGEXES[0]),
+                                 GrammarSpec("regex", REGEXES[3])]):
+        tokens = [*walk(slots, spec, seed), EOS]
+        slots.set_slot(0, spec)
+        g = slots.get(0)
+        assert g is not None
+        forced = []  # per position of the walk: the one token its mask allows, or None
+        for t in tokens:
+            allowed = unpack_bitmask(slots.fill([(0, g)]), VOCAB)[0].nonzero().flatten().tolist()
+            forced.append(allowed[0] if len(allowed) == 1 else None)
+            g.accept(t)
+        num_forced += sum(f is not None for f in forced)
+        for start in range(0, len(tokens) - 3, 3):
+            slots.set_slot(0, spec, tokens[:start])
+            g = slots.get(0)
+            assert g is not None
+            before = slots.fill([(0, g)])[0]
+            wrong = [-1 if f is None else (f + 1) % VOCAB for f in forced[start : start + 3]]
+            drafts = [w if w >= 0 else t for w, t in zip(wrong, tokens[start : start + 3])]
+            changed = g.force_drafts(drafts, cache.num_words)
+            # a forced position gets its token; the walk's own tokens elsewhere stay (they are the grammar's)
+            assert drafts == tokens[start : start + 3] and changed == any(w >= 0 for w in wrong), (seed, start)
+            assert torch.equal(slots.fill([(0, g)])[0], before)
+    assert num_forced  # the grammars force some tokens (the fixed characters), so the test saw replacements
+
+
 def sample_masked(sampler: Sampler, logits: torch.Tensor, allowed: torch.Tensor, rows: Sequence[int]) -> Any:
     bits = torch.zeros(len(rows), -(-VOCAB // 32) * 32, dtype=torch.int64)
     bits[:, :VOCAB] = allowed.to(torch.int64)
