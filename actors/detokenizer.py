@@ -4,6 +4,7 @@ caught across tokens."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ class DetokenizerActor(Actor[_Sends, None]):
         self.scheduler = scheduler  # where stop-string matches are sent as aborts
         self.on_metrics = on_metrics
         self.on_flushed = on_flushed  # the scheduler's answers to FlushCache
+        self.last_output_at = 0.0  # time.monotonic() of the latest requests' outputs (the engine's progress)
         self._requests: dict[str, _Request] = {}
 
     # ---- the frontend's side: register, close, end ------------------------------------------------------
@@ -169,6 +171,8 @@ class DetokenizerActor(Actor[_Sends, None]):
         for msg in messages:
             match msg:
                 case TokenDeltas():
+                    if msg.items:
+                        self.last_output_at = time.monotonic()
                     for out in msg.items:
                         self._decode(out, sends)
                 case MetricsReport():

@@ -409,6 +409,11 @@ class Engine:
                 await self._send_abort(msg.rid)
 
     @property
+    def last_output_at(self) -> float:
+        """`time.monotonic()` when the scheduler last sent requests' outputs (0.0 before any)."""
+        return self._detokenizer.last_output_at if self._detokenizer is not None else 0.0
+
+    @property
     def num_requests(self) -> int:
         """Requests whose `generate` stream is open."""
         return len(self._detokenizer) if self._detokenizer is not None else 0

@@ -38,6 +38,7 @@ from baleen.messages import RequestOutput, SamplingParams
 
 ROUTE = "/generate"
 HEALTH_TIMEOUT_S = 20.0  # SGLang's default health-check timeout
+HEALTH_POLL_S = 0.05  # how often /health_generate looks for the engine's other outputs
 FLUSH_TIMEOUT_S = 30.0
 
 
@@ -244,18 +245,30 @@ async def flush_cache(state: ServerState) -> Response:
 
 
 async def health_generate(state: ServerState) -> Response:
-    """GET /health_generate: 200 once the engine generated one token for a one-token prompt (within 20 s), else 503."""
+    """GET /health_generate: 200 once the engine generated one token for a one-token prompt, or (as SGLang) sent any
+    output after the check began: a busy engine queues the check's own request behind the others, and its other
+    requests' tokens prove it alive as well. 503 when neither happened within 20 s."""
     state.check_can_serve()
+    started = time.monotonic()
     outputs = state.engine.generate([0], SamplingParams(max_new_tokens=1, temperature=0.0),
                                     rid=f"health-{uuid.uuid4().hex}")
+    first: asyncio.Future[RequestOutput] = asyncio.ensure_future(anext(outputs))
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            out = await anext(outputs)
+            while not first.done():
+                if state.engine.last_output_at > started:
+                    return Response(status_code=200)
+                await asyncio.wait([first], timeout=HEALTH_POLL_S)
+        out = first.result()
     except TimeoutError:
-        raise ApiError(503, f"the engine generated no token within {HEALTH_TIMEOUT_S:.0f} s") from None
+        raise ApiError(503, f"the engine sent no output within {HEALTH_TIMEOUT_S:.0f} s") from None
     except (EngineDead, ValueError) as e:
         raise ApiError(503, f"the engine cannot serve requests: {e}") from None
     finally:
+        if not first.done():
+            first.cancel()  # the stream's own cleanup aborts the check's request
+            with contextlib.suppress(BaseException):
+                await first
         close = getattr(outputs, "aclose", None)
         if close is not None:
             with contextlib.suppress(Exception):

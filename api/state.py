@@ -75,6 +75,9 @@ class EngineClient(Protocol):
     @property
     def num_requests(self) -> int: ...
 
+    @property
+    def last_output_at(self) -> float: ...
+
     def generate(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None, *,
                  rid: str | None = None) -> AsyncIterator[RequestOutput]: ...
 

@@ -39,6 +39,7 @@ class FastEngine:
         self.model_path = "fast-fake"
         self.limits = Limits(max_context_len=1 << 20)
         self.num_requests = 0  # generate() streams open
+        self.last_output_at = 0.0  # /health_generate then waits for its own token, which comes at once
         self.metrics: dict[str, float] = {}
         self.error: str | None = None
 

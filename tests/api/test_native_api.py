@@ -494,3 +494,25 @@ def test_loadtest_bench_one_batch_server(main_server: ServerProcess, tmp_path: P
         assert r["output_tokens"] == 4 * r["batch_size"] and 0 < r["ttft"] < r["latency"]
         assert r["input_throughput"] > 0 and r["output_throughput"] > 0
     assert "ttft" in capsys.readouterr().out
+
+
+def test_health_generate_counts_other_requests_outputs(fake_server: ThreadServer, fake_engine: FakeEngine) -> None:
+    """A busy engine may queue the health check's own one-token request behind others: any output the engine sends
+    after the check began proves it alive (as SGLang's /health_generate counts it)."""
+    import threading
+
+    fake_engine.delay_s = 5.0  # the check's own token would take 5 s
+
+    def other_request_progresses() -> None:
+        time.sleep(0.3)
+        fake_engine.last_output_at = time.monotonic()
+
+    try:
+        threading.Thread(target=other_request_progresses, daemon=True).start()
+        started = time.monotonic()
+        with httpx.Client(base_url=fake_server.url, timeout=10) as h:
+            assert h.get("/health_generate").status_code == 200
+        assert time.monotonic() - started < 2.0
+        assert fake_engine.num_requests == 0  # the check's own request was aborted
+    finally:
+        fake_engine.delay_s = 0.0

@@ -154,6 +154,7 @@ class FakeEngine:
         self.num_requests = 0  # generate() streams open
         self.speculative = False  # outputs carry spec_verify_ct: one verify step per two tokens after the first
         self.delay_s = 0.0  # wait this long before each output (a queued request, a slow step)
+        self.last_output_at = 0.0  # time.monotonic() of the latest output of any request
 
     @property
     def healthy(self) -> bool:
@@ -173,6 +174,7 @@ class FakeEngine:
             n = (sampling.max_new_tokens if sampling else None) or 4
             for i in range(n):
                 await asyncio.sleep(self.delay_s)
+                self.last_output_at = time.monotonic()
                 yield RequestOutput(rid=rid, text="a", token_ids=[97], finish_reason="length" if i == n - 1 else None,
                                     prompt_tokens=len(prompt), completion_tokens=i + 1,
                                     spec_verify_ct=(i + 1) // 2 if self.speculative else None)
