@@ -442,7 +442,8 @@ def load_mtp(
         mtp.share_embedding(target.model.embed_tokens)
         mtp.share_head(target.lm_head)
         materialize(mtp, device)
-        init_dummy_weights(mtp, seed)
+        for own in (mtp.enorm, mtp.hnorm, mtp.eh_proj, mtp.block, mtp.shared_head.norm):  # not the target's
+            init_dummy_weights(own, seed)
     else:
         ckpt = Checkpoint(path)
         try:

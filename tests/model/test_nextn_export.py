@@ -89,6 +89,16 @@ def test_the_export_loads_the_checkpoint_s_own_layer(trained: Path, split: tuple
         assert torch.equal(got[name], tensor), name
 
 
+def test_dummy_draft_weights_leave_the_target_s_embedding_and_head(split: tuple[Path, Path]) -> None:
+    target, nextn = split
+    model = load_model(target, ModelConfig.from_hf(target), progress=False)
+    embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    draft = load_mtp(nextn, model.config, model, load_format="dummy", seed=5, progress=False)
+    assert draft.embed_tokens is model.model.embed_tokens and draft.shared_head.head is model.lm_head
+    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, head)
+    assert draft.eh_proj.weight.abs().sum() > 0  # its own weights are the random ones
+
+
 def test_a_whole_checkpoint_as_draft_reads_its_mtp_layer_alone(trained: Path, split: tuple[Path, Path],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     config = ModelConfig.from_hf(trained)
