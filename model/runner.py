@@ -378,8 +378,7 @@ class ModelRunner:
                 return graphed
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
         drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
-        if self.grammars is not None:
-            self._force_grammar_drafts(plan, drafter)
+        grammar_drafts = self._force_grammar_drafts(plan, drafter) if self.grammars is not None else {}
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
@@ -404,9 +403,12 @@ class ModelRunner:
             if drafted & self.slot_procs.keys():
                 raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
                                  "without drafts")
-            if step.grammar_rows:
-                # NOTE: a host sync for the drafts (the matchers walk them); steps with grammar rows sync anyway
-                drafts = layout.next_draft[[j for j, _ in step.grammar_rows]].tolist()
+            if step.grammar_rows:  # the draft each row checks, from the host copy (the forward need not finish)
+                drafts = []
+                for j, _ in step.grammar_rows:
+                    r = int(np.searchsorted(layout.starts, j, side="right")) - 1
+                    at, ds = j - int(layout.starts[r]), grammar_drafts.get(sampled_slots[j])
+                    drafts.append(ds[at] if ds is not None and at < layout.counts[r] - 1 else -1)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         mask = self._token_mask(step.grammar_rows, errors, drafts) if step.grammar_rows else None
         flags = self.sampler.state.flags(sampled_slots)
@@ -503,28 +505,28 @@ class ModelRunner:
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _force_grammar_drafts(self, plan: StepPlan, drafter: MtpDrafter) -> None:
+    def _force_grammar_drafts(self, plan: StepPlan, drafter: MtpDrafter) -> dict[int, list[int]]:
         """A grammar request's drafts, where its grammar allows one token only, are that token (a JSON schema's keys,
-        quotes and braces) instead of the MTP layer's guess, which knows nothing of the grammar. One host read of
-        those requests' drafts; steps with grammar rows sync for their masks anyway."""
+        quotes and braces) instead of the MTP layer's guess, which knows nothing of the grammar. Returns each such
+        request's drafts by slot: the one host read of them a step (its masks walk them too)."""
         assert self.grammars is not None
         verify = [(r.slot, r.extend_len - 1) for r in plan.rows if r.sample and not r.input_ids and r.extend_len > 1]
         found = self.grammars.rows([s for s, _ in verify]) if verify else []
         if not found:
-            return
+            return {}
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)  # the matchers stand after every committed token
         slots = [verify[j][0] for j, _ in found]
-        host = drafter.tokens[slots].cpu()
+        host = drafter.tokens[slots].tolist()
+        drafts: dict[int, list[int]] = {}
         changed = False
-        for (j, g), row in zip(found, host):
-            k = verify[j][1]
-            drafts = row[:k].tolist()
-            if g.force_drafts(drafts, self.grammars.cache.num_words):
-                row[:k] = torch.tensor(drafts, dtype=row.dtype)
-                changed = True
+        for (j, g), slot, row in zip(found, slots, host):
+            drafts[slot] = row[: verify[j][1]]
+            changed |= g.force_drafts(drafts[slot], self.grammars.cache.num_words)
         if changed:
-            drafter.tokens[slots] = host.to(self.device)
+            forced = [drafts[s] + row[len(drafts[s]):] for s, row in zip(slots, host)]
+            drafter.tokens[slots] = torch.tensor(forced, dtype=drafter.tokens.dtype).to(self.device)
+        return drafts
 
     def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]],
                     drafts: list[int] | None = None) -> TokenMask:  # fmt: skip
