@@ -11,8 +11,10 @@ ride along with the prefill chunk instead, and the chunk is smaller by as many t
 stream stalls while a long prompt prefills.
 
 Speculative decoding (`speculative_num_steps` = k > 0): a decoding request's row is a verify row of 1 + k_row
-tokens (the slot's last token and k_row drafts the worker's drafter left there; k_row = k, or fewer near the
-request's length limit), which commits 1 to k_row + 1 tokens (`StepResult.num_tokens`). Its pages are reserved for
+tokens (the slot's last token and k_row drafts the worker's drafter left there; k_row = k, or fewer only at the end
+of the page table: near the request's length limit the row keeps its k drafts, so the step keeps the captured
+graphs' shape, and the stop checks drop what it commits past the limit), which commits 1 to k_row + 1 tokens
+(`StepResult.num_tokens`). Its pages are reserved for
 all 1 + k_row latents before the plan is sent; the result only sets the lengths (`kv_len`, `done_len`) to what was
 committed, so rejected drafts cost no page traffic, and the radix cache never sees them.
 
@@ -20,8 +22,8 @@ NOTE: under overlap scheduling a speculating request may have two verify rows in
 first commits is known when its result arrives, after the second was planned. The second row's prefix is then
 `PREFIX_ON_DEVICE` (the worker reads the committed length where the first row's step left it); its pages are
 reserved for the most the first may commit, and `kv_len` stays that upper bound until the results settle it
-(`results.settle_lengths`). A second row is planned only with all k drafts within the length limit counted at
-that upper bound; nearer the limit the request waits for its result. A request with a custom logit processor
+(`results.settle_lengths`). A second row is planned while the first may still leave the request tokens to
+generate; it waits for the first's result only at the end of the page table. A request with a custom logit processor
 decodes one token a row (the worker drafts nothing for it: a processor sees each token before the next) and
 overlaps as without speculation; a grammar's request speculates (the worker masks each verify row by the matcher
 walked over the drafts before it).
@@ -76,6 +78,8 @@ class Scheduler:
         self.limits = Limits(max_context_len=config.max_context_len,
                              max_kv_tokens=self.allocator.capacity * config.page_size)
         self.cache = make_prefix_cache(config.page_size, config.enable_radix_cache)
+        # positions a slot's page table holds (the workers' table: whole pages of max_context_len)
+        self._table_positions = self.allocator.pages_for(config.max_context_len) * config.page_size
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admission order, oldest first
         self._requests: dict[str, Req] = {}  # every live request, waiting or running
@@ -163,8 +167,7 @@ class Scheduler:
             # request's length limit too: the stop checks keep at most `left` of the tokens it commits, and a step
             # whose every row carries k drafts replays the captured graphs (one shorter row makes the step eager).
             # It writes positions kv_len .. kv_len + drafts, below the page table's capacity.
-            drafts = min(req.max_drafts, self.allocator.pages_for(self.config.max_context_len) * self.config.page_size
-                         - 1 - req.kv_len)
+            drafts = min(req.max_drafts, self._table_positions - 1 - req.kv_len)
             if req.num_unsettled and drafts < req.max_drafts:
                 continue  # at the page table's end behind a verify row in flight: wait for what that commits
             if not self._grow(req, req.kv_len + 1 + drafts, b):

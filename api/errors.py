@@ -16,7 +16,6 @@ _TYPE_FOR_STATUS = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
-    501: "not_implemented_error",
     503: "service_unavailable_error",
 }
 

@@ -64,4 +64,4 @@ def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float, *, pi
 
     # At shutdown sse-starlette would cut streams at once; instead they run until the server's own
     # grace period aborts their requests, so each still ends with a finish_reason and [DONE].
-    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=ping_s or 0)
+    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=ping_s)

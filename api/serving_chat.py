@@ -178,7 +178,7 @@ class _ChoiceStream:
 
 
 def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
-                  response_id: str) -> AsyncIterator[bytes]:
+            response_id: str) -> AsyncIterator[bytes]:
     req = prep.req
     created = int(time.time())
     choices = [_ChoiceStream(prep) for _ in prep.params]

@@ -117,7 +117,7 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
 
 
 def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
-                  response_id: str) -> AsyncIterator[bytes]:
+            response_id: str) -> AsyncIterator[bytes]:
     req = prep.req
     created = int(time.time())
     offsets = [0] * len(prep.choices)  # characters sent so far per choice (logprobs' text_offset)

@@ -117,7 +117,7 @@ async def generate(state: ServerState, request: Request) -> Response:
 
 
 def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts: list[RequestOutput],
-                  ids: list[str], started: float) -> AsyncIterator[bytes]:
+            ids: list[str], started: float) -> AsyncIterator[bytes]:
     got = [Collected() for _ in prep.choices]
 
     def frame(i: int, out: RequestOutput) -> bytes | None:
