@@ -12,8 +12,8 @@ from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported, mla_deco
 D_LATENT, D_ROPE = 512, 64
 
 
-def make_case(seq_lens: list[int], heads: int, page_size: int) -> tuple[torch.Tensor, ...]:
-    """bf16 queries and cache on CUDA; pages shuffled across sequences, spare pages, finite junk past each end."""
+def make_case(seq_lens: list[int], heads: int, page_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """bf16 queries and cache on `device`; pages shuffled across sequences, spare pages, finite junk past each end."""
     batch = len(seq_lens)
     pages_per_seq = [(n + page_size - 1) // page_size for n in seq_lens]
     num_pages = sum(pages_per_seq) + 3
@@ -30,8 +30,8 @@ def make_case(seq_lens: list[int], heads: int, page_size: int) -> tuple[torch.Te
     q_nope = torch.randn(batch, heads, D_LATENT)
     q_pe = torch.randn(batch, heads, D_ROPE)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    to = lambda t: t.to("cuda", torch.bfloat16)
-    return to(q_nope), to(q_pe), to(cache), table.cuda(), lens.cuda()
+    to = lambda t: t.to(device, torch.bfloat16)
+    return to(q_nope), to(q_pe), to(cache), table.to(device), lens.to(device)
 
 
 def _need_hopper() -> None:

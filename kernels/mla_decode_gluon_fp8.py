@@ -1,0 +1,476 @@
+"""MLA decode over an FP8 (e4m3) latent cache with FP8 MMAs: Hopper (sm_90a), Gluon, warp-specialised.
+
+`mla_decode_gluon` over an e4m3 cache converts every tile to bf16 and keeps bf16 wgmmas: exact, but at 128 heads
+the MMAs bound the kernel, so halving the bytes left it 0.66-0.91x the bf16 cache's speed (docs/PERF.md). Here
+both products run as e4m3 x e4m3 wgmmas (fp32 accumulators), twice the bf16 rate, on half the shared-memory
+bytes. What that changes in the numerics (measured on the trained model by `loadtest/probe_fp8_qk.py`, variant
+q8p8: greedy answers unchanged, per-layer error about half of what the FP8 cache itself costs):
+- q is rounded to e4m3 with one scale per (token, head) row, amax / 448 over the row's 576 values; the scores
+  are multiplied back by it (and by the softmax scale and the cache's kv_scale) in fp32;
+- P = exp2(s - m) in [0, 1] (m the split's running max) is rounded to e4m3 after a multiply by 256 (a power of
+  two, exact), which keeps probabilities down to 2^-17 instead of e4m3's 2^-9; the row sum l adds the unrounded
+  P, and the output is divided by 256 l (as FlashAttention-3's and FlashMLA's FP8 paths do).
+
+Layout of one CTA (sequence b, 64-head block, KV split), as the bf16 kernel's where not said otherwise:
+- loader (1 warp): TMA of the e4m3 tile ([64, 512] latent + [64, 64] rope boxes) into a 4-deep ring (36 KB a
+  stage; Q in e4m3 is 36 KB, P 4 KB: 184 of the 227 KB);
+- warpgroup 0: quantizes its Q block into shared memory once, then per tile S = Q K^T (m64 n64 k576, both
+  operands from shared memory, K-major as FP8 wgmma needs), the online softmax, P out to shared memory, and its
+  half of the output;
+- warpgroup 1: the other half of the output.
+P V is computed transposed, O^T[c, h] += V^T[c, t] P^T[t, h]: an FP8 wgmma reads its shared-memory operands
+K-major only, and V (the latent rows, [t, c] with c contiguous) is N-major as a B operand. As the A operand it
+comes from registers instead, loaded from the stage's tile through its transposed view (byte loads: 32 a thread
+and tile for each warpgroup's 256 x 64 half), while P^T is a K-major view of P [h, t]. Each warpgroup holds its
+O^T half as 256 x 64 fp32 (128 registers a thread, as the bf16 kernel's O half) and stores it transposed.
+Splits write what the bf16 kernel writes (float32 partials + log2-domain LSE), merged by the same kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from baleen.kernels.device import sm_count
+from baleen.kernels.mla_decode import (
+    _LOG2E,
+    check_mla_decode_inputs,
+    merge_splits,
+    pick_num_kv_splits,
+    split_buffers,
+)
+from baleen.kernels.mla_decode_gluon import (
+    _GLUON_IMPORT_ERROR,
+    BLOCK_H,
+    BLOCK_N,
+    LOADER_REGS,
+    MAX_REGS,
+    NUM_WARPS,
+    PV_REGS,
+    gluon_mla_decode_supported,
+)
+
+if _GLUON_IMPORT_ERROR is None:
+    from baleen.kernels.mla_decode_gluon import (
+        GluonTensorDescriptor,
+        _mla_load_partition,
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+NUM_STAGES = 4  # 4 x 36 KB e4m3 tiles + Q 36 KB + P 4 KB
+E4M3_MAX = 448.0
+P_SCALE = 256.0  # P in [0, 1] goes into e4m3 as 256 P: exact scaling, probabilities down to 2^-17 kept
+
+if _GLUON_IMPORT_ERROR is None:
+
+    @gluon.jit
+    def _quantize_q(q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, BLOCK_H: gl.constexpr,
+                    D_LATENT: gl.constexpr, D_ROPE: gl.constexpr):  # fmt: skip
+        # Q block -> e4m3 in shared memory with one scale a head row (amax / 448 over latent and rope); returns the
+        # scales. One pass: the block is loaded whole (bf16, 136 registers a thread, before the loop needs any).
+        CHUNK: gl.constexpr = 128
+        gl.static_assert(D_LATENT == 4 * CHUNK, "Q is loaded as four 128-column chunks")
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, blk))
+        offs_c = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, blk))
+        offs_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, blk))
+        q_rows = q_nope_ptr + offs_h[:, None] * stride_qn_h + offs_c[None, :]
+        q0 = gl.load(q_rows)
+        q1 = gl.load(q_rows + CHUNK)
+        q2 = gl.load(q_rows + 2 * CHUNK)
+        q3 = gl.load(q_rows + 3 * CHUNK)
+        qpe = gl.load(q_pe_ptr + offs_h[:, None] * stride_qp_h + offs_r[None, :])
+        amax = gl.maximum(gl.max(gl.abs(q0), axis=1), gl.max(gl.abs(q1), axis=1))
+        amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(q2), axis=1), gl.max(gl.abs(q3), axis=1)))
+        amax = gl.maximum(amax, gl.max(gl.abs(qpe), axis=1)).to(gl.float32)  # max is exact in bf16
+        q_scale = gl.where(amax > 0, amax / 448.0, 1.0)  # a zero row: any scale, its e4m3 values are 0
+        inv = (1.0 / q_scale)[:, None]
+        q_smem.slice(0, CHUNK, dim=1).store((q0.to(gl.float32) * inv).to(gl.float8e4nv))
+        q_smem.slice(CHUNK, CHUNK, dim=1).store((q1.to(gl.float32) * inv).to(gl.float8e4nv))
+        q_smem.slice(2 * CHUNK, CHUNK, dim=1).store((q2.to(gl.float32) * inv).to(gl.float8e4nv))
+        q_smem.slice(3 * CHUNK, CHUNK, dim=1).store((q3.to(gl.float32) * inv).to(gl.float8e4nv))
+        qpe_smem.store((qpe.to(gl.float32) * inv).to(gl.float8e4nv))
+        fence_async_shared()  # generic-proxy stores -> async-proxy (wgmma) reads
+        gl.thread_barrier()  # Q is read by this warpgroup's wgmmas only
+        return q_scale
+
+    # V^T as the wgmma's A operand (registers), [256 output rows, 64 tokens] for one warpgroup's half. The
+    # register layout wgmma wants (`DotOperandLayout(0, o_layout, 4)`) gives a thread rows {m, m + 8, m + 64,
+    # m + 128, ...} and 4 consecutive tokens a register: loaded as it stands that is 128 byte loads a thread. Output
+    # row m of the half is latent column c(m) instead, a permutation of m's bits chosen so that a thread's 8 rows
+    # are 8 consecutive columns: with m = 64 j + 16 w + 8 a + g (g < 8, a < 2, w < 4, j < 4),
+    # c(m) = 64 w + 8 g + 2 j + a. Then the tile is loaded as [c, t] in _VT_LOAD_LAYOUT (the wgmma layout's lanes
+    # and warps with c in place of m, its registers c-first: one 8-byte load a token), relabelled [c, t] -> [m, t]
+    # (reshape / permute, no data movement) and converted to the wgmma layout, which only reorders bytes within
+    # each thread. The epilogues store row m at column c(m) (`_vt_column`).
+    _VT_LOAD_LAYOUT = gl.constexpr(
+        gl.DistributedLinearLayout(
+            reg_bases=[[1, 0], [2, 0], [4, 0], [0, 1], [0, 2], [0, 16], [0, 32]],
+            lane_bases=[[0, 4], [0, 8], [8, 0], [16, 0], [32, 0]],
+            warp_bases=[[64, 0], [128, 0]],
+            block_bases=[],
+            shape=[256, 64],
+        )
+    )
+
+    @gluon.jit
+    def _load_vt(v_half, vt_layout: gl.constexpr):
+        # v_half: the stage's [BLOCK_N, 256] e4m3 columns of this warpgroup -> V^T rows in the order c(m)
+        x = v_half.permute((1, 0)).load(_VT_LOAD_LAYOUT)  # [256 c, 64 t]
+        x = x.reshape([4, 8, 4, 2, 64])  # c = 64 w + 8 g + 2 j + a
+        x = x.permute((2, 0, 3, 1, 4))  # [j, w, a, g, t]
+        x = x.reshape([256, 64])  # m = 64 j + 16 w + 8 a + g
+        return gl.convert_layout(x, vt_layout)
+
+    @gluon.jit
+    def _store_o_half(acc, factor, o_base, stride_o_h, c0, BLOCK_H: gl.constexpr, HALF: gl.constexpr):
+        # acc [HALF rows m, BLOCK_H heads] in the wgmma layout, row m holding latent column c0 + c(m); factor
+        # [BLOCK_H] per head. Relabelled to [c, h] (reshape / permute, as _load_vt) and converted to a layout
+        # whose lanes run along c (16-byte stores, whole sectors) before the store: stored as it stands, a lane
+        # writes 4 bytes to a sector of its own (c(m) puts 8 columns between lanes).
+        out = acc * factor[None, :]
+        out = out.reshape([4, 4, 2, 8, BLOCK_H])  # m = 64 j + 16 w + 8 a + g
+        out = out.permute((1, 3, 0, 2, 4))  # [w, g, j, a, h]: c = 64 w + 8 g + 2 j + a
+        out = out.reshape([HALF, BLOCK_H])
+        st: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1])
+        out = gl.convert_layout(out, st)
+        offs_c = c0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st))
+        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, st))
+        gl.store(o_base + offs_h[None, :] * stride_o_h + offs_c[:, None], out.to(o_base.dtype.element_ty))
+
+    @gluon.jit
+    def _vt_column(m):
+        # the latent column (within the half) that V^T's row m holds: see _VT_LOAD_LAYOUT
+        return 64 * ((m // 16) % 4) + 8 * (m % 8) + 2 * (m // 64) + (m // 8) % 2
+
+    @gluon.jit
+    def _mla_fp8_softmax_partition(
+        q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, kv_bufs, pe_bufs, p_smem, a_smem,
+        full_bars, empty_bars, p_full, p_empty, start, end, num_tiles, sm_scale_log2, out_scale,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr,
+        NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr,
+    ):  # fmt: skip
+        # Warpgroup 0: Q to e4m3, then per tile S = Q K^T, the online softmax, P (e4m3, x P_SCALE) and the row
+        # rescale out to warpgroup 1, and O^T[:D_LATENT / 2] += V^T P^T with V^T from registers.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32]
+        )
+        vt_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 4)
+        heads: gl.constexpr = gl.SliceLayout(0, o_layout)  # O^T's columns are heads
+        q_scale = _quantize_q(q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, BLOCK_H, D_LATENT,
+                              D_ROPE)  # fmt: skip
+        row_scale = gl.convert_layout(q_scale, gl.SliceLayout(1, s_layout)) * sm_scale_log2
+
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([D_LATENT // 2, BLOCK_H], gl.float32, layout=o_layout)  # O^T, first half of the columns
+        s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            kv = kv_bufs.index(stage)  # [BLOCK_N, D_LATENT] e4m3: K's latent part and V
+            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
+            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma(qpe_smem, pe_bufs.index(stage).permute((1, 0)), s, is_async=True)
+            # V^T's half for this warpgroup, loaded while the QK wgmmas run
+            vt = _load_vt(kv.slice(0, D_LATENT // 2, dim=1), vt_layout)  # [D_LATENT / 2, BLOCK_N]
+            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv, pe_bufs))
+            valid = (start + i * BLOCK_N + offs_n) < end
+            s = gl.where(valid[None, :], s * row_scale[:, None], float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            # P / alpha are free once warpgroup 1 finished tile i - 1 (a fresh barrier passes round 0); this
+            # warpgroup's own reads of them ended with its wgmma wait.
+            mbarrier.wait(p_empty, (i & 1) ^ 1)
+            p_smem.store((p * P_SCALE).to(gl.float8e4nv))
+            a_smem.store(alpha)
+            fence_async_shared()  # generic-proxy P stores -> the wgmmas' reads
+            gl.thread_barrier()
+            mbarrier.arrive(p_full, count=1)
+            acc = acc * a_smem.load(heads)[None, :]
+            acc = warpgroup_mma(vt, p_smem.permute((1, 0)), acc, is_async=True)
+            acc, _, _ = warpgroup_mma_wait(0, deps=(acc, p_smem, kv))
+            gl.thread_barrier()  # all 4 warps' P V done: the stage may be released, P rewritten
+            mbarrier.arrive(empty_bars.index(stage), count=1)
+            m_i = m_new
+        # One more round through the same buffer: the output factor out_scale / (P_SCALE * row sum) (l_i >= 1).
+        mbarrier.wait(p_empty, (num_tiles & 1) ^ 1)
+        a_smem.store(out_scale / (P_SCALE * l_i))
+        gl.thread_barrier()
+        mbarrier.arrive(p_full, count=1)
+        return m_i, l_i, acc
+
+    @gluon.jit
+    def _mla_fp8_pv_partition(
+        kv_bufs, p_smem, a_smem, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h, num_tiles,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr, NUM_STAGES: gl.constexpr,
+    ):  # fmt: skip
+        # Warpgroup 1: O^T[D_LATENT / 2:] += V^T P^T; scales and stores its half of O itself.
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32]
+        )
+        vt_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 4)
+        heads: gl.constexpr = gl.SliceLayout(0, o_layout)
+        acc = gl.zeros([D_LATENT // 2, BLOCK_H], gl.float32, layout=o_layout)
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
+            kv = kv_bufs.index(stage)
+            vt = _load_vt(kv.slice(D_LATENT // 2, D_LATENT // 2, dim=1), vt_layout)
+            mbarrier.wait(p_full, i & 1)
+            acc = acc * a_smem.load(heads)[None, :]
+            acc = warpgroup_mma(vt, p_smem.permute((1, 0)), acc, is_async=True)
+            acc, _, _ = warpgroup_mma_wait(0, deps=(acc, p_smem, kv))
+            gl.thread_barrier()  # every warp read alpha and finished its P V
+            mbarrier.arrive(p_empty, count=1)
+            mbarrier.arrive(empty_bars.index(stage), count=1)
+        mbarrier.wait(p_full, num_tiles & 1)
+        _store_o_half(acc, a_smem.load(heads), o_base, stride_o_h, D_LATENT // 2, BLOCK_H, D_LATENT // 2)
+
+    @gluon.jit
+    def mla_decode_gluon_fp8_kernel(
+        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr, lse_ptr,
+        sm_scale_log2, out_scale, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b,
+        stride_o_h, stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
+        PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
+        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr,
+    ):  # fmt: skip
+        # Program (b x head block, split), head blocks fastest (L2 sharing of the KV rows), as the bf16 kernel.
+        # sm_scale_log2 holds the cache's kv_scale (keys are cache * kv_scale); each split's output is
+        # multiplied by out_scale (kv_scale: values are cache * kv_scale).
+        b = gl.program_id(0) // num_head_blocks
+        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
+        split = gl.program_id(1)
+        seq_len = gl.load(seq_lens_ptr + b)
+        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # whole tiles, as the merge cuts them
+        start = split * chunk
+        if start >= seq_len:
+            return  # an empty split writes nothing; the merge reads only the non-empty ones
+        end = gl.minimum(start + chunk, seq_len)
+        num_tiles = gl.cdiv(end - start, BLOCK_N)
+
+        fp8: gl.constexpr = gl.float8e4nv
+        q_smem = gl.allocate_shared_memory(
+            fp8, [BLOCK_H, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LATENT], fp8)
+        )
+        qpe_smem = gl.allocate_shared_memory(
+            fp8, [BLOCK_H, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], fp8)
+        )
+        # The ring's layouts are those of `fp8_descriptors` (the TMA writes them).
+        kv_bufs = gl.allocate_shared_memory(
+            fp8, [NUM_STAGES, BLOCK_N, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LATENT], fp8)
+        )
+        pe_bufs = gl.allocate_shared_memory(
+            fp8, [NUM_STAGES, BLOCK_N, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], fp8)
+        )
+        p_smem = gl.allocate_shared_memory(
+            fp8, [BLOCK_H, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], fp8)
+        )
+        a_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        full_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        p_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # full, empty
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.init(full_bars.index(st), count=1)
+            mbarrier.init(empty_bars.index(st), count=2)  # both warpgroups release a stage
+        mbarrier.init(p_bars.index(0), count=1)
+        mbarrier.init(p_bars.index(1), count=1)  # warpgroup 1 read P (warpgroup 0's own reads precede its stores)
+        fence_async_shared()
+
+        if HAS_SEQ_IDX:  # extend: query row b is one new token of sequence seq_idx[b] (its page-table row)
+            pt_row_off = gl.load(seq_idx_ptr + b).to(gl.int64) * stride_pt_b
+        else:
+            pt_row_off = b.to(gl.int64) * stride_pt_b
+        o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
+        m_i, l_i, acc = gl.warp_specialize(
+            [
+                (
+                    _mla_fp8_softmax_partition,
+                    (q_nope_ptr + b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h,
+                     q_pe_ptr + b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h, stride_qn_h, stride_qp_h, q_smem,
+                     qpe_smem, kv_bufs, pe_bufs, p_smem, a_smem, full_bars, empty_bars, p_bars.index(0),
+                     p_bars.index(1), start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H, BLOCK_N, D_LATENT,
+                     D_ROPE, NUM_STAGES, P_SCALE),
+                ),
+                (
+                    _mla_fp8_pv_partition,
+                    (kv_bufs, p_smem, a_smem, full_bars, empty_bars, p_bars.index(0), p_bars.index(1), o_base,
+                     stride_o_h, num_tiles, BLOCK_H, BLOCK_N, D_LATENT, NUM_STAGES),
+                ),
+                (
+                    _mla_load_partition,
+                    (kv_desc, pe_desc, page_table_ptr, pt_row_off, start, num_tiles, kv_bufs, pe_bufs, full_bars,
+                     empty_bars, PAGE_SIZE, BLOCK_N, NUM_STAGES),
+                ),
+            ],
+            [4, 1],
+            [PV_REGS, LOADER_REGS],
+        )  # fmt: skip
+
+        # Epilogue (warpgroup 0): its half of O, stored transposed; the LSE (log2 domain) when there are splits.
+        o_layout: gl.constexpr = acc.type.layout
+        heads: gl.constexpr = gl.SliceLayout(0, o_layout)
+        l_o = gl.convert_layout(l_i, heads)
+        _store_o_half(acc, out_scale / (P_SCALE * l_o), o_base, stride_o_h, 0, BLOCK_H, D_LATENT // 2)
+        if STORE_LSE:
+            rows: gl.constexpr = l_i.type.layout
+            lse = m_i + gl.log2(l_i)
+            offs_r = gl.arange(0, BLOCK_H, layout=rows)
+            gl.store(lse_ptr + b.to(gl.int64) * stride_lse_b + split + (h0 + offs_r) * stride_lse_h, lse)
+
+
+def fp8_descriptors(cache: torch.Tensor, d_latent: int) -> tuple[Any, Any]:
+    """TMA descriptors over an e4m3 cache's latent and rope columns, as [num_pages * page_size, D] matrices."""
+    fp8 = gl.float8e4nv
+    rows, row_stride = cache.shape[0] * cache.shape[1], cache.stride(1)
+    d_rope = cache.shape[2] - d_latent
+    lat_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d_latent], fp8)
+    pe_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d_rope], fp8)
+    rope = cache[..., d_latent:]  # starts d_latent bytes into each row (512: 16-byte aligned)
+    kv_desc = GluonTensorDescriptor(cache, [rows, d_latent], [row_stride, 1], [BLOCK_N, d_latent], lat_layout)
+    pe_desc = GluonTensorDescriptor(rope, [rows, d_rope], [row_stride, 1], [BLOCK_N, d_rope], pe_layout)
+    return kv_desc, pe_desc
+
+
+def fp8_kernel_launch_args(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_idx: torch.Tensor | None,
+    o_part: torch.Tensor,
+    lse: torch.Tensor,
+    o_strides: tuple[int, ...],
+    splits: int,
+    sm_scale: float,
+    kv_scale: float,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(positional args, keyword args) of `mla_decode_gluon_fp8_kernel` for checked inputs (its launch minus the
+    grid): kv_scale folded into the score scale and the output scale."""
+    kv_desc, pe_desc = fp8_descriptors(cache, q_nope.shape[2])
+    args = (
+        q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, seq_idx if seq_idx is not None else seq_lens, o_part,
+        lse, float(sm_scale) * float(kv_scale) * _LOG2E, float(kv_scale), q_nope.stride(0), q_nope.stride(1),
+        q_pe.stride(0), q_pe.stride(1), page_table.stride(0), *o_strides, splits, q_nope.shape[1] // BLOCK_H,
+    )  # fmt: skip
+    kwargs = dict(
+        PAGE_SIZE=cache.shape[1], D_LATENT=q_nope.shape[2], D_ROPE=q_pe.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
+        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
+        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS, maxnreg=MAX_REGS,
+    )  # fmt: skip
+    return args, kwargs
+
+
+def mla_decode_gluon_fp8(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int | None = None,
+    max_seq_len: int | None = None,
+    seq_idx: torch.Tensor | None = None,
+    kv_scale: float = 1.0,
+) -> torch.Tensor:
+    """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`; the contract of
+    `mla_decode_gluon` (q bf16, out bf16), the numerics of the module docstring. Raises ValueError where
+    `gluon_mla_decode_supported` says False for an e4m3 cache."""
+    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
+    if q_nope.dtype != torch.bfloat16 or cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the FP8-MMA kernel takes bf16 q and a float8_e4m3fn cache, got {q_nope.dtype}, {cache.dtype}")
+    if cache.stride(1) % 16 or cache.data_ptr() % 16:
+        raise ValueError("the FP8-MMA kernel needs the cache base and row stride 16-byte aligned")
+    page_size = cache.shape[1]
+    if not gluon_mla_decode_supported(q_nope.device, num_heads, d_latent, d_rope, page_size, cache.dtype):
+        raise ValueError(
+            f"the Gluon MLA kernel does not handle heads={num_heads}, D={d_latent}+{d_rope}, page_size={page_size} "
+            f"on {q_nope.device} (needs sm_90, heads % 64 == 0, 512 + 64, page_size % 64 == 0): use mla_decode"
+        )
+    page_table = page_table.contiguous()
+    out = torch.empty((batch, num_heads, d_latent), dtype=q_nope.dtype, device=q_nope.device)
+    if batch == 0:
+        return out
+    num_head_blocks = num_heads // BLOCK_H
+    if num_kv_splits is None:
+        cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, sm_count(q_nope.device), BLOCK_H)
+    splits = int(num_kv_splits)
+    o_part, lse, o_strides = split_buffers(out, splits)
+    args, kwargs = fp8_kernel_launch_args(
+        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale
+    )
+    mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
+    merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
+    return out
+
+
+def mla_decode_fp8_math_ref(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int = 1,
+    kv_scale: float = 1.0,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What `mla_decode_gluon_fp8` computes, in float32 torch on any device (a test oracle, slow).
+
+    The kernel's steps in its order: q rounded to e4m3 a row; per split (cut as the kernel cuts it) and per
+    BLOCK_N-token tile, log2-domain scores, the running max, P = exp2(s - m) rounded to e4m3 after x P_SCALE, the
+    rescale of what came before; the splits merged by their LSE. It differs from the kernel only in fp32
+    summation order (and where that flips an e4m3 rounding of P), not in any rounding the kernel makes."""
+    batch, num_heads, d_latent = q_nope.shape
+    fp8 = torch.float8_e4m3fn
+    out = torch.empty(batch, num_heads, d_latent, dtype=torch.float32, device=q_nope.device)
+    page_size = cache.shape[1]
+    q = torch.cat([q_nope.float(), q_pe.float()], dim=-1)  # [B, H, 576]
+    amax = q.abs().amax(dim=-1, keepdim=True)
+    q_scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q8 = (q / q_scale).to(fp8).float()
+    row_scale = q_scale[..., 0] * (float(sm_scale) * float(kv_scale) * _LOG2E)  # [B, H]
+    for b in range(batch):
+        n = int(seq_lens[b])
+        row = int(seq_idx[b]) if seq_idx is not None else b
+        pos = torch.arange(n, device=cache.device)
+        pages = page_table[row, pos // page_size].long()
+        kv = cache[pages, pos % page_size].float()  # [n, 576] as stored (latent / kv_scale)
+        per_split = -(-n // num_kv_splits)
+        chunk = -(-per_split // BLOCK_N) * BLOCK_N  # whole tiles, as the kernel cuts them
+        parts, lses = [], []
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            m = torch.full((num_heads,), float("-inf"), device=q.device)
+            l_sum = torch.zeros(num_heads, device=q.device)
+            acc = torch.zeros(num_heads, d_latent, device=q.device)
+            for t0 in range(start, end, BLOCK_N):
+                k = kv[t0 : min(t0 + BLOCK_N, end)]
+                s = (q8[b] @ k.T) * row_scale[b][:, None]
+                m_new = torch.maximum(m, s.amax(dim=1))
+                alpha = torch.exp2(m - m_new)
+                p = torch.exp2(s - m_new[:, None])
+                l_sum = l_sum * alpha + p.sum(dim=1)
+                p8 = (p * P_SCALE).to(fp8).float()
+                acc = acc * alpha[:, None] + p8 @ k[:, :d_latent]
+                m = m_new
+            parts.append(acc * (float(kv_scale) / (P_SCALE * l_sum))[:, None])
+            lses.append(m + torch.log2(l_sum))
+        lse = torch.stack(lses)  # [splits, H]
+        w = torch.exp2(lse - lse.amax(dim=0))
+        out[b] = (torch.stack(parts) * (w / w.sum(dim=0))[..., None]).sum(dim=0)
+    return out.to(q_nope.dtype)

@@ -1,0 +1,168 @@
+"""The FP8-MMA Gluon MLA decode kernel (e4m3 q, P and cache) against its float32 emulation and the exact reference.
+
+CPU: the emulation's own error against exact attention, and the V^T row permutation the kernel loads by."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import rel_err
+from test_mla_decode_gluon import D_LATENT, D_ROPE, make_case, to_fp8
+
+from baleen.kernels.mla_decode import mla_decode_ref
+from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported
+from baleen.kernels.mla_decode_gluon_fp8 import mla_decode_fp8_math_ref, mla_decode_gluon_fp8
+
+SM_SCALE = 0.0625
+# The kernel against its emulation: the same roundings, fp32 sums in another order (and the e4m3 rounding of a P
+# that order moves across a boundary). Against exact attention over the same cache: q and P in e4m3. On these
+# random cases the outputs are averages of zero-mean rows (small norms), and P's 3 mantissa bits (~3% an entry)
+# give 2-5% relative error; on the trained model's activations it is ~2% a layer (docs/PERF.md).
+EMULATION_TOL = 1e-2
+EXACT_TOL = 6e-2
+
+
+def _need_hopper() -> None:
+    if not gluon_mla_decode_supported("cuda", 128, D_LATENT, D_ROPE, 64, torch.float8_e4m3fn):
+        pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
+
+
+# ---- CPU --------------------------------------------------------------------------------------------------------
+
+
+def test_vt_rows_are_a_permutation_matching_the_load_layout() -> None:
+    # The kernel loads V^T's row m from latent column c(m) (`_vt_column`): c must be a bijection of 0..255, and
+    # _VT_LOAD_LAYOUT must be the wgmma A-operand layout with each row basis m replaced by c(m). The wgmma layout's
+    # bases (PTX's m64nNk32 8-bit A fragment, 4 warps, M = 256, K = 64), as Triton 3.6's to_linear_layout gives them:
+    from baleen.kernels import mla_decode_gluon_fp8 as k
+
+    if not hasattr(k, "_VT_LOAD_LAYOUT"):
+        pytest.skip("no Gluon in this Triton")
+    dot_regs = [[0, 1], [0, 2], [8, 0], [0, 16], [0, 32], [64, 0], [128, 0]]
+    dot_lanes = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+    dot_warps = [[16, 0], [32, 0]]
+    col = k._vt_column.fn
+    assert sorted(col(m) for m in range(256)) == list(range(256))
+    to_c = lambda bases: sorted((col(m), t) for m, t in bases)
+    layout = k._VT_LOAD_LAYOUT.value
+    assert sorted(map(tuple, layout.reg_bases)) == to_c(dot_regs)
+    assert [tuple(b) for b in layout.lane_bases] == [(col(m), t) for m, t in dot_lanes]
+    assert [tuple(b) for b in layout.warp_bases] == [(col(m), t) for m, t in dot_warps]
+    # a thread's 8 rows (register bases along m) are 8 consecutive columns: one 8-byte load a token
+    assert [tuple(b) for b in layout.reg_bases[:3]] == [(1, 0), (2, 0), (4, 0)]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_math_emulation_close_to_exact(splits: int) -> None:
+    # The emulation rounds q and P (so it is not the exact reference) and stays within EXACT_TOL of it.
+    torch.manual_seed(splits)
+    lens = [1, 64, 65, 700]
+    q_nope, q_pe, cache, table, seq_lens = make_case(lens, 64, 64, device="cpu")
+    cache8 = to_fp8(cache, 0.5)
+    emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, seq_lens, SM_SCALE, splits, kv_scale=0.5)
+    ref = mla_decode_ref(q_nope, q_pe, cache8, table, seq_lens, SM_SCALE, kv_scale=0.5)
+    for b in range(len(lens)):
+        err = rel_err(emu[b], ref[b])
+        assert err < EXACT_TOL, f"sequence {b} (len {lens[b]}): {err:.3g}"
+    assert rel_err(emu, ref) > 1e-3  # q and P are rounded: not the exact attention
+
+
+def test_fp8_math_emulation_zero_query_rows() -> None:
+    # An all-zero query row has no amax: scale 1, scores 0, a uniform average of the values.
+    torch.manual_seed(3)
+    q_nope, q_pe, cache, table, lens = make_case([100], 64, 64, device="cpu")
+    q_nope[0, 5].zero_()
+    q_pe[0, 5].zero_()
+    cache8 = to_fp8(cache, 1.0)
+    emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE)
+    pos = torch.arange(100)
+    rows = cache8[table[0, pos // 64].long(), pos % 64, :D_LATENT].float()
+    torch.testing.assert_close(emu[0, 5].float(), rows.mean(0), rtol=2e-2, atol=2e-2)
+
+
+def test_fp8_kernel_refused_on_cpu() -> None:
+    q = torch.zeros(1, 128, D_LATENT, dtype=torch.bfloat16)
+    one = torch.ones(1, 1, dtype=torch.int32)
+    cache8 = torch.zeros(2, 64, D_LATENT + D_ROPE, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="use mla_decode"):
+        mla_decode_gluon_fp8(q, q[..., :D_ROPE].contiguous(), cache8, one, one[0], 0.1)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        mla_decode_gluon_fp8(q, q[..., :D_ROPE].contiguous(), cache8.to(torch.bfloat16), one, one[0], 0.1)
+
+
+# ---- GPU --------------------------------------------------------------------------------------------------------
+
+
+def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None):  # type: ignore[no-untyped-def]
+    """The kernel's output; asserts it is within EMULATION_TOL of its emulation and EXACT_TOL of exact attention,
+    per query row group (`names`: (label, first row, end row))."""
+    out = mla_decode_gluon_fp8(q_nope, q_pe, cache8, table, lens, SM_SCALE, num_kv_splits=splits, seq_idx=seq_idx,
+                               kv_scale=kv_scale)  # fmt: skip
+    assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
+    from baleen.kernels.mla_decode import pick_num_kv_splits
+
+    used = splits or pick_num_kv_splits(len(lens), q_nope.shape[1] // 64, table.shape[1] * cache8.shape[1],
+                                        torch.cuda.get_device_properties(0).multi_processor_count, 64)  # fmt: skip
+    emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, used, kv_scale, seq_idx)
+    exact = mla_decode_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, kv_scale=kv_scale) \
+        if seq_idx is None else None  # fmt: skip
+    for label, a, b in names or [(f"row {i}", i, i + 1) for i in range(len(lens))]:
+        e = rel_err(out[a:b], emu[a:b])
+        assert e < EMULATION_TOL, f"{label}: {e:.3g} from the emulation"
+        if exact is not None:
+            assert rel_err(out[a:b], exact[a:b]) < EXACT_TOL, f"{label}: far from exact attention"
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "heads,page_size,splits,seq_lens,kv_scale",
+    [
+        (128, 64, 1, [1000], 0.5),  # one split: the output scaled in the kernel, no merge
+        (128, 64, 4, [1, 63, 64, 65, 1000], 2.0),  # ragged; empty splits; partials merged
+        (128, 128, 1, [65, 1, 300], 0.25),
+        (128, 128, 3, [64, 1000, 63], 1.5),
+        (64, 64, 2, [129, 7, 64], 0.5),  # one head block
+        (128, 64, None, [5 + 31 * i for i in range(33)], 2.0),  # batch 33, the default split heuristic
+        (128, 64, None, [4000, 4097], 1.0),
+    ],
+)
+def test_mla_decode_gluon_fp8_mma_matches_emulation(
+    heads: int, page_size: int, splits: int | None, seq_lens: list[int], kv_scale: float
+) -> None:
+    _need_hopper()
+    torch.manual_seed(heads + page_size + (splits or 0) + len(seq_lens))
+    q_nope, q_pe, cache, table, lens = make_case(seq_lens, heads, page_size)
+    check(q_nope, q_pe, to_fp8(cache, kv_scale), table, lens, kv_scale, splits)
+
+
+@pytest.mark.gpu
+def test_mla_decode_gluon_fp8_mma_query_scales() -> None:
+    # Query rows of very different magnitudes (one scale a row), a zero row, peaked softmaxes.
+    _need_hopper()
+    torch.manual_seed(7)
+    q_nope, q_pe, cache, table, lens = make_case([300, 64, 129], 128, 64)
+    q_nope[0] *= torch.logspace(-3, 1, 128, device="cuda")[:, None].to(q_nope.dtype)
+    q_nope[1, 17].zero_()
+    q_pe[1, 17].zero_()
+    check(q_nope, q_pe, to_fp8(cache, 1.0), table, lens, 1.0, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None])
+def test_mla_decode_gluon_fp8_mma_extend_rows(splits: int | None) -> None:
+    # Extend over an FP8 cache: every new token a query row with its own causal length (the seq_idx form).
+    _need_hopper()
+    from baleen.kernels.mla_extend import extend_rows
+
+    torch.manual_seed(13)
+    prefix, extend = [0, 700, 64, 1], [130, 3, 64, 1]
+    _, _, cache, table, _ = make_case([p + e for p, e in zip(prefix, extend)], 128, 64)
+    num_tokens = sum(extend)
+    q_nope = torch.randn(num_tokens, 128, D_LATENT, device="cuda").to(torch.bfloat16)
+    q_pe = torch.randn(num_tokens, 128, D_ROPE, device="cuda").to(torch.bfloat16)
+    qo = torch.tensor([0, *torch.tensor(extend).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([p + e for p, e in zip(prefix, extend)], dtype=torch.int32, device="cuda")
+    seq_idx, kv_lens = extend_rows(qo, lens, num_tokens)
+    names = [(f"sequence {i}", int(qo[i]), int(qo[i + 1])) for i in range(len(prefix))]
+    check(q_nope, q_pe, to_fp8(cache, 0.5), table, kv_lens, 0.5, splits, seq_idx=seq_idx, names=names)
