@@ -93,9 +93,9 @@ def test_fp8_kernel_refused_on_cpu() -> None:
 # ---- GPU --------------------------------------------------------------------------------------------------------
 
 
-def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None):  # type: ignore[no-untyped-def]
-    """The kernel's output; asserts it is within EMULATION_TOL of its emulation and EXACT_TOL of exact attention,
-    per query row group (`names`: (label, first row, end row))."""
+def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None, exact_tol=EXACT_TOL):  # type: ignore[no-untyped-def]
+    """The kernel's output; asserts it is within EMULATION_TOL of its emulation and `exact_tol` (None: not
+    checked) of exact attention, per query row group (`names`: (label, first row, end row))."""
     out = mla_decode_gluon_fp8(q_nope, q_pe, cache8, table, lens, SM_SCALE, num_kv_splits=splits, seq_idx=seq_idx,
                                kv_scale=kv_scale)  # fmt: skip
     assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
@@ -105,12 +105,12 @@ def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, nam
                                         torch.cuda.get_device_properties(0).multi_processor_count, 64)  # fmt: skip
     emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, used, kv_scale, seq_idx)
     exact = mla_decode_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, kv_scale=kv_scale) \
-        if seq_idx is None else None  # fmt: skip
+        if seq_idx is None and exact_tol is not None else None  # fmt: skip
     for label, a, b in names or [(f"row {i}", i, i + 1) for i in range(len(lens))]:
         e = rel_err(out[a:b], emu[a:b])
         assert e < EMULATION_TOL, f"{label}: {e:.3g} from the emulation"
         if exact is not None:
-            assert rel_err(out[a:b], exact[a:b]) < EXACT_TOL, f"{label}: far from exact attention"
+            assert rel_err(out[a:b], exact[a:b]) < exact_tol, f"{label}: far from exact attention"
     return out
 
 
@@ -138,14 +138,16 @@ def test_mla_decode_gluon_fp8_mma_matches_emulation(
 
 @pytest.mark.gpu
 def test_mla_decode_gluon_fp8_mma_query_scales() -> None:
-    # Query rows of very different magnitudes (one scale a row), a zero row, peaked softmaxes.
+    # Query rows of very different magnitudes (one scale a row), a zero row, peaked softmaxes. Only against the
+    # emulation: at the largest rows (scores ~ 15) q's e4m3 rounding moves scores by ~0.5, 10% of the output (what
+    # FP8 queries cost there, as in any FP8 MLA kernel, not a kernel error).
     _need_hopper()
     torch.manual_seed(7)
     q_nope, q_pe, cache, table, lens = make_case([300, 64, 129], 128, 64)
     q_nope[0] *= torch.logspace(-3, 1, 128, device="cuda")[:, None].to(q_nope.dtype)
     q_nope[1, 17].zero_()
     q_pe[1, 17].zero_()
-    check(q_nope, q_pe, to_fp8(cache, 1.0), table, lens, 1.0, 2)
+    check(q_nope, q_pe, to_fp8(cache, 1.0), table, lens, 1.0, 2, exact_tol=None)
 
 
 @pytest.mark.gpu
