@@ -5,6 +5,7 @@ speculation, per (num_steps, eagle_topk, num_draft_tokens) and batch size, on th
     python loadtest/bench_speculative.py --device cuda --batch-sizes 1 32 --steps 1 2 3 --out spec.json
     python loadtest/bench_speculative.py --preset v3-shape --device cuda   # dummy weights: accept length ~1
     python loadtest/bench_speculative.py --step-costs --batch-sizes 1 32   # v3-shape: graph replay costs, CUDA
+    python loadtest/bench_speculative.py --grammar --steps 1 2 3           # accept length under grammars
 
 Each configuration starts its own engine (as SGLang's script starts a server per configuration), warms it with one
 batch, then runs `--repeats` batches of B concurrent greedy requests (the default model: two questions through its chat
@@ -16,6 +17,11 @@ last token; accept length is completion tokens / verify steps (SGLang's spec_ver
 v3-shape): the plain decode step (model/cuda_graph.py) against the speculative one's parts (model/spec_graphs.py:
 the draft loop of k - 1 MTP steps, the verify forward over k + 1 tokens a row, the greedy tail, the draft-extend),
 every request at `--context-len` cached tokens; GPU time per replay, from CUDA events over `--replays` replays.
+
+`--grammar` runs the trained default model's structured-output cases instead (`GRAMMAR_CASES`, those of
+tests/actors/test_engine_speculative.py: two JSON schemas greedy, one seeded, a regex; concurrently, float32), once
+without speculation and once per --steps value: tokens a verify row (completion tokens over spec_verify_ct, summed
+over the cases), and whether every output equals the one without speculation.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 import torch
 
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+from baleen.messages import GrammarSpec, PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.make_model import default_model_path, dummy_checkpoint
 
 # What the default model is asked in serving: questions through its chat template (rendered as the API renders
@@ -53,6 +59,21 @@ TEXTS = [
     "The capital of France is",
     "To be, or not to be, that is the question:",
     "Once more unto the breach, dear friends,",
+]
+
+_PERSON = GrammarSpec("json_schema", json.dumps({
+    "type": "object", "properties": {"country": {"type": "string", "maxLength": 24},
+                                     "capital": {"type": "string", "maxLength": 24}},
+    "required": ["country", "capital"], "additionalProperties": False}))  # fmt: skip
+_TOTAL = GrammarSpec("json_schema", json.dumps({
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "sum": {"type": "integer"}},
+    "required": ["a", "b", "sum"]}))  # fmt: skip
+GRAMMAR_CASES = [
+    ("The capital of France is", SamplingParams(max_new_tokens=48, temperature=0.0, grammar=_PERSON)),
+    ("What is 12 + 35?", SamplingParams(max_new_tokens=48, temperature=0.0, grammar=_TOTAL)),
+    ("Name the capital of Japan.", SamplingParams(max_new_tokens=48, temperature=1.0, seed=3, grammar=_PERSON)),
+    ("To be, or not to be, that is", SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                   grammar=GrammarSpec("regex", r"[a-z ]{4,40}\."))),
 ]
 
 
@@ -144,6 +165,45 @@ async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_
                          "accept_length": statistics.fmean(accept) if accept else 1.0})  # fmt: skip
             print(f"{spec.label:>8}  bs {bs:>4}: {tokens / seconds:9.1f} tok/s, accept length "
                   f"{rows[-1]['accept_length']:.2f}", flush=True)
+    return rows
+
+
+async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple[list[list[int]], int, int]:
+    """GRAMMAR_CASES at once on one engine: each case's tokens, and the completion tokens and verify rows of all."""
+    config = EngineConfig(model_path=str(path), device=args.device, dtype="float32", context_length=512,
+                          speculative_algorithm="EAGLE" if steps else None, speculative_num_steps=steps or None)
+    async with await Engine.start(config) as engine:
+
+        async def one(prompt: str, params: SamplingParams) -> tuple[list[int], int, int]:
+            ids: list[int] = []
+            last = None
+            async for out in engine.generate(prompt, params):
+                if out.error is not None:
+                    raise RuntimeError(out.error)
+                ids += out.token_ids
+                last = out
+            assert last is not None
+            return ids, last.completion_tokens, last.spec_verify_ct or 0
+
+        outs = await asyncio.gather(*(one(p, sp) for p, sp in GRAMMAR_CASES))
+    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs)
+
+
+def grammar_accept(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Tokens a verify row under the grammars per --steps value, and whether the outputs equal the plain ones."""
+    with model_dir(args) as path:
+        plain, _, _ = asyncio.run(grammar_run(args, path, 0))
+        rows = []
+        for steps in args.steps:
+            ids, tokens, verify = asyncio.run(grammar_run(args, path, steps))
+            rows.append({"steps": steps, "tokens": tokens, "verify_rows": verify,
+                         "tokens_per_verify_row": tokens / max(verify, 1), "equal": ids == plain})  # fmt: skip
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"\n# bench_speculative --grammar — trained default model on {device}, {date.today().isoformat()}")
+    print("| steps | tokens | verify rows | tokens a verify row | outputs equal to no speculation |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['steps']} | {r['tokens']} | {r['verify_rows']} | {r['tokens_per_verify_row']:.2f} | "
+              f"{'yes' if r['equal'] else 'NO'} |")
     return rows
 
 
@@ -241,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "default v3-shape; the last --steps value drafts)")  # fmt: skip
     ap.add_argument("--cached-len", type=int, default=1024, help="cached tokens a request (--step-costs)")
     ap.add_argument("--replays", type=int, default=50, help="graph replays timed (--step-costs)")
+    ap.add_argument("--grammar", action="store_true", help="the accept length under grammars instead (the trained "
+                    "default model's structured-output cases, per --steps value)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -254,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
                                             "step_costs": rows}, indent=1))  # fmt: skip
         return 0
+    if args.grammar:
+        rows = grammar_accept(args)
+        if args.out is not None:
+            args.out.write_text(json.dumps({"date": date.today().isoformat(), "grammar": rows}, indent=1))
+        return 0 if all(r["equal"] for r in rows) else 1
     configs = [SpecConfig(0)] + [SpecConfig(s, k, s + 1) for s in args.steps for k in args.topk]
     with model_dir(args) as path:
         rows = [r for spec in configs for r in asyncio.run(measure(args, path, spec, args.batch_sizes))]

@@ -16,6 +16,10 @@ fills and uploads N+1's bitmask and queues N+1's sampler. The host work runs whi
 only the sampler waits for the mask. Steps without constrained rows, and constrained steps whose previous tokens
 are already in (no overlap, the first step), sample at launch as before.
 
+Speculative steps. A grammar request's verify rows are masked as plain decoding would mask each of their tokens
+(`GrammarSlots.fill` with the drafts: row j by the matcher walked over d1 .. dj, then rolled back), and its drafts
+are taken under the same masks (`DraftWalk`, in the MTP draft loop), so its grammar accepts every draft.
+
 JSON layout. Whitespace between JSON tokens is free but at most JSON_MAX_WHITESPACE characters at a time (every
 grammar kind, xgrammar's max_whitespace_cnt): a model cannot run away in blank lines, and DeepSeek's usual
 `{"city": "Qingdao"}` stays natural; multi-line indented JSON is not possible.
@@ -192,30 +196,6 @@ class SlotGrammar:
         """Whether `fill` is xgrammar's own (not a failed or finished matcher)."""
         return self.error is None and self.matcher is not None and not self.matcher.is_terminated()
 
-    def force_drafts(self, drafts: list[int], num_words: int) -> bool:
-        """Where the grammar allows one token only, make it the draft: walking `drafts` in order (while each is one
-        the grammar accepts), a position whose mask holds a single token gets that token. The matcher is rolled back
-        after; `drafts` changes in place; whether any draft changed. (Lossless as any draft: the verify keeps a
-        draft only where the request's own sample equals it.)"""
-        if not self.plain:
-            return False
-        assert self.matcher is not None
-        row = torch.empty((1, num_words), dtype=torch.int32)
-        changed, advanced = False, 0
-        for j, d in enumerate(drafts):
-            if self.matcher.is_terminated():
-                break
-            self.matcher.fill_next_token_bitmask(row, 0)
-            only = _only_token(row[0])
-            if only is not None and only != d:
-                drafts[j], d, changed = only, only, True
-            if not self.matcher.accept_token(d):
-                break
-            advanced += 1
-        if advanced:
-            self.matcher.rollback(advanced)
-        return changed
-
     def fill_special(self, bitmask: torch.Tensor, i: int) -> None:
         """Row i of `bitmask` for a matcher that is not `plain`: all tokens after an error, else (the grammar
         ended, e.g. with ignore_eos) only the stop tokens."""
@@ -225,17 +205,6 @@ class SlotGrammar:
         bitmask[i] = 0
         for t in self.stop_token_ids:
             bitmask[i, t // 32] |= _bit(t % 32)
-
-
-def _only_token(words: torch.Tensor) -> int | None:
-    """The one token a bitmask row [num_words] int32 allows, None when it allows none or several."""
-    nonzero = torch.nonzero(words).flatten()
-    if nonzero.numel() != 1:
-        return None
-    word = int(words[nonzero[0]]) & 0xFFFFFFFF
-    if word & (word - 1):
-        return None
-    return int(nonzero[0]) * 32 + word.bit_length() - 1
 
 
 def _bit(b: int) -> int:
@@ -310,6 +279,10 @@ class GrammarSlots:
             self._batch.batch_fill_next_token_bitmask(plain, bitmask, indices)
         return bitmask
 
+    def walk(self, grammars: dict[int, SlotGrammar]) -> DraftWalk:
+        """A speculative step's draft loop under these slots' grammars (slot -> its matcher); see DraftWalk."""
+        return DraftWalk(self, grammars)
+
     @staticmethod
     def _fill_drafts(bitmask: torch.Tensor, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int],
                      first: int) -> range:  # fmt: skip
@@ -340,3 +313,59 @@ class GrammarSlots:
             assert g.matcher is not None
             g.matcher.rollback(advanced)
         return range(first, end)
+
+
+class DraftWalk:
+    """The grammar requests of a speculative step through the MTP draft loop (`MtpDrafter.draft`): each draft is the
+    argmax over the tokens its request's grammar allows after the drafts before it, so the grammar accepts every
+    draft (the MTP layer drafts what the model would write unconstrained, which inside JSON the grammar often
+    forbids). Draft d_{j+1} is taken under the very mask the verify row after d_j gets (`GrammarSlots.fill`), so a
+    draft can lose only to the request's own sample, never to its grammar; where the grammar allows one token only,
+    that token is the draft.
+
+    The matchers advance over each draft as the loop makes it and are rolled back when the walk closes (a context
+    manager): after it they stand where they stood, after the request's committed tokens.
+    """
+
+    def __init__(self, slots: GrammarSlots, grammars: dict[int, SlotGrammar]) -> None:
+        self._slots = slots
+        self.grammars = grammars  # slot -> its request's matcher, standing after every committed token
+        self._advanced = dict.fromkeys(grammars, 0)  # slot -> drafts its matcher accepted in this walk
+        self._lost: set[int] = set()  # slots whose matcher rejected a draft: their later drafts go unconstrained
+
+    def __contains__(self, slot: int) -> bool:
+        return slot in self.grammars
+
+    def __enter__(self) -> DraftWalk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def mask(self, slots: Sequence[int], drafts: Sequence[int] | None = None) -> torch.Tensor:
+        """The bitmask [len(slots), num_words] int32 (host; pinned for a CUDA upload) of the slots' next drafts, each
+        matcher first advanced over its entry of `drafts` [len(slots)] (the drafts just made; None before d1)."""
+        rows = []
+        for i, slot in enumerate(slots):
+            g = self.grammars[slot]
+            if drafts is not None and g.plain and slot not in self._lost:
+                assert g.matcher is not None
+                if g.matcher.accept_token(drafts[i]):
+                    self._advanced[slot] += 1
+                else:  # not a draft taken under this walk's last mask: nothing after it is committed
+                    self._lost.add(slot)
+            rows.append((i, g))
+        bitmask = self._slots.fill(rows)
+        for i, slot in enumerate(slots):
+            if slot in self._lost:
+                bitmask[i] = -1
+        return bitmask
+
+    def close(self) -> None:
+        """Roll every matcher back over the drafts it accepted."""
+        for slot, n in self._advanced.items():
+            if n:
+                matcher = self.grammars[slot].matcher
+                assert matcher is not None
+                matcher.rollback(n)
+            self._advanced[slot] = 0

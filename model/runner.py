@@ -367,8 +367,9 @@ class ModelRunner:
         every row, every verify token sampled, the accepted ones committed, then the draft-extend.
 
         NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet). A row with a custom logit
-        processor never carries drafts; a grammar row's masks wait for the previous step's tokens here, and for its
-        drafts (each verify row is masked as its matcher stands after the drafts before it)."""
+        processor never carries drafts; a grammar row's drafts are taken under its grammar (`_draft`), and its masks
+        wait for the previous step's tokens here, and for its drafts (each verify row is masked as its matcher stands
+        after the drafts before it)."""
         from baleen.model.speculative import verify_layout
 
         if self.spec_graphs is not None:
@@ -377,8 +378,7 @@ class ModelRunner:
             if graphed is not None:
                 return graphed
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
-        drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
-        grammar_drafts = self._force_grammar_drafts(plan, drafter) if self.grammars is not None else {}
+        grammar_drafts = self._draft(plan, drafter)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
@@ -505,28 +505,24 @@ class ModelRunner:
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _force_grammar_drafts(self, plan: StepPlan, drafter: MtpDrafter) -> dict[int, list[int]]:
-        """A grammar request's drafts, where its grammar allows one token only, are that token (a JSON schema's keys,
-        quotes and braces) instead of the MTP layer's guess, which knows nothing of the grammar. Returns each such
-        request's drafts by slot: the one host read of them a step (its masks walk them too)."""
-        assert self.grammars is not None
+    def _draft(self, plan: StepPlan, drafter: MtpDrafter) -> dict[int, list[int]]:
+        """The step's draft loop. A grammar request's drafts are taken under its grammar's masks (`DraftWalk`: the MTP
+        layer knows nothing of the grammar, and a draft the grammar forbids is lost with every draft after it), its
+        matcher standing after its committed tokens first. Returns each such request's drafts by slot: the one host
+        read of them a step after the loop (its verify masks walk them too); {} for a step without grammar rows."""
         verify = [(r.slot, r.extend_len - 1) for r in plan.rows if r.sample and not r.input_ids and r.extend_len > 1]
-        found = self.grammars.rows([s for s, _ in verify]) if verify else []
+        found = self.grammars.rows([s for s, _ in verify]) if self.grammars is not None and verify else []
         if not found:
+            drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
             return {}
+        assert self.grammars is not None
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)  # the matchers stand after every committed token
         slots = [verify[j][0] for j, _ in found]
+        with self.grammars.walk({slot: g for slot, (_, g) in zip(slots, found)}) as walk:
+            drafter.draft(plan, self.page_table, self.kv_cache, self.attn, walk)
         host = drafter.tokens[slots].tolist()
-        drafts: dict[int, list[int]] = {}
-        changed = False
-        for (j, g), slot, row in zip(found, slots, host):
-            drafts[slot] = row[: verify[j][1]]
-            changed |= g.force_drafts(drafts[slot], self.grammars.cache.num_words)
-        if changed:
-            forced = [drafts[s] + row[len(drafts[s]):] for s, row in zip(slots, host)]
-            drafter.tokens[slots] = torch.tensor(forced, dtype=drafter.tokens.dtype).to(self.device)
-        return drafts
+        return {slot: row[: verify[j][1]] for slot, (j, _), row in zip(slots, found, host)}
 
     def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]],
                     drafts: list[int] | None = None) -> TokenMask:  # fmt: skip

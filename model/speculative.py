@@ -5,7 +5,8 @@ step then runs, for those rows:
 
 1. **Draft** (`MtpDrafter.draft`): the slot holds its first draft d1 and the MTP hidden state that drafted it
    (left by the previous step). The MTP layer runs k - 1 more one-token steps on its own output
-   (`eh_proj([enorm(embed(d_s)); hnorm(g_s)])`, the MTP block, `shared_head.norm`) for d2 .. dk, greedily.
+   (`eh_proj([enorm(embed(d_s)); hnorm(g_s)])`, the MTP block, `shared_head.norm`) for d2 .. dk, greedily. A
+   grammar request's drafts, d1 included, are the argmax over the tokens its grammar allows there (`draft`'s walk).
 2. **Verify**: one target forward over [t, d1 .. dk] at positions L .. L + k (t: the slot's last token, L: the
    latents cached), in the same flat batch as every other row of the step (prefill chunks, plain decode rows).
    Every one of the k + 1 rows is sampled as the request's token number n, n + 1, ... would be (`Sampler.sample`
@@ -41,6 +42,7 @@ import msgspec
 import numpy as np
 import torch
 
+from baleen.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 from baleen.messages import PREFIX_ON_DEVICE, StepPlan
 from baleen.model.batch import ForwardBatch
 from baleen.model.sampler import Ahead, row_argmax
@@ -48,6 +50,7 @@ from baleen.model.sampler import Ahead, row_argmax
 if TYPE_CHECKING:
     from baleen.model.attention import AttentionBackend
     from baleen.model.deepseek import DeepseekMTP
+    from baleen.model.grammar import DraftWalk
     from baleen.model.kv_cache import KVCache
 
 
@@ -136,6 +139,8 @@ class MtpDrafter:
         # slot -> latents of its committed tokens after its last sampled row: what a verify row planned behind one
         # in flight (SeqRow.prefix_len PREFIX_ON_DEVICE) starts at; written by every speculative step's commit
         self.lens = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+        # a grammar's bitmask on the drafts: the Triton kernel on CUDA, its torch twin elsewhere (chosen once)
+        self.apply_mask = apply_token_bitmask if device.type == "cuda" else apply_token_bitmask_ref
 
     def resolve(self, plan: StepPlan) -> StepPlan:
         """`plan` with every PREFIX_ON_DEVICE row's prefix read from `lens` (a host sync, when there is one)."""
@@ -148,9 +153,17 @@ class MtpDrafter:
             rows[i] = msgspec.structs.replace(rows[i], prefix_len=length)
         return msgspec.structs.replace(plan, rows=rows)
 
-    def draft(self, plan: StepPlan, page_table: torch.Tensor, kv_cache: KVCache, attn: AttentionBackend) -> None:
+    def draft(self, plan: StepPlan, page_table: torch.Tensor, kv_cache: KVCache, attn: AttentionBackend,
+              walk: DraftWalk | None = None) -> None:  # fmt: skip
         """d2 .. dk of every verify row of `plan` (row with extend_len 1 + k and no input ids): k - 1 one-token
         MTP steps, step s at position prefix_len + s - 1, on the MTP's own hidden state.
+
+        With `walk`, the drafts of its slots (grammar requests) are taken under their grammar's mask (model/grammar.py
+        `DraftWalk`): d1 again, from the hidden state that drafted it, then each later one. Eager by choice: a mask
+        depends on the drafts before it, which only the host's matcher can walk (xgrammar), so each draft step of
+        such a row reads its last drafts to the host and uploads a bitmask. The read is queued before the step's MTP
+        forward and the fill runs while it runs; only the masking and the argmax wait for it. Steps without grammar
+        rows are unchanged: no read, no mask (their verify graphs, `SpecGraphs`, hold no grammar rows at all).
 
         Under DP attention every rank runs the step count the plan says (`dp_draft_rows`), with no rows if it has
         none there: the MTP layer's MoE exchanges tokens between the DP ranks."""
@@ -158,6 +171,13 @@ class MtpDrafter:
         steps = len(plan.dp_draft_rows) if plan.dp_num_tokens else max((k for _, _, k in rows), default=1) - 1
         device = self.tokens.device
         ps = kv_cache.page_size
+        if walk is not None:
+            first = [r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1 and r.slot in walk]
+            if first:
+                first_d = torch.tensor(first, device=device)
+                logits = self.mtp.compute_logits(self.hidden[first_d])  # what the last draft-extend drafted d1 from
+                self._mask(logits, walk, first, list(range(len(first))), None)
+                self.tokens[first_d, 0] = row_argmax(logits)
         for s in range(1, steps + 1):
             live = [(slot, prefix) for slot, prefix, k in rows if k > s]
             n = len(live)
@@ -165,6 +185,9 @@ class MtpDrafter:
             pos = np.fromiter((prefix + s - 1 for _, prefix in live), dtype=np.int64, count=n)
             host = torch.from_numpy(np.concatenate([slots, pos, np.arange(n + 1, dtype=np.int64)]))
             slots_d, pos_d, qo_d = host.to(device, non_blocking=True).split([n, n, n + 1])
+            constrained = [i for i, (slot, _) in enumerate(live) if slot in walk] if walk is not None else []
+            # the grammar rows' drafts d_s, on their way to the host while this step's MTP forward runs
+            last = _HostRead(self.tokens[slots_d[constrained], s - 1]) if constrained else None
             max_pages = int(pos.max(initial=0)) // ps + 1
             table = page_table[slots_d, :max_pages]
             out_loc = table[torch.arange(n, device=device), pos_d // ps].to(torch.int64) * ps + pos_d % ps
@@ -179,8 +202,22 @@ class MtpDrafter:
                 attn.plan(batch)
             g = self.mtp(batch, self.hidden[slots_d], kv_cache, attn)
             if n:
-                self.tokens[slots_d, s] = row_argmax(self.mtp.compute_logits(g))
+                logits = self.mtp.compute_logits(g)
+                if last is not None:
+                    assert walk is not None
+                    self._mask(logits, walk, [live[i][0] for i in constrained], constrained, last.tolist())
+                self.tokens[slots_d, s] = row_argmax(logits)
                 self.hidden[slots_d] = g
+
+    def _mask(self, logits: torch.Tensor, walk: DraftWalk, slots: list[int], rows: list[int],
+              drafts: list[int] | None) -> None:  # fmt: skip
+        """-inf in `logits` [n, vocab] rows `rows` wherever the grammar of the slot there forbids the next draft,
+        its matcher first advanced over `drafts` (`DraftWalk.mask`)."""
+        bitmask = walk.mask(slots, drafts)
+        device = logits.device
+        if device.type != "cpu":
+            bitmask = bitmask.to(device, non_blocking=True)
+        self.apply_mask(logits, bitmask, torch.tensor(rows, dtype=torch.int64, device=device))
 
     def extend(
         self, batch: ForwardBatch, hidden: torch.Tensor, samples: torch.Tensor, last: torch.Tensor,
@@ -201,3 +238,22 @@ class MtpDrafter:
         picked = g[batch.logits_indices[last]]
         self.tokens[sampled_slots, 0] = row_argmax(self.mtp.compute_logits(picked))
         self.hidden[sampled_slots] = picked
+
+
+class _HostRead:
+    """A device tensor's copy to the host, started now; `tolist` waits for it (a CPU tensor is read as it is)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if t.device.type == "cpu":
+            self.host = t
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()

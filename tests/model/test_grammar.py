@@ -225,35 +225,47 @@ def test_verify_rows_are_masked_as_plain_decoding_would_mask_them(cache: Grammar
     assert unpack_bitmask(got[2:], VOCAB)[0].nonzero().flatten().tolist() == [EOS]
     assert g.plain and torch.equal(slots.fill([(0, g)])[0], plain[1][-3])
 
-def test_forced_tokens_become_the_drafts(cache: GrammarCache) -> None:
-    """Where a grammar allows one token only, force_drafts makes it the draft (walking the drafts while the grammar
-    accepts them) and leaves the others; the matcher stands where it stood."""
+def test_draft_walk_masks_each_draft_as_its_verify_row_is_masked(cache: GrammarCache) -> None:
+    """The MTP draft loop's masks (DraftWalk): draft d_{j+1}'s is the matcher's after d1 .. dj, the same as the verify
+    row that checks it; past the stop token only stop tokens; after a draft the grammar rejects (one not taken under
+    the walk), no constraint; the matchers stand where they stood once the walk closes."""
     slots = GrammarSlots(cache)
-    num_forced = 0
-    for seed, spec in enumerate([GrammarSpec("json_schema", json.dumps(SCHEMAS[0])), GrammarSpec("regex", REGEXES[0]),
-                                 GrammarSpec("regex", REGEXES[3])]):
-        tokens = [*walk(slots, spec, seed), EOS]
-        slots.set_slot(0, spec)
-        g = slots.get(0)
+    specs = [GrammarSpec("json_schema", json.dumps(SCHEMAS[0])), GrammarSpec("regex", REGEXES[0]),
+             GrammarSpec("regex", REGEXES[1])]
+    walks = [[*walk(slots, spec, seed), EOS] for seed, spec in enumerate(specs)]
+    plain = []  # every walk's masks, one plain fill a token
+    for slot, (spec, tokens) in enumerate(zip(specs, walks)):
+        slots.set_slot(slot, spec)
+        g = slots.get(slot)
         assert g is not None
-        forced = []  # per position of the walk: the one token its mask allows, or None
-        for t in tokens:
-            allowed = unpack_bitmask(slots.fill([(0, g)]), VOCAB)[0].nonzero().flatten().tolist()
-            forced.append(allowed[0] if len(allowed) == 1 else None)
+        plain.append([])
+        for t in [*tokens, EOS]:
+            plain[-1].append(slots.fill([(0, g)])[0])
             g.accept(t)
-        num_forced += sum(f is not None for f in forced)
-        for start in range(0, len(tokens) - 3, 3):
-            slots.set_slot(0, spec, tokens[:start])
-            g = slots.get(0)
-            assert g is not None
-            before = slots.fill([(0, g)])[0]
-            wrong = [-1 if f is None else (f + 1) % VOCAB for f in forced[start : start + 3]]
-            drafts = [w if w >= 0 else t for w, t in zip(wrong, tokens[start : start + 3])]
-            changed = g.force_drafts(drafts, cache.num_words)
-            # a forced position gets its token; the walk's own tokens elsewhere stay (they are the grammar's)
-            assert drafts == tokens[start : start + 3] and changed == any(w >= 0 for w in wrong), (seed, start)
-            assert torch.equal(slots.fill([(0, g)])[0], before)
-    assert num_forced  # the grammars force some tokens (the fixed characters), so the test saw replacements
+    k = 3
+    for start in (0, 2):
+        # slot 0: drafts that follow its walk; slot 1: drafts past its stop token; slot 2: d2 breaks the grammar
+        starts = [start, len(walks[1]) - 2, start]
+        drafts = [walks[0][start : start + k], [walks[1][-2], EOS, 5], walks[2][start : start + k]]
+        allowed = unpack_bitmask(plain[2][start + 1][None], VOCAB)[0]
+        drafts[2][1] = int((allowed == 0).nonzero()[0])
+        for slot in range(3):
+            slots.set_slot(slot, specs[slot], walks[slot][: starts[slot]])
+        grammars = {slot: g for slot in range(3) if (g := slots.get(slot)) is not None}
+        rows = [(3 * slot + j, grammars[slot]) for slot in range(2) for j in range(k + 1)]
+        verify = slots.fill(rows, [d for slot in range(2) for d in [*drafts[slot], -1]])  # slots 0, 1 verified
+        with slots.walk(grammars) as draft_walk:
+            masks = [draft_walk.mask([0, 1, 2])]  # d1's
+            masks += [draft_walk.mask([0, 1, 2], [drafts[s][j] for s in range(3)]) for j in range(k)]
+        for j in range(k + 1):
+            assert torch.equal(masks[j][0], plain[0][start + j]) and torch.equal(masks[j][0], verify[j]), (start, j)
+            assert torch.equal(masks[j][1], plain[1][min(starts[1] + j, len(walks[1]))]), (start, j)
+            assert torch.equal(masks[j][1], verify[k + 1 + j]), (start, j)
+        assert unpack_bitmask(masks[2][1:2], VOCAB)[0].nonzero().flatten().tolist() == [EOS]
+        assert torch.equal(masks[0][2], plain[2][start]) and torch.equal(masks[1][2], plain[2][start + 1])
+        assert (masks[2][2] == -1).all() and (masks[3][2] == -1).all()  # lost: its later drafts go unconstrained
+        for slot in range(3):  # rolled back
+            assert torch.equal(slots.fill([(0, grammars[slot])])[0], plain[slot][starts[slot]]), (start, slot)
 
 
 def sample_masked(sampler: Sampler, logits: torch.Tensor, allowed: torch.Tensor, rows: Sequence[int]) -> Any:

@@ -1,5 +1,6 @@
 """Structured output with tensor parallelism (two gloo ranks on CPU): every rank runs the same matchers and applies
-the same mask, so the ranks keep sampling the same tokens (`check_rank_sampling` fails a request otherwise)."""
+the same mask, so the ranks keep sampling the same tokens (`check_rank_sampling` fails a request otherwise); under
+speculation, and under DP attention, also the same drafts (the MTP layer's logits are masked by the grammar too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import re
 
 import jsonschema
+import pytest
 
 from baleen.actors.engine import Engine, EngineConfig
 from baleen.messages import GrammarSpec, SamplingParams
@@ -18,9 +20,14 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0
 PATTERN = r"[a-z]{3,6}(-[0-9]{1,2})?"
 
 
-def test_tp2_ranks_agree_under_grammars() -> None:
+@pytest.mark.parametrize("kw", [{}, {"speculative_algorithm": "EAGLE", "speculative_num_steps": 2},
+                                {"dp_size": 2, "enable_dp_attention": True, "speculative_algorithm": "EAGLE",
+                                 "speculative_num_steps": 3}], ids=["tp2", "tp2-speculative", "dp2-speculative"])
+def test_tp2_ranks_agree_under_grammars(kw: dict[str, object]) -> None:
     async def main() -> None:
-        config = EngineConfig(model_path=str(tiny_model_path()), tp_size=2, check_rank_sampling=True)
+        config = EngineConfig(model_path=str(tiny_model_path()), tp_size=2, check_rank_sampling=True,
+                              **kw)  # type: ignore[arg-type]
+        verify_rows: list[int] = []
         async with await Engine.start(config) as engine:
 
             async def one(spec: GrammarSpec, seed: int) -> str:
@@ -31,6 +38,7 @@ def test_tp2_ranks_agree_under_grammars() -> None:
                     text += out.text
                     if out.finished:
                         assert out.finish_reason == "stop", text
+                        verify_rows.append(out.spec_verify_ct or 0)
                 return text
 
             schema = GrammarSpec("json_schema", json.dumps(SCHEMA))
@@ -38,5 +46,6 @@ def test_tp2_ranks_agree_under_grammars() -> None:
             for text in texts[:2]:
                 jsonschema.validate(json.loads(text), SCHEMA)
             assert re.fullmatch(PATTERN, texts[2]), texts[2]
+            assert all(verify_rows) == bool(kw), verify_rows  # speculating: every request's verify rows carried drafts
 
     asyncio.run(main())
