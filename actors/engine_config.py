@@ -45,6 +45,10 @@ class EngineConfig:
     max_queued_requests: int = 4096
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"
+    # --kv-cache-fp8-math: how the Gluon MLA kernel computes over an FP8 cache. "fp8": e4m3 x e4m3 MMAs with q and the
+    # softmax probabilities rounded to e4m3 (twice the MMA rate; kernels/mla_decode_gluon_fp8.py); "bf16": the cache
+    # converted to bf16 on the way in (exact, the bf16 kernel's math, slower at 128 heads).
+    kv_cache_fp8_math: str = "fp8"
     disable_overlap_schedule: bool = False
     disable_radix_cache: bool = False
     enable_custom_logit_processor: bool = False
@@ -224,7 +228,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
-    check_kv_cache_dtype(config.kv_cache_dtype, attention_backend)
+    check_kv_cache_dtype(config.kv_cache_dtype, attention_backend, config.kv_cache_fp8_math)
     spec_steps = speculative_num_steps(config, model_config)
     max_running = config.max_running_requests or (
         SPECULATIVE_MAX_RUNNING_REQUESTS if spec_steps else (256 if cuda else 64))
@@ -256,6 +260,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         chunked_prefill_size=None if chunk == -1 else chunk,
         mem_fraction_static=config.mem_fraction_static,
         kv_cache_dtype=config.kv_cache_dtype,
+        kv_cache_fp8_math=config.kv_cache_fp8_math,
         random_seed=config.random_seed,
         custom_logit_processors=config.custom_logit_processors if config.enable_custom_logit_processor else None,
         progress=config.show_progress,

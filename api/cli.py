@@ -140,7 +140,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     }
     for dest in ("context_length", "page_size", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
-                 "kv_cache_dtype", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
+                 "kv_cache_dtype", "kv_cache_fp8_math", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
                  "speculative_num_draft_tokens", "speculative_draft_model_path", "decode_log_interval",
                  *PENDING_FLAGS, *NOOP_FLAGS):
@@ -271,6 +271,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: the model dtype; fp8_e4m3 halves the KV bytes (a per-layer scale from the checkpoint's "
                         "*.self_attn.k_scale / kv_scale when it has them, else 1.0; not with --attention-backend "
                         "flashinfer yet)")
+    g.add_argument("--kv-cache-fp8-math", default=None, choices=("fp8", "bf16"),
+                   help="attention over an FP8 cache on Hopper (the Gluon MLA kernel): fp8 (default) multiplies in "
+                        "e4m3, with the query and the softmax probabilities rounded to e4m3 as FlashMLA's FP8 path "
+                        "does (twice the MMA rate); bf16 converts the cache to bf16 and multiplies as a bf16 cache "
+                        "would (exact, slower at 128 heads). Other kernels always convert.")
     g.add_argument("--disable-overlap-schedule", action="store_true")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--single-process", action="store_true",

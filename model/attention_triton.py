@@ -10,6 +10,7 @@ of the prefix. Prefill without a prefix runs expanded per sequence through `scal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,9 @@ class TritonAttentionBackend(GraphAttentionBackend):
 
     On Hopper, decode shapes the warp-specialised Gluon kernel handles (bf16 q, a bf16 or FP8 cache, 64-multiple
     heads, 512 + 64, pages of 64k rows) run it instead (`kernels/mla_decode_gluon.py`, 2-3x the Triton kernel at
-    128 heads). All kernels read an FP8 cache as e4m3 and fold `kv_scale` into the softmax scale and the output;
-    elsewhere (page 1, other head counts) the Triton kernels serve it.
+    128 heads); over an FP8 cache its FP8-MMA variant (`kernels/mla_decode_gluon_fp8.py`: q and P in e4m3) unless
+    `fp8_mma` is off (--kv-cache-fp8-math bf16). All kernels read an FP8 cache as e4m3 and fold `kv_scale` into the
+    softmax scale and the output; elsewhere (page 1, other head counts) the Triton kernels serve it.
     Under CUDA graphs the kernels read the graphs' static page table and seq_lens: nothing to plan before a
     replay; the split count of each captured size is frozen at its capture. Several graph shapes may share one
     backend (speculative decoding: one-token draft steps and verify steps of k + 1 rows a sequence); a verify
@@ -71,7 +73,9 @@ class TritonAttentionBackend(GraphAttentionBackend):
     each row is fixed, the keys each row sees are derived from the static seq_lens in the graph, at every layer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fp8_mma: bool = True) -> None:
+        # an FP8 cache under the Gluon kernel: FP8 MMAs (kernels/mla_decode_gluon_fp8.py) or converted to bf16
+        self.fp8_mma = fp8_mma
         # (device, heads, d_latent, d_rope, page_size, dtype) -> whether the Gluon decode kernel takes it
         self._gluon: dict[tuple[torch.device, int, int, int, int, torch.dtype], bool] = {}
         self._batch: ForwardBatch | None = None
@@ -117,9 +121,7 @@ class TritonAttentionBackend(GraphAttentionBackend):
             from baleen.kernels.mla_decode import mla_decode
 
             if self._use_gluon(q_latent, q_pe, kv_cache_layer):
-                from baleen.kernels.mla_decode_gluon import mla_decode_gluon
-
-                return mla_decode_gluon(
+                return self._gluon_kernel(kv_cache_layer)(
                     q_latent, q_pe.to(q_latent.dtype), kv_cache_layer, b.page_table, b.seq_lens, scale,
                     num_kv_splits=self._num_kv_splits, max_seq_len=b.max_seq_len, kv_scale=kv_scale,
                 )  # fmt: skip
@@ -135,11 +137,10 @@ class TritonAttentionBackend(GraphAttentionBackend):
         seq_idx, kv_lens = self._extend_rows
         q_pe = q_pe.to(q_latent.dtype)
         if self._use_gluon(q_latent, q_pe, kv_cache_layer):
-            from baleen.kernels.mla_decode_gluon import mla_decode_gluon
-
-            return mla_decode_gluon(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale,
-                                    max_seq_len=b.max_seq_len, seq_idx=seq_idx, kv_scale=kv_scale,
-                                    num_kv_splits=self._num_kv_splits)  # fmt: skip
+            return self._gluon_kernel(kv_cache_layer)(
+                q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
+                seq_idx=seq_idx, kv_scale=kv_scale, num_kv_splits=self._num_kv_splits,
+            )  # fmt: skip
         from baleen.kernels.mla_decode import mla_decode
 
         return mla_decode(q_latent, q_pe, kv_cache_layer, b.page_table, kv_lens, scale, max_seq_len=b.max_seq_len,
@@ -164,6 +165,16 @@ class TritonAttentionBackend(GraphAttentionBackend):
             self._fallback.plan(self._batch)
             self._fallback_planned = True
         return self._fallback.run_absorbed(q_latent, q_pe, cache, scale, kv_scale)
+
+    def _gluon_kernel(self, cache: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The Gluon decode kernel for this cache: FP8 MMAs over an FP8 cache unless --kv-cache-fp8-math bf16."""
+        if self.fp8_mma and cache.dtype == torch.float8_e4m3fn:
+            from baleen.kernels.mla_decode_gluon_fp8 import mla_decode_gluon_fp8
+
+            return mla_decode_gluon_fp8
+        from baleen.kernels.mla_decode_gluon import mla_decode_gluon
+
+        return mla_decode_gluon
 
     def _use_gluon(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
         key = (q_latent.device, q_latent.shape[1], q_latent.shape[2], q_pe.shape[2], cache.shape[1], cache.dtype)

@@ -44,6 +44,7 @@ ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8")
 # --kv-cache-dtype: "auto" (the activation dtype), SGLang's names (fp8_e4m3, bf16) and ours
 KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES, "bf16", *DTYPES)
+KV_CACHE_FP8_MATH = ("fp8", "bf16")  # --kv-cache-fp8-math: FP8 MMAs, or the cache converted to bf16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,7 @@ class WorkerConfig:
     chunked_prefill_size: int | None = None  # the scheduler's prefill tokens a step (None: whole prompts)
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; FP8 caches get per-layer scales from the checkpoint
+    kv_cache_fp8_math: str = "fp8"  # one of KV_CACHE_FP8_MATH: the Gluon MLA kernel's MMAs over an FP8 cache
     random_seed: int = 0
     custom_logit_processors: tuple[str, ...] | None = None  # None: custom processors disabled
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -88,8 +90,11 @@ class WorkerConfig:
         return DTYPES["bfloat16" if self.kv_cache_dtype == "bf16" else self.kv_cache_dtype]
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str) -> None:
-    """ValueError naming the flag for a --kv-cache-dtype no start-up serves, or one the backend cannot read."""
+def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, fp8_math: str = "fp8") -> None:
+    """ValueError naming the flag for a --kv-cache-dtype (or --kv-cache-fp8-math) no start-up serves, or one the
+    backend cannot read."""
+    if fp8_math not in KV_CACHE_FP8_MATH:
+        raise ValueError(f"--kv-cache-fp8-math {fp8_math!r} is not one of {KV_CACHE_FP8_MATH}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
     if kv_cache_dtype in FP8_KV_CACHE_DTYPES and attention_backend == "flashinfer":
@@ -98,8 +103,9 @@ def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str) -> None:
                          "yet; use triton")
 
 
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The attention backend named by --attention-backend."""
+def make_attention_backend(name: str, device: torch.device, fp8_math: str = "fp8") -> AttentionBackend:
+    """The attention backend named by --attention-backend (`fp8_math`: --kv-cache-fp8-math, for triton's Gluon
+    kernel over an FP8 cache)."""
     if name == "torch":
         from baleen.model.attention import TorchAttentionBackend
 
@@ -109,7 +115,7 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         from baleen.model.attention_triton import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(fp8_mma=fp8_math == "fp8")
     if name == "flashinfer":
         from baleen.model.attention_flashinfer import FlashInferAttentionBackend
 
@@ -216,7 +222,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         raise ValueError("the worker needs a model path with a config.json")
     if cfg.parallel.tp_size > 1 and groups is None:
         raise ValueError("a rank of a multi-rank model needs its process groups: call init_distributed first")
-    check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.attention_backend)
+    check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.attention_backend, cfg.kv_cache_fp8_math)
     model_config = ModelConfig.from_hf(cfg.model_path)
     started = time.perf_counter()
     experts_method = None
@@ -248,7 +254,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
             f"--attention-backend flashinfer needs DeepSeek's MLA shape (kv_lora_rank 512, rope 64); this model has "
             f"{model_config.kv_lora_rank} + {model_config.qk_rope_head_dim}: use --attention-backend triton"
         )
-    attn = make_attention_backend(cfg.attention_backend, device)
+    attn = make_attention_backend(cfg.attention_backend, device, cfg.kv_cache_fp8_math)
     dp_attention = groups is not None and groups.dp_attention
     use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
     if use_graphs and cfg.speculative_num_steps and cfg.attention_backend != "triton":

@@ -70,6 +70,7 @@ def _plan(**flags: Any) -> Any:
          r"--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer yet; use triton"),
         (dict(kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer", device="cuda"),
          r"--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer yet; use triton"),
+        (dict(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_math="fp16"), r"--kv-cache-fp8-math 'fp16' is not one of"),
     ],
 )
 def test_kv_cache_dtype_values_no_start_up_serves_are_refused(flags: dict[str, Any], message: str) -> None:
@@ -85,6 +86,24 @@ def test_kv_cache_dtype_names_reach_the_worker() -> None:
         worker = _plan(device="cpu", kv_cache_dtype=name).worker
         assert worker.cache_dtype == want, name
     assert _plan(device="cuda", kv_cache_dtype="fp8_e4m3").worker.attention_backend == "triton"
+
+
+def test_kv_cache_fp8_math_picks_the_gluon_kernel() -> None:
+    # --kv-cache-fp8-math reaches the worker, and the Triton backend runs the FP8-MMA Gluon kernel over an FP8
+    # cache only when it says fp8 (a bf16 cache always runs the bf16 kernel).
+    import torch
+
+    from baleen.kernels.mla_decode_gluon import mla_decode_gluon
+    from baleen.kernels.mla_decode_gluon_fp8 import mla_decode_gluon_fp8
+    from baleen.model.attention_triton import TritonAttentionBackend
+
+    assert _plan(device="cuda", kv_cache_dtype="fp8_e4m3").worker.kv_cache_fp8_math == "fp8"
+    assert _plan(device="cuda", kv_cache_dtype="fp8_e4m3", kv_cache_fp8_math="bf16").worker.kv_cache_fp8_math == "bf16"
+    fp8 = torch.zeros(1, 64, 576, dtype=torch.float8_e4m3fn)
+    bf16 = torch.zeros(1, 64, 576, dtype=torch.bfloat16)
+    assert TritonAttentionBackend()._gluon_kernel(fp8) is mla_decode_gluon_fp8
+    assert TritonAttentionBackend(fp8_mma=False)._gluon_kernel(fp8) is mla_decode_gluon
+    assert TritonAttentionBackend()._gluon_kernel(bf16) is mla_decode_gluon
 
 
 @pytest.mark.gpu

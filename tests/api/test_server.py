@@ -396,7 +396,7 @@ def test_flags_map_onto_engine_and_server_config() -> None:
     args = _args(["--model", "/m", "--tokenizer-path", "/t", "--dtype", "half", "--load-format", "dummy", "--device",
                   "cpu", "--mem-fraction-static", "0.9", "--max-running-requests", "7", "--max-total-token", "65536",
                   "--chunked-prefill-size", "-1", "--page-size", "32", "--kv-cache-dtype", "fp8_e4m3",
-                  "--disable-overlap-schedule", "--disable-radix-cache", "--context-length", "2048",
+                  "--kv-cache-fp8-math", "bf16", "--disable-overlap-schedule", "--disable-radix-cache", "--context-length", "2048",
                   "--attention-backend", "torch", "--random-seed", "3", "--custom-logit-processor", "a=m:f",
                   "--disable-cuda-graph", "--trust-remote-code", "--tp", "1", "--max-queued-requests", "9",
                   "--host", "0.0.0.0", "--port", "40000", "--api-key", "k", "--tool-call-parser", "deepseekv31",
@@ -408,6 +408,7 @@ def test_flags_map_onto_engine_and_server_config() -> None:
         (0.9, 7, 65536, -1)
     assert (ec.page_size, ec.kv_cache_dtype, ec.context_length, ec.attention_backend, ec.random_seed) == \
         (32, "fp8_e4m3", 2048, "torch", 3)
+    assert ec.kv_cache_fp8_math == "bf16"
     assert ec.disable_overlap_schedule and ec.disable_radix_cache and ec.max_queued_requests == 9
     assert ec.enable_custom_logit_processor and ec.custom_logit_processors == ("a=m:f",)  # a spec implies the flag
     assert ec.multiprocess  # serving uses the multi-process engine by default

@@ -200,9 +200,12 @@ def test_tiny_model_logits_over_an_fp8_cache_stay_close_to_a_float_cache(tiny: A
     [([700, 65, 1], [1, 1, 1]), ([300, 0, 129], [4, 70, 1])],
     ids=["decode", "mixed-extend"],
 )
-def test_triton_backend_reads_an_fp8_cache_at_deepseek_widths(prefix: list[int], extend: list[int]) -> None:
-    # DeepSeek's 512 + 64 latent, 128 heads, pages of 64 rows: the Gluon decode kernel (Hopper) or the Triton
-    # kernels against the torch backend over the dequantized cache (both read the same bf16 queries).
+@pytest.mark.parametrize("fp8_math", ["fp8", "bf16"])
+def test_triton_backend_reads_an_fp8_cache_at_deepseek_widths(prefix: list[int], extend: list[int],
+                                                              fp8_math: str) -> None:  # fmt: skip
+    # DeepSeek's 512 + 64 latent, 128 heads, pages of 64 rows: the Gluon decode kernel (Hopper: FP8 MMAs, or the
+    # cache converted to bf16) or the Triton kernels against the torch backend over the dequantized cache (both
+    # read the same bf16 queries).
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from baleen.model.build import make_attention_backend
@@ -226,7 +229,7 @@ def test_triton_backend_reads_an_fp8_cache_at_deepseek_widths(prefix: list[int],
     want = TorchAttentionBackend()
     want.plan(batch)
     ref = want.run_absorbed(q.float(), q_pe.float(), dequant.float(), 0.1).to(torch.bfloat16)
-    attn = make_attention_backend("triton", dev)
+    attn = make_attention_backend("triton", dev, fp8_math)
     attn.plan(batch)
     got = attn.run_absorbed(q, q_pe, cache8, 0.1, kv_scale=kv_scale)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
