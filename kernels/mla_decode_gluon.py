@@ -51,7 +51,8 @@ What it cannot change: the tile's FLOPs (bf16 wgmmas, 4.7 + 4.2 MFLOP a 64-head 
 32 x 8k the bf16 kernel moves ~2.0 TB/s at ~480 TFLOP/s; halving the bytes helps as far as the loads, not the MMAs,
 bound it. Measured (H100, 2026-12-07, docs/PERF.md): the FP8 path runs at 0.66-0.91x the bf16 kernel (0.74x at
 32 x 8k, ~800 GB/s of e4m3), 1.3-2.2x the Triton FP8 kernel: it is correct and holds twice the tokens, but slower.
-TODO(fp8-kv): (b)'s FP8 QK (2x the MMA rate for half the FLOPs) is the next step, its accuracy cost measured first.
+(b) is `mla_decode_gluon_fp8.py` (the default over an FP8 cache since 2026-12-07, after `loadtest/probe_fp8_qk.py`
+measured its accuracy cost); this path stays for `--kv-cache-fp8-math bf16`.
 """
 
 from __future__ import annotations
