@@ -34,7 +34,10 @@ def quantize_groups(x, FP8_MAX_C: tl.constexpr, EPS: tl.constexpr):
     return round_to_e4m3_mantissa(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)), scale
 
 
-@triton.jit
+# NOTE: Triton compiles a kernel once per value class of each int argument (== 1, % 16 == 0, other). The row
+# count and the scale strides (the padded row count when column-major) are not specialised, so one compile
+# serves every prompt length (issue 20: else a user's first request of a new length may wait for a compile).
+@triton.jit(do_not_specialize=["M", "stride_sm", "stride_sg"])
 def per_token_group_quant_fp8_kernel(
     x_ptr,
     q_ptr,

@@ -71,7 +71,9 @@ def untile_fp8_weight(t: TiledFp8Weight) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# NOTE: the token count and the split sizes derived from it are not specialised: one compile per tile shape
+# serves every M (kernels/act_quant.py). The partials' stride M * N keeps its % 16 class (that of N): vector stores.
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "num_splits"])
 def w8a8_block_fp8_matmul_kernel(
     a_ptr,
     as_ptr,
@@ -141,7 +143,7 @@ def w8a8_block_fp8_matmul_kernel(
                  num_splits, stride_ps, FUSED_REDUCE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "num_splits"])  # as above
 def w8a8_block_fp8_matmul_tma_kernel(
     a_desc,
     as_ptr,

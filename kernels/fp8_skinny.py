@@ -25,7 +25,8 @@ from baleen.kernels.split_k import SplitK, store_splits
 MAX_SKINNY_M = 32
 
 
-@triton.jit
+# NOTE: token-count ints are not specialised: one compile per tile shape serves every M (act_quant.py).
+@triton.jit(do_not_specialize=["M", "k_per_split", "num_splits"])
 def fp8_skinny_gemm_kernel(
     x_ptr,
     w_ptr,

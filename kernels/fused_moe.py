@@ -69,7 +69,8 @@ def select_experts_noaux_tc(
     return topk_weights * routed_scaling_factor, topk_ids.to(torch.int32)
 
 
-@triton.jit
+# NOTE: the slot and block counts grow with the tokens: not specialised, one compile (kernels/act_quant.py).
+@triton.jit(do_not_specialize=["num_slots", "max_blocks"])
 def moe_align_kernel(
     ids_ptr,
     sorted_ids_ptr,
@@ -180,7 +181,8 @@ def moe_align_block_size_ref(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# NOTE: num_slots (tokens x k) is not specialised: one compile per tile choice serves every token count.
+@triton.jit(do_not_specialize=["num_slots"])
 def fused_moe_kernel(
     a_ptr,
     a_scale_ptr,

@@ -35,7 +35,10 @@ from baleen.kernels.device import sm_count
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# NOTE: the split count (which follows the query rows of an extend), the LSE strides derived from it and the page
+# table's width (which follows the longest sequence) are not specialised: one compile per tile shape serves every
+# batch (kernels/act_quant.py). The partials' strides (multiples of D_LATENT) keep their % 16 class.
+@triton.jit(do_not_specialize=["stride_pt_b", "stride_lse_b", "stride_lse_h", "num_splits"])
 def mla_decode_kernel(
     q_nope_ptr,
     q_pe_ptr,
@@ -162,7 +165,7 @@ def _tokm_block(kv, k_pe, q_t, qpe_t, mask_n, m_i, l_i, acc, sm_scale_log2):
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt_b", "stride_lse_b", "stride_lse_h", "num_splits"])  # as above
 def mla_decode_tokm_kernel(
     q_nope_ptr,
     q_pe_ptr,
@@ -257,7 +260,7 @@ def mla_decode_tokm_kernel(
         tl.store(lse_ptr + b * stride_lse_b + offs_h * stride_lse_h + split, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_lse_b", "stride_lse_h"])  # the partials' strides: D's class
 def mla_decode_merge_kernel(
     o_part_ptr,
     lse_ptr,

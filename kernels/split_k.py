@@ -40,7 +40,8 @@ def store_splits(acc, out_ptr, part_ptr, counter_ptr, offs, mask, split, num_spl
                 tl.atomic_xchg(counter_ptr, 0)
 
 
-@triton.jit
+# NOTE: the split count is not specialised (kernels/act_quant.py); numel and the stride (M * N) keep N's % 16 class.
+@triton.jit(do_not_specialize=["num_splits"])
 def splitk_reduce_kernel(c_ptr, out_ptr, num_splits, numel, stride_cs, BLOCK: tl.constexpr):
     # out [M*N] = sum over splits of c [split, M*N] (fp32, fixed order: deterministic), cast on the store.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -5,7 +5,7 @@ cached prefix that is not plain decode (a later chunk of a long prompt, a prompt
 rows beside a prefill chunk) runs the same kernels in the absorbed form with every new token as a query row of its
 own causal length (`kernels/mla_extend.py`): one launch a layer for any number of sequences, memory independent
 of the prefix. Prefill without a prefix runs expanded per sequence through `scaled_dot_product_attention`
-(FlashAttention under the hood). Planning reads only host lists, never the device.
+(FlashAttention, never cuDNN: see `EXPANDED_SDPA_BACKENDS`). Planning reads only host lists, never the device.
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from baleen.kernels.mla_extend import extend_rows
 from baleen.model.attention import GraphAttentionBackend, GraphShape, TorchAttentionBackend
 from baleen.model.batch import ForwardBatch
+
+# The SDPA kernels the expanded prefill may run, best first. NOTE: not cuDNN, which torch prefers on Hopper with
+# cuDNN > 9.15: it builds an execution plan for every new (sequence length, strides) and keeps it in a per-thread
+# cache, so every new prompt length (and every length first seen on the thread that launches the steps) paid a
+# plan build on the request path (issue 20). FlashAttention's kernels are chosen by head size alone.
+EXPANDED_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 @dataclass
@@ -45,16 +52,17 @@ def expanded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     d, dv = q.shape[2], v.shape[2]
     if dv < d:
         v = F.pad(v, (0, d - dv))  # one head dim for q, k, v lets torch pick its FlashAttention kernel
-    for i in range(len(r.qo) - 1):
-        a, b = r.qo[i], r.qo[i + 1]
-        if a == b:
-            continue
-        # [1, H, n, D]
-        o = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-            is_causal=True, scale=scale,
-        )  # fmt: skip
-        out[a:b] = o[0, :, :, :dv].transpose(0, 1)
+    with sdpa_kernel(list(EXPANDED_SDPA_BACKENDS)):
+        for i in range(len(r.qo) - 1):
+            a, b = r.qo[i], r.qo[i + 1]
+            if a == b:
+                continue
+            # [1, H, n, D]
+            o = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                is_causal=True, scale=scale,
+            )  # fmt: skip
+            out[a:b] = o[0, :, :, :dv].transpose(0, 1)
     return out
 
 

@@ -1,6 +1,7 @@
 """Building one rank's model runner, in the fixed start-up order: build on meta and load the weights, choose the
 attention backend, size the KV cache from measured memory, make the runner, capture the decode CUDA graphs (a
-speculating runner: its verify step's graphs, model/spec_graphs.py).
+speculating runner: its verify step's graphs, model/spec_graphs.py), run a step of every token-count regime once
+(model/warm_up.py).
 
 `build_runner(WorkerConfig)` is the one entry (actors/worker.py calls it on every rank, the benchmarks and tests
 too); a rank of a multi-rank model gets a `ParallelRunner`.
@@ -325,6 +326,12 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
                  "speculative verify step" if cfg.speculative_num_steps else "decode", len(graph_sizes),
                  time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)  # fmt: skip
     if device.type == "cuda":
+        # Every token-count regime's kernels compiled now, not on a user's first request of that length.
+        from baleen.model.warm_up import warm_up_shapes
+
+        dp = groups.parallel.dp_size if groups is not None and groups.dp_attention else 1
+        chunk = cfg.chunked_prefill_size or cfg.max_context_len
+        warm_up_shapes(model, kv_cache, attn, chunk, cfg.max_context_len, dp)
         grammar_cache.prepare()  # after the capture: nothing else may touch the device while a graph records
     return runner
 

@@ -245,7 +245,10 @@ class ModelRunner:
             drafts = self.drafter.tokens.view(-1)[from_draft_d.clamp(min=0)]
             input_ids = torch.where(from_draft_d >= 0, drafts, input_ids)
         ps = self.config.page_size
-        max_pages = max(1, -(-int(seq_lens.max(initial=0)) // ps))
+        # NOTE: the width rounded up to 16 pages: a kernel that specialises its row stride on % 16 (the Gluon MLA
+        # decode) then compiles once, not once more when the longest sequence crosses into a new class.
+        need = max(1, -(-int(seq_lens.max(initial=0)) // ps))
+        max_pages = min(self.page_table.shape[1], -(-need // 16) * 16)
         table = self.page_table[slots_d, :max_pages]  # [num_seqs, max_pages]
         out_loc = table[tok_seq_d, positions_d // ps].to(torch.int64) * ps + positions_d % ps
         batch = ForwardBatch(
