@@ -64,6 +64,10 @@ if _GLUON_IMPORT_ERROR is None:
     )
 
 NUM_STAGES = 4  # 4 x 36 KB e4m3 tiles + Q 36 KB + P 4 KB
+# The three-warpgroup kernel (`mla_decode_gluon_fp8_ws3_kernel`): 13 warps at launch (416 threads x 152 <= 64K
+# registers); the P V warpgroups hold 128 accumulator + 32 V^T registers, the softmax warpgroup what is left.
+WS3_MAX_REGS = 128
+WS3_PV_REGS = 192
 E4M3_MAX = 448.0
 P_SCALE = 256.0  # P in [0, 1] goes into e4m3 as 256 P: exact scaling, probabilities down to 2^-17 kept
 
@@ -331,6 +335,195 @@ if _GLUON_IMPORT_ERROR is None:
             gl.store(lse_ptr + b.to(gl.int64) * stride_lse_b + split + (h0 + offs_r) * stride_lse_h, lse)
 
 
+if _GLUON_IMPORT_ERROR is None:
+    # ---- three warpgroups: one for S and the softmax only, two for P V ----------------------------------------------
+
+    @gluon.jit
+    def _mla_ws3_softmax_partition(
+        q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty,
+        start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr,
+    ):  # fmt: skip
+        # Warpgroup 0: per tile S = Q K^T, the online softmax, P (e4m3, x P_SCALE) and the row rescale into one of two
+        # P buffers; never waits for a P V, only for a P buffer both P V warpgroups have finished with.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)  # warpgroup 1 quantized Q
+        row_scale = qs_smem.load(gl.SliceLayout(1, s_layout)) * sm_scale_log2
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            buf = i % 2
+            kv = kv_bufs.index(stage)
+            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
+            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma(qpe_smem, pe_bufs.index(stage).permute((1, 0)), s, is_async=True)
+            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv, pe_bufs))
+            gl.thread_barrier()  # every warp's QK done: this warpgroup's share of the stage is released
+            mbarrier.arrive(empty_bars.index(stage), count=1)
+            valid = (start + i * BLOCK_N + offs_n) < end
+            s = gl.where(valid[None, :], s * row_scale[:, None], float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            # buffer `buf` is free once both P V warpgroups finished tile i - 2 (fresh barriers pass round 0)
+            mbarrier.wait(p_empty.index(buf), ((i // 2) & 1) ^ 1)
+            p_bufs.index(buf).store((p * P_SCALE).to(gl.float8e4nv))
+            a_bufs.index(buf).store(alpha)
+            fence_async_shared()  # generic-proxy P stores -> the wgmmas' reads
+            gl.thread_barrier()
+            mbarrier.arrive(p_full.index(buf), count=1)
+            m_i = m_new
+        # One more round: the output factor out_scale / (P_SCALE * row sum) (l_i >= 1) in the next buffer.
+        buf = num_tiles % 2
+        mbarrier.wait(p_empty.index(buf), ((num_tiles // 2) & 1) ^ 1)
+        a_bufs.index(buf).store(out_scale / (P_SCALE * l_i))
+        gl.thread_barrier()
+        mbarrier.arrive(p_full.index(buf), count=1)
+        return m_i, l_i
+
+    @gluon.jit
+    def _mla_ws3_pv_partition(
+        q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, p_bufs, a_bufs,
+        full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h, num_tiles, C0: gl.constexpr,
+        QUANTIZE_Q: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr,
+        D_ROPE: gl.constexpr, NUM_STAGES: gl.constexpr,
+    ):  # fmt: skip
+        # Warpgroups 1 and 2: O^T[C0:C0 + D_LATENT / 2] += V^T P^T; warpgroup 1 (QUANTIZE_Q) first quantizes Q for
+        # warpgroup 0 (its registers are free then; warpgroup 0's are not many). Each stores its half of O.
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32]
+        )
+        vt_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 4)
+        heads: gl.constexpr = gl.SliceLayout(0, o_layout)
+        if QUANTIZE_Q:
+            q_scale = _quantize_q(q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, BLOCK_H,
+                                  D_LATENT, D_ROPE)  # fmt: skip
+            qs_smem.store(q_scale)
+            gl.thread_barrier()
+            mbarrier.arrive(q_bar, count=1)
+        acc = gl.zeros([D_LATENT // 2, BLOCK_H], gl.float32, layout=o_layout)
+        for i in range(num_tiles):
+            stage = i % NUM_STAGES
+            buf = i % 2
+            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
+            vt = _load_vt(kv_bufs.index(stage).slice(C0, D_LATENT // 2, dim=1), vt_layout)
+            gl.thread_barrier()  # V^T is in every warp's registers: this warpgroup's share of the stage is released
+            mbarrier.arrive(empty_bars.index(stage), count=1)
+            mbarrier.wait(p_full.index(buf), (i // 2) & 1)
+            acc = acc * a_bufs.index(buf).load(heads)[None, :]
+            p_t = p_bufs.index(buf).permute((1, 0))
+            acc = warpgroup_mma(vt, p_t, acc, is_async=True)
+            acc, _ = warpgroup_mma_wait(0, deps=(acc, p_t))
+            gl.thread_barrier()  # every warp read alpha and finished its P V
+            mbarrier.arrive(p_empty.index(buf), count=1)
+        buf = num_tiles % 2
+        mbarrier.wait(p_full.index(buf), (num_tiles // 2) & 1)
+        _store_o_half(acc, a_bufs.index(buf).load(heads), o_base, stride_o_h, C0, BLOCK_H, D_LATENT // 2)
+
+    @gluon.jit
+    def mla_decode_gluon_fp8_ws3_kernel(
+        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr, lse_ptr,
+        sm_scale_log2, out_scale, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b,
+        stride_o_h, stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
+        PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
+        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr,
+    ):  # fmt: skip
+        # The grid and the contract of mla_decode_gluon_fp8_kernel; partitions: warpgroup 0 (S, softmax), two P V
+        # warpgroups (output columns [0, 256) and [256, 512)), the TMA loader warp.
+        b = gl.program_id(0) // num_head_blocks
+        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
+        split = gl.program_id(1)
+        seq_len = gl.load(seq_lens_ptr + b)
+        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        if start >= seq_len:
+            return
+        end = gl.minimum(start + chunk, seq_len)
+        num_tiles = gl.cdiv(end - start, BLOCK_N)
+
+        fp8: gl.constexpr = gl.float8e4nv
+        q_smem = gl.allocate_shared_memory(
+            fp8, [BLOCK_H, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LATENT], fp8)
+        )
+        qpe_smem = gl.allocate_shared_memory(
+            fp8, [BLOCK_H, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], fp8)
+        )
+        kv_bufs = gl.allocate_shared_memory(
+            fp8, [NUM_STAGES, BLOCK_N, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LATENT], fp8)
+        )
+        pe_bufs = gl.allocate_shared_memory(
+            fp8, [NUM_STAGES, BLOCK_N, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], fp8)
+        )
+        p_bufs = gl.allocate_shared_memory(
+            fp8, [2, BLOCK_H, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], fp8)
+        )
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        a_bufs = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], flat)  # a layout of rank 1: buffers of [BLOCK_H]
+        qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], flat)
+        full_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        p_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        p_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(NUM_STAGES):
+            mbarrier.init(full_bars.index(st), count=1)
+            mbarrier.init(empty_bars.index(st), count=3)  # warpgroup 0 after its QK, 1 and 2 after loading V^T
+        for j in gl.static_range(2):
+            mbarrier.init(p_full.index(j), count=1)
+            mbarrier.init(p_empty.index(j), count=2)  # both P V warpgroups
+        mbarrier.init(q_bar.index(0), count=1)
+        fence_async_shared()
+
+        if HAS_SEQ_IDX:
+            pt_row_off = gl.load(seq_idx_ptr + b).to(gl.int64) * stride_pt_b
+        else:
+            pt_row_off = b.to(gl.int64) * stride_pt_b
+        o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
+        q_nope_base = q_nope_ptr + b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h
+        q_pe_base = q_pe_ptr + b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h
+        m_i, l_i = gl.warp_specialize(
+            [
+                (
+                    _mla_ws3_softmax_partition,
+                    (q_smem, qpe_smem, qs_smem, q_bar.index(0), kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars,
+                     empty_bars, p_full, p_empty, start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H, BLOCK_N,
+                     NUM_STAGES, P_SCALE),
+                ),
+                (
+                    _mla_ws3_pv_partition,
+                    (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
+                     kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
+                     num_tiles, 0, True, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
+                ),
+                (
+                    _mla_ws3_pv_partition,
+                    (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
+                     kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
+                     num_tiles, D_LATENT // 2, False, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
+                ),
+                (
+                    _mla_load_partition,
+                    (kv_desc, pe_desc, page_table_ptr, pt_row_off, start, num_tiles, kv_bufs, pe_bufs, full_bars,
+                     empty_bars, PAGE_SIZE, BLOCK_N, NUM_STAGES),
+                ),
+            ],
+            [4, 4, 1],
+            [PV_REGS, PV_REGS, LOADER_REGS],
+        )  # fmt: skip
+        if STORE_LSE:
+            rows: gl.constexpr = l_i.type.layout
+            lse = m_i + gl.log2(l_i)
+            offs_r = gl.arange(0, BLOCK_H, layout=rows)
+            gl.store(lse_ptr + b.to(gl.int64) * stride_lse_b + split + (h0 + offs_r) * stride_lse_h, lse)
+
+
 def fp8_descriptors(cache: torch.Tensor, d_latent: int) -> tuple[Any, Any]:
     """TMA descriptors over an e4m3 cache's latent and rope columns, as [num_pages * page_size, D] matrices."""
     fp8 = gl.float8e4nv
@@ -357,9 +550,10 @@ def fp8_kernel_launch_args(
     splits: int,
     sm_scale: float,
     kv_scale: float,
+    ws3: bool = True,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(positional args, keyword args) of `mla_decode_gluon_fp8_kernel` for checked inputs (its launch minus the
-    grid): kv_scale folded into the score scale and the output scale."""
+    """(positional args, keyword args) of `mla_decode_gluon_fp8_ws3_kernel` (`ws3`) or `mla_decode_gluon_fp8_kernel`
+    for checked inputs (the launch minus the grid): kv_scale folded into the score scale and the output scale."""
     kv_desc, pe_desc = fp8_descriptors(cache, q_nope.shape[2])
     args = (
         q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, seq_idx if seq_idx is not None else seq_lens, o_part,
@@ -368,8 +562,9 @@ def fp8_kernel_launch_args(
     )  # fmt: skip
     kwargs = dict(
         PAGE_SIZE=cache.shape[1], D_LATENT=q_nope.shape[2], D_ROPE=q_pe.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
-        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS, maxnreg=MAX_REGS,
+        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=WS3_PV_REGS if ws3 else PV_REGS,
+        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS,
+        maxnreg=WS3_MAX_REGS if ws3 else MAX_REGS,
     )  # fmt: skip
     return args, kwargs
 
@@ -385,6 +580,7 @@ def mla_decode_gluon_fp8(
     max_seq_len: int | None = None,
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
+    ws3: bool = True,
 ) -> torch.Tensor:
     """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`; the contract of
     `mla_decode_gluon` (q bf16, out bf16), the numerics of the module docstring. Raises ValueError where
@@ -411,9 +607,10 @@ def mla_decode_gluon_fp8(
     splits = int(num_kv_splits)
     o_part, lse, o_strides = split_buffers(out, splits)
     args, kwargs = fp8_kernel_launch_args(
-        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale
+        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale, ws3
     )
-    mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
+    kernel = mla_decode_gluon_fp8_ws3_kernel if ws3 else mla_decode_gluon_fp8_kernel
+    kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
     merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
     return out
 
