@@ -16,7 +16,7 @@ from pathlib import Path
 
 from baleen.actors.scheduler import SchedulerSettings
 from baleen.actors.worker import RankSpec
-from baleen.model.build import DTYPES, WorkerConfig, check_kv_cache_dtype
+from baleen.model.build import DEFAULT_KV_CACHE_FP8_MATH, DTYPES, WorkerConfig, check_kv_cache_dtype
 from baleen.model.config import ModelConfig
 from baleen.model.kernel_choice import triton_decode_unsupported
 from baleen.model.parallel import dist_init, rank_layout
@@ -45,10 +45,11 @@ class EngineConfig:
     max_queued_requests: int = 4096
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"
-    # --kv-cache-fp8-math: how the Gluon MLA kernel computes over an FP8 cache. "fp8": e4m3 x e4m3 MMAs with q and the
-    # softmax probabilities rounded to e4m3 (twice the MMA rate; kernels/mla_decode_gluon_fp8.py); "bf16": the cache
-    # converted to bf16 on the way in (exact, the bf16 kernel's math, slower at 128 heads).
-    kv_cache_fp8_math: str = "fp8"
+    # --kv-cache-fp8-math (default DEFAULT_KV_CACHE_FP8_MATH): how the Gluon MLA kernel computes over an FP8 cache.
+    # "fp8": e4m3 x e4m3 MMAs with q and the softmax probabilities rounded to e4m3 (twice the MMA rate;
+    # kernels/mla_decode_gluon_fp8.py); "bf16": the cache converted to bf16 on the way in (exact, the bf16 kernel's
+    # math).
+    kv_cache_fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH
     disable_overlap_schedule: bool = False
     disable_radix_cache: bool = False
     enable_custom_logit_processor: bool = False

@@ -272,10 +272,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "*.self_attn.k_scale / kv_scale when it has them, else 1.0; not with --attention-backend "
                         "flashinfer yet)")
     g.add_argument("--kv-cache-fp8-math", default=None, choices=("fp8", "bf16"),
-                   help="attention over an FP8 cache on Hopper (the Gluon MLA kernel): fp8 (default) multiplies in "
+                   help="attention over an FP8 cache on Hopper (the Gluon MLA kernel): fp8 multiplies in "
                         "e4m3, with the query and the softmax probabilities rounded to e4m3 as FlashMLA's FP8 path "
                         "does (twice the MMA rate); bf16 converts the cache to bf16 and multiplies as a bf16 cache "
-                        "would (exact, slower at 128 heads). Other kernels always convert.")
+                        "would (exact). Default: fp8. Other kernels always convert.")
     g.add_argument("--disable-overlap-schedule", action="store_true")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--single-process", action="store_true",

@@ -81,7 +81,7 @@ class TritonAttentionBackend(GraphAttentionBackend):
     each row is fixed, the keys each row sees are derived from the static seq_lens in the graph, at every layer.
     """
 
-    def __init__(self, fp8_mma: bool = True) -> None:
+    def __init__(self, fp8_mma: bool = False) -> None:
         # an FP8 cache under the Gluon kernel: FP8 MMAs (kernels/mla_decode_gluon_fp8.py) or converted to bf16
         self.fp8_mma = fp8_mma
         # (device, heads, d_latent, d_rope, page_size, dtype) -> whether the Gluon decode kernel takes it

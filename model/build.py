@@ -46,6 +46,7 @@ FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8")
 # --kv-cache-dtype: "auto" (the activation dtype), SGLang's names (fp8_e4m3, bf16) and ours
 KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES, "bf16", *DTYPES)
 KV_CACHE_FP8_MATH = ("fp8", "bf16")  # --kv-cache-fp8-math: FP8 MMAs, or the cache converted to bf16
+DEFAULT_KV_CACHE_FP8_MATH = "fp8"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class WorkerConfig:
     chunked_prefill_size: int | None = None  # the scheduler's prefill tokens a step (None: whole prompts)
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; FP8 caches get per-layer scales from the checkpoint
-    kv_cache_fp8_math: str = "fp8"  # one of KV_CACHE_FP8_MATH: the Gluon MLA kernel's MMAs over an FP8 cache
+    kv_cache_fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH  # one of KV_CACHE_FP8_MATH: the Gluon MLA kernel's MMAs over an FP8 cache
     random_seed: int = 0
     custom_logit_processors: tuple[str, ...] | None = None  # None: custom processors disabled
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -91,7 +92,8 @@ class WorkerConfig:
         return DTYPES["bfloat16" if self.kv_cache_dtype == "bf16" else self.kv_cache_dtype]
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, fp8_math: str = "fp8") -> None:
+def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str,
+                         fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH) -> None:  # fmt: skip
     """ValueError naming the flag for a --kv-cache-dtype (or --kv-cache-fp8-math) no start-up serves, or one the
     backend cannot read."""
     if fp8_math not in KV_CACHE_FP8_MATH:
@@ -104,7 +106,8 @@ def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, fp8_math: 
                          "yet; use triton")
 
 
-def make_attention_backend(name: str, device: torch.device, fp8_math: str = "fp8") -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device,
+                           fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH) -> AttentionBackend:  # fmt: skip
     """The attention backend named by --attention-backend (`fp8_math`: --kv-cache-fp8-math, for triton's Gluon
     kernel over an FP8 cache)."""
     if name == "torch":

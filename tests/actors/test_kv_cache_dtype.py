@@ -101,7 +101,7 @@ def test_kv_cache_fp8_math_picks_the_gluon_kernel() -> None:
     assert _plan(device="cuda", kv_cache_dtype="fp8_e4m3", kv_cache_fp8_math="bf16").worker.kv_cache_fp8_math == "bf16"
     fp8 = torch.zeros(1, 64, 576, dtype=torch.float8_e4m3fn)
     bf16 = torch.zeros(1, 64, 576, dtype=torch.bfloat16)
-    assert TritonAttentionBackend()._gluon_kernel(fp8) is mla_decode_gluon_fp8
+    assert TritonAttentionBackend(fp8_mma=True)._gluon_kernel(fp8) is mla_decode_gluon_fp8
     assert TritonAttentionBackend(fp8_mma=False)._gluon_kernel(fp8) is mla_decode_gluon
     assert TritonAttentionBackend()._gluon_kernel(bf16) is mla_decode_gluon
 
