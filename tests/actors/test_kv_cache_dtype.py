@@ -117,8 +117,16 @@ def test_engine_fp8_cache_on_the_triton_backend_with_graphs_equals_torch() -> No
     ref = asyncio.run(_outputs(EngineConfig(**base, attention_backend="torch", disable_cuda_graph=True), prompts))
     got = asyncio.run(_outputs(EngineConfig(**base, attention_backend="triton", cuda_graph_max_bs=8), prompts))
     assert _agreement(got, ref) >= 0.9 * len(prompts) * NEW_TOKENS, (got, ref)
+    # bf16 model: the Gluon kernel on Hopper. Converting the cache (--kv-cache-fp8-math bf16) it is the reference's
+    # math up to bf16 rounding; with FP8 MMAs q and P are rounded to e4m3 as well, which on this random model (logits
+    # near ties everywhere) changed 58 of 96 greedy ids on the H100 (2026-12-07): served, full length, mostly not equal.
     bf16 = dict(base, dtype="bfloat16")
     ref16 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="torch", disable_cuda_graph=True), prompts))
-    got16 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8), prompts))
+    got16 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8,
+                                              kv_cache_fp8_math="bf16"), prompts))  # fmt: skip
     assert all(len(o) == NEW_TOKENS for o in got16)
     assert _agreement(got16, ref16) >= len(prompts) * NEW_TOKENS // 2, (got16, ref16)
+    got8 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8,
+                                             kv_cache_fp8_math="fp8"), prompts))  # fmt: skip
+    assert all(len(o) == NEW_TOKENS for o in got8)
+    assert _agreement(got8, ref16) >= len(prompts) * NEW_TOKENS // 4, (got8, ref16)
