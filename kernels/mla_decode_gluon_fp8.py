@@ -13,17 +13,21 @@ q8p8: greedy answers unchanged, per-layer error about half of what the FP8 cache
 
 Layout of one CTA (sequence b, 64-head block, KV split), as the bf16 kernel's where not said otherwise:
 - loader (1 warp): TMA of the e4m3 tile ([64, 512] latent + [64, 64] rope boxes) into a 4-deep ring (36 KB a
-  stage; Q in e4m3 is 36 KB, P 4 KB: 184 of the 227 KB);
-- warpgroup 0: quantizes its Q block into shared memory once, then per tile S = Q K^T (m64 n64 k576, both
-  operands from shared memory, K-major as FP8 wgmma needs), the online softmax, P out to shared memory, and its
-  half of the output;
-- warpgroup 1: the other half of the output.
+  stage; with Q in e4m3, 36 KB, and two 4 KB P buffers, 205 of the 227 KB);
+- warpgroup 0 (softmax only): per tile S = Q K^T (m64 n64 k576, both operands from shared memory, K-major as an
+  FP8 wgmma needs), the online softmax, P and the row rescale into one of two P buffers; it releases the stage
+  after its QK and never waits for a P V, only for a P buffer both P V warpgroups are done with;
+- warpgroups 1 and 2: O^T[:256] and O^T[256:] += V^T P^T, each loading its V^T half into registers and releasing
+  the stage before its wgmma; warpgroup 1 first quantizes Q (its registers are free then). Each stores its half.
 P V is computed transposed, O^T[c, h] += V^T[c, t] P^T[t, h]: an FP8 wgmma reads its shared-memory operands
 K-major only, and V (the latent rows, [t, c] with c contiguous) is N-major as a B operand. As the A operand it
-comes from registers instead, loaded from the stage's tile through its transposed view (byte loads: 32 a thread
-and tile for each warpgroup's 256 x 64 half), while P^T is a K-major view of P [h, t]. Each warpgroup holds its
-O^T half as 256 x 64 fp32 (128 registers a thread, as the bf16 kernel's O half) and stores it transposed.
+comes from registers instead, loaded from the stage's tile in 8-byte pieces and reordered within each thread
+(`_load_vt`), while P^T is a K-major view of P [h, t]. Each P V warpgroup holds its O^T half as 256 x 64 fp32
+(128 registers a thread) and stores it through a layout whose lanes run along the latent (`_store_o_half`).
 Splits write what the bf16 kernel writes (float32 partials + log2-domain LSE), merged by the same kernel.
+Measured (H100, 2026-12-07, docs/PERF.md): 1.29x the bf16 cache's attention at 32 x 8k, 1.29-1.38x at batch
+32-128, 0.94-1.14x at batch 1; a tile takes ~3k cycles where its MMAs need ~1.1k (next: Q as a register operand,
+halving QK's shared-memory reads; 128-token tiles).
 """
 
 from __future__ import annotations
@@ -45,9 +49,7 @@ from baleen.kernels.mla_decode_gluon import (
     BLOCK_H,
     BLOCK_N,
     LOADER_REGS,
-    MAX_REGS,
     NUM_WARPS,
-    PV_REGS,
     gluon_mla_decode_supported,
 )
 
@@ -64,10 +66,10 @@ if _GLUON_IMPORT_ERROR is None:
     )
 
 NUM_STAGES = 4  # 4 x 36 KB e4m3 tiles + Q 36 KB + P 4 KB
-# The three-warpgroup kernel (`mla_decode_gluon_fp8_ws3_kernel`): 13 warps at launch (416 threads x 152 <= 64K
-# registers); the P V warpgroups hold 128 accumulator + 32 V^T registers, the softmax warpgroup what is left.
-WS3_MAX_REGS = 128
-WS3_PV_REGS = 192
+# Registers: 16 warps at launch (the loader's 1 warp padded to a warpgroup) x 128 = 64K; the P V warpgroups take
+# 192 (128 of accumulator, 32 of V^T and their reordering), the loader 24, the softmax warpgroup the 104 left.
+MAX_REGS = 128
+PV_REGS = 192
 E4M3_MAX = 448.0
 P_SCALE = 256.0  # P in [0, 1] goes into e4m3 as 256 P: exact scaling, probabilities down to 2^-17 kept
 
@@ -155,191 +157,6 @@ if _GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _mla_fp8_softmax_partition(
-        q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, kv_bufs, pe_bufs, p_smem, a_smem,
-        full_bars, empty_bars, p_full, p_empty, start, end, num_tiles, sm_scale_log2, out_scale,
-        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr,
-        NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr,
-    ):  # fmt: skip
-        # Warpgroup 0: Q to e4m3, then per tile S = Q K^T, the online softmax, P (e4m3, x P_SCALE) and the row
-        # rescale out to warpgroup 1, and O^T[:D_LATENT / 2] += V^T P^T with V^T from registers.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32]
-        )
-        vt_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 4)
-        heads: gl.constexpr = gl.SliceLayout(0, o_layout)  # O^T's columns are heads
-        q_scale = _quantize_q(q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, BLOCK_H, D_LATENT,
-                              D_ROPE)  # fmt: skip
-        row_scale = gl.convert_layout(q_scale, gl.SliceLayout(1, s_layout)) * sm_scale_log2
-
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([D_LATENT // 2, BLOCK_H], gl.float32, layout=o_layout)  # O^T, first half of the columns
-        s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
-        for i in range(num_tiles):
-            stage = i % NUM_STAGES
-            kv = kv_bufs.index(stage)  # [BLOCK_N, D_LATENT] e4m3: K's latent part and V
-            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
-            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False, is_async=True)
-            s = warpgroup_mma(qpe_smem, pe_bufs.index(stage).permute((1, 0)), s, is_async=True)
-            # V^T's half for this warpgroup, loaded while the QK wgmmas run
-            vt = _load_vt(kv.slice(0, D_LATENT // 2, dim=1), vt_layout)  # [D_LATENT / 2, BLOCK_N]
-            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv, pe_bufs))
-            valid = (start + i * BLOCK_N + offs_n) < end
-            s = gl.where(valid[None, :], s * row_scale[:, None], float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            # P / alpha are free once warpgroup 1 finished tile i - 1 (a fresh barrier passes round 0); this
-            # warpgroup's own reads of them ended with its wgmma wait.
-            mbarrier.wait(p_empty, (i & 1) ^ 1)
-            p_smem.store((p * P_SCALE).to(gl.float8e4nv))
-            a_smem.store(alpha)
-            fence_async_shared()  # generic-proxy P stores -> the wgmmas' reads
-            gl.thread_barrier()
-            mbarrier.arrive(p_full, count=1)
-            acc = acc * a_smem.load(heads)[None, :]
-            acc = warpgroup_mma(vt, p_smem.permute((1, 0)), acc, is_async=True)
-            acc, _, _ = warpgroup_mma_wait(0, deps=(acc, p_smem, kv))
-            gl.thread_barrier()  # all 4 warps' P V done: the stage may be released, P rewritten
-            mbarrier.arrive(empty_bars.index(stage), count=1)
-            m_i = m_new
-        # One more round through the same buffer: the output factor out_scale / (P_SCALE * row sum) (l_i >= 1).
-        mbarrier.wait(p_empty, (num_tiles & 1) ^ 1)
-        a_smem.store(out_scale / (P_SCALE * l_i))
-        gl.thread_barrier()
-        mbarrier.arrive(p_full, count=1)
-        return m_i, l_i, acc
-
-    @gluon.jit
-    def _mla_fp8_pv_partition(
-        kv_bufs, p_smem, a_smem, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h, num_tiles,
-        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr, NUM_STAGES: gl.constexpr,
-    ):  # fmt: skip
-        # Warpgroup 1: O^T[D_LATENT / 2:] += V^T P^T; scales and stores its half of O itself.
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32]
-        )
-        vt_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 4)
-        heads: gl.constexpr = gl.SliceLayout(0, o_layout)
-        acc = gl.zeros([D_LATENT // 2, BLOCK_H], gl.float32, layout=o_layout)
-        for i in range(num_tiles):
-            stage = i % NUM_STAGES
-            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
-            kv = kv_bufs.index(stage)
-            vt = _load_vt(kv.slice(D_LATENT // 2, D_LATENT // 2, dim=1), vt_layout)
-            mbarrier.wait(p_full, i & 1)
-            acc = acc * a_smem.load(heads)[None, :]
-            acc = warpgroup_mma(vt, p_smem.permute((1, 0)), acc, is_async=True)
-            acc, _, _ = warpgroup_mma_wait(0, deps=(acc, p_smem, kv))
-            gl.thread_barrier()  # every warp read alpha and finished its P V
-            mbarrier.arrive(p_empty, count=1)
-            mbarrier.arrive(empty_bars.index(stage), count=1)
-        mbarrier.wait(p_full, num_tiles & 1)
-        _store_o_half(acc, a_smem.load(heads), o_base, stride_o_h, D_LATENT // 2, BLOCK_H, D_LATENT // 2)
-
-    @gluon.jit
-    def mla_decode_gluon_fp8_kernel(
-        q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr, lse_ptr,
-        sm_scale_log2, out_scale, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b,
-        stride_o_h, stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
-        PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
-        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
-        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr,
-    ):  # fmt: skip
-        # Program (b x head block, split), head blocks fastest (L2 sharing of the KV rows), as the bf16 kernel.
-        # sm_scale_log2 holds the cache's kv_scale (keys are cache * kv_scale); each split's output is
-        # multiplied by out_scale (kv_scale: values are cache * kv_scale).
-        b = gl.program_id(0) // num_head_blocks
-        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
-        split = gl.program_id(1)
-        seq_len = gl.load(seq_lens_ptr + b)
-        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # whole tiles, as the merge cuts them
-        start = split * chunk
-        if start >= seq_len:
-            return  # an empty split writes nothing; the merge reads only the non-empty ones
-        end = gl.minimum(start + chunk, seq_len)
-        num_tiles = gl.cdiv(end - start, BLOCK_N)
-
-        fp8: gl.constexpr = gl.float8e4nv
-        q_smem = gl.allocate_shared_memory(
-            fp8, [BLOCK_H, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LATENT], fp8)
-        )
-        qpe_smem = gl.allocate_shared_memory(
-            fp8, [BLOCK_H, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], fp8)
-        )
-        # The ring's layouts are those of `fp8_descriptors` (the TMA writes them).
-        kv_bufs = gl.allocate_shared_memory(
-            fp8, [NUM_STAGES, BLOCK_N, D_LATENT], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LATENT], fp8)
-        )
-        pe_bufs = gl.allocate_shared_memory(
-            fp8, [NUM_STAGES, BLOCK_N, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], fp8)
-        )
-        p_smem = gl.allocate_shared_memory(
-            fp8, [BLOCK_H, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], fp8)
-        )
-        a_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        full_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        p_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # full, empty
-        for st in gl.static_range(NUM_STAGES):
-            mbarrier.init(full_bars.index(st), count=1)
-            mbarrier.init(empty_bars.index(st), count=2)  # both warpgroups release a stage
-        mbarrier.init(p_bars.index(0), count=1)
-        mbarrier.init(p_bars.index(1), count=1)  # warpgroup 1 read P (warpgroup 0's own reads precede its stores)
-        fence_async_shared()
-
-        if HAS_SEQ_IDX:  # extend: query row b is one new token of sequence seq_idx[b] (its page-table row)
-            pt_row_off = gl.load(seq_idx_ptr + b).to(gl.int64) * stride_pt_b
-        else:
-            pt_row_off = b.to(gl.int64) * stride_pt_b
-        o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
-        m_i, l_i, acc = gl.warp_specialize(
-            [
-                (
-                    _mla_fp8_softmax_partition,
-                    (q_nope_ptr + b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h,
-                     q_pe_ptr + b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h, stride_qn_h, stride_qp_h, q_smem,
-                     qpe_smem, kv_bufs, pe_bufs, p_smem, a_smem, full_bars, empty_bars, p_bars.index(0),
-                     p_bars.index(1), start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H, BLOCK_N, D_LATENT,
-                     D_ROPE, NUM_STAGES, P_SCALE),
-                ),
-                (
-                    _mla_fp8_pv_partition,
-                    (kv_bufs, p_smem, a_smem, full_bars, empty_bars, p_bars.index(0), p_bars.index(1), o_base,
-                     stride_o_h, num_tiles, BLOCK_H, BLOCK_N, D_LATENT, NUM_STAGES),
-                ),
-                (
-                    _mla_load_partition,
-                    (kv_desc, pe_desc, page_table_ptr, pt_row_off, start, num_tiles, kv_bufs, pe_bufs, full_bars,
-                     empty_bars, PAGE_SIZE, BLOCK_N, NUM_STAGES),
-                ),
-            ],
-            [4, 1],
-            [PV_REGS, LOADER_REGS],
-        )  # fmt: skip
-
-        # Epilogue (warpgroup 0): its half of O, stored transposed; the LSE (log2 domain) when there are splits.
-        o_layout: gl.constexpr = acc.type.layout
-        heads: gl.constexpr = gl.SliceLayout(0, o_layout)
-        l_o = gl.convert_layout(l_i, heads)
-        _store_o_half(acc, out_scale / (P_SCALE * l_o), o_base, stride_o_h, 0, BLOCK_H, D_LATENT // 2)
-        if STORE_LSE:
-            rows: gl.constexpr = l_i.type.layout
-            lse = m_i + gl.log2(l_i)
-            offs_r = gl.arange(0, BLOCK_H, layout=rows)
-            gl.store(lse_ptr + b.to(gl.int64) * stride_lse_b + split + (h0 + offs_r) * stride_lse_h, lse)
-
-
-if _GLUON_IMPORT_ERROR is None:
-    # ---- three warpgroups: one for S and the softmax only, two for P V ----------------------------------------------
-
-    @gluon.jit
-    def _mla_ws3_softmax_partition(
         q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty,
         start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr,
@@ -388,7 +205,7 @@ if _GLUON_IMPORT_ERROR is None:
         return m_i, l_i
 
     @gluon.jit
-    def _mla_ws3_pv_partition(
+    def _mla_fp8_pv_partition(
         q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, p_bufs, a_bufs,
         full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h, num_tiles, C0: gl.constexpr,
         QUANTIZE_Q: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr,
@@ -427,7 +244,7 @@ if _GLUON_IMPORT_ERROR is None:
         _store_o_half(acc, a_bufs.index(buf).load(heads), o_base, stride_o_h, C0, BLOCK_H, D_LATENT // 2)
 
     @gluon.jit
-    def mla_decode_gluon_fp8_ws3_kernel(
+    def mla_decode_gluon_fp8_kernel(
         q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr, lse_ptr,
         sm_scale_log2, out_scale, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_pt_b, stride_o_b,
         stride_o_h, stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
@@ -491,19 +308,19 @@ if _GLUON_IMPORT_ERROR is None:
         m_i, l_i = gl.warp_specialize(
             [
                 (
-                    _mla_ws3_softmax_partition,
+                    _mla_fp8_softmax_partition,
                     (q_smem, qpe_smem, qs_smem, q_bar.index(0), kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars,
                      empty_bars, p_full, p_empty, start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H, BLOCK_N,
                      NUM_STAGES, P_SCALE),
                 ),
                 (
-                    _mla_ws3_pv_partition,
+                    _mla_fp8_pv_partition,
                     (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
                      kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
                      num_tiles, 0, True, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
                 ),
                 (
-                    _mla_ws3_pv_partition,
+                    _mla_fp8_pv_partition,
                     (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
                      kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
                      num_tiles, D_LATENT // 2, False, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
@@ -550,10 +367,9 @@ def fp8_kernel_launch_args(
     splits: int,
     sm_scale: float,
     kv_scale: float,
-    ws3: bool = True,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(positional args, keyword args) of `mla_decode_gluon_fp8_ws3_kernel` (`ws3`) or `mla_decode_gluon_fp8_kernel`
-    for checked inputs (the launch minus the grid): kv_scale folded into the score scale and the output scale."""
+    """(positional args, keyword args) of `mla_decode_gluon_fp8_kernel` for checked inputs (its launch minus the
+    grid): kv_scale folded into the score scale and the output scale."""
     kv_desc, pe_desc = fp8_descriptors(cache, q_nope.shape[2])
     args = (
         q_nope, q_pe, kv_desc, pe_desc, page_table, seq_lens, seq_idx if seq_idx is not None else seq_lens, o_part,
@@ -562,9 +378,8 @@ def fp8_kernel_launch_args(
     )  # fmt: skip
     kwargs = dict(
         PAGE_SIZE=cache.shape[1], D_LATENT=q_nope.shape[2], D_ROPE=q_pe.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=WS3_PV_REGS if ws3 else PV_REGS,
-        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS,
-        maxnreg=WS3_MAX_REGS if ws3 else MAX_REGS,
+        NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
+        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS, maxnreg=MAX_REGS,
     )  # fmt: skip
     return args, kwargs
 
@@ -580,7 +395,6 @@ def mla_decode_gluon_fp8(
     max_seq_len: int | None = None,
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
-    ws3: bool = True,
 ) -> torch.Tensor:
     """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`; the contract of
     `mla_decode_gluon` (q bf16, out bf16), the numerics of the module docstring. Raises ValueError where
@@ -607,10 +421,9 @@ def mla_decode_gluon_fp8(
     splits = int(num_kv_splits)
     o_part, lse, o_strides = split_buffers(out, splits)
     args, kwargs = fp8_kernel_launch_args(
-        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale, ws3
+        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale
     )
-    kernel = mla_decode_gluon_fp8_ws3_kernel if ws3 else mla_decode_gluon_fp8_kernel
-    kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
+    mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
     merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
     return out
 

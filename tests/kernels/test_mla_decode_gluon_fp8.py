@@ -94,8 +94,8 @@ def test_fp8_kernel_refused_on_cpu() -> None:
 
 
 def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None, exact_tol=EXACT_TOL):  # type: ignore[no-untyped-def]
-    """Both kernel variants (three and two warpgroups); asserts each is within EMULATION_TOL of the emulation and
-    `exact_tol` (None: not checked) of exact attention, per query row group (`names`: (label, first, end row))."""
+    """The kernel's output; asserts it is within EMULATION_TOL of the emulation and `exact_tol` (None: not checked)
+    of exact attention, per query row group (`names`: (label, first row, end row))."""
     from baleen.kernels.mla_decode import pick_num_kv_splits
 
     used = splits or pick_num_kv_splits(len(lens), q_nope.shape[1] // 64, table.shape[1] * cache8.shape[1],
@@ -103,15 +103,14 @@ def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, nam
     emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, used, kv_scale, seq_idx)
     exact = mla_decode_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, kv_scale=kv_scale) \
         if seq_idx is None and exact_tol is not None else None  # fmt: skip
-    for ws3 in (True, False):
-        out = mla_decode_gluon_fp8(q_nope, q_pe, cache8, table, lens, SM_SCALE, num_kv_splits=splits,
-                                   seq_idx=seq_idx, kv_scale=kv_scale, ws3=ws3)  # fmt: skip
-        assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
-        for label, a, b in names or [(f"row {i}", i, i + 1) for i in range(len(lens))]:
-            e = rel_err(out[a:b], emu[a:b])
-            assert e < EMULATION_TOL, f"ws3={ws3} {label}: {e:.3g} from the emulation"
-            if exact is not None:
-                assert rel_err(out[a:b], exact[a:b]) < exact_tol, f"ws3={ws3} {label}: far from exact attention"
+    out = mla_decode_gluon_fp8(q_nope, q_pe, cache8, table, lens, SM_SCALE, num_kv_splits=splits, seq_idx=seq_idx,
+                               kv_scale=kv_scale)  # fmt: skip
+    assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
+    for label, a, b in names or [(f"row {i}", i, i + 1) for i in range(len(lens))]:
+        e = rel_err(out[a:b], emu[a:b])
+        assert e < EMULATION_TOL, f"{label}: {e:.3g} from the emulation"
+        if exact is not None:
+            assert rel_err(out[a:b], exact[a:b]) < exact_tol, f"{label}: far from exact attention"
 
 
 @pytest.mark.gpu
