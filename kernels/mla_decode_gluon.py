@@ -523,6 +523,7 @@ def mla_decode_gluon(
     max_seq_len: int | None = None,
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
+    fp8_mma: bool = False,
 ) -> torch.Tensor:
     """Absorbed-MLA decode on Hopper, same contract as `mla_decode.mla_decode` (without tiles).
 
@@ -532,7 +533,8 @@ def mla_decode_gluon(
     (>= 1). With `seq_idx` [B] int32 (extend: every new token is a row), row b reads page-table row seq_idx[b]
     and sees seq_lens[b] keys. Returns out [B, H, 512] bf16. `num_kv_splits` fixes the split count (default:
     `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's capacity).
-    Raises ValueError where `gluon_mla_decode_supported` would say False.
+    Raises ValueError where `gluon_mla_decode_supported` would say False. `fp8_mma` with an e4m3 cache: FP8 MMAs
+    (`mla_decode_gluon_fp8.py`: q and P rounded to e4m3) instead of the cache converted to bf16.
     """
     batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(
         q_nope, q_pe, cache, page_table, seq_lens, seq_idx
@@ -561,9 +563,14 @@ def mla_decode_gluon(
     # NOTE: bf16 partials (half the bytes) measured slower on the H100 (b32 x 4k 0.1006 -> 0.1032 ms, b1 x 4k
     # 0.0222 -> 0.0256): stored from the wgmma register layout they go out 4 bytes a thread. float32 it is.
     o_part, lse, o_strides = split_buffers(out, splits)
-    args, kwargs = kernel_launch_args(
-        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale
-    )
-    mla_decode_gluon_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
+    launch = (q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale)
+    if fp8_mma and cache.dtype == torch.float8_e4m3fn:
+        from baleen.kernels.mla_decode_gluon_fp8 import fp8_kernel_launch_args, mla_decode_gluon_fp8_kernel
+
+        args, kwargs = fp8_kernel_launch_args(*launch)
+        mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
+    else:
+        args, kwargs = kernel_launch_args(*launch)
+        mla_decode_gluon_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
     merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
     return out

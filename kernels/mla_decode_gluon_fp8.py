@@ -36,21 +36,14 @@ from typing import Any
 
 import torch
 
-from baleen.kernels.device import sm_count
-from baleen.kernels.mla_decode import (
-    _LOG2E,
-    check_mla_decode_inputs,
-    merge_splits,
-    pick_num_kv_splits,
-    split_buffers,
-)
+from baleen.kernels.mla_decode import _LOG2E
 from baleen.kernels.mla_decode_gluon import (
     _GLUON_IMPORT_ERROR,
     BLOCK_H,
     BLOCK_N,
     LOADER_REGS,
     NUM_WARPS,
-    gluon_mla_decode_supported,
+    mla_decode_gluon,
 )
 
 if _GLUON_IMPORT_ERROR is None:
@@ -396,36 +389,12 @@ def mla_decode_gluon_fp8(
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`; the contract of
-    `mla_decode_gluon` (q bf16, out bf16), the numerics of the module docstring. Raises ValueError where
-    `gluon_mla_decode_supported` says False for an e4m3 cache."""
-    batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(q_nope, q_pe, cache, page_table, seq_lens, seq_idx)
-    if q_nope.dtype != torch.bfloat16 or cache.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"the FP8-MMA kernel takes bf16 q and a float8_e4m3fn cache, got {q_nope.dtype}, {cache.dtype}")
-    if cache.stride(1) % 16 or cache.data_ptr() % 16:
-        raise ValueError("the FP8-MMA kernel needs the cache base and row stride 16-byte aligned")
-    page_size = cache.shape[1]
-    if not gluon_mla_decode_supported(q_nope.device, num_heads, d_latent, d_rope, page_size, cache.dtype):
-        raise ValueError(
-            f"the Gluon MLA kernel does not handle heads={num_heads}, D={d_latent}+{d_rope}, page_size={page_size} "
-            f"on {q_nope.device} (needs sm_90, heads % 64 == 0, 512 + 64, page_size % 64 == 0): use mla_decode"
-        )
-    page_table = page_table.contiguous()
-    out = torch.empty((batch, num_heads, d_latent), dtype=q_nope.dtype, device=q_nope.device)
-    if batch == 0:
-        return out
-    num_head_blocks = num_heads // BLOCK_H
-    if num_kv_splits is None:
-        cap = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-        num_kv_splits = pick_num_kv_splits(batch, num_head_blocks, cap, sm_count(q_nope.device), BLOCK_H)
-    splits = int(num_kv_splits)
-    o_part, lse, o_strides = split_buffers(out, splits)
-    args, kwargs = fp8_kernel_launch_args(
-        q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale
-    )
-    mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
-    merge_splits(o_part, lse, out, seq_lens, splits, BLOCK_N)
-    return out
+    """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`: `mla_decode_gluon`
+    with `fp8_mma` (its contract: q bf16, out bf16; the numerics of this module's docstring)."""
+    if cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the FP8-MMA kernel takes a float8_e4m3fn cache, got {cache.dtype}")
+    return mla_decode_gluon(q_nope, q_pe, cache, page_table, seq_lens, sm_scale, num_kv_splits, max_seq_len, seq_idx,
+                            kv_scale, fp8_mma=True)  # fmt: skip
 
 
 def mla_decode_fp8_math_ref(

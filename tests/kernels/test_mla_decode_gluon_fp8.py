@@ -167,3 +167,28 @@ def test_mla_decode_gluon_fp8_mma_extend_rows(splits: int | None) -> None:
     seq_idx, kv_lens = extend_rows(qo, lens, num_tokens)
     names = [(f"sequence {i}", int(qo[i]), int(qo[i + 1])) for i in range(len(prefix))]
     check(q_nope, q_pe, to_fp8(cache, 0.5), table, kv_lens, 0.5, splits, seq_idx=seq_idx, names=names)
+
+
+def test_fp8_launch_args_fold_kv_scale() -> None:
+    # The scale contract of the other kernels (softmax scale x kv_scale in the log2 domain, output x kv_scale), the
+    # e4m3 cache as TMA descriptors, and the register budget: 16 warps x MAX_REGS fit the 64K registers, the
+    # partitions' own budgets (softmax warpgroup: what the P V warpgroups and the loader leave) fit 4 x MAX_REGS.
+    import math
+
+    from baleen.kernels import mla_decode_gluon_fp8 as k
+    from baleen.kernels.mla_decode import split_buffers
+
+    if not hasattr(k, "_VT_LOAD_LAYOUT"):
+        pytest.skip("no Gluon in this Triton")
+    q = torch.zeros(2, 128, D_LATENT, dtype=torch.bfloat16)
+    qpe = torch.zeros(2, 128, D_ROPE, dtype=torch.bfloat16)
+    cache8 = torch.zeros(4, 64, D_LATENT + D_ROPE, dtype=torch.float8_e4m3fn)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    o_part, lse, strides = split_buffers(torch.empty_like(q), 3)
+    args, kwargs = k.fp8_kernel_launch_args(q, qpe, cache8, table, lens, None, o_part, lse, strides, 3, 0.125, 0.5)
+    assert args[2] is not None and args[3] is not None  # latent and rope descriptors
+    assert math.isclose(args[9], 0.125 * 0.5 * math.log2(math.e)) and args[10] == 0.5
+    assert kwargs["STORE_LSE"] and kwargs["NUM_STAGES"] == k.NUM_STAGES and kwargs["P_SCALE"] == k.P_SCALE
+    assert 16 * 32 * kwargs["maxnreg"] <= 65536
+    assert 2 * kwargs["PV_REGS"] + kwargs["LOADER_REGS"] < 4 * kwargs["maxnreg"]
