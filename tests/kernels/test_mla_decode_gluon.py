@@ -144,19 +144,20 @@ def check_fp8(
     return out
 
 
+# FP8-cache cases (heads, page_size, splits, seq_lens, kv_scale), shared with test_mla_decode_gluon_fp8.py
+FP8_CASES = [
+    (128, 64, 1, [1000], 0.5),  # one split: the output scaled in the kernel, no merge
+    (128, 64, 4, [1, 63, 64, 65, 1000], 2.0),  # ragged; empty splits; partials merged
+    (128, 128, 1, [65, 1, 300], 0.25),
+    (128, 128, 3, [64, 1000, 63], 1.5),
+    (64, 64, 2, [129, 7, 64], 0.5),  # one head block
+    (128, 64, None, [5 + 31 * i for i in range(33)], 2.0),  # batch 33, the default split heuristic
+    (128, 64, None, [4000, 4097], 1.0),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "heads,page_size,splits,seq_lens,kv_scale",
-    [
-        (128, 64, 1, [1000], 0.5),  # one split: the output scaled in the kernel, no merge
-        (128, 64, 4, [1, 63, 64, 65, 1000], 2.0),  # ragged; empty splits; partials merged
-        (128, 128, 1, [65, 1, 300], 0.25),
-        (128, 128, 3, [64, 1000, 63], 1.5),
-        (64, 64, 2, [129, 7, 64], 0.5),  # one head block
-        (128, 64, None, [5 + 31 * i for i in range(33)], 2.0),  # batch 33, the default split heuristic
-        (128, 64, None, [4000, 4097], 1.0),
-    ],
-)
+@pytest.mark.parametrize("heads,page_size,splits,seq_lens,kv_scale", FP8_CASES)
 def test_mla_decode_gluon_fp8_matches_ref(
     heads: int, page_size: int, splits: int | None, seq_lens: list[int], kv_scale: float
 ) -> None:

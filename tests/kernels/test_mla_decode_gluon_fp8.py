@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_checks import rel_err
-from test_mla_decode_gluon import D_LATENT, D_ROPE, make_case, to_fp8
+from test_mla_decode_gluon import D_LATENT, D_ROPE, FP8_CASES, make_case, to_fp8
 
 from baleen.kernels.mla_decode import mla_decode_ref
 from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported
@@ -114,18 +114,7 @@ def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, nam
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "heads,page_size,splits,seq_lens,kv_scale",
-    [
-        (128, 64, 1, [1000], 0.5),  # one split: the output scaled in the kernel, no merge
-        (128, 64, 4, [1, 63, 64, 65, 1000], 2.0),  # ragged; empty splits; partials merged
-        (128, 128, 1, [65, 1, 300], 0.25),
-        (128, 128, 3, [64, 1000, 63], 1.5),
-        (64, 64, 2, [129, 7, 64], 0.5),  # one head block
-        (128, 64, None, [5 + 31 * i for i in range(33)], 2.0),  # batch 33, the default split heuristic
-        (128, 64, None, [4000, 4097], 1.0),
-    ],
-)
+@pytest.mark.parametrize("heads,page_size,splits,seq_lens,kv_scale", FP8_CASES)
 def test_mla_decode_gluon_fp8_mma_matches_emulation(
     heads: int, page_size: int, splits: int | None, seq_lens: list[int], kv_scale: float
 ) -> None:
