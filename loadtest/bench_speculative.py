@@ -21,7 +21,8 @@ every request at `--context-len` cached tokens; GPU time per replay, from CUDA e
 `--grammar` runs the trained default model's structured-output cases instead (`GRAMMAR_CASES`, those of
 tests/actors/test_engine_speculative.py: two JSON schemas greedy, one seeded, a regex; concurrently, float32), once
 without speculation and once per --steps value: tokens a verify row (completion tokens over spec_verify_ct, summed
-over the cases), and whether every output equals the one without speculation.
+over the cases), whether every output equals the one without speculation, and completion tokens/s over --repeats more
+runs of the four (after the first, which compiles the grammars).
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_
     return rows
 
 
-async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple[list[list[int]], int, int]:
-    """GRAMMAR_CASES at once on one engine: each case's tokens, and the completion tokens and verify rows of all."""
+async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple[list[list[int]], int, int, float]:
+    """GRAMMAR_CASES at once on one engine: each case's tokens, the completion tokens and verify rows of all, and the
+    completion tokens/s over --repeats more runs of them all (the first run warms the engine and compiles the grammars)."""
     config = EngineConfig(model_path=str(path), device=args.device, dtype="float32", context_length=512,
                           speculative_algorithm="EAGLE" if steps else None, speculative_num_steps=steps or None)
     async with await Engine.start(config) as engine:
@@ -186,24 +188,32 @@ async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple
             return ids, last.completion_tokens, last.spec_verify_ct or 0
 
         outs = await asyncio.gather(*(one(p, sp) for p, sp in GRAMMAR_CASES))
-    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs)
+        tokens = 0
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            again = await asyncio.gather(*(one(p, sp) for p, sp in GRAMMAR_CASES))
+            tokens += sum(t for _, t, _ in again)
+        seconds = time.perf_counter() - started
+    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs), tokens / seconds
 
 
 def grammar_accept(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Tokens a verify row under the grammars per --steps value, and whether the outputs equal the plain ones."""
     with model_dir(args) as path:
-        plain, _, _ = asyncio.run(grammar_run(args, path, 0))
-        rows = []
+        plain, plain_tokens, _, plain_speed = asyncio.run(grammar_run(args, path, 0))
+        rows = [{"steps": 0, "tokens": plain_tokens, "verify_rows": 0, "tokens_per_verify_row": 1.0,
+                 "tokens_per_s": plain_speed, "equal": True}]  # fmt: skip
         for steps in args.steps:
-            ids, tokens, verify = asyncio.run(grammar_run(args, path, steps))
-            rows.append({"steps": steps, "tokens": tokens, "verify_rows": verify,
+            ids, tokens, verify, speed = asyncio.run(grammar_run(args, path, steps))
+            rows.append({"steps": steps, "tokens": tokens, "verify_rows": verify, "tokens_per_s": speed,
                          "tokens_per_verify_row": tokens / max(verify, 1), "equal": ids == plain})  # fmt: skip
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n# bench_speculative --grammar — trained default model on {device}, {date.today().isoformat()}")
-    print("| steps | tokens | verify rows | tokens a verify row | outputs equal to no speculation |\n|---|---|---|---|---|")
+    print("| steps | tokens | tokens/s | verify rows | tokens a verify row | outputs equal to no speculation |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['steps']} | {r['tokens']} | {r['verify_rows']} | {r['tokens_per_verify_row']:.2f} | "
-              f"{'yes' if r['equal'] else 'NO'} |")
+        print(f"| {r['steps'] or 'off'} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['verify_rows']} | "
+              f"{r['tokens_per_verify_row']:.2f} | {'yes' if r['equal'] else 'NO'} |")
     return rows
 
 

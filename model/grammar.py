@@ -18,7 +18,9 @@ are already in (no overlap, the first step), sample at launch as before.
 
 Speculative steps. A grammar request's verify rows are masked as plain decoding would mask each of their tokens
 (`GrammarSlots.fill` with the drafts: row j by the matcher walked over d1 .. dj, then rolled back), and its drafts
-are taken under the same masks (`DraftWalk`, in the MTP draft loop), so its grammar accepts every draft.
+are taken under the same masks (`DraftWalk`, in the MTP draft loop), so its grammar accepts every draft. The draft
+loop's masks are the verify rows' but the last: the verify fill takes them (`known`) and fills only the row after the
+last draft, one xgrammar fill a draft saved.
 
 JSON layout. Whitespace between JSON tokens is free but at most JSON_MAX_WHITESPACE characters at a time (every
 grammar kind, xgrammar's max_whitespace_cnt): a model cannot run away in blank lines, and DeepSeek's usual
@@ -247,12 +249,16 @@ class GrammarSlots:
             return []
         return [(j, g) for j, s in enumerate(sampled_slots) if (g := self._slots.get(s)) is not None]
 
-    def fill(self, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int] | None = None) -> torch.Tensor:
+    def fill(self, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int] | None = None,
+             known: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:  # fmt: skip
         """The bitmask [len(rows), num_words] int32 (host; pinned for a CUDA upload) of the rows' next tokens.
 
         `drafts` [len(rows)] (speculative steps): the draft each row's sample is checked against, -1 for none. A
         request's verify rows are adjacent, one matcher; row j's mask is its matcher's after the drafts d1 .. dj
-        (what plain decoding would use had it sampled them), and the matcher is rolled back after."""
+        (what plain decoding would use had it sampled them), and the matcher is rolled back after. `known`
+        [len(rows)], with `drafts`: a verify row's mask [num_words] where the caller has it already (`DraftWalk.filled`),
+        copied instead of filled; None to fill.
+        NOTE: a known row must be what this fill would give it: its matcher's mask after the drafts before it."""
         bitmask = torch.empty((len(rows), self.cache.num_words), dtype=torch.int32, pin_memory=self.pinned)
         plain: list[Any] = []  # xgr.GrammarMatcher of the rows xgrammar fills
         indices: list[int] = []
@@ -260,7 +266,7 @@ class GrammarSlots:
         if drafts is not None:
             for i in range(len(rows)):
                 if drafts[i] >= 0 and i not in chained:
-                    chained.update(self._fill_drafts(bitmask, rows, drafts, i))
+                    chained.update(self._fill_drafts(bitmask, rows, drafts, known, i))
         for i, (_, g) in enumerate(rows):
             if i in chained:
                 continue
@@ -285,16 +291,18 @@ class GrammarSlots:
 
     @staticmethod
     def _fill_drafts(bitmask: torch.Tensor, rows: Sequence[tuple[int, SlotGrammar]], drafts: Sequence[int],
-                     first: int) -> range:  # fmt: skip
+                     known: Sequence[torch.Tensor | None] | None, first: int) -> range:  # fmt: skip
         """Fill one request's verify rows from `first` (its rows run while the matcher is the same and the row
-        before checked a draft); returns them."""
+        before checked a draft), copying the `known` ones; returns them."""
         g = rows[first][1]
         end = first + 1
         while end < len(rows) and rows[end][1] is g and drafts[end - 1] >= 0:
             end += 1
         advanced = 0
         for i in range(first, end):
-            if g.plain:
+            if known is not None and (row := known[i]) is not None:
+                bitmask[i] = row  # the draft loop filled it (the matcher still walks the draft, for the rows after)
+            elif g.plain:
                 assert g.matcher is not None
                 g.matcher.fill_next_token_bitmask(bitmask, i)
             else:
@@ -324,7 +332,8 @@ class DraftWalk:
     that token is the draft.
 
     The matchers advance over each draft as the loop makes it and are rolled back when the walk closes (a context
-    manager): after it they stand where they stood, after the request's committed tokens.
+    manager): after it they stand where they stood, after the request's committed tokens. The walk keeps the mask
+    rows it filled (`filled`): they are the request's verify rows but the last, which `GrammarSlots.fill` copies.
     """
 
     def __init__(self, slots: GrammarSlots, grammars: dict[int, SlotGrammar]) -> None:
@@ -332,6 +341,8 @@ class DraftWalk:
         self.grammars = grammars  # slot -> its request's matcher, standing after every committed token
         self._advanced = dict.fromkeys(grammars, 0)  # slot -> drafts its matcher accepted in this walk
         self._lost: set[int] = set()  # slots whose matcher rejected a draft: their later drafts go unconstrained
+        # slot -> the host mask row [num_words] int32 of each of its drafts, d1's first (a view of `mask`'s bitmask)
+        self._filled: dict[int, list[torch.Tensor]] = {slot: [] for slot in grammars}
 
     def __contains__(self, slot: int) -> bool:
         return slot in self.grammars
@@ -359,7 +370,15 @@ class DraftWalk:
         for i, slot in enumerate(slots):
             if slot in self._lost:
                 bitmask[i] = -1
+            else:
+                self._filled[slot].append(bitmask[i])
         return bitmask
+
+    def filled(self) -> dict[int, list[torch.Tensor]]:
+        """Each slot's masks of its drafts d1 .. dk, rows [num_words] int32 (host): its verify rows 0 .. k - 1's, by
+        `GrammarSlots.fill`'s rule (`known`); none for a slot whose matcher rejected a draft (its verify rows are
+        filled as before: they repeat the rejecting row's mask where this walk left the rest unconstrained)."""
+        return {slot: rows for slot, rows in self._filled.items() if slot not in self._lost}
 
     def close(self) -> None:
         """Roll every matcher back over the drafts it accepted."""

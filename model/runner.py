@@ -372,7 +372,7 @@ class ModelRunner:
         NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet). A row with a custom logit
         processor never carries drafts; a grammar row's drafts are taken under its grammar (`_draft`), and its masks
         wait for the previous step's tokens here, and for its drafts (each verify row is masked as its matcher stands
-        after the drafts before it)."""
+        after the drafts before it; the draft loop filled all but each request's last, `_draft`)."""
         from baleen.model.speculative import verify_layout
 
         if self.spec_graphs is not None:
@@ -381,7 +381,7 @@ class ModelRunner:
             if graphed is not None:
                 return graphed
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
-        grammar_drafts = self._draft(plan, drafter)
+        grammar_drafts, walked = self._draft(plan, drafter)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
@@ -401,19 +401,22 @@ class ModelRunner:
         layout = verify_layout(plan, drafter.tokens, self.device)
         step.grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
         drafts: list[int] | None = None  # the draft each grammar row checks, for its mask (host)
+        known: list[torch.Tensor | None] | None = None  # each grammar row's mask where the draft loop filled it
         if layout.has_drafts:
             drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
             if drafted & self.slot_procs.keys():
                 raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
                                  "without drafts")
             if step.grammar_rows:  # the draft each row checks, from the host copy (the forward need not finish)
-                drafts = []
+                drafts, known = [], []
                 for j, _ in step.grammar_rows:
                     r = int(np.searchsorted(layout.starts, j, side="right")) - 1
                     at, ds = j - int(layout.starts[r]), grammar_drafts.get(sampled_slots[j])
                     drafts.append(ds[at] if ds is not None and at < layout.counts[r] - 1 else -1)
+                    masks = walked.get(sampled_slots[j], [])
+                    known.append(masks[at] if at < len(masks) else None)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        mask = self._token_mask(step.grammar_rows, errors, drafts) if step.grammar_rows else None
+        mask = self._token_mask(step.grammar_rows, errors, drafts, known) if step.grammar_rows else None
         flags = self.sampler.state.flags(sampled_slots)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
         # each sampled row's latents before its first logits row's token: its end less its logits rows
@@ -508,16 +511,17 @@ class ModelRunner:
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _draft(self, plan: StepPlan, drafter: MtpDrafter) -> dict[int, list[int]]:
+    def _draft(self, plan: StepPlan, drafter: MtpDrafter) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
         """The step's draft loop. A grammar request's drafts are taken under its grammar's masks (`DraftWalk`: the MTP
         layer knows nothing of the grammar, and a draft the grammar forbids is lost with every draft after it), its
         matcher standing after its committed tokens first. Returns each such request's drafts by slot: the one host
-        read of them a step after the loop (its verify masks walk them too); {} for a step without grammar rows."""
+        read of them a step after the loop (its verify masks walk them too), and the masks the loop took them under
+        (`DraftWalk.filled`: its verify rows' but the last); {} and {} for a step without grammar rows."""
         verify = [(r.slot, r.extend_len - 1) for r in plan.rows if r.sample and not r.input_ids and r.extend_len > 1]
         found = self.grammars.rows([s for s, _ in verify]) if self.grammars is not None and verify else []
         if not found:
             drafter.draft(plan, self.page_table, self.kv_cache, self.attn)
-            return {}
+            return {}, {}
         assert self.grammars is not None
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)  # the matchers stand after every committed token
@@ -525,20 +529,21 @@ class ModelRunner:
         with self.grammars.walk({slot: g for slot, (_, g) in zip(slots, found)}) as walk:
             drafter.draft(plan, self.page_table, self.kv_cache, self.attn, walk)
         host = drafter.tokens[slots].tolist()
-        return {slot: row[: verify[j][1]] for slot, (j, _), row in zip(slots, found, host)}
+        return {slot: row[: verify[j][1]] for slot, (j, _), row in zip(slots, found, host)}, walk.filled()
 
     def _token_mask(self, rows: list[tuple[int, SlotGrammar]], errors: list[tuple[int, str]],
-                    drafts: list[int] | None = None) -> TokenMask:  # fmt: skip
+                    drafts: list[int] | None = None, known: list[torch.Tensor | None] | None = None) -> TokenMask:  # fmt: skip
         """The step's grammar bitmask, on its way to the device: the previous step's tokens advance the matchers
         (waiting for them unless the caller did), the rows' next-token masks are filled on the host, uploaded.
-        `drafts` [len(rows)]: the draft each row checks (-1: none), for a speculative step's verify rows."""
+        `drafts` [len(rows)]: the draft each row checks (-1: none), for a speculative step's verify rows; `known`
+        [len(rows)]: the rows' masks the draft loop filled already (None: fill), see `GrammarSlots.fill`."""
         assert self.grammars is not None
         if self._unaccepted is not None:
             self._accept_grammar_tokens(self._unaccepted)
         # a failed matcher's error goes on its request's first row (a verify row's first token is always committed)
         errors.extend((j, g.error) for i, (j, g) in enumerate(rows)
                       if g.error is not None and (i == 0 or rows[i - 1][1] is not g))  # fmt: skip
-        bitmask = self.grammars.fill(rows, drafts)
+        bitmask = self.grammars.fill(rows, drafts, known)
         device_mask = bitmask if self.device.type == "cpu" else bitmask.to(self.device, non_blocking=True)
         return TokenMask(device_mask, self._to_device(np.fromiter((j for j, _ in rows), dtype=np.int64)))
 

@@ -98,7 +98,8 @@ def draft_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     counts = {"checked": 0, "rejected": 0}
     fill = GrammarSlots.fill
 
-    def spy(self: GrammarSlots, rows: list[tuple[int, SlotGrammar]], drafts: list[int] | None = None) -> Any:
+    def spy(self: GrammarSlots, rows: list[tuple[int, SlotGrammar]], drafts: list[int] | None = None,
+            known: list[Any] | None = None) -> Any:
         walked: dict[int, tuple[SlotGrammar, int, bool]] = {}  # id(matcher) -> (matcher, accepted, rejected one)
         for (_, g), d in zip(rows, drafts or []):
             mine = walked.get(id(g), (g, 0, False))
@@ -113,7 +114,7 @@ def draft_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             if accepted:
                 assert g.matcher is not None
                 g.matcher.rollback(accepted)
-        return fill(self, rows, drafts)
+        return fill(self, rows, drafts, known)
 
     monkeypatch.setattr(GrammarSlots, "fill", spy)
     return counts

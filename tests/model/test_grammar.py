@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr
 from tokenizers import Tokenizer
 
 from baleen.kernels.token_bitmask import unpack_bitmask
@@ -266,6 +267,56 @@ def test_draft_walk_masks_each_draft_as_its_verify_row_is_masked(cache: GrammarC
         assert (masks[2][2] == -1).all() and (masks[3][2] == -1).all()  # lost: its later drafts go unconstrained
         for slot in range(3):  # rolled back
             assert torch.equal(slots.fill([(0, grammars[slot])])[0], plain[slot][starts[slot]]), (start, slot)
+
+
+def test_verify_rows_take_the_draft_walks_masks(cache: GrammarCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verify fill given the draft loop's masks (`DraftWalk.filled`, `known`) gives bit for bit the masks of a
+    fresh fill, and fills with xgrammar only each request's row after its last draft; a request whose matcher
+    rejected a draft (lost in the walk) gets none of the walk's masks and is filled as before."""
+    slots = GrammarSlots(cache)
+    specs = [GrammarSpec("json_schema", json.dumps(SCHEMAS[0])), GrammarSpec("regex", REGEXES[0]),
+             GrammarSpec("regex", REGEXES[1])]
+    walks = [[*walk(slots, spec, seed), EOS] for seed, spec in enumerate(specs)]
+    calls: list[Any] = []  # the matcher of each xgrammar fill
+    fill = xgr.GrammarMatcher.fill_next_token_bitmask
+
+    def counted(self: Any, *args: Any) -> Any:
+        calls.append(self)
+        return fill(self, *args)
+
+    k = 3
+    for start in (0, 2):
+        # slot 0: drafts that follow its walk; slot 1: drafts past its stop token; slot 2: d2 breaks the grammar
+        starts = [start, len(walks[1]) - 2, start]
+        drafts = [walks[0][start : start + k], [walks[1][-2], EOS, 5], walks[2][start : start + k]]
+        for slot in range(3):
+            slots.set_slot(slot, specs[slot], walks[slot][: starts[slot]])
+        g2 = slots.get(2)
+        assert g2 is not None and g2.matcher is not None and g2.matcher.accept_token(drafts[2][0])
+        allowed = unpack_bitmask(slots.fill([(0, g2)]), VOCAB)[0]  # after d1
+        g2.matcher.rollback(1)
+        drafts[2][1] = int((allowed == 0).nonzero()[0])
+        grammars = {slot: g for slot in range(3) if (g := slots.get(slot)) is not None}
+        with slots.walk(grammars) as draft_walk:
+            draft_walk.mask([0, 1, 2])
+            for j in range(k - 1):  # d_{j+2}'s mask, the matchers first over d_{j+1}
+                draft_walk.mask([0, 1, 2], [drafts[s][j] for s in range(3)])
+        filled = draft_walk.filled()
+        assert sorted(filled) == [0, 1] and all(len(filled[s]) == k for s in (0, 1))  # lost: slot 2 has none
+        rows = [(4 * slot + j, grammars[slot]) for slot in range(3) for j in range(k + 1)]
+        flat = [d for slot in range(3) for d in [*drafts[slot], -1]]
+        known = [filled[slot][j] if slot in filled and j < k else None for slot in range(3) for j in range(k + 1)]
+        want = slots.fill(rows, flat)
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(xgr.GrammarMatcher, "fill_next_token_bitmask", counted)
+            got = slots.fill(rows, flat, known)
+        assert torch.equal(got, want), start
+        # slot 0: its last row; slot 1: none (its matcher ends within the drafts, stop tokens only); slot 2: all
+        assert calls.count(grammars[0].matcher) == 1 and grammars[1].matcher not in calls, start
+        assert calls.count(grammars[2].matcher) == 2, start  # rows 0, 1; rows 2, 3 repeat row 1's (d2 rejected)
+        for slot in range(3):  # rolled back
+            assert torch.equal(slots.fill([(0, grammars[slot])]), want[4 * slot : 4 * slot + 1]), (start, slot)
 
 
 def sample_masked(sampler: Sampler, logits: torch.Tensor, allowed: torch.Tensor, rows: Sequence[int]) -> Any:

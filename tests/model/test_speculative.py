@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,6 +211,46 @@ def test_a_runner_without_drafter_refuses_verify_rows() -> None:
                                          new_slots=[init], page_updates=[pages])))  # fmt: skip
     with pytest.raises(ValueError, match="verify row of 2 drafts"):
         runner.launch(StepPlan(step_id=1, rows=[SeqRow(0, 5, 3, b"", True)]))
+
+
+def test_a_grammar_verify_step_fills_each_mask_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A speculative step of grammar requests with k drafts each: the draft loop fills the masks of d1 .. dk, the
+    verify rows take them and xgrammar fills only the row after the last draft, k + 1 fills a request (2k + 1 when
+    the verify rows walked the drafts again)."""
+    import xgrammar as xgr
+
+    from baleen.messages import GrammarSpec
+
+    k, n = 3, 2
+    runner = _runner(k)
+    grammar = GrammarSpec("regex", r"[a-f0-9]{40}")  # no matcher ends within these steps: every fill is xgrammar's
+    params = SamplingParams(temperature=1.0, seed=5, grammar=grammar)
+    rows_filled = [0]
+    one, batch = xgr.GrammarMatcher.fill_next_token_bitmask, xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask
+
+    def fill_one(self: xgr.GrammarMatcher, *args: Any, **kw: Any) -> Any:
+        rows_filled[0] += 1
+        return one(self, *args, **kw)
+
+    def fill_batch(self: xgr.BatchGrammarMatcher, matchers: list[Any], *args: Any, **kw: Any) -> Any:
+        rows_filled[0] += len(matchers)
+        return batch(self, matchers, *args, **kw)
+
+    monkeypatch.setattr(xgr.GrammarMatcher, "fill_next_token_bitmask", fill_one)
+    monkeypatch.setattr(xgr.BatchGrammarMatcher, "batch_fill_next_token_bitmask", fill_batch)
+    inits = [SlotInit(s, f"r{s}", params, array("i", PROMPTS[s]).tobytes()) for s in range(n)]
+    pages = [PageUpdate(s, 0, array("i", range(1 + s * PAGES_PER_SLOT, 1 + (s + 1) * PAGES_PER_SLOT)).tobytes())
+             for s in range(n)]  # fmt: skip
+    rows = [SeqRow(s, 0, len(PROMPTS[s]), array("i", PROMPTS[s]).tobytes(), True) for s in range(n)]
+    runner.finish(runner.launch(StepPlan(step_id=0, rows=rows, new_slots=inits, page_updates=pages)))
+    assert rows_filled[0] == n  # the prefill: one row a request
+    kv = [len(PROMPTS[s]) for s in range(n)]  # the first sample is not cached yet
+    for step in (1, 2):
+        rows_filled[0] = 0
+        res = runner.finish(runner.launch(StepPlan(step_id=step, rows=[SeqRow(s, kv[s], 1 + k, b"", True)
+                                                                       for s in range(n)])))  # fmt: skip
+        assert rows_filled[0] == n * (k + 1), step
+        kv = [c + m for c, m in zip(kv, np.frombuffer(res.num_tokens, dtype=np.int32).tolist())]
 
 
 @pytest.mark.gpu
