@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_checks import rel_err
-from test_mla_decode_gluon import D_LATENT, D_ROPE, FP8_CASES, make_case, to_fp8
+from test_mla_decode_gluon import D_LATENT, D_ROPE, FP8_CASES, make_case, make_extend_case, to_fp8
 
 from baleen.kernels.mla_decode import mla_decode_ref
 from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported
@@ -143,18 +143,9 @@ def test_mla_decode_gluon_fp8_mma_query_scales() -> None:
 def test_mla_decode_gluon_fp8_mma_extend_rows(splits: int | None) -> None:
     # Extend over an FP8 cache: every new token a query row with its own causal length (the seq_idx form).
     _need_hopper()
-    from baleen.kernels.mla_extend import extend_rows
-
     torch.manual_seed(13)
-    prefix, extend = [0, 700, 64, 1], [130, 3, 64, 1]
-    _, _, cache, table, _ = make_case([p + e for p, e in zip(prefix, extend)], 128, 64)
-    num_tokens = sum(extend)
-    q_nope = torch.randn(num_tokens, 128, D_LATENT, device="cuda").to(torch.bfloat16)
-    q_pe = torch.randn(num_tokens, 128, D_ROPE, device="cuda").to(torch.bfloat16)
-    qo = torch.tensor([0, *torch.tensor(extend).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    lens = torch.tensor([p + e for p, e in zip(prefix, extend)], dtype=torch.int32, device="cuda")
-    seq_idx, kv_lens = extend_rows(qo, lens, num_tokens)
-    names = [(f"sequence {i}", int(qo[i]), int(qo[i + 1])) for i in range(len(prefix))]
+    q_nope, q_pe, cache, table, qo, _, seq_idx, kv_lens = make_extend_case()
+    names = [(f"sequence {i}", int(qo[i]), int(qo[i + 1])) for i in range(len(qo) - 1)]
     check(q_nope, q_pe, to_fp8(cache, 0.5), table, kv_lens, 0.5, splits, seq_idx=seq_idx, names=names)
 
 
