@@ -214,6 +214,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from baleen.api.chat_template import BUILTIN_TEMPLATES
     from baleen.api.reasoning import REASONING_PARSERS
     from baleen.api.tool_parser import TOOL_CALL_PARSERS
+    from baleen.model.build import DEFAULT_KV_CACHE_FP8_MATH, KV_CACHE_FP8_MATH
 
     g = p.add_argument_group("model")
     g.add_argument("--model-path", "--model", dest="model_path", default=None,
@@ -271,11 +272,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: the model dtype; fp8_e4m3 halves the KV bytes (a per-layer scale from the checkpoint's "
                         "*.self_attn.k_scale / kv_scale when it has them, else 1.0; not with --attention-backend "
                         "flashinfer yet)")
-    g.add_argument("--kv-cache-fp8-math", default=None, choices=("fp8", "bf16"),
+    g.add_argument("--kv-cache-fp8-math", default=None, choices=KV_CACHE_FP8_MATH,
                    help="attention over an FP8 cache on Hopper (the Gluon MLA kernel): fp8 multiplies in "
                         "e4m3, with the query and the softmax probabilities rounded to e4m3 as FlashMLA's FP8 path "
                         "does (twice the MMA rate); bf16 converts the cache to bf16 and multiplies as a bf16 cache "
-                        "would (exact). Default: fp8. Other kernels always convert.")
+                        f"would (exact). Default: {DEFAULT_KV_CACHE_FP8_MATH}. Other kernels always convert.")
     g.add_argument("--disable-overlap-schedule", action="store_true")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--single-process", action="store_true",

@@ -305,6 +305,19 @@ if _GLUON_IMPORT_ERROR is None:
         gl.store(o_base + offs_h[:, None] * stride_o_h + offs_c[None, :], out.to(o_base.dtype.element_ty))
 
     @gluon.jit
+    def _program_keys(seq_lens_ptr, num_splits, num_head_blocks, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+        # This program's sequence b, first head h0, KV split, the sequence's length and the split's keys
+        # [start, end) (start >= seq_len: an empty split). Head blocks vary fastest in program_id(0) (L2 sharing of
+        # the KV rows); chunks are whole tiles (the merge kernel cuts seq_len the same way, with BLOCK_N).
+        b = gl.program_id(0) // num_head_blocks
+        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
+        split = gl.program_id(1)
+        seq_len = gl.load(seq_lens_ptr + b)
+        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        return b, h0, split, seq_len, start, gl.minimum(start + chunk, seq_len)
+
+    @gluon.jit
     def mla_decode_gluon_kernel(
         q_nope_ptr, q_pe_ptr, kv_desc, pe_desc, cache_ptr, page_table_ptr, seq_lens_ptr, seq_idx_ptr, o_ptr,
         lse_ptr, sm_scale_log2, v_scale, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_cache_row,
@@ -317,16 +330,9 @@ if _GLUON_IMPORT_ERROR is None:
         # num_warps=4: warpgroup 0; warp_specialize adds warpgroup 1 and the loader (bf16: 1 warp of TMA; FP8:
         # 4 warps converting e4m3 to bf16, with kv_desc / pe_desc None). sm_scale_log2 holds the cache's scale
         # (keys are cache * v_scale), and each split's output is multiplied by v_scale.
-        b = gl.program_id(0) // num_head_blocks
-        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
-        split = gl.program_id(1)
-        seq_len = gl.load(seq_lens_ptr + b)
-        # Chunks are whole tiles (the merge kernel cuts seq_len the same way, with BLOCK_N).
-        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        start = split * chunk
+        b, h0, split, seq_len, start, end = _program_keys(seq_lens_ptr, num_splits, num_head_blocks, BLOCK_H, BLOCK_N)
         if start >= seq_len:
             return  # an empty split: writes nothing; the merge reads only the non-empty ones
-        end = gl.minimum(start + chunk, seq_len)
         num_tiles = gl.cdiv(end - start, BLOCK_N)
 
         smem_q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LATENT], gl.bfloat16)

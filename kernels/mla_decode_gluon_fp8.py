@@ -50,6 +50,7 @@ if _GLUON_IMPORT_ERROR is None:
     from baleen.kernels.mla_decode_gluon import (
         GluonTensorDescriptor,
         _mla_load_partition,
+        _program_keys,
         fence_async_shared,
         gl,
         gluon,
@@ -66,7 +67,15 @@ PV_REGS = 192
 E4M3_MAX = 448.0
 P_SCALE = 256.0  # P in [0, 1] goes into e4m3 as 256 P: exact scaling, probabilities down to 2^-17 kept
 
+
+def vt_column(m: int) -> int:
+    """The latent column (within a P V warpgroup's half) that V^T's row m holds, and its output row m stores: a
+    permutation of m's bits (`_VT_LOAD_LAYOUT`; `_load_vt` and `_store_o_half` apply it by reshape / permute)."""
+    return 64 * ((m // 16) % 4) + 8 * (m % 8) + 2 * (m // 64) + (m // 8) % 2
+
+
 if _GLUON_IMPORT_ERROR is None:
+    _E4M3_MAX = gl.constexpr(E4M3_MAX)  # a jit function reads only constexpr globals
 
     @gluon.jit
     def _quantize_q(q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, BLOCK_H: gl.constexpr,
@@ -88,7 +97,7 @@ if _GLUON_IMPORT_ERROR is None:
         amax = gl.maximum(gl.max(gl.abs(q0), axis=1), gl.max(gl.abs(q1), axis=1))
         amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(q2), axis=1), gl.max(gl.abs(q3), axis=1)))
         amax = gl.maximum(amax, gl.max(gl.abs(qpe), axis=1)).to(gl.float32)  # max is exact in bf16
-        q_scale = gl.where(amax > 0, amax / 448.0, 1.0)  # a zero row: any scale, its e4m3 values are 0
+        q_scale = gl.where(amax > 0, amax / _E4M3_MAX, 1.0)  # a zero row: any scale, its e4m3 values are 0
         inv = (1.0 / q_scale)[:, None]
         q_smem.slice(0, CHUNK, dim=1).store((q0.to(gl.float32) * inv).to(gl.float8e4nv))
         q_smem.slice(CHUNK, CHUNK, dim=1).store((q1.to(gl.float32) * inv).to(gl.float8e4nv))
@@ -107,7 +116,7 @@ if _GLUON_IMPORT_ERROR is None:
     # c(m) = 64 w + 8 g + 2 j + a. Then the tile is loaded as [c, t] in _VT_LOAD_LAYOUT (the wgmma layout's lanes
     # and warps with c in place of m, its registers c-first: one 8-byte load a token), relabelled [c, t] -> [m, t]
     # (reshape / permute, no data movement) and converted to the wgmma layout, which only reorders bytes within
-    # each thread. The epilogues store row m at column c(m) (`_vt_column`).
+    # each thread. The epilogues store row m at column c(m) (`vt_column`).
     _VT_LOAD_LAYOUT = gl.constexpr(
         gl.DistributedLinearLayout(
             reg_bases=[[1, 0], [2, 0], [4, 0], [0, 1], [0, 2], [0, 16], [0, 32]],
@@ -142,11 +151,6 @@ if _GLUON_IMPORT_ERROR is None:
         offs_c = c0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st))
         offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, st))
         gl.store(o_base + offs_h[None, :] * stride_o_h + offs_c[:, None], out.to(o_base.dtype.element_ty))
-
-    @gluon.jit
-    def _vt_column(m):
-        # the latent column (within the half) that V^T's row m holds: see _VT_LOAD_LAYOUT
-        return 64 * ((m // 16) % 4) + 8 * (m % 8) + 2 * (m // 64) + (m // 8) % 2
 
     @gluon.jit
     def _mla_fp8_softmax_partition(
@@ -245,17 +249,11 @@ if _GLUON_IMPORT_ERROR is None:
         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
         PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr,
     ):  # fmt: skip
-        # The grid and the contract of mla_decode_gluon_fp8_kernel; partitions: warpgroup 0 (S, softmax), two P V
+        # The grid and the contract of mla_decode_gluon_kernel; partitions: warpgroup 0 (S, softmax), two P V
         # warpgroups (output columns [0, 256) and [256, 512)), the TMA loader warp.
-        b = gl.program_id(0) // num_head_blocks
-        h0 = (gl.program_id(0) % num_head_blocks) * BLOCK_H
-        split = gl.program_id(1)
-        seq_len = gl.load(seq_lens_ptr + b)
-        chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        start = split * chunk
+        b, h0, split, seq_len, start, end = _program_keys(seq_lens_ptr, num_splits, num_head_blocks, BLOCK_H, BLOCK_N)
         if start >= seq_len:
-            return
-        end = gl.minimum(start + chunk, seq_len)
+            return  # an empty split: writes nothing; the merge reads only the non-empty ones
         num_tiles = gl.cdiv(end - start, BLOCK_N)
 
         fp8: gl.constexpr = gl.float8e4nv

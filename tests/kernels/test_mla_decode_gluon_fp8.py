@@ -31,7 +31,7 @@ def _need_hopper() -> None:
 
 
 def test_vt_rows_are_a_permutation_matching_the_load_layout() -> None:
-    # The kernel loads V^T's row m from latent column c(m) (`_vt_column`): c must be a bijection of 0..255, and
+    # The kernel loads V^T's row m from latent column c(m) (`vt_column`): c must be a bijection of 0..255, and
     # _VT_LOAD_LAYOUT must be the wgmma A-operand layout with each row basis m replaced by c(m). The wgmma layout's
     # bases (PTX's m64nNk32 8-bit A fragment, 4 warps, M = 256, K = 64), as Triton 3.6's to_linear_layout gives them:
     from baleen.kernels import mla_decode_gluon_fp8 as k
@@ -41,7 +41,7 @@ def test_vt_rows_are_a_permutation_matching_the_load_layout() -> None:
     dot_regs = [[0, 1], [0, 2], [8, 0], [0, 16], [0, 32], [64, 0], [128, 0]]
     dot_lanes = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
     dot_warps = [[16, 0], [32, 0]]
-    col = k._vt_column.fn
+    col = k.vt_column
     assert sorted(col(m) for m in range(256)) == list(range(256))
     to_c = lambda bases: sorted((col(m), t) for m, t in bases)
     layout = k._VT_LOAD_LAYOUT.value
