@@ -32,7 +32,7 @@ from baleen.model.batch import ForwardBatch
 from baleen.model.grammar import GrammarSlots, SlotGrammar
 from baleen.model.logit_processors import FailedProcessor, GuardedProcessor
 from baleen.model.sampler import Ahead, BatchFlags, Sampler, TokenMask
-from baleen.model.step import DeferredSample, PendingStep, RunnerConfig
+from baleen.model.step import DeferredSample, PendingStep, RunnerConfig, to_host
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -333,7 +333,7 @@ class ModelRunner:
             greedy = len(sample_rows) == len(plan.rows) and not grammar_rows and self._plain_greedy(sampled_slots, flags)
             logits, tokens = self.graphs.replay(staged, len(plan.rows), greedy)
             if tokens is not None:
-                host["token_ids"] = self._to_host(tokens)
+                host["token_ids"] = to_host(tokens)
                 logits = None  # sampled already
             elif not sample_rows:
                 logits = None  # every row is a prompt chunk that samples nothing
@@ -446,7 +446,7 @@ class ModelRunner:
         logits = g.draft_and_verify(rows, n)
         if flags.plain_greedy:
             tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
-            host["token_ids"] = self._to_host(tokens)
+            host["token_ids"] = to_host(tokens)
             g.extend(bs)
         else:
             assert self.drafter is not None
@@ -458,8 +458,8 @@ class ModelRunner:
             g.extend(bs, tokens.to(torch.int64), last)
             self._record(step)
             return step
-        host["keep"] = self._to_host(keep)
-        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
+        host["keep"] = to_host(keep)
+        host["num_tokens"] = to_host(num_tokens.to(torch.int32))
         self._record(step)
         return step
 
@@ -476,8 +476,8 @@ class ModelRunner:
         row_slots = sample_slots[last]
         self.slot_tokens[row_slots] = tokens[last].to(torch.int64)
         self.drafter.lens[row_slots] = base + num_tokens
-        host["keep"] = self._to_host(keep)
-        host["num_tokens"] = self._to_host(num_tokens.to(torch.int32))
+        host["keep"] = to_host(keep)
+        host["num_tokens"] = to_host(num_tokens.to(torch.int32))
         return last
 
     def tokens_awaited(self, step: PendingStep) -> Any:
@@ -590,13 +590,13 @@ class ModelRunner:
         )  # fmt: skip
         if ahead is None:
             self.slot_tokens[sample_slots] = out.token_ids.to(torch.int64)
-        host["token_ids"] = self._to_host(out.token_ids.to(torch.int32))
+        host["token_ids"] = to_host(out.token_ids.to(torch.int32))
         if out.logprobs is not None:
-            host["logprobs"] = self._to_host(out.logprobs.float())
+            host["logprobs"] = to_host(out.logprobs.float())
         if out.top_ids is None or out.top_logprobs is None:
             return 0, out.token_ids
-        host["top_ids"] = self._to_host(out.top_ids.to(torch.int32))
-        host["top_logprobs"] = self._to_host(out.top_logprobs.float())
+        host["top_ids"] = to_host(out.top_ids.to(torch.int32))
+        host["top_logprobs"] = to_host(out.top_logprobs.float())
         return int(out.top_ids.shape[1]), out.token_ids
 
     def finish(self, pending: PendingStep) -> StepResult:
@@ -648,9 +648,3 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu":
-            return t.clone()
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t, non_blocking=True)
-        return out

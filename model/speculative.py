@@ -46,6 +46,7 @@ from baleen.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmas
 from baleen.messages import PREFIX_ON_DEVICE, StepPlan
 from baleen.model.batch import ForwardBatch
 from baleen.model.sampler import Ahead, row_argmax
+from baleen.model.step import to_host
 
 if TYPE_CHECKING:
     from baleen.model.attention import AttentionBackend
@@ -244,14 +245,11 @@ class _HostRead:
     """A device tensor's copy to the host, started now; `tolist` waits for it (a CPU tensor is read as it is)."""
 
     def __init__(self, t: torch.Tensor) -> None:
+        self.host = to_host(t)
         self.event: torch.cuda.Event | None = None
-        if t.device.type == "cpu":
-            self.host = t
-            return
-        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self.host.copy_(t, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
+        if t.device.type != "cpu":
+            self.event = torch.cuda.Event()
+            self.event.record()
 
     def tolist(self) -> list[int]:
         if self.event is not None:

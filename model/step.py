@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from baleen.model.grammar import SlotGrammar
     from baleen.model.sampler import BatchFlags
 
@@ -51,3 +51,13 @@ class PendingStep:
     grammar_rows: list[tuple[int, SlotGrammar]] = field(default_factory=list)
     grammar_accepted: bool = False
     deferred: DeferredSample | None = None  # set: forward queued, sampling waits for `ModelRunner.complete`
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`: on a GPU a pinned buffer the copy is queued into (valid once the stream reaches it), on the
+    CPU a clone."""
+    if t.device.type == "cpu":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
