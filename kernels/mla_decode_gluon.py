@@ -57,7 +57,7 @@ measured its accuracy cost); this path stays for `--kv-cache-fp8-math bf16`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,6 +69,9 @@ from baleen.kernels.mla_decode import (
     pick_num_kv_splits,
     split_buffers,
 )
+
+if TYPE_CHECKING:
+    from baleen.kernels.mla_decode_gluon_fp8 import Fp8MmaVariant
 
 try:  # Gluon exists from Triton 3.4; the API below is the one of Triton 3.6 (the GPU box's)
     from triton.experimental import gluon
@@ -530,6 +533,7 @@ def mla_decode_gluon(
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
     fp8_mma: bool = False,
+    fp8_variant: Fp8MmaVariant | None = None,
 ) -> torch.Tensor:
     """Absorbed-MLA decode on Hopper, same contract as `mla_decode.mla_decode` (without tiles).
 
@@ -540,7 +544,8 @@ def mla_decode_gluon(
     and sees seq_lens[b] keys. Returns out [B, H, 512] bf16. `num_kv_splits` fixes the split count (default:
     `pick_num_kv_splits` from the batch shape and `max_seq_len`, else the page table's capacity).
     Raises ValueError where `gluon_mla_decode_supported` would say False. `fp8_mma` with an e4m3 cache: FP8 MMAs
-    (`mla_decode_gluon_fp8.py`: q and P rounded to e4m3) instead of the cache converted to bf16.
+    (`mla_decode_gluon_fp8.py`: q and P rounded to e4m3) instead of the cache converted to bf16; `fp8_variant` picks
+    one of that kernel's variants (default: `DEFAULT_VARIANT`).
     """
     batch, num_heads, d_latent, d_rope = check_mla_decode_inputs(
         q_nope, q_pe, cache, page_table, seq_lens, seq_idx
@@ -571,9 +576,13 @@ def mla_decode_gluon(
     o_part, lse, o_strides = split_buffers(out, splits)
     launch = (q_nope, q_pe, cache, page_table, seq_lens, seq_idx, o_part, lse, o_strides, splits, sm_scale, kv_scale)
     if fp8_mma and cache.dtype == torch.float8_e4m3fn:
-        from baleen.kernels.mla_decode_gluon_fp8 import fp8_kernel_launch_args, mla_decode_gluon_fp8_kernel
+        from baleen.kernels.mla_decode_gluon_fp8 import (
+            DEFAULT_VARIANT,
+            fp8_kernel_launch_args,
+            mla_decode_gluon_fp8_kernel,
+        )
 
-        args, kwargs = fp8_kernel_launch_args(*launch)
+        args, kwargs = fp8_kernel_launch_args(*launch, fp8_variant or DEFAULT_VARIANT)
         mla_decode_gluon_fp8_kernel[(batch * num_head_blocks, splits)](*args, **kwargs)
     else:
         args, kwargs = kernel_launch_args(*launch)

@@ -32,6 +32,8 @@ halving QK's shared-memory reads; 128-token tiles).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +68,47 @@ MAX_REGS = 128
 PV_REGS = 192
 E4M3_MAX = 448.0
 P_SCALE = 256.0  # P in [0, 1] goes into e4m3 as 256 P: exact scaling, probabilities down to 2^-17 kept
+
+
+@dataclass(frozen=True)
+class Fp8MmaVariant:
+    """Kernel variants the benchmark compares side by side (issue 20); the default is the measured kernel.
+
+    lazy_rescale: a row's running max m moves only when a tile's max passes it by more than rescale_tau (log2
+    domain; 0 moves it whenever it grows, the default kernel's numerics), and the P V warpgroups skip a tile's
+    accumulator rescale when no row's m moved. P = exp2(s - m) then reaches 2^rescale_tau, and P * p_scale must
+    stay within e4m3's 448: p_scale * 2^rescale_tau <= 448 (256 with 0.8, 128 with 1.8, 64 with 2.8; a smaller
+    p_scale keeps fewer small probabilities: e4m3's least subnormal 2^-9 is P = 2^-9 / p_scale).
+    pipeline_qk: warpgroup 0 issues tile i + 1's QK before tile i's softmax (numerics unchanged)."""
+
+    lazy_rescale: bool = False
+    rescale_tau: float = 0.0
+    p_scale: float = P_SCALE
+    pipeline_qk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.p_scale <= 0 or math.frexp(self.p_scale)[0] != 0.5:
+            raise ValueError(f"p_scale must be a power of two (an exact scaling), got {self.p_scale}")
+        if self.rescale_tau < 0 or (self.rescale_tau > 0 and not self.lazy_rescale):
+            raise ValueError(f"rescale_tau {self.rescale_tau}: a threshold >= 0, and only with lazy_rescale")
+        if self.p_scale * 2.0**self.rescale_tau > E4M3_MAX:
+            raise ValueError(
+                f"p_scale {self.p_scale} x 2^{self.rescale_tau} > {E4M3_MAX}: P x p_scale would leave e4m3's range"
+            )
+
+
+DEFAULT_VARIANT = Fp8MmaVariant()
+# The candidates `bench_mla_gluon.py --section fp8-variants` times against the default (and compile_offline.py
+# compiles): lazy rescale at threshold 0 (the default's numerics), 0.8 and 2.8; the pipelined QK alone and with them.
+FP8_MMA_VARIANTS = {
+    "mma": DEFAULT_VARIANT,
+    "skip": Fp8MmaVariant(lazy_rescale=True),
+    "lazy0.8": Fp8MmaVariant(lazy_rescale=True, rescale_tau=0.8),
+    "lazy2.8": Fp8MmaVariant(lazy_rescale=True, rescale_tau=2.8, p_scale=64.0),
+    "pipe": Fp8MmaVariant(pipeline_qk=True),
+    "pipe+skip": Fp8MmaVariant(lazy_rescale=True, pipeline_qk=True),
+    "pipe+lazy2.8": Fp8MmaVariant(lazy_rescale=True, rescale_tau=2.8, p_scale=64.0, pipeline_qk=True),
+}
 
 
 def vt_column(m: int) -> int:
@@ -153,13 +196,65 @@ if _GLUON_IMPORT_ERROR is None:
         gl.store(o_base + offs_h[None, :] * stride_o_h + offs_c[:, None], out.to(o_base.dtype.element_ty))
 
     @gluon.jit
+    def _qk_issue(q_smem, qpe_smem, kv_bufs, pe_bufs, full_bars, t, acc, NUM_STAGES: gl.constexpr):
+        # S of tile t = Q K^T into acc (its values unused), issued async once the tile has landed
+        stage = t % NUM_STAGES
+        mbarrier.wait(full_bars.index(stage), (t // NUM_STAGES) & 1)
+        acc = warpgroup_mma(q_smem, kv_bufs.index(stage).permute((1, 0)), acc, use_acc=False, is_async=True)
+        return warpgroup_mma(qpe_smem, pe_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
+    def _qk_wait(s, q_smem, qpe_smem, kv_bufs, pe_bufs, empty_bars, t, NUM_STAGES: gl.constexpr):
+        # S of tile t done in every warp: this warpgroup's share of the stage is released
+        s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv_bufs, pe_bufs))
+        gl.thread_barrier()
+        mbarrier.arrive(empty_bars.index(t % NUM_STAGES), count=1)
+        return s
+
+    @gluon.jit
+    def _softmax_tile(s, i, m_i, l_i, row_scale, offs_n, start, end, p_bufs, a_bufs, p_full, p_empty,
+                      BLOCK_N: gl.constexpr, P_SCALE: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                      RESCALE_TAU: gl.constexpr):  # fmt: skip
+        # Tile i's online-softmax step on its raw scores s: P and the row factors into P buffer i % 2; returns
+        # (the scaled scores, m_i, l_i): the caller may pass the former back as a dead accumulator, as the first cut did.
+        buf = i % 2
+        valid = (start + i * BLOCK_N + offs_n) < end
+        s = gl.where(valid[None, :], s * row_scale[:, None], float("-inf"))
+        if LAZY_RESCALE:
+            tile_max = gl.max(s, axis=1)
+            m_new = gl.where(tile_max > m_i + RESCALE_TAU, tile_max, m_i)  # m_i = -inf: always moves
+            alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_new))  # exactly 1 where m stayed
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        # buffer `buf` is free once both P V warpgroups finished tile i - 2 (fresh barriers pass round 0)
+        mbarrier.wait(p_empty.index(buf), ((i // 2) & 1) ^ 1)
+        p_bufs.index(buf).store((p * P_SCALE).to(gl.float8e4nv))
+        a_bufs.index(buf).store(alpha)
+        fence_async_shared()  # generic-proxy P stores -> the wgmmas' reads
+        gl.thread_barrier()
+        mbarrier.arrive(p_full.index(buf), count=1)
+        return s, m_new, l_i
+
+    @gluon.jit
     def _mla_fp8_softmax_partition(
         q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty,
         start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr,
+        NUM_STAGES: gl.constexpr, P_SCALE: gl.constexpr, LAZY_RESCALE: gl.constexpr, RESCALE_TAU: gl.constexpr,
+        PIPELINE_QK: gl.constexpr,
     ):  # fmt: skip
         # Warpgroup 0: per tile S = Q K^T, the online softmax, P (e4m3, x P_SCALE) and the row rescale into one of two
         # P buffers; never waits for a P V, only for a P buffer both P V warpgroups have finished with.
+        # LAZY_RESCALE: a row's max m moves only when the tile's max passes it by more than RESCALE_TAU (log2
+        # domain), so P = exp2(s - m) <= 2^RESCALE_TAU (P_SCALE * 2^RESCALE_TAU <= 448, `Fp8MmaVariant`), and a
+        # row's rescale factor is exactly 1 when m did not move: the P V warpgroups skip tiles where all are 1.
+        # PIPELINE_QK: tile i + 1's QK is issued before tile i's softmax, so the tensor cores run it meanwhile. Two
+        # S accumulators (32 registers each) that alternate, so the loop takes tiles in pairs: a loop-carried
+        # accumulator that changed registers each round would be copied while its wgmma runs, which makes ptxas
+        # serialise the wgmmas (C7514). A pair past the last tile re-issues that tile's QK (its stage is not
+        # reloaded) and drains it unused.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
@@ -169,30 +264,33 @@ if _GLUON_IMPORT_ERROR is None:
         s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar, 0)  # warpgroup 1 quantized Q
         row_scale = qs_smem.load(gl.SliceLayout(1, s_layout)) * sm_scale_log2
-        for i in range(num_tiles):
-            stage = i % NUM_STAGES
-            buf = i % 2
-            kv = kv_bufs.index(stage)
-            mbarrier.wait(full_bars.index(stage), (i // NUM_STAGES) & 1)
-            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False, is_async=True)
-            s = warpgroup_mma(qpe_smem, pe_bufs.index(stage).permute((1, 0)), s, is_async=True)
-            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv, pe_bufs))
-            gl.thread_barrier()  # every warp's QK done: this warpgroup's share of the stage is released
-            mbarrier.arrive(empty_bars.index(stage), count=1)
-            valid = (start + i * BLOCK_N + offs_n) < end
-            s = gl.where(valid[None, :], s * row_scale[:, None], float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            # buffer `buf` is free once both P V warpgroups finished tile i - 2 (fresh barriers pass round 0)
-            mbarrier.wait(p_empty.index(buf), ((i // 2) & 1) ^ 1)
-            p_bufs.index(buf).store((p * P_SCALE).to(gl.float8e4nv))
-            a_bufs.index(buf).store(alpha)
-            fence_async_shared()  # generic-proxy P stores -> the wgmmas' reads
-            gl.thread_barrier()
-            mbarrier.arrive(p_full.index(buf), count=1)
-            m_i = m_new
+        if PIPELINE_QK:
+            s = _qk_issue(q_smem, qpe_smem, kv_bufs, pe_bufs, full_bars, 0, s, NUM_STAGES)
+            last = num_tiles - 1
+            for i in range(0, num_tiles, 2):
+                s = _qk_wait(s, q_smem, qpe_smem, kv_bufs, pe_bufs, empty_bars, i, NUM_STAGES)
+                s2 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+                s2 = _qk_issue(q_smem, qpe_smem, kv_bufs, pe_bufs, full_bars, gl.minimum(i + 1, last), s2, NUM_STAGES)
+                _s1, m_i, l_i = _softmax_tile(s, i, m_i, l_i, row_scale, offs_n, start, end, p_bufs, a_bufs,
+                                                   p_full, p_empty, BLOCK_N, P_SCALE, LAZY_RESCALE,
+                                                   RESCALE_TAU)  # fmt: skip
+                s2, _, _, _, _ = warpgroup_mma_wait(0, deps=(s2, q_smem, qpe_smem, kv_bufs, pe_bufs))
+                if i + 1 < num_tiles:
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty_bars.index((i + 1) % NUM_STAGES), count=1)
+                s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+                s = _qk_issue(q_smem, qpe_smem, kv_bufs, pe_bufs, full_bars, gl.minimum(i + 2, last), s, NUM_STAGES)
+                if i + 1 < num_tiles:
+                    _s2, m_i, l_i = _softmax_tile(s2, i + 1, m_i, l_i, row_scale, offs_n, start, end, p_bufs,
+                                                        a_bufs, p_full, p_empty, BLOCK_N, P_SCALE, LAZY_RESCALE,
+                                                        RESCALE_TAU)  # fmt: skip
+            s, _, _, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, qpe_smem, kv_bufs, pe_bufs))  # the spare QK
+        else:
+            for i in range(num_tiles):
+                s = _qk_issue(q_smem, qpe_smem, kv_bufs, pe_bufs, full_bars, i, s, NUM_STAGES)
+                s = _qk_wait(s, q_smem, qpe_smem, kv_bufs, pe_bufs, empty_bars, i, NUM_STAGES)
+                s, m_i, l_i = _softmax_tile(s, i, m_i, l_i, row_scale, offs_n, start, end, p_bufs, a_bufs, p_full,
+                                            p_empty, BLOCK_N, P_SCALE, LAZY_RESCALE, RESCALE_TAU)  # fmt: skip
         # One more round: the output factor out_scale / (P_SCALE * row sum) (l_i >= 1) in the next buffer.
         buf = num_tiles % 2
         mbarrier.wait(p_empty.index(buf), ((num_tiles // 2) & 1) ^ 1)
@@ -206,7 +304,7 @@ if _GLUON_IMPORT_ERROR is None:
         q_nope_ptr, q_pe_ptr, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar, kv_bufs, p_bufs, a_bufs,
         full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h, num_tiles, C0: gl.constexpr,
         QUANTIZE_Q: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, D_LATENT: gl.constexpr,
-        D_ROPE: gl.constexpr, NUM_STAGES: gl.constexpr,
+        D_ROPE: gl.constexpr, NUM_STAGES: gl.constexpr, LAZY_RESCALE: gl.constexpr,
     ):  # fmt: skip
         # Warpgroups 1 and 2: O^T[C0:C0 + D_LATENT / 2] += V^T P^T; warpgroup 1 (QUANTIZE_Q) first quantizes Q for
         # warpgroup 0 (its registers are free then; warpgroup 0's are not many). Each stores its half of O.
@@ -230,7 +328,14 @@ if _GLUON_IMPORT_ERROR is None:
             gl.thread_barrier()  # V^T is in every warp's registers: this warpgroup's share of the stage is released
             mbarrier.arrive(empty_bars.index(stage), count=1)
             mbarrier.wait(p_full.index(buf), (i // 2) & 1)
-            acc = acc * a_bufs.index(buf).load(heads)[None, :]
+            alpha = a_bufs.index(buf).load(heads)
+            if LAZY_RESCALE:
+                # skip the 128 multiplies a thread when no row's max moved (every alpha exactly 1, and alpha <= 1); a
+                # warp holds all 64 heads' factors, so this min stays in the warp and the branch is warp-uniform
+                if gl.min(alpha, axis=0) != 1.0:
+                    acc = acc * alpha[None, :]
+            else:
+                acc = acc * alpha[None, :]
             p_t = p_bufs.index(buf).permute((1, 0))
             acc = warpgroup_mma(vt, p_t, acc, is_async=True)
             acc, _ = warpgroup_mma_wait(0, deps=(acc, p_t))
@@ -247,7 +352,8 @@ if _GLUON_IMPORT_ERROR is None:
         stride_o_h, stride_o_s, stride_lse_b, stride_lse_h, num_splits, num_head_blocks,
         PAGE_SIZE: gl.constexpr, D_LATENT: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LOADER_REGS: gl.constexpr,
-        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr,
+        PV_REGS: gl.constexpr, HAS_SEQ_IDX: gl.constexpr, P_SCALE: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+        RESCALE_TAU: gl.constexpr, PIPELINE_QK: gl.constexpr,
     ):  # fmt: skip
         # The grid and the contract of mla_decode_gluon_kernel; partitions: warpgroup 0 (S, softmax), two P V
         # warpgroups (output columns [0, 256) and [256, 512)), the TMA loader warp.
@@ -302,19 +408,20 @@ if _GLUON_IMPORT_ERROR is None:
                     _mla_fp8_softmax_partition,
                     (q_smem, qpe_smem, qs_smem, q_bar.index(0), kv_bufs, pe_bufs, p_bufs, a_bufs, full_bars,
                      empty_bars, p_full, p_empty, start, end, num_tiles, sm_scale_log2, out_scale, BLOCK_H, BLOCK_N,
-                     NUM_STAGES, P_SCALE),
+                     NUM_STAGES, P_SCALE, LAZY_RESCALE, RESCALE_TAU, PIPELINE_QK),
                 ),
                 (
                     _mla_fp8_pv_partition,
                     (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
                      kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
-                     num_tiles, 0, True, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
+                     num_tiles, 0, True, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES, LAZY_RESCALE),
                 ),
                 (
                     _mla_fp8_pv_partition,
                     (q_nope_base, q_pe_base, stride_qn_h, stride_qp_h, q_smem, qpe_smem, qs_smem, q_bar.index(0),
                      kv_bufs, p_bufs, a_bufs, full_bars, empty_bars, p_full, p_empty, o_base, stride_o_h,
-                     num_tiles, D_LATENT // 2, False, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES),
+                     num_tiles, D_LATENT // 2, False, BLOCK_H, BLOCK_N, D_LATENT, D_ROPE, NUM_STAGES,
+                     LAZY_RESCALE),
                 ),
                 (
                     _mla_load_partition,
@@ -358,6 +465,7 @@ def fp8_kernel_launch_args(
     splits: int,
     sm_scale: float,
     kv_scale: float,
+    variant: Fp8MmaVariant = DEFAULT_VARIANT,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(positional args, keyword args) of `mla_decode_gluon_fp8_kernel` for checked inputs (its launch minus the
     grid): kv_scale folded into the score scale and the output scale."""
@@ -370,7 +478,9 @@ def fp8_kernel_launch_args(
     kwargs = dict(
         PAGE_SIZE=cache.shape[1], D_LATENT=q_nope.shape[2], D_ROPE=q_pe.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         NUM_STAGES=NUM_STAGES, STORE_LSE=splits > 1, LOADER_REGS=LOADER_REGS, PV_REGS=PV_REGS,
-        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=P_SCALE, num_warps=NUM_WARPS, maxnreg=MAX_REGS,
+        HAS_SEQ_IDX=seq_idx is not None, P_SCALE=float(variant.p_scale), LAZY_RESCALE=variant.lazy_rescale,
+        RESCALE_TAU=float(variant.rescale_tau), PIPELINE_QK=variant.pipeline_qk, num_warps=NUM_WARPS,
+        maxnreg=MAX_REGS,
     )  # fmt: skip
     return args, kwargs
 
@@ -386,13 +496,14 @@ def mla_decode_gluon_fp8(
     max_seq_len: int | None = None,
     seq_idx: torch.Tensor | None = None,
     kv_scale: float = 1.0,
+    variant: Fp8MmaVariant = DEFAULT_VARIANT,
 ) -> torch.Tensor:
     """Absorbed-MLA decode with FP8 MMAs over a float8_e4m3fn cache holding latent / `kv_scale`: `mla_decode_gluon`
-    with `fp8_mma` (its contract: q bf16, out bf16; the numerics of this module's docstring)."""
+    with `fp8_mma` (its contract: q bf16, out bf16; the numerics of this module's docstring, and `variant`'s)."""
     if cache.dtype != torch.float8_e4m3fn:
         raise ValueError(f"the FP8-MMA kernel takes a float8_e4m3fn cache, got {cache.dtype}")
     return mla_decode_gluon(q_nope, q_pe, cache, page_table, seq_lens, sm_scale, num_kv_splits, max_seq_len, seq_idx,
-                            kv_scale, fp8_mma=True)  # fmt: skip
+                            kv_scale, fp8_mma=True, fp8_variant=variant)  # fmt: skip
 
 
 def mla_decode_fp8_math_ref(
@@ -405,15 +516,18 @@ def mla_decode_fp8_math_ref(
     num_kv_splits: int = 1,
     kv_scale: float = 1.0,
     seq_idx: torch.Tensor | None = None,
+    variant: Fp8MmaVariant = DEFAULT_VARIANT,
 ) -> torch.Tensor:
-    """What `mla_decode_gluon_fp8` computes, in float32 torch on any device (a test oracle, slow).
+    """What `mla_decode_gluon_fp8` computes (with `variant`), in float32 torch on any device (a test oracle, slow).
 
     The kernel's steps in its order: q rounded to e4m3 a row; per split (cut as the kernel cuts it) and per
-    BLOCK_N-token tile, log2-domain scores, the running max, P = exp2(s - m) rounded to e4m3 after x P_SCALE, the
-    rescale of what came before; the splits merged by their LSE. It differs from the kernel only in fp32
+    BLOCK_N-token tile, log2-domain scores, the running max m (lazy: moved only when the tile's max passes it by
+    more than rescale_tau), P = exp2(s - m) rounded to e4m3 after x p_scale, the rescale of what came before; the
+    splits merged by their LSE. It differs from the kernel only in fp32
     summation order (and where that flips an e4m3 rounding of P), not in any rounding the kernel makes."""
     batch, num_heads, d_latent = q_nope.shape
     fp8 = torch.float8_e4m3fn
+    p_scale = float(variant.p_scale)
     out = torch.empty(batch, num_heads, d_latent, dtype=torch.float32, device=q_nope.device)
     page_size = cache.shape[1]
     q = torch.cat([q_nope.float(), q_pe.float()], dim=-1)  # [B, H, 576]
@@ -438,14 +552,18 @@ def mla_decode_fp8_math_ref(
             for t0 in range(start, end, BLOCK_N):
                 k = kv[t0 : min(t0 + BLOCK_N, end)]
                 s = (q8[b] @ k.T) * row_scale[b][:, None]
-                m_new = torch.maximum(m, s.amax(dim=1))
+                tile_max = s.amax(dim=1)
+                if variant.lazy_rescale:
+                    m_new = torch.where(tile_max > m + variant.rescale_tau, tile_max, m)
+                else:
+                    m_new = torch.maximum(m, tile_max)
                 alpha = torch.exp2(m - m_new)
                 p = torch.exp2(s - m_new[:, None])
                 l_sum = l_sum * alpha + p.sum(dim=1)
-                p8 = (p * P_SCALE).to(fp8).float()
+                p8 = (p * p_scale).to(fp8).float()
                 acc = acc * alpha[:, None] + p8 @ k[:, :d_latent]
                 m = m_new
-            parts.append(acc * (float(kv_scale) / (P_SCALE * l_sum))[:, None])
+            parts.append(acc * (float(kv_scale) / (p_scale * l_sum))[:, None])
             lses.append(m + torch.log2(l_sum))
         lse = torch.stack(lses)  # [splits, H]
         w = torch.exp2(lse - lse.amax(dim=0))

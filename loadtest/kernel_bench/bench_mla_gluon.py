@@ -10,6 +10,9 @@ heads, page 64, batch 1/32/128 x context 4k/8k/32k, default split counts: the Gl
 the same cache in e4m3, the Triton kernel over the e4m3 cache, each as ms and GB/s of KV bytes read (576 values a
 token, 2 or 1 bytes each), and bf16/fp8 (> 1: the FP8 cache is faster; issue 20 asks >= 1.4 at 32 x 8k) and
 triton/fp8. Ends with the compile stats. Budget: ~3 minutes for both sections (`--section all`, the default).
+`--section fp8-variants` (issue 20): the bf16-cache kernel against every FP8-MMA variant (`FP8_MMA_VARIANTS`) at
+batch x context 1x4k .. 128x32k, each variant first checked at small ragged shapes in the child and then, per shape,
+on sequence 0 against the emulation of its own roundings; ~1-2 minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from baleen.kernels.mla_decode_gluon import (
     mla_decode_gluon_kernel,
 )
 from baleen.kernels.mla_decode_gluon_fp8 import (
+    FP8_MMA_VARIANTS,
     mla_decode_fp8_math_ref,
     mla_decode_gluon_fp8,
     mla_decode_gluon_fp8_kernel,
@@ -48,6 +52,7 @@ SM_SCALE = 1.0 / math.sqrt(192)
 MAX_DIFF = 0.05  # bf16 outputs agree to ~1e-2 over thousands of keys; more is a bug
 KV_SCALE = 0.5  # the FP8 cases' per-layer scale (the cache holds latent / KV_SCALE)
 CHECK_TIMEOUT_S = 150.0  # the child's checks: CUDA start-up, then compiles and nine small cases (bf16 and FP8)
+# (--variants: seven FP8-MMA compiles, four small cases each)
 
 
 def report_error(what: str, e: BaseException) -> None:
@@ -120,7 +125,6 @@ def check_kernel() -> bool:
                                                 torch.cuda.get_device_properties(0).multi_processor_count, BLOCK_H)
             emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache, table, lens, SM_SCALE, used, kv_scale=KV_SCALE)
             ref = mla_decode_ref(q_nope, q_pe, cache, table, lens, SM_SCALE, kv_scale=KV_SCALE)
-            rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
             out = mla_decode_gluon_fp8(q_nope, q_pe, cache, table, lens, SM_SCALE, num_kv_splits=used,
                                        kv_scale=KV_SCALE)
             torch.cuda.synchronize()
@@ -135,12 +139,47 @@ def check_kernel() -> bool:
     return ok_all
 
 
-def check_in_child() -> bool:
-    """check_kernel in a child process with a time limit; True when the child says PASS.
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a - b|| / ||b|| in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def check_variants() -> bool:
+    """Every FP8-MMA variant at small ragged shapes (odd and even tile counts, splits 1 and several) against the
+    emulation of its own roundings and against exact attention."""
+    cases = [(64, 1, [1000, 1, 65]), (64, 4, [1, 63, 64, 65, 1000]), (128, 3, [64, 1000, 63, 129]),
+             (64, 2, [4096] * 2)]  # fmt: skip
+    ok_all = True
+    for page, splits, seq_lens in cases:
+        q_nope, q_pe, cache, table, lens = make_case(len(seq_lens), seq_lens, 128, page)
+        cache = to_fp8(cache)
+        ref = mla_decode_ref(q_nope, q_pe, cache, table, lens, SM_SCALE, kv_scale=KV_SCALE)
+        for name, variant in FP8_MMA_VARIANTS.items():
+            tag = f"fp8-mma {name} p{page} splits {splits} lens {seq_lens}"
+            try:
+                emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache, table, lens, SM_SCALE, splits, kv_scale=KV_SCALE,
+                                              variant=variant)  # fmt: skip
+                out = mla_decode_gluon_fp8(q_nope, q_pe, cache, table, lens, SM_SCALE, num_kv_splits=splits,
+                                           kv_scale=KV_SCALE, variant=variant)  # fmt: skip
+                torch.cuda.synchronize()
+                e_emu, e_ref = rel(out, emu), rel(out, ref)
+                ok = math.isfinite(e_emu) and e_emu <= 1e-2 and e_ref <= 6e-2
+                print(f"  check {tag}: rel err vs emulation {e_emu:.3g}, vs exact {e_ref:.3g} "
+                      f"{'PASS' if ok else 'FAIL'}", flush=True)  # fmt: skip
+            except Exception as e:  # a compile error must not end the run
+                report_error(f"check {tag}", e)
+                ok = False
+            ok_all = ok_all and ok
+    return ok_all
+
+
+def check_in_child(variants: bool = False) -> bool:
+    """check_kernel (or, with `variants`, check_variants) in a child process with a time limit; True when the
+    child says PASS.
 
     A fault or a deadlock in the child cannot take this process (and its CUDA context) down.
     """
-    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--check-only"]
+    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--check-only"] + (["--variants"] if variants else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
         stdout, tail = r.stdout, r.stderr[-3000:]
@@ -247,6 +286,46 @@ def run_fp8_shape(batch: int, seq_len: int, table: Table) -> None:
     )  # fmt: skip
 
 
+def run_variant_shape(batch: int, seq_len: int, table: Table) -> None:
+    """The bf16-cache Gluon kernel and every FP8-MMA variant over the same cache in e4m3 (default splits); each
+    variant's sequence 0 checked against the emulation of its roundings and exact attention first; add a row."""
+    heads, page = 128, 64
+    label = f"b{batch} x {seq_len // 1024}k"
+    q_nope, q_pe, cache, pt, lens = make_case(batch, [seq_len] * batch, heads, page)
+    cache8 = to_fp8(cache)
+    bf_ms, _ = time_or_nan(f"gluon bf16 {label}",
+                           partial(mla_decode_gluon, q_nope, q_pe, cache, pt, lens, SM_SCALE, max_seq_len=seq_len))
+    del cache
+    splits = pick_num_kv_splits(
+        batch, heads // BLOCK_H, seq_len, torch.cuda.get_device_properties(0).multi_processor_count, BLOCK_H
+    )
+    one = (q_nope[:1], q_pe[:1], cache8, pt[:1], lens[:1], SM_SCALE)  # sequence 0 alone: the emulation is slow
+    exact = mla_decode_ref(*one, kv_scale=KV_SCALE)
+    cells, worst = [], 0.0
+    for name, variant in FP8_MMA_VARIANTS.items():
+        call = partial(mla_decode_gluon_fp8, q_nope, q_pe, cache8, pt, lens, SM_SCALE, max_seq_len=seq_len,
+                       kv_scale=KV_SCALE, variant=variant)  # fmt: skip
+        try:
+            out = call()[:1]
+            emu = mla_decode_fp8_math_ref(*one, splits, kv_scale=KV_SCALE, variant=variant)
+            e_emu, e_ref = rel(out, emu), rel(out, exact)
+        except Exception as e:
+            report_error(f"{name} {label}", e)
+            cells.append("fail")
+            continue
+        bad = not (e_emu <= 1e-2 and e_ref <= 6e-2)
+        worst = max(worst, e_emu)
+        ms, _ = (math.nan, None) if bad else time_or_nan(f"{name} {label}", call)
+        print(f"    [{label}] {name}: {ms:.4f} ms, rel err vs emulation {e_emu:.3g}, vs exact {e_ref:.3g}"
+              f"{'  WRONG' if bad else ''}", flush=True)  # fmt: skip
+        cells.append(f"{ms:.4f}" + (" WRONG" if bad else ""))
+    times = {n: float(c) for n, c in zip(FP8_MMA_VARIANTS, cells) if c.replace(".", "", 1).isdigit()}
+    best = min(times, key=lambda n: times[n]) if times else "none"
+    base = times.get("mma", math.nan)
+    table.add(label, splits, f"{bf_ms:.4f}", *cells, f"{bf_ms / base:.2f}",
+              f"{bf_ms / times[best]:.2f} ({best})" if times else "nan", f"{worst:.2g}")  # fmt: skip
+
+
 def main() -> None:
     """Check the kernel (child process), time every shape, print the compile stats and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -255,25 +334,39 @@ def main() -> None:
     )
     parser.add_argument(
         "--section",
-        choices=["all", "bf16", "fp8"],
+        choices=["all", "bf16", "fp8", "fp8-variants"],
         default="all",
-        help="bf16: Gluon vs FlashInfer vs Triton over bf16 caches; fp8: bf16 vs FP8 caches (default: both)",
+        help="bf16: Gluon vs FlashInfer vs Triton over bf16 caches; fp8: bf16 vs FP8 caches (default: both); "
+        "fp8-variants: the bf16-cache kernel vs every FP8-MMA variant (issue 20; not part of all)",
     )
-    # --check-only: what check_in_child runs in its child process
+    # --check-only [--variants]: what check_in_child runs in its child process
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.check_only:
-        print(f"VERDICT {'PASS' if check_kernel() else 'FAIL'}", flush=True)
+        ok = check_variants() if args.variants else check_kernel()
+        print(f"VERDICT {'PASS' if ok else 'FAIL'}", flush=True)
         return
     print(header(), flush=True)
     if not gluon_mla_decode_supported("cuda", 128, D_LATENT, D_ROPE, 64):
         print("Gluon MLA decode unsupported here (needs sm_90 and Triton's Gluon); nothing to time")
         return
     deadline = Deadline(args.budget_s)
-    if not check_in_child():
+    if not check_in_child(variants=args.section == "fp8-variants"):
         print("the Gluon kernel failed its checks; nothing timed")
         return
     tables = []
+    if args.section == "fp8-variants":
+        table = Table(
+            f"MLA decode 128 heads, page 64: bf16 cache vs FP8-MMA variants over it in e4m3 (kv_scale {KV_SCALE}), "
+            "graph-timed ms; bf16/x > 1: the FP8 kernel is faster",
+            ["shape", "splits", "bf16", *FP8_MMA_VARIANTS, "bf16/mma", "bf16/best", "max rel err vs emu"],
+        )
+        for batch, seq_len in [(1, 4096), (1, 32768), (32, 4096), (32, 8192), (32, 32768), (128, 8192),
+                               (128, 32768)]:  # fmt: skip
+            run_variant_shape(batch, seq_len, table)
+            torch.cuda.empty_cache()
+        tables.append(table)
     if args.section in ("all", "bf16"):
         fi: FlashInferMLA | None
         try:

@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,16 @@ def main() -> None:
                                *g.kernel_launch_args(q, q_pe, cache8.to(torch.bfloat16), *common)),
         "e4m3 cache, converted to bf16": lambda: (g.mla_decode_gluon_kernel,
                                                   *g.kernel_launch_args(q, q_pe, cache8, *common)),
-        "e4m3 cache, FP8 MMAs": lambda: (f.mla_decode_gluon_fp8_kernel,
-                                         *f.fp8_kernel_launch_args(q, q_pe, cache8, *common)),
     }  # fmt: skip
+    for vname, variant in f.FP8_MMA_VARIANTS.items():  # the FP8-MMA kernel's variants (the default is "mma")
+        builds[f"e4m3 cache, FP8 MMAs {vname}"] = partial(
+            lambda v: (f.mla_decode_gluon_fp8_kernel, *f.fp8_kernel_launch_args(q, q_pe, cache8, *common, v)),
+            variant,
+        )
     for name, build in builds.items():
         try:
             kernel, kargs, kkwargs = build()
-            ptx = args.ptx_dir / f"{kernel.__name__}-{name.split()[0]}-{name.split()[-1]}.ptx"
+            ptx = args.ptx_dir / f"{kernel.__name__}-{name.split()[0]}-{name.split()[-1].replace('+', '-')}.ptx"
             print(f"{name}: {compile_sm90(kernel, kargs, kkwargs, ptx)} ({ptx})", flush=True)
         except Exception:  # one kernel's error must not hide the others
             print(f"{name}: FAILED\n{traceback.format_exc(limit=-3)}", flush=True)

@@ -11,7 +11,12 @@ from test_mla_decode_gluon import D_LATENT, D_ROPE, FP8_CASES, make_case, make_e
 
 from baleen.kernels.mla_decode import mla_decode_ref
 from baleen.kernels.mla_decode_gluon import gluon_mla_decode_supported
-from baleen.kernels.mla_decode_gluon_fp8 import mla_decode_fp8_math_ref, mla_decode_gluon_fp8
+from baleen.kernels.mla_decode_gluon_fp8 import (
+    FP8_MMA_VARIANTS,
+    Fp8MmaVariant,
+    mla_decode_fp8_math_ref,
+    mla_decode_gluon_fp8,
+)
 
 SM_SCALE = 0.0625
 # The kernel against its emulation: the same roundings, fp32 sums in another order (and the e4m3 rounding of a P
@@ -80,6 +85,44 @@ def test_fp8_math_emulation_zero_query_rows() -> None:
     torch.testing.assert_close(emu[0, 5].float(), rows.mean(0), rtol=2e-2, atol=2e-2)
 
 
+def test_lazy_rescale_at_threshold_zero_is_the_eager_numerics() -> None:
+    # Threshold 0 moves a row's max whenever it grows: the default kernel's roundings, bit for bit.
+    torch.manual_seed(5)
+    q_nope, q_pe, cache, table, lens = make_case([700, 65], 64, 64, device="cpu")
+    cache8 = to_fp8(cache, 0.5)
+    args = (q_nope, q_pe, cache8, table, lens, SM_SCALE, 2)
+    eager = mla_decode_fp8_math_ref(*args, kv_scale=0.5)
+    lazy0 = mla_decode_fp8_math_ref(*args, kv_scale=0.5, variant=Fp8MmaVariant(lazy_rescale=True))
+    assert torch.equal(eager, lazy0)
+
+
+@pytest.mark.parametrize("name", ["lazy0.8", "lazy2.8"])
+def test_lazy_rescale_emulation_close_to_exact(name: str) -> None:
+    # A lagging max keeps P <= 2^tau, P * p_scale <= 448: the error against exact attention stays the eager one's.
+    torch.manual_seed(11)
+    lens = [1, 64, 65, 700, 2000]
+    q_nope, q_pe, cache, table, seq_lens = make_case(lens, 64, 64, device="cpu")
+    cache8 = to_fp8(cache, 0.5)
+    args = (q_nope, q_pe, cache8, table, seq_lens, SM_SCALE, 2)
+    ref = mla_decode_ref(*args[:6], kv_scale=0.5)
+    eager = mla_decode_fp8_math_ref(*args, kv_scale=0.5)
+    lazy = mla_decode_fp8_math_ref(*args, kv_scale=0.5, variant=FP8_MMA_VARIANTS[name])
+    for b in range(len(lens)):
+        err, err_eager = rel_err(lazy[b], ref[b]), rel_err(eager[b], ref[b])
+        assert err < EXACT_TOL and err < 1.5 * err_eager + 1e-3, f"sequence {b}: {err:.3g} (eager {err_eager:.3g})"
+    assert not torch.equal(lazy, eager)  # the lagging max did change some roundings
+
+
+def test_fp8_variant_refuses_what_would_leave_e4m3() -> None:
+    Fp8MmaVariant(lazy_rescale=True, rescale_tau=0.8)  # 256 x 2^0.8 = 445.7
+    with pytest.raises(ValueError, match="448"):
+        Fp8MmaVariant(lazy_rescale=True, rescale_tau=1.0)  # 256 x 2 = 512
+    with pytest.raises(ValueError, match="power of two"):
+        Fp8MmaVariant(p_scale=100.0)
+    with pytest.raises(ValueError, match="only with lazy_rescale"):
+        Fp8MmaVariant(rescale_tau=0.5)
+
+
 def test_fp8_kernel_refused_on_cpu() -> None:
     q = torch.zeros(1, 128, D_LATENT, dtype=torch.bfloat16)
     one = torch.ones(1, 1, dtype=torch.int32)
@@ -93,18 +136,19 @@ def test_fp8_kernel_refused_on_cpu() -> None:
 # ---- GPU --------------------------------------------------------------------------------------------------------
 
 
-def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None, exact_tol=EXACT_TOL):  # type: ignore[no-untyped-def]
+def check(q_nope, q_pe, cache8, table, lens, kv_scale, splits, seq_idx=None, names=None, exact_tol=EXACT_TOL,  # type: ignore[no-untyped-def]
+          variant=FP8_MMA_VARIANTS["mma"]):  # fmt: skip
     """The kernel's output; asserts it is within EMULATION_TOL of the emulation and `exact_tol` (None: not checked)
     of exact attention, per query row group (`names`: (label, first row, end row))."""
     from baleen.kernels.mla_decode import pick_num_kv_splits
 
     used = splits or pick_num_kv_splits(len(lens), q_nope.shape[1] // 64, table.shape[1] * cache8.shape[1],
                                         torch.cuda.get_device_properties(0).multi_processor_count, 64)  # fmt: skip
-    emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, used, kv_scale, seq_idx)
+    emu = mla_decode_fp8_math_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, used, kv_scale, seq_idx, variant)
     exact = mla_decode_ref(q_nope, q_pe, cache8, table, lens, SM_SCALE, kv_scale=kv_scale) \
         if seq_idx is None and exact_tol is not None else None  # fmt: skip
     out = mla_decode_gluon_fp8(q_nope, q_pe, cache8, table, lens, SM_SCALE, num_kv_splits=splits, seq_idx=seq_idx,
-                               kv_scale=kv_scale)  # fmt: skip
+                               kv_scale=kv_scale, variant=variant)  # fmt: skip
     assert out.shape == q_nope.shape and out.dtype == torch.bfloat16
     for label, a, b in names or [(f"row {i}", i, i + 1) for i in range(len(lens))]:
         e = rel_err(out[a:b], emu[a:b])
@@ -122,6 +166,18 @@ def test_mla_decode_gluon_fp8_mma_matches_emulation(
     torch.manual_seed(heads + page_size + (splits or 0) + len(seq_lens))
     q_nope, q_pe, cache, table, lens = make_case(seq_lens, heads, page_size)
     check(q_nope, q_pe, to_fp8(cache, kv_scale), table, lens, kv_scale, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in FP8_MMA_VARIANTS if n != "mma"])
+@pytest.mark.parametrize("splits,seq_lens", [(1, [1000, 1, 65]), (3, [64, 1000, 63, 129]), (None, [4096, 4096])])
+def test_mla_decode_gluon_fp8_mma_variants(name: str, splits: int | None, seq_lens: list[int]) -> None:
+    # Every variant against the emulation of its own roundings: odd and even tile counts (the pipelined QK takes
+    # tiles in pairs), one tile, splits.
+    _need_hopper()
+    torch.manual_seed(len(seq_lens) + (splits or 0))
+    q_nope, q_pe, cache, table, lens = make_case(seq_lens, 128, 64)
+    check(q_nope, q_pe, to_fp8(cache, 0.5), table, lens, 0.5, splits, variant=FP8_MMA_VARIANTS[name])
 
 
 @pytest.mark.gpu
