@@ -45,20 +45,34 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (aborting its engine requests): ClientGone."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
+    """Await `work` in this task; if the client disconnects first, cancel it (aborting its engine requests): ClientGone.
+
+    NOTE: `work` runs in the caller's task, not a task of its own: a new task would start only on the event loop's
+    next turn, once to submit a request and once more to hand its first output back (time to first token)."""
+    task = asyncio.current_task()
+    assert task is not None, "unless_disconnected runs in a task"
+    watching, gone = True, False
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if watching and not watcher.cancelled() and watcher.exception() is None:
+            gone = True
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    if task.cancelled():
+
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+    finally:
+        watching = False
+        watcher.cancel()
+    if gone:  # `work` ended by our own cancel (or swallowed it): the task is not being cancelled from outside
+        task.uncancel()
         raise ClientGone()
-    return task.result()
+    return result
 
 
 class Generation:
@@ -77,7 +91,10 @@ class Generation:
         """Each choice's first output (so an error can still become an HTTP status); ApiError on an error."""
         self.state.check_can_serve()
         try:
-            firsts = list(await asyncio.gather(*(anext(g) for g in self._gens)))
+            if len(self._gens) == 1:  # in this task: gather would wrap it in a task of its own (a turn of the loop)
+                firsts = [await anext(self._gens[0])]
+            else:
+                firsts = list(await asyncio.gather(*(anext(g) for g in self._gens)))
         except EngineDead as e:  # the engine died between the health check and the submission
             raise ApiError(503, f"the engine cannot serve requests: {e}") from None
         self.state.metrics.observe_ttft(self.route, time.perf_counter() - self.started)

@@ -3,12 +3,15 @@ and SSE streams."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from baleen.api.errors import ApiError
 
@@ -53,15 +56,91 @@ def sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def sse_response(frames: AsyncIterator[bytes], graceful_shutdown_s: float, *, ping_s: float = 0.0) -> Response:
-    """A streamed answer; a disconnect cancels `frames` (whose cleanup aborts the engine requests).
+class SSEResponse(Response):
+    """A text/event-stream answer of already-encoded SSE events; a disconnect cancels the stream (whose cleanup
+    aborts the engine requests).
+
+    NOTE: the events are sent from the handler's own task, as soon as each is produced: the first one (a request's
+    first token) goes out without waiting for a task to start (sse-starlette's response ran four tasks per stream,
+    each send under a lock and a cancel scope). Only the disconnect watcher, and the ping timer when asked for, are
+    tasks. At shutdown a stream runs on until the server's grace period aborts its requests (launch_server.py), so
+    each still ends with a finish_reason and [DONE].
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[bytes], ping_s: float = 0.0) -> None:
+        self.frames = frames
+        self.ping_interval = ping_s
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-store", "Connection": "keep-alive", "X-Accel-Buffering": "no"})
+        self._last_send = 0.0  # loop time of the latest event sent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if scope.get("method") == "HEAD":  # headers only: the stream never starts
+            await self._close_frames()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        task = asyncio.current_task()
+        assert task is not None, "a response is sent from a task"
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
+        state = {"gone": False, "streaming": True}
+
+        def on_disconnect(watcher: asyncio.Future[None]) -> None:
+            if state["streaming"] and not watcher.cancelled():
+                state["gone"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(_until_disconnected(receive))
+        watcher.add_done_callback(on_disconnect)
+        pinger = asyncio.ensure_future(self._ping(send)) if self.ping_interval > 0 else None
+        try:
+            async for frame in self.frames:
+                self._last_send = loop.time()
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+        finally:
+            state["streaming"] = False
+            watcher.cancel()
+            if pinger is not None:
+                pinger.cancel()
+            await self._close_frames()  # a stream cancelled in a send has its generator suspended at a yield
+        if state["gone"]:
+            task.uncancel()  # our own cancel, consumed here
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _ping(self, send: Send) -> None:
+        """A `: ping` comment once the stream has been silent for `ping_interval` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, self._last_send + self.ping_interval - loop.time()))
+            if loop.time() - self._last_send >= self.ping_interval:
+                self._last_send = loop.time()
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+
+    async def _close_frames(self) -> None:
+        close = getattr(self.frames, "aclose", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await close()
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse_response(frames: AsyncIterator[bytes], *, ping_s: float = 0.0) -> SSEResponse:
+    """A streamed answer of SSE events (`sse`, `SSE_DONE`); see SSEResponse.
 
     ping_s: send a `: ping` comment after that many seconds without data (keeps proxies from closing idle streams);
     0 sends none. SGLang's and vLLM's benchmark clients read every non-empty line as `data:` JSON and fail a request
     on a comment, so the default is none, as those servers send.
     """
-    from sse_starlette.sse import EventSourceResponse
-
-    # At shutdown sse-starlette would cut streams at once; instead they run until the server's own
-    # grace period aborts their requests, so each still ends with a finish_reason and [DONE].
-    return EventSourceResponse(frames, shutdown_grace_period=graceful_shutdown_s + 2.0, ping=ping_s)
+    return SSEResponse(frames, ping_s)

@@ -72,7 +72,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     generation = Generation(state, ROUTE, prep.choices, response_id, started)
 
     def stream(firsts: list[RequestOutput]) -> Response:
-        return sse_response(_stream(state, prep, generation, firsts, response_id), state.config.graceful_shutdown_s,
+        return sse_response(_stream(state, prep, generation, firsts, response_id),
                             ping_s=state.config.sse_ping_interval_s)
 
     return await generation.respond(request, stream if req.stream else None,

@@ -107,7 +107,7 @@ async def generate(state: ServerState, request: Request) -> Response:
     ids = [c.rid or rid for c, rid in zip(prep.choices, generation.rids)]
 
     def streamed(firsts: list[RequestOutput]) -> Response:  # never pings: SGLang's clients of /generate
-        return sse_response(_stream(state, prep, generation, firsts, ids, started), state.config.graceful_shutdown_s)
+        return sse_response(_stream(state, prep, generation, firsts, ids, started))
 
     def whole(results: list[Collected]) -> Response:
         answers = [_answer(state, prep, i, r, ids[i], started) for i, r in enumerate(results)]

@@ -3,7 +3,7 @@
     .venv/bin/python loadtest/bench_http.py                    # concurrency 1, 8, 32, 128
     .venv/bin/python loadtest/bench_http.py --concurrency 16 --tokens 1000 --rounds 3
 
-The server (a subprocess: baleen's Starlette app, uvicorn, uvloop, sse-starlette, orjson) serves
+The server (a subprocess: baleen's Starlette app, uvicorn (httptools), uvloop, orjson) serves
 /v1/chat/completions from `FastEngine`, which has the Engine's generate() surface and yields one token per
 output without any model. N clients, each a raw asyncio socket that only counts SSE events (so the client
 costs little next to the server), stream `--tokens` tokens each at the same time. The table gives tokens/s

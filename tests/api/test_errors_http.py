@@ -217,7 +217,7 @@ def test_streams_send_ping_comments_only_when_asked(fake_engine: FakeEngine, pin
     async def nothing() -> AsyncIterator[bytes]:
         yield b""
 
-    assert ServerConfig().sse_ping_interval_s == 0 and sse_response(nothing(), 5.0).ping_interval == 0  # type: ignore[attr-defined]
+    assert ServerConfig().sse_ping_interval_s == 0 and sse_response(nothing()).ping_interval == 0
     config = ServerConfig(host="127.0.0.1", port=0, log_level="warning", sse_ping_interval_s=ping_s)
     fake_engine.delay_s = 0.5
     try:

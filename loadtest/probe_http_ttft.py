@@ -1,0 +1,332 @@
+"""Where a streamed request's first token spends its time over HTTP: a per-hop timeline, one request at a time.
+
+    python -P loadtest/probe_http_ttft.py                         # the tiny model, 16-token prompts, 30 requests
+    python -P loadtest/probe_http_ttft.py --lengths 16 256 --requests 50 --route chat -- --device cpu
+
+The server (`launch_server` with the flags after `--`; the tiny model by default) runs in a subprocess started from
+this file, which wraps a few functions of the frontend and of the rank process (spawned children import this file
+again, so they are wrapped too) to append `label pid perf_counter_ns` lines to one trace file. perf_counter is
+CLOCK_MONOTONIC on Linux, one clock for every process of the machine, so the lines of all processes and of the
+client sort into one timeline. Each request's timeline starts at the client's send; the table gives each hop's
+first time after it (median and best over the requests) and the step from the hop before. Timing wrappers cost a
+few microseconds each (~20 hops), and only this probe has them: bench_ttft.py measures the unwrapped server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import inspect
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_TRACE = "BALEEN_PROBE_TRACE"  # the trace file, inherited by the server and its spawned rank processes
+_READY = re.compile(r"baleen is ready: serving .* at http://([\d.]+):(\d+)/v1 ")
+
+
+# ---- the tracer (server side) ------------------------------------------------------------------------------
+class Tracer:
+    """Appends `label pid ns` lines to the trace file (O_APPEND: one write per line, whole, from any process)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.pid = os.getpid()
+
+    def mark(self, label: str) -> None:
+        os.write(self.fd, f"{label} {self.pid} {time.perf_counter_ns()}\n".encode())
+
+    def wrap(self, owner: Any, name: str, label: Callable[..., str | None] | str, at: str = "exit") -> None:
+        """Mark `label` (or `label(*args)`, None: no mark) when owner.name is entered or returns."""
+        fn = getattr(owner, name)
+        name_of: Callable[..., str | None] = label if callable(label) else (lambda *a, **k: label)
+        mark = self.mark
+
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+                tag = name_of(*args, **kwargs)
+                if tag and at == "enter":
+                    mark(tag)
+                out = await fn(*args, **kwargs)
+                if tag and at == "exit":
+                    mark(tag)
+                return out
+
+            setattr(owner, name, wrapped_async)
+            return
+
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            tag = name_of(*args, **kwargs)
+            if tag and at == "enter":
+                mark(tag)
+            out = fn(*args, **kwargs)
+            if tag and at == "exit":
+                mark(tag)
+            return out
+
+        setattr(owner, name, wrapped)
+
+
+def _msg_label(prefix: str, kinds: tuple[str, ...]) -> Callable[..., str | None]:
+    def label(self: Any, msg: Any, *rest: Any) -> str | None:
+        kind = type(msg).__name__
+        return f"{prefix} {kind}" if kind in kinds else None
+    return label
+
+
+def _batch_label(prefix: str, kinds: tuple[str, ...]) -> Callable[..., str | None]:
+    def label(self: Any, messages: list[Any]) -> str | None:
+        found = [type(m).__name__ for m in messages if type(m).__name__ in kinds]
+        return f"{prefix} {found[0]}" if found else None
+    return label
+
+
+def install(path: str) -> None:
+    """Wrap the hops of a request's first token in this process (frontend or rank process)."""
+    from uvicorn.protocols.http import h11_impl
+
+    from baleen.actors import channel, detokenizer, scheduler, worker
+    from baleen.api import generation, server, serving_chat, serving_completion
+
+    t = Tracer(path)
+    kinds = ("NewRequest", "StepPlan", "StepResult", "TokenDeltas")
+    t.wrap(h11_impl.H11Protocol, "data_received", "1 http bytes in", at="enter")
+    try:
+        from uvicorn.protocols.http import httptools_impl
+
+        t.wrap(httptools_impl.HttpToolsProtocol, "data_received", "1 http bytes in", at="enter")
+    except ImportError:
+        pass
+    t.wrap(server._Frontend, "__call__", "2 asgi app entered", at="enter")
+    for module in (serving_completion, serving_chat):
+        t.wrap(module, "read_body", "3 body read")
+    t.wrap(serving_completion.p, "decode_completion_request", "4 body decoded")
+    t.wrap(serving_chat.p, "decode_chat_request", "4 body decoded")
+    t.wrap(serving_completion, "_prepare", "5 tokenized + admitted")
+    t.wrap(serving_chat, "_prepare", "5 tokenized + admitted")
+    for cls in (channel.ShmChannel, channel.LocalChannel):
+        t.wrap(cls, "send", _msg_label("send", kinds), at="enter")
+    t.wrap(scheduler.SchedulerActor, "decide", _batch_label("scheduler got", ("NewRequest", "StepResult")), at="enter")
+    t.wrap(worker.WorkerActor, "_cpu_step", "step start", at="enter")
+    t.wrap(worker.WorkerActor, "_cpu_step", "step computed")
+    t.wrap(detokenizer.DetokenizerActor, "decide", _batch_label("detokenizer got", ("TokenDeltas",)), at="enter")
+    t.wrap(generation.Generation, "first", "first output in route")
+
+    def asgi_send(self: Any, message: dict[str, Any]) -> str | None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            return "SSE body chunk written"
+        return "headers written" if message["type"] == "http.response.start" else None
+
+    t.wrap(h11_impl.RequestResponseCycle, "send", asgi_send, at="enter")
+    try:
+        from uvicorn.protocols.http import httptools_impl
+
+        t.wrap(httptools_impl.RequestResponseCycle, "send", asgi_send, at="enter")
+    except ImportError:
+        pass
+
+
+if os.environ.get(_TRACE) and __name__ == "__mp_main__":  # a spawned rank process of the traced server
+    install(os.environ[_TRACE])
+
+
+# ---- the client --------------------------------------------------------------------------------------------
+async def one_request(host: str, port: int, route: str, prompt: list[int], max_new: int, t: Tracer) -> float:
+    """Seconds from the send to the first SSE chunk with a token; marks the send and that chunk."""
+    if route == "chat":
+        text = " ".join(str(x) for x in prompt)  # about len(prompt) tokens of the default tokenizer
+        payload: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": text}]}
+        path, key = b"/v1/chat/completions", b'"content"'
+    else:
+        payload, path, key = {"model": "default", "prompt": prompt}, b"/v1/completions", b'"text"'
+    body = json.dumps({**payload, "max_tokens": max_new, "temperature": 0.0, "ignore_eos": True,
+                       "stream": True}).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (b"POST %s HTTP/1.1\r\nHost: probe\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (path, len(body)))
+    t.mark("0 client send")
+    started = time.perf_counter()
+    writer.write(head + body)
+    first, buf = None, b""
+    try:
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise RuntimeError(f"the stream ended without [DONE]: {buf[-300:]!r}")
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for event in events:
+                payload_bytes = event.partition(b"data: ")[2]
+                if payload_bytes == b"[DONE]":
+                    assert first is not None
+                    return first
+                if b'"error"' in payload_bytes:
+                    raise RuntimeError(f"the server sent an error: {payload_bytes[:300]!r}")
+                if first is None and re.search(key + rb':"[^"]', payload_bytes):
+                    t.mark("client got first token")
+                    first = time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+_AFTER_STEP = ("send StepResult", "scheduler got StepResult", "send TokenDeltas", "detokenizer got TokenDeltas",
+               "first output in route", "headers written", "SSE body chunk written")
+
+
+async def engine_requests(args: argparse.Namespace, trace: Path, t: Tracer) -> list[float]:
+    """The in-process Engine's TTFTs (generate() to its first output with tokens), traced as the server is."""
+    from baleen.actors.engine import Engine, EngineConfig
+    from baleen.messages import SamplingParams
+    from baleen.model.make_model import tiny_model_path
+
+    install(str(trace))
+    rng = random.Random(5)
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    ttfts: list[float] = []
+    async with await Engine.start(EngineConfig(model_path=str(tiny_model_path()))) as engine:
+        for length in args.lengths:
+            trace.write_text("")
+            for i in range(3 + args.requests):
+                prompt = [rng.randrange(100, 1000) for _ in range(length)]
+                t.mark("0 client send")
+                started, first = time.perf_counter(), None
+                async for out in engine.generate(prompt, sampling):
+                    if first is None and out.token_ids:
+                        t.mark("client got first token")
+                        first = time.perf_counter() - started
+                if i >= 3 and first is not None:
+                    ttfts.append(first)
+            _print(f"in-process Engine, {length}-token prompt", ttfts, timeline(trace)[3:])
+    return ttfts
+
+
+def _print(title: str, ttfts: list[float], requests: list[dict[str, int]]) -> None:
+    # The first step's forward varies most on a shared machine; without it the rest is what HTTP and the actors add.
+    rest = [r["client got first token"] - (r["step computed"] - r["step start"]) for r in requests
+            if "step start" in r and "step computed" in r]
+    print(f"## {title}, {len(ttfts)} requests: TTFT median {statistics.median(ttfts) * 1e3:.2f} ms, "
+          f"best {min(ttfts) * 1e3:.2f} ms; TTFT less the first step's forward: median "
+          f"{statistics.median(rest) / 1e6:.2f} ms, best {min(rest) / 1e6:.2f} ms")
+    print(table(requests))
+
+
+def timeline(path: Path) -> list[dict[str, int]]:
+    """Per request: each label's first time (ns) after the client's send, relative to it.
+
+    The hops after the step count only once its first step is computed: the previous request's tail (its abort,
+    its last metrics, the write of its [DONE]) may still run after the next request was sent."""
+    rows = sorted((int(ns), label) for label, _, ns in
+                  (line.rsplit(" ", 2) for line in path.read_text().splitlines() if line))
+    out: list[dict[str, int]] = []
+    current: dict[str, int] | None = None
+    start = 0
+    for ns, label in rows:
+        if label == "0 client send":
+            current, start = {}, ns
+            out.append(current)
+        elif current is not None and label not in current:
+            if label in _AFTER_STEP and "step computed" not in current:
+                continue
+            current[label] = ns - start
+    return [r for r in out if "client got first token" in r]
+
+
+def table(requests: list[dict[str, int]]) -> str:
+    """Each hop's time after the send and its step from the hop before (medians and bests over the requests)."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for r in requests:
+        for label, ns in r.items():
+            if ns <= r["client got first token"]:
+                by_label[label].append(ns)
+    order = sorted(by_label, key=lambda k: statistics.median(by_label[k]))
+    lines = ["| hop | at: median us | best us | step from the hop before: median us | best us | seen in |",
+             "|---|---|---|---|---|---|"]
+    for i, label in enumerate(order):
+        at = by_label[label]
+        steps = [r[label] - (r[order[i - 1]] if i else 0) for r in requests if label in r and (i == 0 or order[i - 1] in r)]
+        lines.append(f"| {label} | {statistics.median(at) / 1e3:.0f} | {min(at) / 1e3:.0f} | "
+                     f"{statistics.median(steps) / 1e3:.0f} | {min(steps) / 1e3:.0f} | {len(at)}/{len(requests)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16])
+    ap.add_argument("--requests", type=int, default=30, help="requests per length (after 3 warm-ups)")
+    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="pause between requests (the previous request's tail then no longer overlaps the next)")
+    ap.add_argument("--route", choices=("completions", "chat"), default="completions")
+    ap.add_argument("--engine", action="store_true", help="trace the in-process Engine instead (the tiny model)")
+    ap.add_argument("--keep-trace", type=Path, default=None, help="copy the raw trace here")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the traced server subprocess
+    ap.add_argument("server_flags", nargs="*", help="launch_server flags (after --)")
+    args = ap.parse_args(argv)
+    if args.serve:
+        install(os.environ[_TRACE])
+        from baleen.api.cli import serve_main
+
+        return serve_main(args.server_flags, prog="probe server")
+
+    if args.engine:
+        trace = Path(tempfile.mkstemp(prefix="probe-ttft-", suffix=".trace")[1])
+        try:
+            from baleen.actors.actor import run
+
+            run(engine_requests(args, trace, Tracer(str(trace))))
+        finally:
+            trace.unlink()
+        return 0
+    from baleen.model.make_model import tiny_model_path
+
+    flags = args.server_flags
+    if "--model-path" not in flags:
+        flags = ["--model-path", str(tiny_model_path()), *flags]
+    trace = Path(tempfile.mkstemp(prefix="probe-ttft-", suffix=".trace")[1])
+    log = tempfile.NamedTemporaryFile(prefix="probe-ttft-server-", suffix=".log", delete=False)  # noqa: SIM115
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{_TRACE: str(trace)})
+    proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", "--", *flags, "--port", "0"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        while (m := _READY.search(Path(log.name).read_text(errors="replace"))) is None:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        host, port = m.group(1), int(m.group(2))
+        t = Tracer(str(trace))
+        rng = random.Random(5)
+        for length in args.lengths:
+            trace.write_text("")
+            ttfts = []
+            for i in range(3 + args.requests):
+                prompt = [rng.randrange(100, 1000) for _ in range(length)]
+                time.sleep(args.gap_ms / 1e3)
+                ttft = asyncio.run(one_request(host, port, args.route, prompt, args.max_tokens, t))
+                if i >= 3:
+                    ttfts.append(ttft)
+            _print(f"HTTP, {length}-token prompt, {args.route}", ttfts, timeline(trace)[3:])
+            if args.keep_trace is not None:
+                args.keep_trace.write_text(trace.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        os.unlink(log.name)
+        trace.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
