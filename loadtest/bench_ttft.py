@@ -11,7 +11,8 @@ Every prompt is fresh random token ids (no prefix-cache hit unless asked for), g
 - engine: TTFT of the in-process `Engine` (from `generate()` to its first output; --ttft-new-tokens tokens asked,
   more than one, so that a first token held back until the next step is computed shows);
 - http: TTFT through `launch_server` in a subprocess (a streamed /v1/completions of the token ids, from the request
-  to the first SSE chunk that carries a token; a raw socket client, so the client adds little).
+  to the first SSE chunk that carries a token; a raw socket client, so the client adds little), over one
+  keep-alive connection as pooling clients (the openai SDK) send, and with a new connection a request;
 Target (issue 20): TTFT <= 2 ms + 1.2 x prompt tokens / prefill throughput; the "x target" columns are TTFT over
 that (<= 1 meets it). Per-token time: (last - first token) / (tokens - 1) of one --decode-tokens greedy stream.
 `--cached-prefix L ...`: TTFT of L cached tokens + --suffix-len new ones, after one request cached those L, against
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,65 +187,97 @@ async def engine_run(args: argparse.Namespace, path: Path, lengths: list[int], v
         res["per_token"] = min([per_token(await engine_stream(engine, _prompt(rng, 16, vocab), args.decode_tokens))
                                 for _ in range(args.repeats)])  # fmt: skip
         for prefix in args.cached_prefix:
-            res["cached"][prefix] = await _cached_ttft(engine, rng, prefix, args, vocab)
+            res["cached"][prefix] = await _cached_ttft(functools.partial(engine_stream, engine), rng, prefix, args, vocab)
     return res
 
 
-async def _cached_ttft(engine: Engine, rng: random.Random, prefix: int, args: argparse.Namespace,
-                       vocab: int) -> tuple[float, float]:
+async def _cached_ttft(stream: Callable[[list[int], int], Awaitable[list[float]]], rng: random.Random, prefix: int,
+                       args: argparse.Namespace, vocab: int) -> tuple[float, float]:
     """(TTFT of a cached `prefix` + --suffix-len new tokens, TTFT of the suffix alone), best of --repeats."""
     with_prefix, alone = float("inf"), float("inf")
     for _ in range(args.repeats):
         head = _prompt(rng, prefix, vocab)
-        await engine_stream(engine, head, 1)  # caches its pages
+        await stream(head, 1)  # caches its pages
         suffix = _prompt(rng, args.suffix_len, vocab)
         n = args.ttft_new_tokens
-        with_prefix = min(with_prefix, (await engine_stream(engine, head + suffix, n))[0])
-        alone = min(alone, (await engine_stream(engine, _prompt(rng, args.suffix_len, vocab), n))[0])
+        with_prefix = min(with_prefix, (await stream(head + suffix, n))[0])
+        alone = min(alone, (await stream(_prompt(rng, args.suffix_len, vocab), n))[0])
     return with_prefix, alone
 
 
 # ---- over HTTP ---------------------------------------------------------------------------------------------
-async def http_stream(host: str, port: int, prompt: list[int], max_new: int) -> list[float]:
-    """Seconds from sending a streamed /v1/completions to each SSE chunk (raw socket; [DONE] excluded)."""
-    body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True}).encode()
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-    times: list[float] = []
-    buf = b""
-    try:
-        while True:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise RuntimeError(f"the stream ended without [DONE]: {buf[-300:]!r}")
-            now = time.perf_counter() - started
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for event in events:
-                payload = event.partition(b"data: ")[2]
-                if payload == b"[DONE]":
-                    return times
-                if b'"error"' in payload:
-                    raise RuntimeError(f"the server sent an error: {payload[:300]!r}")
-                if b'"text"' in payload:
-                    times.append(now)
-    finally:
-        writer.close()
+class HttpClient:
+    """A raw-socket client of streamed /v1/completions: one keep-alive connection reused by every request (as the
+    openai SDK's pooled connections are), or with `fresh` a new connection a request whose connect is timed too."""
+
+    def __init__(self, host: str, port: int, fresh: bool = False) -> None:
+        self.host, self.port, self.fresh = host, port, fresh
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def stream(self, prompt: list[int], max_new: int) -> list[float]:
+        """Seconds from sending the request to each SSE chunk that carries text ([DONE] excluded)."""
+        body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
+                           "ignore_eos": True, "stream": True}).encode()
+        started = time.perf_counter()
+        if self._conn is None or self.fresh:
+            self._conn = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._conn
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: %s\r\n\r\n%s"
+                     % (len(body), b"close" if self.fresh else b"keep-alive", body))
+        times: list[float] = []
+        buf = b""
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise RuntimeError(f"the stream ended without [DONE]: {buf[-300:]!r}")
+                now = time.perf_counter() - started
+                buf += data
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    payload = event.partition(b"data: ")[2]
+                    if payload == b"[DONE]":
+                        if not self.fresh:  # the chunked body's last chunk ends the response on this connection
+                            while not buf.endswith(b"0\r\n\r\n"):
+                                buf += await reader.read(1 << 16)
+                        return times
+                    if b'"error"' in payload:
+                        raise RuntimeError(f"the server sent an error: {payload[:300]!r}")
+                    if b'"text"' in payload:
+                        times.append(now)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if self.fresh:
+                self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
 
 
 async def http_run(args: argparse.Namespace, host: str, port: int, lengths: list[int], vocab: int) -> dict[str, Any]:
     rng = random.Random(3)
-    res: dict[str, Any] = {"ttft": {}, "ttft_first": {}}
-    for length in [lengths[0], *lengths]:
-        ttfts = [(await http_stream(host, port, _prompt(rng, length, vocab), args.ttft_new_tokens))[0]
-                 for _ in range(args.repeats)]  # fmt: skip
-        res["ttft"][length] = min(ttfts)
-        res["ttft_first"].setdefault(length, ttfts[0])
-    res["per_token"] = min([per_token(await http_stream(host, port, _prompt(rng, 16, vocab), args.decode_tokens))
-                            for _ in range(args.repeats)])  # fmt: skip
+    res: dict[str, Any] = {"ttft": {}, "ttft_first": {}, "ttft_new_connection": {}, "cached": {}}
+    client, fresh = HttpClient(host, port), HttpClient(host, port, fresh=True)
+    try:
+        for length in [lengths[0], *lengths]:
+            ttfts = [(await client.stream(_prompt(rng, length, vocab), args.ttft_new_tokens))[0]
+                     for _ in range(args.repeats)]  # fmt: skip
+            res["ttft"][length] = min(ttfts)
+            res["ttft_first"].setdefault(length, ttfts[0])
+            res["ttft_new_connection"][length] = min([
+                (await fresh.stream(_prompt(rng, length, vocab), args.ttft_new_tokens))[0]
+                for _ in range(args.repeats)])  # fmt: skip
+        res["per_token"] = min([per_token(await client.stream(_prompt(rng, 16, vocab), args.decode_tokens))
+                                for _ in range(args.repeats)])  # fmt: skip
+        for prefix in args.cached_prefix:
+            res["cached"][prefix] = await _cached_ttft(client.stream, rng, prefix, args, vocab)
+    finally:
+        client.close()
     return res
 
 
@@ -270,12 +304,15 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"# bench_ttft — {results['model']} on {results['device']}, {results['date']}, "
              f"chunk {results['chunk']}, {results['cpu_count']} CPU cores",
              "| prompt | compute ms | prefill tok/s | target ms | engine TTFT ms | x target | HTTP TTFT ms | x target "
-             "| first request: engine / HTTP ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| HTTP, new connection ms | first request: engine / HTTP ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     eng, http = results.get("engine", {}), results.get("http", {})
 
     def cols(ttft: float | None, target: float) -> str:
         return "- | -" if ttft is None else f"{ttft * 1e3:.2f} | {ttft / target:.2f}"
+
+    def ms(t: float | None) -> str:
+        return "-" if t is None else f"{t * 1e3:.2f}"
 
     def first(r: dict[str, Any], n: int) -> str:
         t = r.get("ttft_first", {}).get(n)
@@ -284,12 +321,14 @@ def report(results: dict[str, Any]) -> str:
     for n, c in results["compute_s"].items():
         t = target_s(n, c)
         lines.append(f"| {n} | {c * 1e3:.2f} | {n / c:.0f} | {t * 1e3:.2f} | {cols(eng.get('ttft', {}).get(n), t)} | "
-                     f"{cols(http.get('ttft', {}).get(n), t)} | {first(eng, n)} / {first(http, n)} |")
+                     f"{cols(http.get('ttft', {}).get(n), t)} | {ms(http.get('ttft_new_connection', {}).get(n))} | "
+                     f"{first(eng, n)} / {first(http, n)} |")
     per = [f"{name} {r['per_token'] * 1e3:.2f} ms" for name, r in (("engine", eng), ("HTTP", http)) if r]
     lines.append(f"per token after the first (one {results['decode_tokens']}-token stream): " + ", ".join(per))
-    for prefix, (with_prefix, alone) in eng.get("cached", {}).items():
-        lines.append(f"cached {prefix} + {results['suffix_len']} new: TTFT {with_prefix * 1e3:.2f} ms vs the suffix "
-                     f"alone {alone * 1e3:.2f} ms -> {with_prefix / alone:.2f}x (target <= 1.3x)")
+    for name, r in (("engine", eng), ("HTTP", http)):
+        for prefix, (with_prefix, alone) in r.get("cached", {}).items():
+            lines.append(f"{name}: cached {prefix} + {results['suffix_len']} new: TTFT {with_prefix * 1e3:.2f} ms vs the "
+                         f"suffix alone {alone * 1e3:.2f} ms -> {with_prefix / alone:.2f}x (target <= 1.3x)")
     return "\n".join(lines)
 
 
