@@ -106,6 +106,26 @@ def test_kv_cache_fp8_math_picks_the_gluon_kernel() -> None:
     assert TritonAttentionBackend()._gluon_kernel(bf16) is mla_decode_gluon
 
 
+async def _forced(cfg: EngineConfig, prompts: list[list[int]], ref: list[list[int]]) -> tuple[int, int, int]:
+    """Teacher-forced agreement with `ref` (no cascade after a near-tie flip): each prompt + ref's first i tokens,
+    two greedy tokens each. Returns (requests, first tokens equal to ref's next (the extend over the cached
+    prefix), second tokens equal where the first was (a decode step over the cache))."""
+
+    async def two(engine: Engine, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        async for o in engine.generate(ids, SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)):
+            assert o.error is None, o.error
+            out += o.token_ids
+        return out
+
+    cases = [(p + r[:i], r[i], r[i + 1]) for p, r in zip(prompts, ref) for i in range(len(r) - 1)]
+    async with await Engine.start(cfg) as engine:
+        got = await asyncio.gather(*[two(engine, ids) for ids, _, _ in cases])
+    firsts = [g[0] == a for g, (_, a, _) in zip(got, cases)]
+    seconds = [g[1] == b for g, (_, _, b), f in zip(got, cases, firsts) if f]
+    return len(cases), sum(firsts), sum(seconds)
+
+
 @pytest.mark.gpu
 def test_engine_fp8_cache_on_the_triton_backend_with_graphs_equals_torch() -> None:
     # CUDA: the Triton decode (graphs captured over the FP8 cache) and extend kernels against the torch backend
@@ -117,16 +137,12 @@ def test_engine_fp8_cache_on_the_triton_backend_with_graphs_equals_torch() -> No
     ref = asyncio.run(_outputs(EngineConfig(**base, attention_backend="torch", disable_cuda_graph=True), prompts))
     got = asyncio.run(_outputs(EngineConfig(**base, attention_backend="triton", cuda_graph_max_bs=8), prompts))
     assert _agreement(got, ref) >= 0.9 * len(prompts) * NEW_TOKENS, (got, ref)
-    # bf16 model: the Gluon kernel on Hopper. Converting the cache (--kv-cache-fp8-math bf16) it is the reference's
-    # math up to bf16 rounding; with FP8 MMAs q and P are rounded to e4m3 as well, which on this random model (logits
-    # near ties everywhere) changed 58 of 96 greedy ids on the H100 (2026-12-07): served, full length, mostly not equal.
+    # bf16 model (the tiny model's 4 heads and 64 + 16 latent take the Triton kernels, not the Gluon ones): bf16
+    # rounding in other orders than the reference's flips this random model's near-tied greedy ids, after which
+    # free-running sequences go apart (38 of these 96 ids equal on the H100, 2026-12-07). So the kernels are held to
+    # the reference teacher-forced: every position's context is the reference's own tokens.
     bf16 = dict(base, dtype="bfloat16")
     ref16 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="torch", disable_cuda_graph=True), prompts))
-    got16 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8,
-                                              kv_cache_fp8_math="bf16"), prompts))  # fmt: skip
-    assert all(len(o) == NEW_TOKENS for o in got16)
-    assert _agreement(got16, ref16) >= len(prompts) * NEW_TOKENS // 2, (got16, ref16)
-    got8 = asyncio.run(_outputs(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8,
-                                             kv_cache_fp8_math="fp8"), prompts))  # fmt: skip
-    assert all(len(o) == NEW_TOKENS for o in got8)
-    assert _agreement(got8, ref16) >= len(prompts) * NEW_TOKENS // 4, (got8, ref16)
+    n, firsts, seconds = asyncio.run(_forced(EngineConfig(**bf16, attention_backend="triton", cuda_graph_max_bs=8),
+                                             prompts, ref16))  # fmt: skip
+    assert firsts >= 0.8 * n and seconds >= 0.8 * firsts, (n, firsts, seconds)
