@@ -267,6 +267,7 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
         chats.append(tok.encode(prompt, add_special_tokens=False).ids)
     page = 64
     attn = TorchAttentionBackend()
+    main_p1: list[float] = []  # per position of the last forward with the MTP layer
 
     def forward(seqs: list[list[int]], with_mtp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         lens = [len(s) for s in seqs]
@@ -278,17 +279,20 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
         attn.plan(batch)
         with torch.no_grad():
             hidden = loaded.model(batch, kv, attn)
-            main = loaded.model.compute_logits(hidden).argmax(-1)  # [T]
+            main_logits = loaded.model.compute_logits(hidden)
+            main = main_logits.argmax(-1)  # [T]
             if not with_mtp:
                 return main, None
+            main_p1[:] = main_logits.softmax(-1).amax(-1).tolist()  # the main model's confidence in its own pick
             nxt = [t for s in seqs for t in [*s[1:], 0]]
             mb = ForwardBatch.build(nxt, [0] * len(seqs), lens, tables, page, device=device)
             assert loaded.mtp is not None
             mtp = loaded.mtp.compute_logits(loaded.mtp(mb, hidden, kv, attn)).argmax(-1)
         return main, mtp
 
-    def agreement(starts: list[list[int]]) -> tuple[float, float, int]:
-        """(on the greedy continuations, on the prompts themselves, positions counted)."""
+    def agreement(starts: list[list[int]]) -> tuple[float, float, int, list[tuple[float, bool]]]:
+        """(on the greedy continuations, on the prompts themselves, positions counted, each continuation
+        position's (the main model's top-1 probability of the token the MTP layer drafts, whether it agreed))."""
         seqs = [list(p) for p in starts]
         for _ in range(new_tokens):  # greedy continuations (the whole sequence again each step: small and simple)
             main, _ = forward(seqs, with_mtp=False)
@@ -298,6 +302,7 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
         main, mtp = forward(seqs, with_mtp=True)
         assert mtp is not None
         gen_hits = gen_n = text_hits = text_n = 0
+        by_p1: list[tuple[float, bool]] = []
         start = 0
         for s, p in zip(seqs, starts):
             n = len(s)
@@ -306,16 +311,26 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
                 if t + 1 >= len(p) - 1:  # continuation: the main model's token at t + 2 is its own greedy choice
                     gen_hits += d[t] == s[t + 2]
                     gen_n += 1
+                    by_p1.append((main_p1[start + t + 1], d[t] == s[t + 2]))
                 else:  # inside the prompt: the main model's prediction at t + 1
                     text_hits += d[t] == m[t + 1]
                     text_n += 1
             start += n
-        return gen_hits / max(1, gen_n), text_hits / max(1, text_n), gen_n + text_n
+        return gen_hits / max(1, gen_n), text_hits / max(1, text_n), gen_n + text_n, by_p1
 
-    greedy, on_text, n_text = agreement(prompts)
-    chat_greedy, _, n_chat = agreement(chats)
+    greedy, on_text, n_text, by_p1 = agreement(prompts)
+    chat_greedy, _, n_chat, _ = agreement(chats)
+    # Where the MTP layer misses on text: agreement against how sure the main model was of the token it drafts (an
+    # MTP layer whose top-1 were a sample of the main model's distribution would agree about p1 in each bin).
+    bins = {}
+    for lo, hi in ((0.0, 0.3), (0.3, 0.6), (0.6, 0.9), (0.9, 1.01)):
+        hits = [hit for p1, hit in by_p1 if lo <= p1 < hi]
+        bins[f"{lo:.1f}-{min(hi, 1.0):.1f}"] = [round(len(hits) / max(1, len(by_p1)), 3),
+                                                  round(sum(hits) / max(1, len(hits)), 3)]
     return {"mtp_agreement_greedy": round(greedy, 4), "mtp_agreement_text": round(on_text, 4),
-            "mtp_agreement_chat_answers": round(chat_greedy, 4), "mtp_positions": n_text + n_chat}
+            "mtp_agreement_chat_answers": round(chat_greedy, 4), "mtp_positions": n_text + n_chat,
+            "main_p1_mean_greedy": round(sum(p for p, _ in by_p1) / max(1, len(by_p1)), 4),
+            "mtp_agreement_greedy_by_main_p1": bins}
 
 
 def table(results: dict[str, Any]) -> str:

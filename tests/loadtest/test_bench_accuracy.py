@@ -44,3 +44,6 @@ def test_small_sample_every_family(server: ServerProcess, tmp_path: Path) -> Non
     assert tools["finish_tool_calls"] == tools["parses"] == tools["right_name"] == tools["right_arguments"] == 1.0
     assert res["reasoning"]["reasoning_split"] == res["add"]["reasoning_split"] == 1.0  # in reasoning_content
     assert res["mtp"]["mtp_agreement_chat_answers"] >= 0.8, res["mtp"]
+    bins = res["mtp"]["mtp_agreement_greedy_by_main_p1"]  # [share of positions, agreement] by the main's top-1 prob.
+    assert list(bins) == ["0.0-0.3", "0.3-0.6", "0.6-0.9", "0.9-1.0"] and abs(sum(b[0] for b in bins.values()) - 1) < 0.01
+    assert 0 < res["mtp"]["main_p1_mean_greedy"] <= 1
