@@ -10,6 +10,8 @@ CLOCK_MONOTONIC on Linux, one clock for every process of the machine, so the lin
 client sort into one timeline. Each request's timeline starts at the client's send; the table gives each hop's
 first time after it (median and best over the requests) and the step from the hop before. Timing wrappers cost a
 few microseconds each (~20 hops), and only this probe has them: bench_ttft.py measures the unwrapped server.
+The client is bench_ttft's (`HttpClient`): one keep-alive connection for every request, as pooling clients (the
+openai SDK) send; `--new-connections` opens one a request (its connect is before the send, outside the timeline).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.util
 import inspect
-import json
 import os
 import random
 import re
@@ -144,42 +146,43 @@ if os.environ.get(_TRACE) and __name__ == "__mp_main__":  # a spawned rank proce
 
 
 # ---- the client --------------------------------------------------------------------------------------------
-async def one_request(host: str, port: int, route: str, prompt: list[int], max_new: int, t: Tracer) -> float:
-    """Seconds from the send to the first SSE chunk with a token; marks the send and that chunk."""
-    if route == "chat":
-        text = " ".join(str(x) for x in prompt)  # about len(prompt) tokens of the default tokenizer
-        payload: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": text}]}
-        path, key = b"/v1/chat/completions", b'"content"'
-    else:
-        payload, path, key = {"model": "default", "prompt": prompt}, b"/v1/completions", b'"text"'
-    body = json.dumps({**payload, "max_tokens": max_new, "temperature": 0.0, "ignore_eos": True,
-                       "stream": True}).encode()
-    reader, writer = await asyncio.open_connection(host, port)
-    head = (b"POST %s HTTP/1.1\r\nHost: probe\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (path, len(body)))
-    t.mark("0 client send")
-    started = time.perf_counter()
-    writer.write(head + body)
-    first, buf = None, b""
+def _load_sibling(name: str) -> Any:
+    """A loadtest script beside this one, loaded as a module (loadtest is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"loadtest_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_CARRIES_TEXT = {"completions": re.compile(rb'"text":"[^"]'), "chat": re.compile(rb'"content":"[^"]')}
+_CLIENT_MARKS = {"send": "0 client send", "first token": "client got first token"}
+
+
+async def http_requests(args: argparse.Namespace, host: str, port: int, length: int, t: Tracer) -> list[float]:
+    """TTFTs of 3 warm-ups + --requests streamed requests of `length` prompt tokens, one at a time; bench_ttft's
+    client, over one keep-alive connection (or a new connection a request with --new-connections)."""
+    client = _load_sibling("bench_ttft").HttpClient(host, port, fresh=args.new_connections,
+                                                    mark=lambda event: t.mark(_CLIENT_MARKS[event]))
+    rng = random.Random(5)
+    ttfts = []
     try:
-        while True:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise RuntimeError(f"the stream ended without [DONE]: {buf[-300:]!r}")
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for event in events:
-                payload_bytes = event.partition(b"data: ")[2]
-                if payload_bytes == b"[DONE]":
-                    assert first is not None
-                    return first
-                if b'"error"' in payload_bytes:
-                    raise RuntimeError(f"the server sent an error: {payload_bytes[:300]!r}")
-                if first is None and re.search(key + rb':"[^"]', payload_bytes):
-                    t.mark("client got first token")
-                    first = time.perf_counter() - started
+        for i in range(3 + args.requests):
+            prompt = [rng.randrange(100, 1000) for _ in range(length)]
+            if args.route == "chat":
+                text = " ".join(str(x) for x in prompt)  # about len(prompt) tokens of the default tokenizer
+                path, payload = b"/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
+            else:
+                path, payload = b"/v1/completions", {"prompt": prompt}
+            payload |= {"model": "default", "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
+                        "stream": True}
+            await asyncio.sleep(args.gap_ms / 1e3)
+            times = await client.post(path, payload, _CARRIES_TEXT[args.route])
+            if i >= 3:
+                ttfts.append(times[0])
     finally:
-        writer.close()
+        client.close()
+    return ttfts
 
 
 _AFTER_STEP = ("send StepResult", "scheduler got StepResult", "send TokenDeltas", "detokenizer got TokenDeltas",
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="pause between requests (the previous request's tail then no longer overlaps the next)")
     ap.add_argument("--route", choices=("completions", "chat"), default="completions")
+    ap.add_argument("--new-connections", action="store_true",
+                    help="a new connection a request (default: one keep-alive connection, as pooling clients send)")
     ap.add_argument("--engine", action="store_true", help="trace the in-process Engine instead (the tiny model)")
     ap.add_argument("--keep-trace", type=Path, default=None, help="copy the raw trace here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the traced server subprocess
@@ -307,17 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         host, port = m.group(1), int(m.group(2))
         t = Tracer(str(trace))
-        rng = random.Random(5)
         for length in args.lengths:
             trace.write_text("")
-            ttfts = []
-            for i in range(3 + args.requests):
-                prompt = [rng.randrange(100, 1000) for _ in range(length)]
-                time.sleep(args.gap_ms / 1e3)
-                ttft = asyncio.run(one_request(host, port, args.route, prompt, args.max_tokens, t))
-                if i >= 3:
-                    ttfts.append(ttft)
-            _print(f"HTTP, {length}-token prompt, {args.route}", ttfts, timeline(trace)[3:])
+            ttfts = asyncio.run(http_requests(args, host, port, length, t))
+            connection = "a new connection a request" if args.new_connections else "one keep-alive connection"
+            _print(f"HTTP, {length}-token prompt, {args.route}, {connection}", ttfts, timeline(trace)[3:])
             if args.keep_trace is not None:
                 args.keep_trace.write_text(trace.read_text())
     finally:
