@@ -266,10 +266,7 @@ async def probe(args: argparse.Namespace, names: list[str], servers: list[tuple[
             for k, name in enumerate(names):
                 _print(f"{name}, {length}-token prompt", ttfts[k], per_target[k])
             if len(targets) == 2:  # paired by round: both requests of a round met the same load
-                diffs = [b - a for a, b in zip(*(_rest(rows) for rows in per_target), strict=True)]
-                print(f"## {names[1]} - {names[0]}, paired by round: median {statistics.median(diffs) / 1e3:+.0f} us, "
-                      f"best-of medians {(min(_rest(per_target[1])) - min(_rest(per_target[0]))) / 1e3:+.0f} us "
-                      f"(TTFT less the forward; {sum(d < 0 for d in diffs)} of {len(diffs)} rounds lower)")
+                print(f"## {names[1]} - {names[0]}: {paired(*(_rest(rows) for rows in per_target))}")
             if args.keep_trace is not None:
                 args.keep_trace.write_text(trace.read_text())
 
@@ -307,6 +304,19 @@ def _rest(requests: list[dict[str, int]]) -> list[int]:
     it the rest is what HTTP and the actors add."""
     return [r["client got first token"] - (r["step computed"] - r["step start"]) for r in requests
             if "step start" in r and "step computed" in r]
+
+
+def paired(before: list[int], after: list[int]) -> str:
+    """after - before, paired by round (ns lists): the mean with its 95 % interval over the rounds (the tenth of
+    rounds furthest from the median on each side dropped: a stall of a few ms on a shared machine), the median, the
+    rounds lower, and the difference of the bests."""
+    diffs = sorted(b - a for a, b in zip(before, after, strict=True))
+    cut = len(diffs) // 10
+    kept = diffs[cut : len(diffs) - cut] if len(diffs) > 2 * cut + 1 else diffs
+    mean, half = statistics.fmean(kept), 1.96 * statistics.stdev(kept) / len(kept) ** 0.5 if len(kept) > 1 else 0.0
+    return (f"paired by round, TTFT less the forward: trimmed mean {mean / 1e3:+.0f} +- {half / 1e3:.0f} us, median "
+            f"{statistics.median(diffs) / 1e3:+.0f} us, {sum(d < 0 for d in diffs)} of {len(diffs)} rounds lower; "
+            f"best {(min(after) - min(before)) / 1e3:+.0f} us")
 
 
 def _print(title: str, ttfts: list[float], requests: list[dict[str, int]]) -> None:
