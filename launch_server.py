@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from baleen.api.chat_template import ChatTemplate
 from baleen.api.server import create_app
@@ -92,7 +92,7 @@ class UvicornServer(uvicorn.Server):
         return f"http://{host}:{port}"
 
 
-def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, config: ServerConfig) -> uvicorn.Config:
     """uvicorn settings: our loop (uvloop), no access log below debug, a backstop after the grace period."""
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                           access_log=config.log_level.lower() in ("debug", "trace"), lifespan="off",

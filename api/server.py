@@ -16,12 +16,11 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -44,11 +43,20 @@ _OPEN_ROUTES = ("/health", "/health_generate", "/metrics")  # answered without t
 # ---- the app ---------------------------------------------------------------------------------------------
 
 
-class _Frontend:
-    """Outermost ASGI layer: the API key check, and HTTP counters and latency for every request."""
+_Handler = Callable[[Request], Awaitable[Response]]
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app, self.state = app, state
+
+class _Frontend:
+    """Outermost ASGI layer: the API key check, HTTP counters and latency for every request, and the generation
+    routes' POSTs handed straight to their handlers.
+
+    NOTE: a POST to a route in `direct` skips the Starlette app (its error middleware, router, exception middleware
+    and per-route wrapper: ~16 us of the ~80 us the frontend spends on a streamed request before its first event,
+    measured in process). Its handler turns every error into a response itself (`_guarded`), so what Starlette's
+    layers would add there is only the ApiError -> error body mapping, done here."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, direct: dict[str, _Handler]) -> None:
+        self.app, self.state, self.direct = app, state, direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,12 +75,18 @@ class _Frontend:
         metrics = self.state.metrics
         metrics.in_flight.inc()
         try:
-            if self._authorized(scope, route):
-                await self.app(scope, receive, send_status)
-            else:
+            if not self._authorized(scope, route):
                 error = ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                                  code="invalid_api_key")
                 await error_response(error)(scope, receive, send_status)
+            elif scope["method"] == "POST" and (handler := self.direct.get(path)) is not None:
+                try:
+                    response = await handler(Request(scope, receive))
+                except ApiError as e:
+                    response = error_response(e, self.state.config.retry_after_s)
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             metrics.in_flight.dec()
             metrics.observe_request(scope["method"], route, status, time.perf_counter() - started)
@@ -98,8 +112,9 @@ async def _guarded(answer: Awaitable[Response]) -> Response:
         return error_response(ApiError(500, f"internal server error: {type(e).__name__}: {e}"))
 
 
-def create_app(state: ServerState) -> Starlette:
-    """The Starlette app serving `state.engine` (which the caller starts and closes)."""
+def create_app(state: ServerState) -> ASGIApp:
+    """The ASGI app serving `state.engine` (which the caller starts and closes): the Starlette app behind
+    `_Frontend`."""
     async def chat(request: Request) -> Response:
         return await _guarded(serving_chat.create_chat_completion(state, request))
 
@@ -171,5 +186,6 @@ def create_app(state: ServerState) -> Starlette:
         Route("/health_generate", health_generate, methods=["GET"]),
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}
-    return Starlette(routes=routes, middleware=[Middleware(_Frontend, state=state)],
-                     exception_handlers=handlers)  # type: ignore[arg-type]
+    app = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+    return _Frontend(app, state, {serving_chat.ROUTE: chat, serving_completion.ROUTE: completion,
+                                  serving_native.ROUTE: generate})

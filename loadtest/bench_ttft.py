@@ -53,6 +53,7 @@ DEFAULT_LENGTHS = [16, 64, 256, 1024, 4096, 16384]
 FIXED_S, SLOPE = 2e-3, 1.2  # the issue's target: TTFT <= 2 ms + 1.2 x tokens / prefill throughput
 T = TypeVar("T")
 _READY = re.compile(r"baleen is ready: serving .* at http://([\d.]+):(\d+)/v1 ")
+_COMPLETION_TEXT = re.compile(rb'"text"')  # a /v1/completions chunk with text (may be "": a token's partial UTF-8)
 
 
 def target_s(tokens: int, compute_s: float) -> float:
@@ -207,24 +208,33 @@ async def _cached_ttft(stream: Callable[[list[int], int], Awaitable[list[float]]
 
 # ---- over HTTP ---------------------------------------------------------------------------------------------
 class HttpClient:
-    """A raw-socket client of streamed /v1/completions: one keep-alive connection reused by every request (as the
-    openai SDK's pooled connections are), or with `fresh` a new connection a request whose connect is timed too."""
+    """A raw-socket client of streamed OpenAI routes: one keep-alive connection reused by every request (as the
+    openai SDK's pooled connections are), or with `fresh` a new connection a request whose connect is timed too.
+    `mark(event)`, when given, is called at the request's "send" (after any connect) and its "first token"
+    (probe_http_ttft.py stamps them into its trace)."""
 
-    def __init__(self, host: str, port: int, fresh: bool = False) -> None:
-        self.host, self.port, self.fresh = host, port, fresh
+    def __init__(self, host: str, port: int, fresh: bool = False, mark: Callable[[str], None] | None = None) -> None:
+        self.host, self.port, self.fresh, self.mark = host, port, fresh, mark
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def stream(self, prompt: list[int], max_new: int) -> list[float]:
-        """Seconds from sending the request to each SSE chunk that carries text ([DONE] excluded)."""
-        body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
-                           "ignore_eos": True, "stream": True}).encode()
+        """A streamed /v1/completions of token ids: seconds from the request to each SSE chunk that carries text."""
+        return await self.post(b"/v1/completions", {"model": "default", "prompt": prompt, "max_tokens": max_new,
+                                                    "temperature": 0.0, "ignore_eos": True, "stream": True},
+                               _COMPLETION_TEXT)
+
+    async def post(self, path: bytes, payload: dict[str, Any], carries_text: re.Pattern[bytes]) -> list[float]:
+        """Seconds from sending a streamed request to each SSE chunk that `carries_text` matches ([DONE] excluded)."""
+        body = json.dumps(payload).encode()
         started = time.perf_counter()
         if self._conn is None or self.fresh:
             self._conn = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._conn
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        if self.mark is not None:
+            self.mark("send")
+        writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: %s\r\n\r\n%s"
-                     % (len(body), b"close" if self.fresh else b"keep-alive", body))
+                     % (path, len(body), b"close" if self.fresh else b"keep-alive", body))
         times: list[float] = []
         buf = b""
         try:
@@ -236,15 +246,17 @@ class HttpClient:
                 buf += data
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
-                    payload = event.partition(b"data: ")[2]
-                    if payload == b"[DONE]":
+                    chunk = event.partition(b"data: ")[2]
+                    if chunk == b"[DONE]":
                         if not self.fresh:  # the chunked body's last chunk ends the response on this connection
                             while not buf.endswith(b"0\r\n\r\n"):
                                 buf += await reader.read(1 << 16)
                         return times
-                    if b'"error"' in payload:
-                        raise RuntimeError(f"the server sent an error: {payload[:300]!r}")
-                    if b'"text"' in payload:
+                    if b'"error"' in chunk:
+                        raise RuntimeError(f"the server sent an error: {chunk[:300]!r}")
+                    if carries_text.search(chunk):
+                        if not times and self.mark is not None:
+                            self.mark("first token")
                         times.append(now)
         except BaseException:
             self.close()

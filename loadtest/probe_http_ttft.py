@@ -10,15 +10,18 @@ CLOCK_MONOTONIC on Linux, one clock for every process of the machine, so the lin
 client sort into one timeline. Each request's timeline starts at the client's send; the table gives each hop's
 first time after it (median and best over the requests) and the step from the hop before. Timing wrappers cost a
 few microseconds each (~20 hops), and only this probe has them: bench_ttft.py measures the unwrapped server.
+The client is bench_ttft's (`HttpClient`): one keep-alive connection for every request, as pooling clients (the
+openai SDK) send; `--new-connections` opens one a request (its connect is before the send, outside the timeline).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
+import importlib.util
 import inspect
-import json
 import os
 import random
 import re
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,8 @@ def install(path: str) -> None:
         t.wrap(httptools_impl.HttpToolsProtocol, "data_received", "1 http bytes in", at="enter")
     except ImportError:
         pass
-    t.wrap(server._Frontend, "__call__", "2 asgi app entered", at="enter")
+    t.wrap(server._Frontend, "_authorized", "2 asgi app entered", at="enter")  # not __call__: uvicorn calls the app
+    # with no arguments to tell a factory, and a wrapped __call__ would not raise the TypeError that says "no"
     for module in (serving_completion, serving_chat):
         t.wrap(module, "read_body", "3 body read")
     t.wrap(serving_completion.p, "decode_completion_request", "4 body decoded")
@@ -144,79 +148,179 @@ if os.environ.get(_TRACE) and __name__ == "__mp_main__":  # a spawned rank proce
 
 
 # ---- the client --------------------------------------------------------------------------------------------
-async def one_request(host: str, port: int, route: str, prompt: list[int], max_new: int, t: Tracer) -> float:
-    """Seconds from the send to the first SSE chunk with a token; marks the send and that chunk."""
-    if route == "chat":
+def _load_sibling(name: str) -> Any:
+    """A loadtest script beside this one, loaded as a module (loadtest is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"loadtest_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# A completions chunk is sent for every output with tokens (its text may be "": a partial UTF-8 character); a chat
+# stream's first chunk names the role, with content "" until there is text.
+_CARRIES_TEXT = {"completions": re.compile(rb'"text"'), "chat": re.compile(rb'"content":"[^"]')}
+_CLIENT_MARKS = {"send": "0 client send", "first token": "client got first token"}
+
+
+def _payload(args: argparse.Namespace, prompt: list[int]) -> tuple[bytes, dict[str, Any]]:
+    if args.route == "chat":
         text = " ".join(str(x) for x in prompt)  # about len(prompt) tokens of the default tokenizer
-        payload: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": text}]}
-        path, key = b"/v1/chat/completions", b'"content"'
+        path, payload = b"/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
     else:
-        payload, path, key = {"model": "default", "prompt": prompt}, b"/v1/completions", b'"text"'
-    body = json.dumps({**payload, "max_tokens": max_new, "temperature": 0.0, "ignore_eos": True,
-                       "stream": True}).encode()
-    reader, writer = await asyncio.open_connection(host, port)
-    head = (b"POST %s HTTP/1.1\r\nHost: probe\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (path, len(body)))
-    t.mark("0 client send")
-    started = time.perf_counter()
-    writer.write(head + body)
-    first, buf = None, b""
+        path, payload = b"/v1/completions", {"prompt": prompt}
+    return path, payload | {"model": "default", "max_tokens": args.max_tokens, "temperature": 0.0,
+                            "ignore_eos": True, "stream": True}
+
+
+Target = Callable[[list[int]], Awaitable[float]]  # a prompt's TTFT (s); marks its send and its first token
+
+
+def http_target(args: argparse.Namespace, host: str, port: int, t: Tracer) -> tuple[Target, Callable[[], None]]:
+    """Streamed requests to a server through bench_ttft's client, over one keep-alive connection (or a new connection
+    a request with --new-connections); and the client's close."""
+    client = _load_sibling("bench_ttft").HttpClient(host, port, fresh=args.new_connections,
+                                                    mark=lambda event: t.mark(_CLIENT_MARKS[event]))
+
+    async def ttft(prompt: list[int]) -> float:
+        times = await client.post(*_payload(args, prompt), _CARRIES_TEXT[args.route])
+        if not times:
+            raise RuntimeError("a stream ended without a token")
+        return times[0]
+
+    return ttft, client.close
+
+
+def engine_target(args: argparse.Namespace, engine: Any, t: Tracer) -> Target:
+    """The in-process Engine's TTFT: generate() to its first output with tokens."""
+    from baleen.messages import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def ttft(prompt: list[int]) -> float:
+        t.mark("0 client send")
+        started, first = time.perf_counter(), None
+        async for out in engine.generate(prompt, sampling):
+            if first is None and out.token_ids:
+                t.mark("client got first token")
+                first = time.perf_counter() - started
+        if first is None:
+            raise RuntimeError("a request ended without a token")
+        return first
+
+    return ttft
+
+
+async def run_requests(args: argparse.Namespace, targets: list[Target], length: int) -> list[list[float]]:
+    """Per target, the TTFTs of 3 warm-ups + --requests requests of `length` prompt tokens: one request at a time,
+    each round the same prompt to every target in turn, the order reversed each round (a request right after one
+    to the same server finds its processes warmer: ~0.15 ms on the 2-core VM)."""
+    rng = random.Random(5)
+    ttfts: list[list[float]] = [[] for _ in targets]
+    order = list(range(len(targets)))
+    for i in range(3 + args.requests):
+        prompt = [rng.randrange(100, 1000) for _ in range(length)]
+        for k in order:
+            await asyncio.sleep(args.gap_ms / 1e3)
+            ttft = await targets[k](prompt)
+            if i >= 3:
+                ttfts[k].append(ttft)
+        order.reverse()
+    return ttfts
+
+
+def _by_target(requests: list[dict[str, int]], num_targets: int) -> list[list[dict[str, int]]]:
+    """run_requests' timelines per target, warm-ups dropped."""
+    out: list[list[dict[str, int]]] = [[] for _ in range(num_targets)]
+    order = list(range(num_targets))
+    for i in range(0, len(requests), num_targets):
+        for k, r in zip(order, requests[i : i + num_targets]):
+            out[k].append(r)
+        order.reverse()
+    return [rows[3:] for rows in out]
+
+
+async def probe(args: argparse.Namespace, names: list[str], servers: list[tuple[str, int]], trace: Path) -> None:
+    """Time every length over each target (the servers, and with --engine / --vs-engine the in-process Engine first),
+    alternating; print each target's timeline table and, for two targets, their difference paired by round."""
+    t = Tracer(str(trace))
+    targets: list[Target] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if args.engine or args.vs_engine:
+            from baleen.actors.engine import Engine, EngineConfig
+            from baleen.model.make_model import tiny_model_path
+
+            install(str(trace))  # this process runs the engine's actors: trace them as the server's
+            engine = await stack.enter_async_context(await Engine.start(EngineConfig(model_path=str(tiny_model_path()))))
+            targets.append(engine_target(args, engine, t))
+        for host, port in servers:
+            target, close = http_target(args, host, port, t)
+            targets.append(target)
+            stack.callback(close)
+        for length in args.lengths:
+            trace.write_text("")
+            ttfts = await run_requests(args, targets, length)
+            requests = timeline(trace)  # one per request, in the order sent
+            assert len(requests) == len(targets) * (3 + args.requests), "a request's trace is incomplete"
+            per_target = _by_target(requests, len(targets))
+            for k, name in enumerate(names):
+                _print(f"{name}, {length}-token prompt", ttfts[k], per_target[k])
+            if len(targets) == 2:  # paired by round: both requests of a round met the same load
+                print(f"## {names[1]} - {names[0]}: {paired(*(_rest(rows) for rows in per_target))}")
+            if args.keep_trace is not None:
+                args.keep_trace.write_text(trace.read_text())
+
+
+@contextlib.contextmanager
+def traced_server(flags: list[str], trace: Path, baseline: Path | None) -> Iterator[tuple[str, int]]:
+    """A `launch_server` subprocess traced into `trace` (of the code under `baseline`/baleen when given): its address."""
+    log = tempfile.NamedTemporaryFile(prefix="probe-ttft-server-", suffix=".log", delete=False)  # noqa: SIM115
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{_TRACE: str(trace)})
+    if baseline is not None:
+        if not (baseline / "baleen" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {baseline}: no baleen/ checkout in it (e.g. `git worktree add "
+                             f"{baseline}/baleen <commit>`)")
+        env["PYTHONPATH"] = str(baseline)  # ahead of the installed (editable) baleen
+    proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", "--", *flags, "--port", "0"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        while True:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise RuntimeError(f"the stream ended without [DONE]: {buf[-300:]!r}")
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for event in events:
-                payload_bytes = event.partition(b"data: ")[2]
-                if payload_bytes == b"[DONE]":
-                    assert first is not None
-                    return first
-                if b'"error"' in payload_bytes:
-                    raise RuntimeError(f"the server sent an error: {payload_bytes[:300]!r}")
-                if first is None and re.search(key + rb':"[^"]', payload_bytes):
-                    t.mark("client got first token")
-                    first = time.perf_counter() - started
+        while (m := _READY.search(Path(log.name).read_text(errors="replace"))) is None:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        yield m.group(1), int(m.group(2))
     finally:
-        writer.close()
+        proc.terminate()
+        proc.wait(30)
+        os.unlink(log.name)
 
 
 _AFTER_STEP = ("send StepResult", "scheduler got StepResult", "send TokenDeltas", "detokenizer got TokenDeltas",
                "first output in route", "headers written", "SSE body chunk written")
 
 
-async def engine_requests(args: argparse.Namespace, trace: Path, t: Tracer) -> list[float]:
-    """The in-process Engine's TTFTs (generate() to its first output with tokens), traced as the server is."""
-    from baleen.actors.engine import Engine, EngineConfig
-    from baleen.messages import SamplingParams
-    from baleen.model.make_model import tiny_model_path
+def _rest(requests: list[dict[str, int]]) -> list[int]:
+    """Each request's TTFT less its first step's forward (ns): the forward varies most on a shared machine; without
+    it the rest is what HTTP and the actors add."""
+    return [r["client got first token"] - (r["step computed"] - r["step start"]) for r in requests
+            if "step start" in r and "step computed" in r]
 
-    install(str(trace))
-    rng = random.Random(5)
-    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    ttfts: list[float] = []
-    async with await Engine.start(EngineConfig(model_path=str(tiny_model_path()))) as engine:
-        for length in args.lengths:
-            trace.write_text("")
-            for i in range(3 + args.requests):
-                prompt = [rng.randrange(100, 1000) for _ in range(length)]
-                t.mark("0 client send")
-                started, first = time.perf_counter(), None
-                async for out in engine.generate(prompt, sampling):
-                    if first is None and out.token_ids:
-                        t.mark("client got first token")
-                        first = time.perf_counter() - started
-                if i >= 3 and first is not None:
-                    ttfts.append(first)
-            _print(f"in-process Engine, {length}-token prompt", ttfts, timeline(trace)[3:])
-    return ttfts
+
+def paired(before: list[int], after: list[int]) -> str:
+    """after - before, paired by round (ns lists): the mean with its 95 % interval over the rounds (the tenth of
+    rounds furthest from the median on each side dropped: a stall of a few ms on a shared machine), the median, the
+    rounds lower, and the difference of the bests."""
+    diffs = sorted(b - a for a, b in zip(before, after, strict=True))
+    cut = len(diffs) // 10
+    kept = diffs[cut : len(diffs) - cut] if len(diffs) > 2 * cut + 1 else diffs
+    mean, half = statistics.fmean(kept), 1.96 * statistics.stdev(kept) / len(kept) ** 0.5 if len(kept) > 1 else 0.0
+    return (f"paired by round, TTFT less the forward: trimmed mean {mean / 1e3:+.0f} +- {half / 1e3:.0f} us, median "
+            f"{statistics.median(diffs) / 1e3:+.0f} us, {sum(d < 0 for d in diffs)} of {len(diffs)} rounds lower; "
+            f"best {(min(after) - min(before)) / 1e3:+.0f} us")
 
 
 def _print(title: str, ttfts: list[float], requests: list[dict[str, int]]) -> None:
-    # The first step's forward varies most on a shared machine; without it the rest is what HTTP and the actors add.
-    rest = [r["client got first token"] - (r["step computed"] - r["step start"]) for r in requests
-            if "step start" in r and "step computed" in r]
+    rest = _rest(requests)
     print(f"## {title}, {len(ttfts)} requests: TTFT median {statistics.median(ttfts) * 1e3:.2f} ms, "
           f"best {min(ttfts) * 1e3:.2f} ms; TTFT less the first step's forward: median "
           f"{statistics.median(rest) / 1e6:.2f} ms, best {min(rest) / 1e6:.2f} ms")
@@ -270,7 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="pause between requests (the previous request's tail then no longer overlaps the next)")
     ap.add_argument("--route", choices=("completions", "chat"), default="completions")
+    ap.add_argument("--new-connections", action="store_true",
+                    help="a new connection a request (default: one keep-alive connection, as pooling clients send)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a folder holding a `baleen` checkout (a git worktree of the base commit): a second server "
+                         "runs that code, and the requests alternate between the two (an A/B under the same noise)")
     ap.add_argument("--engine", action="store_true", help="trace the in-process Engine instead (the tiny model)")
+    ap.add_argument("--vs-engine", action="store_true",
+                    help="alternate the in-process Engine (the tiny model) and the server: what HTTP adds, paired")
     ap.add_argument("--keep-trace", type=Path, default=None, help="copy the raw trace here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the traced server subprocess
     ap.add_argument("server_flags", nargs="*", help="launch_server flags (after --)")
@@ -281,49 +392,26 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(args.server_flags, prog="probe server")
 
-    if args.engine:
-        trace = Path(tempfile.mkstemp(prefix="probe-ttft-", suffix=".trace")[1])
-        try:
-            from baleen.actors.actor import run
-
-            run(engine_requests(args, trace, Tracer(str(trace))))
-        finally:
-            trace.unlink()
-        return 0
-    from baleen.model.make_model import tiny_model_path
-
-    flags = args.server_flags
-    if "--model-path" not in flags:
-        flags = ["--model-path", str(tiny_model_path()), *flags]
+    if (args.engine or args.vs_engine) and args.route != "completions":
+        ap.error("the in-process Engine is given token ids: --engine and --vs-engine time --route completions")
     trace = Path(tempfile.mkstemp(prefix="probe-ttft-", suffix=".trace")[1])
-    log = tempfile.NamedTemporaryFile(prefix="probe-ttft-server-", suffix=".log", delete=False)  # noqa: SIM115
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{_TRACE: str(trace)})
-    proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", "--", *flags, "--port", "0"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    connection = "a new connection a request" if args.new_connections else "one keep-alive connection"
+    names = [] if not (args.engine or args.vs_engine) else ["in-process Engine"]
+    if not args.engine:
+        names += ([] if args.baseline is None else [f"HTTP, baseline {args.baseline}"]) + ["HTTP, this checkout"]
+    names = [f"{n}, {args.route}, {connection}" if n.startswith("HTTP") else n for n in names]
     try:
-        while (m := _READY.search(Path(log.name).read_text(errors="replace"))) is None:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
-        host, port = m.group(1), int(m.group(2))
-        t = Tracer(str(trace))
-        rng = random.Random(5)
-        for length in args.lengths:
-            trace.write_text("")
-            ttfts = []
-            for i in range(3 + args.requests):
-                prompt = [rng.randrange(100, 1000) for _ in range(length)]
-                time.sleep(args.gap_ms / 1e3)
-                ttft = asyncio.run(one_request(host, port, args.route, prompt, args.max_tokens, t))
-                if i >= 3:
-                    ttfts.append(ttft)
-            _print(f"HTTP, {length}-token prompt, {args.route}", ttfts, timeline(trace)[3:])
-            if args.keep_trace is not None:
-                args.keep_trace.write_text(trace.read_text())
+        with contextlib.ExitStack() as stack:
+            from baleen.actors.actor import run
+            from baleen.model.make_model import tiny_model_path
+
+            flags = args.server_flags
+            if "--model-path" not in flags:
+                flags = ["--model-path", str(tiny_model_path()), *flags]
+            servers = [stack.enter_context(traced_server(flags, trace, args.baseline if "baseline" in n else None))
+                       for n in names if n.startswith("HTTP")]  # fmt: skip
+            run(probe(args, names, servers, trace))
     finally:
-        proc.terminate()
-        proc.wait(30)
-        os.unlink(log.name)
         trace.unlink()
     return 0
 
