@@ -81,6 +81,7 @@ class TrainConfig:
     init: str | None = None  # a folder with trained-weights-*.safetensors and trained-tokenizer.json
     mtp_only: bool = False  # train the MTP layer alone: the main model (its embedding and head too) stays as loaded
     self_distill: int = 0  # with mtp_only: this many greedy continuations of the model's own, half the documents
+    mtp_target: str = "data"  # "argmax": the MTP layer learns the main model's top-1 only (see `losses`)
 
 
 # ---- tokenizer and batches ---------------------------------------------------------------------------------
@@ -339,11 +340,13 @@ class StepLosses:
 
 
 def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: PackedAttentionBackend,
-           device: torch.device, frozen_main: bool = False) -> StepLosses:
+           device: torch.device, frozen_main: bool = False, mtp_target: str = "data") -> StepLosses:
     """The step's losses. The MTP layer learns the data's next-next token (DeepSeek-V3 §2.2) and, at every position
     whose next token is in the document, the main model's own distribution one token later (KL to it, the teacher
     detached): as a drafter it is judged by how often its top-1 is the main model's next top-1, on the model's own
-    outputs as much as on the data's. `frozen_main`: the main model runs without gradients (an MTP-only stage)."""
+    outputs as much as on the data's. `frozen_main`: the main model runs without gradients (an MTP-only stage).
+    `mtp_target` "argmax": the MTP layer learns only the main model's top-1 one token later (cross-entropy on it), at
+    every position whose next token is in the document: the drafter's own metric, not the text's distribution."""
     main_batch, mtp_batch = forward_batch(batch, device)
     cfg = model.config
     kv = KVCache.for_model(cfg, num_pages=2, page_size=1, dtype=torch.bfloat16, device=device, with_mtp=True)
@@ -360,9 +363,11 @@ def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: P
     with torch.no_grad():
         teacher = F.log_softmax(model.compute_logits(hidden[rows3 + 1]).float(), dim=-1)
     student = F.log_softmax(mtp.compute_logits(h2[rows3]).float(), dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     agree = (student.detach().argmax(-1) == teacher.argmax(-1)).float().mean()
     per_token = torch.zeros_like(w1).index_put_((rows1,), ce1.detach().float())
+    if mtp_target == "argmax":
+        return StepLosses(ce1.mean(), F.nll_loss(student, teacher.argmax(-1)), per_token, agree)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return StepLosses(ce1.mean(), ce2 + kl, per_token, agree)
 
 
@@ -470,7 +475,8 @@ def train(out: Path, tcfg: TrainConfig, config: ModelConfig, device: torch.devic
             group["lr"] = lr_at(step, total, tcfg) * group["lr_scale"]
         loads.real = batch.real.to(device)
         with autocast:
-            step_losses = losses(model, mtp, batch, attn, device, frozen_main=tcfg.mtp_only)
+            step_losses = losses(model, mtp, batch, attn, device, frozen_main=tcfg.mtp_only,
+                                 mtp_target=tcfg.mtp_target)
             loss = step_losses.main + MTP_WEIGHT * step_losses.mtp
         per_token = step_losses.per_token
         opt.zero_grad(set_to_none=True)
@@ -588,12 +594,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mtp-only", action="store_true", help="train the MTP layer of --init's model alone")
     p.add_argument("--self-distill", type=int, default=0, help="with --mtp-only: greedy continuations to train on")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 100, or steps / 10)")
+    p.add_argument("--mtp-target", default="data", choices=("data", "argmax"),
+                   help="the MTP layer's target: the data's next-next token + KL to the main model, or its top-1")
     a = p.parse_args(argv)
     raw = preset("trained")
     raw.update(json.loads(a.override))
     config = ModelConfig.from_dict(raw)
     tcfg = TrainConfig(seed=a.seed, steps=a.steps, time_budget_s=a.time_budget, rows=a.rows, row_len=a.row_len,
                        lr=a.lr, workers=a.workers, mixture=a.mixture, init=a.init, mtp_only=a.mtp_only, self_distill=a.self_distill,
+                       mtp_target=a.mtp_target,
                        warmup_steps=a.warmup if a.warmup is not None else min(100, (a.steps or 1000) // 10))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=2) + "\n")

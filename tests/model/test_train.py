@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from baleen.model import corpus, train
@@ -103,6 +104,28 @@ def test_loss_falls_and_the_weights_load_back(tmp_path: Path) -> None:
         want = train.losses(model, mtp, batch, attn, torch.device("cpu"))
         got = train.losses(loaded.model, loaded.mtp, batch, attn, torch.device("cpu"))
     torch.testing.assert_close((got.main, got.mtp), (want.main, want.mtp), rtol=1e-4, atol=1e-4)
+
+
+def test_the_argmax_mtp_target_is_the_main_models_next_top1() -> None:
+    # --mtp-target argmax: the MTP loss is the cross-entropy of the MTP layer's distribution at each position with a
+    # next token on the main model's top-1 one position later, and nothing else (no data target, no KL).
+    _, cfg = small_config()
+    torch.manual_seed(1)
+    model, mtp = train.build_model(cfg, torch.device("cpu"))
+    attn = train.PackedAttentionBackend(ROW)
+    batch = random_batch(5)
+    with torch.no_grad():
+        got = train.losses(model, mtp, batch, attn, torch.device("cpu"), mtp_target="argmax")
+        data = train.losses(model, mtp, batch, attn, torch.device("cpu"))
+        main_batch, mtp_batch = train.forward_batch(batch, torch.device("cpu"))
+        kv = KVCache.for_model(cfg, num_pages=2, page_size=1, dtype=torch.bfloat16, device="cpu", with_mtp=True)
+        attn.plan(main_batch)
+        hidden = model(main_batch, kv, attn)
+        rows = batch.has_next.nonzero().squeeze(1)
+        target = model.compute_logits(hidden[rows + 1]).argmax(-1)
+        want = F.cross_entropy(mtp.compute_logits(mtp(mtp_batch, hidden, kv, attn)[rows]).float(), target)
+    torch.testing.assert_close(got.mtp, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got.mtp, data.mtp) and torch.equal(got.main, data.main)
 
 
 def test_batches_fill_rows_with_whole_documents() -> None:
