@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from baleen.actors.admission import EngineDead
 from baleen.api.errors import ApiError, engine_error
-from baleen.api.responses import SSE_DONE, sse
+from baleen.api.responses import SSE_DONE, DisconnectWatch, sse
 from baleen.api.state import ServerState
 from baleen.messages import RequestOutput, SamplingParams
 
@@ -39,38 +39,11 @@ class ClientGone(Exception):
     """The client closed the connection before the answer was ready."""
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work` in this task; if the client disconnects first, cancel it (aborting its engine requests): ClientGone.
-
-    NOTE: `work` runs in the caller's task, not a task of its own: a new task would start only on the event loop's
-    next turn, once to submit a request and once more to hand its first output back (time to first token)."""
-    task = asyncio.current_task()
-    assert task is not None, "unless_disconnected runs in a task"
-    watching, gone = True, False
-
-    def on_disconnect(watcher: asyncio.Future[None]) -> None:
-        nonlocal gone
-        if watching and not watcher.cancelled() and watcher.exception() is None:
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    watcher.add_done_callback(on_disconnect)
-    try:
+    """Await `work` in this task; if the client disconnects first, cancel it (aborting its engine requests): ClientGone."""
+    with DisconnectWatch(request.receive) as watch:
         result = await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-    finally:
-        watching = False
-        watcher.cancel()
-    if gone:  # `work` ended by our own cancel (or swallowed it): the task is not being cancelled from outside
-        task.uncancel()
+    if watch.gone:  # `work` ended by our own cancel (or swallowed it)
         raise ClientGone()
     return result
 

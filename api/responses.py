@@ -83,37 +83,21 @@ class SSEResponse(Response):
             await self._close_frames()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        task = asyncio.current_task()
-        assert task is not None, "a response is sent from a task"
         loop = asyncio.get_running_loop()
         self._last_send = loop.time()
-        state = {"gone": False, "streaming": True}
-
-        def on_disconnect(watcher: asyncio.Future[None]) -> None:
-            if state["streaming"] and not watcher.cancelled():
-                state["gone"] = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(_until_disconnected(receive))
-        watcher.add_done_callback(on_disconnect)
         pinger = asyncio.ensure_future(self._ping(send)) if self.ping_interval > 0 else None
+        watch = DisconnectWatch(receive)
         try:
-            async for frame in self.frames:
-                self._last_send = loop.time()
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
+            with watch:
+                async for frame in self.frames:
+                    self._last_send = loop.time()
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
         finally:
-            state["streaming"] = False
-            watcher.cancel()
             if pinger is not None:
                 pinger.cancel()
             await self._close_frames()  # a stream cancelled in a send has its generator suspended at a yield
-        if state["gone"]:
-            task.uncancel()  # our own cancel, consumed here
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not watch.gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _ping(self, send: Send) -> None:
         """A `: ping` comment once the stream has been silent for `ping_interval` seconds."""
@@ -131,9 +115,41 @@ class SSEResponse(Response):
                 await close()
 
 
-async def _until_disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class DisconnectWatch:
+    """`with DisconnectWatch(receive) as watch:` cancels the task running the block when the client disconnects;
+    that cancellation ends at the block (it is consumed: `uncancel`), and `watch.gone` says it happened. A watcher
+    task reads `receive`; the block itself runs in the caller's task (a task of its own would start only on the
+    loop's next turn: time to first token)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+        self._watching = False
+
+    def __enter__(self) -> DisconnectWatch:
+        task = asyncio.current_task()
+        assert task is not None, "DisconnectWatch runs in a task"
+        self._task, self._watching = task, True
+        self._watcher = asyncio.ensure_future(self._until_disconnected())
+        self._watcher.add_done_callback(self._on_disconnect)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        self._watching = False
+        self._watcher.cancel()
+        if not self.gone:
+            return False
+        self._task.uncancel()  # our own cancel, consumed here
+        return exc_type is asyncio.CancelledError
+
+    def _on_disconnect(self, watcher: asyncio.Future[None]) -> None:
+        if self._watching and not watcher.cancelled() and watcher.exception() is None:
+            self.gone = True
+            self._task.cancel()
+
+    async def _until_disconnected(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
 
 
 def sse_response(frames: AsyncIterator[bytes], *, ping_s: float = 0.0) -> SSEResponse:
