@@ -293,22 +293,29 @@ async def http_run(args: argparse.Namespace, host: str, port: int, lengths: list
     return res
 
 
-def serve_and_run(args: argparse.Namespace, path: Path, lengths: list[int], vocab: int) -> dict[str, Any]:
-    log = tempfile.NamedTemporaryFile(prefix="bench-ttft-server-", suffix=".log", delete=False)  # noqa: SIM115
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "baleen.launch_server", *serve_flags(args, path)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+@contextlib.contextmanager
+def server_process(cmd: list[str], env: dict[str, str], timeout_s: float = 600.0) -> Iterator[tuple[str, int]]:
+    """A server subprocess (`cmd`, logging to a temporary file) until it says it is ready: its (host, port)."""
+    log = tempfile.NamedTemporaryFile(prefix="baleen-server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + args.server_timeout
+        deadline = time.monotonic() + timeout_s
         while (m := _READY.search(Path(log.name).read_text(errors="replace"))) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
             time.sleep(0.1)
-        return asyncio.run(http_run(args, m.group(1), int(m.group(2)), lengths, vocab))
+        yield m.group(1), int(m.group(2))
     finally:
         proc.terminate()
         proc.wait(30)
         os.unlink(log.name)
+
+
+def serve_and_run(args: argparse.Namespace, path: Path, lengths: list[int], vocab: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "baleen.launch_server", *serve_flags(args, path)]
+    with server_process(cmd, env, args.server_timeout) as (host, port):
+        return asyncio.run(http_run(args, host, port, lengths, vocab))
 
 
 # ---- report ------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 _TRACE = "BALEEN_PROBE_TRACE"  # the trace file, inherited by the server and its spawned rank processes
-_READY = re.compile(r"baleen is ready: serving .* at http://([\d.]+):(\d+)/v1 ")
 
 
 # ---- the tracer (server side) ------------------------------------------------------------------------------
@@ -274,25 +272,15 @@ async def probe(args: argparse.Namespace, names: list[str], servers: list[tuple[
 @contextlib.contextmanager
 def traced_server(flags: list[str], trace: Path, baseline: Path | None) -> Iterator[tuple[str, int]]:
     """A `launch_server` subprocess traced into `trace` (of the code under `baseline`/baleen when given): its address."""
-    log = tempfile.NamedTemporaryFile(prefix="probe-ttft-server-", suffix=".log", delete=False)  # noqa: SIM115
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{_TRACE: str(trace)})
     if baseline is not None:
         if not (baseline / "baleen" / "__init__.py").is_file():
             raise SystemExit(f"--baseline {baseline}: no baleen/ checkout in it (e.g. `git worktree add "
                              f"{baseline}/baleen <commit>`)")
         env["PYTHONPATH"] = str(baseline)  # ahead of the installed (editable) baleen
-    proc = subprocess.Popen([sys.executable, "-P", __file__, "--serve", "--", *flags, "--port", "0"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        while (m := _READY.search(Path(log.name).read_text(errors="replace"))) is None:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
-        yield m.group(1), int(m.group(2))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        os.unlink(log.name)
+    cmd = [sys.executable, "-P", __file__, "--serve", "--", *flags, "--port", "0"]
+    with _load_sibling("bench_ttft").server_process(cmd, env) as address:
+        yield address
 
 
 _AFTER_STEP = ("send StepResult", "scheduler got StepResult", "send TokenDeltas", "detokenizer got TokenDeltas",
