@@ -267,9 +267,9 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
         chats.append(tok.encode(prompt, add_special_tokens=False).ids)
     page = 64
     attn = TorchAttentionBackend()
-    main_p1: list[float] = []  # per position of the last forward with the MTP layer
 
-    def forward(seqs: list[list[int]], with_mtp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(seqs: list[list[int]], with_mtp: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(the main model's top-1 [T], the MTP layer's [T] or None, the main model's top-1 probability [T])."""
         lens = [len(s) for s in seqs]
         pages_per = -(-max(lens) // page)
         tables = [[1 + i * pages_per + j for j in range(pages_per)] for i in range(len(seqs))]
@@ -279,27 +279,26 @@ def mtp_agreement(model_path: str, num_passages: int = 24, prompt_len: int = 48,
         attn.plan(batch)
         with torch.no_grad():
             hidden = loaded.model(batch, kv, attn)
-            main_logits = loaded.model.compute_logits(hidden)
-            main = main_logits.argmax(-1)  # [T]
+            p1, main = loaded.model.compute_logits(hidden).softmax(-1).max(-1)
             if not with_mtp:
-                return main, None
-            main_p1[:] = main_logits.softmax(-1).amax(-1).tolist()  # the main model's confidence in its own pick
+                return main, None, p1
             nxt = [t for s in seqs for t in [*s[1:], 0]]
             mb = ForwardBatch.build(nxt, [0] * len(seqs), lens, tables, page, device=device)
             assert loaded.mtp is not None
             mtp = loaded.mtp.compute_logits(loaded.mtp(mb, hidden, kv, attn)).argmax(-1)
-        return main, mtp
+        return main, mtp, p1
 
     def agreement(starts: list[list[int]]) -> tuple[float, float, int, list[tuple[float, bool]]]:
         """(on the greedy continuations, on the prompts themselves, positions counted, each continuation
         position's (the main model's top-1 probability of the token the MTP layer drafts, whether it agreed))."""
         seqs = [list(p) for p in starts]
         for _ in range(new_tokens):  # greedy continuations (the whole sequence again each step: small and simple)
-            main, _ = forward(seqs, with_mtp=False)
+            main, _, _ = forward(seqs, with_mtp=False)
             ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
             for s, t in zip(seqs, main[ends.to(main.device)].tolist()):
                 s.append(int(t))
-        main, mtp = forward(seqs, with_mtp=True)
+        main, mtp, p1 = forward(seqs, with_mtp=True)
+        main_p1 = p1.tolist()
         assert mtp is not None
         gen_hits = gen_n = text_hits = text_n = 0
         by_p1: list[tuple[float, bool]] = []

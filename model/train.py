@@ -357,8 +357,6 @@ def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: P
     rows1 = w1.nonzero().squeeze(1)
     ce1 = F.cross_entropy(model.compute_logits(hidden[rows1]), batch.target1.to(device)[rows1], reduction="none")
     h2 = mtp(mtp_batch, hidden, kv, attn)
-    rows2 = w2.nonzero().squeeze(1)
-    ce2 = F.cross_entropy(mtp.compute_logits(h2[rows2]), batch.target2.to(device)[rows2])
     rows3 = batch.has_next.to(device).nonzero().squeeze(1)
     with torch.no_grad():
         teacher = F.log_softmax(model.compute_logits(hidden[rows3 + 1]).float(), dim=-1)
@@ -367,6 +365,10 @@ def losses(model: DeepseekV3ForCausalLM, mtp: DeepseekMTP, batch: Batch, attn: P
     per_token = torch.zeros_like(w1).index_put_((rows1,), ce1.detach().float())
     if mtp_target == "argmax":
         return StepLosses(ce1.mean(), F.nll_loss(student, teacher.argmax(-1)), per_token, agree)
+    if mtp_target != "data":
+        raise ValueError(f"mtp_target {mtp_target!r}: 'data' or 'argmax'")
+    rows2 = w2.nonzero().squeeze(1)
+    ce2 = F.cross_entropy(mtp.compute_logits(h2[rows2]), batch.target2.to(device)[rows2])
     kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return StepLosses(ce1.mean(), ce2 + kl, per_token, agree)
 

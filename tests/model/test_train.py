@@ -126,6 +126,8 @@ def test_the_argmax_mtp_target_is_the_main_models_next_top1() -> None:
         want = F.cross_entropy(mtp.compute_logits(mtp(mtp_batch, hidden, kv, attn)[rows]).float(), target)
     torch.testing.assert_close(got.mtp, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got.mtp, data.mtp) and torch.equal(got.main, data.main)
+    with pytest.raises(ValueError, match="mtp_target 'argmin': 'data' or 'argmax'"):
+        train.losses(model, mtp, batch, attn, torch.device("cpu"), mtp_target="argmin")
 
 
 def test_batches_fill_rows_with_whole_documents() -> None:
