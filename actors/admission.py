@@ -68,6 +68,10 @@ def check_sampling(sampling: SamplingParams, names: Mapping[str, str] | None = N
     if sampling.max_new_tokens == 0:  # the scheduler needs room for at least one token
         field = _name(names, "max_new_tokens")
         raise AdmissionError(f"{field} must be at least 1", param=field)
+    if sampling.max_new_tokens is not None and sampling.min_new_tokens > sampling.max_new_tokens:
+        field = _name(names, "min_new_tokens")
+        raise AdmissionError(f"{field} must be in [0, {_name(names, 'max_new_tokens')} ({sampling.max_new_tokens})], "
+                             f"got {sampling.min_new_tokens}", param=field)
 
 
 def check_request(prompt_ids: Sequence[int], sampling: SamplingParams, limits: Limits, *,

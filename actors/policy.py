@@ -435,7 +435,10 @@ class Scheduler:
 
     def _check_stop(self, req: Req, token: int) -> tuple[str | None, int | None]:
         num_out = len(req.output)
-        if num_out > req.sampling.min_new_tokens and token in req.stop_ids:
+        # NOTE: the sampler holds stop tokens back until min_new_tokens, unless the request's grammar allows nothing
+        # else (it is complete): then the grammar ends the output.
+        early_ok = req.sampling.grammar is not None
+        if (num_out > req.sampling.min_new_tokens or early_ok) and token in req.stop_ids:
             return "stop", token
         if num_out >= req.max_new_tokens:  # max_new_tokens, or the context length when it was None
             return "length", None

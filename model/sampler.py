@@ -405,7 +405,10 @@ class Sampler:
         return tokens.to(torch.int32)
 
     def mask_early_stops(self, logits: torch.Tensor, slots: torch.Tensor, ahead: Ahead | None = None) -> torch.Tensor:
-        """Logits [n, vocab] with EOS and stop ids at -inf for rows still short of min_new_tokens."""
+        """Logits [n, vocab] with EOS and stop ids at -inf for rows still short of min_new_tokens.
+
+        A row that nothing but those ids could continue (its grammar is complete: only a stop token is allowed)
+        keeps them: the grammar ends the output, min_new_tokens cannot lengthen it."""
         st = self.state
         banned = st.banned[slots]  # [n, MAX_BANNED_IDS], -1 padded
         num_generated = st.num_generated[slots] if ahead is None else st.num_generated[slots] + ahead.count
@@ -413,7 +416,8 @@ class Sampler:
         # amax: a padding entry (clamped to id 0, False) never un-bans a real id 0
         mask = torch.zeros(logits.shape, dtype=torch.int8, device=logits.device)
         mask.scatter_reduce_(1, banned.clamp(min=0), early.to(torch.int8), reduce="amax")
-        return logits.masked_fill(mask.bool(), float("-inf"))
+        out = logits.masked_fill(mask.bool(), float("-inf"))
+        return torch.where(torch.isneginf(out).all(dim=1, keepdim=True), logits, out)
 
     def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor, ahead: Ahead | None = None) -> torch.Tensor:
         """Logits [n, vocab] after repetition (prompt + output), frequency and presence (output) penalties."""

@@ -32,6 +32,8 @@ def params(**kwargs: Any) -> SamplingParams:
     ([1], params(max_new_tokens=0), FRONTEND, HTTP, "max_tokens", "max_tokens must be at least 1"),
     ([1], params(max_new_tokens=-2), FRONTEND, None, "max_new_tokens", "max_new_tokens must be >= 0"),
     ([1], params(min_new_tokens=-1), FRONTEND, HTTP, "min_tokens", "min_tokens must be >= 0"),
+    ([1], params(max_new_tokens=4, min_new_tokens=9), FRONTEND, HTTP, "min_tokens",
+     "min_tokens must be in [0, max_tokens (4)], got 9"),
     ([1], params(temperature=101.0), FRONTEND, None, "temperature", "temperature must be in [0, 100]"),
     ([1], params(top_p=0.0), FRONTEND, None, "top_p", "top_p must be in (0, 1]"),
     ([1], params(top_logprobs=21), FRONTEND, {"top_logprobs": "logprobs"}, "logprobs", "logprobs must be in"),

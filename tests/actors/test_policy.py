@@ -251,8 +251,9 @@ def test_random_mixes_keep_invariants(seed: int) -> None:
     aborts: dict[int, list[str]] = {}
     sps = []
     for i, p in enumerate(prompts):
-        sp = SamplingParams(max_new_tokens=rng.choice([1, 5, 30, 60, None]), stop_token_ids=[rng.randrange(997)],
-                            min_new_tokens=rng.choice([0, 3]), ignore_eos=rng.random() < 0.3)
+        most = rng.choice([1, 5, 30, 60, None])
+        sp = SamplingParams(max_new_tokens=most, stop_token_ids=[rng.randrange(997)],
+                            min_new_tokens=min(rng.choice([0, 3]), most or 3), ignore_eos=rng.random() < 0.3)
         sps.append(sp)
         at = rng.randint(0, 40)
         arrivals.setdefault(at, []).append(NewRequest(rid=f"r{i}", input_ids=i32(p), sampling=sp))

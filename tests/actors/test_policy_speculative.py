@@ -98,8 +98,9 @@ def random_requests(rng: random.Random, num: int, eos: int) -> list[NewRequest]:
         ref = reference_tokens(prompt, 40)
         # A stop id the reference reaches, so stops land inside accepted runs as well as at their ends
         stop = [ref[rng.randrange(40)]] if rng.random() < 0.5 else []
-        sp = SamplingParams(max_new_tokens=rng.choice([1, 2, 3, 4, 5, 7, 12, 25, 40]), stop_token_ids=stop,
-                            min_new_tokens=rng.choice([0, 0, 2, 6]), ignore_eos=rng.random() < 0.5,
+        most = rng.choice([1, 2, 3, 4, 5, 7, 12, 25, 40])
+        sp = SamplingParams(max_new_tokens=most, stop_token_ids=stop,
+                            min_new_tokens=min(rng.choice([0, 0, 2, 6]), most), ignore_eos=rng.random() < 0.5,
                             logprobs=rng.random() < 0.3, top_logprobs=rng.choice([0, 2]))
         reqs.append(NewRequest(rid=f"r{i}", input_ids=i32(prompt), sampling=sp))
     return reqs

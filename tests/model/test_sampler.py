@@ -322,6 +322,24 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert logits[0, eos] == 5.0  # the caller's logits are untouched
 
 
+def test_min_new_tokens_yields_to_a_grammar_that_allows_only_a_stop_token() -> None:
+    """A complete grammar (only EOS allowed) under min_new_tokens: EOS, not the -inf row's argmax (token 0)."""
+    from baleen.model.sampler import TokenMask
+
+    vocab, eos = 40, 33
+    state = SamplingState(2, vocab, "cpu", random_seed=0, eos_token_ids=(eos,))
+    sampler = Sampler(state)
+    for slot in (0, 1):
+        state.set_slot(slot, SamplingParams(temperature=0.0 if slot == 0 else 0.7, min_new_tokens=5), [2, 3])
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    bitmask[:, 1] = 1 << (eos - 32)  # only EOS in both rows
+    mask = TokenMask(bitmask, torch.tensor([0, 1]))
+    logits = torch.randn(2, vocab)
+    assert sampler.sample(logits, torch.tensor([0, 1]), mask=mask).token_ids.tolist() == [eos, eos]
+    bitmask[:, 0] = 1 << 4  # token 4 allowed too: min_new_tokens holds EOS back again
+    assert sampler.sample(logits, torch.tensor([0, 1]), mask=mask).token_ids.tolist() == [4, 4]
+
+
 def test_row_argmax_two_stage_equals_argmax_with_ties() -> None:
     from baleen.model.sampler import row_argmax
 
