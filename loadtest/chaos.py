@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 
 FINISH_REASONS = {"stop", "length", "tool_calls"}
-STOPS = [".", "\n", " the", ",", "2", "is"]
+STOPS = [".", "\n", " the", ",", "2", "is", "capital of", "°", "🐋"]
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "query_weather", "description": "Get weather of a city",
@@ -68,7 +68,7 @@ TEXT = ["Shall I compare thee to a summer's day?", "Now is the winter of our dis
 
 def chat_prompts(rng: random.Random) -> tuple[list[dict[str, Any]], bool]:
     """A conversation, and whether it is a weather question (tools make sense)."""
-    kind = rng.randrange(5)
+    kind = rng.randrange(6)
     if kind == 0:
         q = f"What is the capital of {rng.choice(COUNTRIES)}?"
     elif kind == 1:
@@ -77,8 +77,15 @@ def chat_prompts(rng: random.Random) -> tuple[list[dict[str, Any]], bool]:
         return [{"role": "user", "content": f"How's the weather like in {rng.choice(CITIES)} today"}], True
     elif kind == 3:
         q = f"List {rng.randrange(1, 5)} countries and their capitals."
+    elif kind == 4 and rng.random() < 0.3:  # the seeds' second turn: the call made, the tool's answer back
+        city = rng.choice(CITIES)
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": "query_weather", "arguments": json.dumps({"city": city})}}
+        return [{"role": "user", "content": f"How's the weather like in {city} today"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_0", "content": "Sunny, 24°C"}], True
     else:
-        q = f"Continue the text: {rng.choice(TEXT)}"
+        q = f"Continue the text: {rng.choice(TEXT)}" + rng.choice(["", " 🐋", " — «ça va»", " 你好"])
     messages = [{"role": "user", "content": q}]
     if rng.random() < 0.2:
         messages.insert(0, {"role": "system", "content": "You are a helpful assistant."})
@@ -94,6 +101,7 @@ class Case:
     body: dict[str, Any] | bytes
     stream: bool = False
     hang_up_after: int | None = None  # chunks read before the client closes the stream
+    give_up_after: float | None = None  # seconds before a client waiting for a whole answer closes the connection
     choices: int = 1  # choices expected (n x prompts)
     max_tokens: int | None = None
     min_tokens: int = 0
@@ -111,7 +119,7 @@ class Case:
 
 def sampling(rng: random.Random, case: Case, body: dict[str, Any], max_key: str = "max_tokens") -> None:
     """Random sampling fields into `body` (the OpenAI spellings), recording what the checks need in `case`."""
-    case.max_tokens = rng.choice([1, 2, 5, 16, 32, 48])
+    case.max_tokens = rng.choice([1, 2, 5, 16, 32, 48]) if rng.random() < 0.95 else rng.randrange(100, 300)
     body[max_key] = case.max_tokens
     if rng.random() < 0.6:
         body["temperature"] = 0.0
@@ -216,6 +224,8 @@ def generate_case(rng: random.Random) -> Case:
 
 def stream(rng: random.Random, case: Case, body: dict[str, Any]) -> None:
     if rng.random() < 0.5:
+        if rng.random() < 0.05:
+            case.give_up_after = rng.uniform(0.0, 0.5)
         return
     body["stream"] = case.stream = True
     if rng.random() < 0.7:
@@ -426,7 +436,7 @@ async def run_case(client: httpx.AsyncClient, case: Case, timeout: float) -> Out
     started = time.perf_counter()
     content = case.body if isinstance(case.body, bytes) else json.dumps(case.body).encode()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(case.give_up_after or timeout):
             async with client.stream("POST", case.path, content=content,
                                      headers={"content-type": "application/json"}) as resp:  # fmt: skip
                 out.status = resp.status_code
@@ -436,7 +446,8 @@ async def run_case(client: httpx.AsyncClient, case: Case, timeout: float) -> Out
                 else:
                     await read_stream(out, resp)
     except TimeoutError:
-        out.violations.append(f"no complete answer within {timeout:.0f} s")
+        if case.give_up_after is None:
+            out.violations.append(f"no complete answer within {timeout:.0f} s")
     except httpx.HTTPError as e:
         out.violations.append(f"transport error: {type(e).__name__}: {e}")
     out.seconds = time.perf_counter() - started
@@ -570,9 +581,9 @@ def report(result: dict[str, Any]) -> tuple[str, int]:
     lines = ["| kind | requests | failed checks | refused (4xx) | hung up | p50 s | max s |", "|---|---|---|---|---|---|---|"]
     for kind, os_ in sorted(by_kind.items()):
         secs = sorted(o.seconds for o in os_)
+        gone = sum(o.case.hang_up_after is not None or o.case.give_up_after is not None for o in os_)
         lines.append(f"| {kind} | {len(os_)} | {sum(bool(o.violations) for o in os_)} | "
-                     f"{sum(o.refusal is not None for o in os_)} | {sum(o.case.hang_up_after is not None for o in os_)}"
-                     f" | {secs[len(secs) // 2]:.2f} | {secs[-1]:.2f} |")
+                     f"{sum(o.refusal is not None for o in os_)} | {gone} | {secs[len(secs) // 2]:.2f} | {secs[-1]:.2f} |")
     failed = [o for o in outcomes if o.violations]
     refusals = collections.Counter(o.refusal for o in outcomes if o.refusal is not None)
     if refusals:
