@@ -6,8 +6,9 @@ temperature / top-k / top-p / min-p, JSON objects and schemas, tools with every 
 clients that hang up mid-stream and bodies the server must refuse. Each answer is checked against what the request
 asked for:
 
-- a valid request gets 200 (a 4xx is counted as a refusal and listed with its message), a bad one a 4xx with an
-  OpenAI error body; never a 5xx, a malformed body or stream, or no answer within `--request-timeout`;
+- a valid request gets 200 (a 4xx, or a 503 when the queue is full, is counted as a refusal and listed with its
+  message), a bad one a 4xx with an OpenAI error body; never another 5xx, a body without its error, a malformed
+  stream, or no answer within `--request-timeout`;
 - `n` choices numbered 0..n-1 (n per prompt of a batch), one finish reason each (stop, length, tool_calls), a stream
   that ends with `[DONE]`, usage that adds up (`length` means max_tokens tokens; min_tokens holds when the model
   stopped on its own; with logprobs one entry a token and the alternatives asked for);
@@ -493,7 +494,8 @@ def judge(out: Outcome, text: str | None, events: list[dict[str, Any]] | None) -
         return
     if out.status != 200:
         message = _error_body(text or "") if text is not None else None
-        if out.status is not None and 400 <= out.status < 500 and message is not None:
+        # a 4xx, or back-pressure (429, 503 with the queue full), with an OpenAI error body: refused, not broken
+        if out.status is not None and (400 <= out.status < 500 or out.status == 503) and message is not None:
             out.refusal = message
         else:
             out.violations.append(f"status {out.status}: {text!r:.200}")
@@ -578,7 +580,7 @@ def report(result: dict[str, Any]) -> tuple[str, int]:
     by_kind: dict[str, list[Outcome]] = collections.defaultdict(list)
     for o in outcomes:
         by_kind[o.case.kind.split(":")[0] + ("/stream" if o.case.stream else "")].append(o)
-    lines = ["| kind | requests | failed checks | refused (4xx) | hung up | p50 s | max s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| kind | requests | failed checks | refused (4xx, 503) | hung up | p50 s | max s |", "|---|---|---|---|---|---|---|"]
     for kind, os_ in sorted(by_kind.items()):
         secs = sorted(o.seconds for o in os_)
         gone = sum(o.case.hang_up_after is not None or o.case.give_up_after is not None for o in os_)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The measurements and GPU checks still owed (issues 19, 20), as steps of one script for a device call: each step runs
+# under its own time limit, logs to OUT/log.txt, keeps its full output in OUT/<step>.txt and prints its table.
+#
+#   STEPS="variants tests" OUT=/somewhere bash loadtest/gpu_session.sh      # ~5 min
+#   STEPS="ttft mixed" OUT=... bash loadtest/gpu_session.sh                 # ~8 min
+#   STEPS="long chaos" OUT=... bash loadtest/gpu_session.sh                 # ~8 min
+#
+# Steps (default: all, in this order):
+#   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
+#             as DEFAULT_VARIANT in kernels/mla_decode_gluon_fp8.py)
+#   tests     the GPU tests of the FP8 KV cache and the FP8-MMA kernel, and the speculative graphs
+#   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
+#   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive
+#   long      bench_one_batch at 32k and 64k context, batch 1 and 32, bf16 and fp8 KV cache
+#   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
+#
+# What the GPU image lacks travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh .whl, plus pytest, pluggy,
+# iniconfig, pytest-timeout and httptools for Python 3.12); the checkout is imported as `baleen` through a symlink.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1
+log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+fi
+mkdir -p /tmp/pkgroot && ln -sfn "$PWD" /tmp/pkgroot/baleen
+export PYTHONPATH=/tmp/pkgroot:/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+
+step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output, print its tables and its tail
+  local name=$1 limit=$2; shift 2
+  log "$name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  log "$name: exit $rc after $((SECONDS - t0)) s"
+  grep -E "^\||^#|passed|failed|error" "$OUT/$name.txt" | tail -60 | tee -a "$LOG"
+  [ $rc -eq 0 ] || tail -25 "$OUT/$name.txt" | tee -a "$LOG"
+}
+
+for s in ${STEPS:-variants tests ttft mixed long chaos}; do
+  case $s in
+    variants) step variants 300 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-variants ;;
+    tests) step tests 420 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
+      tests/actors/test_kv_cache_dtype.py tests/kernels/test_mla_decode_gluon_fp8.py tests/model/test_spec_graphs.py ;;
+    ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
+      --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
+    mixed) step mixed 360 python3 -P loadtest/bench_mixed_chunk.py --preset v3-shape --device cuda \
+      --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size 1024 ;;
+    long)
+      for ctx in 32768 65536; do
+        for kv in bf16 fp8_e4m3; do
+          step "long_${ctx}_${kv}" 200 python3 -P loadtest/bench_one_batch.py --preset v3-shape --batch-sizes 1 32 \
+            --context-len "$ctx" --prefill-tokens 16384 --kv-cache-dtype "$kv"
+        done
+      done ;;
+    chaos)
+      step chaos_spec 240 python3 -P loadtest/chaos.py --seconds 90 --concurrency 16 --serve -- \
+        --tool-call-parser deepseekv3 --speculative-algorithm EAGLE --enable-mixed-chunk --cuda-graph-max-bs 32
+      step chaos_fp8kv 240 python3 -P loadtest/chaos.py --seconds 90 --concurrency 16 --seed 1 --serve -- \
+        --tool-call-parser deepseekv3 --kv-cache-dtype fp8_e4m3 --chat-template deepseek-r1 \
+        --reasoning-parser deepseek-r1 ;;
+    *) log "unknown step $s" ;;
+  esac
+done
+log "done"
