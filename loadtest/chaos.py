@@ -297,7 +297,8 @@ def _chat_choice(c: Choice, msg: dict[str, Any], finish: str | None, logprobs: d
         slot["name"] += fn.get("name") or ""
         slot["arguments"] += fn.get("arguments") or ""
     if logprobs and logprobs.get("content"):
-        c.logprobs += [{"top": len(e.get("top_logprobs") or []), "logprob": e.get("logprob")}
+        c.logprobs += [{"top": len(e.get("top_logprobs") or []), "logprob": e.get("logprob"),
+                        "alternatives": [t.get("logprob") for t in e.get("top_logprobs") or []]}
                        for e in logprobs["content"]]
     if finish is not None:
         c.finish_reason = finish
@@ -309,7 +310,8 @@ def _completion_choice(c: Choice, ch: dict[str, Any]) -> None:
     lp = ch.get("logprobs")
     if lp and lp.get("tokens") is not None:
         tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
-        c.logprobs += [{"top": len(t or {}), "logprob": v} for t, v in zip(tops, lp.get("token_logprobs") or [])]
+        c.logprobs += [{"top": len(t or {}), "logprob": v, "alternatives": sorted((t or {}).values(), reverse=True)}
+                       for t, v in zip(tops, lp.get("token_logprobs") or [])]
     if ch.get("finish_reason") is not None:
         c.finish_reason = ch["finish_reason"]
         c.finishes += 1
@@ -374,6 +376,7 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
             short = [e["top"] for e in c.logprobs if e["top"] != case.top_logprobs]
             if short and (case.kind == "chat" or case.top_logprobs > 0):
                 v.append(f"{where}: alternatives {sorted(set(short))} per token, {case.top_logprobs} asked")
+        v += [f"{where}: {e}" for e in _logprob_errors(case, c.logprobs)]
         if counted is None and usage and case.choices == 1:
             counted = usage.get("completion_tokens")
         if counted is not None and case.max_tokens is not None:
@@ -411,6 +414,32 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         if usage.get("prompt_tokens", 0) <= 0 or usage.get("total_tokens") != usage.get("prompt_tokens", 0) + total:
             v.append(f"usage does not add up: {usage}")
     return v
+
+
+def _plain_greedy(case: Case) -> bool:
+    """Whether each token must be the argmax of the distribution its logprobs come from (temperature 0, nothing
+    that moves the logits first: penalties, min_tokens, a grammar)."""
+    body = case.body if isinstance(case.body, dict) else {}
+    moved = any(body.get(k) for k in ("presence_penalty", "frequency_penalty")) or body.get("repetition_penalty", 1) != 1
+    return body.get("temperature") == 0 and not moved and not case.min_tokens and not case.constrained
+
+
+def _logprob_errors(case: Case, entries: list[dict[str, Any]]) -> list[str]:
+    """Logprobs that cannot be right: above 0, alternatives out of order, or a greedy token that is not the top."""
+    errors = []
+    for at, e in enumerate(entries):
+        lp, alts = e["logprob"], [a for a in e.get("alternatives", []) if a is not None]
+        if lp is None:
+            continue
+        if lp > 1e-4 or any(a > 1e-4 for a in alts):
+            errors.append(f"token {at}: a logprob above 0 ({lp}, {alts[:3]})")
+        elif alts != sorted(alts, reverse=True):
+            errors.append(f"token {at}: alternatives not in descending order {alts}")
+        elif alts and _plain_greedy(case) and abs(lp - alts[0]) > 1e-3:
+            errors.append(f"token {at}: greedy, but its logprob {lp:.4f} is below the top alternative's {alts[0]:.4f}")
+        if len(errors) >= 3:
+            break
+    return errors
 
 
 def _error_body(text: str) -> str | None:

@@ -259,7 +259,9 @@ class SamplingState:
             row = torch.full((MAX_BANNED_IDS,), -1, dtype=torch.int64)
             row[: len(banned)] = torch.tensor(banned, dtype=torch.int64)
             self.banned[slot] = self._to_device(row)
-            self.min_tokens[slot] = params.min_new_tokens
+        # NOTE: always written: a batch with any min_tokens row masks every row by its slot's count, and a count left
+        # by the slot's previous request would hold this one's EOS back (found by loadtest/chaos.py).
+        self.min_tokens[slot] = params.min_new_tokens if min_tokens else 0
         info = _SlotInfo(
             sampling=not greedy,
             top_k=top_k if not greedy and top_k < vocab else None,

@@ -80,6 +80,26 @@ def test_checks_of_statuses_streams_json_and_tools() -> None:
     assert "finish_reason 'stop' sent 2 times" in found and "no usage chunk" in found, found
 
 
+def test_logprob_checks() -> None:
+    def entry(token: str, lp: float, alts: list[float]) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "top_logprobs": [{"token": "t", "logprob": a} for a in alts]}
+
+    def found(temperature: float, entries: list[dict[str, Any]]) -> str:
+        case = chaos.Case("chat", "/v1/chat/completions", {"temperature": temperature}, max_tokens=8, top_logprobs=2)
+        body = {"choices": [{"index": 0, "message": {"content": "ab"}, "finish_reason": "stop",
+                             "logprobs": {"content": entries}}], "usage": _usage(4, len(entries))}
+        return " | ".join(_judged(case, 200, body).violations)
+
+    fine = [entry("a", -0.1, [-0.1, -2.5]), entry("b", -0.01, [-0.01, -5.0])]
+    assert found(0.0, fine) == ""
+    # the bug chaos found: a greedy request's EOS held back by its slot's previous request's min_tokens
+    assert "greedy, but its logprob -7.3000 is below the top alternative's -0.0020" in found(
+        0.0, [fine[0], entry("Ch", -7.3, [-0.002, -7.3])])
+    assert found(1.0, [fine[0], entry("Ch", -7.3, [-0.002, -7.3])]) == ""  # sampled: any token may come
+    assert "above 0" in found(1.0, [entry("a", 0.5, [0.5, -1.0]), fine[1]])
+    assert "descending" in found(1.0, [entry("a", -2.0, [-2.0, -1.0]), fine[1]])
+
+
 def test_random_cases_are_reproducible_and_cover_every_kind() -> None:
     import random
 

@@ -322,6 +322,22 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert logits[0, eos] == 5.0  # the caller's logits are untouched
 
 
+def test_a_slots_next_request_does_not_inherit_min_new_tokens() -> None:
+    """Slot 0's earlier request had min_new_tokens; its next one has none, and shares a batch with a request that
+    does (so the batch runs the min_tokens mask): it may stop at once."""
+    vocab, eos = 12, 1
+    state = SamplingState(2, vocab, "cpu", random_seed=0, eos_token_ids=(eos,))
+    sampler = Sampler(state)
+    state.set_slot(0, SamplingParams(temperature=0.0, min_new_tokens=8), [2, 3])
+    state.clear_slot(0)
+    state.set_slot(0, SamplingParams(temperature=0.0), [2, 3])
+    state.set_slot(1, SamplingParams(temperature=0.0, min_new_tokens=8), [2, 3])
+    logits = torch.zeros(2, vocab)
+    logits[:, eos] = 5.0
+    logits[:, 4] = 1.0
+    assert sampler.sample(logits, torch.tensor([0, 1])).token_ids.tolist() == [eos, 4]
+
+
 def test_min_new_tokens_yields_to_a_grammar_that_allows_only_a_stop_token() -> None:
     """A complete grammar (only EOS allowed) under min_new_tokens: EOS, not the -inf row's argmax (token 0)."""
     from baleen.model.sampler import TokenMask
