@@ -55,6 +55,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    no_stop_trim: bool = False  # keep the text of the stop token that ended the output (SGLang's /generate)
     logprobs: bool = False
     top_logprobs: int = 0
     custom_logit_processor: str | None = None  # a name in the server's registry, never code

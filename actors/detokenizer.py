@@ -91,6 +91,7 @@ class _Request:
     decoder: RequestDecoder
     outputs: asyncio.Queue[RequestOutput]
     finished: bool = False  # its last output was handed out: later ones (rows in flight) are dropped
+    trim_stop_token: bool = True  # a matched stop token's text is not part of the text (SamplingParams.no_stop_trim)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class DetokenizerActor(Actor[_Sends, None]):
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         decoder = RequestDecoder(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens, stop=sampling.stop)
-        request = _Request(decoder, asyncio.Queue())
+        request = _Request(decoder, asyncio.Queue(), trim_stop_token=not sampling.no_stop_trim)
         self._requests[rid] = request
         return request.outputs
 
@@ -197,7 +198,10 @@ class DetokenizerActor(Actor[_Sends, None]):
         request = self._requests.get(out.rid)
         if request is None or request.finished:
             return  # its stream is gone, or a stop string already ended it
-        d = request.decoder.feed(out.token_ids)
+        ids = out.token_ids
+        if ids and request.trim_stop_token and out.finish_reason == "stop" and isinstance(out.matched_stop, int):
+            ids = ids[:-1]  # the stop token (EOS, a stop_token_ids entry) ends the text without its own text, as SGLang
+        d = request.decoder.feed(ids)
         out.text = d.text
         if d.matched_stop is not None:
             if out.finish_reason is None:

@@ -63,6 +63,8 @@ def _params(p: NativePrompt) -> SamplingParams:
     """The prompt's SamplingParams, by the conversion /v1/completions uses; its grammar names the native field."""
     req = p.completion_request()
     params = completion_sampling_params(req, default_max_tokens=None, names=p.field_names())
+    if p.no_stop_trim:
+        params = msgspec.structs.replace(params, no_stop_trim=True)
     grammar = completion_grammar(req)
     if grammar is not None:
         grammar = msgspec.structs.replace(grammar, what=f"{p.sampling_field}.{grammar.kind}")
@@ -169,17 +171,12 @@ def _finish_reason(c: _Choice, last: RequestOutput | None, num_ids: int) -> dict
 
 def _text(state: ServerState, c: _Choice, got: Collected) -> str:
     """The text as SGLang gives it: a matched stop string is cut (the engine already did) unless no_stop_trim, which
-    keeps the whole of the tokens; a matched stop token's own text is cut unless no_stop_trim."""
+    keeps the whole of the tokens; a matched stop token's own text is cut (by the engine) unless no_stop_trim."""
     last = got.last
     if last is None or last.finish_reason != "stop":
         return got.text
-    matched, skip = last.matched_stop, c.params.skip_special_tokens
-    if isinstance(matched, str) and c.prompt.no_stop_trim:
-        return state.tokenizer.decode(got.token_ids, skip_special_tokens=skip)
-    if isinstance(matched, int) and not c.prompt.no_stop_trim:
-        tail = state.tokenizer.decode([matched], skip_special_tokens=skip)
-        if tail and got.text.endswith(tail):
-            return got.text[:-len(tail)]
+    if isinstance(last.matched_stop, str) and c.prompt.no_stop_trim:
+        return state.tokenizer.decode(got.token_ids, skip_special_tokens=c.params.skip_special_tokens)
     return got.text
 
 

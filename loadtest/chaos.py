@@ -173,21 +173,48 @@ def chat_case(rng: random.Random) -> Case:
             body["tool_choice"] = case.tool_choice
         case.stops, case.constrained = [], True  # a stop string inside a tool call's JSON is not what this checks
         body.pop("stop", None)
-    elif rng.random() < 0.15:
-        if rng.random() < 0.5:
+    elif rng.random() < 0.2:
+        r = rng.random()
+        if r < 0.35:
             body["response_format"] = {"type": "json_object"}
             case.schema = {}
-        else:
+        elif r < 0.7:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
             case.schema = SCHEMA
+        elif r < 0.85:
+            body["regex"] = "(Yes|No), [a-z]{1,8}[.]"
+        else:
+            body["ebnf"] = 'root ::= "[" num ("," num)* "]"\nnum ::= [1-9] [0-9]?'
         case.stops, case.constrained = [], True
         body.pop("stop", None)
+    extras(rng, body)
+    if rng.random() < 0.05 and messages[-1]["role"] == "user":  # the answer's start given: the model continues it
+        messages.append({"role": "assistant", "content": "The answer is"})
+    if rng.random() < 0.1:
+        body["chat_template_kwargs"] = {"thinking": rng.random() < 0.5}
+    if rng.random() < 0.1:
+        body["separate_reasoning"] = False
     stream(rng, case, body)
     return case
 
 
+def extras(rng: random.Random, body: dict[str, Any]) -> None:
+    """Fields with nothing to check but that the server must take: stop ids, special tokens kept, token ids back."""
+    if rng.random() < 0.1:
+        body["stop_token_ids"] = [rng.randrange(10, 400) for _ in range(rng.randrange(1, 3))]
+    if rng.random() < 0.1:
+        body["skip_special_tokens"] = False
+    if rng.random() < 0.1:
+        body["return_token_ids"] = True
+    if rng.random() < 0.05:
+        body["user"] = f"user-{rng.randrange(100)}"
+
+
 def completion_case(rng: random.Random) -> Case:
-    texts = [rng.choice(TEXT) for _ in range(rng.choice([1, 1, 1, 2]))]
+    texts: list[Any] = [rng.choice(TEXT) for _ in range(rng.choice([1, 1, 1, 2]))]
+    ids = rng.random() < 0.15  # token ids instead of text: a list of ints, or a batch of them
+    if ids:
+        texts = [[rng.randrange(100, 1000) for _ in range(rng.randrange(1, 30))] for _ in texts]
     body: dict[str, Any] = {"model": "default", "prompt": texts[0] if len(texts) == 1 else texts}
     case = Case("completion", "/v1/completions", body, choices=len(texts))
     sampling(rng, case, body)
@@ -196,11 +223,12 @@ def completion_case(rng: random.Random) -> Case:
         body["logprobs"] = case.top_logprobs
     if len(texts) == 1 and rng.random() < 0.15:
         body["echo"] = True
-        case.echo_prompt = texts[0]
+        case.echo_prompt = None if ids else texts[0]
     if rng.random() < 0.1:
         body["regex"] = "(yes|no|maybe)[.!]"
         case.stops, case.constrained = [], True
         body.pop("stop", None)
+    extras(rng, body)
     stream(rng, case, body)
     return case
 
@@ -214,10 +242,16 @@ def generate_case(rng: random.Random) -> Case:
     if "min_tokens" in params:
         params["min_new_tokens"] = params.pop("min_tokens")
     body: dict[str, Any] = {"sampling_params": params}
+    batch = rng.random() < 0.15
     if rng.random() < 0.5:
-        body["text"] = rng.choice(TEXT)
+        body["text"] = [rng.choice(TEXT), rng.choice(TEXT)] if batch else rng.choice(TEXT)
     else:
-        body["input_ids"] = [rng.randrange(100, 1000) for _ in range(rng.randrange(1, 40))]
+        ids = [[rng.randrange(100, 1000) for _ in range(rng.randrange(1, 40))] for _ in range(2 if batch else 1)]
+        body["input_ids"] = ids if batch else ids[0]
+    case.choices *= 2 if batch else 1
+    if rng.random() < 0.2:
+        body["return_logprob"] = True
+        body["top_logprobs_num"] = rng.randrange(0, 4)
     body["stream"] = case.stream = rng.random() < 0.5
     case.body = body
     return case
@@ -373,8 +407,10 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         if case.top_logprobs is not None and case.kind != "generate":
             if usage and case.choices == 1 and len(c.logprobs) != usage.get("completion_tokens"):
                 v.append(f"{where}: {len(c.logprobs)} logprobs entries for {usage.get('completion_tokens')} tokens")
+            # NOTE: completions' alternatives are a dict keyed by token text: tokens that decode alike (byte
+            # pieces) collapse into one entry, so only the chat list must hold every alternative asked for
             short = [e["top"] for e in c.logprobs if e["top"] != case.top_logprobs]
-            if short and (case.kind == "chat" or case.top_logprobs > 0):
+            if short and case.kind == "chat":
                 v.append(f"{where}: alternatives {sorted(set(short))} per token, {case.top_logprobs} asked")
         v += [f"{where}: {e}" for e in _logprob_errors(case, c.logprobs)]
         if counted is None and usage and case.choices == 1:
@@ -435,8 +471,8 @@ def _logprob_errors(case: Case, entries: list[dict[str, Any]]) -> list[str]:
             errors.append(f"token {at}: a logprob above 0 ({lp}, {alts[:3]})")
         elif alts != sorted(alts, reverse=True):
             errors.append(f"token {at}: alternatives not in descending order {alts}")
-        elif alts and _plain_greedy(case) and abs(lp - alts[0]) > 1e-3:
-            errors.append(f"token {at}: greedy, but its logprob {lp:.4f} is below the top alternative's {alts[0]:.4f}")
+        elif alts and _plain_greedy(case) and abs(lp - alts[0]) > 1e-3 and len(alts) == case.top_logprobs:
+            errors.append(f"token {at}: greedy, but its logprob {lp:.4f} is not the top alternative's {alts[0]:.4f}")
         if len(errors) >= 3:
             break
     return errors

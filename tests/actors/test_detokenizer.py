@@ -124,6 +124,23 @@ def test_register_deliver_close(tok: Tokenizer) -> None:
     assert "a" not in actor and actor.close("a") is False
 
 
+def test_the_stop_token_that_ended_a_request_has_no_text_unless_no_stop_trim(tok: Tokenizer) -> None:
+    """As SGLang: the matched stop token (EOS, or a stop_token_ids entry that is a plain token) is cut from the text
+    even with skip_special_tokens False; no_stop_trim (/generate) keeps it. Found by loadtest/chaos.py: a JSON
+    answer with skip_special_tokens False ended in "<eos>"."""
+    eos, dot = tok.token_to_id("<eos>"), tok.encode(".").ids[0]
+    actor, _ = _actor(tok)
+    cases = {"eos": (SamplingParams(skip_special_tokens=False), eos, "hello"),
+             "dot": (SamplingParams(stop_token_ids=[dot]), dot, "hello"),
+             "kept": (SamplingParams(skip_special_tokens=False, no_stop_trim=True), eos, "hello<eos>")}
+    for rid, (params, stop, want) in cases.items():
+        queue = actor.register(rid, params)
+        ids = tok.encode("hello").ids
+        _step(actor, RequestOutput(rid=rid, token_ids=ids[:1]))
+        _step(actor, RequestOutput(rid=rid, token_ids=[*ids[1:], stop], finish_reason="stop", matched_stop=stop))
+        assert "".join(o.text for o in _drain(queue)) == want, rid
+
+
 def test_closing_an_unfinished_request_asks_for_an_abort(tok: Tokenizer) -> None:
     actor, _ = _actor(tok)
     queue = actor.register("b", SamplingParams())

@@ -93,7 +93,7 @@ def test_logprob_checks() -> None:
     fine = [entry("a", -0.1, [-0.1, -2.5]), entry("b", -0.01, [-0.01, -5.0])]
     assert found(0.0, fine) == ""
     # the bug chaos found: a greedy request's EOS held back by its slot's previous request's min_tokens
-    assert "greedy, but its logprob -7.3000 is below the top alternative's -0.0020" in found(
+    assert "greedy, but its logprob -7.3000 is not the top alternative's -0.0020" in found(
         0.0, [fine[0], entry("Ch", -7.3, [-0.002, -7.3])])
     assert found(1.0, [fine[0], entry("Ch", -7.3, [-0.002, -7.3])]) == ""  # sampled: any token may come
     assert "above 0" in found(1.0, [entry("a", 0.5, [0.5, -1.0]), fine[1]])
