@@ -200,7 +200,7 @@ def chat_case(rng: random.Random) -> Case:
 
 def extras(rng: random.Random, body: dict[str, Any]) -> None:
     """Fields with nothing to check but that the server must take: stop ids, special tokens kept, token ids back."""
-    if rng.random() < 0.1:
+    if rng.random() < 0.1:  # NOTE: plain tokens too: the output may end anywhere, mid-JSON included (`check`)
         body["stop_token_ids"] = [rng.randrange(10, 400) for _ in range(rng.randrange(1, 3))]
     if rng.random() < 0.1:
         body["skip_special_tokens"] = False
@@ -424,12 +424,15 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
                 v.append(f"{where}: stopped after {counted} tokens, min_tokens {case.min_tokens}")
         if case.echo_prompt is not None and not c.text.startswith(case.echo_prompt):
             v.append(f"{where}: echo without the prompt: {c.text!r:.80}")
-        if case.schema is not None and c.finish_reason == "stop":
+        # cut short: by max_tokens, or by a stop token id the request named (which may be any plain token)
+        stop_ids = isinstance(case.body, dict) and bool(case.body.get("stop_token_ids"))
+        cut = c.finish_reason == "length" or (stop_ids and c.finish_reason == "stop")
+        if case.schema is not None and c.finish_reason == "stop" and not cut:
             try:
                 v += [f"{where}: {e}" for e in _schema_errors(json.loads(c.text), case.schema)]
             except ValueError:
                 v.append(f"{where}: response_format asked for JSON, got {c.text!r:.120}")
-        for call in c.tool_calls.values() if c.finish_reason != "length" else ():
+        for call in c.tool_calls.values() if not cut else ():
             try:
                 json.loads(call["arguments"])
             except ValueError:
@@ -437,12 +440,18 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         named = case.tool_choice.get("function", {}).get("name") if isinstance(case.tool_choice, dict) else None
         if c.tool_calls and case.tool_choice == "none":
             v.append(f"{where}: a tool call under tool_choice none")
-        if named and c.finish_reason != "length" and [t["name"] for t in c.tool_calls.values()] != [named]:
+        if named and not cut and [t["name"] for t in c.tool_calls.values()] != [named]:
             v.append(f"{where}: tool calls {[t['name'] for t in c.tool_calls.values()]}, tool_choice names {named}")
-        if case.tool_choice == "required" and c.finish_reason != "length" and not c.tool_calls:
+        if case.tool_choice == "required" and not cut and not c.tool_calls:
             v.append(f"{where}: no tool call under tool_choice required")
-        if (c.finish_reason == "tool_calls") != bool(c.tool_calls) and c.finish_reason != "length":
+        if (c.finish_reason == "tool_calls") != bool(c.tool_calls) and not cut:
             v.append(f"{where}: finish_reason {c.finish_reason} with {len(c.tool_calls)} tool calls")
+    per_prompt = case.choices // _num_prompts(case)
+    if _plain_greedy(case) and per_prompt > 1 and not case.hang_up_after:
+        for first in range(0, case.choices, per_prompt):  # n greedy choices of one prompt are one answer n times
+            texts = {choices[i].text for i in range(first, first + per_prompt) if i in choices}
+            if len(texts) > 1:
+                v.append(f"greedy choices {first}..{first + per_prompt - 1} differ: {sorted(texts)!r:.200}")
     if usage is not None:
         total = usage.get("completion_tokens", 0)
         if case.max_tokens is not None and total > case.max_tokens * case.choices:
@@ -450,6 +459,13 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         if usage.get("prompt_tokens", 0) <= 0 or usage.get("total_tokens") != usage.get("prompt_tokens", 0) + total:
             v.append(f"usage does not add up: {usage}")
     return v
+
+
+def _num_prompts(case: Case) -> int:
+    body = case.body if isinstance(case.body, dict) else {}
+    prompt = body.get("prompt", body.get("text", body.get("input_ids")))
+    batch = isinstance(prompt, list) and bool(prompt) and (isinstance(prompt[0], (str, list)))
+    return len(prompt) if batch and prompt is not None else 1
 
 
 def _plain_greedy(case: Case) -> bool:
@@ -661,7 +677,7 @@ def report(result: dict[str, Any]) -> tuple[str, int]:
         for o in failed[:20]:
             body = o.case.body if isinstance(o.case.body, bytes) else json.dumps(o.case.body)
             lines.append(f"  [{o.case.kind}{' stream' if o.case.stream else ''}] {'; '.join(o.violations)[:400]}\n"
-                         f"      {str(body)[:300]}")
+                         f"      {str(body)[:1000]}")
     if result["after"]:
         lines.append("\nafter the run:")
         lines += [f"  {p}" for p in result["after"]]
