@@ -95,6 +95,11 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                                     lambda results: JSONResponse(_whole(state, prep, results, response_id)))
 
 
+def _tool_names(prep: _Prepared) -> list[str]:
+    """The request's tool names: the parser drops a call to any other (the model's, not the client's, mistake)."""
+    return [t.function.name for t in prep.req.tools or []]
+
+
 # ---- whole answers ---------------------------------------------------------------------------------------
 
 
@@ -108,7 +113,7 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
             content = parsed or ""
         calls: list[ToolCall] = []
         if prep.tool_parser is not None:
-            parsed_content, calls = make_tool_parser(prep.tool_parser).parse(content)
+            parsed_content, calls = make_tool_parser(prep.tool_parser, tools=_tool_names(prep)).parse(content)
             content = parsed_content or ""
         last = r.last
         assert last is not None
@@ -155,7 +160,8 @@ class _ChoiceStream:
 
     def __init__(self, prep: _Prepared) -> None:
         self.reasoning = _reasoning(prep) if prep.reasoning_parser is not None else None
-        self.tools: ToolCallParser | None = make_tool_parser(prep.tool_parser) if prep.tool_parser else None
+        self.tools: ToolCallParser | None = (make_tool_parser(prep.tool_parser, tools=_tool_names(prep))
+                                             if prep.tool_parser else None)
         self.started = False
         self.has_tool_calls = False
         self.last: RequestOutput | None = None

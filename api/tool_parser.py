@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +113,10 @@ class ToolCallParser:
 
     name = "deepseekv3"
 
-    def __init__(self, *, make_id: Callable[[int], str] = random_call_id) -> None:
+    def __init__(self, *, make_id: Callable[[int], str] = random_call_id, tools: Collection[str] | None = None) -> None:
         self._make_id = make_id
+        # the request's tool names: a call to any other is skipped, its text with it (as SGLang does); None: any name
+        self._tools = None if tools is None else frozenset(tools)
         self._buf = ""
         self._state = "text"
         self._strip_lead = False  # drop whitespace that starts a section (after the calls, before arguments)
@@ -126,7 +128,7 @@ class ToolCallParser:
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, tool calls) of a whole output; content None when there is none."""
-        fresh = type(self)(make_id=self._make_id)
+        fresh = type(self)(make_id=self._make_id, tools=self._tools)
         deltas = fresh.feed(text) + fresh.finish()
         content = "".join(d for d in deltas if isinstance(d, str))
         return content or None, fresh.tool_calls
@@ -145,7 +147,7 @@ class ToolCallParser:
     def _run(self, *, final: bool) -> list[Delta]:
         self._out = []
         step = {"text": self._text, "calls": self._calls, "header": self._header, "args_open": self._args_open,
-                "args": self._args}
+                "args": self._args, "skip": self._skip}
         while step[self._state](final):
             pass
         out: list[Delta] = []
@@ -201,6 +203,9 @@ class ToolCallParser:
         parsed = self._split_header(buf, final)
         if parsed is not None and (not ends or len(buf) - len(parsed[1]) <= min(ends)[0]):
             name, rest = parsed
+            if self._tools is not None and name not in self._tools:  # not a tool of this request: skip the call
+                self._buf, self._state = rest, "skip"
+                return True
             index = len(self.tool_calls)
             call = ToolCall(id=self._make_id(index), name=name, arguments="")
             self.tool_calls.append(call)
@@ -270,6 +275,19 @@ class ToolCallParser:
         self._buf = buf[len(buf) - keep:]
         return False
 
+    def _skip(self, final: bool) -> bool:
+        """Inside a call to a name the request has no tool for: drop its text up to the call's end."""
+        buf = self._buf
+        ends = [(i, m) for m in _ARGS_ENDS if (i := buf.find(m)) >= 0]
+        if ends:
+            i, marker = min(ends)
+            self._buf = buf[i + len(marker):]
+            self._state, self._strip_lead = ("calls", False) if marker == CALL_END else ("text", True)
+            return True
+        keep = 0 if final else _held_before(buf, _ARGS_ENDS)  # the start of an end token may be arriving
+        self._buf = buf[len(buf) - keep:]
+        return False
+
     def _emit_args(self, text: str, *, closing: bool) -> None:
         call = self.tool_calls[-1]
         if closing and not call.arguments and not text:
@@ -294,10 +312,12 @@ class DeepSeekV31ToolParser(ToolCallParser):
         return (name, buf[sep + len(SEP):]) if name else None
 
 
-def make_tool_parser(name: str, *, make_id: Callable[[int], str] = random_call_id) -> ToolCallParser:
-    """The parser `--tool-call-parser NAME` asks for, fresh for one request."""
+def make_tool_parser(name: str, *, make_id: Callable[[int], str] = random_call_id,
+                     tools: Collection[str] | None = None) -> ToolCallParser:  # fmt: skip
+    """The parser `--tool-call-parser NAME` asks for, fresh for one request (`tools`: its tools' names, see
+    ToolCallParser)."""
     if name == "deepseekv3":
-        return ToolCallParser(make_id=make_id)
+        return ToolCallParser(make_id=make_id, tools=tools)
     if name == "deepseekv31":
-        return DeepSeekV31ToolParser(make_id=make_id)
+        return DeepSeekV31ToolParser(make_id=make_id, tools=tools)
     raise ValueError(f"unknown tool-call parser {name!r}; choose one of {list(TOOL_CALL_PARSERS)}")
