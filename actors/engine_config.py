@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from baleen.actors.policy_state import DECODE_RESERVE_TOKENS
 from baleen.actors.scheduler import SchedulerSettings
 from baleen.actors.worker import RankSpec
 from baleen.model.build import DEFAULT_KV_CACHE_FP8_MATH, DTYPES, WorkerConfig, check_kv_cache_dtype
@@ -43,6 +44,9 @@ class EngineConfig:
     # waiting for a step without one; needs chunked prefill.
     enable_mixed_chunk: bool = False
     max_queued_requests: int = 4096
+    # --schedule-conservativeness (SGLang's): scales the decode tokens admission keeps in reserve for each running
+    # request (256 at 1.0); lower admits more at once and preempts (recomputes) the newest when the pool runs out.
+    schedule_conservativeness: float = 1.0
     mem_fraction_static: float = 0.85
     kv_cache_dtype: str = "auto"
     # --kv-cache-fp8-math (default DEFAULT_KV_CACHE_FP8_MATH): how the Gluon MLA kernel computes over an FP8 cache.
@@ -224,6 +228,8 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
     context = config.context_length or model_config.max_position_embeddings
     chunk = config.chunked_prefill_size if config.chunked_prefill_size is not None else (8192 if cuda else 1024)
     page_size = config.page_size or (64 if cuda else 16)
+    if not config.schedule_conservativeness >= 0:
+        raise ValueError(f"--schedule-conservativeness must be >= 0, got {config.schedule_conservativeness}")
     if config.enable_mixed_chunk and chunk == -1:
         log.warning("--enable-mixed-chunk has no effect without chunked prefill (--chunked-prefill-size -1)")
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
@@ -286,5 +292,6 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         enable_mixed_chunk=config.enable_mixed_chunk,
         speculative_num_steps=spec_steps,
         decode_log_interval=config.decode_log_interval,
+        decode_reserve_tokens=round(DECODE_RESERVE_TOKENS * config.schedule_conservativeness),
     )
     return StartupPlan(worker, scheduler, config.nnodes)

@@ -10,6 +10,8 @@ from typing import NamedTuple
 from baleen.actors.radix_cache import RadixNode
 from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit
 
+DECODE_RESERVE_TOKENS = 256  # future decode tokens admission keeps per running request (--schedule-conservativeness 1)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
@@ -27,7 +29,7 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
     # Admission keeps this many future decode tokens per running request (capped by its max_new_tokens)
     # in reserve; growth beyond it is served by preempting the newest request.
-    decode_reserve_tokens: int = 256
+    decode_reserve_tokens: int = DECODE_RESERVE_TOKENS
     # Draft tokens a verify row checks (--speculative-num-steps); 0: no speculative decoding, one token a row
     speculative_num_steps: int = 0
 

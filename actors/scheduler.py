@@ -25,7 +25,7 @@ from baleen.actors.admission import AdmissionError
 from baleen.actors.channel import Channel
 from baleen.actors.dp import DPRouter
 from baleen.actors.policy import MAX_INFLIGHT_PLANS, Scheduler
-from baleen.actors.policy_state import SchedulerConfig
+from baleen.actors.policy_state import DECODE_RESERVE_TOKENS, SchedulerConfig
 from baleen.messages import (
     AbortRequest,
     CacheFlushed,
@@ -65,6 +65,7 @@ class SchedulerSettings:
     enable_mixed_chunk: bool = False  # decode rows ride along with prefill chunks (--enable-mixed-chunk)
     speculative_num_steps: int = 0  # drafts a verify row checks (--speculative-num-steps); 0: no speculation
     decode_log_interval: int = 40  # decode steps between two decode log lines
+    decode_reserve_tokens: int = DECODE_RESERVE_TOKENS  # per running request (--schedule-conservativeness scales it)
 
     def build(self, ready: WorkerReady) -> DPRouter:
         """One Scheduler per DP rank, each over the pool every rank has (the smallest, agreed at start-up)."""
@@ -80,6 +81,7 @@ class SchedulerSettings:
             enable_radix_cache=self.enable_radix_cache,
             eos_token_ids=self.eos_token_ids,
             speculative_num_steps=self.speculative_num_steps,
+            decode_reserve_tokens=self.decode_reserve_tokens,
         )
         return DPRouter([Scheduler(config) for _ in range(self.num_dp)])
 

@@ -140,6 +140,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     }
     for dest in ("context_length", "page_size", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
+                 "schedule_conservativeness",
                  "kv_cache_dtype", "kv_cache_fp8_math", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
                  "speculative_num_draft_tokens", "speculative_draft_model_path", "decode_log_interval",
@@ -267,6 +268,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="running decodes ride along with a prefill chunk (which shrinks by one token per decode row) "
                         "instead of waiting for a step without prefill, so streams do not stall while a long prompt "
                         "prefills (default off, as SGLang)")
+    g.add_argument("--schedule-conservativeness", type=float, default=None,
+                   help="scales the decode tokens admission keeps in reserve per running request (default 1.0 = 256; "
+                        "lower runs more requests at once and preempts the newest when the KV pool runs out)")
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32"),
                    help="auto: the model dtype; fp8_e4m3 halves the KV bytes (a per-layer scale from the checkpoint's "

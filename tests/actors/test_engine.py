@@ -373,3 +373,16 @@ def test_fp8_tiled_weights_setting_reaches_the_worker(model_path: str, setting: 
     with pytest.raises(ValueError, match="fp8_tiled_weights"):
         plan_startup(EngineConfig(model_path=model_path, device="cpu", fp8_tiled_weights="yes"), model_path,
               ModelConfig.from_hf(model_path))
+
+
+def test_schedule_conservativeness_scales_the_decode_reserve(model_path: str) -> None:
+    from baleen.actors.engine_config import plan_startup
+    from baleen.model.config import ModelConfig
+
+    def reserve(c: float) -> int:
+        config = EngineConfig(model_path=model_path, device="cpu", schedule_conservativeness=c)
+        return plan_startup(config, model_path, ModelConfig.from_hf(model_path)).scheduler.decode_reserve_tokens
+
+    assert (reserve(1.0), reserve(0.5), reserve(0.0)) == (256, 128, 0)
+    with pytest.raises(ValueError, match="--schedule-conservativeness must be >= 0"):
+        reserve(-1.0)

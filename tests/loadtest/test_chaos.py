@@ -1,5 +1,6 @@
 """loadtest/chaos.py: its checks catch what they are for, and a short run against the default model (speculative
-decoding, mixed chunks, a KV pool small enough to preempt) finds nothing and leaves the server drained."""
+decoding, mixed chunks, a KV pool and decode reserve small enough to preempt) finds nothing and leaves the server
+drained."""
 
 from __future__ import annotations
 
@@ -113,8 +114,10 @@ def test_random_cases_are_reproducible_and_cover_every_kind() -> None:
 
 
 def test_a_short_run_against_the_default_model_finds_nothing() -> None:
+    # a small pool and a small decode reserve: running requests outgrow it and the newest are preempted
     flags = ["--tool-call-parser", "deepseekv3", "--speculative-algorithm", "EAGLE", "--enable-mixed-chunk",
-             "--chunked-prefill-size", "64", "--max-total-tokens", "1024", "--max-running-requests", "6"]
+             "--chunked-prefill-size", "64", "--max-total-tokens", "640", "--page-size", "8",
+             "--schedule-conservativeness", "0.03", "--max-running-requests", "6"]
     run = subprocess.run([sys.executable, "-P", str(SCRIPT), "--seconds", "20", "--concurrency", "6", "--seed", "5",
                           "--serve", "--", *flags], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
