@@ -58,6 +58,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     no_stop_trim: bool = False  # keep the text of the stop token that ended the output (SGLang's /generate)
     logprobs: bool = False
     top_logprobs: int = 0
+    # The prompt's own logprobs (SGLang's logprob_start_len): -1 none; L >= 0 each prompt token's from position L on
+    # (position 0 has none), with top_logprobs alternatives; such a request recomputes those positions (no cache).
+    logprob_start_len: int = -1
     custom_logit_processor: str | None = None  # a name in the server's registry, never code
     custom_params: dict[str, Any] | None = None
     grammar: GrammarSpec | None = None  # structured output: every token must keep the output inside it
@@ -92,6 +95,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.logprob_start_len < -1:
+            raise ValueError(f"logprob_start_len must be >= -1, got {self.logprob_start_len}")
         if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
             raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.grammar.kind!r}")
 
@@ -179,6 +184,10 @@ class SeqRow(msgspec.Struct, array_like=True):
     extend_len: int  # new tokens this step (1 for a decode row, 1 + drafts for a verify row)
     input_ids: bytes  # int32 new tokens, or b"" for a decode row
     sample: bool  # sample a token after this row (False for a prefill chunk that is not the last)
+    # Prompt logprobs (SamplingParams.logprob_start_len): the logits of the row's positions lp_offset, lp_offset + 1,
+    # ... score the prompt tokens `lp_targets` (int32, one a position: the token after it); -1: none asked.
+    lp_offset: int = -1
+    lp_targets: bytes = b""
 
 
 class StepPlan(msgspec.Struct, tag=True, kw_only=True):
@@ -213,6 +222,11 @@ class StepResult(msgspec.Struct, tag=True, kw_only=True):
     top_ids: bytes | None = None  # int32 [num_committed, top_k]
     top_logprobs: bytes | None = None  # float32 [num_committed, top_k]
     num_tokens: bytes | None = None  # int32 [num_sampled]: tokens each sampled row committed; None: one each
+    # Prompt logprobs of the rows with lp_targets, in row order: float32 [m], and the top tables [m, prompt_top_k]
+    prompt_logprobs: bytes | None = None
+    prompt_top_k: int = 0
+    prompt_top_ids: bytes | None = None
+    prompt_top_logprobs: bytes | None = None
     forward_time: float = 0.0  # seconds the worker spent on the step
     # (sampled row, message) for requests whose custom logit processor failed: only they end, with an error
     errors: list[tuple[int, str]] = []
@@ -281,6 +295,10 @@ class RequestOutput(msgspec.Struct, array_like=True, kw_only=True):
     error_kind: str | None = None  # "invalid" (HTTP 400) | "overloaded" (503) | "internal" (500)
     # Speculative decoding: verify rows this request ran so far (SGLang's spec_verify_ct); None when it is off
     spec_verify_ct: int | None = None
+    # With logprob_start_len L >= 0, on the output that carries the first token: the logprob of each prompt token
+    # from position L on (None for position 0, which nothing predicts), and its top_logprobs alternatives
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -52,7 +52,7 @@ from baleen.actors.page_allocator import PageAllocator
 from baleen.actors.policy_state import InFlight, PlanBuilder, Req, SchedulerConfig, Write
 from baleen.actors.policy_stats import SchedulerStats
 from baleen.actors.radix_cache import make_prefix_cache
-from baleen.actors.results import Committed, committed_counts, settle_lengths
+from baleen.actors.results import Committed, committed_counts, settle_lengths, take_prompt_logprobs
 from baleen.messages import (
     PREFIX_ON_DEVICE,
     NewRequest,
@@ -153,7 +153,7 @@ class Scheduler:
         plan = StepPlan(step_id=b.step_id, rows=b.rows, new_slots=b.new_slots, page_updates=b.page_updates,
                         freed_slots=self._freed_slots)
         self._freed_slots = []
-        self._inflight.append(InFlight(b.step_id, b.sampled, b.drafts, b.writes))
+        self._inflight.append(InFlight(b.step_id, b.sampled, b.drafts, b.writes, b.prompt_rows))
         return plan
 
     def _schedule_decodes(self, b: PlanBuilder) -> None:
@@ -217,7 +217,9 @@ class Scheduler:
     def _admit(self, req: Req, budget: int, reserve: int, b: PlanBuilder) -> int:
         """Give `req` a slot and its first chunk; return the chunk length, 0 when pages are short."""
         fill = req.all_tokens()
-        match = self.cache.match_prefix(fill)
+        lp_from = req.lp_from
+        # the prompt's logprobs: positions from lp_from on are computed here, not taken from the cache
+        match = self.cache.match_prefix(fill if lp_from is None else fill[: lp_from + 1])
         self.cache.lock(match.node)
         target = min(req.max_len, len(fill) + self.config.reserve_tokens)
         need = self.allocator.pages_for(target) - len(match.pages)
@@ -249,7 +251,14 @@ class Scheduler:
         assert req.slot is not None
         start = req.kv_len
         last = start + num == len(req.fill)  # only the last chunk samples
-        b.rows.append(SeqRow(req.slot, start, num, req.fill[start : start + num].tobytes(), last))
+        row = SeqRow(req.slot, start, num, req.fill[start : start + num].tobytes(), last)
+        lp_from = req.lp_from
+        if lp_from is not None:  # positions lo..hi-1 of this chunk score the prompt tokens after them
+            lo, hi = max(start, lp_from), min(start + num, len(req.prompt) - 1)
+            if lo < hi:
+                row.lp_offset, row.lp_targets = lo - start, req.prompt[lo + 1 : hi + 1].tobytes()
+                b.prompt_rows.append((req, req.admit_seq, hi - lo))
+        b.rows.append(row)
         if last:
             self._add_sampled(req, 0, b)
         req.kv_len += num
@@ -308,6 +317,7 @@ class Scheduler:
         self.running.remove(req)
         self.waiting.appendleft(req)
         req.fill, req.kv_len, req.done_len = array("i"), 0, 0  # re-prefilled from prompt + output when re-admitted
+        req.prompt_lp, req.prompt_top = [], []  # owed prompt logprobs are recomputed with it
         self.stats.num_preemptions += 1
         b.preempted = True
 
@@ -369,6 +379,7 @@ class Scheduler:
         counts = committed_counts(result, step, errors)
         live = settle_lengths(step, counts, errors)
         got = Committed.unpack(result)
+        take_prompt_logprobs(step, result)
         deltas: list[RequestOutput] = []
         num_generated = 0  # tokens of served requests (not of warm-ups)
         end = 0
@@ -412,7 +423,15 @@ class Scheduler:
         if reason is not None:
             self._finish(req)
         lps, tops = got.logprobs_of(first, end, req.sampling)
-        return self._delta(req, got.tokens[first:end].tolist(), lps, tops, reason, matched)
+        delta = self._delta(req, got.tokens[first:end].tolist(), lps, tops, reason, matched)
+        if req.sampling.logprob_start_len >= 0 and len(req.output) == end - first:  # its first tokens
+            start = req.sampling.logprob_start_len
+            first_none: list[float | None] = [None] if start == 0 else []  # position 0: nothing predicts it
+            delta.prompt_logprobs = first_none + req.prompt_lp
+            if req.sampling.top_logprobs:
+                delta.prompt_top_logprobs = ([[]] if start == 0 else []) + req.prompt_top
+            req.prompt_lp, req.prompt_top = [], []
+        return delta
 
     def _fail_step(self, step: InFlight, message: str) -> list[RequestOutput]:
         """A step the workers could not run (out of memory): its requests end with an error, nothing else does.

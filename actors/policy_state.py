@@ -95,11 +95,24 @@ class Req:
     cached_tokens: int | None = None  # prompt tokens served by the radix cache at first admission
     finished: bool = False
     warmup: bool = False  # start-up's own request: counted in no statistic, its pages never cached
+    # logprob_start_len >= 0: the prompt's logprobs (and top tables) the finished steps computed so far, handed out
+    # with the first token; recomputed from the start if it is preempted before then
+    prompt_lp: list[float] = field(default_factory=list)
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def max_new_tokens(self) -> int:
         """The most tokens it may generate (max_new_tokens, or what the context leaves when that was None)."""
         return self.max_len - len(self.prompt)
+
+    @property
+    def lp_from(self) -> int | None:
+        """The first position whose logits score the next prompt token, while the prompt's logprobs are still owed
+        (before the first output token); None when none are."""
+        start = self.sampling.logprob_start_len
+        if start < 0 or self.output or self.warmup:
+            return None
+        return max(start, 1) - 1
 
     def all_tokens(self) -> array:
         """Prompt and every generated token the host knows of."""
@@ -130,6 +143,7 @@ class PlanBuilder:
     sampled: list[Req] = field(default_factory=list)  # requests of the sampled rows, in row order
     drafts: list[int] = field(default_factory=list)  # draft tokens of each sampled row (0: not a verify row)
     writes: list[Write] = field(default_factory=list)  # every row's
+    prompt_rows: list[tuple[Req, int, int]] = field(default_factory=list)  # rows with lp_targets: req, admit_seq, m
     preempted: bool = False
 
 
@@ -141,3 +155,4 @@ class InFlight:
     sampled: list[Req]  # requests of its sampled rows, in row order
     drafts: list[int]  # draft tokens of each sampled row (0: not a verify row)
     writes: list[Write]  # per row
+    prompt_rows: list[tuple[Req, int, int]] = field(default_factory=list)  # see PlanBuilder

@@ -81,6 +81,26 @@ class Committed:
         return lps, tops
 
 
+def take_prompt_logprobs(step: InFlight, result: StepResult) -> None:
+    """Append the prompt logprobs a step computed (its rows with lp_targets, in row order) to their requests, unless
+    a request ended or was preempted since (it recomputes them)."""
+    if not step.prompt_rows:
+        return
+    lps, k = _unpack("f", result.prompt_logprobs), result.prompt_top_k
+    ids, tops = _unpack("i", result.prompt_top_ids), _unpack("f", result.prompt_top_logprobs)
+    if lps is None or len(lps) != sum(m for _, _, m in step.prompt_rows):
+        raise ValueError(f"step {result.step_id}: prompt logprobs for {len(lps or [])} positions, the plan asked for "
+                         f"{sum(m for _, _, m in step.prompt_rows)}")
+    at = 0
+    for req, seq, m in step.prompt_rows:
+        if req.runs_in(seq) and not req.output:
+            req.prompt_lp += lps[at : at + m].tolist()
+            want = min(req.sampling.top_logprobs, k)
+            if want and ids is not None and tops is not None:
+                req.prompt_top += [[(ids[t * k + j], tops[t * k + j]) for j in range(want)] for t in range(at, at + m)]
+        at += m
+
+
 def _unpack(typecode: str, b: bytes | None) -> array | None:
     """int32 ("i") or float32 ("f") bytes as an array."""
     if b is None:

@@ -323,6 +323,7 @@ class ModelRunner:
         logits: torch.Tensor | None = None
         flags: BatchFlags | None = None  # the sampler's, computed once a step (staged: before the graph runs)
         grammar_rows: list[tuple[int, SlotGrammar]] = []
+        prompt_top_k = 0  # the prompt logprobs' table width (never in a graphed step: prefill rows are not)
         staged = self.staged_rows(plan)
         if staged is not None:
             assert self.graphs is not None
@@ -349,9 +350,10 @@ class ModelRunner:
                 hidden = self.model(batch, self.kv_cache, self.attn)
                 if sampled_slots:
                     logits = self.model.compute_logits(hidden[batch.logits_indices])
+                prompt_top_k = self._prompt_logprobs(plan, hidden, host)
             grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
         step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors,
-                           grammar_rows=grammar_rows if logits is not None else [])
+                           grammar_rows=grammar_rows if logits is not None else [], prompt_top_k=prompt_top_k)
         if logits is None:
             self._record(step)
             return step
@@ -393,6 +395,7 @@ class ModelRunner:
             self.attn.plan(batch)
         # an idle DP rank too: it joins every layer's MoE exchange, the target's and the MTP layer's
         hidden = self.model(batch, self.kv_cache, self.attn)
+        step.prompt_top_k = self._prompt_logprobs(plan, hidden, host)
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         if not sampled_slots:
             drafter.extend(batch, hidden, empty, empty, empty, self.kv_cache, self.attn)
@@ -462,6 +465,35 @@ class ModelRunner:
         host["num_tokens"] = to_host(num_tokens.to(torch.int32))
         self._record(step)
         return step
+
+    PROMPT_LOGPROB_ROWS = 1024  # positions a logits block of the prompt logprobs holds ([rows, vocab] float32)
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, host: dict[str, torch.Tensor]) -> int:
+        """The logprob of each prompt token the plan's rows score (`SeqRow.lp_targets`) and its top tables, on their
+        way to the host (row order); returns the tables' width (0: none asked). The logits are made a block of
+        PROMPT_LOGPROB_ROWS positions at a time, never for a whole long chunk at once."""
+        rows = [(i, r) for i, r in enumerate(plan.rows) if r.lp_targets]
+        if not rows:
+            return 0
+        starts = np.concatenate([[0], np.cumsum([r.extend_len for r in plan.rows])])
+        where = np.concatenate([starts[i] + r.lp_offset + np.arange(len(r.lp_targets) // 4) for i, r in rows])
+        targets = np.concatenate([_i32(r.lp_targets) for _, r in rows]).astype(np.int64)
+        k = max(self.sampler.state.top_logprobs_of(r.slot) for _, r in rows)
+        idx, tgt = self._to_device(where), self._to_device(targets)
+        lps, top_ids, top_lps = [], [], []
+        for a in range(0, len(where), self.PROMPT_LOGPROB_ROWS):
+            logits = self.model.compute_logits(hidden[idx[a : a + self.PROMPT_LOGPROB_ROWS]])  # [b, vocab] float32
+            lse = logits.logsumexp(dim=-1)
+            lps.append(logits.gather(1, tgt[a : a + self.PROMPT_LOGPROB_ROWS, None])[:, 0] - lse)
+            if k:
+                vals, ids = logits.topk(k, dim=-1)
+                top_ids.append(ids.to(torch.int32))
+                top_lps.append(vals - lse[:, None])
+        host["prompt_logprobs"] = to_host(torch.cat(lps).float())
+        if k:
+            host["prompt_top_ids"] = to_host(torch.cat(top_ids))
+            host["prompt_top_logprobs"] = to_host(torch.cat(top_lps).float())
+        return k
 
     def _commit_accepted(self, tokens: torch.Tensor, sample_slots: torch.Tensor, flags: BatchFlags,
                          layout: VerifyLayout, host: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -629,6 +661,10 @@ class ModelRunner:
             top_ids=h["top_ids"].tobytes() if "top_ids" in h else None,
             top_logprobs=h["top_logprobs"].tobytes() if "top_logprobs" in h else None,
             num_tokens=h["num_tokens"].tobytes() if "num_tokens" in h else None,
+            prompt_logprobs=h["prompt_logprobs"].tobytes() if "prompt_logprobs" in h else None,
+            prompt_top_k=pending.prompt_top_k,
+            prompt_top_ids=h["prompt_top_ids"].tobytes() if "prompt_top_ids" in h else None,
+            prompt_top_logprobs=h["prompt_top_logprobs"].tobytes() if "prompt_top_logprobs" in h else None,
             forward_time=time.perf_counter() - pending.started,
             errors=errors,
         )

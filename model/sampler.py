@@ -275,6 +275,11 @@ class SamplingState:
         self._info[slot] = info
         self._tally.add(info)
 
+    def top_logprobs_of(self, slot: int) -> int:
+        """The top_logprobs the request in `slot` asked for (0 for an empty slot)."""
+        info = self._info[slot]
+        return info.top_logprobs if info is not None else 0
+
     def clear_slot(self, slot: int) -> None:
         """Forget the request in `slot` (a no-op for an empty slot); its device rows are simply overwritten later."""
         self._check_slot(slot)

@@ -51,6 +51,7 @@ class PendingStep:
     grammar_rows: list[tuple[int, SlotGrammar]] = field(default_factory=list)
     grammar_accepted: bool = False
     deferred: DeferredSample | None = None  # set: forward queued, sampling waits for `ModelRunner.complete`
+    prompt_top_k: int = 0  # width of the prompt logprobs' top tables (host["prompt_top_ids"]), 0: none
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

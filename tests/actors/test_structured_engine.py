@@ -5,7 +5,6 @@ The multi-process engine is covered over HTTP (tests/api/test_structured_http.py
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 from typing import Any
@@ -14,9 +13,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from baleen.actors import scheduler
 from baleen.actors.engine import Engine, EngineConfig
-from baleen.actors.policy_state import SchedulerConfig
 from baleen.actors.worker import WorkerActor
 from baleen.messages import (
     GrammarSpec,
@@ -183,14 +180,13 @@ def test_bad_and_unfinished_grammars(model_path: str) -> None:
     asyncio.run(main())
 
 
-def test_preempted_requests_resume_their_grammar(model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preempted_requests_resume_their_grammar(model_path: str) -> None:
     # Admission keeps almost no decode reserve, and 12 pages cannot hold 8 requests that each grow past 4: the
     # scheduler must preempt, and a recomputed request's matcher replays what it generated before.
-    monkeypatch.setattr(scheduler, "SchedulerConfig", functools.partial(SchedulerConfig, decode_reserve_tokens=4))
-
     async def main() -> None:
         engine = await Engine.start(EngineConfig(model_path=model_path, device="cpu", page_size=16,
-                                                 max_total_tokens=12 * 16, max_running_requests=8))
+                                                 max_total_tokens=12 * 16, max_running_requests=8,
+                                                 schedule_conservativeness=4 / 256))  # fmt: skip
         try:
             pattern = "[a-z]{40,60}"
             outs = await asyncio.gather(*(_run(engine, GrammarSpec("regex", pattern), s, max_new_tokens=70)
