@@ -38,8 +38,8 @@ def _extra(body: dict[str, Any], **optional: Any) -> dict[str, Any]:
     return body
 
 
-def _logprob(value: float) -> float:
-    return max(float(value), _MIN_LOGPROB)
+def _logprob(value: float | None) -> float | None:
+    return None if value is None else max(float(value), _MIN_LOGPROB)
 
 
 def chat_logprob_entry(token: str, logprob: float, top: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
@@ -97,13 +97,15 @@ def usage_chunk(*, id: str, model: str, created: int, usage: dict[str, Any],
     return {"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage}
 
 
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float],
-                        top: Sequence[Sequence[tuple[str, float]]] | None = None, *,
+def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float | None],
+                        top: Sequence[Sequence[tuple[str, float]] | None] | None = None, *,
                         text_offset: int = 0) -> dict[str, Any]:
-    """A text completion's `logprobs`: tokens, token_logprobs, top_logprobs and character offsets."""
+    """A text completion's `logprobs`: tokens, token_logprobs, top_logprobs and character offsets (None where a token
+    has none: an echoed prompt's first)."""
     offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=text_offset)) if tokens else []
     return {"tokens": list(tokens), "token_logprobs": [_logprob(lp) for lp in logprobs],
-            "top_logprobs": None if top is None else [{t: _logprob(lp) for t, lp in row} for row in top],
+            "top_logprobs": None if top is None else [None if row is None else {t: _logprob(lp) for t, lp in row}
+                                                      for row in top],
             "text_offset": offsets}
 
 

@@ -184,8 +184,12 @@ class Collected:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     last: RequestOutput | None = None
+    prompt_logprobs: list[float | None] | None = None  # with logprob_start_len: from the first output
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []

@@ -287,9 +287,6 @@ def _check_completion(req: CompletionRequest) -> None:
         if isinstance(p, list) and (not p or any(t < 0 for t in p)):
             raise ApiError(400, "a token-id prompt must be a non-empty list of non-negative ids",
                            param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
-    if req.echo and req.logprobs is not None:
-        raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
-                       "compute; drop one of them", param="echo")
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
@@ -379,7 +376,8 @@ def completion_sampling_params(req: CompletionRequest, *, default_max_tokens: in
     """
     params = SamplingParams(**_common_fields(req), logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                             max_new_tokens=default_max_tokens if req.max_tokens is None else req.max_tokens,
-                            skip_special_tokens=req.skip_special_tokens)
+                            skip_special_tokens=req.skip_special_tokens,
+                            logprob_start_len=0 if req.echo and req.logprobs is not None else -1)
     return _checked(params, names)
 
 

@@ -80,13 +80,31 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 
 
 def _logprobs(state: ServerState, prep: _Prepared, token_ids: list[int], logprobs: list[float] | None,
-              top: list[list[tuple[int, float]]] | None, offset: int) -> dict[str, Any] | None:
+              top: list[list[tuple[int, float]]] | None, offset: int,
+              echoed: tuple[list[int], list[float | None], list[list[tuple[int, float]]] | None] | None = None,
+              ) -> dict[str, Any] | None:  # fmt: skip
+    """A choice's `logprobs` for these output tokens; `echoed` (prompt ids, their logprobs from position 0 (None
+    there), their top tables) puts the echoed prompt's tokens first, at text offsets from 0."""
     if prep.req.logprobs is None:
         return None
     text = state.token_text
     rows = [[(text(a), lp) for a, lp in alts] for alts in top] if top else None
-    return b.completion_logprobs([text(t) for t in token_ids], logprobs or [0.0] * len(token_ids), rows,
-                                 text_offset=offset)
+    out = b.completion_logprobs([text(t) for t in token_ids], logprobs or [0.0] * len(token_ids), rows,
+                                text_offset=offset)
+    if echoed is None:
+        return out
+    ids, lps, tops = echoed
+    prompt_rows = None if not tops or rows is None else [None, *([(text(a), lp) for a, lp in alts] for alts in tops[1:])]
+    head = b.completion_logprobs([text(t) for t in ids], lps, prompt_rows)
+    return {k: head[k] + out[k] if isinstance(out[k], list) and isinstance(head[k], list) else out[k] for k in out}
+
+
+def _echoed(prep: _Prepared, i: int, got: Collected | RequestOutput
+            ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]]] | None] | None:  # fmt: skip
+    """Choice i's prompt ids with their logprobs and tables, when it echoes its prompt with logprobs."""
+    if not prep.req.echo or got.prompt_logprobs is None:
+        return None
+    return prep.choices[i][0], got.prompt_logprobs, got.prompt_top_logprobs
 
 
 def _usage(prep: _Prepared, lasts: list[RequestOutput | None]) -> dict[str, Any]:
@@ -110,7 +128,8 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
         assert last is not None
         choices.append(b.completion_choice(
             i, text=prep.echo[i] + r.text, finish_reason=last.finish_reason, matched_stop=last.matched_stop,
-            logprobs=_logprobs(state, prep, r.token_ids, r.logprobs, r.top_logprobs, len(prep.echo[i])),
+            logprobs=_logprobs(state, prep, r.token_ids, r.logprobs, r.top_logprobs, len(prep.echo[i]),
+                               _echoed(prep, i, r)),
             token_ids=r.token_ids if req.return_token_ids else None))
     return b.text_completion(id=response_id, model=req.model, choices=choices,
                              usage=_usage(prep, [r.last for r in results]), prompt_token_ids=_prompt_ids(prep))
@@ -132,7 +151,7 @@ def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts:
         if not (text or out.token_ids or out.finished):
             return None
         logprobs = _logprobs(state, prep, out.token_ids, out.logprobs, out.top_logprobs,
-                             offsets[i] + (len(text) - len(out.text)))
+                             offsets[i] + (len(text) - len(out.text)), None if started[i] else _echoed(prep, i, out))
         started[i] = True
         offsets[i] += len(text)
         choice = b.completion_choice(i, text=text, finish_reason=out.finish_reason, matched_stop=out.matched_stop,

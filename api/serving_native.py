@@ -65,6 +65,8 @@ def _params(p: NativePrompt) -> SamplingParams:
     params = completion_sampling_params(req, default_max_tokens=None, names=p.field_names())
     if p.no_stop_trim:
         params = msgspec.structs.replace(params, no_stop_trim=True)
+    if p.return_logprob and p.logprob_start_len >= 0:  # the prompt's logprobs from that position on
+        params = msgspec.structs.replace(params, logprob_start_len=p.logprob_start_len)
     grammar = completion_grammar(req)
     if grammar is not None:
         grammar = msgspec.structs.replace(grammar, what=f"{p.sampling_field}.{grammar.kind}")
@@ -81,11 +83,6 @@ def _prepare(state: ServerState, body: bytes) -> tuple[_Prepared, bool]:
         prompt_ids = tokenize(state.tokenizer, p.prompt, add_special_tokens=True)
         params = _params(p)
         state.admit(prompt_ids, params, p.field_names())
-        start = p.logprob_start_len
-        if p.return_logprob and start != -1 and start < len(prompt_ids):
-            raise ApiError(400, f"logprob_start_len {start} asks for the logprobs of prompt tokens ({p.field} has "
-                           f"{len(prompt_ids)}), which this server does not compute; send -1 for the output tokens' only",
-                           param="logprob_start_len")
         for seeded in per_choice(params, n):
             choices.append(_Choice(p, prompt_ids, seeded, ids[len(choices)]))
     return _Prepared(choices, single, req.return_text_in_logprobs), req.stream
@@ -147,7 +144,7 @@ def _answer(state: ServerState, prep: _Prepared, i: int, got: Collected, rid: st
                             "cached_tokens": last.cached_tokens if last is not None else 0}
     if c.prompt.return_logprob:
         meta |= _logprobs(state, c, [] if prefill_only else got.logprobs, ids,
-                          [] if prefill_only else got.top_logprobs, prep.text_in_logprobs)
+                          [] if prefill_only else got.top_logprobs, prep.text_in_logprobs, got)
     if last is not None and last.spec_verify_ct is not None:  # speculative decoding: SGLang's per-request counts
         meta["spec_verify_ct"] = last.spec_verify_ct
         if last.spec_verify_ct:
@@ -181,17 +178,21 @@ def _text(state: ServerState, c: _Choice, got: Collected) -> str:
 
 
 def _logprobs(state: ServerState, c: _Choice, logprobs: list[float], ids: list[int],
-              top: list[list[tuple[int, float]]], with_text: bool) -> dict[str, Any]:
+              top: list[list[tuple[int, float]]], with_text: bool, got: Collected) -> dict[str, Any]:
     """meta_info's logprob fields in SGLang's layout: `[logprob, token_id, text or None]` per token; the prompt's
-    (`input_*`) are empty, as they are for logprob_start_len -1."""
+    (`input_*`) from logprob_start_len on (position 0's logprob and table None), empty for -1."""
 
-    def entry(logprob: float, token_id: int) -> list[Any]:
+    def entry(logprob: float | None, token_id: int) -> list[Any]:
         return [logprob, token_id, state.token_text(token_id) if with_text else None]
 
-    out: dict[str, Any] = {"input_token_logprobs": [],
+    start = c.params.logprob_start_len
+    prompt = c.prompt_ids[start:] if start >= 0 and got.prompt_logprobs is not None else []
+    out: dict[str, Any] = {"input_token_logprobs": [entry(lp, t) for lp, t in zip(got.prompt_logprobs or [], prompt)],
                            "output_token_logprobs": [entry(lp, t) for lp, t in zip(logprobs, ids)]}
     if c.prompt.top_logprobs_num > 0:
-        out["input_top_logprobs"] = []
+        tables = got.prompt_top_logprobs or []
+        out["input_top_logprobs"] = [None if start + j == 0 else [entry(lp, t) for t, lp in row]
+                                     for j, row in zip(range(len(prompt)), tables)]
         out["output_top_logprobs"] = [[entry(lp, t) for t, lp in row] for row in top]
     return out
 

@@ -403,7 +403,15 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         for s in case.stops:
             if s in generated:
                 v.append(f"{where}: stop string {s!r} in the text {generated!r:.120}")
-        counted = c.tokens if c.tokens is not None else (len(c.logprobs) if case.top_logprobs is not None else None)
+        echoed = isinstance(case.body, dict) and case.body.get("echo") and case.top_logprobs is not None
+        if echoed and usage:  # the echoed prompt's tokens come first (the first without a logprob)
+            head, c.logprobs = c.logprobs[: usage.get("prompt_tokens", 0)], c.logprobs[usage.get("prompt_tokens", 0):]
+            if not head or head[0]["logprob"] is not None or any(e["logprob"] is None for e in head[1:]):
+                v.append(f"{where}: echoed prompt logprobs {[e['logprob'] for e in head][:4]}...")
+        elif echoed:  # no usage to tell where the prompt's tokens end: no output counts from the logprobs
+            c.logprobs = []
+        by_logprobs = case.top_logprobs is not None and not (echoed and not usage)
+        counted = c.tokens if c.tokens is not None else (len(c.logprobs) if by_logprobs else None)
         if case.top_logprobs is not None and case.kind != "generate":
             if usage and case.choices == 1 and len(c.logprobs) != usage.get("completion_tokens"):
                 v.append(f"{where}: {len(c.logprobs)} logprobs entries for {usage.get('completion_tokens')} tokens")

@@ -187,8 +187,31 @@ def test_logprobs_in_sglang_layout(http: httpx.Client, tokenizer: Tokenizer) -> 
     plain = generate(http, {**body, "top_logprobs_num": 0, "return_text_in_logprobs": False})
     assert "output_top_logprobs" not in plain["meta_info"]
     assert all(r[2] is None for r in plain["meta_info"]["output_token_logprobs"])
-    err = error(http.post("/generate", json={**body, "logprob_start_len": 0}), 400, "logprob_start_len")
-    assert "prompt tokens" in err
+
+
+
+def test_prompt_logprobs_from_logprob_start_len_equal_completions_echo(http: httpx.Client,
+                                                                      tokenizer: Tokenizer) -> None:  # fmt: skip
+    """logprob_start_len L: the prompt's tokens from L on, each scored by the positions before it (position 0 has
+    no logprob); the same numbers /v1/completions gives for echo with logprobs, over the cached prompt too."""
+    ids = tokenizer.encode(PROMPT, add_special_tokens=True).ids
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 3, **GREEDY}, "return_logprob": True,
+            "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    echo = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 3, "echo": True, "logprobs": 2,
+                                              **GREEDY}).json()["choices"][0]["logprobs"]  # fmt: skip
+    assert len(echo["tokens"]) == len(ids) + 3 and echo["token_logprobs"][0] is None and echo["top_logprobs"][0] is None
+    assert all(lp <= 0 for lp in echo["token_logprobs"][1:]) and all(len(t) == 2 for t in echo["top_logprobs"][1:])
+    for start in (0, 3):
+        for streamed in (False, True):
+            meta = (stream(http, {**body, "logprob_start_len": start})[-1] if streamed else
+                    generate(http, {**body, "logprob_start_len": start}))["meta_info"]
+            rows, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+            assert [r[1] for r in rows] == ids[start:] and len(tops) == len(rows)
+            assert [r[0] for r in rows] == pytest.approx(echo["token_logprobs"][start:len(ids)], abs=1e-5)
+            assert (rows[0][0] is None and tops[0] is None) == (start == 0)
+            assert all(len(t) == 2 and t[0][0] >= t[1][0] for t in tops[start == 0:])
+            assert [r[0] for r in meta["output_token_logprobs"]] == pytest.approx(echo["token_logprobs"][len(ids):],
+                                                                                 abs=1e-5)
 
 
 def test_structured_output(http: httpx.Client) -> None:
@@ -516,3 +539,19 @@ def test_health_generate_counts_other_requests_outputs(fake_server: ThreadServer
         assert fake_engine.num_requests == 0  # the check's own request was aborted
     finally:
         fake_engine.delay_s = 0.0
+
+
+def test_completions_echo_with_logprobs_streamed_equals_whole(http: httpx.Client, tokenizer: Tokenizer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 4, "echo": True, "logprobs": 1, **GREEDY}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"].startswith(PROMPT)
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    got: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    for e in events:
+        for k in got:
+            got[k] += e["choices"][0]["logprobs"][k]
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["text"]
+    assert got["tokens"] == whole["logprobs"]["tokens"]
+    assert got["token_logprobs"][1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    assert got["top_logprobs"][0] is None and len(got["top_logprobs"]) == len(whole["logprobs"]["top_logprobs"])

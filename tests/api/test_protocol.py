@@ -255,7 +255,6 @@ def test_completion_prompt_forms(prompt: Any, expected: list[Any]) -> None:
     ({"prompt": [[1], [-2]]}, "prompt[1]", "non-negative"),
     ({"prompt": [1.5]}, "prompt[0]", "Expected"),
     ({"prompt": "a", "suffix": "b"}, "suffix", "not supported"),
-    ({"prompt": "a", "echo": True, "logprobs": 1}, "echo", "echo with logprobs"),
     ({"prompt": "a", "logprobs": 30}, "logprobs", "logprobs must be in [0, 20]"),
     ({"prompt": "a", "max_tokens": -4}, "max_tokens", "max_tokens must be >= 0"),
     ({}, "prompt", "missing required field"),
