@@ -45,7 +45,6 @@ class Limits:
     max_context_len: int  # prompt + new tokens
     vocab_size: int | None = None  # prompt ids must be below it (the frontend knows it, the scheduler does not)
     max_kv_tokens: int | None = None  # the KV pool in tokens (the scheduler knows it, the frontend does not)
-    prompt_logprobs: bool = True  # whether logprob_start_len may ask for them (not under DP attention)
 
 
 def tokenize(tokenizer: Tokenizer, prompt: str | Sequence[int], *, add_special_tokens: bool = False) -> list[int]:
@@ -83,9 +82,6 @@ def check_request(prompt_ids: Sequence[int], sampling: SamplingParams, limits: L
     "messages"), used in the messages and in `param`.
     """
     check_sampling(sampling, names)
-    if sampling.logprob_start_len >= 0 and not limits.prompt_logprobs:
-        raise AdmissionError("the prompt's logprobs (logprob_start_len, echo with logprobs) are not computed under "
-                             "DP attention yet", param=_name(names, "logprob_start_len"))
     prompt = _name(names, "prompt")
     num_prompt = len(prompt_ids)
     if num_prompt == 0:

@@ -145,8 +145,7 @@ class Engine:
         self._plan = plan_startup(config, model_path, model_config)
         self.max_context_len = self._plan.worker.max_context_len
         # What generate checks a request against; the scheduler checks the KV pool's size too.
-        self.limits = Limits(max_context_len=self.max_context_len, vocab_size=model_config.vocab_size,
-                             prompt_logprobs=self._plan.worker.parallel.dp_size == 1)
+        self.limits = Limits(max_context_len=self.max_context_len, vocab_size=model_config.vocab_size)
         self.metrics: dict[str, float] = {}
         self.error: str | None = None  # set when the engine can no longer serve
         self._dead = asyncio.Event()  # set with `error`

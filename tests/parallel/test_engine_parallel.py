@@ -191,3 +191,33 @@ def test_missing_node_is_a_clear_timeout(model_path: str, caplog: pytest.LogCapt
 def test_bad_layouts_are_refused_before_any_process_starts(model_path: str, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         asyncio.run(Engine.start(EngineConfig(model_path=model_path, **kw)))
+
+
+async def _prompt_logprobs(engine: Engine, prompts: list[list[int]]) -> list[list[float | None]]:
+    async def one(prompt: list[int]) -> list[float | None]:
+        params = SamplingParams(max_new_tokens=1, logprob_start_len=0, top_logprobs=2, **GREEDY)
+        outs = [out async for out in engine.generate(prompt, params)]
+        assert outs[0].prompt_logprobs is not None and len(outs[0].prompt_logprobs) == len(prompt)
+        return outs[0].prompt_logprobs
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def test_prompt_logprobs_under_tp_and_dp_attention_equal_one_rank(model_path: str) -> None:
+    """Each DP group makes its own requests' prompt logits (its LM head gathers within the group): the values equal
+    one rank's, chunks and idle DP ranks included."""
+    prompts = [p for p, _ in PROMPTS[:5]]
+
+    async def run(**kw: Any) -> list[list[float | None]]:
+        async with await Engine.start(EngineConfig(model_path=model_path, chunked_prefill_size=16, **kw)) as engine:
+            got = await _prompt_logprobs(engine, prompts)
+            if kw.get("enable_dp_attention"):
+                got[:1] = await _prompt_logprobs(engine, prompts[:1])  # alone: the other DP rank idles
+            return got
+
+    want = asyncio.run(run())
+    for layout in ("tp2", "dp-attention2"):
+        got = asyncio.run(run(**LAYOUTS[layout]))
+        for g, w in zip(got, want):
+            assert g[0] is None and w[0] is None
+            assert g[1:] == pytest.approx(w[1:], abs=1e-4), layout
