@@ -208,6 +208,12 @@ def extras(rng: random.Random, body: dict[str, Any]) -> None:
         body["return_token_ids"] = True
     if rng.random() < 0.05:
         body["user"] = f"user-{rng.randrange(100)}"
+    # the seeds' thinking budget, by its registered name (needs --enable-custom-logit-processor); NOTE: not with a
+    # grammar, whose mask may forbid the tokens it forces (the request then fails: "the grammar rejected token")
+    constrained = any(k in body for k in ("response_format", "regex", "ebnf", "tool_choice"))
+    if rng.random() < 0.05 and not constrained:
+        body["custom_logit_processor"] = "deepseek_r1_thinking_budget"
+        body["custom_params"] = {"thinking_budget": rng.randrange(1, 30)}
 
 
 def completion_case(rng: random.Random) -> Case:
@@ -474,7 +480,8 @@ def _plain_greedy(case: Case) -> bool:
     """Whether each token must be the argmax of the distribution its logprobs come from (temperature 0, nothing
     that moves the logits first: penalties, min_tokens, a grammar)."""
     body = case.body if isinstance(case.body, dict) else {}
-    moved = any(body.get(k) for k in ("presence_penalty", "frequency_penalty")) or body.get("repetition_penalty", 1) != 1
+    moved = (any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "custom_logit_processor"))
+             or body.get("repetition_penalty", 1) != 1)
     return body.get("temperature") == 0 and not moved and not case.min_tokens and not case.constrained
 
 
