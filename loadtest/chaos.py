@@ -208,10 +208,9 @@ def extras(rng: random.Random, body: dict[str, Any]) -> None:
         body["return_token_ids"] = True
     if rng.random() < 0.05:
         body["user"] = f"user-{rng.randrange(100)}"
-    # the seeds' thinking budget, by its registered name (needs --enable-custom-logit-processor); NOTE: not with a
-    # grammar, whose mask may forbid the tokens it forces (the request then fails: "the grammar rejected token")
-    constrained = any(k in body for k in ("response_format", "regex", "ebnf", "tool_choice"))
-    if rng.random() < 0.05 and not constrained:
+    # the seeds' thinking budget, by its registered name (needs --enable-custom-logit-processor); beside a grammar
+    # that forbids what it forces, the grammar wins
+    if rng.random() < 0.05:
         body["custom_logit_processor"] = "deepseek_r1_thinking_budget"
         body["custom_params"] = {"thinking_budget": rng.randrange(1, 30)}
 

@@ -382,6 +382,12 @@ class Sampler:
             apply_logit_processors(x, processors)
         if mask is not None:
             self.apply_mask(x, mask.bitmask, mask.rows)
+            if processors:
+                # NOTE: a processor may force a token the grammar forbids (a thinking budget's "</think>" inside
+                # JSON): a row left with no token takes the grammar's mask alone, the grammar wins
+                alone = raw.clone()
+                self.apply_mask(alone, mask.bitmask, mask.rows)
+                x = torch.where(torch.isneginf(x).all(dim=1, keepdim=True), alone, x)
         if flags.penalties:
             x = self.apply_penalties(x, slots, ahead)
         if flags.min_tokens:

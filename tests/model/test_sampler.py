@@ -356,6 +356,29 @@ def test_min_new_tokens_yields_to_a_grammar_that_allows_only_a_stop_token() -> N
     assert sampler.sample(logits, torch.tensor([0, 1]), mask=mask).token_ids.tolist() == [4, 4]
 
 
+def test_a_processor_forcing_what_the_grammar_forbids_yields_to_the_grammar() -> None:
+    """Row 0's processor forces token 7, which its grammar forbids: the grammar's mask alone picks (not token 0 of an
+    all -inf row, which the grammar then rejects). Row 1's processor forces an allowed token: it keeps it."""
+    from baleen.model.sampler import TokenMask
+
+    vocab = 40
+    state = SamplingState(2, vocab, "cpu", random_seed=0)
+    sampler = Sampler(state)
+    for slot in (0, 1):
+        state.set_slot(slot, SamplingParams(temperature=0.0), [2, 3])
+    logits = torch.zeros(2, vocab)
+    logits[:, 9], logits[:, 5] = 2.0, 1.0
+
+    def force(token: int) -> Any:
+        return lambda _, row: row.fill_(float("-inf")).index_fill_(0, torch.tensor([token]), 0.0)
+
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    bitmask[:, 0] = (1 << 5) | (1 << 9)  # the grammar allows 5 and 9
+    mask = TokenMask(bitmask, torch.tensor([0, 1]))
+    out = sampler.sample(logits, torch.tensor([0, 1]), processors=[(0, force(7), []), (1, force(5), [])], mask=mask)
+    assert out.token_ids.tolist() == [9, 5]
+
+
 def test_row_argmax_two_stage_equals_argmax_with_ties() -> None:
     from baleen.model.sampler import row_argmax
 
