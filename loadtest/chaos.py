@@ -257,6 +257,7 @@ def generate_case(rng: random.Random) -> Case:
     if rng.random() < 0.2:
         body["return_logprob"] = True
         body["top_logprobs_num"] = rng.randrange(0, 4)
+        body["logprob_start_len"] = rng.choice([-1, -1, 0, 3])
     body["stream"] = case.stream = rng.random() < 0.5
     case.body = body
     return case
@@ -324,6 +325,8 @@ class Choice:
     tool_calls: dict[int, dict[str, str]] = field(default_factory=dict)  # index -> name, arguments
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # one per token: the token's entry
     tokens: int | None = None  # the server's count for this choice, where it gives one
+    input_logprobs: list[Any] | None = None  # /generate's input_token_logprobs
+    prompt_tokens: int | None = None  # /generate's meta_info.prompt_tokens
 
 
 def _chat_choice(c: Choice, msg: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None) -> None:
@@ -369,6 +372,8 @@ def assemble(case: Case, bodies: list[dict[str, Any]]) -> tuple[dict[int, Choice
                 c.text = item["text"]  # cumulative, streamed or not
                 meta = item["meta_info"]
                 c.tokens = meta.get("completion_tokens")
+                c.input_logprobs = meta.get("input_token_logprobs")
+                c.prompt_tokens = meta.get("prompt_tokens")
                 fr = meta.get("finish_reason")
                 c.finish_reason = fr.get("type") if isinstance(fr, dict) else fr
                 c.finishes = 1 if fr is not None else 0
@@ -435,6 +440,14 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
                 v.append(f"{where}: finish_reason length after {counted} of max_tokens {case.max_tokens}")
             if c.finish_reason == "stop" and counted < case.min_tokens and not case.stops and not case.constrained:
                 v.append(f"{where}: stopped after {counted} tokens, min_tokens {case.min_tokens}")
+        start = case.body.get("logprob_start_len", -1) if isinstance(case.body, dict) else -1
+        if case.kind == "generate" and c.input_logprobs is not None and c.prompt_tokens and c.finishes:
+            want = max(c.prompt_tokens - start, 0) if start >= 0 else 0
+            lps = [e[0] for e in c.input_logprobs]
+            if len(lps) != want or (start == 0 and lps and lps[0] is not None) or any(
+                    lp is None or lp > 1e-4 for lp in lps[start == 0:]):  # fmt: skip
+                v.append(f"{where}: input_token_logprobs {lps[:4]}... ({len(lps)}) for logprob_start_len {start} of "
+                         f"{c.prompt_tokens} prompt tokens")
         if case.echo_prompt is not None and not c.text.startswith(case.echo_prompt):
             v.append(f"{where}: echo without the prompt: {c.text!r:.80}")
         # cut short: by max_tokens, or by a stop token id the request named (which may be any plain token)
