@@ -4,7 +4,7 @@ route already does (protocol.completion_sampling_params, structured.completion_g
 
 A body holds `text` (a string, or strings) or `input_ids` (ids, or lists of ids): a list is a batch, answered with a
 list. `sampling_params` is one object for every prompt or one per prompt, in SGLang's names; null means the default,
-as in SGLang. Fields baleen cannot honour (images, LoRA, sessions, prompt logprobs, hidden states, ...) are refused
+as in SGLang. Fields baleen cannot honour (images, LoRA, sessions, hidden states, ...) are refused
 with a 400 naming them, never ignored; unknown top-level fields are ignored, unknown sampling fields refused (SGLang
 refuses those too). Nothing here looks at an engine.
 """

@@ -95,7 +95,8 @@ async def generate(state: ServerState, request: Request) -> Response:
     object or one per prompt: max_new_tokens (default 128; 0 only prefills), temperature, top_p, top_k, min_p, the
     penalties, stop, stop_token_ids, ignore_eos, skip_special_tokens, no_stop_trim, min_new_tokens, n, json_schema,
     regex, ebnf, sampling_seed, custom_params), `stream`, `rid`, `return_logprob` / `top_logprobs_num` /
-    `return_text_in_logprobs` (output tokens; `logprob_start_len` -1), `custom_logit_processor`. Answer per choice:
+    `return_text_in_logprobs` (output tokens; with `logprob_start_len` L >= 0 the prompt's from L on too),
+    `custom_logit_processor`. Answer per choice:
     `{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens",
     "cached_tokens", "e2e_latency", ...}}`. Errors are OpenAI error bodies, as on the other routes.
     """
