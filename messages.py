@@ -296,7 +296,7 @@ class RequestOutput(msgspec.Struct, array_like=True, kw_only=True):
     # Speculative decoding: verify rows this request ran so far (SGLang's spec_verify_ct); None when it is off
     spec_verify_ct: int | None = None
     # With logprob_start_len L >= 0, on the output that carries the first token: the logprob of each prompt token
-    # from position L on (None for position 0, which nothing predicts), and its top_logprobs alternatives
+    # from position L on (None for position 0, which nothing predicts), and its top_logprobs alternatives ([] there)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
