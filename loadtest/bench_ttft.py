@@ -295,7 +295,8 @@ async def http_run(args: argparse.Namespace, host: str, port: int, lengths: list
 
 @contextlib.contextmanager
 def server_process(cmd: list[str], env: dict[str, str], timeout_s: float = 600.0) -> Iterator[tuple[str, int]]:
-    """A server subprocess (`cmd`, logging to a temporary file) until it says it is ready: its (host, port)."""
+    """A server subprocess (`cmd`, logging to a temporary file) until it says it is ready: its (host, port). A server
+    that died before the block ended is a SystemExit with its log's end."""
     log = tempfile.NamedTemporaryFile(prefix="baleen-server-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -305,6 +306,8 @@ def server_process(cmd: list[str], env: dict[str, str], timeout_s: float = 600.0
                 raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
             time.sleep(0.1)
         yield m.group(1), int(m.group(2))
+        if proc.poll() is not None:
+            raise SystemExit(f"the server died during the run:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
     finally:
         proc.terminate()
         proc.wait(30)

@@ -21,8 +21,8 @@ prefix cache may evict do not count), /health answers and a plain request still 
     python -P loadtest/chaos.py --base-url http://127.0.0.1:30000 --seconds 60 --concurrency 8
     python -P loadtest/chaos.py --seconds 60 --serve -- --speculative-algorithm EAGLE --enable-mixed-chunk
 
-With `--serve` it starts `python -m baleen.launch_server` with the flags after `--` (the embedded default model
-unless they name one) and stops it at the end. The exit status is 1 when any check failed.
+With `--serve` it starts `python -P -m baleen.launch_server` (bench_ttft's `server_process`) with the flags after
+`--` (the embedded default model unless they name one) and stops it at the end. The exit status is 1 when any check failed.
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import importlib.util
 import json
 import os
 import random
 import re
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +113,11 @@ class Case:
     @property
     def bad(self) -> bool:
         return self.kind.startswith("bad:")
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The body's fields ({} for a raw bad body)."""
+        return self.body if isinstance(self.body, dict) else {}
 
 
 def sampling(rng: random.Random, case: Case, body: dict[str, Any], max_key: str = "max_tokens") -> None:
@@ -413,7 +415,7 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
         for s in case.stops:
             if s in generated:
                 v.append(f"{where}: stop string {s!r} in the text {generated!r:.120}")
-        echoed = isinstance(case.body, dict) and case.body.get("echo") and case.top_logprobs is not None
+        echoed = bool(case.fields.get("echo")) and case.top_logprobs is not None
         if echoed and usage:  # the echoed prompt's tokens come first (the first without a logprob)
             head, c.logprobs = c.logprobs[: usage.get("prompt_tokens", 0)], c.logprobs[usage.get("prompt_tokens", 0):]
             if not head or head[0]["logprob"] is not None or any(e["logprob"] is None for e in head[1:]):
@@ -440,38 +442,10 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
                 v.append(f"{where}: finish_reason length after {counted} of max_tokens {case.max_tokens}")
             if c.finish_reason == "stop" and counted < case.min_tokens and not case.stops and not case.constrained:
                 v.append(f"{where}: stopped after {counted} tokens, min_tokens {case.min_tokens}")
-        start = case.body.get("logprob_start_len", -1) if isinstance(case.body, dict) else -1
-        if case.kind == "generate" and c.input_logprobs is not None and c.prompt_tokens and c.finishes:
-            want = max(c.prompt_tokens - start, 0) if start >= 0 else 0
-            lps = [e[0] for e in c.input_logprobs]
-            if len(lps) != want or (start == 0 and lps and lps[0] is not None) or any(
-                    lp is None or lp > 1e-4 for lp in lps[start == 0:]):  # fmt: skip
-                v.append(f"{where}: input_token_logprobs {lps[:4]}... ({len(lps)}) for logprob_start_len {start} of "
-                         f"{c.prompt_tokens} prompt tokens")
+        v += [f"{where}: {e}" for e in _input_logprob_errors(case, c)]
         if case.echo_prompt is not None and not c.text.startswith(case.echo_prompt):
             v.append(f"{where}: echo without the prompt: {c.text!r:.80}")
-        # cut short: by max_tokens, or by a stop token id the request named (which may be any plain token)
-        stop_ids = isinstance(case.body, dict) and bool(case.body.get("stop_token_ids"))
-        cut = c.finish_reason == "length" or (stop_ids and c.finish_reason == "stop")
-        if case.schema is not None and c.finish_reason == "stop" and not cut:
-            try:
-                v += [f"{where}: {e}" for e in _schema_errors(json.loads(c.text), case.schema)]
-            except ValueError:
-                v.append(f"{where}: response_format asked for JSON, got {c.text!r:.120}")
-        for call in c.tool_calls.values() if not cut else ():
-            try:
-                json.loads(call["arguments"])
-            except ValueError:
-                v.append(f"{where}: tool call arguments are not JSON ({c.finish_reason}): {call['arguments']!r:.120}")
-        named = case.tool_choice.get("function", {}).get("name") if isinstance(case.tool_choice, dict) else None
-        if c.tool_calls and case.tool_choice == "none":
-            v.append(f"{where}: a tool call under tool_choice none")
-        if named and not cut and [t["name"] for t in c.tool_calls.values()] != [named]:
-            v.append(f"{where}: tool calls {[t['name'] for t in c.tool_calls.values()]}, tool_choice names {named}")
-        if case.tool_choice == "required" and not cut and not c.tool_calls:
-            v.append(f"{where}: no tool call under tool_choice required")
-        if (c.finish_reason == "tool_calls") != bool(c.tool_calls) and not cut:
-            v.append(f"{where}: finish_reason {c.finish_reason} with {len(c.tool_calls)} tool calls")
+        v += [f"{where}: {e}" for e in _structure_errors(case, c)]
     if usage is not None:
         total = usage.get("completion_tokens", 0)
         if case.max_tokens is not None and total > case.max_tokens * case.choices:
@@ -481,8 +455,52 @@ def check(case: Case, choices: dict[int, Choice], usage: dict[str, Any] | None) 
     return v
 
 
+def _input_logprob_errors(case: Case, c: Choice) -> list[str]:
+    """/generate's input_token_logprobs against logprob_start_len: the prompt's tokens from there, None at 0."""
+    if case.kind != "generate" or c.input_logprobs is None or not c.prompt_tokens or not c.finishes:
+        return []
+    start = case.fields.get("logprob_start_len", -1)
+    want = max(c.prompt_tokens - start, 0) if start >= 0 else 0
+    lps = [e[0] for e in c.input_logprobs]
+    if len(lps) == want and not (start == 0 and lps and lps[0] is not None) and all(
+            lp is not None and lp <= 1e-4 for lp in lps[start == 0:]):  # fmt: skip
+        return []
+    return [f"input_token_logprobs {lps[:4]}... ({len(lps)}) for logprob_start_len {start} of {c.prompt_tokens} "
+            "prompt tokens"]
+
+
+def _structure_errors(case: Case, c: Choice) -> list[str]:
+    """The JSON a response format asked for and the tool calls, unless the output was cut short: by max_tokens, or
+    by a stop token id the request named (which may be any plain token)."""
+    cut = c.finish_reason == "length" or (bool(case.fields.get("stop_token_ids")) and c.finish_reason == "stop")
+    if cut:
+        return ["a tool call under tool_choice none"] if c.tool_calls and case.tool_choice == "none" else []
+    errors = []
+    if case.schema is not None and c.finish_reason == "stop":
+        try:
+            errors += _schema_errors(json.loads(c.text), case.schema)
+        except ValueError:
+            errors.append(f"response_format asked for JSON, got {c.text!r:.120}")
+    for call in c.tool_calls.values():
+        try:
+            json.loads(call["arguments"])
+        except ValueError:
+            errors.append(f"tool call arguments are not JSON ({c.finish_reason}): {call['arguments']!r:.120}")
+    names = [t["name"] for t in c.tool_calls.values()]
+    named = case.tool_choice.get("function", {}).get("name") if isinstance(case.tool_choice, dict) else None
+    if names and case.tool_choice == "none":
+        errors.append("a tool call under tool_choice none")
+    if named and names != [named]:
+        errors.append(f"tool calls {names}, tool_choice names {named}")
+    if case.tool_choice == "required" and not names:
+        errors.append("no tool call under tool_choice required")
+    if (c.finish_reason == "tool_calls") != bool(names):
+        errors.append(f"finish_reason {c.finish_reason} with {len(names)} tool calls")
+    return errors
+
+
 def _num_prompts(case: Case) -> int:
-    body = case.body if isinstance(case.body, dict) else {}
+    body = case.fields
     prompt = body.get("prompt", body.get("text", body.get("input_ids")))
     batch = isinstance(prompt, list) and bool(prompt) and (isinstance(prompt[0], (str, list)))
     return len(prompt) if batch and prompt is not None else 1
@@ -491,7 +509,7 @@ def _num_prompts(case: Case) -> int:
 def _plain_greedy(case: Case) -> bool:
     """Whether each token must be the argmax of the distribution its logprobs come from (temperature 0, nothing
     that moves the logits first: penalties, min_tokens, a grammar)."""
-    body = case.body if isinstance(case.body, dict) else {}
+    body = case.fields
     moved = (any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "custom_logit_processor"))
              or body.get("repetition_penalty", 1) != 1)
     return body.get("temperature") == 0 and not moved and not case.min_tokens and not case.constrained
@@ -625,8 +643,8 @@ def judge(out: Outcome, text: str | None, events: list[dict[str, Any]] | None) -
             out.violations.append(f"a 200 whose body is not JSON: {text!r:.160}")
             return
     choices, usage = assemble(case, events)
-    if case.stream and case.kind != "generate" and isinstance(case.body, dict):
-        if (case.body.get("stream_options") or {}).get("include_usage") and usage is None:
+    if case.stream and case.kind != "generate":
+        if (case.fields.get("stream_options") or {}).get("include_usage") and usage is None:
             out.violations.append("stream_options.include_usage, but no usage chunk")
     elif case.kind != "generate" and usage is None:
         out.violations.append("no usage in the response")
@@ -734,27 +752,13 @@ def report(result: dict[str, Any]) -> tuple[str, int]:
     return "\n".join(lines), problems
 
 
-@contextmanager
-def served(flags: list[str], timeout_s: float = 300.0) -> Iterator[str]:
-    """A server subprocess on a free port with `flags`, until the block ends: its base URL."""
-    log = tempfile.NamedTemporaryFile(prefix="baleen-chaos-", suffix=".log", delete=False)  # noqa: SIM115
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "baleen.launch_server", "--port", "0", *flags], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
-    ready = re.compile(r"baleen is ready: serving .* at (http://\S+)/v1 ")
-    try:
-        deadline = time.monotonic() + timeout_s
-        while (m := ready.search(Path(log.name).read_text(errors="replace"))) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-        yield m.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"the server died during the run:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        os.unlink(log.name)
+def _load_sibling(name: str) -> Any:
+    """A loadtest script beside this one, loaded as a module (loadtest is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"loadtest_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -776,9 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     def run(url: str) -> dict[str, Any]:
         return asyncio.run(chaos(url, args.seconds, args.concurrency, args.seed, args.request_timeout, args.verbose))
 
-    if args.serve:
-        with served(flags) as url:
-            result = run(url)
+    if args.serve:  # NOTE: -P keeps the checkout's folders (kernels/, model/, ...) from shadowing PyPI modules
+        cmd = [sys.executable, "-P", "-m", "baleen.launch_server", "--port", "0", *flags]
+        with _load_sibling("bench_ttft").server_process(cmd, dict(os.environ, PYTHONUNBUFFERED="1")) as (host, port):
+            result = run(f"http://{host}:{port}")
     else:
         result = run(args.base_url.rstrip("/"))
     text, problems = report(result)
