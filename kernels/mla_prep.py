@@ -6,7 +6,10 @@ heads q = [q_nope | q_pe] per head. This kernel, one program per token:
   - rotates k_pe and every head's q_pe (interleaved pairs) by the token's cos/sin row, q_pe in place,
   - stores [c_kv | k_pe] into the paged cache at the token's flat slot (an FP8 e4m3 cache stores them times
     1 / its per-tensor scale, saturating at +-448; readers multiply by the scale),
-  - optionally also into `kv_out` [T, kv_lora_rank + rope] (the expanded form needs c_kv and k_pe).
+  - optionally also into `kv_out` [T, kv_lora_rank + rope] (the expanded form needs c_kv and k_pe): the row as
+    the cache holds it, read back (an FP8 cache's entries times its scale), so that a prompt's prefill attends
+    to the values every later step reads. A latent made by a decode step and the same latent recomputed in a
+    prefill (after a preemption, or another chunking) then agree up to float rounding, not up to FP8's.
 Unfused, this is ~25 small torch launches per layer (norm, two rotaries, cat, index_put and their casts).
 """
 
@@ -31,6 +34,7 @@ def mla_prep_kernel(
     num_heads,
     eps,
     inv_cache_scale,
+    cache_scale,
     stride_latent,
     stride_qt,
     stride_qh,
@@ -68,14 +72,18 @@ def mla_prep_kernel(
         # The cache holds value / scale (scale 1 unless the cache is FP8): the activation-dtype value, in float32
         # times the reciprocal, rounded once to the cache dtype (as mla_prep_ref does).
         cache_ty = cache_ptr.dtype.element_ty
-        tl.store(dst + offs_c, (c_store.to(tl.float32) * inv_cache_scale).to(cache_ty))
-        tl.store(dst + D_LATENT + 2 * offs_i, (r0.to(tl.float32) * inv_cache_scale).to(cache_ty))
-        tl.store(dst + D_LATENT + 2 * offs_i + 1, (r1.to(tl.float32) * inv_cache_scale).to(cache_ty))
-        if HAS_KV_OUT:
+        c_cached = (c_store.to(tl.float32) * inv_cache_scale).to(cache_ty)
+        r0_cached = (r0.to(tl.float32) * inv_cache_scale).to(cache_ty)
+        r1_cached = (r1.to(tl.float32) * inv_cache_scale).to(cache_ty)
+        tl.store(dst + offs_c, c_cached)
+        tl.store(dst + D_LATENT + 2 * offs_i, r0_cached)
+        tl.store(dst + D_LATENT + 2 * offs_i + 1, r1_cached)
+        if HAS_KV_OUT:  # what the cache now holds, read back as a reader reads it: entry x scale, in float32
             out = kv_out_ptr + t * stride_kv_out
-            tl.store(out + offs_c, c_store)
-            tl.store(out + D_LATENT + 2 * offs_i, r0)
-            tl.store(out + D_LATENT + 2 * offs_i + 1, r1)
+            act_ty = kv_out_ptr.dtype.element_ty
+            tl.store(out + offs_c, (c_cached.to(tl.float32) * cache_scale).to(act_ty))
+            tl.store(out + D_LATENT + 2 * offs_i, (r0_cached.to(tl.float32) * cache_scale).to(act_ty))
+            tl.store(out + D_LATENT + 2 * offs_i + 1, (r1_cached.to(tl.float32) * cache_scale).to(act_ty))
     else:
         heads = (part - 1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (heads < num_heads)[:, None]
@@ -142,7 +150,8 @@ def mla_prep(
     latent [T, kv_lora_rank + rope] (rows may be strided: a slice of a fused projection), norm_weight
     [kv_lora_rank], q [T, H, nope + rope] (q_pe is its last `rope` values per head), cos_sin [T, 2, rope/2]
     float32 (cos then sin), out_loc [T] flat cache slots, cache [num_pages, page_size, kv_lora_rank + rope].
-    `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent (unscaled).
+    `kv_out` [T, kv_lora_rank + rope], if given, also receives the normalised, rotated latent as the cache holds it
+    (its entries times `cache_scale`: an FP8 cache's rounding included, the scale taken back out).
     The cache receives the latent times 1 / `cache_scale` (the per-tensor scale of an FP8 cache; 1 otherwise).
     """
     num_tokens, d_latent = _check(latent, norm_weight, q, cos_sin, out_loc, cache, rope, kv_out)
@@ -155,7 +164,7 @@ def mla_prep(
     block_h = min(16, triton.next_power_of_2(q.shape[1]))
     mla_prep_kernel[(num_tokens, 1 + triton.cdiv(q.shape[1], block_h))](
         latent, norm_weight, q, cs, out_loc, cache, kv_out if kv_out is not None else latent,
-        q.shape[1], float(eps), 1.0 / float(cache_scale), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
+        q.shape[1], float(eps), 1.0 / float(cache_scale), float(cache_scale), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
         kv_out.stride(0) if kv_out is not None else 0,
         D_LATENT=d_latent, HALF=rope // 2, Q_PE_OFFSET=q.shape[2] - rope,
         BLOCK_H=block_h, HAS_KV_OUT=kv_out is not None, num_warps=2,
@@ -192,5 +201,5 @@ def mla_prep_ref(
         flat.view(torch.uint8)[out_loc.to(torch.int64)] = stored.view(torch.uint8)
     else:
         flat[out_loc.to(torch.int64)] = stored
-    if kv_out is not None:
-        kv_out.copy_(row)
+    if kv_out is not None:  # the row as the cache holds it, read back (entry x scale in float32), as the kernel
+        kv_out.copy_(stored.to(torch.float32) * cache_scale)

@@ -206,7 +206,8 @@ class DeepseekV3Attention(KernelModule):
         # Normalise c_kv, rotate k_pe and q_pe (in q, in place), write the cache row: one launch on CUDA.
         kv = None if ctx.absorbed else torch.empty_like(latent)  # the expanded form reads c_kv, k_pe back
         norm = self.kv_a_layernorm
-        # An FP8 cache holds latent / kv_scale; kv (the expanded form's input) keeps the unscaled latent.
+        # An FP8 cache holds latent / kv_scale; kv (the expanded form's input) gets the cached row times kv_scale, so
+        # a prefill attends to the (FP8-rounded) values every later step reads.
         kv_scale = ctx.kv_cache.scale(self.layer_id)
         self.prep(latent, norm.weight, norm.eps, q, ctx.cos_sin, ctx.batch.out_loc, ctx.kv_cache.layer(self.layer_id),
                   self.rope, kv, cache_scale=kv_scale)  # fmt: skip

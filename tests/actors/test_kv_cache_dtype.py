@@ -47,13 +47,39 @@ def test_engine_serves_over_an_fp8_cache_and_mostly_agrees_with_bf16() -> None:
     bf16 = asyncio.run(_outputs(EngineConfig(**base, kv_cache_dtype="bf16"), prompts))
     fp8 = asyncio.run(_outputs(EngineConfig(**base, kv_cache_dtype="fp8_e4m3"), prompts))
     assert all(len(o) == NEW_TOKENS for o in fp8)
-    # A one-chunk prompt's first token comes from the prefill's expanded form, which reads the fresh latents.
-    assert [o[0] for o, p in zip(fp8, prompts) if len(p) <= CHUNK] == [o[0] for o, p in zip(bf16, prompts)
-                                                                       if len(p) <= CHUNK]  # fmt: skip
     # Most tokens agree, not all: e4m3 keeps 3 mantissa bits (16x coarser than bf16), and where this random
     # model's top logits nearly tie the greedy id flips, after which the two sequences go apart (measured: 85 of
     # these 96 positions equal; 125 of 192 on 8 other prompts x 24 tokens). Half must.
     assert _agreement(fp8, bf16) >= len(prompts) * NEW_TOKENS // 2, (fp8, bf16)
+
+
+async def _continuations(cfg: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt's greedy output, and the output of the prompt plus that output's first half (prefilled anew)."""
+    half = NEW_TOKENS // 2
+
+    async def one(engine: Engine, p: list[int], n: int) -> list[int]:
+        ids: list[int] = []
+        async for out in engine.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)):
+            assert out.error is None, out.error
+            ids += out.token_ids
+        return ids
+
+    async with await Engine.start(cfg) as engine:
+        whole = await asyncio.gather(*[one(engine, p, NEW_TOKENS) for p in prompts])
+        again = await asyncio.gather(*[one(engine, p + w[:half], half) for p, w in zip(prompts, whole)])
+    return [w[half:] for w in whole], again
+
+
+def test_an_fp8_cache_continues_a_recomputed_prefix_as_it_was_decoded() -> None:
+    # A preempted request is prefilled again over its prompt and the tokens it had made. Its latents then come from
+    # a prefill, where they came from decode steps before: both must attend to the same FP8-rounded values (the
+    # prefill's expanded form reads the rows back as the cache holds them), or the recomputed latents of later
+    # layers differ by an e4m3 step and greedy continuations drift (measured before: 20 of 24 on the default model).
+    prompts = _prompts()
+    cfg = EngineConfig(model_path=str(tiny_model_path()), chunked_prefill_size=CHUNK, kv_cache_dtype="fp8_e4m3",
+                       disable_radix_cache=True)  # fmt: skip
+    decoded, recomputed = asyncio.run(_continuations(cfg, prompts))
+    assert recomputed == decoded
 
 
 def _plan(**flags: Any) -> Any:

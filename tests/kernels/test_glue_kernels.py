@@ -63,6 +63,30 @@ def test_mla_prep_matches_ref_and_the_unfused_model_path(dtype: torch.dtype, wit
         torch.testing.assert_close(kv_out, row, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.05])
+def test_mla_prep_hands_the_expanded_form_an_fp8_cache_s_rounded_rows(scale: float) -> None:
+    # kv_out is the row as the FP8 cache holds it, times the scale: what every later read of the cache sees.
+    latent, w, q, cos_sin, out_loc, cache = prep_case(torch.bfloat16)
+    rank, rope = 64, 16
+    cache = cache.to(torch.float8_e4m3fn)
+    runs = []
+    for fn in (mla_prep, mla_prep_ref):
+        cc, kv_out = cache.clone(), torch.empty_like(latent)
+        fn(latent, w, 1e-6, q.clone(), cos_sin, out_loc, cc, rope, kv_out, cache_scale=scale)
+        runs.append((cc, kv_out))
+    for c, kv in runs:  # each hands over what it stored (the interpreter may round to bf16 1 ulp apart)
+        held = c.view(-1, rank + rope)[out_loc.to(torch.int64)].float() * scale
+        torch.testing.assert_close(kv.float(), held, rtol=2**-7, atol=0)
+    if DEV == "cuda":  # NOTE: the Triton interpreter's float32 -> e4m3 cast truncates and can drop a carry (1.95 -> 1.0)
+        # kernel and ref may round the norm 1 bf16 ulp apart, which can cross an e4m3 rounding boundary: one step
+        torch.testing.assert_close(runs[0][1].float(), runs[1][1].float(), rtol=2**-3, atol=scale * 2**-9)
+    kv_ref = runs[1][1]
+    fresh = torch.empty_like(latent)
+    mla_prep_ref(latent, w, 1e-6, q.clone(), cos_sin, out_loc, torch.zeros_like(cache, dtype=torch.float32), rope, fresh)
+    assert not torch.equal(kv_ref, fresh)  # e4m3 rounded them (3 mantissa bits against bf16's 7)
+    torch.testing.assert_close(kv_ref.float(), fresh.float(), rtol=2**-4, atol=scale * 2**-9)  # half an e4m3 step
+
+
 def test_mla_prep_rejects_bad_shapes() -> None:
     latent, w, q, cos_sin, out_loc, cache = prep_case(torch.float32)
     with pytest.raises(ValueError, match="cache rows"):

@@ -131,7 +131,7 @@ def _run(model: Any, cache: KVCache, prompts: list[list[int]], forced: list[list
 
 def _rounding_prep(scale: float) -> Any:
     """A float cache's prep that rounds each written row as an FP8 cache of this scale stores it, then keeps the
-    dequantized value: what the FP8 cache's readers see."""
+    dequantized value: what the FP8 cache's readers see (the expanded form's `kv_out` included)."""
 
     def prep(latent: torch.Tensor, w: torch.Tensor, eps: float, q: torch.Tensor, cos_sin: torch.Tensor,
              out_loc: torch.Tensor, cache: torch.Tensor, rope: int, kv_out: torch.Tensor | None = None,
@@ -139,6 +139,8 @@ def _rounding_prep(scale: float) -> Any:
         mla_prep_ref(latent, w, eps, q, cos_sin, out_loc, cache, rope, kv_out)
         flat = cache.view(-1, cache.shape[-1])
         flat[out_loc] = (flat[out_loc] * (1.0 / scale)).to(FP8).float() * scale
+        if kv_out is not None:
+            kv_out.copy_(flat[out_loc])
 
     return prep
 
@@ -189,9 +191,6 @@ def test_tiny_model_logits_over_an_fp8_cache_stay_close_to_a_float_cache(tiny: A
         # the greedy ids (measured 73-86%; the ids fed back are the float cache's, so one flip does not spread).
         assert errs[len(errs) // 2] < 0.15, (scales, errs)
         assert agree >= 0.7 * total, (scales, agree, total)
-        if mla_mode == "auto":
-            # The first step prefills without a prefix: the expanded form reads the fresh latents, not the cache.
-            torch.testing.assert_close(logits[0], ref_logits[0])
 
 
 @pytest.mark.gpu
