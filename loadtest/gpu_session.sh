@@ -9,7 +9,8 @@
 # Steps (default: all, in this order):
 #   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
 #             as DEFAULT_VARIANT in kernels/mla_decode_gluon_fp8.py)
-#   tests     the GPU tests of the FP8 KV cache and the FP8-MMA kernel, and the speculative graphs
+#   tests     the GPU tests of the FP8 KV cache and the FP8-MMA kernel, and the speculative graphs; the glue kernels
+#             (MLA prep's FP8 rows) on CUDA
 #   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
 #   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive
 #   long      bench_one_batch at 32k and 64k context, batch 1 and 32, bf16 and fp8 KV cache
@@ -47,7 +48,9 @@ for s in ${STEPS:-variants tests ttft mixed long chaos}; do
   case $s in
     variants) step variants 300 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-variants ;;
     tests) step tests 420 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
-      tests/actors/test_kv_cache_dtype.py tests/kernels/test_mla_decode_gluon_fp8.py tests/model/test_spec_graphs.py ;;
+      tests/actors/test_kv_cache_dtype.py tests/kernels/test_mla_decode_gluon_fp8.py tests/model/test_spec_graphs.py \
+      tests/model/test_fp8_kv_cache.py
+      step glue 120 python3 -P -m pytest -q -o addopts="" -p no:cacheprovider tests/kernels/test_glue_kernels.py ;;
     ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
       --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
     mixed) step mixed 360 python3 -P loadtest/bench_mixed_chunk.py --preset v3-shape --device cuda \
