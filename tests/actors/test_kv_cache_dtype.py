@@ -19,16 +19,17 @@ NEW_TOKENS = 16
 CHUNK = 32  # prompts past one chunk extend their cached prefix: the absorbed form reads the FP8 cache
 
 
-async def _outputs(cfg: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
-    async def one(engine: Engine, p: list[int]) -> list[int]:
-        ids: list[int] = []
-        async for out in engine.generate(p, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)):
-            assert out.error is None, out.error
-            ids += out.token_ids
-        return ids
+async def _greedy(engine: Engine, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    ids: list[int] = []
+    async for out in engine.generate(prompt, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)):
+        assert out.error is None, out.error
+        ids += out.token_ids
+    return ids
 
+
+async def _outputs(cfg: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
     async with await Engine.start(cfg) as engine:
-        return await asyncio.gather(*[one(engine, p) for p in prompts])
+        return await asyncio.gather(*[_greedy(engine, p) for p in prompts])
 
 
 def _prompts() -> list[list[int]]:
@@ -56,17 +57,9 @@ def test_engine_serves_over_an_fp8_cache_and_mostly_agrees_with_bf16() -> None:
 async def _continuations(cfg: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
     """Each prompt's greedy output, and the output of the prompt plus that output's first half (prefilled anew)."""
     half = NEW_TOKENS // 2
-
-    async def one(engine: Engine, p: list[int], n: int) -> list[int]:
-        ids: list[int] = []
-        async for out in engine.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)):
-            assert out.error is None, out.error
-            ids += out.token_ids
-        return ids
-
     async with await Engine.start(cfg) as engine:
-        whole = await asyncio.gather(*[one(engine, p, NEW_TOKENS) for p in prompts])
-        again = await asyncio.gather(*[one(engine, p + w[:half], half) for p, w in zip(prompts, whole)])
+        whole = await asyncio.gather(*[_greedy(engine, p) for p in prompts])
+        again = await asyncio.gather(*[_greedy(engine, p + w[:half], half) for p, w in zip(prompts, whole)])
     return [w[half:] for w in whole], again
 
 
