@@ -18,7 +18,8 @@ def new_id(prefix: str = "chatcmpl") -> str:
 
 
 def finish_reason(engine_reason: str | None, *, has_tool_calls: bool = False) -> str | None:
-    """The OpenAI finish_reason for the engine's: "tool_calls" when a turn that stopped made calls."""
+    """The OpenAI finish_reason for the engine's: "tool_calls" when a turn that stopped made calls (complete ones:
+    a stop token or string that cuts a call off leaves "stop")."""
     return "tool_calls" if engine_reason == "stop" and has_tool_calls else engine_reason
 
 

@@ -112,9 +112,11 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
             reasoning, parsed = _reasoning(prep).parse(r.text)
             content = parsed or ""
         calls: list[ToolCall] = []
+        made_calls = False  # the turn ended in complete calls (not one cut off by a stop token or string)
         if prep.tool_parser is not None:
-            parsed_content, calls = make_tool_parser(prep.tool_parser, tools=_tool_names(prep)).parse(content)
-            content = parsed_content or ""
+            parser = make_tool_parser(prep.tool_parser, tools=_tool_names(prep))
+            parsed_content, calls = parser.parse(content)
+            content, made_calls = parsed_content or "", bool(calls) and not parser.cut_off
         last = r.last
         assert last is not None
         logprobs = _logprob_entries(state, r.token_ids, r.logprobs, r.top_logprobs) if req.logprobs or req.top_logprobs \
@@ -122,7 +124,7 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
         choices.append(b.chat_choice(
             i, content=None if (calls or reasoning) and not content else content, reasoning_content=reasoning,
             tool_calls=[c.to_openai() for c in calls] or None, logprobs=logprobs,
-            finish_reason=b.finish_reason(last.finish_reason, has_tool_calls=bool(calls)),
+            finish_reason=b.finish_reason(last.finish_reason, has_tool_calls=made_calls),
             matched_stop=last.matched_stop, token_ids=r.token_ids if req.return_token_ids else None))
     return b.chat_completion(id=response_id, model=req.model, choices=choices,
                              usage=_usage([r.last for r in results], len(prep.prompt_ids)),
@@ -204,7 +206,8 @@ def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts:
         if not (first or len(delta) or logprobs or token_ids or out.finished):
             return None
         cs.started = True
-        reason = b.finish_reason(out.finish_reason, has_tool_calls=cs.has_tool_calls) if out.finished else None
+        made_calls = cs.has_tool_calls and not (cs.tools is not None and cs.tools.cut_off)
+        reason = b.finish_reason(out.finish_reason, has_tool_calls=made_calls) if out.finished else None
         chunk = b.chat_chunk(id=response_id, model=req.model, created=created, delta=delta, index=i,
                              finish_reason=reason, matched_stop=out.matched_stop, logprobs=logprobs,
                              token_ids=token_ids)

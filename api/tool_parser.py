@@ -123,6 +123,9 @@ class ToolCallParser:
         self._fence_done = False
         self._out: list[Delta] = []
         self.tool_calls: list[ToolCall] = []  # every call so far, arguments accumulated
+        # set by finish() (and parse()): the output ended inside a call, e.g. a stop token or string cut it off.
+        # Its arguments are what was generated (streamed already); the turn did not end in calls to make.
+        self.cut_off = False
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ class ToolCallParser:
         fresh = type(self)(make_id=self._make_id, tools=self._tools)
         deltas = fresh.feed(text) + fresh.finish()
         content = "".join(d for d in deltas if isinstance(d, str))
+        self.cut_off = fresh.cut_off
         return content or None, fresh.tool_calls
 
     def feed(self, delta: str) -> list[Delta]:
@@ -139,7 +143,8 @@ class ToolCallParser:
         return self._run(final=False)
 
     def finish(self) -> list[Delta]:
-        """Flush at the end of the output; a call cut off mid-arguments keeps what was generated."""
+        """Flush at the end of the output; a call cut off mid-arguments keeps what was generated (`cut_off`)."""
+        self.cut_off = self._state in ("header", "args_open", "args", "skip")
         return self._run(final=True)
 
     # -- states ----------------------------------------------------------------------------------------

@@ -471,8 +471,10 @@ def _input_logprob_errors(case: Case, c: Choice) -> list[str]:
 
 def _structure_errors(case: Case, c: Choice) -> list[str]:
     """The JSON a response format asked for and the tool calls, unless the output was cut short: by max_tokens, or
-    by a stop token id the request named (which may be any plain token)."""
-    cut = c.finish_reason == "length" or (bool(case.fields.get("stop_token_ids")) and c.finish_reason == "stop")
+    by a stop token id or string the request named (which may be any plain token or text, inside a call too: then
+    finish_reason is "stop", not "tool_calls")."""
+    stops = bool(case.fields.get("stop_token_ids") or case.fields.get("stop"))
+    cut = c.finish_reason == "length" or (stops and c.finish_reason == "stop")
     if cut:
         return ["a tool call under tool_choice none"] if c.tool_calls and case.tool_choice == "none" else []
     errors = []

@@ -189,6 +189,20 @@ def test_tool_calls_v3(main_server: ServerProcess, case: str, stream: bool) -> N
     assert json.loads(got["calls"][0]["arguments"])  # valid JSON, passed on as generated
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_call_cut_off_by_a_stop_string_finishes_stop_not_tool_calls(main_server: ServerProcess,
+                                                                      stream: bool) -> None:  # fmt: skip
+    # The client's stop string ends the output inside the second call's arguments: the calls so far come back (they
+    # were streamed as generated), but the turn did not end in calls to make (found by loadtest/chaos.py, where a
+    # stop token id did the same and "tool_calls" came with arguments '{"city').
+    script = CALLS_BEGIN + v3_call("get_time", "{}") + "\n" + v3_call("query_weather", '{"city": "Qingdao"}') + CALLS_END
+    kwargs: dict[str, Any] = dict(model="default", messages=USER, tools=[WEATHER, TIME], stop=["dao"],
+                                  extra_body=scripted(script), **GREEDY)
+    got = _run(client_for(main_server), kwargs, stream)
+    assert got["finish"] == "stop"
+    assert [(c["name"], c["arguments"]) for c in got["calls"]] == [("get_time", "{}"), ("query_weather", '{"city": "Qing')]
+
+
 def _run(client: openai.OpenAI, kwargs: dict[str, Any], stream: bool) -> dict[str, Any]:
     """(content, reasoning, calls, finish) of choice 0, streamed or whole."""
     if stream:

@@ -210,3 +210,22 @@ def test_random_ids_and_names() -> None:
     assert json.loads(calls[0].arguments) == {}
     with pytest.raises(ValueError, match="deepseekv31"):
         make_tool_parser("hermes")
+
+
+@pytest.mark.parametrize(("text", "cut_off"), [
+    (CALLS_BEGIN + v3("f", '{"a": 1}') + CALLS_END, False),
+    (CALLS_BEGIN + v3("f", '{"a": 1}'), False),  # between calls
+    ("Sure. " + CALLS_BEGIN + v3("f", '{"a": 1}') + CALL_BEGIN + "function" + SEP + "g\n```json\n{\"b", True),
+    (CALLS_BEGIN + CALL_BEGIN + "function" + SEP + "f", True),  # in the header
+    ("No calls.", False),
+])
+def test_cut_off_says_the_output_ended_inside_a_call(text: str, cut_off: bool) -> None:
+    whole = make_tool_parser("deepseekv3", make_id=_ids)
+    whole.parse(text)
+    assert whole.cut_off == cut_off
+    for pieces in _chunkings(text, seed=3):
+        streamed = make_tool_parser("deepseekv3", make_id=_ids)
+        for piece in pieces:
+            streamed.feed(piece)
+        streamed.finish()
+        assert streamed.cut_off == cut_off, pieces
