@@ -153,6 +153,10 @@ def _check_config(config: EngineConfig, device: str) -> None:
         raise ValueError(f"--decode-log-interval must be >= 1, got {config.decode_log_interval}")
 
 
+# The most prompt tokens one CUDA step takes. Measured on the H100 (2026-12-07, the V3-shape model's memory-plan step,
+# a whole-context chunk): 32.8k tokens ran; 49k crashed (moe_sum's int32 rows, fixed since) and 65.6k crashed in
+# the Gluon MLA extend (an illegal address, cause not found yet). Longer chunks are cut to this: the same outputs.
+MAX_CUDA_STEP_TOKENS = 32768
 SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")  # NEXTN: SGLang's alias of EAGLE for DeepSeek's MTP layer
 SPECULATIVE_MAX_RUNNING_REQUESTS = 48  # the seeds' defaults under MTP: --max-running-requests, CUDA graph sizes
 
@@ -227,6 +231,10 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
     context = config.context_length or model_config.max_position_embeddings
     chunk = config.chunked_prefill_size if config.chunked_prefill_size is not None else (8192 if cuda else 1024)
+    if cuda and (chunk if chunk != -1 else context) > MAX_CUDA_STEP_TOKENS:
+        log.warning("--chunked-prefill-size %s: prompts are prefilled %d tokens a step at most on CUDA (longer steps "
+                    "crash kernels at present); the outputs are the same", chunk, MAX_CUDA_STEP_TOKENS)
+        chunk = MAX_CUDA_STEP_TOKENS
     page_size = config.page_size or (64 if cuda else 16)
     if not config.schedule_conservativeness >= 0:
         raise ValueError(f"--schedule-conservativeness must be >= 0, got {config.schedule_conservativeness}")

@@ -396,7 +396,8 @@ def _check_expert_shapes(
 def moe_sum_kernel(y_ptr, out_ptr, hidden, stride_y, stride_out, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
     # out[t] = sum of the token's TOP_K slot rows y[t * TOP_K + j], in fp32, rounded once (torch's
     # reduction over the middle dim of [T, k, H] took ~5 us a layer at one token, as a latency-bound launch).
-    t = tl.program_id(0)
+    # int64 rows: y holds T * TOP_K rows of H, past 2^31 values from ~37k tokens at V3's widths (T * 8 * 7168)
+    t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hidden
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

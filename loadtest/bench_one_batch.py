@@ -190,6 +190,7 @@ def main() -> None:
                 page_size=args.page_size,
                 max_running_requests=max(max_bs, 4),  # the prefill measurement uses 4 slots
                 max_context_len=max(context, args.prefill_tokens),
+                chunked_prefill_size=args.prefill_tokens,  # the memory plan measures the chunk the bench prefills
                 max_total_tokens=max_bs * (context + args.page_size) + 2 * args.prefill_tokens,
                 disable_cuda_graph=args.disable_cuda_graph or not cuda,
                 cuda_graph_bs=tuple(args.batch_sizes),

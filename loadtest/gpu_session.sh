@@ -4,7 +4,7 @@
 #
 #   STEPS="variants tests" OUT=/somewhere bash loadtest/gpu_session.sh      # ~5 min
 #   STEPS="ttft mixed" OUT=... bash loadtest/gpu_session.sh                 # ~8 min
-#   STEPS="long chaos" OUT=... bash loadtest/gpu_session.sh                 # ~8 min
+#   STEPS="long longprobe chaos" OUT=... bash loadtest/gpu_session.sh       # ~10 min
 #
 # Steps (default: all, in this order):
 #   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
@@ -14,6 +14,7 @@
 #   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
 #   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive
 #   long      bench_one_batch at 32k and 64k context, batch 1 and 32, bf16 and fp8 KV cache
+#   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
 #   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
 #
 # What the GPU image lacks travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh .whl, plus pytest, pluggy,
@@ -44,12 +45,12 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output,
   [ $rc -eq 0 ] || tail -25 "$OUT/$name.txt" | tee -a "$LOG"
 }
 
-for s in ${STEPS:-variants tests ttft mixed long chaos}; do
+for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
   case $s in
     variants) step variants 300 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-variants ;;
     tests) step tests 420 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
       tests/actors/test_kv_cache_dtype.py tests/kernels/test_mla_decode_gluon_fp8.py tests/model/test_spec_graphs.py \
-      tests/model/test_fp8_kv_cache.py
+      tests/model/test_fp8_kv_cache.py tests/kernels/test_fused_moe.py
       step glue 120 python3 -P -m pytest -q -o addopts="" -p no:cacheprovider tests/kernels/test_glue_kernels.py ;;
     ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
       --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
@@ -62,6 +63,7 @@ for s in ${STEPS:-variants tests ttft mixed long chaos}; do
             --context-len "$ctx" --prefill-tokens 16384 --kv-cache-dtype "$kv"
         done
       done ;;
+    longprobe) step longprobe 400 python3 -P loadtest/probe_long_context.py ;;
     chaos)
       step chaos_spec 240 python3 -P loadtest/chaos.py --seconds 90 --concurrency 16 --serve -- \
         --tool-call-parser deepseekv3 --speculative-algorithm EAGLE --enable-mixed-chunk --cuda-graph-max-bs 32

@@ -13,6 +13,7 @@ from baleen.kernels.fused_moe import (
     fused_experts_triton,
     moe_align_block_size,
     moe_align_block_size_ref,
+    moe_sum_kernel,
     select_experts_noaux_tc,
 )
 from baleen.kernels.quant import block_quant
@@ -157,3 +158,18 @@ def test_fused_experts_gpu(num_tokens: int, fp8: bool) -> None:
         out = fused_experts(x, w13, w2, ids, weights)
         ref = fused_experts_ref(x, w13, w2, ids, weights)
     assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_moe_sum_reads_rows_past_2_to_the_31_values() -> None:
+    # y [T * k, H] of a 49k-token step at V3's widths holds 2.8e9 values: int32 row offsets wrapped and read outside
+    # y (an illegal address on the H100). Here T * k * H = 2^31 + 2^20 with bf16 y (4 GiB).
+    top_k, hidden = 8, 1024
+    num_tokens = (2**31 + 2**20) // (top_k * hidden)
+    y = torch.empty(num_tokens * top_k, hidden, dtype=torch.bfloat16, device="cuda")
+    y.view(num_tokens, top_k, hidden)[:] = torch.arange(top_k, dtype=torch.bfloat16, device="cuda")[:, None]
+    y[-top_k:] = 2.0  # the last token's rows, past 2^31 values
+    out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    moe_sum_kernel[(num_tokens, hidden // 1024)](y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=1024,
+                                                 num_warps=4)  # fmt: skip
+    assert float(out[0].float().mean()) == sum(range(top_k)) and bool((out[-1] == 2.0 * top_k).all())
