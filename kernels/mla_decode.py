@@ -79,8 +79,10 @@ def mla_decode_kernel(
     # share a head block: both compute the full scores (latent halves "own" + "other", and rope), each
     # accumulates its own half of P @ V; that halves the accumulator so 64 heads fit one warpgroup.
     NUM_DV: tl.constexpr = D_LATENT // BLOCK_DV
-    b = tl.program_id(0) // num_col_programs
-    h0 = (tl.program_id(0) % num_col_programs // NUM_DV) * BLOCK_H
+    # int64: an extend step's q is [T, H, D] with a head stride of T * D when it comes from the absorption einsum
+    # (layout [H, T, D]): h * stride passes 2^31 from ~33k tokens at 128 heads
+    b = (tl.program_id(0) // num_col_programs).to(tl.int64)
+    h0 = (tl.program_id(0) % num_col_programs // NUM_DV * BLOCK_H).to(tl.int64)
     dv0 = (tl.program_id(0) % NUM_DV) * BLOCK_DV
     other0 = (dv0 + BLOCK_DV) % D_LATENT  # the other half's start (unused when NUM_DV == 1)
     split = tl.program_id(1)
@@ -207,8 +209,8 @@ def mla_decode_tokm_kernel(
     # of BLOCK_N) blocks come by TMA straight into shared memory instead of through registers.
     # NOTE: TMA reads whole blocks, so cache rows past a sequence's end (in its last block) must be finite:
     # a NaN there times p = 0 is still NaN. The KV cache is zero-initialised, so they are.
-    b = tl.program_id(0) // num_col_programs
-    h0 = (tl.program_id(0) % num_col_programs) * BLOCK_H
+    b = (tl.program_id(0) // num_col_programs).to(tl.int64)  # int64 offsets, as in mla_decode_kernel
+    h0 = (tl.program_id(0) % num_col_programs * BLOCK_H).to(tl.int64)
     split = tl.program_id(1)
     offs_h = h0 + tl.arange(0, BLOCK_H)
     mask_h = offs_h < num_heads
@@ -287,8 +289,8 @@ def mla_decode_merge_kernel(
     # bandwidth-bound pass over the partials rather than many tiny programs.
     # Only the splits the decode kernel wrote are read: it cut seq_len into chunks the same way.
     # NOTE: BLOCK_H divides the head count (the wrapper picks it so), so no head is masked.
-    b = tl.program_id(0) // num_head_blocks
-    offs_h = (tl.program_id(0) % num_head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = (tl.program_id(0) // num_head_blocks).to(tl.int64)  # the partials' rows pass 2^31 values at large B x splits
+    offs_h = (tl.program_id(0) % num_head_blocks * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < d_latent
     seq_len = tl.load(seq_lens_ptr + b)

@@ -221,7 +221,7 @@ if _GLUON_IMPORT_ERROR is None:
         )
         # Q rows of this head block -> shared memory, once (16-byte vectors, coalesced along D).
         q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        offs_qh = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_blk))
+        offs_qh = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_blk)).to(gl.int64)  # x a head stride of T * D
         offs_qd = gl.arange(0, D_LATENT, layout=gl.SliceLayout(0, q_blk))
         offs_qr = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_blk))
         q = gl.load(q_nope_ptr + offs_qh[:, None] * stride_qn_h + offs_qd[None, :])  # [BLOCK_H, D_LATENT]
@@ -362,8 +362,10 @@ if _GLUON_IMPORT_ERROR is None:
         mbarrier.init(p_bars.index(1), count=1)
         fence_async_shared()
 
-        q_row_off_n = b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h
-        q_row_off_p = b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h
+        # int64 products: an extend step's q is [T, H, D] with a head stride of T * D when it comes from the
+        # absorption einsum (layout [H, T, D]): h0 * stride passes 2^31 at 64k tokens (the 65.6k-token crash)
+        q_row_off_n = b.to(gl.int64) * stride_qn_b + h0.to(gl.int64) * stride_qn_h
+        q_row_off_p = b.to(gl.int64) * stride_qp_b + h0.to(gl.int64) * stride_qp_h
         if HAS_SEQ_IDX:  # extend: query row b is one new token of sequence seq_idx[b] (its page-table row)
             pt_row_off = gl.load(seq_idx_ptr + b).to(gl.int64) * stride_pt_b
         else:

@@ -128,7 +128,7 @@ if _GLUON_IMPORT_ERROR is None:
         CHUNK: gl.constexpr = 128
         gl.static_assert(D_LATENT == 4 * CHUNK, "Q is loaded as four 128-column chunks")
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, blk))
+        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, blk)).to(gl.int64)  # x a head stride of T * D
         offs_c = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, blk))
         offs_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, blk))
         q_rows = q_nope_ptr + offs_h[:, None] * stride_qn_h + offs_c[None, :]
@@ -400,8 +400,8 @@ if _GLUON_IMPORT_ERROR is None:
         else:
             pt_row_off = b.to(gl.int64) * stride_pt_b
         o_base = o_ptr + b.to(gl.int64) * stride_o_b + split * stride_o_s + h0 * stride_o_h
-        q_nope_base = q_nope_ptr + b.to(gl.int64) * stride_qn_b + h0 * stride_qn_h
-        q_pe_base = q_pe_ptr + b.to(gl.int64) * stride_qp_b + h0 * stride_qp_h
+        q_nope_base = q_nope_ptr + b.to(gl.int64) * stride_qn_b + h0.to(gl.int64) * stride_qn_h  # int64: see the
+        q_pe_base = q_pe_ptr + b.to(gl.int64) * stride_qp_b + h0.to(gl.int64) * stride_qp_h  # bf16 kernel's q bases
         m_i, l_i = gl.warp_specialize(
             [
                 (

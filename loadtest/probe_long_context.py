@@ -2,11 +2,13 @@
 
 On the H100 (2026-12-07) a runner whose memory-plan step was one 65.6k-token chunk (`--chunked-prefill-size -1`
 at a 64k context) died with an illegal address in the Gluon MLA kernel's extend launch (`CUDA_LAUNCH_BLOCKING=1`),
-and a 49k-token one in the fused MoE's `moe_sum_kernel` (int32 row offsets: fixed). The engine now cuts steps at
-`MAX_CUDA_STEP_TOKENS`; this probe finds the Gluon limit so the cap can go. Each case runs in a child process
-(an illegal address poisons the CUDA context) with launches synchronous, over the memory plan's stand-in (a
-two-page zero cache, every page-table entry page 1): rows = one chunk of new tokens (each sees the keys up to
-itself) plus decode rows.
+and a 49k-token one in the fused MoE's `moe_sum_kernel`. Both were int32 offsets, found by reading afterwards and
+made int64: moe_sum's rows, and q's head offset (q_latent comes from the absorption einsum with a head stride of
+T * 512, so head 64 of a 65,536-row step is 2^31 values in). The engine cuts steps at `MAX_CUDA_STEP_TOKENS` until
+this probe (and the GPU tests named in gpu_session.sh) pass past it. Each case runs in a child process (an illegal
+address poisons the CUDA context) with launches synchronous, over the memory plan's stand-in (a two-page zero
+cache, every page-table entry page 1), q in the einsum's layout: rows = one chunk of new tokens (each sees the
+keys up to itself) plus decode rows.
 
     python -P loadtest/probe_long_context.py                    # the default cases
     python -P loadtest/probe_long_context.py --case gluon 65536 0
@@ -32,7 +34,7 @@ def run_case(kernel: str, chunk: int, decode_rows: int) -> str:
 
     dev, heads, page = "cuda", 128, 64
     rows = chunk + decode_rows
-    q = torch.randn(rows, heads, 512, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(heads, rows, 512, device=dev, dtype=torch.bfloat16).transpose(0, 1)  # as einsum returns it
     q_pe = torch.randn(rows, heads, 64, device=dev, dtype=torch.bfloat16)
     cache = torch.zeros(2, page, 576, device=dev, dtype=torch.bfloat16)
     seqs = 1 + decode_rows

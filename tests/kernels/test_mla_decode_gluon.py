@@ -255,3 +255,27 @@ def test_e4m3_to_bf16_bit_trick_is_exact() -> None:
     want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
     finite = ~torch.isnan(want)
     assert torch.equal(got[finite], want[finite]) and int(finite.sum()) == 254
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+def test_rows_of_a_64k_token_step_with_the_einsum_head_stride(kernel: str) -> None:
+    # An extend step's q_latent comes from the absorption einsum as [T, H, D] over an [H, T, D] buffer, so its head
+    # stride is T * 512: at 65,600 rows, head 64 is 2^31 values in (int32 offsets read outside q: the 65.6k-token
+    # crash on the H100, 2026-12-07; Triton's kernel from ~33k rows at 128 heads). Rows see 1-64 keys, for speed.
+    from baleen.kernels.mla_decode import mla_decode
+
+    if kernel == "gluon" and not gluon_mla_decode_supported(torch.device("cuda"), 128, D_LATENT, D_ROPE, 64):
+        pytest.skip("the Gluon kernel needs sm_90")
+    rows, heads = 65_600, 128
+    torch.manual_seed(0)
+    q_nope = torch.randn(heads, rows, D_LATENT, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+    q_pe = torch.randn(rows, heads, D_ROPE, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(2, 64, D_LATENT + D_ROPE, device="cuda", dtype=torch.bfloat16)
+    table = torch.ones(rows, 1, device="cuda", dtype=torch.int32)
+    lens = (torch.arange(rows, device="cuda", dtype=torch.int32) % 64) + 1
+    out = (mla_decode_gluon if kernel == "gluon" else mla_decode)(q_nope, q_pe, cache, table, lens, 0.1)
+    torch.cuda.synchronize()
+    pick = torch.tensor([0, 1, 63, rows // 2, rows - 65, rows - 2, rows - 1], device="cuda")
+    want = mla_decode_ref(q_nope[pick], q_pe[pick], cache, table[pick], lens[pick], 0.1)
+    assert rel_err(out[pick], want) < 2e-2
