@@ -156,10 +156,9 @@ def _check_config(config: EngineConfig, device: str) -> None:
 # The most prompt tokens one CUDA step takes. Measured on the H100 (2026-12-07, the V3-shape model's memory-plan step,
 # a whole-context chunk): 32.8k tokens ran; 49k crashed in moe_sum and 65.6k in the Gluon MLA extend, both int32
 # offsets (moe_sum's rows; q's head stride, T * 512 in the einsum's layout), int64 since but not yet rerun on a GPU
-# (loadtest/probe_long_context.py). Longer chunks are cut to this: the same outputs, more steps. NOTE: before this
-# grows, audit the kernels that still index in int32: the Triton FP8 GEMM's output offsets where cuBLAS does not
-# take the GEMM (M x N: T x 36,864 for V3's dense gate/up passes 2^31 at 58k tokens) and act_quant's rows
-# (T x 8 x 2,048 in the MoE: at 131k).
+# (loadtest/probe_long_context.py). Longer chunks are cut to this: the same outputs, more steps. Read since, and
+# int64 too: the Triton FP8 GEMM's output offsets (M x N: T x 36,864 for V3's dense gate/up passes 2^31 at 58k
+# tokens) and act_quant's rows (T x 8 x 2,048 in the MoE: at 131k); norm, activation, fused MoE rows already were.
 MAX_CUDA_STEP_TOKENS = 32768
 SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")  # NEXTN: SGLang's alias of EAGLE for DeepSeek's MTP layer
 SPECULATIVE_MAX_RUNNING_REQUESTS = 48  # the seeds' defaults under MTP: --max-running-requests, CUDA graph sizes

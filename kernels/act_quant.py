@@ -56,7 +56,7 @@ def per_token_group_quant_fp8_kernel(
 ):
     # One program: one row, GROUPS_PER_PROG consecutive groups of GROUP columns. Rows >= M are padding
     # (cuBLAS wants M a multiple of 4): they read nothing and store zeros with the smallest scale.
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # the MoE's activations hold T x top-k rows
     g0 = tl.program_id(1) * GROUPS_PER_PROG
     groups = g0 + tl.arange(0, GROUPS_PER_PROG)  # [G]
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [G, GROUP]

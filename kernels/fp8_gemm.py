@@ -138,7 +138,7 @@ def w8a8_block_fp8_matmul_kernel(
         b_s = tl.load(bs_ptrs + kb)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
 
-    offs = offs_m[:, None] * N + offs_n[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M x N passes 2^31 from ~58k tokens
     store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask_m[:, None] & mask_n[None, :], split,
                  num_splits, stride_ps, FUSED_REDUCE)
 
@@ -207,10 +207,10 @@ def w8a8_block_fp8_matmul_tma_kernel(
             acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
 
     if SWAP_AB:
-        offs = offs_m[None, :] * N + offs_n[:, None]
+        offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # int64 as in w8a8_block_fp8_matmul_kernel
         mask = mask_n[:, None] & mask_m[None, :]
     else:
-        offs = offs_m[:, None] * N + offs_n[None, :]
+        offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
     store_splits(acc, out_ptr, part_ptr, counter_ptr + pid, offs, mask, split, num_splits, stride_ps, FUSED_REDUCE)
 

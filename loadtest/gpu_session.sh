@@ -51,7 +51,8 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
     variants) step variants 300 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-variants ;;
     tests) step tests 420 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
       tests/actors/test_kv_cache_dtype.py tests/kernels/test_mla_decode_gluon_fp8.py tests/model/test_spec_graphs.py \
-      tests/model/test_fp8_kv_cache.py tests/kernels/test_fused_moe.py tests/kernels/test_mla_decode_gluon.py
+      tests/model/test_fp8_kv_cache.py tests/kernels/test_fused_moe.py tests/kernels/test_mla_decode_gluon.py \
+      tests/kernels/test_fp8_gemm.py tests/kernels/test_act_quant.py
       step glue 120 python3 -P -m pytest -q -o addopts="" -p no:cacheprovider tests/kernels/test_glue_kernels.py ;;
     ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
       --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
