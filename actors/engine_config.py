@@ -43,6 +43,7 @@ class EngineConfig:
     # --enable-mixed-chunk (SGLang's, off by default): running decodes ride along with a prefill chunk instead of
     # waiting for a step without one; needs chunked prefill.
     enable_mixed_chunk: bool = False
+    mixed_chunk_size: int | None = None  # with enable_mixed_chunk: prompt tokens of a step with decode rows
     max_queued_requests: int = 4096
     # --schedule-conservativeness (SGLang's): scales the decode tokens admission keeps in reserve for each running
     # request (256 at 1.0); lower admits more at once and preempts (recomputes) the newest when the pool runs out.
@@ -132,7 +133,8 @@ def _tiled_weights(setting: str, dp_attention: bool) -> bool:
 def _check_config(config: EngineConfig, device: str) -> None:
     """ValueError naming the flag for EngineConfig values no start-up could serve with (the model's fields are
     checked by ModelConfig, the rank layout by rank_layout): before any rank loads anything."""
-    for name in ("context_length", "page_size", "max_running_requests", "max_total_tokens", "cuda_graph_max_bs"):
+    for name in ("context_length", "page_size", "max_running_requests", "max_total_tokens", "cuda_graph_max_bs",
+                 "mixed_chunk_size"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -243,6 +245,8 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         raise ValueError(f"--schedule-conservativeness must be >= 0, got {config.schedule_conservativeness}")
     if config.enable_mixed_chunk and chunk == -1:
         log.warning("--enable-mixed-chunk has no effect without chunked prefill (--chunked-prefill-size -1)")
+    if config.mixed_chunk_size is not None and not config.enable_mixed_chunk:
+        log.warning("--mixed-chunk-size has no effect without --enable-mixed-chunk")
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
@@ -301,6 +305,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         max_total_tokens=config.max_total_tokens,
         num_dp=parallel.dp_size,
         enable_mixed_chunk=config.enable_mixed_chunk,
+        mixed_chunk_size=config.mixed_chunk_size,
         speculative_num_steps=spec_steps,
         decode_log_interval=config.decode_log_interval,
         decode_reserve_tokens=round(DECODE_RESERVE_TOKENS * config.schedule_conservativeness),

@@ -8,7 +8,9 @@ it is queued. A step runs prefill chunks of at most `chunked_prefill_size` token
 token each, read from the slot on the device): as SGLang, prefill goes first and the running requests' decodes wait
 for a step without one. With `enable_mixed_chunk` (--enable-mixed-chunk, only with chunked prefill) the decode rows
 ride along with the prefill chunk instead, and the chunk is smaller by as many tokens as the decode rows hold, so no
-stream stalls while a long prompt prefills.
+stream stalls while a long prompt prefills; `mixed_chunk_size` (--mixed-chunk-size) caps the prompt tokens of such a
+step further, so that no gap between a stream's tokens grows much past a decode step (a step without decode rows still
+takes a whole chunk).
 
 Speculative decoding (`speculative_num_steps` = k > 0): a decoding request's row is a verify row of 1 + k_row
 tokens (the slot's last token and k_row drafts the worker's drafter left there; k_row = k, or fewer only at the end
@@ -190,7 +192,10 @@ class Scheduler:
     def _schedule_prefills(self, b: PlanBuilder) -> None:
         cfg = self.config
         budget = cfg.chunked_prefill_size if cfg.chunked_prefill_size is not None else cfg.max_context_len
-        budget -= sum(r.extend_len for r in b.rows)  # the decode rows a mixed step holds (mixed_with_decode_tokens)
+        decode_tokens = sum(r.extend_len for r in b.rows)  # the decode rows a mixed step holds
+        budget -= decode_tokens  # (SGLang's mixed_with_decode_tokens)
+        if decode_tokens and cfg.mixed_chunk_size is not None:
+            budget = min(budget, cfg.mixed_chunk_size)
         for req in list(self.running):  # chunked prefills in progress go first
             if budget <= 0:
                 return

@@ -24,6 +24,9 @@ class SchedulerConfig:
     max_total_tokens: int | None = None  # cap on KV tokens in use; None: the whole pool
     chunked_prefill_size: int | None = 8192  # prefill tokens per step; None: whole prompts
     enable_mixed_chunk: bool = False  # decode rows join prefill steps (whose chunk shrinks by one token per row)
+    # With mixed chunks: the most prompt tokens a step that carries decode rows takes (None: the chunk's budget).
+    # A mixed step costs its decode rows plus its prompt tokens; fewer of those keep the streams' gaps short.
+    mixed_chunk_size: int | None = None
     max_queued_requests: int = 4096
     enable_radix_cache: bool = True
     eos_token_ids: tuple[int, ...] = ()
@@ -43,6 +46,8 @@ class SchedulerConfig:
             raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must hold one page ({self.page_size})")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size must be >= 1 or None, got {self.chunked_prefill_size}")
+        if self.mixed_chunk_size is not None and self.mixed_chunk_size < 1:
+            raise ValueError(f"mixed_chunk_size must be >= 1 or None, got {self.mixed_chunk_size}")
         if self.decode_reserve_tokens < 0:
             raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
         if self.speculative_num_steps < 0:

@@ -63,6 +63,7 @@ class SchedulerSettings:
     max_total_tokens: int | None = None
     num_dp: int = 1  # DP attention groups, one Scheduler each
     enable_mixed_chunk: bool = False  # decode rows ride along with prefill chunks (--enable-mixed-chunk)
+    mixed_chunk_size: int | None = None  # the prompt tokens of a step with decode rows (--mixed-chunk-size)
     speculative_num_steps: int = 0  # drafts a verify row checks (--speculative-num-steps); 0: no speculation
     decode_log_interval: int = 40  # decode steps between two decode log lines
     decode_reserve_tokens: int = DECODE_RESERVE_TOKENS  # per running request (--schedule-conservativeness scales it)
@@ -77,6 +78,7 @@ class SchedulerSettings:
             max_total_tokens=self.max_total_tokens,
             chunked_prefill_size=self.chunked_prefill_size,
             enable_mixed_chunk=self.enable_mixed_chunk,
+            mixed_chunk_size=self.mixed_chunk_size,
             max_queued_requests=self.max_queued_requests,
             enable_radix_cache=self.enable_radix_cache,
             eos_token_ids=self.eos_token_ids,

@@ -139,7 +139,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         "attention_backend": attention_backend,
     }
     for dest in ("context_length", "page_size", "max_running_requests", "max_total_tokens",
-                 "chunked_prefill_size", "enable_mixed_chunk", "max_queued_requests", "mem_fraction_static",
+                 "chunked_prefill_size", "enable_mixed_chunk", "mixed_chunk_size", "max_queued_requests",
+                 "mem_fraction_static",
                  "schedule_conservativeness",
                  "kv_cache_dtype", "kv_cache_fp8_math", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
@@ -268,6 +269,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="running decodes ride along with a prefill chunk (which shrinks by one token per decode row) "
                         "instead of waiting for a step without prefill, so streams do not stall while a long prompt "
                         "prefills (default off, as SGLang)")
+    g.add_argument("--mixed-chunk-size", type=int, default=None,
+                   help="with --enable-mixed-chunk: the most prompt tokens a step that carries decode rows takes "
+                        "(default: the chunk); about one decode step's work keeps streams smooth while long prompts "
+                        "prefill, and a step without decode rows still takes a whole chunk")
     g.add_argument("--schedule-conservativeness", type=float, default=None,
                    help="scales the decode tokens admission keeps in reserve per running request (default 1.0 = 256; "
                         "lower runs more requests at once and preempts the newest when the KV pool runs out)")

@@ -96,7 +96,8 @@ async def run_mode(args: argparse.Namespace, path: Path, mixed: bool) -> dict[st
     config = EngineConfig(model_path=str(path), device=args.device, dtype=args.dtype,
                           load_format="dummy" if args.preset else "auto", context_length=args.context_length,
                           chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
-                          max_running_requests=args.streams + 8, enable_mixed_chunk=mixed)
+                          max_running_requests=args.streams + 8, enable_mixed_chunk=mixed,
+                          mixed_chunk_size=args.mixed_chunk_size if mixed else None)
     async with await Engine.start(config) as engine:
         await _ttft(engine, prompt(args.long_prompt_len), args.long_new_tokens)  # first-use compiles, off the clock
         stop = asyncio.Event()
@@ -131,7 +132,8 @@ async def run_mode(args: argparse.Namespace, path: Path, mixed: bool) -> dict[st
 def report(results: dict[str, Any]) -> str:
     lines = [f"# bench_mixed_chunk — {results['model']} on {results['device']}, {results['date']}: {results['streams']} "
              f"streams, a {results['long_prompt_len']}-token prompt every {results['arrival_interval']} s, chunk "
-             f"{results['chunk']}",
+             f"{results['chunk']}" + (f", mixed chunk {results['mixed_chunk_size']}" if results.get("mixed_chunk_size")
+                                       else ""),
              "| --enable-mixed-chunk | ITL median ms (no arrivals) | p99 | ITL median ms (arrivals) | p90 | p99 | max "
              "| p99 / quiet median | long-prompt TTFT ms (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -155,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds for the streams to start before timing")
     ap.add_argument("--modes", nargs="+", choices=("off", "on"), default=["off", "on"])
+    ap.add_argument("--mixed-chunk-size", type=int, default=None,
+                    help="with the flag on: the prompt tokens of a step with decode rows (default: the chunk)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return ap.parse_args(argv)
 
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"model": args.preset or path.name, "device": torch.cuda.get_device_name() if cuda else "CPU",
                    "date": date.today().isoformat(), "streams": args.streams, "long_prompt_len": args.long_prompt_len,
                    "arrival_interval": args.arrival_interval,
-                   "chunk": args.chunked_prefill_size or (8192 if cuda else 1024), "modes": modes}
+                   "chunk": args.chunked_prefill_size or (8192 if cuda else 1024),
+                   "mixed_chunk_size": args.mixed_chunk_size, "modes": modes}
     print(report(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

@@ -12,8 +12,8 @@
 #   tests     the GPU tests of the FP8 KV cache and the FP8-MMA kernel, and the speculative graphs; the glue kernels
 #             (MLA prep's FP8 rows) on CUDA
 #   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
-#   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive, at chunks
-#             of $MIXED_CHUNKS (default 256 512)
+#   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive, for each
+#             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256)
 #   long      bench_one_batch at 32k and 64k context, batch 1 and 32, bf16 and fp8 KV cache
 #   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
 #   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
@@ -57,10 +57,13 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
         tests/kernels/test_act_quant.py ;;
     ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
       --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
-    mixed)  # chunk 1024 gave p99 5.4x the quiet median with the flag (2026-12-07); the target needs ~1 decode step a chunk
-      for chunk in ${MIXED_CHUNKS:-256 512}; do
-        step "mixed_$chunk" 200 python3 -P loadtest/bench_mixed_chunk.py --preset v3-shape --device cuda \
-          --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size "$chunk"
+    mixed)  # chunk 1024 gave p99 5.4x the quiet median with the flag (2026-12-07); the target needs ~1 decode step a
+      # mixed step: RUN = CHUNK[:MIXED_CHUNK_SIZE] (a whole chunk when no stream decodes, MIXED beside decodes)
+      for run in ${MIXED_RUNS:-512 8192:512 8192:256}; do
+        chunk=${run%%:*}; mixed=${run#*:}
+        extra=(); [ "$mixed" != "$run" ] && extra=(--mixed-chunk-size "$mixed")
+        step "mixed_${run/:/_}" 200 python3 -P loadtest/bench_mixed_chunk.py --preset v3-shape --device cuda \
+          --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size "$chunk" "${extra[@]}"
       done ;;
     long)
       for ctx in 32768 65536; do

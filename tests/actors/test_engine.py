@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -386,3 +387,40 @@ def test_schedule_conservativeness_scales_the_decode_reserve(model_path: str) ->
     assert (reserve(1.0), reserve(0.5), reserve(0.0)) == (256, 128, 0)
     with pytest.raises(ValueError, match="--schedule-conservativeness must be >= 0"):
         reserve(-1.0)
+
+
+def test_cuda_steps_take_at_most_max_cuda_step_tokens(model_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    # --chunked-prefill-size -1 (or a larger chunk) over a long context: steps of 65k tokens crashed on the H100.
+    from baleen.actors.engine_config import MAX_CUDA_STEP_TOKENS, plan_startup
+    from baleen.model.config import ModelConfig
+
+    def plan(**flags: Any) -> Any:  # a plan only: nothing starts on the device
+        return plan_startup(EngineConfig(model_path=model_path, **flags), model_path, ModelConfig.from_hf(model_path))
+
+    long = dict(device="cuda", context_length=4 * MAX_CUDA_STEP_TOKENS)
+    for flags in (dict(chunked_prefill_size=-1), dict(chunked_prefill_size=2 * MAX_CUDA_STEP_TOKENS)):
+        with caplog.at_level("WARNING", logger="baleen.engine"):
+            got = plan(**long, **flags)
+        assert got.worker.chunked_prefill_size == got.scheduler.chunked_prefill_size == MAX_CUDA_STEP_TOKENS
+        assert "tokens a step at most on CUDA" in caplog.text
+    assert plan(device="cuda", context_length=4096, chunked_prefill_size=-1).worker.chunked_prefill_size is None
+    assert plan(**long).worker.chunked_prefill_size == 8192
+    cpu = plan(device="cpu", context_length=4 * MAX_CUDA_STEP_TOKENS, chunked_prefill_size=-1)
+    assert cpu.worker.chunked_prefill_size is None
+
+
+def test_mixed_chunk_size_reaches_the_scheduler(model_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    from baleen.actors.engine_config import plan_startup
+    from baleen.model.config import ModelConfig
+
+    def plan(**flags: Any) -> Any:
+        return plan_startup(EngineConfig(model_path=model_path, device="cpu", **flags), model_path,
+                            ModelConfig.from_hf(model_path))  # fmt: skip
+
+    assert plan(enable_mixed_chunk=True, mixed_chunk_size=64).scheduler.mixed_chunk_size == 64
+    assert plan(enable_mixed_chunk=True).scheduler.mixed_chunk_size is None
+    with caplog.at_level("WARNING", logger="baleen.engine"):
+        plan(mixed_chunk_size=64)
+    assert "--mixed-chunk-size has no effect without --enable-mixed-chunk" in caplog.text
+    with pytest.raises(ValueError, match="--mixed-chunk-size must be >= 1"):
+        plan(enable_mixed_chunk=True, mixed_chunk_size=0)

@@ -166,17 +166,3 @@ def test_engine_fp8_cache_on_the_triton_backend_with_graphs_equals_torch() -> No
                                              prompts, ref16))  # fmt: skip
     assert firsts >= 0.8 * n and seconds >= 0.8 * firsts, (n, firsts, seconds)
 
-
-def test_cuda_steps_take_at_most_max_cuda_step_tokens(caplog: pytest.LogCaptureFixture) -> None:
-    # --chunked-prefill-size -1 (or a larger chunk) over a long context: steps of 65k tokens crashed on the H100.
-    from baleen.actors.engine_config import MAX_CUDA_STEP_TOKENS
-
-    long = dict(device="cuda", context_length=4 * MAX_CUDA_STEP_TOKENS)
-    for flags in (dict(chunked_prefill_size=-1), dict(chunked_prefill_size=2 * MAX_CUDA_STEP_TOKENS)):
-        with caplog.at_level("WARNING", logger="baleen.engine"):
-            plan = _plan(**long, **flags)
-        assert plan.worker.chunked_prefill_size == plan.scheduler.chunked_prefill_size == MAX_CUDA_STEP_TOKENS
-        assert "tokens a step at most on CUDA" in caplog.text
-    assert _plan(device="cuda", context_length=4096, chunked_prefill_size=-1).worker.chunked_prefill_size is None
-    assert _plan(**long).worker.chunked_prefill_size == 8192
-    assert _plan(device="cpu", context_length=4 * MAX_CUDA_STEP_TOKENS, chunked_prefill_size=-1).worker.chunked_prefill_size is None

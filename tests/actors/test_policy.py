@@ -93,9 +93,10 @@ def test_concurrent_outputs_equal_each_request_alone(overlap: bool, radix: bool)
         assert out.num_steps < sum(r.sampling.max_new_tokens or 0 for r in reqs)  # batched, not serial
 
 
-def _run_beside_decode(mixed: bool, overlap: bool, chunk: int = 16) -> tuple[Outcome, list[StepPlan]]:
+def _run_beside_decode(mixed: bool, overlap: bool, chunk: int = 16,
+                       mixed_chunk_size: int | None = None) -> tuple[Outcome, list[StepPlan]]:  # fmt: skip
     """Request a decodes while request b's 50-token prompt prefills in chunks; every plan, in order."""
-    sched = make(chunked_prefill_size=chunk, enable_mixed_chunk=mixed)
+    sched = make(chunked_prefill_size=chunk, enable_mixed_chunk=mixed, mixed_chunk_size=mixed_chunk_size)
     plans: list[StepPlan] = []
 
     def on_step(s: Scheduler, plan: StepPlan | None) -> None:
@@ -126,6 +127,19 @@ def test_chunked_prefill_mixed_with_decode(overlap: bool) -> None:
     assert [kinds[i] for i in b_steps] == [(15, 1), (15, 1), (15, 1), (5, 1)], kinds
     assert b_steps == list(range(b_steps[0], b_steps[0] + 4)), "a's decode stalled while b prefilled"
 
+
+
+@BOTH
+def test_mixed_chunk_size_caps_the_prompt_tokens_beside_decodes(overlap: bool) -> None:
+    # --mixed-chunk-size 2: while a decodes, b's prompt goes 2 tokens a step beside it; once a has finished, b's
+    # steps carry no decode row and take whole chunks again. The outputs are the same (checked by the helper).
+    _, plans = _run_beside_decode(True, overlap, mixed_chunk_size=2)
+    kinds = [_kinds(p) for p in plans]
+    assert all(n <= 2 for n, d in kinds if d), kinds
+    assert (2, 1) in kinds and (16, 0) in kinds, kinds  # beside a's decodes, then alone (b decodes after)
+    assert sum(n for n, _ in kinds) == 3 + 50, kinds
+    with pytest.raises(ValueError, match="mixed_chunk_size must be >= 1"):
+        make(enable_mixed_chunk=True, mixed_chunk_size=0)
 
 @BOTH
 def test_without_mixed_chunk_prefill_steps_run_alone(overlap: bool) -> None:

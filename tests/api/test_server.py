@@ -416,9 +416,10 @@ def test_flags_map_onto_engine_and_server_config() -> None:
                   "--host", "0.0.0.0", "--port", "40000", "--api-key", "k", "--tool-call-parser", "deepseekv31",
                   "--reasoning-parser", "deepseek-r1", "--chat-template", "deepseek-v31", "--max-request-size", "1MiB",
                   "--fp8-tiled-weights", "off", "--enable-mixed-chunk", "--sse-ping-interval", "30",
-                  "--schedule-conservativeness", "0.3"])
+                  "--schedule-conservativeness", "0.3", "--mixed-chunk-size", "256"])
     ec = cli.engine_config_from_args(args)
     assert ec.schedule_conservativeness == 0.3
+    assert ec.enable_mixed_chunk and ec.mixed_chunk_size == 256
     assert (ec.model_path, ec.tokenizer_path, ec.dtype, ec.load_format, ec.device) == ("/m", "/t", "float16", "dummy", "cpu")
     assert (ec.mem_fraction_static, ec.max_running_requests, ec.max_total_tokens, ec.chunked_prefill_size) == \
         (0.9, 7, 65536, -1)
