@@ -114,9 +114,10 @@ def test_random_cases_are_reproducible_and_cover_every_kind() -> None:
 
 
 def test_a_short_run_against_the_default_model_finds_nothing() -> None:
-    # a small pool and a small decode reserve: running requests outgrow it and the newest are preempted
+    # a small pool and a small decode reserve: running requests outgrow it and the newest are preempted; mixed steps
+    # hold at most 24 prompt tokens beside their decode rows
     flags = ["--tool-call-parser", "deepseekv3", "--speculative-algorithm", "EAGLE", "--enable-mixed-chunk",
-             "--chunked-prefill-size", "64", "--max-total-tokens", "640", "--page-size", "8",
+             "--chunked-prefill-size", "64", "--mixed-chunk-size", "24", "--max-total-tokens", "640", "--page-size", "8",
              "--schedule-conservativeness", "0.03", "--max-running-requests", "6"]
     run = subprocess.run([sys.executable, "-P", str(SCRIPT), "--seconds", "20", "--concurrency", "6", "--seed", "5",
                           "--serve", "--", *flags], capture_output=True, text=True, timeout=600,
