@@ -103,8 +103,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def compute_times(args: argparse.Namespace, path: Path, lengths: list[int], chunk: int) -> dict[int, float]:
-    """Seconds of the model forward (+ last-token logits) over each prompt length, chunked; best of --repeats."""
+def compute_times(args: argparse.Namespace, path: Path, lengths: list[int], chunk: int,
+                  cached: dict[int, float] | None = None) -> dict[int, float]:
+    """Seconds of the model forward (+ last-token logits) over each prompt length, chunked; best of --repeats.
+    With `cached`, also fills it: for each --cached-prefix, the forward of --suffix-len new tokens over that many
+    cached ones (the prefix's latents written first, untimed)."""
     from baleen.actors.engine_config import plan_startup  # the worker settings the engine would start with
 
     cfg = ModelConfig.from_hf(str(path))
@@ -133,12 +136,41 @@ def compute_times(args: argparse.Namespace, path: Path, lengths: list[int], chun
                 runner.model.compute_logits(hidden[-1:]).argmax(-1).cpu()
                 best = min(best, time.perf_counter() - started)
             out[length] = best
+        if cached is not None:
+            _cached_compute(runner, args, cached, chunk, rng, cfg.vocab_size)
     finally:
         del runner
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _cached_compute(runner: Any, args: argparse.Namespace, out: dict[int, float], chunk: int, rng: random.Random,
+                    vocab: int) -> None:
+    """out[prefix] = seconds of the --suffix-len-token forward (+ its last logits) over `prefix` cached tokens."""
+    device, ps = runner.device, runner.kv_cache.page_size
+    for prefix in args.cached_prefix:
+        total = prefix + args.suffix_len
+        pages = list(range(1, 1 + -(-total // ps)))
+        if pages[-1] >= runner.kv_cache.num_pages:
+            continue  # the bare runner's pool is too small for it
+        head = [rng.randrange(100, vocab - 100) for _ in range(prefix)]
+        for s in range(0, prefix, chunk):  # the prefix's latents, untimed
+            batch = ForwardBatch.build(head[s : s + chunk], [s], [min(chunk, prefix - s)], [pages], ps, device=device)
+            runner.attn.plan(batch)
+            runner.model(batch, runner.kv_cache, runner.attn)
+        best = float("inf")
+        for _ in range(args.repeats + 1):  # the first warms up
+            suffix = [rng.randrange(100, vocab - 100) for _ in range(args.suffix_len)]
+            batch = ForwardBatch.build(suffix, [prefix], [args.suffix_len], [pages], ps, device=device)
+            _sync(device)
+            started = time.perf_counter()
+            runner.attn.plan(batch)
+            hidden = runner.model(batch, runner.kv_cache, runner.attn)
+            runner.model.compute_logits(hidden[-1:]).argmax(-1).cpu()
+            best = min(best, time.perf_counter() - started)
+        out[prefix] = best
 
 
 def off_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -347,6 +379,10 @@ def report(results: dict[str, Any]) -> str:
                      f"{first(eng, n)} / {first(http, n)} |")
     per = [f"{name} {r['per_token'] * 1e3:.2f} ms" for name, r in (("engine", eng), ("HTTP", http)) if r]
     lines.append(f"per token after the first (one {results['decode_tokens']}-token stream): " + ", ".join(per))
+    for prefix, c in results.get("cached_compute_s", {}).items():
+        alone = results["compute_s"].get(results["suffix_len"])
+        vs = f" (the suffix alone: {alone * 1e3:.2f} ms)" if alone else ""
+        lines.append(f"compute: cached {prefix} + {results['suffix_len']} new: {c * 1e3:.2f} ms{vs}")
     for name, r in (("engine", eng), ("HTTP", http)):
         for prefix, (with_prefix, alone) in r.get("cached", {}).items():
             lines.append(f"{name}: cached {prefix} + {results['suffix_len']} new: TTFT {with_prefix * 1e3:.2f} ms vs the "
@@ -401,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             "attention_backend": default_attention_backend(device.startswith("cuda")), "suffix_len": args.suffix_len,
             "decode_tokens": args.decode_tokens,
         }  # fmt: skip
-        results["compute_s"] = off_thread(compute_times, args, path, lengths, chunk)
+        cached: dict[int, float] = {}
+        results["compute_s"] = off_thread(compute_times, args, path, lengths, chunk, cached)
+        results["cached_compute_s"] = cached
         if args.mode != "http":
             results["engine"] = asyncio.run(engine_run(args, path, lengths, cfg.vocab_size))
             gc.collect()  # the server's rank process plans its memory from what is free: give back the engine's
