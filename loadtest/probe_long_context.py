@@ -26,13 +26,13 @@ CASES = [("gluon", 32768, 63), ("gluon", 49152, 63), ("gluon", 65536, 0), ("gluo
          ("triton", 65536, 63), ("gluon", 40000, 0), ("gluon", 45000, 0)]  # fmt: skip
 
 
-def run_case(kernel: str, chunk: int, decode_rows: int) -> str:
+def run_case(kernel: str, chunk: int, decode_rows: int, dev: str = "cuda", heads: int = 128) -> str:
     import torch
 
     from baleen.kernels.mla_decode import mla_decode
     from baleen.kernels.mla_decode_gluon import mla_decode_gluon
 
-    dev, heads, page = "cuda", 128, 64
+    page = 64
     rows = chunk + decode_rows
     q = torch.randn(heads, rows, 512, device=dev, dtype=torch.bfloat16).transpose(0, 1)  # as einsum returns it
     q_pe = torch.randn(rows, heads, 64, device=dev, dtype=torch.bfloat16)
@@ -43,7 +43,8 @@ def run_case(kernel: str, chunk: int, decode_rows: int) -> str:
     lens = torch.tensor([*range(1, chunk + 1), *[chunk] * decode_rows], device=dev, dtype=torch.int32)
     fn = mla_decode_gluon if kernel == "gluon" else mla_decode
     out = fn(q, q_pe, cache, table, lens, 0.1, seq_idx=seq_idx)
-    torch.cuda.synchronize()
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
     return f"ok ({rows} rows, {q.numel() / 2**31:.2f} x 2^31 query values, finite: {bool(out.isfinite().all())})"
 
 
