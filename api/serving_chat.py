@@ -112,11 +112,11 @@ def _whole(state: ServerState, prep: _Prepared, results: list[Collected], respon
             reasoning, parsed = _reasoning(prep).parse(r.text)
             content = parsed or ""
         calls: list[ToolCall] = []
-        made_calls = False  # the turn ended in complete calls (not one cut off by a stop token or string)
+        made_calls = False
         if prep.tool_parser is not None:
             parser = make_tool_parser(prep.tool_parser, tools=_tool_names(prep))
             parsed_content, calls = parser.parse(content)
-            content, made_calls = parsed_content or "", bool(calls) and not parser.cut_off
+            content, made_calls = parsed_content or "", parser.made_calls
         last = r.last
         assert last is not None
         logprobs = _logprob_entries(state, r.token_ids, r.logprobs, r.top_logprobs) if req.logprobs or req.top_logprobs \
@@ -165,7 +165,6 @@ class _ChoiceStream:
         self.tools: ToolCallParser | None = (make_tool_parser(prep.tool_parser, tools=_tool_names(prep))
                                              if prep.tool_parser else None)
         self.started = False
-        self.has_tool_calls = False
         self.last: RequestOutput | None = None
 
     def split(self, text: str, final: bool) -> tuple[str, str, list[dict[str, Any]]]:
@@ -181,7 +180,6 @@ class _ChoiceStream:
             pieces = self.tools.feed(content) + (self.tools.finish() if final else [])
             content = "".join(x for x in pieces if isinstance(x, str))
             calls = [x.to_openai() for x in pieces if isinstance(x, ToolCallDelta)]
-            self.has_tool_calls = self.has_tool_calls or bool(calls)
         return reasoning, content, calls
 
 
@@ -206,7 +204,7 @@ def _stream(state: ServerState, prep: _Prepared, generation: Generation, firsts:
         if not (first or len(delta) or logprobs or token_ids or out.finished):
             return None
         cs.started = True
-        made_calls = cs.has_tool_calls and not (cs.tools is not None and cs.tools.cut_off)
+        made_calls = cs.tools is not None and cs.tools.made_calls  # read once finished (split ran finish())
         reason = b.finish_reason(out.finish_reason, has_tool_calls=made_calls) if out.finished else None
         chunk = b.chat_chunk(id=response_id, model=req.model, created=created, delta=delta, index=i,
                              finish_reason=reason, matched_stop=out.matched_stop, logprobs=logprobs,

@@ -123,19 +123,22 @@ class ToolCallParser:
         self._fence_done = False
         self._out: list[Delta] = []
         self.tool_calls: list[ToolCall] = []  # every call so far, arguments accumulated
-        # set by finish() (and parse()): the output ended inside a call, e.g. a stop token or string cut it off.
+        # set by finish(): the output ended inside a call, e.g. a stop token or string cut it off.
         # Its arguments are what was generated (streamed already); the turn did not end in calls to make.
         self.cut_off = False
 
     # -- public ----------------------------------------------------------------------------------------
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, tool calls) of a whole output; content None when there is none."""
-        fresh = type(self)(make_id=self._make_id, tools=self._tools)
-        deltas = fresh.feed(text) + fresh.finish()
+        """(content, tool calls) of a whole output, by a fresh parser; content None when there is none."""
+        deltas = self.feed(text) + self.finish()
         content = "".join(d for d in deltas if isinstance(d, str))
-        self.cut_off = fresh.cut_off
-        return content or None, fresh.tool_calls
+        return content or None, self.tool_calls
+
+    @property
+    def made_calls(self) -> bool:
+        """After finish() or parse(): the output ended in calls to make, at least one and none cut off."""
+        return bool(self.tool_calls) and not self.cut_off
 
     def feed(self, delta: str) -> list[Delta]:
         """The content text and tool-call pieces a new piece of output completes (in order)."""
