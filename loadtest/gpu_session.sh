@@ -14,8 +14,9 @@
 #   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
 #   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive, for each
 #             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256)
-#   long      bench_one_batch at 32k and 64k context, batch 1 and 32, bf16 and fp8 KV cache
+#   long      bench_one_batch at 32k and 64k context ($LONG_CTX), batch 1 and 32, bf16 and fp8 KV cache
 #   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
+#   longchunk bench_one_batch with one 65,536-token prefill step through the whole model (MAX_CUDA_STEP_TOKENS)
 #   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
 #
 # What the GPU image lacks travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh .whl, plus pytest, pluggy,
@@ -66,13 +67,17 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
           --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size "$chunk" "${extra[@]}"
       done ;;
     long)
-      for ctx in 32768 65536; do
+      for ctx in ${LONG_CTX:-32768 65536}; do
         for kv in bf16 fp8_e4m3; do
           step "long_${ctx}_${kv}" 200 python3 -P loadtest/bench_one_batch.py --preset v3-shape --batch-sizes 1 32 \
             --context-len "$ctx" --prefill-tokens 16384 --kv-cache-dtype "$kv"
         done
       done ;;
     longprobe) step longprobe 400 python3 -P loadtest/probe_long_context.py ;;
+    longchunk)  # one 65,536-token step through the whole model (MoE, FP8 GEMMs, act_quant, MLA extend): what
+      # MAX_CUDA_STEP_TOKENS guards against until it passes
+      step longchunk 300 python3 -P loadtest/bench_one_batch.py --preset v3-shape --batch-sizes 1 \
+        --context-len 65536 --prefill-tokens 65536 ;;
     chaos)
       step chaos_spec 240 python3 -P loadtest/chaos.py --seconds 90 --concurrency 16 --serve -- \
         --tool-call-parser deepseekv3 --speculative-algorithm EAGLE --enable-mixed-chunk --cuda-graph-max-bs 32
