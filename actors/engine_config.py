@@ -250,7 +250,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
     if config.max_total_tokens is not None and config.max_total_tokens < page_size:
         raise ValueError(f"--max-total-tokens {config.max_total_tokens} must hold one page (--page-size {page_size})")
     attention_backend, disable_cuda_graph = _attention_backend(config, model_config, cuda)
-    check_kv_cache_dtype(config.kv_cache_dtype, attention_backend, config.kv_cache_fp8_math)
+    check_kv_cache_dtype(config.kv_cache_dtype, config.kv_cache_fp8_math)
     spec_steps = speculative_num_steps(config, model_config)
     max_running = config.max_running_requests or (
         SPECULATIVE_MAX_RUNNING_REQUESTS if spec_steps else (256 if cuda else 64))

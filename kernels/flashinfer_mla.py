@@ -58,8 +58,10 @@ class FlashInferMLA:
         d_rope: int = 64,
         qo_lens_cpu: list[int] | None = None,
         causal: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        """Plan a batch: per-sequence query counts (default 1, decode) and cached lengths including them."""
+        """Plan a batch: per-sequence query counts (default 1, decode) and cached lengths including them. The
+        cache has `kv_dtype` (default: the queries' `dtype`); an e4m3 cache takes its scale at `run`."""
         batch = len(seq_lens_cpu)
         qo_lens = qo_lens_cpu if qo_lens_cpu is not None else [1] * batch
         qo = [0]
@@ -71,7 +73,7 @@ class FlashInferMLA:
         self._d_latent = d_latent
         common = dict(
             num_heads=num_heads, head_dim_ckv=d_latent, head_dim_kpe=d_rope, page_size=page_size,
-            causal=causal, sm_scale=sm_scale, q_data_type=dtype, kv_data_type=dtype,
+            causal=causal, sm_scale=sm_scale, q_data_type=dtype, kv_data_type=kv_dtype or dtype,
         )  # fmt: skip
         if self._structural_api:
             meta = self._flashinfer.mla.MLAPlanMetadata.csr(qo_indptr, kv_indptr, kv_indices, kv_len)
@@ -80,12 +82,17 @@ class FlashInferMLA:
             self._wrapper.plan(qo_indptr, kv_indptr, kv_indices, kv_len, **common)
 
     def run(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, out: torch.Tensor | None = None
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, out: torch.Tensor | None = None,
+        kv_scale: float = 1.0,
     ) -> torch.Tensor:
-        """q_nope [T, H, D_LATENT], q_pe [T, H, D_ROPE], cache [pages, page_size, D_LATENT + D_ROPE] -> [T, H, D_LATENT]."""
+        """q_nope [T, H, D_LATENT], q_pe [T, H, D_ROPE], cache [pages, page_size, D_LATENT + D_ROPE] -> [T, H, D_LATENT].
+        An e4m3 cache holds latent / kv_scale (FlashInfer 0.7's per-tensor KV scales)."""
         if self._d_latent == 0:
             raise ValueError("FlashInferMLA.run called before plan")
         if self._structural_api:
+            if cache.dtype == torch.float8_e4m3fn:
+                s = float(kv_scale)
+                return self._wrapper.run(query=(q_nope, q_pe), kv_cache=cache, out=out, ckv_scale=s, kpe_scale=s)
             return self._wrapper.run(query=(q_nope, q_pe), kv_cache=cache, out=out)
         ckv = cache[..., : self._d_latent]  # [pages, page_size, D_LATENT], row stride D_LATENT + D_ROPE
         kpe = cache[..., self._d_latent :]  # [pages, page_size, D_ROPE]

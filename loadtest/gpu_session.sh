@@ -16,6 +16,8 @@
 #             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256)
 #   long      bench_one_batch at 32k and 64k context ($LONG_CTX), batch 1 and 32, bf16 and fp8 KV cache
 #   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
+#   fitests   the FP8 KV cache on the FlashInfer backend (kernel vs torch, graphs vs eager) and on Triton
+#   fp8fi     bench_mla_gluon --section fp8-fi: FlashInfer over bf16 and e4m3 caches beside our kernels
 #   longchunk bench_one_batch with one 65,536-token prefill step through the whole model (MAX_CUDA_STEP_TOKENS)
 #   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
 #
@@ -73,7 +75,12 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
             --context-len "$ctx" --prefill-tokens 16384 --kv-cache-dtype "$kv"
         done
       done ;;
-    longprobe) step longprobe 400 python3 -P loadtest/probe_long_context.py ;;
+    longprobe) step longprobe 300 python3 -P loadtest/probe_long_context.py ;;
+    fitests)  # the FP8 cache on FlashInfer: its kernel against torch at 512 + 64 x 128 heads, graphs against eager
+      step fitests 300 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
+        tests/model/test_fp8_kv_cache.py tests/actors/test_kv_cache_dtype.py \
+        "tests/model/test_gpu_engine.py::test_cuda_graph_decode_equals_eager" ;;
+    fp8fi) step fp8fi 200 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-fi ;;
     longchunk)  # one 65,536-token step through the whole model (MoE, FP8 GEMMs, act_quant, MLA extend): what
       # MAX_CUDA_STEP_TOKENS guards against until it passes
       step longchunk 300 python3 -P loadtest/bench_one_batch.py --preset v3-shape --batch-sizes 1 \

@@ -60,8 +60,9 @@ class GraphShape:
     page_size: int
     num_heads: int  # attention heads on this rank
     softmax_scale: float
-    dtype: torch.dtype  # of the queries (the latent cache's too, unless it is FP8)
+    dtype: torch.dtype  # of the queries
     device: torch.device
+    kv_dtype: torch.dtype | None = None  # of the latent cache (e4m3 with --kv-cache-dtype fp8_e4m3); None: `dtype`
 
 
 class GraphAttentionBackend(AttentionBackend):

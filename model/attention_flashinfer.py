@@ -10,11 +10,12 @@ CUDA graphs: FlashInfer pins a wrapper's metadata buffers at plan time, so each 
 its own wrapper; before a replay that wrapper is re-planned with the real step's lengths, its page ids
 gathered from the runner's per-slot page table (padded rows read one key of the padding page).
 
-FP8 caches (`--kv-cache-dtype fp8_e4m3`) are refused at start-up (model/build.py `check_kv_cache_dtype`).
-TODO(fp8-kv): FlashInfer's MLA wrapper plans with a kv_data_type. Tried (git fd2abe5, reverted): planned with
-e4m3, our per-layer scale into the queries and the output; on the H100 (2026-12-07, FlashInfer 0.7.2.post1) it
-failed its test against the torch backend at 512 + 64 x 128 heads, decode and mixed extend alike (the failure's
-text was cut off; the same test passes on the Triton backend). Find out why before lifting the refusal.
+FP8 caches (`--kv-cache-dtype fp8_e4m3`): the wrapper is planned with an e4m3 kv_data_type, which makes its plan
+take per-tensor KV scales at run time (FlashInfer's "kv-per-tensor" scale mode; on Hopper its FA3 MLA kernel keeps
+the tiles in e4m3 through shared memory and converts them to the query dtype before its bf16 MMAs). The cache holds
+latent / kv_scale with one scale a layer, so each layer's run passes that scale as both the latent's (ckv) and the
+rope part's (kpe). A first try (git fd2abe5, reverted in 59438d4) passed no scales: a plan for an e4m3 cache
+requires them, and every run raised.
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ class FlashInferAttentionBackend(GraphAttentionBackend):
         self._fallback_planned = False
 
     def _plan_wrapper(self, wrapper: Any, csr: _Csr, kv_indices: torch.Tensor, num_heads: int, scale: float,
-                      dtype: torch.dtype, page_size: int, causal: bool) -> None:
+                      dtype: torch.dtype, kv_dtype: torch.dtype, page_size: int, causal: bool) -> None:
         fi = self._flashinfer
         meta = fi.mla.MLAPlanMetadata.csr(
             _pinned(csr.qo, self.device), _pinned(csr.kv, self.device), kv_indices, _pinned(csr.kv_len, self.device)
         )
         wrapper.plan(
             metadata=meta, num_heads=num_heads, head_dim_ckv=512, head_dim_kpe=64, page_size=page_size,
-            causal=causal, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype,
+            causal=causal, sm_scale=scale, q_data_type=dtype, kv_data_type=kv_dtype,
             query_layout="split", kv_cache_layout="packed",
         )  # fmt: skip
 
@@ -123,17 +124,23 @@ class FlashInferAttentionBackend(GraphAttentionBackend):
                 self._fallback.plan(b)
                 self._fallback_planned = True
             return self._fallback.run_absorbed(q_latent, q_pe, kv_cache_layer, scale, kv_scale)
-        if kv_cache_layer.dtype != q_latent.dtype:
-            raise ValueError(f"the FlashInfer backend reads a cache of the activation dtype, not {kv_cache_layer.dtype}")
+        fp8 = kv_cache_layer.dtype == torch.float8_e4m3fn
+        if kv_cache_layer.dtype != q_latent.dtype and not fp8:
+            raise ValueError(f"the FlashInfer backend reads a cache of the activation dtype or e4m3, not "
+                             f"{kv_cache_layer.dtype}")  # fmt: skip
         wrapper = self._active
         if wrapper is None:
             if self._planned is None:
                 csr = _Csr(b.extend_lens_cpu, b.seq_lens_cpu, b.page_size, b.page_table.shape[1])
                 self._plan_wrapper(self._wrapper, csr, csr.kv_indices(b.page_table), q_latent.shape[1], scale,
-                                   q_latent.dtype, b.page_size, causal=True)
+                                   q_latent.dtype, kv_cache_layer.dtype, b.page_size, causal=True)  # fmt: skip
                 self._planned = self._wrapper
             wrapper = self._planned
-        return wrapper.run(query=(q_latent, q_pe.to(q_latent.dtype)), kv_cache=kv_cache_layer)
+        query = (q_latent, q_pe.to(q_latent.dtype))
+        if fp8:  # the plan's scale mode for an e4m3 cache: real = stored x scale, latent and rope parts alike
+            s = float(kv_scale)
+            return wrapper.run(query=query, kv_cache=kv_cache_layer, ckv_scale=s, kpe_scale=s)
+        return wrapper.run(query=query, kv_cache=kv_cache_layer)
 
     def run_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         assert self._batch is not None
@@ -175,6 +182,6 @@ class FlashInferAttentionBackend(GraphAttentionBackend):
         csr = _Csr(extend, seq_lens, page_size, page_table.shape[1], pad_to=bs, table_rows=table_rows,
                    pad_len=shape.query_len)  # fmt: skip
         kv_indices = csr.kv_indices(page_table, out=bufs["kv_indices"])
-        self._plan_wrapper(wrapper, csr, kv_indices, shape.num_heads, shape.softmax_scale, shape.dtype, page_size,
-                           causal=True)  # fmt: skip
+        self._plan_wrapper(wrapper, csr, kv_indices, shape.num_heads, shape.softmax_scale, shape.dtype,
+                           shape.kv_dtype or shape.dtype, page_size, causal=True)  # fmt: skip
         self._active = wrapper

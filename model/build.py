@@ -92,18 +92,13 @@ class WorkerConfig:
         return DTYPES["bfloat16" if self.kv_cache_dtype == "bf16" else self.kv_cache_dtype]
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str,
-                         fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH) -> None:  # fmt: skip
-    """ValueError naming the flag for a --kv-cache-dtype (or --kv-cache-fp8-math) no start-up serves, or one the
-    backend cannot read."""
+def check_kv_cache_dtype(kv_cache_dtype: str, fp8_math: str = DEFAULT_KV_CACHE_FP8_MATH) -> None:
+    """ValueError naming the flag for a --kv-cache-dtype (or --kv-cache-fp8-math) no start-up serves (every attention
+    backend reads the rest)."""
     if fp8_math not in KV_CACHE_FP8_MATH:
         raise ValueError(f"--kv-cache-fp8-math {fp8_math!r} is not one of {KV_CACHE_FP8_MATH}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
-    if kv_cache_dtype in FP8_KV_CACHE_DTYPES and attention_backend == "flashinfer":
-        # TODO(fp8-kv): FlashInfer's FP8 MLA path (model/attention_flashinfer.py)
-        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is not supported by --attention-backend flashinfer "
-                         "yet; use triton")
 
 
 def make_attention_backend(name: str, device: torch.device,
@@ -226,7 +221,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         raise ValueError("the worker needs a model path with a config.json")
     if cfg.parallel.tp_size > 1 and groups is None:
         raise ValueError("a rank of a multi-rank model needs its process groups: call init_distributed first")
-    check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.attention_backend, cfg.kv_cache_fp8_math)
+    check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.kv_cache_fp8_math)
     model_config = ModelConfig.from_hf(cfg.model_path)
     started = time.perf_counter()
     experts_method = None

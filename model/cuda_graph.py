@@ -80,7 +80,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         attn.init_graphs(GraphShape(query_len=1, max_num_seqs=n, max_pages=self.max_pages, page_size=self.page_size,
                                     num_heads=num_heads, softmax_scale=model.config.softmax_scale, dtype=model.dtype,
-                                    device=device))  # fmt: skip
+                                    device=device, kv_dtype=kv_cache.dtype))  # fmt: skip
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # [max_bs, 4] int64 rows: slot, new length, explicit token id or -1, the slot the sampled token goes to
         # (the scratch slot for rows that sample nothing, and for padding).

@@ -143,7 +143,8 @@ class SpecGraphs:
             for query_len in (1, q):
                 attn.init_graphs(GraphShape(query_len=query_len, max_num_seqs=n, max_pages=self.max_pages,
                                             page_size=self.page_size, num_heads=num_heads,
-                                            softmax_scale=model.config.softmax_scale, dtype=dtype, device=device))  # fmt: skip
+                                            softmax_scale=model.config.softmax_scale, dtype=dtype, device=device,
+                                            kv_dtype=kv_cache.dtype))  # fmt: skip
 
     @staticmethod
     def padding_row(scratch_slot: int) -> tuple[int, int]:

@@ -286,6 +286,40 @@ def run_fp8_shape(batch: int, seq_len: int, table: Table) -> None:
     )  # fmt: skip
 
 
+def run_fi_fp8_shape(batch: int, seq_len: int, fi: FlashInferMLA, table: Table) -> None:
+    """FlashInfer's MLA over a bf16 cache and over the same cache in e4m3 (its FA3 kernel converts the tiles to bf16),
+    beside our Gluon kernel over each (FP8 MMAs over e4m3); FlashInfer's e4m3 output checked against its bf16
+    output over the dequantized cache; add a row."""
+    heads, page = 128, 64
+    label = f"b{batch} x {seq_len // 1024}k"
+    q_nope, q_pe, cache, pt, lens = make_case(batch, [seq_len] * batch, heads, page)
+    cache8 = to_fp8(cache)
+    del cache
+    deq = (cache8.float() * KV_SCALE).to(torch.bfloat16)
+    lens_cpu = [seq_len] * batch
+    cells: dict[str, float] = {}
+    outs: dict[str, torch.Tensor | None] = {}
+    for name, kv, c in (("fi bf16", torch.bfloat16, deq), ("fi fp8", torch.float8_e4m3fn, cache8)):
+        try:
+            fi.plan(pt, lens_cpu, heads, page, SM_SCALE, torch.bfloat16, kv_dtype=kv)
+            cells[name], outs[name] = time_or_nan(f"{name} {label}", partial(fi.run, q_nope, q_pe, c, kv_scale=KV_SCALE))
+        except Exception as e:
+            report_error(f"{name} plan {label}", e)
+            cells[name], outs[name] = math.nan, None
+    cells["gluon bf16"], _ = time_or_nan(f"gluon bf16 {label}",
+                                         partial(mla_decode_gluon, q_nope, q_pe, deq, pt, lens, SM_SCALE,
+                                                 max_seq_len=seq_len))  # fmt: skip
+    cells["fp8-mma"], _ = time_or_nan(f"fp8-mma {label}",
+                                      partial(mla_decode_gluon_fp8, q_nope, q_pe, cache8, pt, lens, SM_SCALE,
+                                              max_seq_len=seq_len, kv_scale=KV_SCALE))  # fmt: skip
+    a, b = outs["fi fp8"], outs["fi bf16"]
+    err = rel(a, b) if a is not None and b is not None else math.nan
+    c = cells
+    table.add(label, *(f"{c[k]:.4f}" for k in ("fi bf16", "fi fp8", "gluon bf16", "fp8-mma")),
+              f"{c['fi bf16'] / c['fi fp8']:.2f}", f"{c['fi fp8'] / c['fp8-mma']:.2f}",
+              f"{c['fi bf16'] / c['fp8-mma']:.2f}", f"{err:.2g}{'' if err <= 1e-2 else ' WRONG'}")  # fmt: skip
+
+
 def run_variant_shape(batch: int, seq_len: int, table: Table) -> None:
     """The bf16-cache Gluon kernel and every FP8-MMA variant over the same cache in e4m3 (default splits); each
     variant's sequence 0 checked against the emulation of its roundings and exact attention first; add a row."""
@@ -334,10 +368,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--section",
-        choices=["all", "bf16", "fp8", "fp8-variants"],
+        choices=["all", "bf16", "fp8", "fp8-variants", "fp8-fi"],
         default="all",
         help="bf16: Gluon vs FlashInfer vs Triton over bf16 caches; fp8: bf16 vs FP8 caches (default: both); "
-        "fp8-variants: the bf16-cache kernel vs every FP8-MMA variant (issue 20; not part of all)",
+        "fp8-variants: the bf16-cache kernel vs every FP8-MMA variant (issue 20; not part of all); "
+        "fp8-fi: FlashInfer over bf16 and e4m3 caches beside ours (not part of all)",
     )
     # --check-only [--variants]: what check_in_child runs in its child process
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
@@ -365,6 +400,18 @@ def main() -> None:
         for batch, seq_len in [(1, 4096), (1, 32768), (32, 4096), (32, 8192), (32, 32768), (128, 8192),
                                (128, 32768)]:  # fmt: skip
             run_variant_shape(batch, seq_len, table)
+            torch.cuda.empty_cache()
+        tables.append(table)
+    if args.section == "fp8-fi":
+        fi8 = FlashInferMLA("cuda")
+        table = Table(
+            f"MLA decode 128 heads, page 64: FlashInfer and ours over bf16 and e4m3 (kv_scale {KV_SCALE}) caches, "
+            "graph-timed ms; the bf16 cache is the e4m3 one dequantized",
+            ["shape", "FI bf16", "FI fp8", "gluon bf16", "ours fp8-mma", "FI bf16/FI fp8", "FI fp8/ours fp8",
+             "FI bf16/ours fp8", "rel|FI fp8 - FI bf16|"],
+        )  # fmt: skip
+        for batch, seq_len in [(1, 8192), (32, 8192), (32, 32768), (128, 8192)]:
+            run_fi_fp8_shape(batch, seq_len, fi8, table)
             torch.cuda.empty_cache()
         tables.append(table)
     if args.section in ("all", "bf16"):

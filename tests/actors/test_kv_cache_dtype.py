@@ -85,10 +85,6 @@ def _plan(**flags: Any) -> Any:
     [
         (dict(kv_cache_dtype="int4"), r"--kv-cache-dtype 'int4' is not one of"),
         (dict(kv_cache_dtype="fp8_e5m2"), r"--kv-cache-dtype 'fp8_e5m2' is not one of"),
-        (dict(kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer"),
-         r"--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer yet; use triton"),
-        (dict(kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer", device="cuda"),
-         r"--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer yet; use triton"),
         (dict(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_math="fp16"), r"--kv-cache-fp8-math 'fp16' is not one of"),
     ],
 )
@@ -105,6 +101,8 @@ def test_kv_cache_dtype_names_reach_the_worker() -> None:
         worker = _plan(device="cpu", kv_cache_dtype=name).worker
         assert worker.cache_dtype == want, name
     assert _plan(device="cuda", kv_cache_dtype="fp8_e4m3").worker.attention_backend == "triton"
+    flashinfer = _plan(device="cuda", kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer").worker
+    assert (flashinfer.attention_backend, flashinfer.cache_dtype) == ("flashinfer", torch.float8_e4m3fn)
 
 
 def test_kv_cache_fp8_math_picks_the_gluon_kernel() -> None:

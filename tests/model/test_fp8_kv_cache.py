@@ -199,14 +199,17 @@ def test_tiny_model_logits_over_an_fp8_cache_stay_close_to_a_float_cache(tiny: A
     [([700, 65, 1], [1, 1, 1]), ([300, 0, 129], [4, 70, 1])],
     ids=["decode", "mixed-extend"],
 )
-@pytest.mark.parametrize("fp8_math", ["fp8", "bf16"])
-def test_triton_backend_reads_an_fp8_cache_at_deepseek_widths(prefix: list[int], extend: list[int],
-                                                              fp8_math: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(("backend", "fp8_math"), [("triton", "fp8"), ("triton", "bf16"), ("flashinfer", "bf16")])
+def test_gpu_backends_read_an_fp8_cache_at_deepseek_widths(prefix: list[int], extend: list[int], backend: str,
+                                                           fp8_math: str) -> None:  # fmt: skip
     # DeepSeek's 512 + 64 latent, 128 heads, pages of 64 rows: the Gluon decode kernel (Hopper: FP8 MMAs, or the
-    # cache converted to bf16) or the Triton kernels against the torch backend over the dequantized cache (both
-    # read the same bf16 queries).
+    # cache converted to bf16) or the Triton kernels, and FlashInfer's MLA planned with an e4m3 kv_data_type (its
+    # per-tensor scales at run time), against the torch backend over the dequantized cache (all read the same bf16
+    # queries).
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
     from baleen.model.build import make_attention_backend
 
     dev, heads, page = torch.device("cuda"), 128, 64
@@ -228,10 +231,10 @@ def test_triton_backend_reads_an_fp8_cache_at_deepseek_widths(prefix: list[int],
     want = TorchAttentionBackend()
     want.plan(batch)
     ref = want.run_absorbed(q.float(), q_pe.float(), dequant.float(), 0.1).to(torch.bfloat16)
-    attn = make_attention_backend("triton", dev, fp8_math)
+    attn = make_attention_backend(backend, dev, fp8_math)
     attn.plan(batch)
     got = attn.run_absorbed(q, q_pe, cache8, 0.1, kv_scale=kv_scale)
-    if fp8_math == "fp8" and torch.cuda.get_device_capability(dev) == (9, 0):
+    if backend == "triton" and fp8_math == "fp8" and torch.cuda.get_device_capability(dev) == (9, 0):
         # FP8 MMAs (q and P in e4m3): a few elements in 10^5 are 2-3e-2 off (H100, 2026-12-07); the norm is close
         err = float((got.double() - ref.double()).norm() / ref.double().norm())
         assert err < 3e-2, err

@@ -158,19 +158,24 @@ SAMPLING = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("backend, sampling, fp8", [("triton", "greedy", False), ("triton", "mixed", False),
-                                                   ("flashinfer", "greedy", False), ("triton", "greedy", True)])
-def test_cuda_graph_decode_equals_eager(backend: str, sampling: str, fp8: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend, sampling, fp8, kv", [
+    ("triton", "greedy", False, "auto"), ("triton", "mixed", False, "auto"), ("flashinfer", "greedy", False, "auto"),
+    ("triton", "greedy", True, "auto"), ("flashinfer", "greedy", False, "fp8_e4m3"),
+    ("triton", "greedy", False, "fp8_e4m3"),
+])  # fmt: skip
+def test_cuda_graph_decode_equals_eager(backend: str, sampling: str, fp8: bool, kv: str, tmp_path: Path) -> None:
     if backend == "flashinfer":
         pytest.importorskip("flashinfer")
-    # The FP8 case runs decode's linears over their tiled weight copies (4 and 5 rows: the tiled W8A8 GEMM).
+    # The FP8 case runs decode's linears over their tiled weight copies (4 and 5 rows: the tiled W8A8 GEMM); the
+    # fp8_e4m3 cases capture graphs over an e4m3 cache (FlashInfer: planned with an e4m3 kv_data_type, per-layer
+    # scales at run time).
     (tmp_path / "config.json").write_text(json.dumps(_config(fp8=fp8)))
     rng = random.Random(1)
     prompts = [[rng.randrange(16, 2048) for _ in range(n)] for n in (3, 17, 40, 9, 64)]  # 5 rows: padded to 8
     runner = build_runner(WorkerConfig(
         model_path=str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend=backend,
         page_size=PAGE, max_running_requests=8, max_context_len=512, max_total_tokens=4096,
-        cuda_graph_bs=(1, 4, 8), random_seed=5, fp8_tiled_weights=fp8,
+        cuda_graph_bs=(1, 4, 8), random_seed=5, fp8_tiled_weights=fp8, kv_cache_dtype=kv,
     ))  # fmt: skip
     assert runner.graphs is not None  # one replay path for both backends; FlashInfer re-plans on the host first
     replayed = _Driver(runner, 2048).run(prompts, 16, SAMPLING[sampling])
