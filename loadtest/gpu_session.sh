@@ -13,7 +13,7 @@
 #             (MLA prep's FP8 rows) on CUDA
 #   ttft      bench_ttft on the V3-shape model: in process and over HTTP, 16 to 16k tokens, the 8k / 16k cached prefix
 #   mixed     bench_mixed_chunk: p99 inter-token latency of 32 streams while 16k-token prompts arrive, for each
-#             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256)
+#             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256), $MIXED_MODES (off on)
 #   long      bench_one_batch at 32k and 64k context ($LONG_CTX), batch 1 and 32, bf16 and fp8 KV cache
 #   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
 #   fitests   the FP8 KV cache on the FlashInfer backend (kernel vs torch, graphs vs eager) and on Triton
@@ -58,15 +58,16 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
       tests/kernels/test_fp8_gemm.py
       step glue 180 python3 -P -m pytest -q -o addopts="" -p no:cacheprovider tests/kernels/test_glue_kernels.py \
         tests/kernels/test_act_quant.py ;;
-    ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode both \
-      --lengths 16 256 2048 16384 --cached-prefix 8192 16384 --context-length 20000 ;;
+    ttft) step ttft 420 python3 -P loadtest/bench_ttft.py --preset v3-shape --device cuda --mode ${TTFT_MODE:-both} \
+      --lengths ${TTFT_LENGTHS:-16 256 2048 16384} --cached-prefix 8192 16384 --context-length 20000 ;;
     mixed)  # chunk 1024 gave p99 5.4x the quiet median with the flag (2026-12-07); the target needs ~1 decode step a
       # mixed step: RUN = CHUNK[:MIXED_CHUNK_SIZE] (a whole chunk when no stream decodes, MIXED beside decodes)
       for run in ${MIXED_RUNS:-512 8192:512 8192:256}; do
         chunk=${run%%:*}; mixed=${run#*:}
         extra=(); [ "$mixed" != "$run" ] && extra=(--mixed-chunk-size "$mixed")
         step "mixed_${run/:/_}" 200 python3 -P loadtest/bench_mixed_chunk.py --preset v3-shape --device cuda \
-          --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size "$chunk" "${extra[@]}"
+          --context-length 20000 --streams 32 --long-prompt-len 16384 --chunked-prefill-size "$chunk" "${extra[@]}" \
+          --modes ${MIXED_MODES:-off on}
       done ;;
     long)
       for ctx in ${LONG_CTX:-32768 65536}; do
