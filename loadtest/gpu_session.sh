@@ -80,7 +80,8 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
     fitests)  # the FP8 cache on FlashInfer: its kernel against torch at 512 + 64 x 128 heads, graphs against eager
       step fitests 300 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
         tests/model/test_fp8_kv_cache.py tests/actors/test_kv_cache_dtype.py \
-        "tests/model/test_gpu_engine.py::test_cuda_graph_decode_equals_eager" ;;
+        "tests/model/test_gpu_engine.py::test_cuda_graph_decode_equals_eager" \
+        "tests/model/test_spec_graphs.py::test_flashinfer_runner_captures_its_speculative_steps_on_the_triton_kernels" ;;
     fp8fi) step fp8fi 200 python3 -P loadtest/kernel_bench/bench_mla_gluon.py --section fp8-fi ;;
     longchunk)  # one 65,536-token step through the whole model (MoE, FP8 GEMMs, act_quant, MLA extend): what
       # MAX_CUDA_STEP_TOKENS guards against until it passes

@@ -256,11 +256,18 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     attn = make_attention_backend(cfg.attention_backend, device, cfg.kv_cache_fp8_math)
     dp_attention = groups is not None and groups.dp_attention
     use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
-    if use_graphs and cfg.speculative_num_steps and cfg.attention_backend != "triton":
-        # FlashInfer re-plans on the host before every replay; one graph of k - 1 draft steps (k - 1 lengths) cannot
-        # (model/spec_graphs.py). The torch backend captures nothing.
-        log.warning("speculative decoding captures CUDA graphs with --attention-backend triton only: %s runs its "
-                    "speculative steps eagerly (slower than plain decoding)", cfg.attention_backend)
+    spec_attn = attn  # what the captured speculative steps attend with
+    if use_graphs and cfg.speculative_num_steps and cfg.attention_backend == "flashinfer":
+        # FlashInfer re-plans on the host before every replay, which one graph of k - 1 draft steps (k - 1 lengths)
+        # cannot take, nor a verify row whose prefix only the device knows (model/spec_graphs.py). So the captured
+        # speculative steps run the Triton/Gluon kernels over the same cache (the seeds' --enable-flashinfer-mla with
+        # MTP); FlashInfer keeps the steps that run eagerly (prefills, extends, steps the graphs do not fit).
+        log.info("speculative decoding with --attention-backend flashinfer: the CUDA-graphed speculative steps "
+                 "attend with the Triton/Gluon MLA kernels, eager steps with FlashInfer")
+        spec_attn = make_attention_backend("triton", device, cfg.kv_cache_fp8_math)
+    elif use_graphs and cfg.speculative_num_steps and cfg.attention_backend != "triton":
+        log.warning("speculative decoding captures no CUDA graphs with --attention-backend %s: its speculative "
+                    "steps run eagerly (slower than plain decoding)", cfg.attention_backend)
         use_graphs = False
     if use_graphs and not isinstance(attn, GraphAttentionBackend):
         raise ValueError(f"--attention-backend {cfg.attention_backend} has no CUDA-graph support; add --disable-cuda-graph")
@@ -317,7 +324,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
         started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
         if cfg.speculative_num_steps:
-            runner.capture_spec_graphs(graph_sizes, heads)
+            runner.capture_spec_graphs(graph_sizes, heads, spec_attn)
         else:
             runner.capture_graphs(graph_sizes, heads)
         log.info("captured %s CUDA graphs of %d sizes in %.1f s (%.2f GiB)",

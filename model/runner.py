@@ -120,16 +120,18 @@ class ModelRunner:
         self.graphs = graphs
         return graphs
 
-    def capture_spec_graphs(self, batch_sizes: list[int], num_heads: int) -> SpecGraphs:
+    def capture_spec_graphs(self, batch_sizes: list[int], num_heads: int,
+                            attn: AttentionBackend | None = None) -> SpecGraphs:  # fmt: skip
         """Capture the speculative verify step's graphs (draft loop, verify, greedy tail, draft-extend) of
-        `batch_sizes` rows; later steps whose every row is a verify row of k drafts replay them."""
+        `batch_sizes` rows, attending with `attn` (default: the runner's backend; one that can re-plan nothing
+        before a replay, model/spec_graphs.py); later steps whose every row is a verify row of k drafts replay them."""
         from baleen.model.spec_graphs import SpecGraphs
 
         if self.drafter is None:
             raise ValueError("speculative graphs need the runner's drafter (speculative_num_steps)")
         self._reserve_rotary()
-        graphs = SpecGraphs(self.model, self.drafter, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
-                            self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
+        graphs = SpecGraphs(self.model, self.drafter, self.kv_cache, attn or self.attn, self.sampler, batch_sizes,
+                            num_heads, self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
         graphs.capture()
         self.spec_graphs = graphs
         return graphs

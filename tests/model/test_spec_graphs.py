@@ -212,13 +212,13 @@ def test_triton_verify_shape_derives_each_rows_keys_at_every_replay(monkeypatch:
 # ---- GPU: captured graphs -------------------------------------------------------------------------------
 
 
-def _gpu_runner(num_steps: int, graphs: bool, path: Any, **kw: Any) -> ModelRunner:
+def _gpu_runner(num_steps: int, graphs: bool, path: Any, backend: str = "triton", **kw: Any) -> ModelRunner:
     # NOTE: a small KV cache (--max-total-tokens): a test builds several runners, and without it each one sizes its
     # cache from the memory left (on the H100 the second test found 67.5 GiB still held by the first one's).
     gc.collect()
     torch.cuda.empty_cache()
     return build_runner(WorkerConfig(model_path=str(path), device="cuda", dtype="bfloat16", page_size=PAGE,
-                                     attention_backend="triton", max_running_requests=4, cuda_graph_bs=(1, 2, 4),
+                                     attention_backend=backend, max_running_requests=4, cuda_graph_bs=(1, 2, 4),
                                      disable_cuda_graph=not graphs, max_context_len=PAGES_PER_SLOT * PAGE,
                                      max_total_tokens=8 * PAGES_PER_SLOT * PAGE, speculative_num_steps=num_steps,
                                      **kw))  # fmt: skip
@@ -268,3 +268,32 @@ def test_cuda_graphed_speculation_with_sampling_and_single_rows() -> None:
     for batch in ([prompts[0]], prompts[:2]):
         want = _decode(_gpu_runner(0, True, path), batch, params[: len(batch)], 32, 0)
         assert _decode(_gpu_runner(3, True, path), batch, params[: len(batch)], 32, 3) == want
+
+
+@pytest.mark.gpu
+def test_flashinfer_runner_captures_its_speculative_steps_on_the_triton_kernels(tmp_path: Any) -> None:
+    """--attention-backend flashinfer with MTP (the seeds' --enable-flashinfer-mla with EAGLE), at DeepSeek's MLA
+    shape: the speculative steps are captured over the Triton kernels and replayed, and commit what a Triton runner
+    of the same dummy weights commits (prefill takes the same expanded torch path on both; the steady state replays
+    the same graphs)."""
+    import json
+    import random
+
+    from test_gpu_engine import MLA_SHAPE
+
+    pytest.importorskip("flashinfer")
+    (tmp_path / "config.json").write_text(json.dumps({**MLA_SHAPE, "num_nextn_predict_layers": 1}))
+    rng = random.Random(2)
+    prompts = [[rng.randrange(16, 2048) for _ in range(n)] for n in (5, 23, 40)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=24)] * len(prompts)
+    got = {}
+    for backend in ("triton", "flashinfer"):
+        runner = _gpu_runner(3, True, tmp_path, backend, load_format="dummy", random_seed=5)
+        g = runner.spec_graphs
+        assert g is not None and type(g.attn).__name__ == "TritonAttentionBackend"
+        replays: list[int] = []
+        inner = g.draft_and_verify
+        g.draft_and_verify = lambda rows, n, r=replays, f=inner: r.append(n) or f(rows, n)  # type: ignore[method-assign]
+        got[backend] = _decode(runner, prompts, params, 24, 3)
+        assert len(replays) >= 4, (backend, replays)
+    assert got["flashinfer"] == got["triton"]
