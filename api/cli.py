@@ -279,8 +279,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32"),
                    help="auto: the model dtype; fp8_e4m3 halves the KV bytes (a per-layer scale from the checkpoint's "
-                        "*.self_attn.k_scale / kv_scale when it has them, else 1.0; not with --attention-backend "
-                        "flashinfer yet)")
+                        "*.self_attn.k_scale / kv_scale when it has them, else 1.0)")
     g.add_argument("--kv-cache-fp8-math", default=None, choices=KV_CACHE_FP8_MATH,
                    help="attention over an FP8 cache on Hopper (the Gluon MLA kernel): fp8 multiplies in "
                         "e4m3, with the query and the softmax probabilities rounded to e4m3 as FlashMLA's FP8 path "
