@@ -241,3 +241,87 @@ def test_gpu_backends_read_an_fp8_cache_at_deepseek_widths(prefix: list[int], ex
         torch.testing.assert_close(got.float(), ref.float(), atol=6e-2, rtol=6e-2)
     else:
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+class _FakeFlashInferMla:
+    """FlashInfer 0.7's MLA wrapper contract as its source states it (flashinfer/mla/_batch_mla: a plan whose
+    kv_data_type is e4m3 takes the "kv-per-tensor" scale mode, and each run then requires ckv_scale and kpe_scale,
+    real = stored x scale), computed with `mla_extend_ref`; it records what it was given."""
+
+    def __init__(self) -> None:
+        self.plans: list[dict[str, Any]] = []
+        fake = self
+
+        class Metadata:
+            @staticmethod
+            def csr(qo: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, kv_len: torch.Tensor) -> Any:
+                return (qo, kv, indices, kv_len)
+
+        class Wrapper:
+            def __init__(self, workspace: torch.Tensor, **kw: Any) -> None:
+                self.plan_kw: dict[str, Any] = {}
+
+            def plan(self, **kw: Any) -> None:
+                self.plan_kw = kw
+                fake.plans.append(kw)
+
+            def run(self, query: Any, kv_cache: torch.Tensor, ckv_scale: float | None = None,
+                    kpe_scale: float | None = None) -> torch.Tensor:  # fmt: skip
+                from baleen.kernels.mla_extend import mla_extend_ref
+
+                kw = self.plan_kw
+                assert kv_cache.dtype == kw["kv_data_type"]
+                if kw["kv_data_type"] == FP8:
+                    if ckv_scale is None or kpe_scale is None:
+                        raise ValueError("Exactly one of ckv_scale or ckv_scale_arr is required when kv_data_type is FP8.")
+                    kv_cache = kv_cache.float() * torch.tensor([ckv_scale] * 512 + [kpe_scale] * 64)
+                elif ckv_scale is not None or kpe_scale is not None:
+                    raise ValueError("ckv_scale / ckv_scale_arr / kpe_scale are only valid when kv_data_type is FP8.")
+                qo, kv, indices, kv_len = kw["metadata"]
+                pages = (kv[1:] - kv[:-1]).tolist()
+                table = torch.zeros(len(pages), max(pages), dtype=torch.int32)
+                for i, n in enumerate(pages):
+                    table[i, :n] = indices[int(kv[i]) : int(kv[i]) + n]
+                q_nope, q_pe = query
+                out = mla_extend_ref(q_nope.float(), q_pe.float(), kv_cache.float(), table, qo.long(), kv_len,
+                                     kw["sm_scale"])  # fmt: skip
+                return out.to(kw["q_data_type"])
+
+        self.mla = type("mla", (), {"BatchMLAPagedAttentionWrapper": Wrapper, "MLAPlanMetadata": Metadata})
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-plan"])
+def test_flashinfer_backend_hands_its_kernel_an_fp8_cache_and_the_layer_scale(monkeypatch: pytest.MonkeyPatch,
+                                                                              graphs: bool) -> None:  # fmt: skip
+    # CPU, against FlashInfer's contract (the fake above): the backend plans an e4m3 cache as e4m3 (eagerly, and for
+    # a captured size from GraphShape.kv_dtype) and passes the layer's scale as both KV scales; the result equals the
+    # torch backend over the dequantized cache. (fd2abe5 passed no scales: every run raised on the H100.)
+    import sys
+
+    from baleen.model.attention import GraphShape
+    from baleen.model.attention_flashinfer import FlashInferAttentionBackend
+
+    fake = _FakeFlashInferMla()
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    heads, page, kv_scale = 8, 16, 0.05
+    prefix, extend = ([40, 17], [1, 1]) if graphs else ([40, 0], [3, 21])
+    tables = [[3, 7, 1], [5, 2]]
+    batch = ForwardBatch.build([0] * sum(extend), prefix, extend, tables, page)
+    g = torch.Generator().manual_seed(1)
+    cache8 = (torch.randn(9, page, 576, generator=g) * 0.5 / kv_scale).to(FP8)
+    q = (torch.randn(batch.num_tokens, heads, 512, generator=g) * 0.1).to(torch.bfloat16)
+    q_pe = (torch.randn(batch.num_tokens, heads, 64, generator=g) * 0.1).to(torch.bfloat16)
+    attn = FlashInferAttentionBackend(torch.device("cpu"))
+    if graphs:
+        attn.init_graphs(GraphShape(query_len=1, max_num_seqs=2, max_pages=3, page_size=page, num_heads=heads,
+                                    softmax_scale=0.1, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                    kv_dtype=FP8))  # fmt: skip
+        attn.plan_capture(batch)
+    else:
+        attn.plan(batch)
+    got = attn.run_absorbed(q, q_pe, cache8, 0.1, kv_scale=kv_scale)
+    assert [p["kv_data_type"] for p in fake.plans] == [FP8]
+    want = TorchAttentionBackend()
+    want.plan(batch)
+    ref = want.run_absorbed(q.float(), q_pe.float(), cache8.float() * kv_scale, 0.1)
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
