@@ -200,7 +200,8 @@ class StepPlan(msgspec.Struct, tag=True, kw_only=True):
     freed_slots: list[int] = []
     # DP attention: the token count of every DP rank's plan for this step (in DP-rank order), so all ranks
     # agree on the shapes of the MLP gather/scatter without talking; and whether every one of those plans
-    # is decode-only or empty (then every rank can replay a CUDA graph of the same padded size).
+    # is decode-only (one token over a cached prefix a row) or empty (then every rank replays a CUDA graph of the
+    # same padded size: model/runner.py `dp_graph_size`).
     dp_num_tokens: list[int] = []
     dp_all_decode: bool = False
     # ... and under speculative decoding, for each draft step s = 1, 2, ... (d2, d3, ... of the verify rows), every

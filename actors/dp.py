@@ -113,7 +113,8 @@ class DPRouter:
             assert subs[0] is not None
             return [msgspec.structs.replace(subs[0], step_id=g)]
         counts = [0 if p is None else sum(r.extend_len for r in p.rows) for p in subs]
-        all_decode = all(r.extend_len == 1 for p in subs if p is not None for r in p.rows)
+        # decode rows only: one token over a cached prefix (a one-token prompt's first chunk is not one)
+        all_decode = all(r.extend_len == 1 and r.prefix_len >= 1 for p in subs if p is not None for r in p.rows)
         drafts = draft_rows_per_step([[] if p is None else p.rows for p in subs])
         return [
             msgspec.structs.replace(p, step_id=g * n + d, dp_num_tokens=counts, dp_all_decode=all_decode,

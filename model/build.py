@@ -255,7 +255,12 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         )
     attn = make_attention_backend(cfg.attention_backend, device, cfg.kv_cache_fp8_math)
     dp_attention = groups is not None and groups.dp_attention
-    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph and not dp_attention
+    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph
+    if use_graphs and dp_attention and cfg.speculative_num_steps:
+        # TODO(graphs): the verify step's graphs (model/spec_graphs.py) under DP attention: every rank would replay
+        # the same draft steps and verify size, as the decode graphs do below.
+        log.info("DP attention with speculative decoding: its steps run eagerly (no CUDA graphs yet)")
+        use_graphs = False
     spec_attn = attn  # what the captured speculative steps attend with
     if use_graphs and cfg.speculative_num_steps and cfg.attention_backend == "flashinfer":
         # FlashInfer re-plans on the host before every replay, which one graph of k - 1 draft steps (k - 1 lengths)
@@ -316,17 +321,14 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         runner = ParallelRunner(model, kv_cache, attn, Sampler(state), runner_cfg, device, groups=groups,
                                 check_sampling=cfg.check_sampling, processors=processors, tokenizer=tokenizer,
                                 random_seed=cfg.random_seed, grammars=grammars, drafter=drafter)  # fmt: skip
-    if dp_attention and device.type == "cuda" and not cfg.disable_cuda_graph:
-        # TODO(graphs): DP attention needs every rank (idle ones too) to replay the graph of the padded size
-        # max(plan.dp_num_tokens) when plan.dp_all_decode; DecodeGraphs cannot do that yet.
-        log.info("DP attention: decode CUDA graphs are not used yet")
-    elif use_graphs:
+    if use_graphs:
         heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
         started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
         if cfg.speculative_num_steps:
             runner.capture_spec_graphs(graph_sizes, heads, spec_attn)
         else:
-            runner.capture_graphs(graph_sizes, heads)
+            # under DP attention every rank captures each size together (the MLP collectives are in the graphs)
+            runner.capture_graphs(graph_sizes, heads, groups.parallel.dp_size if dp_attention and groups else 1)
         log.info("captured %s CUDA graphs of %d sizes in %.1f s (%.2f GiB)",
                  "speculative verify step" if cfg.speculative_num_steps else "decode", len(graph_sizes),
                  time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)  # fmt: skip
@@ -389,8 +391,9 @@ class ParallelRunner(ModelRunner):
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         step = super().launch(plan)
-        if plan.dp_num_tokens and not plan.rows and self.drafter is None:  # a drafter's step joins them itself
-            # An idle DP rank still joins every layer's MLP gather / reduce-scatter (and computes its share).
+        if plan.dp_num_tokens and not plan.rows and self.drafter is None and self.dp_graph_size(plan) is None:
+            # An idle DP rank still joins every layer's MLP gather / reduce-scatter (and computes its share); a
+            # drafter's step joins them itself, and a graphed step replayed its padding rows above.
             idle = ForwardBatch.build([], [], [], [], self.config.page_size, device=self.device)
             idle.dp_num_tokens = list(plan.dp_num_tokens)
             self.model(idle, self.kv_cache, self.attn)

@@ -8,11 +8,19 @@ small captured tail (argmax, slot-token update). The attention backend adds what
 through its graph hooks (`GraphAttentionBackend` in model/attention.py): before a replay, FlashInfer re-plans on
 the host; Triton has nothing to do. Padding rows read and write only the padding page (page 0), so they never
 touch a request's cache.
+
+Under DP attention (`dp_size` > 1) every DP rank's MLP blocks gather all ranks' tokens, so the ranks' graphs must
+hold the same collectives: each size is captured as a step of `bs` rows on every rank (`dp_num_tokens` [bs] x
+dp_size), and a step replays on every rank, an idle one too, the size of the largest rank's batch (the runner's
+`dp_graph_size`), its own rows padded up to it.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
 
 import torch
 
@@ -21,6 +29,21 @@ from baleen.model.batch import ForwardBatch
 from baleen.model.deepseek import DeepseekV3ForCausalLM
 from baleen.model.kv_cache import KVCache
 from baleen.model.sampler import Sampler
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+class EagerGraph:
+    """A graph stand-in whose replay runs its body eagerly (the graphs' `eager=True` mode: CPU tests, debugging)."""
+
+    def __init__(self, body: Callable[..., object]) -> None:
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -55,8 +78,12 @@ class DecodeGraphs:
         slot_tokens: torch.Tensor,
         page_table: torch.Tensor,
         scratch_slot: int,
+        dp_size: int = 1,
+        eager: bool = False,
     ) -> None:
         self.model = model
+        self.dp_size = dp_size
+        self.eager = eager  # `make_eager` instead of `capture`: each replay runs its body, planned with real lengths
         self.kv_cache = kv_cache
         self.attn = attn
         self.sampler = sampler
@@ -78,16 +105,17 @@ class DecodeGraphs:
         # What the attention kernels read: each captured size reads the first bs rows.
         self.page_table = torch.zeros(n, self.max_pages, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        attn.init_graphs(GraphShape(query_len=1, max_num_seqs=n, max_pages=self.max_pages, page_size=self.page_size,
-                                    num_heads=num_heads, softmax_scale=model.config.softmax_scale, dtype=model.dtype,
-                                    device=device, kv_dtype=kv_cache.dtype))  # fmt: skip
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if isinstance(attn, GraphAttentionBackend):  # (eager mode may run a plain backend)
+            attn.init_graphs(GraphShape(query_len=1, max_num_seqs=n, max_pages=self.max_pages, page_size=self.page_size,
+                                        num_heads=num_heads, softmax_scale=model.config.softmax_scale,
+                                        dtype=model.dtype, device=device, kv_dtype=kv_cache.dtype))  # fmt: skip
+        self.graphs: dict[int, tuple[Replayable, torch.Tensor]] = {}
         # [max_bs, 4] int64 rows: slot, new length, explicit token id or -1, the slot the sampled token goes to
         # (the scratch slot for rows that sample nothing, and for padding).
         self.step_rows = torch.zeros(n, 4, dtype=torch.int64, device=device)
         self.step_rows.copy_(torch.tensor(self.padding_row(scratch_slot)).expand_as(self.step_rows))
         self.tokens = torch.zeros(n, dtype=torch.int32, device=device)  # the greedy tail's output
-        self.tails: dict[int, torch.cuda.CUDAGraph] = {}
+        self.tails: dict[int, Replayable] = {}
 
     @staticmethod
     def padding_row(scratch_slot: int) -> tuple[int, int, int, int]:
@@ -100,16 +128,21 @@ class DecodeGraphs:
 
     def _prep(self, bs: int) -> None:
         """In the graph: the step's inputs from the step rows and the per-slot state."""
-        from baleen.kernels.decode_prep import decode_prep
+        from baleen.kernels.decode_prep import decode_prep, decode_prep_ref
 
         ids = self.input_ids[:bs]
-        decode_prep(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size, ids,
-                    self.positions[:bs], self.seq_lens[:bs], self.out_loc[:bs], self.page_table[:bs])  # fmt: skip
+        outs = (ids, self.positions[:bs], self.seq_lens[:bs], self.out_loc[:bs], self.page_table[:bs])
+        if self.input_ids.device.type == "cuda":
+            decode_prep(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size, *outs)
+        else:  # eager mode off CUDA: the kernel's torch twin
+            got = decode_prep_ref(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size)
+            for out, value in zip(outs, got):
+                out.copy_(value[:, : out.shape[1]] if out.dim() == 2 else value)
         explicit = self.step_rows[:bs, 2]
         torch.where(explicit >= 0, explicit, ids, out=ids)
 
     def _static_batch(self, bs: int) -> ForwardBatch:
-        return ForwardBatch(
+        batch = ForwardBatch(
             input_ids=self.input_ids[:bs],
             positions=self.positions[:bs],
             out_loc=self.out_loc[:bs],
@@ -122,10 +155,42 @@ class DecodeGraphs:
             extend_lens_cpu=[1] * bs,
             page_size=self.page_size,
         )
+        if self.dp_size > 1:
+            batch.dp_num_tokens = [bs] * self.dp_size  # every DP rank replays this size (padded) at once
+        return batch
+
+    @torch.inference_mode()
+    def _forward(self, bs: int) -> torch.Tensor:
+        """The captured work of size bs: the prep, the model, the logits (eager mode: the backend planned first with
+        the step's real lengths, which captured kernels read from the device)."""
+        self._prep(bs)
+        batch = self._static_batch(bs)
+        if self.eager:
+            batch = replace(batch, seq_lens_cpu=self.seq_lens[:bs].tolist())
+            self.attn.plan(batch)
+        return self.model.compute_logits(self.model(batch, self.kv_cache, self.attn))
+
+    def make_eager(self) -> None:
+        """Every size's 'graphs' run their bodies eagerly (no capture), through the one replay path."""
+        assert self.eager
+        for bs in self.batch_sizes:
+            if isinstance(self.attn, GraphAttentionBackend):
+                self.attn.plan_capture(self._static_batch(bs))
+            logits = torch.zeros(bs, self.model.config.vocab_size, device=self.input_ids.device)
+
+            def forward(bs: int = bs, logits: torch.Tensor = logits) -> None:
+                logits.copy_(self._forward(bs))
+
+            def tail(bs: int = bs, logits: torch.Tensor = logits) -> None:
+                self.tokens[:bs].copy_(self.sampler.greedy_tail(logits, self.step_rows[:bs, 3], self.slot_tokens))
+
+            self.graphs[bs] = (EagerGraph(forward), logits)
+            self.tails[bs] = EagerGraph(tail)
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool."""
+        assert not self.eager
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.batch_sizes):
             batch = self._static_batch(bs)
@@ -134,14 +199,12 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: Triton compiles and allocator growth happen outside the graph
-                    self._prep(bs)  # the static rows are padding rows: nothing a request owns is written
-                    logits = self.model.compute_logits(self.model(batch, self.kv_cache, self.attn))
-                    self.sampler.greedy_tail(logits, self.step_rows[:bs, 3], self.slot_tokens)
+                    # the static rows are padding rows: nothing a request owns is written
+                    self.sampler.greedy_tail(self._forward(bs), self.step_rows[:bs, 3], self.slot_tokens)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._prep(bs)
-                logits = self.model.compute_logits(self.model(batch, self.kv_cache, self.attn))
+                logits = self._forward(bs)
             self.graphs[bs] = (graph, logits)
             tail = torch.cuda.CUDAGraph()
             with torch.cuda.graph(tail, pool=pool):
@@ -159,7 +222,8 @@ class DecodeGraphs:
         bs = rows.shape[0]
         self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
         h = rows.numpy()
-        self.attn.plan_replay(bs, h[:n, 1], self.slot_page_table, h[:n, 0])
+        if isinstance(self.attn, GraphAttentionBackend):  # (eager mode may run a plain backend)
+            self.attn.plan_replay(bs, h[:n, 1], self.slot_page_table, h[:n, 0])
         graph, logits = self.graphs[bs]
         graph.replay()
         if not greedy:

@@ -106,16 +106,17 @@ class ModelRunner:
 
         return build_runner(config, groups)
 
-    def capture_graphs(self, batch_sizes: list[int], num_heads: int) -> DecodeGraphs:
+    def capture_graphs(self, batch_sizes: list[int], num_heads: int, dp_size: int = 1) -> DecodeGraphs:
         """Capture decode graphs of `batch_sizes` rows (`num_heads` attention heads on this rank), reading their
-        inputs from this runner's slots; later plain decode steps replay them."""
+        inputs from this runner's slots; later plain decode steps replay them. Under DP attention (`dp_size` DP
+        ranks) every rank captures, and later replays, each size together (model/cuda_graph.py)."""
         from baleen.model.cuda_graph import DecodeGraphs
 
         if not isinstance(self.attn, GraphAttentionBackend):
             raise ValueError(f"{type(self.attn).__name__} has no CUDA-graph support; add --disable-cuda-graph")
         self._reserve_rotary()
         graphs = DecodeGraphs(self.model, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
-                              self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
+                              self.slot_tokens, self.page_table, self.scratch_slot, dp_size)  # fmt: skip
         graphs.capture()
         self.graphs = graphs
         return graphs
@@ -268,19 +269,37 @@ class ModelRunner:
         )
         return batch, sslots_d, sampled_slots.tolist()
 
+    def dp_graph_size(self, plan: StepPlan) -> int | None:
+        """Under DP attention, the captured size every DP rank replays for this step (the largest rank's batch,
+        padded), or None when the step runs eagerly on every rank. Decided from what the plans of all ranks share
+        (`dp_num_tokens`, `dp_all_decode`), never from this rank's rows alone: the ranks' collectives must match."""
+        g = self.graphs
+        counts = getattr(plan, "dp_num_tokens", None)
+        if g is None or g.dp_size == 1 or not counts or not plan.dp_all_decode or not 0 < max(counts) <= g.max_bs:
+            return None
+        return g.padded_size(max(counts))
+
     def staged_rows(self, plan: StepPlan) -> torch.Tensor | None:
         """The step rows of a plain decode step (see `DecodeGraphs.replay`), or None when the step is not one:
-        some row extends by more than one token or has no prefix, or the batch outgrows the graphs."""
+        some row extends by more than one token or has no prefix, or the batch outgrows the graphs. Under DP
+        attention, rows padded to `dp_graph_size` (no rows at all on an idle rank), or None on every rank."""
         g = self.graphs
         rows = plan.rows
         n = len(rows)
-        if g is None or not 0 < n <= g.max_bs or getattr(plan, "dp_num_tokens", None):
+        if g is None:
             return None
-        if any(r.extend_len != 1 or r.prefix_len < 1 for r in rows):
-            return None
-        if max(r.prefix_len for r in rows) >= g.max_pages * self.config.page_size:
-            return None
-        host = torch.empty((g.padded_size(n), 4), dtype=torch.int64, pin_memory=self._pinned)
+        if getattr(plan, "dp_num_tokens", None):
+            size = self.dp_graph_size(plan)
+            if size is None:
+                return None
+            # NOTE: dp_all_decode (actors/dp.py) already says every row of every rank is a decode row
+        else:
+            if not 0 < n <= g.max_bs or any(r.extend_len != 1 or r.prefix_len < 1 for r in rows):
+                return None
+            if max(r.prefix_len for r in rows) >= g.max_pages * self.config.page_size:
+                return None
+            size = g.padded_size(n)
+        host = torch.empty((size, 4), dtype=torch.int64, pin_memory=self._pinned)
         h = host.numpy()
         h[n:] = g.padding_row(self.scratch_slot)
         for i, r in enumerate(rows):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ import torch
 from baleen.messages import PREFIX_ON_DEVICE, StepPlan
 from baleen.model.attention import GraphAttentionBackend, GraphShape
 from baleen.model.batch import ForwardBatch
+from baleen.model.cuda_graph import EagerGraph, Replayable
 from baleen.model.sampler import row_argmax
 
 if TYPE_CHECKING:
@@ -47,20 +48,6 @@ if TYPE_CHECKING:
     from baleen.model.kv_cache import KVCache
     from baleen.model.sampler import Sampler
     from baleen.model.speculative import MtpDrafter
-
-
-class _Replayable(Protocol):
-    def replay(self) -> None: ...
-
-
-class _EagerGraph:
-    """A graph stand-in whose replay runs its body eagerly (`SpecGraphs(eager=True)`)."""
-
-    def __init__(self, body: Any) -> None:
-        self.body = body
-
-    def replay(self) -> None:
-        self.body()
 
 
 class SpecGraphs:
@@ -133,10 +120,10 @@ class SpecGraphs:
         self.num_tokens = torch.zeros(n, dtype=i32, device=device)
         self.samples = torch.zeros(t, dtype=i64, device=device)  # the draft-extend's input ids
         self.last = torch.arange(n, dtype=i64, device=device) * q  # row i's last committed token (flat index)
-        self.draft_graphs: dict[int, _Replayable] = {}
-        self.verify_graphs: dict[int, tuple[_Replayable, torch.Tensor, torch.Tensor]] = {}  # (graph, hidden, logits)
-        self.tail_graphs: dict[int, _Replayable] = {}
-        self.extend_graphs: dict[int, _Replayable] = {}
+        self.draft_graphs: dict[int, Replayable] = {}
+        self.verify_graphs: dict[int, tuple[Replayable, torch.Tensor, torch.Tensor]] = {}  # (graph, hidden, logits)
+        self.tail_graphs: dict[int, Replayable] = {}
+        self.extend_graphs: dict[int, Replayable] = {}
         self._host_rows: np.ndarray | None = None  # eager mode: the step's rows, for planning with real lengths
         if isinstance(attn, GraphAttentionBackend):
             dtype = model.dtype
@@ -301,7 +288,7 @@ class SpecGraphs:
         """Every size's 'graphs' run their bodies eagerly (no capture): tests, and a debugging aid."""
         assert self.eager
         for bs in self.batch_sizes:
-            self.draft_graphs[bs] = _EagerGraph(lambda bs=bs: self._draft_body(bs))
+            self.draft_graphs[bs] = EagerGraph(lambda bs=bs: self._draft_body(bs))
             t = bs * self.query_len
             hidden = torch.zeros(t, self.d_hidden.shape[1], dtype=self.d_hidden.dtype, device=self.d_hidden.device)
             logits = torch.zeros(t, self.model.config.vocab_size, dtype=torch.float32, device=hidden.device)
@@ -311,9 +298,9 @@ class SpecGraphs:
                 hidden.copy_(h)
                 logits.copy_(lg)
 
-            self.verify_graphs[bs] = (_EagerGraph(verify), hidden, logits)
-            self.tail_graphs[bs] = _EagerGraph(lambda bs=bs, lg=logits: self._tail_body(bs, lg))
-            self.extend_graphs[bs] = _EagerGraph(lambda bs=bs, h=hidden: self._extend_body(bs, h))
+            self.verify_graphs[bs] = (EagerGraph(verify), hidden, logits)
+            self.tail_graphs[bs] = EagerGraph(lambda bs=bs, lg=logits: self._tail_body(bs, lg))
+            self.extend_graphs[bs] = EagerGraph(lambda bs=bs, h=hidden: self._extend_body(bs, h))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -330,7 +317,7 @@ class SpecGraphs:
                     self._draft_body(bs)
                 self.draft_graphs[bs] = draft
             else:
-                self.draft_graphs[bs] = _EagerGraph(lambda: None)  # k = 1: no draft step
+                self.draft_graphs[bs] = EagerGraph(lambda: None)  # k = 1: no draft step
             self.attn.plan_capture(self._verify_batch(bs))  # verify and extend: query_len k + 1, one plan
             hidden, logits = self._warm(self._verify_body, bs)
             self._warm(self._tail_body, bs, logits)

@@ -5,13 +5,11 @@ runner's per-slot table."""
 from __future__ import annotations
 
 from array import array
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from baleen.kernels import decode_prep as decode_prep_module
 from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
 from baleen.model.attention import GraphAttentionBackend, GraphShape, TorchAttentionBackend
 from baleen.model.attention_flashinfer import _Csr
@@ -54,47 +52,13 @@ class RecordingBackend(GraphAttentionBackend):
         self.replays.append((num_seqs, seq_lens.tolist(), table_rows.tolist()))
 
 
-class EagerGraph:
-    """Stands in for a captured CUDA graph: `replay` runs the captured work eagerly."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def replay(self) -> None:
-        self.fn()
-
-
-def _decode_prep_ref(rows: torch.Tensor, slot_tokens: torch.Tensor, page_table: torch.Tensor, page_size: int,
-                     ids: torch.Tensor, pos: torch.Tensor, lens: torch.Tensor, loc: torch.Tensor,
-                     table: torch.Tensor) -> None:  # fmt: skip
-    for out, got in zip((ids, pos, lens, loc, table),
-                        decode_prep_module.decode_prep_ref(rows, slot_tokens, page_table, page_size)):  # fmt: skip
-        out.copy_(got)
-
-
-def _eager_graphs(runner: ModelRunner, attn: RecordingBackend, sizes: list[int]) -> DecodeGraphs:
-    """DecodeGraphs over the runner's slots whose 'graphs' run eagerly: the prep, the forward (the torch backend
-    planned with the real lengths, which a captured kernel reads from the device), the greedy tail."""
+def _eager_graphs(runner: ModelRunner, attn: RecordingBackend, sizes: list[int], dp_size: int = 1) -> DecodeGraphs:
+    """DecodeGraphs over the runner's slots whose 'graphs' run eagerly (`eager=True`): the prep, the forward (the
+    backend planned with the real lengths, which a captured kernel reads from the device), the greedy tail."""
     heads = runner.model.config.num_attention_heads
     g = DecodeGraphs(runner.model, runner.kv_cache, attn, runner.sampler, sizes, heads, runner.slot_tokens,
-                     runner.page_table, runner.scratch_slot)  # fmt: skip
-    for bs in sizes:
-        static = g._static_batch(bs)
-        attn.plan_capture(static)
-        logits = torch.empty(bs, runner.model.config.vocab_size)
-
-        def forward(bs: int = bs, static: ForwardBatch = static, logits: torch.Tensor = logits) -> None:
-            g._prep(bs)
-            batch = ForwardBatch(**{**vars(static), "seq_lens_cpu": g.seq_lens[:bs].tolist()})
-            attn.torch.plan(batch)
-            with torch.inference_mode():
-                logits.copy_(runner.model.compute_logits(runner.model(batch, runner.kv_cache, attn)))
-
-        def tail(bs: int = bs, logits: torch.Tensor = logits) -> None:
-            g.tokens[:bs].copy_(runner.sampler.greedy_tail(logits, g.step_rows[:bs, 3], runner.slot_tokens))
-
-        g.graphs[bs] = (EagerGraph(forward), logits)  # type: ignore[assignment]
-        g.tails[bs] = EagerGraph(tail)  # type: ignore[assignment]
+                     runner.page_table, runner.scratch_slot, dp_size, eager=True)  # fmt: skip
+    g.make_eager()
     return g
 
 
@@ -115,8 +79,7 @@ def _run(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingPar
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "mixed"])
-def test_one_replay_path_gives_the_eager_tokens(sampling: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(decode_prep_module, "decode_prep", _decode_prep_ref)
+def test_one_replay_path_gives_the_eager_tokens(sampling: str) -> None:
     runner = build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=4,
                                        max_context_len=32, random_seed=5))  # fmt: skip
     attn = RecordingBackend()

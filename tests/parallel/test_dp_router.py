@@ -63,6 +63,12 @@ def test_every_dp_rank_gets_a_plan_each_step_and_results_map_back() -> None:
     assert plans[0].dp_num_tokens == [1, 0] and all(p.dp_all_decode for p in plans)
     with pytest.raises(ValueError, match="none is expected"):
         r.process_result(StepResult(step_id=9, token_ids=b""))
+    # a one-token prompt's prefill extends by one token too, but over no cached prefix: not a decode step (the
+    # ranks would replay a decode graph for it)
+    one = router(2)
+    one.add_request(request("b", 1, 3))
+    plans = one.schedule()
+    assert plans is not None and plans[0].dp_num_tokens == [1, 0] and not any(p.dp_all_decode for p in plans)
 
 
 def test_lock_step_keeps_at_most_two_steps_in_flight_and_finishes_everything() -> None:

@@ -177,3 +177,63 @@ def test_dp_groups_of_several_ranks_need_created_groups() -> None:
     assert (g.attn.size, g.dp_rank, g.attn_parallel.tp_size) == (1, 3, 1)
     g = ParallelGroups.default(ParallelConfig(tp_rank=1, tp_size=2))
     assert g.attn is g.tp and not g.dp_attention
+
+
+def test_dp_attention_decode_graphs_replay_one_size_on_every_rank() -> None:
+    """DP attention over two ranks (threads) with the decode graphs in eager mode (model/cuda_graph.py's one replay
+    path, `eager=True`): a decode step replays, on every rank, the captured size of the largest rank's batch (an
+    idle rank its padding rows only), steps with a prefill run eagerly on every rank, and the tokens are the eager
+    DP steps' tokens."""
+    from array import array
+
+    from baleen.messages import PageUpdate, SamplingParams, SeqRow, SlotInit, StepPlan
+    from baleen.model.build import WorkerConfig, build_runner
+    from baleen.model.cuda_graph import DecodeGraphs
+
+    prompts = [[[5, 17, 99, 3, 250], [44, 81, 7]], [[12, 13, 14, 15, 16, 17, 18]]]  # rank 0: two, rank 1: one
+    steps = 6  # rank 1's request stops after 3 tokens: its last steps are idle
+
+    def rank_plans(rank: int, graphs: bool, groups: ParallelGroups) -> tuple[list[list[int]], list[int]]:
+        runner = build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=4,
+                                           max_context_len=64, random_seed=5, parallel=groups.parallel), groups)  # fmt: skip
+        replayed: list[int] = []
+        if graphs:
+            g = DecodeGraphs(runner.model, runner.kv_cache, runner.attn, runner.sampler, [1, 2, 4],  # type: ignore[arg-type]
+                             runner.model.config.num_attention_heads, runner.slot_tokens, runner.page_table,
+                             runner.scratch_slot, dp_size=2, eager=True)  # fmt: skip
+            g.make_eager()
+            inner = g.replay
+            g.replay = lambda rows, n, greedy: replayed.append(rows.shape[0]) or inner(rows, n, greedy)  # type: ignore[method-assign]
+            runner.graphs = g
+        mine = prompts[rank]
+        lens = [len(p) for p in mine]
+        out: list[list[int]] = [[] for _ in mine]
+        for step in range(steps):
+            done = [rank == 1 and step >= 3 for _ in mine]
+            if step == 0:
+                params = SamplingParams(temperature=0.0)
+                inits = [SlotInit(s, f"r{rank}.{s}", params, array("i", p).tobytes()) for s, p in enumerate(mine)]
+                pages = [PageUpdate(s, 0, array("i", range(1 + 8 * s, 9 + 8 * s)).tobytes()) for s in range(len(mine))]
+                rows = [SeqRow(s, 0, len(p), array("i", p).tobytes(), True) for s, p in enumerate(mine)]
+                counts = [sum(len(p) for p in ps) for ps in prompts]
+                plan = StepPlan(step_id=step, rows=rows, new_slots=inits, page_updates=pages, dp_num_tokens=counts)
+            else:
+                rows = [SeqRow(s, lens[s] + step - 1, 1, b"", True) for s in range(len(mine)) if not done[s]]
+                counts = [len(prompts[0]), 0 if step >= 3 else len(prompts[1])]
+                plan = StepPlan(step_id=step, rows=rows, dp_num_tokens=counts, dp_all_decode=True)
+            result = runner.finish(runner.launch(plan))
+            for s, tok in zip([s for s in range(len(mine)) if not done[s]], array("i", result.token_ids)):
+                out[s].append(tok)
+        return out, replayed
+
+    got = {}
+    for graphs in (False, True):
+        groups = thread_groups(2, dp=2)
+        got[graphs] = on_threads([partial(rank_plans, r, graphs, groups[r]) for r in range(2)])
+    (eager0, none0), (eager1, none1) = got[False]
+    (graph0, sizes0), (graph1, sizes1) = got[True]
+    assert not none0 and not none1
+    assert (graph0, graph1) == (eager0, eager1)
+    assert [len(t) for t in graph0 + graph1] == [6, 6, 3]
+    # decode steps 1-5 on both ranks: 2 rows and 1 -> size 2 each; rank 1 idle from step 3 still replays size 2
+    assert sizes0 == sizes1 == [2] * 5
