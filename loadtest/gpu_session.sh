@@ -2,9 +2,9 @@
 # The measurements and GPU checks still owed (issues 19, 20), as steps of one script for a device call: each step runs
 # under its own time limit, logs to OUT/log.txt, keeps its full output in OUT/<step>.txt and prints its table.
 #
-#   STEPS="variants tests" OUT=/somewhere bash loadtest/gpu_session.sh      # ~5 min
-#   STEPS="ttft mixed" OUT=... bash loadtest/gpu_session.sh                 # ~8 min
-#   STEPS="long longprobe chaos" OUT=... bash loadtest/gpu_session.sh       # ~10 min
+#   LONG_CTX=65536 STEPS="fitests longprobe longchunk long fp8fi" OUT=/somewhere bash loadtest/gpu_session.sh  # ~10 min
+#   MIXED_MODES=on TTFT_MODE=engine STEPS="mixed ttft" OUT=... bash loadtest/gpu_session.sh                   # ~9 min
+#   STEPS="tests chaos" OUT=... bash loadtest/gpu_session.sh                                                 # ~10 min
 #
 # Steps (default: all, in this order):
 #   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
