@@ -4,7 +4,7 @@
 #
 #   LONG_CTX=65536 STEPS="fitests longprobe longchunk long fp8fi" OUT=/somewhere bash loadtest/gpu_session.sh  # ~10 min
 #   MIXED_MODES=on TTFT_MODE=engine STEPS="mixed ttft" OUT=... bash loadtest/gpu_session.sh                   # ~9 min
-#   STEPS="tests chaos" OUT=... bash loadtest/gpu_session.sh                                                 # ~10 min
+#   STEPS="spec tests chaos" OUT=... bash loadtest/gpu_session.sh                                            # ~12 min
 #
 # Steps (default: all, in this order):
 #   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
@@ -16,6 +16,7 @@
 #             CHUNK[:MIXED_CHUNK_SIZE] of $MIXED_RUNS (default 512 8192:512 8192:256), $MIXED_MODES (off on)
 #   long      bench_one_batch at 32k and 64k context ($LONG_CTX), batch 1 and 32, bf16 and fp8 KV cache
 #   longprobe loadtest/probe_long_context.py: the MLA extend kernels over one 32k-65k-token chunk (which faults)
+#   spec      bench_speculative on the trained default model, batch 1 and 32, 1/1/2 .. 3/1/4 (issue 19's targets)
 #   fitests   the FP8 KV cache on the FlashInfer backend (kernel vs torch, graphs vs eager) and on Triton
 #   fp8fi     bench_mla_gluon --section fp8-fi: FlashInfer over bf16 and e4m3 caches beside our kernels
 #   longchunk bench_one_batch with one 65,536-token prefill step through the whole model (MAX_CUDA_STEP_TOKENS)
@@ -76,6 +77,9 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
             --context-len "$ctx" --prefill-tokens 16384 --kv-cache-dtype "$kv"
         done
       done ;;
+    spec)  # issue 19 on the trained model: medians of 5 timed batches a configuration (batch 1 moved 1.06-1.60x)
+      step spec 300 python3 -P loadtest/bench_speculative.py --device cuda --batch-sizes 1 32 --steps 1 2 3 \
+        --max-new-tokens 128 ;;
     longprobe) step longprobe 300 python3 -P loadtest/probe_long_context.py ;;
     fitests)  # the FP8 cache on FlashInfer: its kernel against torch at 512 + 64 x 128 heads, graphs against eager
       step fitests 300 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
