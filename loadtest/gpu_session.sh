@@ -2,9 +2,9 @@
 # The measurements and GPU checks still owed (issues 19, 20), as steps of one script for a device call: each step runs
 # under its own time limit, logs to OUT/log.txt, keeps its full output in OUT/<step>.txt and prints its table.
 #
-#   LONG_CTX=65536 STEPS="fitests longprobe longchunk long fp8fi" OUT=/somewhere bash loadtest/gpu_session.sh  # ~10 min
-#   MIXED_MODES=on TTFT_MODE=engine STEPS="mixed ttft" OUT=... bash loadtest/gpu_session.sh                   # ~9 min
-#   STEPS="spec tests chaos" OUT=... bash loadtest/gpu_session.sh                                            # ~12 min
+#   BUDGET_S=570 LONG_CTX=65536 STEPS="fitests longprobe longchunk long fp8fi" OUT=/somewhere bash loadtest/gpu_session.sh
+#   BUDGET_S=570 MIXED_MODES=on TTFT_MODE=engine STEPS="mixed ttft" OUT=... bash loadtest/gpu_session.sh
+#   BUDGET_S=570 STEPS="spec tests chaos" OUT=... bash loadtest/gpu_session.sh
 #
 # Steps (default: all, in this order):
 #   variants  the FP8-MMA MLA decode variants against their emulation and beside bf16 (set the fastest correct one
@@ -21,6 +21,9 @@
 #   fp8fi     bench_mla_gluon --section fp8-fi: FlashInfer over bf16 and e4m3 caches beside our kernels
 #   longchunk bench_one_batch with one 65,536-token prefill step through the whole model (MAX_CUDA_STEP_TOKENS)
 #   chaos     loadtest/chaos.py against the default model on the GPU (CUDA graphs, overlap, speculation, mixed chunks)
+#
+# BUDGET_S (e.g. 570 under a 600 s device call) cuts each step's limit to the time left and skips the steps that would
+# start with under a minute, so one call ends with every finished step's output instead of being killed mid-step.
 #
 # What the GPU image lacks travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh .whl, plus pytest, pluggy,
 # iniconfig, pytest-timeout and httptools for Python 3.12); the checkout is imported as `baleen` through a symlink.
@@ -41,6 +44,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output, print its tables and its tail
   local name=$1 limit=$2; shift 2
+  if [ -n "${BUDGET_S:-}" ]; then  # the whole call's budget (a device call's limit): cut a step to what is left
+    local left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt 60 ]; then log "$name: skipped, ${left} s of BUDGET_S left"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+  fi
   log "$name: $*"
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
