@@ -140,8 +140,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     }
     for dest in ("context_length", "page_size", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "enable_mixed_chunk", "mixed_chunk_size", "max_queued_requests",
-                 "mem_fraction_static",
-                 "schedule_conservativeness",
+                 "mem_fraction_static", "schedule_conservativeness",
                  "kv_cache_dtype", "kv_cache_fp8_math", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
                  "speculative_num_draft_tokens", "speculative_draft_model_path", "decode_log_interval",

@@ -130,7 +130,8 @@ class ToolCallParser:
     # -- public ----------------------------------------------------------------------------------------
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, tool calls) of a whole output, by a fresh parser; content None when there is none."""
+        """(content, tool calls) of a whole output; content None when there is none. Call it on a fresh parser (it
+        feeds and finishes this one, so `made_calls` tells about that output)."""
         deltas = self.feed(text) + self.finish()
         content = "".join(d for d in deltas if isinstance(d, str))
         return content or None, self.tool_calls

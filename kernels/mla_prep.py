@@ -164,8 +164,8 @@ def mla_prep(
     block_h = min(16, triton.next_power_of_2(q.shape[1]))
     mla_prep_kernel[(num_tokens, 1 + triton.cdiv(q.shape[1], block_h))](
         latent, norm_weight, q, cs, out_loc, cache, kv_out if kv_out is not None else latent,
-        q.shape[1], float(eps), 1.0 / float(cache_scale), float(cache_scale), latent.stride(0), q.stride(0), q.stride(1), cs.stride(0),
-        kv_out.stride(0) if kv_out is not None else 0,
+        q.shape[1], float(eps), 1.0 / float(cache_scale), float(cache_scale), latent.stride(0), q.stride(0),
+        q.stride(1), cs.stride(0), kv_out.stride(0) if kv_out is not None else 0,
         D_LATENT=d_latent, HALF=rope // 2, Q_PE_OFFSET=q.shape[2] - rope,
         BLOCK_H=block_h, HAS_KV_OUT=kv_out is not None, num_warps=2,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from baleen.model.attention import GraphAttentionBackend, GraphShape
+from baleen.model.attention import AttentionBackend, GraphAttentionBackend, GraphShape
 from baleen.model.batch import ForwardBatch
 from baleen.model.deepseek import DeepseekV3ForCausalLM
 from baleen.model.kv_cache import KVCache
@@ -71,7 +71,7 @@ class DecodeGraphs:
         self,
         model: DeepseekV3ForCausalLM,
         kv_cache: KVCache,
-        attn: GraphAttentionBackend,
+        attn: AttentionBackend,
         sampler: Sampler,
         batch_sizes: list[int],
         num_heads: int,
@@ -81,6 +81,8 @@ class DecodeGraphs:
         dp_size: int = 1,
         eager: bool = False,
     ) -> None:
+        if not eager and not isinstance(attn, GraphAttentionBackend):
+            raise ValueError(f"{type(attn).__name__} has no CUDA-graph support")
         self.model = model
         self.dp_size = dp_size
         self.eager = eager  # `make_eager` instead of `capture`: each replay runs its body, planned with real lengths
@@ -105,7 +107,7 @@ class DecodeGraphs:
         # What the attention kernels read: each captured size reads the first bs rows.
         self.page_table = torch.zeros(n, self.max_pages, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        if isinstance(attn, GraphAttentionBackend):  # (eager mode may run a plain backend)
+        if isinstance(attn, GraphAttentionBackend):  # (eager mode may run any backend)
             attn.init_graphs(GraphShape(query_len=1, max_num_seqs=n, max_pages=self.max_pages, page_size=self.page_size,
                                         num_heads=num_heads, softmax_scale=model.config.softmax_scale,
                                         dtype=model.dtype, device=device, kv_dtype=kv_cache.dtype))  # fmt: skip
@@ -132,12 +134,12 @@ class DecodeGraphs:
 
         ids = self.input_ids[:bs]
         outs = (ids, self.positions[:bs], self.seq_lens[:bs], self.out_loc[:bs], self.page_table[:bs])
-        if self.input_ids.device.type == "cuda":
+        if self.input_ids.is_cuda:
             decode_prep(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size, *outs)
-        else:  # eager mode off CUDA: the kernel's torch twin
-            got = decode_prep_ref(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size)
-            for out, value in zip(outs, got):
-                out.copy_(value[:, : out.shape[1]] if out.dim() == 2 else value)
+        else:  # eager mode off CUDA (tests): the kernel's torch twin, into the same buffers
+            refs = decode_prep_ref(self.step_rows[:bs], self.slot_tokens, self.slot_page_table, self.page_size)
+            for out, value in zip(outs, refs):
+                out.copy_(value)
         explicit = self.step_rows[:bs, 2]
         torch.where(explicit >= 0, explicit, ids, out=ids)
 
@@ -190,7 +192,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool."""
-        assert not self.eager
+        assert not self.eager and isinstance(self.attn, GraphAttentionBackend)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.batch_sizes):
             batch = self._static_batch(bs)
@@ -222,7 +224,7 @@ class DecodeGraphs:
         bs = rows.shape[0]
         self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
         h = rows.numpy()
-        if isinstance(self.attn, GraphAttentionBackend):  # (eager mode may run a plain backend)
+        if isinstance(self.attn, GraphAttentionBackend):
             self.attn.plan_replay(bs, h[:n, 1], self.slot_page_table, h[:n, 0])
         graph, logits = self.graphs[bs]
         graph.replay()

@@ -274,7 +274,7 @@ class ModelRunner:
         padded), or None when the step runs eagerly on every rank. Decided from what the plans of all ranks share
         (`dp_num_tokens`, `dp_all_decode`), never from this rank's rows alone: the ranks' collectives must match."""
         g = self.graphs
-        counts = getattr(plan, "dp_num_tokens", None)
+        counts = plan.dp_num_tokens
         if g is None or g.dp_size == 1 or not counts or not plan.dp_all_decode or not 0 < max(counts) <= g.max_bs:
             return None
         return g.padded_size(max(counts))
@@ -288,7 +288,7 @@ class ModelRunner:
         n = len(rows)
         if g is None:
             return None
-        if getattr(plan, "dp_num_tokens", None):
+        if plan.dp_num_tokens:
             size = self.dp_graph_size(plan)
             if size is None:
                 return None

@@ -116,3 +116,13 @@ def test_flashinfer_pages_from_the_slot_table_equal_the_gathered_ones() -> None:
     torch.testing.assert_close(got, by_row.kv_indices(gathered))
     want = [*slot_table[6, :3].tolist(), slot_table[2, 0].item(), *slot_table[4, :6].tolist(), 0, 0]
     assert got.tolist() == want
+
+
+def test_only_eager_graphs_take_a_backend_without_graph_hooks() -> None:
+    runner = build_runner(WorkerConfig(model_path=str(tiny_model_path()), page_size=PAGE, max_running_requests=4,
+                                       max_context_len=32))  # fmt: skip
+    args = (runner.model, runner.kv_cache, TorchAttentionBackend(), runner.sampler, [1, 2], 4, runner.slot_tokens,
+            runner.page_table, runner.scratch_slot)  # fmt: skip
+    with pytest.raises(ValueError, match="TorchAttentionBackend has no CUDA-graph support"):
+        DecodeGraphs(*args)
+    DecodeGraphs(*args, eager=True).make_eager()  # CPU tests: any backend, planned with each step's real lengths

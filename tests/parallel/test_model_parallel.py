@@ -198,7 +198,7 @@ def test_dp_attention_decode_graphs_replay_one_size_on_every_rank() -> None:
                                            max_context_len=64, random_seed=5, parallel=groups.parallel), groups)  # fmt: skip
         replayed: list[int] = []
         if graphs:
-            g = DecodeGraphs(runner.model, runner.kv_cache, runner.attn, runner.sampler, [1, 2, 4],  # type: ignore[arg-type]
+            g = DecodeGraphs(runner.model, runner.kv_cache, runner.attn, runner.sampler, [1, 2, 4],
                              runner.model.config.num_attention_heads, runner.slot_tokens, runner.page_table,
                              runner.scratch_slot, dp_size=2, eager=True)  # fmt: skip
             g.make_eager()
