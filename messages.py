@@ -204,6 +204,10 @@ class StepPlan(msgspec.Struct, tag=True, kw_only=True):
     # same padded size: model/runner.py `dp_graph_size`).
     dp_num_tokens: list[int] = []
     dp_all_decode: bool = False
+    # ... and under speculative decoding, whether every one of those plans is verify rows of the full k drafts of
+    # requests without a grammar, or empty (then every rank replays the captured verify step of one padded size:
+    # model/spec_graphs.py `dp_size_of`).
+    dp_all_verify: bool = False
     # ... and under speculative decoding, for each draft step s = 1, 2, ... (d2, d3, ... of the verify rows), every
     # DP rank's number of verify rows that draft at that step: every rank runs as many MTP steps, idle ones too.
     dp_draft_rows: list[list[int]] = []
@@ -233,6 +237,7 @@ class StepResult(msgspec.Struct, tag=True, kw_only=True):
     errors: list[tuple[int, str]] = []
     # Why the step could not run (the GPU ran out of memory); its requests end with an error, the engine goes on
     failed: str | None = None
+    graphed: bool = False  # the step replayed captured CUDA graphs (or, with --debug-eager-graphs, their bodies)
 
 
 class WorkerReady(msgspec.Struct, tag=True, kw_only=True):

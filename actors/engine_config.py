@@ -75,6 +75,7 @@ class EngineConfig:
     cuda_graph_bs: tuple[int, ...] | None = None
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    debug_eager_graphs: bool = False  # --debug-eager-graphs: the graph paths' bodies run eagerly, on any device
     # --fp8-tiled-weights: tiled copies of the FP8 weights decode reads, for faster GEMMs at 2-64 tokens, at the
     # cost of those weights' memory again. "auto": on, except under DP attention (every rank holds all of the
     # attention weights there, so the copies would cost tp_size times as much).
@@ -289,6 +290,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         cuda_graph_bs=config.cuda_graph_bs,
         cuda_graph_max_bs=graph_max_bs,
         disable_cuda_graph=disable_cuda_graph,
+        eager_graphs=config.debug_eager_graphs,
         fp8_tiled_weights=_tiled_weights(config.fp8_tiled_weights, parallel.dp_size > 1),
         parallel=parallel,
         dist=None if parallel.tp_size == 1 else dist_init(config.dist_init_addr, config.dist_timeout, config.nnodes),

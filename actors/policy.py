@@ -158,6 +158,16 @@ class Scheduler:
         self._inflight.append(InFlight(b.step_id, b.sampled, b.drafts, b.writes, b.prompt_rows))
         return plan
 
+    def is_plain_verify(self, plan: StepPlan) -> bool:
+        """Whether `plan`, the last this scheduler made, is verify rows of the full k drafts only, of requests without
+        a grammar: under DP attention the router lets every rank replay the captured verify step when each rank's
+        plan is one (`StepPlan.dp_all_verify`). Requests with a custom processor carry no drafts."""
+        step = self._inflight[-1]
+        assert step.step_id == plan.step_id, "only the plan just made"
+        k = self.config.speculative_num_steps
+        return (k > 0 and len(step.sampled) == len(plan.rows) and all(d == k for d in step.drafts)
+                and all(req.sampling.grammar is None for req in step.sampled))  # fmt: skip
+
     def _schedule_decodes(self, b: PlanBuilder) -> None:
         for req in list(self.running):  # oldest first: the newest are the preemption victims
             if req.slot is None or req.kv_len < len(req.fill):
@@ -404,7 +414,8 @@ class Scheduler:
             req.num_verify += step.drafts[i] > 0
             deltas.append(self._append(req, got, first, end))
             num_generated += 0 if req.warmup else len(deltas[-1].token_ids)
-        self.stats.count_step(num_generated, result.forward_time)
+        if not (reqs and all(req.warmup for req in reqs)):
+            self.stats.count_step(num_generated, result.forward_time, result.graphed)
         self._cache_prefilled([req for req in live if not req.finished])
         return deltas
 

@@ -25,6 +25,8 @@ class SchedulerStats:
     num_cached_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     last_step_time: float = 0.0
+    num_steps: int = 0  # results of steps that ran
+    num_graphed_steps: int = 0  # ... that replayed CUDA graphs
     # Speculative decoding, over every verify row whose result arrived
     num_verify_rows: int = 0
     num_verify_tokens: int = 0  # tokens they committed: accepted drafts + the token sampled after them
@@ -43,8 +45,10 @@ class SchedulerStats:
         self.num_draft_tokens += num_drafts
         self.num_accepted_drafts += num_committed - 1
 
-    def count_step(self, num_generated: int, forward_time: float) -> None:
-        """A step's result: the tokens it generated and how long the workers' forward took."""
+    def count_step(self, num_generated: int, forward_time: float, graphed: bool = False) -> None:
+        """A step's result: the tokens it generated, how long the workers' forward took, whether it replayed graphs."""
+        self.num_steps += 1
+        self.num_graphed_steps += graphed
         self._gen_window.append((self.clock(), num_generated))
         self.num_generated_tokens += num_generated
         self.last_step_time = forward_time
@@ -63,6 +67,8 @@ class SchedulerStats:
             "last_step_time": self.last_step_time,
             "num_preemptions": self.num_preemptions,
             "num_failed_steps": self.num_failed_steps,
+            "num_steps": self.num_steps,
+            "num_graphed_steps": self.num_graphed_steps,
             **spec_metrics(self.num_verify_rows, self.num_verify_tokens, self.num_draft_tokens, self.num_accepted_drafts),
         }
 

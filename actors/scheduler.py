@@ -131,6 +131,7 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         self.decode_log_interval = decode_log_interval
         self._num_decode_steps = 0
         self._logged_spec = (0.0,) * len(SPEC_COUNTERS)  # the speculative counters at the last decode log line
+        self._logged_steps = (0, 0)  # steps run and steps graphed at the last decode log line
 
     def busy(self) -> bool:
         return self._may_schedule and self.scheduler.num_inflight < self.max_inflight
@@ -182,9 +183,15 @@ class SchedulerActor(Actor[list[StepPlan], None]):
         rows, tokens, drafts, accepted = (now - then for now, then in zip(spec, self._logged_spec))
         self._logged_spec = spec
         accept = f", accept len {tokens / rows:.2f}, accept rate {accepted / drafts:.2f}" if rows and drafts else ""
+        steps = (int(m["num_steps"]), int(m["num_graphed_steps"]))
+        ran, graphed = (now - then for now, then in zip(steps, self._logged_steps))
+        self._logged_steps = steps
+        # as SGLang's line: True when every step since the last line replayed CUDA graphs
+        cuda_graph = str(graphed > 0) if graphed in (0, ran) else f"{graphed}/{ran} steps"
         queued = int(m["num_waiting_requests"]) + sum(map(len, self._held.values()))
-        log.info("decode batch: #running-req %d, #queue-req %d, token usage %.2f%s, gen throughput %.1f tok/s",
-                 m["num_running_requests"], queued, m["token_usage"], accept, m["gen_throughput"])
+        log.info("decode batch: #running-req %d, #queue-req %d, token usage %.2f%s, cuda graph: %s, "
+                 "gen throughput %.1f tok/s", m["num_running_requests"], queued, m["token_usage"], accept, cuda_graph,
+                 m["gen_throughput"])  # fmt: skip
 
     def _add(self, req: NewRequest) -> None:
         try:

@@ -113,7 +113,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   f"{_FEATURES.get(dest, dest)} yet; drop the flag")
     _check_quantization(args)
     device = args.device
-    if (args.cuda_graph_bs or args.cuda_graph_max_bs) and _resolved_device(device) == "cpu":
+    if (args.cuda_graph_bs or args.cuda_graph_max_bs) and _resolved_device(device) == "cpu" and not args.debug_eager_graphs:
         raise UnsupportedFlag("--cuda-graph-bs/--cuda-graph-max-bs: CUDA graphs need --device cuda")
     if args.disable_mla:  # not pending: the KV cache layout is MLA's latent, there is no per-head K/V path
         raise UnsupportedFlag("--disable-mla: baleen serves DeepSeek models only with MLA (a latent KV cache), never "
@@ -144,7 +144,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                  "kv_cache_dtype", "kv_cache_fp8_math", "disable_overlap_schedule", "disable_radix_cache", "fp8_tiled_weights",
                  "speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
                  "speculative_num_draft_tokens", "speculative_draft_model_path", "decode_log_interval",
-                 *PENDING_FLAGS, *NOOP_FLAGS):
+                 "debug_eager_graphs", *PENDING_FLAGS, *NOOP_FLAGS):
         value = values.get(dest)
         if dest in fields and value is not None:
             kwargs[dest] = tuple(value) if isinstance(value, list) else value
@@ -297,6 +297,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-bs", type=int, nargs="+", default=None)
     g.add_argument("--cuda-graph-max-bs", type=int, default=None)
     g.add_argument("--disable-cuda-graph", action="store_true")
+    g.add_argument("--debug-eager-graphs", action="store_true",
+                   help="debugging: the CUDA-graph paths run their bodies eagerly instead of capturing, on any device "
+                        "(on CPU too: the graphed decode and speculative steps without a GPU; slow)")
     g.add_argument("--fp8-tiled-weights", default=None, choices=("auto", "on", "off"),
                    help="tiled copies of the FP8 weights decode reads: faster GEMMs at 2-64 tokens for their memory "
                         "again (default auto: on, off with --enable-dp-attention)")

@@ -30,6 +30,8 @@ _ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "gen_throughput": ("baleen_gen_throughput", "gauge", "Generated tokens per second over the last window"),
     "last_step_time": ("baleen_last_step_time_seconds", "gauge", "Duration of the last engine step"),
     "num_preemptions": ("baleen_num_preemptions_total", "counter", "Requests preempted since start"),
+    "num_steps": ("baleen_steps_total", "counter", "Engine steps run"),
+    "num_graphed_steps": ("baleen_cuda_graph_steps_total", "counter", "Engine steps that replayed CUDA graphs"),
     "spec_accept_length": ("baleen_spec_accept_length", "gauge",
                            "Speculative decoding: mean tokens committed per verify step (accepted drafts + 1)"),
     "spec_accept_rate": ("baleen_spec_accept_rate", "gauge", "Speculative decoding: accepted / proposed drafts (0..1)"),

@@ -78,6 +78,9 @@ class WorkerConfig:
     fp8_tiled_weights: bool = False  # load_model(tile_fp8=...): tiled weight copies for few-token FP8 GEMMs
     speculative_num_steps: int = 0  # drafts a verify row may carry (the MTP drafter's chain); 0: no speculation
     speculative_draft_model_path: str | None = None  # a NextN checkpoint; None: the target's own MTP layer
+    # Debugging and CPU tests: the CUDA-graph paths (decode and speculative steps, DP attention's shared sizes) run
+    # their bodies eagerly instead of capturing, on any device and backend (`DecodeGraphs`/`SpecGraphs` eager mode).
+    eager_graphs: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -255,14 +258,12 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         )
     attn = make_attention_backend(cfg.attention_backend, device, cfg.kv_cache_fp8_math)
     dp_attention = groups is not None and groups.dp_attention
-    use_graphs = device.type == "cuda" and not cfg.disable_cuda_graph
-    if use_graphs and dp_attention and cfg.speculative_num_steps:
-        # TODO(graphs): the verify step's graphs (model/spec_graphs.py) under DP attention: every rank would replay
-        # the same draft steps and verify size, as the decode graphs do below.
-        log.info("DP attention with speculative decoding: its steps run eagerly (no CUDA graphs yet)")
-        use_graphs = False
+    eager_graphs = cfg.eager_graphs
+    use_graphs = (device.type == "cuda" and not cfg.disable_cuda_graph) or eager_graphs
     spec_attn = attn  # what the captured speculative steps attend with
-    if use_graphs and cfg.speculative_num_steps and cfg.attention_backend == "flashinfer":
+    if eager_graphs:
+        log.warning("eager graphs (debugging): the CUDA-graph paths run their bodies eagerly, without capturing")
+    elif use_graphs and cfg.speculative_num_steps and cfg.attention_backend == "flashinfer":
         # FlashInfer re-plans on the host before every replay, which one graph of k - 1 draft steps (k - 1 lengths)
         # cannot take, nor a verify row whose prefix only the device knows (model/spec_graphs.py). So the captured
         # speculative steps run the Triton/Gluon kernels over the same cache (the seeds' --enable-flashinfer-mla with
@@ -274,7 +275,7 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
         log.warning("speculative decoding captures no CUDA graphs with --attention-backend %s: its speculative "
                     "steps run eagerly (slower than plain decoding)", cfg.attention_backend)
         use_graphs = False
-    if use_graphs and not isinstance(attn, GraphAttentionBackend):
+    if use_graphs and not eager_graphs and not isinstance(attn, GraphAttentionBackend):
         raise ValueError(f"--attention-backend {cfg.attention_backend} has no CUDA-graph support; add --disable-cuda-graph")
     graph_sizes: list[int] = []
     if use_graphs:
@@ -323,15 +324,18 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
                                 random_seed=cfg.random_seed, grammars=grammars, drafter=drafter)  # fmt: skip
     if use_graphs:
         heads = model_config.num_attention_heads // (groups.attn.size if groups is not None else 1)
-        started, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
+        # under DP attention every rank captures each size together (the MLP collectives are in the graphs)
+        dp_size = groups.parallel.dp_size if dp_attention and groups else 1
+        started = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         if cfg.speculative_num_steps:
-            runner.capture_spec_graphs(graph_sizes, heads, spec_attn)
+            runner.capture_spec_graphs(graph_sizes, heads, spec_attn, dp_size, eager=eager_graphs)
         else:
-            # under DP attention every rank captures each size together (the MLP collectives are in the graphs)
-            runner.capture_graphs(graph_sizes, heads, groups.parallel.dp_size if dp_attention and groups else 1)
-        log.info("captured %s CUDA graphs of %d sizes in %.1f s (%.2f GiB)",
-                 "speculative verify step" if cfg.speculative_num_steps else "decode", len(graph_sizes),
-                 time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)  # fmt: skip
+            runner.capture_graphs(graph_sizes, heads, dp_size, eager=eager_graphs)
+        if not eager_graphs:
+            log.info("captured %s CUDA graphs of %d sizes in %.1f s (%.2f GiB)",
+                     "speculative verify step" if cfg.speculative_num_steps else "decode", len(graph_sizes),
+                     time.perf_counter() - started, (torch.cuda.memory_reserved(device) - reserved) / 2**30)  # fmt: skip
     if device.type == "cuda":
         # Every token-count regime's kernels compiled now, not on a user's first request of that length.
         from baleen.model.warm_up import warm_up_shapes

@@ -106,34 +106,44 @@ class ModelRunner:
 
         return build_runner(config, groups)
 
-    def capture_graphs(self, batch_sizes: list[int], num_heads: int, dp_size: int = 1) -> DecodeGraphs:
+    def capture_graphs(self, batch_sizes: list[int], num_heads: int, dp_size: int = 1,
+                       eager: bool = False) -> DecodeGraphs:  # fmt: skip
         """Capture decode graphs of `batch_sizes` rows (`num_heads` attention heads on this rank), reading their
         inputs from this runner's slots; later plain decode steps replay them. Under DP attention (`dp_size` DP
-        ranks) every rank captures, and later replays, each size together (model/cuda_graph.py)."""
+        ranks) every rank captures, and later replays, each size together (model/cuda_graph.py). `eager`: the
+        'graphs' run their bodies eagerly instead (any device and backend: debugging, CPU tests)."""
         from baleen.model.cuda_graph import DecodeGraphs
 
-        if not isinstance(self.attn, GraphAttentionBackend):
+        if not eager and not isinstance(self.attn, GraphAttentionBackend):
             raise ValueError(f"{type(self.attn).__name__} has no CUDA-graph support; add --disable-cuda-graph")
         self._reserve_rotary()
         graphs = DecodeGraphs(self.model, self.kv_cache, self.attn, self.sampler, batch_sizes, num_heads,
-                              self.slot_tokens, self.page_table, self.scratch_slot, dp_size)  # fmt: skip
-        graphs.capture()
+                              self.slot_tokens, self.page_table, self.scratch_slot, dp_size, eager)  # fmt: skip
+        if eager:
+            graphs.make_eager()
+        else:
+            graphs.capture()
         self.graphs = graphs
         return graphs
 
-    def capture_spec_graphs(self, batch_sizes: list[int], num_heads: int,
-                            attn: AttentionBackend | None = None) -> SpecGraphs:  # fmt: skip
+    def capture_spec_graphs(self, batch_sizes: list[int], num_heads: int, attn: AttentionBackend | None = None,
+                            dp_size: int = 1, eager: bool = False) -> SpecGraphs:  # fmt: skip
         """Capture the speculative verify step's graphs (draft loop, verify, greedy tail, draft-extend) of
         `batch_sizes` rows, attending with `attn` (default: the runner's backend; one that can re-plan nothing
-        before a replay, model/spec_graphs.py); later steps whose every row is a verify row of k drafts replay them."""
+        before a replay, model/spec_graphs.py); later steps whose every row is a verify row of k drafts replay them.
+        `dp_size` and `eager` as `capture_graphs`."""
         from baleen.model.spec_graphs import SpecGraphs
 
         if self.drafter is None:
             raise ValueError("speculative graphs need the runner's drafter (speculative_num_steps)")
         self._reserve_rotary()
         graphs = SpecGraphs(self.model, self.drafter, self.kv_cache, attn or self.attn, self.sampler, batch_sizes,
-                            num_heads, self.slot_tokens, self.page_table, self.scratch_slot)  # fmt: skip
-        graphs.capture()
+                            num_heads, self.slot_tokens, self.page_table, self.scratch_slot, eager=eager,
+                            dp_size=dp_size)  # fmt: skip
+        if eager:
+            graphs.make_eager()
+        else:
+            graphs.capture()
         self.spec_graphs = graphs
         return graphs
 
@@ -374,7 +384,8 @@ class ModelRunner:
                 prompt_top_k = self._prompt_logprobs(plan, hidden, host)
             grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
         step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors,
-                           grammar_rows=grammar_rows if logits is not None else [], prompt_top_k=prompt_top_k)
+                           grammar_rows=grammar_rows if logits is not None else [], prompt_top_k=prompt_top_k,
+                           graphed=staged is not None)
         if logits is None:
             self._record(step)
             return step
@@ -460,13 +471,17 @@ class ModelRunner:
 
         slots = [r.slot for r in plan.rows]
         if self.slot_procs.keys() & set(slots) or (self.grammars is not None and self.grammars.rows(slots)):
+            if plan.dp_num_tokens:  # every other rank replays now: running this one eagerly would hang them
+                raise RuntimeError(f"step {plan.step_id}: the DP router planned a graphed verify step over a row with "
+                                   "a grammar or a custom logit processor")
             return None
         n, q, bs = len(slots), g.query_len, rows.shape[0]
         sampled_slots = [s for s in slots for _ in range(q)]  # every token of a verify row is a logits row
         flags = self.sampler.state.flags(sampled_slots)
         host: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, str]] = []
-        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors)
+        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors,
+                           graphed=True)
         logits = g.draft_and_verify(rows, n)
         if flags.plain_greedy:
             tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
@@ -688,6 +703,7 @@ class ModelRunner:
             prompt_top_logprobs=h["prompt_top_logprobs"].tobytes() if "prompt_top_logprobs" in h else None,
             forward_time=time.perf_counter() - pending.started,
             errors=errors,
+            graphed=pending.graphed,
         )
 
     def needs_sync_before(self, plan: StepPlan) -> bool:

@@ -1,7 +1,7 @@
 """CUDA graphs for speculative decoding's steady state: a step whose every row is a verify row of k drafts.
 
-A qualifying step (`SpecGraphs.step_rows`: every row `SeqRow(slot, L, 1 + k, no input ids, sample)`, at most the
-largest captured size, no DP attention) replays, for the captured size bs it pads to, in the shape of
+A qualifying step (`SpecGraphs.step_rows_of`: every row `SeqRow(slot, L, 1 + k, no input ids, sample)`, at most the
+largest captured size) replays, for the captured size bs it pads to, in the shape of
 model/cuda_graph.py's DecodeGraphs (fixed-address buffers; the host copies each row's (slot, L) once a step; the
 graphs derive token ids, positions, cache slots, the page table and seq_lens from the runner's per-slot state and
 the drafter's):
@@ -16,6 +16,12 @@ the drafter's):
    committed token's MTP hidden state drafts its next d1.
 Padding rows are `padding_row`s: the scratch slot (its page table is all padding page 0, its drafter row and
 token entry belong to no request), so they write nothing a request owns. Every other step runs eagerly.
+
+Under DP attention (`dp_size` > 1) the target's and the MTP layer's MoE exchange tokens between the DP ranks inside
+the graphs, so every rank must replay the same size at once: each size is captured as a step of bs rows on every
+rank, and a step replays when the DP router says every rank's plan is verify rows of k drafts without a grammar, or
+empty (`StepPlan.dp_all_verify`), at the size of the largest rank's rows (`dp_size_of`); an idle rank replays
+padding rows only. Otherwise every rank runs the step eagerly.
 
 Each graph's body is a plain method over the static buffers (`_draft_body`, `_verify_body`, `_tail_body`,
 `_extend_body`). `eager=True` runs them without capturing, planning the attention backend with each step's real
@@ -71,10 +77,12 @@ class SpecGraphs:
         page_table: torch.Tensor,
         scratch_slot: int,
         eager: bool = False,
+        dp_size: int = 1,
     ) -> None:
         if not eager and not isinstance(attn, GraphAttentionBackend):
             raise ValueError(f"{type(attn).__name__} has no CUDA-graph support")
         self.model = model
+        self.dp_size = dp_size
         self.drafter = drafter
         self.mtp = drafter.mtp
         self.kv_cache = kv_cache
@@ -142,20 +150,39 @@ class SpecGraphs:
         """The captured batch size a step of n rows replays (n <= max_bs)."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
 
+    def dp_size_of(self, plan: StepPlan) -> int | None:
+        """Under DP attention, the captured size every DP rank replays for this step (the largest rank's verify rows,
+        padded), or None when every rank runs it eagerly: decided from what all ranks' plans share (`dp_all_verify`,
+        `dp_num_tokens`), never from this rank's rows, so the ranks' collectives match."""
+        counts = plan.dp_num_tokens
+        if not plan.dp_all_verify or self.dp_size == 1 or not 0 < max(counts) <= self.max_bs * self.query_len:
+            return None
+        return self.padded_size(-(-max(counts) // self.query_len))
+
     def step_rows_of(self, plan: StepPlan, pinned: bool) -> torch.Tensor | None:
         """The host rows [padded_size(n), 2] int64 of a step whose every row is a sampled verify row of k drafts
-        within the page table, or None: that step runs eagerly."""
+        within the page table, or None: that step runs eagerly. Under DP attention: rows padded to `dp_size_of`
+        (an idle rank's are all padding), or None on every rank."""
         rows = plan.rows
         n = len(rows)
-        if not 0 < n <= self.max_bs or plan.dp_num_tokens:
-            return None
         q, limit = self.query_len, self.max_pages * self.page_size
+        if plan.dp_num_tokens:
+            size = self.dp_size_of(plan)
+            if size is None:
+                return None
+        elif not 0 < n <= self.max_bs:
+            return None
+        else:
+            size = self.padded_size(n)
         # NOTE: a PREFIX_ON_DEVICE row's prefix is read in the graph (`_resolve_lens`); the scheduler planned it
         # within the request's length limit, which the page table holds
         if any(r.input_ids or r.extend_len != q or not r.sample or r.prefix_len + q > limit
                or (r.prefix_len < 1 and r.prefix_len != PREFIX_ON_DEVICE) for r in rows):  # fmt: skip
+            if plan.dp_num_tokens:  # every other rank replays now: running this one eagerly would hang them
+                raise RuntimeError(f"step {plan.step_id}: the DP router said every rank's rows are verify rows of "
+                                   f"{self.num_steps} drafts, and this rank's are not: {rows}")
             return None
-        host = torch.empty((self.padded_size(n), 2), dtype=torch.int64, pin_memory=pinned)
+        host = torch.empty((size, 2), dtype=torch.int64, pin_memory=pinned)
         h = host.numpy()
         h[n:] = self.padding_row(self.scratch_slot)
         h[:n, 0] = [r.slot for r in rows]
@@ -169,8 +196,12 @@ class SpecGraphs:
             qo_indptr=self.d_qo[: bs + 1], seq_lens=self.d_seq_lens[:bs], prefix_lens=self.ones[:bs],
             page_table=self.d_table[:bs], logits_indices=self.d_rows[:bs],
             seq_lens_cpu=[2] * bs,  # a cached prefix: the absorbed form (the kernels read the device lengths)
-            extend_lens_cpu=[1] * bs, page_size=self.page_size,
+            extend_lens_cpu=[1] * bs, page_size=self.page_size, dp_num_tokens=self._dp_counts(bs),
         )  # fmt: skip
+
+    def _dp_counts(self, num_tokens: int) -> list[int] | None:
+        """Under DP attention every rank runs this size at once (padded): the MoE exchange's shapes."""
+        return [num_tokens] * self.dp_size if self.dp_size > 1 else None
 
     def _verify_batch(self, bs: int) -> ForwardBatch:
         q, t = self.query_len, bs * self.query_len
@@ -181,6 +212,7 @@ class SpecGraphs:
             # NOTE: the page table's capacity, not a real length: a kernel that picks its KV split count from
             # max_seq_len at capture picks it for the longest sequence a replay may bring.
             seq_lens_cpu=[self.max_pages * self.page_size] * bs, extend_lens_cpu=[q] * bs, page_size=self.page_size,
+            dp_num_tokens=self._dp_counts(t),
         )  # fmt: skip
 
     def _out_loc(self, table: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> None:

@@ -52,6 +52,7 @@ class PendingStep:
     grammar_accepted: bool = False
     deferred: DeferredSample | None = None  # set: forward queued, sampling waits for `ModelRunner.complete`
     prompt_top_k: int = 0  # width of the prompt logprobs' top tables (host["prompt_top_ids"]), 0: none
+    graphed: bool = False  # it replayed the captured graphs (decode or speculative), not an eager forward
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

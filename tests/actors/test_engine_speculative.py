@@ -154,6 +154,15 @@ def test_greedy_outputs_equal_those_without_speculation(model_path: str, caplog:
     assert metrics["num_verify_rows"] == sum(last.spec_verify_ct or 0 for _, last in spec)
     assert 1.0 <= metrics["spec_accept_length"] <= 4.0 and 0.0 <= metrics["spec_accept_rate"] <= 1.0
     assert "decode batch: #running-req" in caplog.text and "accept len" in caplog.text
+    assert "cuda graph: False" in caplog.text and metrics["num_graphed_steps"] == 0  # CPU: eager steps
+    # The graphs' bodies (--debug-eager-graphs) commit the same tokens
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="baleen.scheduler"):
+        graphed, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3,
+                                           debug_eager_graphs=True, decode_log_interval=2))  # fmt: skip
+    assert [ids for ids, _ in graphed] == [ids for ids, _ in plain]
+    assert 0 < metrics["num_graphed_steps"] < metrics["num_steps"]  # the prefills ran eagerly
+    assert re.search(r"cuda graph: (True|\d+/\d+ steps)", caplog.text)
     # The rank processes get the settings too
     spec_mp, _ = asyncio.run(run(speculative_algorithm="NEXTN", speculative_num_steps=2, multiprocess=True))
     assert [ids for ids, _ in spec_mp] == [ids for ids, _ in plain]

@@ -440,6 +440,12 @@ def test_flags_map_onto_engine_and_server_config() -> None:
     assert cli.server_config_from_args(_args([])).port == 30000
 
 
+def test_debug_eager_graphs_flag_runs_the_graph_paths_on_cpu() -> None:
+    ec = cli.engine_config_from_args(_args(["--debug-eager-graphs", "--cuda-graph-bs", "1", "4", "--device", "cpu"]))
+    assert ec.debug_eager_graphs and ec.cuda_graph_bs == (1, 4)  # sizes on CPU: only with the flag
+    assert not cli.engine_config_from_args(_args([])).debug_eager_graphs
+
+
 def test_enable_flashinfer_mla_flag_is_attention_backend_flashinfer() -> None:
     alias = cli.engine_config_from_args(_args(["--enable-flashinfer-mla"]))
     assert alias.attention_backend == "flashinfer"

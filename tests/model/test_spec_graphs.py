@@ -145,6 +145,32 @@ def test_which_steps_replay() -> None:
         assert g.step_rows_of(StepPlan(step_id=1, rows=other), pinned=False) is None
 
 
+def test_which_steps_replay_under_dp_attention() -> None:
+    """Under DP attention the plans' shared facts decide, never this rank's rows: a step replays on every rank, at the
+    size of the largest rank's verify rows, only when the router says every plan is plain verify rows
+    (`dp_all_verify`); an idle rank replays padding rows only; rows that contradict the router fail loudly (running
+    them eagerly would leave the other ranks waiting in the graphs' collectives)."""
+    runner = _runner(2, [1, 2, 4])
+    g = runner.spec_graphs
+    assert g is not None
+    g.dp_size = 2
+    pad = list(g.padding_row(g.scratch_slot))
+    verify = [SeqRow(0, 10, 3, b"", True)]
+
+    def rows_of(rows: list[SeqRow], counts: list[int], all_verify: bool = True) -> list[list[int]] | None:
+        plan = StepPlan(step_id=1, rows=rows, dp_num_tokens=counts, dp_all_verify=all_verify)
+        got = g.step_rows_of(plan, pinned=False)
+        return None if got is None else got.tolist()
+
+    assert rows_of(verify, [3, 9]) == [[0, 10], pad, pad, pad]  # the other rank has 3 rows: size 4 on both
+    assert rows_of([], [3, 6]) == [pad, pad]  # idle: padding only, at the busy rank's size
+    assert rows_of(verify, [3, 3]) == [[0, 10]]
+    assert rows_of(verify, [3, 9], all_verify=False) is None  # eager on every rank
+    assert rows_of(verify, [3, 15]) is None  # 5 rows on the other rank: above the largest size, eager on both
+    with pytest.raises(RuntimeError, match="the DP router said"):
+        rows_of([SeqRow(0, 10, 1, b"", True)], [1, 3])
+
+
 def test_padding_rows_write_only_the_padding_page() -> None:
     """A step of one request padded to 4: the cache pages nobody owns stay untouched (zeros), page 0 takes the
     padding rows' latents, and the request's pages equal the eager path's."""

@@ -67,6 +67,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # DP ranks with different verify rows (and idle ones) run the same MTP steps: the plan says how many
     "dp-attention2-speculative": dict(tp_size=2, dp_size=2, enable_dp_attention=True, speculative_algorithm="EAGLE",
                                       speculative_num_steps=3),
+    # the CUDA-graph paths (their bodies run eagerly on CPU): every DP rank replays one size at once, an idle one too
+    "dp-attention2-graphs": dict(tp_size=2, dp_size=2, enable_dp_attention=True, debug_eager_graphs=True),
+    "dp-attention2-speculative-graphs": dict(tp_size=2, dp_size=2, enable_dp_attention=True, debug_eager_graphs=True,
+                                             speculative_algorithm="EAGLE", speculative_num_steps=3),
 }
 
 
@@ -84,6 +88,8 @@ def test_layout_gives_the_single_rank_outputs(model_path: str, reference: list[l
                 per_rank = [engine.metrics[f"dp{d}_num_generated_tokens"] for d in range(2)]
                 assert min(per_rank) > 0  # both DP ranks served requests
                 assert sum(per_rank) == sum(n for _, n in PROMPTS) + PROMPTS[0][1]
+            if cfg.debug_eager_graphs:  # most steps are decode or verify steps of every rank: they replay
+                assert engine.metrics["num_graphed_steps"] > engine.metrics["num_steps"] / 2
             assert engine.healthy
 
     asyncio.run(main())

@@ -1,4 +1,5 @@
-"""GPU (2+ devices, NCCL): TP=2 with CUDA graphs and DP attention give the one-GPU greedy outputs on the tiny model.
+"""GPU (2+ devices, NCCL): TP=2 with CUDA graphs and DP attention (with MTP too) give the one-GPU greedy outputs on the
+tiny model.
 
 bf16 sums in another order can flip a near-tie, so this checks agreement, not identity (the CPU tests check
 identity in fp32). Set NCCL_NVLS_ENABLE=0 where NVLink multicast must stay off; children inherit it.
@@ -38,8 +39,10 @@ async def _generate(cfg: EngineConfig, prompts: list[list[int]]) -> list[list[in
 
 @pytest.mark.parametrize(
     "layout",
-    [dict(tp_size=2), dict(tp_size=2, ep_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)],
-    ids=["tp2", "tp2-ep2", "dp2"],
+    [dict(tp_size=2), dict(tp_size=2, ep_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True),
+     # every DP rank replays the captured draft loop, verify and draft-extend of one size (model/spec_graphs.py)
+     dict(tp_size=2, dp_size=2, enable_dp_attention=True, speculative_algorithm="EAGLE")],
+    ids=["tp2", "tp2-ep2", "dp2", "dp2-eagle"],
 )
 def test_two_gpus_agree_with_one(layout: dict[str, Any]) -> None:
     rng = random.Random(0)
