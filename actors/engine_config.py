@@ -260,7 +260,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         graph_max_bs = SPECULATIVE_MAX_RUNNING_REQUESTS  # as SGLang: more with --cuda-graph-bs / --cuda-graph-max-bs
     parallel = rank_layout(
         model_config, tp_size=config.tp_size, dp_size=config.dp_size, ep_size=config.ep_size, nnodes=config.nnodes,
-        node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention,
+        node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention, pad_uneven=not cuda,
     )  # fmt: skip
     if cuda and parallel.tp_size // config.nnodes > 1:
         import torch

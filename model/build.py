@@ -225,7 +225,8 @@ def build_runner(cfg: WorkerConfig, groups: ParallelGroups | None = None) -> Mod
     if cfg.parallel.tp_size > 1 and groups is None:
         raise ValueError("a rank of a multi-rank model needs its process groups: call init_distributed first")
     check_kv_cache_dtype(cfg.kv_cache_dtype, cfg.kv_cache_fp8_math)
-    model_config = ModelConfig.from_hf(cfg.model_path)
+    # uneven splits (CPU only: rank_layout refuses them elsewhere) serve zero-padded heads and widths
+    model_config = ModelConfig.from_hf(cfg.model_path).padded_for_tp(cfg.parallel)
     started = time.perf_counter()
     experts_method = None
     if device.type == "cuda":

@@ -40,6 +40,19 @@ def yarn_mscale(scale: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1.0 else 1.0
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class TpPadding:
+    """The checkpoint's sizes of a model padded for uneven tensor parallelism (`ModelConfig.padded_for_tp`)."""
+
+    num_attention_heads: int
+    intermediate_size: int
+    moe_intermediate_size: int
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Block-wise FP8 (e4m3) weights with one `weight_scale_inv` per block."""
@@ -91,6 +104,8 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
+    # Set by `padded_for_tp`: the checkpoint's own sizes, where this config's were zero-padded for uneven TP
+    tp_padded_from: TpPadding | None = None
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -146,6 +161,32 @@ class ModelConfig:
 
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+    def padded_for_tp(self, parallel: ParallelConfig) -> ModelConfig:
+        """This config with its attention heads a multiple of the ranks that split attention (tp_size / dp_size)
+        and its dense and MoE intermediate widths a multiple of tp_size, where they are not, padded with zero
+        weights (the loader pads the checkpoint's tensors, model/loader.py `pad_weights`); itself where every split
+        is exact.
+
+        As SGLang does on CPU (e.g. --tp 6 on a Xeon with 6 NUMA nodes: DeepSeek-V3's 128 heads become 132, its
+        moe_intermediate_size 2048 becomes 2064). A zero head's query is zero and its o_proj columns are zero, so it
+        adds nothing; a zero intermediate row gives silu(0) * 0 = 0 into zero down_proj columns. The outputs are
+        the unpadded model's. Only dense weights are padded (FP8 checkpoints are dequantized where this runs)."""
+        tp = parallel.tp_size
+        heads = _round_up(self.num_attention_heads, tp // parallel.dp_size)
+        # widths: a multiple of tp_size (the routed experts split over tp / ep ranks, the shared ones over tp), and
+        # each rank's share a multiple of 8 elements (the grouped GEMMs of the MoE want 16-byte strides)
+        inter = self.intermediate_size if self.intermediate_size % tp == 0 else _round_up(self.intermediate_size, 8 * tp)
+        moe = self.moe_intermediate_size
+        if self.n_routed_experts and moe % tp:
+            moe = _round_up(moe, 8 * tp)
+        if (heads, inter, moe) == (self.num_attention_heads, self.intermediate_size, self.moe_intermediate_size):
+            return self
+        if self.tp_padded_from is not None:
+            raise ValueError("padded_for_tp of a config padded already")
+        return replace(self, num_attention_heads=heads, intermediate_size=inter, moe_intermediate_size=moe,
+                       tp_padded_from=TpPadding(self.num_attention_heads, self.intermediate_size,
+                                                self.moe_intermediate_size))  # fmt: skip
 
     # ---- parsing --------------------------------------------------------------------------------
     @classmethod

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -188,6 +188,60 @@ class DequantSource:
             )
         dense = block_dequant(w, self.scale[rb0:rb1, cb0:cb1], self.block, self.dtype)
         return dense[r0 - rb0 * bn : r1 - rb0 * bn, c0 - cb0 * bk : c1 - cb0 * bk]
+
+
+class ZeroPadded:
+    """A checkpoint tensor seen at a larger shape (`ModelConfig.padded_for_tp`): what lies past its own extent in
+    any dimension reads as zeros."""
+
+    def __init__(self, name: str, source: TensorSource, shape: tuple[int, ...]) -> None:
+        if len(shape) != len(source.shape) or any(s < n for s, n in zip(shape, source.shape)):
+            raise ValueError(f"checkpoint tensor {name!r} of shape {tuple(source.shape)} cannot be padded to {shape}")
+        self.source = source
+        self.shape = shape
+        self.dtype = source.dtype
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        ranges = _ranges(index, self.shape)
+        out = torch.zeros([b - a for a, b in ranges], dtype=self.dtype)
+        real = [(a, min(b, n)) for (a, b), n in zip(ranges, self.source.shape)]
+        if all(b > a for a, b in real):
+            out[tuple(slice(0, b - a) for a, b in real)] = self.source[tuple(slice(a, b) for a, b in real)]
+        return out
+
+
+# checkpoint name -> (the dimension padded, the `TpPadding` size it is a multiple of)
+_TP_PADDED = (
+    (re.compile(r".*\.self_attn\.(q_b_proj|q_proj|kv_b_proj)\.weight"), 0, "num_attention_heads"),
+    (re.compile(r".*\.self_attn\.o_proj\.weight"), 1, "num_attention_heads"),
+    (re.compile(r".*\.mlp\.(gate_proj|up_proj)\.weight"), 0, "intermediate_size"),
+    (re.compile(r".*\.mlp\.down_proj\.weight"), 1, "intermediate_size"),
+    (re.compile(r".*\.mlp\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj)\.weight"), 0, "moe_intermediate_size"),
+    (re.compile(r".*\.mlp\.(experts\.\d+|shared_experts)\.down_proj\.weight"), 1, "moe_intermediate_size"),
+)
+
+
+def pad_weights(weights: Iterable[tuple[str, TensorSource]], config: ModelConfig) -> Iterator[tuple[str, TensorSource]]:
+    """The checkpoint's tensors at the shapes of a model padded for uneven TP (`ModelConfig.padded_for_tp`): heads
+    appended after the last one (the projections are head-major), intermediate rows / columns after the last; the
+    rest unchanged. Every padded dimension is a whole number of its units (a head's rows, a shared expert's width)."""
+    padded_from = config.tp_padded_from
+    for name, tensor in weights:
+        if padded_from is not None:
+            for pattern, dim, field_name in _TP_PADDED:
+                if not pattern.fullmatch(name):
+                    continue
+                orig, new = getattr(padded_from, field_name), getattr(config, field_name)
+                size = tensor.shape[dim]
+                if size % orig:
+                    raise ValueError(f"checkpoint tensor {name!r}: dimension {dim} of {tuple(tensor.shape)} is not a "
+                                     f"multiple of {field_name}={orig}")
+                if orig != new:
+                    shape = list(tensor.shape)
+                    shape[dim] = size // orig * new
+                    tensor = ZeroPadded(name, tensor, tuple(shape))
+                break
+        yield name, tensor
 
 
 _KV_SCALE_RE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(?:k_scale|v_scale|kv_scale)")
@@ -355,7 +409,7 @@ def load_model(
             dequant = model_config.quant is None and config.quant is not None
             block = config.quant.weight_block_size if config.quant is not None else (128, 128)
             materialize(model, device)
-            loaded = model.load_weights(ckpt.weights(main_names, dequant, block, dtype, bar))
+            loaded = model.load_weights(pad_weights(ckpt.weights(main_names, dequant, block, dtype, bar), config))
             check_complete(model, loaded)
             if mtp is not None:
                 _fill_mtp(mtp, ckpt, _mtp_prefix(config), model, device, dequant, block, dtype, bar)
@@ -390,7 +444,7 @@ def _fill_mtp(mtp: DeepseekMTP, ckpt: Checkpoint, prefix: str, target: DeepseekV
     if "shared_head.head.weight" in shared:
         mtp.share_head(target.lm_head)
     materialize(mtp, device)
-    weights = ckpt.weights(names, dequant, block, dtype, bar)
+    weights = pad_weights(ckpt.weights(names, dequant, block, dtype, bar), mtp.config)
     loaded = mtp.load_weights((mtp.prefix + name.removeprefix(prefix), t) for name, t in weights)
     loaded.update(shared)
     check_complete(mtp, loaded, lambda name: prefix + mtp.checkpoint_name(name).removeprefix(mtp.prefix))
@@ -424,7 +478,7 @@ def load_mtp(
     _check_load_format(load_format)
     if path is None:
         raise ValueError("load_mtp needs the draft checkpoint's path (its config.json gives the layer's shapes)")
-    draft = ModelConfig.from_hf(path)
+    draft = ModelConfig.from_hf(path).padded_for_tp(parallel)  # as the target's (model/build.py)
     misfits = config.draft_misfits(draft)
     if misfits:
         raise ValueError(f"the draft model at {path} does not fit the target: {', '.join(misfits)}")

@@ -14,6 +14,7 @@ path never touches torch.distributed.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from baleen.model.config import ModelConfig, ParallelConfig
+
+log = logging.getLogger("baleen.parallel")
 
 DEFAULT_DIST_TIMEOUT_S = 1800.0  # long enough for a slow first load of 700 GB of weights
 
@@ -64,8 +67,12 @@ def rank_layout(
     nnodes: int = 1,
     node_rank: int = 0,
     enable_dp_attention: bool = False,
+    pad_uneven: bool = False,
 ) -> ParallelConfig:
-    """Rank 0's ParallelConfig from --tp/--dp/--ep-size/--nnodes, checked with messages that name the flags."""
+    """Rank 0's ParallelConfig from --tp/--dp/--ep-size/--nnodes, checked with messages that name the flags.
+
+    `pad_uneven` (CPU serving, as SGLang): attention heads and MLP widths that the ranks do not divide are
+    zero-padded (`ModelConfig.padded_for_tp`) instead of refused."""
     tp, dp, ep = tp_size, dp_size, ep_size
     if min(tp, dp, ep, nnodes) < 1:
         raise ValueError(f"--tp, --dp, --ep-size and --nnodes must be >= 1, got {tp}, {dp}, {ep}, {nnodes}")
@@ -82,10 +89,11 @@ def rank_layout(
         raise ValueError(f"--enable-dp-attention needs --tp ({tp}) to be a multiple of --dp ({dp})")
     if tp % ep:
         raise ValueError(f"--ep-size {ep} must divide --tp {tp}")
-    if model.num_attention_heads % (tp // dp):
+    uneven = "; choose sizes that divide it (on CPU such splits are zero-padded, as SGLang does)"
+    if model.num_attention_heads % (tp // dp) and not pad_uneven:
         raise ValueError(
             f"the model's {model.num_attention_heads} attention heads cannot be split over {tp // dp} ranks "
-            f"(--tp {tp} / --dp {dp}); choose sizes that divide it"
+            f"(--tp {tp} / --dp {dp}){uneven}"
         )
     if model.n_routed_experts is not None and model.n_routed_experts % ep:
         raise ValueError(f"the model's {model.n_routed_experts} routed experts cannot be split over --ep-size {ep}")
@@ -98,12 +106,18 @@ def rank_layout(
         if model.n_shared_experts:
             widths.append(("n_shared_experts x moe_intermediate_size", model.n_shared_experts * model.moe_intermediate_size, tp))
     for field, size, ranks in widths:
-        if size % ranks:
+        if size % ranks and not pad_uneven:
             raise ValueError(
-                f"the model's {field}={size} cannot be split over {ranks} ranks (--tp {tp}, --ep-size {ep}); "
-                "choose sizes that divide it"
+                f"the model's {field}={size} cannot be split over {ranks} ranks (--tp {tp}, --ep-size {ep}){uneven}"
             )
-    return ParallelConfig(tp_size=tp, ep_size=ep, dp_size=dp)
+    parallel = ParallelConfig(tp_size=tp, ep_size=ep, dp_size=dp)
+    padded = model.padded_for_tp(parallel) if pad_uneven else model
+    if padded is not model:
+        log.info("--tp %d: attention heads %d -> %d, intermediate sizes %d -> %d (dense), %d -> %d (MoE), zero-padded "
+                 "so that every rank gets an equal share", tp, model.num_attention_heads, padded.num_attention_heads,
+                 model.intermediate_size, padded.intermediate_size, model.moe_intermediate_size,
+                 padded.moe_intermediate_size)  # fmt: skip
+    return parallel
 
 
 def dist_init(addr: str | None, timeout_s: float | None, nnodes: int = 1) -> DistInit:

@@ -158,3 +158,18 @@ def test_engine_config_values_no_start_up_serves_are_refused(flags: dict[str, An
 def test_rank_layout_names_the_field_that_does_not_split(changes: dict[str, Any], flags: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         rank_layout(config(**changes), **flags)
+    if "routed experts" not in field:  # on CPU those are zero-padded instead (SGLang's --tp 6 on a Xeon)
+        assert rank_layout(config(**changes), **flags, pad_uneven=True).tp_size == flags["tp_size"]
+
+
+def test_deepseek_v3_at_tp6_pads_heads_and_moe_width() -> None:
+    """The seeds' CPU command (--tp 6): 128 heads -> 132 (22 a rank), moe_intermediate_size 2048 -> 2064 (344 a rank,
+    16-byte rows), the dense 18432 splits exactly; at --tp 8 nothing changes."""
+    v3 = ModelConfig.from_dict(preset("v3-full", fp8=True))
+    with pytest.raises(ValueError, match="on CPU such splits are zero-padded"):
+        rank_layout(v3, tp_size=6)
+    parallel = rank_layout(v3, tp_size=6, pad_uneven=True)
+    padded = v3.padded_for_tp(parallel)
+    assert (padded.num_attention_heads, padded.moe_intermediate_size, padded.intermediate_size) == (132, 2064, 18432)
+    assert padded.tp_padded_from is not None and padded.tp_padded_from.num_attention_heads == 128
+    assert v3.padded_for_tp(ParallelConfig(tp_size=8)) is v3

@@ -61,6 +61,8 @@ def reference(model_path: str) -> list[list[int]]:
 LAYOUTS: dict[str, dict[str, Any]] = {
     "tp2": dict(tp_size=2),
     "tp2-ep2": dict(tp_size=2, ep_size=2),
+    # 4 heads and widths 320 / 64 over 3 ranks: zero-padded on CPU (SGLang's --tp 6 on a 6-node Xeon)
+    "tp3-padded": dict(tp_size=3),
     "dp-attention2": dict(tp_size=2, dp_size=2, enable_dp_attention=True),
     # every rank drafts and verifies the same rows: the committed tokens agree (check_rank_sampling)
     "tp2-speculative": dict(tp_size=2, speculative_algorithm="EAGLE", speculative_num_steps=2),

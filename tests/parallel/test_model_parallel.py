@@ -123,14 +123,18 @@ def on_threads(fns: list[Callable[[], Any]]) -> list[Any]:
 
 @pytest.mark.parametrize(
     ("tp", "dp", "ep"),
-    [(4, 1, 1), (4, 1, 4), (4, 2, 2), (4, 4, 1)],
-    ids=["tp4", "tp4-ep4", "dp2-of-2-ranks-ep2", "dp4-one-idle"],
+    [(4, 1, 1), (4, 1, 4), (4, 2, 2), (4, 4, 1), (3, 1, 1), (3, 3, 1)],
+    ids=["tp4", "tp4-ep4", "dp2-of-2-ranks-ep2", "dp4-one-idle", "tp3-padded", "dp3-widths-padded"],
 )
 def test_sharded_ranks_match_one_rank(checkpoint: tuple[str, ModelConfig], tp: int, dp: int, ep: int) -> None:
+    """tp3: the tiny model's 4 heads, 320 and 64 intermediate widths split over 3 ranks zero-padded (6 heads, 336,
+    72: `ModelConfig.padded_for_tp`), the outputs the unpadded model's."""
     path, config = checkpoint
     single = load_model(path, config, progress=False)
     groups = thread_groups(tp, dp, ep)
-    models = [load_model(path, config, parallel=g.parallel, groups=g, progress=False) for g in groups]
+    padded = config.padded_for_tp(groups[0].parallel)
+    assert (padded is config) == (tp == 4)
+    models = [load_model(path, padded, parallel=g.parallel, groups=g, progress=False) for g in groups]
     # DP group d serves seqs_of[d]; with dp=4 the last DP rank has nothing (it still joins every MLP).
     seqs_of = [SEQS[d::dp] for d in range(dp)]
     if dp == 4:
@@ -146,6 +150,26 @@ def test_sharded_ranks_match_one_rank(checkpoint: tuple[str, ModelConfig], tp: i
         torch.testing.assert_close(decode, want_decode, rtol=1e-4, atol=1e-4)
     if dp == 4:
         assert outs[3][0].shape[0] == 0 and outs[3][1].shape[0] == 0  # the idle rank ran 0 tokens
+
+
+def test_padded_ranks_of_an_fp8_checkpoint_match_one_rank(tmp_path: Any) -> None:
+    """An FP8 checkpoint over 3 ranks on CPU: each rank's shard of a padded tensor is read dequantized, zeros past the
+    checkpoint's extent (model/loader.py `ZeroPadded` over `DequantSource`)."""
+    from baleen.model.make_model import make_model
+
+    path = str(make_model(tmp_path / "fp8", "tiny", fp8=True, progress=False))
+    config = ModelConfig.from_hf(path)
+    assert config.quant is not None
+    single = load_model(path, config, progress=False)
+    groups = thread_groups(3)
+    padded = config.padded_for_tp(groups[0].parallel)
+    models = [load_model(path, padded, parallel=g.parallel, groups=g, progress=False) for g in groups]
+    assert models[2].model.layers[0].self_attn.num_heads == 2  # heads 4 and 5 of 6: one real, one zero
+    outs = on_threads([partial(run_seqs, m, SEQS, None) for m in models])
+    want_prefill, want_decode = run_seqs(single, SEQS, None)
+    for prefill, decode in outs:
+        torch.testing.assert_close(prefill, want_prefill, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decode, want_decode, rtol=1e-4, atol=1e-4)
 
 
 def test_dp_exchange_pads_gathers_and_scatters_by_plan_shapes() -> None:
