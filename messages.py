@@ -204,10 +204,12 @@ class StepPlan(msgspec.Struct, tag=True, kw_only=True):
     # same padded size: model/runner.py `dp_graph_size`).
     dp_num_tokens: list[int] = []
     dp_all_decode: bool = False
-    # ... and under speculative decoding, whether every one of those plans is verify rows of the full k drafts of
-    # requests without a grammar, or empty (then every rank replays the captured verify step of one padded size:
-    # model/spec_graphs.py `dp_size_of`).
+    # ... and under speculative decoding, whether every one of those plans is verify rows of the full k drafts, or
+    # empty (then every rank replays the captured verify step of one padded size: model/spec_graphs.py `dp_size_of`),
+    # and whether some of those rows take their drafts under a grammar (then every rank runs the draft loop eagerly,
+    # the grammar's masks need the host, and replays the verify and draft-extend graphs).
     dp_all_verify: bool = False
+    dp_grammar_drafts: bool = False
     # ... and under speculative decoding, for each draft step s = 1, 2, ... (d2, d3, ... of the verify rows), every
     # DP rank's number of verify rows that draft at that step: every rank runs as many MTP steps, idle ones too.
     dp_draft_rows: list[list[int]] = []

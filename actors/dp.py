@@ -116,13 +116,15 @@ class DPRouter:
         # decode rows only: one token over a cached prefix (a one-token prompt's first chunk is not one)
         all_decode = all(r.extend_len == 1 and r.prefix_len >= 1 for p in subs if p is not None for r in p.rows)
         drafts = draft_rows_per_step([[] if p is None else p.rows for p in subs])
-        all_verify = all(p is None or s.is_plain_verify(p) for s, p in zip(self.schedulers, subs))
+        kinds = [(True, False) if p is None else s.verify_kind(p) for s, p in zip(self.schedulers, subs)]
+        all_verify = all(full for full, _ in kinds)
+        grammar = all_verify and any(has_grammar for _, has_grammar in kinds)
         return [
             msgspec.structs.replace(p, step_id=g * n + d, dp_num_tokens=counts, dp_all_decode=all_decode,
-                                    dp_draft_rows=drafts, dp_all_verify=all_verify)
+                                    dp_draft_rows=drafts, dp_all_verify=all_verify, dp_grammar_drafts=grammar)
             if p is not None
             else StepPlan(step_id=g * n + d, rows=[], dp_num_tokens=counts, dp_all_decode=all_decode,
-                          dp_draft_rows=drafts, dp_all_verify=all_verify)
+                          dp_draft_rows=drafts, dp_all_verify=all_verify, dp_grammar_drafts=grammar)
             for d, p in enumerate(subs)
         ]  # fmt: skip
 

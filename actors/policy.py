@@ -158,15 +158,16 @@ class Scheduler:
         self._inflight.append(InFlight(b.step_id, b.sampled, b.drafts, b.writes, b.prompt_rows))
         return plan
 
-    def is_plain_verify(self, plan: StepPlan) -> bool:
-        """Whether `plan`, the last this scheduler made, is verify rows of the full k drafts only, of requests without
-        a grammar: under DP attention the router lets every rank replay the captured verify step when each rank's
-        plan is one (`StepPlan.dp_all_verify`). Requests with a custom processor carry no drafts."""
+    def verify_kind(self, plan: StepPlan) -> tuple[bool, bool]:
+        """Of `plan`, the last this scheduler made: whether it is verify rows of the full k drafts only (requests with a
+        custom processor carry none), and whether one of them is a grammar's. Under DP attention every rank replays
+        the captured verify step when each rank's plan is the first (`StepPlan.dp_all_verify`), drafting eagerly
+        when some rank's holds the second (`StepPlan.dp_grammar_drafts`)."""
         step = self._inflight[-1]
         assert step.step_id == plan.step_id, "only the plan just made"
         k = self.config.speculative_num_steps
-        return (k > 0 and len(step.sampled) == len(plan.rows) and all(d == k for d in step.drafts)
-                and all(req.sampling.grammar is None for req in step.sampled))  # fmt: skip
+        full = k > 0 and len(step.sampled) == len(plan.rows) and all(d == k for d in step.drafts)
+        return full, full and any(req.sampling.grammar is not None for req in step.sampled)
 
     def _schedule_decodes(self, b: PlanBuilder) -> None:
         for req in list(self.running):  # oldest first: the newest are the preemption victims

@@ -171,7 +171,8 @@ class ModelConfig:
         As SGLang does on CPU (e.g. --tp 6 on a Xeon with 6 NUMA nodes: DeepSeek-V3's 128 heads become 132, its
         moe_intermediate_size 2048 becomes 2064). A zero head's query is zero and its o_proj columns are zero, so it
         adds nothing; a zero intermediate row gives silu(0) * 0 = 0 into zero down_proj columns. The outputs are
-        the unpadded model's. Only dense weights are padded (FP8 checkpoints are dequantized where this runs)."""
+        the unpadded model's. Only dense weights are padded (FP8 checkpoints are dequantized where this runs).
+        NOTE: `--load-format dummy` draws random weights for the padding too: another random model than tp 1's."""
         tp = parallel.tp_size
         heads = _round_up(self.num_attention_heads, tp // parallel.dp_size)
         # widths: a multiple of tp_size (the routed experts split over tp / ep ranks, the shared ones over tp), and

@@ -403,7 +403,8 @@ class ModelRunner:
         """A step with the MTP drafter (model/speculative.py): drafts for the verify rows, the target forward over
         every row, every verify token sampled, the accepted ones committed, then the draft-extend.
 
-        NOTE: eager and sampled at once (no CUDA graphs, no deferred sampling yet). A row with a custom logit
+        A step whose every row is a verify row of k drafts replays the captured graphs (`_launch_spec_graphed`); any
+        other runs eagerly here. NOTE: sampled at once (no deferred sampling yet). A row with a custom logit
         processor never carries drafts; a grammar row's drafts are taken under its grammar (`_draft`), and its masks
         wait for the previous step's tokens here, and for its drafts (each verify row is masked as its matcher stands
         after the drafts before it; the draft loop filled all but each request's last, `_draft`)."""
@@ -411,7 +412,7 @@ class ModelRunner:
 
         if self.spec_graphs is not None:
             rows = self.spec_graphs.step_rows_of(plan, self._pinned)
-            graphed = self._launch_spec_graphed(plan, started, rows, self.spec_graphs) if rows is not None else None
+            graphed = self._launch_spec_graphed(plan, started, rows, self.spec_graphs, drafter) if rows is not None else None
             if graphed is not None:
                 return graphed
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
@@ -433,73 +434,95 @@ class ModelRunner:
             drafter.extend(batch, hidden, empty, empty, empty, self.kv_cache, self.attn)
             self._record(step)
             return step
-        layout = verify_layout(plan, drafter.tokens, self.device)
-        step.grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
-        drafts: list[int] | None = None  # the draft each grammar row checks, for its mask (host)
-        known: list[torch.Tensor | None] | None = None  # each grammar row's mask where the draft loop filled it
-        if layout.has_drafts:
-            drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
-            if drafted & self.slot_procs.keys():
-                raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
-                                 "without drafts")
-            if step.grammar_rows:  # the draft each row checks, from the host copy (the forward need not finish)
-                drafts, known = [], []
-                for j, _ in step.grammar_rows:
-                    r = int(np.searchsorted(layout.starts, j, side="right")) - 1
-                    at, ds = j - int(layout.starts[r]), grammar_drafts.get(sampled_slots[j])
-                    drafts.append(ds[at] if ds is not None and at < layout.counts[r] - 1 else -1)
-                    masks = walked.get(sampled_slots[j], [])
-                    known.append(masks[at] if at < len(masks) else None)
+        drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
+        if drafted & self.slot_procs.keys():
+            raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
+                             "without drafts")
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        mask = self._token_mask(step.grammar_rows, errors, drafts, known) if step.grammar_rows else None
-        flags = self.sampler.state.flags(sampled_slots)
-        step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, mask, layout.ahead)
+        layout = verify_layout(plan, drafter.tokens, self.device)
         # each sampled row's latents before its first logits row's token: its end less its logits rows
         base = np.fromiter((r.prefix_len + r.extend_len for r in plan.rows if r.sample), dtype=np.int64) - layout.counts
-        last = self._commit_accepted(tokens, sample_slots, flags, layout, host, self._to_device(base))
+        tokens, last = self._sample_verify(step, layout, logits, sample_slots, self.sampler.state.flags(sampled_slots),
+                                           grammar_drafts, walked, self._to_device(base))  # fmt: skip
         drafter.extend(batch, hidden, tokens, last, sample_slots[last], self.kv_cache, self.attn)
         self._record(step)
         if step.grammar_rows:
             self._unaccepted = step
         return step
 
-    def _launch_spec_graphed(self, plan: StepPlan, started: float, rows: torch.Tensor,
-                             g: SpecGraphs) -> PendingStep | None:  # fmt: skip
+    def _sample_verify(self, step: PendingStep, layout: VerifyLayout, logits: torch.Tensor, sample_slots: torch.Tensor,
+                       flags: BatchFlags, grammar_drafts: dict[int, list[int]], walked: dict[int, list[torch.Tensor]],
+                       base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Sample a speculative step's every logits row (grammar rows under their masks, walked over the drafts before
+        each: `_draft`'s drafts and masks), accept, commit (`_commit_accepted`; `base` each sampled row's latents
+        before its first logits row). Returns (the samples [num_logits_rows], each row's last committed logits row);
+        the step's grammar rows, top-k width, host copies and errors are set on `step`."""
+        sampled_slots = step.sampled_slots
+        step.grammar_rows = self.grammars.rows(sampled_slots) if self.grammars else []
+        drafts: list[int] | None = None  # the draft each grammar row checks, for its mask (host)
+        known: list[torch.Tensor | None] | None = None  # each grammar row's mask where the draft loop filled it
+        if layout.has_drafts and step.grammar_rows:  # the draft each row checks, from the host copy of the drafts
+            drafts, known = [], []
+            for j, _ in step.grammar_rows:
+                r = int(np.searchsorted(layout.starts, j, side="right")) - 1
+                at, ds = j - int(layout.starts[r]), grammar_drafts.get(sampled_slots[j])
+                drafts.append(ds[at] if ds is not None and at < layout.counts[r] - 1 else -1)
+                masks = walked.get(sampled_slots[j], [])
+                known.append(masks[at] if at < len(masks) else None)
+        mask = self._token_mask(step.grammar_rows, step.errors, drafts, known) if step.grammar_rows else None
+        step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, step.host, step.errors, mask,
+                                          layout.ahead)  # fmt: skip
+        last = self._commit_accepted(tokens, sample_slots, flags, layout, step.host, base)
+        return tokens, last
+
+    def _launch_spec_graphed(self, plan: StepPlan, started: float, rows: torch.Tensor, g: SpecGraphs,
+                             drafter: MtpDrafter) -> PendingStep | None:  # fmt: skip
         """`_launch_speculative` on the captured graphs (every row a verify row of k drafts, `rows` its host rows);
-        None for a step the eager path must see (a constrained row with drafts: it refuses it)."""
+        None for a step the eager path must run (a row of a request with a custom processor: it never has drafts).
+
+        A step with a grammar's rows (under DP attention: on any rank, `dp_grammar_drafts`) drafts eagerly under the
+        grammars' masks (`_draft`), replays the verify graph over those drafts, samples under the masks walked over
+        them, and replays the draft-extend: only the MTP draft steps run eagerly, not the target's verify forward."""
         from baleen.model.speculative import verify_layout
 
         slots = [r.slot for r in plan.rows]
-        if self.slot_procs.keys() & set(slots) or (self.grammars is not None and self.grammars.rows(slots)):
+        if self.slot_procs.keys() & set(slots):
             if plan.dp_num_tokens:  # every other rank replays now: running this one eagerly would hang them
-                raise RuntimeError(f"step {plan.step_id}: the DP router planned a graphed verify step over a row with "
-                                   "a grammar or a custom logit processor")
+                raise RuntimeError(f"step {plan.step_id}: the DP router planned a graphed verify step over a row of a "
+                                   "request with a custom logit processor")
             return None
+        grammar = self.grammars is not None and bool(self.grammars.rows(slots))
+        draft_eagerly = plan.dp_grammar_drafts if plan.dp_num_tokens else grammar
+        if grammar and not draft_eagerly:
+            raise RuntimeError(f"step {plan.step_id}: the DP router planned the graphed draft loop over a grammar's row")
         n, q, bs = len(slots), g.query_len, rows.shape[0]
         sampled_slots = [s for s in slots for _ in range(q)]  # every token of a verify row is a logits row
         flags = self.sampler.state.flags(sampled_slots)
-        host: dict[str, torch.Tensor] = {}
-        errors: list[tuple[int, str]] = []
-        step = PendingStep(plan.step_id, len(sampled_slots), host, None, 0, started, sampled_slots, errors,
-                           graphed=True)
-        logits = g.draft_and_verify(rows, n)
-        if flags.plain_greedy:
-            tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
-            host["token_ids"] = to_host(tokens)
-            g.extend(bs)
+        step = PendingStep(plan.step_id, len(sampled_slots), {}, None, 0, started, sampled_slots, [], graphed=True)
+        grammar_drafts: dict[int, list[int]] = {}
+        walked: dict[int, list[torch.Tensor]] = {}
+        if draft_eagerly:
+            plan = drafter.resolve(plan)  # the draft loop's positions: a prefix only the device knew is read here
+            grammar_drafts, walked = self._draft(plan, drafter)
+            rows[:n, 1] = torch.tensor([r.prefix_len for r in plan.rows], dtype=torch.int64)
+            logits = g.verify(rows, n)
         else:
-            assert self.drafter is not None
-            layout = verify_layout(plan, self.drafter.tokens, self.device)
-            sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
-            step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, host, errors, None,
-                                              layout.ahead)  # fmt: skip
-            last = self._commit_accepted(tokens, sample_slots, flags, layout, host, g.step_rows[:n, 1])
-            g.extend(bs, tokens.to(torch.int64), last)
+            logits = g.draft_and_verify(rows, n)
+        if flags.plain_greedy and not grammar:
+            tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
+            step.host["token_ids"] = to_host(tokens)
+            step.host["keep"] = to_host(keep)
+            step.host["num_tokens"] = to_host(num_tokens.to(torch.int32))
+            g.extend(bs)
             self._record(step)
             return step
-        host["keep"] = to_host(keep)
-        host["num_tokens"] = to_host(num_tokens.to(torch.int32))
+        sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
+        tokens, last = self._sample_verify(step, verify_layout(plan, drafter.tokens, self.device), logits,
+                                           sample_slots, flags, grammar_drafts, walked, g.step_rows[:n, 1])  # fmt: skip
+        g.extend(bs, tokens.to(torch.int64), last)
         self._record(step)
+        if step.grammar_rows:
+            self._unaccepted = step
         return step
 
     PROMPT_LOGPROB_ROWS = 1024  # positions a logits block of the prompt logprobs holds ([rows, vocab] float32)

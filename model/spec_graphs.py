@@ -14,6 +14,9 @@ the drafter's):
    path does;
 4. extend: the draft-extend of `MtpDrafter.extend` over the same tokens, fed the samples; each row's last
    committed token's MTP hidden state drafts its next d1.
+A step with a grammar's verify rows runs the draft loop eagerly instead (`MtpDrafter.draft` under the grammars'
+masks, which only the host's matchers can walk), then replays the verify graph (`verify`), samples under the
+grammars' masks eagerly, and replays the draft-extend.
 Padding rows are `padding_row`s: the scratch slot (its page table is all padding page 0, its drafter row and
 token entry belong to no request), so they write nothing a request owns. Every other step runs eagerly.
 
@@ -383,12 +386,24 @@ class SpecGraphs:
     def draft_and_verify(self, rows: torch.Tensor, n: int) -> torch.Tensor:
         """Copy the step rows [padded_size(n), 2] int64 (pinned host, `step_rows_of`) in, replay the draft loop
         and the verify forward -> logits [n * (k + 1), vocab] (float32, on the device)."""
+        bs = self._load_rows(rows)
+        self.draft_graphs[bs].replay()
+        return self._replay_verify(bs, n)
+
+    def verify(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """`draft_and_verify` after a draft loop run eagerly (`MtpDrafter.draft`: a step whose drafts some grammar
+        masks, which only the host can walk): the verify forward alone over the drafts it left."""
+        return self._replay_verify(self._load_rows(rows), n)
+
+    def _load_rows(self, rows: torch.Tensor) -> int:
         bs = rows.shape[0]
         self.step_rows[:bs].copy_(rows, non_blocking=True)  # the step's one host->device transfer
         if self.eager:  # plan with real lengths: read the unknown ones now
             lens = self.drafter.lens.cpu()[rows[:, 0]]
             self._host_rows = torch.stack([rows[:, 0], torch.where(rows[:, 1] >= 0, rows[:, 1], lens)], 1).numpy()
-        self.draft_graphs[bs].replay()
+        return bs
+
+    def _replay_verify(self, bs: int, n: int) -> torch.Tensor:
         graph, _, logits = self.verify_graphs[bs]
         graph.replay()
         return logits[: n * self.query_len]

@@ -234,6 +234,13 @@ def test_the_trained_model_under_a_grammar_gives_the_tokens_it_gives_without_spe
     grammar_tokens = [last.completion_tokens for _, _, last, _ in spec[:4]]
     assert all(grammar_rows) and sum(grammar_tokens) >= 1.7 * sum(grammar_rows), (grammar_tokens, grammar_rows)
     assert metrics["num_used_pages"] == metrics["num_cached_pages"]  # nothing but the radix cache holds pages
+    # The graphs' bodies (--debug-eager-graphs): a step with a grammar's rows drafts eagerly under the masks, then
+    # replays the verify and draft-extend graphs; the same tokens
+    graphed, metrics = asyncio.run(_run_cases(path, cases, speculative_algorithm="EAGLE", speculative_num_steps=3,
+                                              debug_eager_graphs=True))  # fmt: skip
+    assert [x[:2] for x in graphed] == [x[:2] for x in plain]
+    assert metrics["num_graphed_steps"] >= 0.8 * metrics["num_steps"]  # all but the prefills (25 of 27 when written)
+    assert draft_checks["rejected"] == 0
 
 
 async def _collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[int], str, RequestOutput, list]:
@@ -313,3 +320,8 @@ def test_preemption_with_two_verify_rows_in_flight_gives_the_plain_tokens() -> N
     assert spec == plain and all(len(ids) == 320 for ids in spec)
     assert metrics["num_preemptions"] > 0 and metrics["spec_accept_length"] > 1.2
     assert metrics["num_used_pages"] == metrics["num_cached_pages"]  # nothing but the radix cache holds pages
+    # the same through the graphs' bodies (--debug-eager-graphs): preempted and recomputed requests replay them too
+    graphed, metrics = asyncio.run(run(speculative_algorithm="EAGLE", speculative_num_steps=3, max_total_tokens=640,
+                                       debug_eager_graphs=True))  # fmt: skip
+    assert graphed == plain and metrics["num_preemptions"] > 0 and metrics["num_graphed_steps"] > 0
+    assert metrics["num_used_pages"] == metrics["num_cached_pages"]

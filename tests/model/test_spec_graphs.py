@@ -109,6 +109,32 @@ def test_graphed_steps_read_a_prefix_only_the_device_knows(temperature: float) -
     assert len(graphed.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
 
 
+def _grammar_params(temperature: float) -> list[SamplingParams]:
+    from baleen.messages import GrammarSpec
+
+    words = GrammarSpec("regex", r"[a-z ,.]{30,300}")
+    return [SamplingParams(temperature=temperature, seed=i, max_new_tokens=24, grammar=words if i != 1 else None)
+            for i in range(3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grammar_steps_draft_eagerly_and_replay_the_verify(temperature: float) -> None:
+    """Two grammars' requests beside a plain one: every step drafts eagerly under the masks, then replays the
+    verify and draft-extend graphs (not the draft loop's); the tokens are plain decoding's, greedy and sampled."""
+    path, prompts = _default_prompts()
+    params = _grammar_params(temperature)
+    want = _decode(_runner(0, model_path=str(path)), prompts, params, 24, 0)
+    graphed = _runner(3, [4], model_path=str(path))
+    g = graphed.spec_graphs
+    assert g is not None
+    verified = []
+    inner = g.verify
+    g.verify = lambda rows, n: verified.append(n) or inner(rows, n)  # type: ignore[method-assign]
+    got, per_step = decode_steps(graphed, prompts, params, 24, 3, device_prefix=True)
+    assert got == want and max(per_step) > 1
+    assert len(verified) >= 3 and not g.replayed  # type: ignore[attr-defined]
+
+
 def test_one_draft_step_and_mixed_greedy_sampled_rows() -> None:
     """k = 1 (no draft loop: the graph only verifies and extends); a greedy row beside a sampled one."""
     params = [SamplingParams(temperature=0.0, max_new_tokens=16), SamplingParams(temperature=0.7, seed=5,
@@ -259,6 +285,23 @@ def _default_prompts() -> tuple[Any, list[list[int]]]:
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     texts = ("The capital of France is", "To be, or not to be, that is", "What is 27 + 58?")
     return path, [tok.encode(t).ids for t in texts]
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_speculation_under_a_grammar_equals_plain_decoding() -> None:
+    """Grammars' rows beside a plain one on the captured graphs: the eager draft loop under the masks, then the
+    verify graph; greedy tokens equal plain graphed decoding's."""
+    path, prompts = _default_prompts()
+    params = _grammar_params(0.0)
+    want = _decode(_gpu_runner(0, True, path), prompts, params, 24, 0)
+    runner = _gpu_runner(3, True, path)
+    g = runner.spec_graphs
+    assert g is not None
+    verified = []
+    inner = g.verify
+    g.verify = lambda rows, n: verified.append(n) or inner(rows, n)  # type: ignore[method-assign]
+    assert decode_steps(runner, prompts, params, 24, 3, device_prefix=True)[0] == want
+    assert len(verified) >= 3
 
 
 @pytest.mark.gpu

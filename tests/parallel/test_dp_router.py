@@ -135,19 +135,20 @@ def test_every_dp_rank_learns_the_draft_steps_of_all() -> None:
     assert draft_rows_per_step([[prefill], []]) == []
 
 
-def test_every_dp_rank_learns_whether_all_plans_are_plain_verify_steps() -> None:
+def test_every_dp_rank_learns_whether_all_plans_are_verify_steps() -> None:
     """`dp_all_verify` (every rank replays the captured verify step, model/spec_graphs.py): only when each rank's plan
-    is verify rows of the full k drafts of requests without a grammar, or empty; the same flag on every rank."""
+    is verify rows of the full k drafts, or empty; `dp_grammar_drafts` when one of those rows is a grammar's (every
+    rank drafts eagerly then). The same flags on every rank."""
     from baleen.messages import GrammarSpec
 
     def new(rid: str, max_new: int, **kw: Any) -> NewRequest:
         params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, **kw)
         return NewRequest(rid=rid, input_ids=array("i", range(10, 16)).tobytes(), sampling=params)
 
-    def step(r: DPRouter) -> bool:
+    def step(r: DPRouter) -> tuple[bool, bool]:
         plans = r.schedule()
         assert plans is not None
-        flags = {p.dp_all_verify for p in plans}
+        flags = {(p.dp_all_verify, p.dp_grammar_drafts) for p in plans}
         assert len(flags) == 1  # every rank reads the same
         for p in plans:  # each verify row commits its token and no draft
             rows = [x for x in p.rows if x.sample]
@@ -159,10 +160,11 @@ def test_every_dp_rank_learns_whether_all_plans_are_plain_verify_steps() -> None
     r = router(2, speculative_num_steps=2, page_size=4)
     r.add_request(new("a", 4))  # rank 0
     r.add_request(new("b", 2))  # rank 1
-    assert [step(r) for _ in range(4)] == [False, True, True, True]  # prefills; verify rows; rank 1 idle at the end
-    r.add_request(new("g", 4, grammar=GrammarSpec("regex", "[a-z]+")))  # a grammar's verify rows: masked eagerly
-    assert not any(step(r) for _ in range(3))
+    prefill, plain = (False, False), (True, False)
+    assert [step(r) for _ in range(4)] == [prefill, plain, plain, plain]  # rank 1 idle at the end
+    r.add_request(new("g", 4, grammar=GrammarSpec("regex", "[a-z]+")))  # -> rank 1
+    assert [step(r) for _ in range(3)] == [prefill, (True, True), (True, True)]  # a grammar's verify row on rank 1
     r = router(2, speculative_num_steps=2, page_size=4)
     r.add_request(new("a", 4))
     r.add_request(new("p", 4, custom_logit_processor="x"))  # decodes one token a row: no drafts
-    assert [step(r) for _ in range(3)] == [False, False, False]
+    assert [step(r) for _ in range(3)] == [prefill, prefill, prefill]

@@ -22,7 +22,12 @@ PATTERN = r"[a-z]{3,6}(-[0-9]{1,2})?"
 
 @pytest.mark.parametrize("kw", [{}, {"speculative_algorithm": "EAGLE", "speculative_num_steps": 2},
                                 {"dp_size": 2, "enable_dp_attention": True, "speculative_algorithm": "EAGLE",
-                                 "speculative_num_steps": 3}], ids=["tp2", "tp2-speculative", "dp2-speculative"])
+                                 "speculative_num_steps": 3},
+                                # every rank drafts eagerly when one holds a grammar's rows, then replays the verify
+                                # graphs (their bodies here): a plain request beside the grammars'
+                                {"dp_size": 2, "enable_dp_attention": True, "speculative_algorithm": "EAGLE",
+                                 "speculative_num_steps": 3, "debug_eager_graphs": True}],
+                         ids=["tp2", "tp2-speculative", "dp2-speculative", "dp2-speculative-graphs"])
 def test_tp2_ranks_agree_under_grammars(kw: dict[str, object]) -> None:
     async def main() -> None:
         config = EngineConfig(model_path=str(tiny_model_path()), tp_size=2, check_rank_sampling=True,
@@ -41,11 +46,24 @@ def test_tp2_ranks_agree_under_grammars(kw: dict[str, object]) -> None:
                         verify_rows.append(out.spec_verify_ct or 0)
                 return text
 
+            async def plain() -> int:
+                n = 0
+                async for out in engine.generate("Go on", SamplingParams(max_new_tokens=40, temperature=0.0,
+                                                                         ignore_eos=True)):  # fmt: skip
+                    assert out.error is None, out.error
+                    n += len(out.token_ids)
+                return n
+
             schema = GrammarSpec("json_schema", json.dumps(SCHEMA))
-            texts = await asyncio.gather(one(schema, 0), one(schema, 1), one(GrammarSpec("regex", PATTERN), 2))
+            graphs = bool(kw.get("debug_eager_graphs"))
+            texts = await asyncio.gather(one(schema, 0), one(schema, 1), one(GrammarSpec("regex", PATTERN), 2),
+                                         *([plain()] if graphs else []))  # fmt: skip
             for text in texts[:2]:
                 jsonschema.validate(json.loads(text), SCHEMA)
             assert re.fullmatch(PATTERN, texts[2]), texts[2]
             assert all(verify_rows) == bool(kw), verify_rows  # speculating: every request's verify rows carried drafts
+            if graphs:
+                await asyncio.sleep(0.3)  # the next metrics report
+                assert engine.metrics["num_graphed_steps"] > engine.metrics["num_steps"] / 2
 
     asyncio.run(main())
