@@ -172,11 +172,15 @@ async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_
     return rows
 
 
-async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple[list[list[int]], int, int, float]:
-    """GRAMMAR_CASES at once on one engine: each case's tokens, the completion tokens and verify rows of all, and the
-    completion tokens/s over --repeats more runs of them all (the first run warms the engine and compiles the grammars)."""
-    config = EngineConfig(model_path=str(path), device=args.device, dtype="float32", context_length=512,
-                          speculative_algorithm="EAGLE" if steps else None, speculative_num_steps=steps or None)
+async def grammar_run(args: argparse.Namespace, path: Path,
+                      steps: int) -> tuple[list[list[int]], int, int, float, float]:  # fmt: skip
+    """GRAMMAR_CASES at once on one engine: each case's tokens, the completion tokens and verify rows of all, the
+    completion tokens/s over --repeats more runs of them all (the first run warms the engine and compiles the
+    grammars), and the share of the engine's steps that replayed CUDA graphs."""
+    cpu = args.device == "cpu"
+    config = EngineConfig(model_path=str(path), device=args.device, dtype="float32" if cpu else "auto",
+                          context_length=512, speculative_algorithm="EAGLE" if steps else None,
+                          speculative_num_steps=steps or None)  # fmt: skip
     async with await Engine.start(config) as engine:
 
         async def one(prompt: str, params: SamplingParams) -> tuple[list[int], int, int]:
@@ -197,26 +201,29 @@ async def grammar_run(args: argparse.Namespace, path: Path, steps: int) -> tuple
             again = await asyncio.gather(*(one(p, sp) for p, sp in GRAMMAR_CASES))
             tokens += sum(t for _, t, _ in again)
         seconds = time.perf_counter() - started
-    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs), tokens / seconds
+        await asyncio.sleep(0.3)  # the scheduler's last metrics report
+        graphed = engine.metrics.get("num_graphed_steps", 0) / max(engine.metrics.get("num_steps", 0), 1)
+    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs), tokens / seconds, graphed
 
 
 def grammar_accept(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Tokens a verify row under the grammars per --steps value, and whether the outputs equal the plain ones."""
     with model_dir(args) as path:
-        plain, plain_tokens, _, plain_speed = asyncio.run(grammar_run(args, path, 0))
+        plain, plain_tokens, _, plain_speed, plain_graphed = asyncio.run(grammar_run(args, path, 0))
         rows = [{"steps": 0, "tokens": plain_tokens, "verify_rows": 0, "tokens_per_verify_row": 1.0,
-                 "tokens_per_s": plain_speed, "equal": True}]  # fmt: skip
+                 "tokens_per_s": plain_speed, "graphed": plain_graphed, "equal": True}]  # fmt: skip
         for steps in args.steps:
-            ids, tokens, verify, speed = asyncio.run(grammar_run(args, path, steps))
+            ids, tokens, verify, speed, graphed = asyncio.run(grammar_run(args, path, steps))
             rows.append({"steps": steps, "tokens": tokens, "verify_rows": verify, "tokens_per_s": speed,
-                         "tokens_per_verify_row": tokens / max(verify, 1), "equal": ids == plain})  # fmt: skip
+                         "graphed": graphed, "tokens_per_verify_row": tokens / max(verify, 1),
+                         "equal": ids == plain})  # fmt: skip
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n# bench_speculative --grammar — trained default model on {device}, {date.today().isoformat()}")
-    print("| steps | tokens | tokens/s | verify rows | tokens a verify row | outputs equal to no speculation |\n"
-          "|---|---|---|---|---|---|")
+    print("| steps | tokens | tokens/s | steps graphed | verify rows | tokens a verify row | outputs equal to no "
+          "speculation |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['steps'] or 'off'} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['verify_rows']} | "
-              f"{r['tokens_per_verify_row']:.2f} | {'yes' if r['equal'] else 'NO'} |")
+        print(f"| {r['steps'] or 'off'} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['graphed']:.0%} | "
+              f"{r['verify_rows']} | {r['tokens_per_verify_row']:.2f} | {'yes' if r['equal'] else 'NO'} |")
     return rows
 
 

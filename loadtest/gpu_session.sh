@@ -87,7 +87,9 @@ for s in ${STEPS:-variants tests ttft mixed long longprobe chaos}; do
       done ;;
     spec)  # issue 19 on the trained model: medians of 5 timed batches a configuration (batch 1 moved 1.06-1.60x)
       step spec 300 python3 -P loadtest/bench_speculative.py --device cuda --batch-sizes 1 32 --steps 1 2 3 \
-        --max-new-tokens 128 ;;
+        --max-new-tokens 128
+      # grammars under speculation: their steps now replay the verify graphs (only the draft loop runs eagerly)
+      step specgrammar 150 python3 -P loadtest/bench_speculative.py --device cuda --grammar --steps 1 3 ;;
     longprobe) step longprobe 300 python3 -P loadtest/probe_long_context.py ;;
     fitests)  # the FP8 cache on FlashInfer: its kernel against torch at 512 + 64 x 128 heads, graphs against eager
       step fitests 300 python3 -P -m pytest -q -m gpu -o addopts="" -p no:cacheprovider \
