@@ -38,6 +38,9 @@ class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):
         return self.kind, self.text
 
 
+MAX_LOGIT_BIAS = 300  # tokens one request's logit_bias may name (the sampler keeps a table this wide per slot)
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to pick and when to stop generating tokens for one request."""
 
@@ -64,6 +67,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     custom_logit_processor: str | None = None  # a name in the server's registry, never code
     custom_params: dict[str, Any] | None = None
     grammar: GrammarSpec | None = None  # structured output: every token must keep the output inside it
+    # OpenAI's logit_bias: added to those tokens' logits before sampling (after custom processors, before the grammar
+    # mask and penalties); -100 all but bans a token, +100 all but forces it. Logprobs stay the model's raw ones.
+    logit_bias: dict[int, float] | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -97,6 +103,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.logprob_start_len < -1:
             raise ValueError(f"logprob_start_len must be >= -1, got {self.logprob_start_len}")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+            for token, bias in self.logit_bias.items():
+                if token < 0:
+                    raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+                if not -100.0 <= bias <= 100.0:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
             raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.grammar.kind!r}")
 

@@ -91,6 +91,11 @@ def check_request(prompt_ids: Sequence[int], sampling: SamplingParams, limits: L
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         raise AdmissionError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})",
                              param=prompt)
+    if vocab is not None and sampling.logit_bias and max(sampling.logit_bias) >= vocab:
+        bad = sorted(t for t in sampling.logit_bias if t >= vocab)
+        field = _name(names, "logit_bias")
+        raise AdmissionError(f"{field} names token ids {bad[:5]} outside the model's vocabulary [0, {vocab})",
+                             param=field)
     context, kv = limits.max_context_len, limits.max_kv_tokens
     max_new = sampling.max_new_tokens
     if max_new is None:  # up to what the context (and the KV cache) leaves

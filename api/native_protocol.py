@@ -18,7 +18,14 @@ from typing import Any
 import msgspec
 
 from baleen.api.errors import ApiError
-from baleen.api.protocol import MAX_N, CompletionRequest, JsonSchemaFormat, ResponseFormat, decode_json
+from baleen.api.protocol import (
+    MAX_N,
+    CompletionRequest,
+    JsonSchemaFormat,
+    ResponseFormat,
+    decode_json,
+    logit_bias_ids,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, when sampling_params has no max_new_tokens
 
@@ -51,10 +58,10 @@ class NativeSamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
     # spaces between special tokens; baleen streams every step's tokens.
     spaces_between_special_tokens: bool | None = None
     stream_interval: int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string) -> bias in [-100, 100], as OpenAI's
     # Refused unless null or empty (_SAMPLING_REFUSED)
     stop_regex: str | list[str] | None = None
     structural_tag: str | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -109,7 +116,6 @@ _REFUSED = {
 _SAMPLING_REFUSED = {
     "stop_regex": "stop regexes are not supported by this server; use stop strings",
     "structural_tag": "structural tags are not supported on /generate; use json_schema, regex or ebnf",
-    "logit_bias": "logit_bias is not supported by this server",
 }
 _decoder = msgspec.json.Decoder(GenerateRequest)
 
@@ -141,7 +147,7 @@ class NativePrompt:
         """The engine's field names as this prompt's request spells them (for admission errors)."""
         names = {f: f"{self.sampling_field}.{f}" for f in (
             "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-            "frequency_penalty", "presence_penalty")}  # fmt: skip
+            "frequency_penalty", "presence_penalty", "logit_bias")}  # fmt: skip
         return names | {"top_logprobs": "top_logprobs_num", "prompt": self.field}
 
     def completion_request(self) -> CompletionRequest:
@@ -156,6 +162,7 @@ class NativePrompt:
                            f"{sp.min_new_tokens}", param=f"{where}.min_new_tokens")
         if sum(x is not None for x in (sp.json_schema, sp.regex, sp.ebnf)) > 1:
             raise ApiError(400, f"{where}: only one of regex, json_schema and ebnf can be set", param=where)
+        logit_bias_ids(sp.logit_bias, f"{where}.logit_bias")  # its keys, named as this request spells the field
         if sp.seed is not None and sp.sampling_seed is not None and sp.seed != sp.sampling_seed:
             raise ApiError(400, f"{where} sets both sampling_seed and seed; send one", param=f"{where}.seed")
         return CompletionRequest(
@@ -165,7 +172,7 @@ class NativePrompt:
             repetition_penalty=sp.repetition_penalty, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
             seed=sp.sampling_seed if sp.sampling_seed is not None else sp.seed, ignore_eos=bool(sp.ignore_eos),
             skip_special_tokens=sp.skip_special_tokens is not False, custom_params=sp.custom_params,
-            custom_logit_processor=self.custom_logit_processor, regex=sp.regex, ebnf=sp.ebnf,
+            custom_logit_processor=self.custom_logit_processor, regex=sp.regex, ebnf=sp.ebnf, logit_bias=sp.logit_bias,
             response_format=_json_schema(sp.json_schema, where),
             logprobs=self.top_logprobs_num if self.return_logprob else None)
 

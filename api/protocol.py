@@ -125,6 +125,7 @@ class _RequestParams(msgspec.Struct, kw_only=True):
     return_token_ids: bool = False
     custom_logit_processor: str | None = None
     custom_params: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     user: str | None = None
     # Structured output (api/structured.py): at most one of these.
     response_format: ResponseFormat | None = None
@@ -395,4 +396,19 @@ def _common_fields(req: _RequestParams) -> dict[str, Any]:
         "seed": req.seed, "stop": _stop_list(req.stop), "stop_token_ids": list(req.stop_token_ids or []),
         "ignore_eos": req.ignore_eos, "custom_params": req.custom_params,
         "custom_logit_processor": resolve_logit_processor(req.custom_logit_processor),
+        "logit_bias": logit_bias_ids(req.logit_bias),
     }
+
+
+def logit_bias_ids(bias: dict[str, float] | None, field: str = "logit_bias") -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys) with int keys; ApiError(400) for a key that is not one."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"{field} keys are token ids, got {key!r}", param=field) from None
+        out[token] = value
+    return out

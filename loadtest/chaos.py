@@ -1,7 +1,7 @@
 """Chaos: a seeded random mix of the request shapes users send, against one server, each answer checked.
 
 Every request is drawn at random from what the API takes: chat and completions (and SGLang's /generate), streamed or
-not, n > 1, a batch of prompts, logprobs with alternatives, stop strings, min_tokens, penalties, seeds,
+not, n > 1, a batch of prompts, logprobs with alternatives, stop strings, min_tokens, penalties, logit_bias, seeds,
 temperature / top-k / top-p / min-p, JSON objects and schemas, tools with every tool_choice, and besides those
 clients that hang up mid-stream and bodies the server must refuse. Each answer is checked against what the request
 asked for:
@@ -147,6 +147,8 @@ def sampling(rng: random.Random, case: Case, body: dict[str, Any], max_key: str 
         body["stop"] = case.stops if len(case.stops) > 1 or rng.random() < 0.5 else case.stops[0]
     if rng.random() < 0.15:
         body["ignore_eos"] = True
+    if rng.random() < 0.1:
+        body["logit_bias"] = {str(rng.randrange(0, 1000)): rng.choice([-100, -5.5, 2, 100]) for _ in range(3)}
     if rng.random() < 0.15:
         case.min_tokens = rng.randrange(1, case.max_tokens + 1)
         body["min_tokens"] = case.min_tokens
@@ -292,6 +294,8 @@ def bad_case(rng: random.Random, context_length: int) -> Case:
         ("top-p-above-one", {**chat, "top_p": 1.5}),
         ("too-many-top-logprobs", {**chat, "logprobs": True, "top_logprobs": 50}),
         ("min-above-max-tokens", {**chat, "min_tokens": 9}),
+        ("logit-bias-not-a-token-id", {**chat, "logit_bias": {"whale": 1}}),
+        ("logit-bias-out-of-range", {**chat, "logit_bias": {"5": 500}}),
         ("string-max-tokens", {**chat, "max_tokens": "four"}),
         ("bad-schema", {**chat, "response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}}),
@@ -512,7 +516,7 @@ def _plain_greedy(case: Case) -> bool:
     """Whether each token must be the argmax of the distribution its logprobs come from (temperature 0, nothing
     that moves the logits first: penalties, min_tokens, a grammar)."""
     body = case.fields
-    moved = (any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "custom_logit_processor"))
+    moved = (any(body.get(k) for k in ("presence_penalty", "frequency_penalty", "custom_logit_processor", "logit_bias"))
              or body.get("repetition_penalty", 1) != 1)
     return body.get("temperature") == 0 and not moved and not case.min_tokens and not case.constrained
 

@@ -6,7 +6,7 @@ top-k/top-p/min-p and penalised rows. It never reads a device value on the host 
 `.cpu()`, no Python branch on a tensor): its only branches are on host-side facts kept by `SamplingState`
 ("does any row of this batch use top-p?"), so the step's single host sync stays the runner's copy of the ids.
 
-Order of operations on a row: [logit processors] -> [grammar token mask] -> repetition, frequency, presence
+Order of operations on a row: [logit processors] -> [logit bias] -> [grammar token mask] -> repetition, frequency, presence
 penalties -> greedy argmax or: / temperature -> top-k -> top-p (on the top-k-renormalised distribution) -> min-p
 -> Gumbel-max draw. The grammar mask (structured output, model/grammar.py) sets every token its grammar does not
 allow to -inf, so no later stage can bring one back.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from baleen.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
-from baleen.messages import SamplingParams
+from baleen.messages import MAX_LOGIT_BIAS, SamplingParams
 from baleen.model.logit_processors import LogitProcessor, apply_logit_processors
 
 _MASK32 = 0xFFFFFFFF
@@ -121,11 +121,13 @@ class BatchFlags:
     logprobs: bool
     top_logprobs: int  # k of the top-logprob tables: the largest top_logprobs asked
     min_tokens: bool = False  # some row must not stop yet (min_new_tokens): its stop tokens are masked
+    logit_bias: bool = False  # some row adds a logit_bias
 
     @property
     def plain_greedy(self) -> bool:
-        """All greedy, with nothing (penalties, min_tokens, logprobs) beyond an argmax per row."""
-        return self.all_greedy and not (self.penalties or self.min_tokens or self.logprobs or self.top_logprobs)
+        """All greedy, with nothing (penalties, min_tokens, logit bias, logprobs) beyond an argmax per row."""
+        return self.all_greedy and not (self.penalties or self.min_tokens or self.logit_bias or self.logprobs
+                                        or self.top_logprobs)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class _SlotInfo:
     logprobs: bool
     top_logprobs: int
     min_tokens: bool = False
+    logit_bias: bool = False
 
 
 class _Tally:
@@ -149,7 +152,7 @@ class _Tally:
         self.top_logprobs: Counter[int] = Counter()
 
     def add(self, info: _SlotInfo, sign: int = 1) -> None:
-        for name in ("sampling", "top_p", "min_p", "penalties", "logprobs", "min_tokens"):
+        for name in ("sampling", "top_p", "min_p", "penalties", "logprobs", "min_tokens", "logit_bias"):
             if getattr(info, name):
                 _bump(self.num, name, sign)
         if info.top_k is not None:
@@ -171,6 +174,7 @@ class _Tally:
             logprobs=self.num["logprobs"] > 0,
             top_logprobs=max(self.top_logprobs, default=0),
             min_tokens=self.num["min_tokens"] > 0,
+            logit_bias=self.num["logit_bias"] > 0,
         )
 
 
@@ -214,6 +218,9 @@ class SamplingState:
             # min_new_tokens: the count, and the ids masked until it is reached (EOS + stop ids, -1 padded)
             self.min_tokens = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
             self.banned = torch.full((num_slots, MAX_BANNED_IDS), -1, dtype=torch.int64, device=self.device)
+            # logit_bias: the ids and what is added to their logits (padding: id 0 plus 0.0)
+            self.bias_ids = torch.zeros(num_slots, MAX_LOGIT_BIAS, dtype=torch.int64, device=self.device)
+            self.bias_values = torch.zeros(num_slots, MAX_LOGIT_BIAS, dtype=torch.float32, device=self.device)
         self.output_counts: torch.Tensor | None = None  # [num_slots, vocab] float32, allocated lazily
         self.prompt_mask: torch.Tensor | None = None  # [num_slots, vocab] bool, allocated lazily
         self._info: list[_SlotInfo | None] = [None] * num_slots
@@ -262,6 +269,18 @@ class SamplingState:
         # NOTE: always written: a batch with any min_tokens row masks every row by its slot's count, and a count left
         # by the slot's previous request would hold this one's EOS back (found by loadtest/chaos.py).
         self.min_tokens[slot] = params.min_new_tokens if min_tokens else 0
+        bias = params.logit_bias or {}
+        # NOTE: always written, as min_tokens: a batch with any biased row adds every row's table, and the slot's
+        # previous request may have left one
+        if not bias:
+            self.bias_values[slot].zero_()
+        else:
+            ids = torch.zeros(MAX_LOGIT_BIAS, dtype=torch.int64)
+            ids[: len(bias)] = _ids(list(bias), vocab, "logit_bias")
+            values = torch.zeros(MAX_LOGIT_BIAS, dtype=torch.float32)
+            values[: len(bias)] = torch.tensor(list(bias.values()), dtype=torch.float32)
+            self.bias_ids[slot] = self._to_device(ids)
+            self.bias_values[slot] = self._to_device(values)
         info = _SlotInfo(
             sampling=not greedy,
             top_k=top_k if not greedy and top_k < vocab else None,
@@ -271,6 +290,7 @@ class SamplingState:
             logprobs=params.logprobs or params.top_logprobs > 0,
             top_logprobs=params.top_logprobs,
             min_tokens=min_tokens,
+            logit_bias=bool(bias),
         )
         self._info[slot] = info
         self._tally.add(info)
@@ -380,6 +400,8 @@ class Sampler:
             x = raw.clone()
         if processors:
             apply_logit_processors(x, processors)
+        if flags.logit_bias:  # rows without one add 0.0 to id 0
+            x = x.scatter_add(1, st.bias_ids[slots], st.bias_values[slots])
         if mask is not None:
             self.apply_mask(x, mask.bitmask, mask.rows)
             if processors:

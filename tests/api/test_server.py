@@ -113,6 +113,32 @@ def test_chat_stream_equals_whole_token_for_token(main_server: ServerProcess) ->
         assert entry.token == entry.top_logprobs[0].token
 
 
+def test_logit_bias_bans_and_forces_tokens(main_server: ServerProcess, tokenizer: Tokenizer) -> None:
+    """OpenAI's logit_bias on /v1/completions, /v1/chat/completions and /generate: -100 all but bans a token, +100
+    all but forces it; the logprobs stay the model's own; a key that is no token id, a value out of range or an id
+    past the vocabulary is a 400 naming the field."""
+    client = client_for(main_server)
+    base: dict[str, Any] = dict(model="default", max_tokens=6, extra_body={"return_token_ids": True,
+                                                                            "ignore_eos": True}, **GREEDY)
+    prompt = "The capital of France is"
+    plain = (client.completions.create(prompt=prompt, **base).choices[0].model_extra or {})["token_ids"]
+    banned = client.completions.create(prompt=prompt, logit_bias={str(plain[0]): -100}, **base).choices[0]
+    assert (banned.model_extra or {})["token_ids"][0] != plain[0]
+    whale = tokenizer.encode("whale").ids[0]
+    forced = client.chat.completions.create(messages=USER, logit_bias={str(whale): 100}, logprobs=True, **base)
+    choice = forced.choices[0]
+    assert (choice.model_extra or {})["token_ids"] == [whale] * 6
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert all(entry.logprob < -0.01 for entry in choice.logprobs.content)  # raw: the model did not pick it
+    native = httpx.post(main_server.base_url.removesuffix("/v1") + "/generate", timeout=60, json={
+        "text": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0, "logit_bias": {str(whale): 100}}})
+    assert native.json()["output_ids"] == [whale] * 4
+    for bias, words in (({"whale": 1}, "token ids"), ({"5": -101}, "[-100, 100]"), ({"99999999": 1}, "vocabulary")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(prompt=prompt, logit_bias=bias, **base)  # type: ignore[arg-type]
+        assert words in str(err.value) and "logit_bias" in str(err.value)
+
+
 def test_completion_forms_stream_and_echo(main_server: ServerProcess, tokenizer: Tokenizer) -> None:
     client = client_for(main_server)
     text = "The whale sings"

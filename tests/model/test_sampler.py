@@ -322,6 +322,34 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert logits[0, eos] == 5.0  # the caller's logits are untouched
 
 
+def test_logit_bias_shifts_only_its_rows_tokens_and_keeps_raw_logprobs() -> None:
+    """+100 forces a token, -100 bans the best one, a small bias tips a near tie; unbiased rows and the logprobs (the
+    model's raw ones) are untouched; a sampled row draws from the biased distribution; a slot's next request starts
+    without its bias; the batch flag is set only when a row of the batch has one."""
+    vocab = 16
+    logits = torch.zeros(4, vocab)
+    logits[:, 3] = 6.0
+    logits[:, 9] = 5.9
+    params = [SamplingParams(temperature=0.0, logit_bias={12: 100.0}), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logit_bias={3: -100.0}, logprobs=True),
+              SamplingParams(temperature=0.0, logit_bias={9: 0.5, 0: -1.0})]  # fmt: skip
+    state, sampler, slots = make(4, vocab, params)
+    out = sampler.sample(logits, slots)
+    assert out.token_ids.tolist() == [12, 3, 9, 9]
+    assert out.logprobs is not None and out.logprobs[2] == pytest.approx(torch.log_softmax(logits[2], -1)[9].item())
+    assert state.flags([1]).plain_greedy and not state.flags([0, 1]).plain_greedy
+    state.set_slot(0, SamplingParams(temperature=0.0), [])  # the slot's next request
+    assert sampler.sample(logits[:1], slots[:1]).token_ids.tolist() == [3]
+    draws = [SamplingParams(temperature=1.0, seed=s, logit_bias={3: -100.0, 9: -100.0}) for s in range(200)]
+    state, sampler, slots = make(200, vocab, draws)
+    picks = sampler.sample(torch.zeros(200, vocab) + logits[0], slots).token_ids
+    assert not ((picks == 3) | (picks == 9)).any() and len(set(picks.tolist())) > 8  # the rest, near uniform
+    with pytest.raises(ValueError, match="logit_bias values"):
+        SamplingParams(logit_bias={1: 200.0}).check()
+    with pytest.raises(ValueError, match="outside"):
+        make(1, vocab, [SamplingParams(logit_bias={vocab: 1.0})])
+
+
 def test_a_slots_next_request_does_not_inherit_min_new_tokens() -> None:
     """Slot 0's earlier request had min_new_tokens; its next one has none, and shares a batch with a request that
     does (so the batch runs the min_tokens mask): it may stop at once."""

@@ -82,17 +82,18 @@ def test_graphed_greedy_steps_equal_the_eager_path_bit_for_bit(sizes: list[int])
 
 
 def test_graphed_sampled_steps_draw_the_plain_tokens() -> None:
-    """Seeded sampling with top-p/top-k/min-p, penalties and min_new_tokens: the eager sampler over the graphs'
-    verify logits, then the graphed draft-extend; token for token the plain draws."""
+    """Seeded sampling with top-p/top-k/min-p, penalties and min_new_tokens, and a greedy row with a logit_bias: the
+    eager sampler over the graphs' verify logits, then the graphed draft-extend; token for token the plain draws."""
     params = [
         SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=20),
         SamplingParams(temperature=0.8, top_k=20, min_p=0.05, frequency_penalty=0.5, presence_penalty=0.3,
                        repetition_penalty=1.2, seed=11, max_new_tokens=20),
         SamplingParams(temperature=1.3, seed=3, min_new_tokens=10, max_new_tokens=20),
+        SamplingParams(temperature=0.0, logit_bias={7: 3.0, 250: -100.0}, max_new_tokens=20),
     ]  # fmt: skip
-    want = _decode(_runner(0), PROMPTS[:3], params, 20, 0)
+    want = _decode(_runner(0), PROMPTS[:4], params, 20, 0)
     graphed = _runner(3, [1, 2, 4])
-    assert _decode(graphed, PROMPTS[:3], params, 20, 3) == want
+    assert _decode(graphed, PROMPTS[:4], params, 20, 3) == want
     assert len(graphed.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
 
 
