@@ -150,6 +150,11 @@ class ChatCompletionRequest(_RequestParams, kw_only=True):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     separate_reasoning: bool = True
+    # OpenAI fields this server cannot honour: refused when set (_REFUSED_CHAT), never silently dropped
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         """The messages as chat templates read them: plain dicts, text content, string arguments."""
@@ -183,6 +188,7 @@ class CompletionRequest(_RequestParams, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None  # how many top alternatives per token; 0 = only the sampled token's
+    best_of: int | None = None  # refused above n (_check_completion): each choice is one sample
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of texts or token-id lists (one completion set per entry)."""
@@ -258,10 +264,22 @@ def _check_chat(req: ChatCompletionRequest) -> None:
         if msg.tool_calls and msg.role != "assistant":
             raise ApiError(400, f"only assistant messages may carry tool_calls, not {msg.role!r}",
                            param=f"messages[{i}].tool_calls")
+    for name, why in _REFUSED_CHAT.items():
+        if getattr(req, name) not in (None, [], {}):
+            raise ApiError(400, f"{name}: {why}", param=name)
+    if req.modalities is not None and set(req.modalities) - {"text"}:
+        raise ApiError(400, f"modalities {req.modalities}: this model writes text only", param="modalities")
     for key in set(req.chat_template_kwargs or {}) & set(_RESERVED_TEMPLATE_KWARGS):
         raise ApiError(400, f"chat_template_kwargs may not set {key!r}; send it as a request field",
                        param="chat_template_kwargs")
     check_tool_choice(req)
+
+
+_REFUSED_CHAT = {
+    "functions": "OpenAI's deprecated function-calling field is not supported; send tools (and tool_choice)",
+    "function_call": "OpenAI's deprecated function-calling field is not supported; send tool_choice with tools",
+    "audio": "this model writes text only",
+}
 
 
 def check_tool_choice(req: ChatCompletionRequest) -> None:
@@ -283,6 +301,9 @@ def _check_completion(req: CompletionRequest) -> None:
     if req.suffix:
         raise ApiError(400, "suffix is not supported: DeepSeek-V3 models have no fill-in-the-middle prompt "
                        "format here; put all text in prompt", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f"best_of {req.best_of} is not supported (each choice is one sample, none is picked "
+                       "among others); send n alone", param="best_of")
     prompts = req.prompts()  # never empty: [] reads as one empty token-id prompt, refused below
     for i, p in enumerate(prompts):
         if isinstance(p, list) and (not p or any(t < 0 for t in p)):

@@ -255,6 +255,9 @@ def test_completion_prompt_forms(prompt: Any, expected: list[Any]) -> None:
     ({"prompt": [[1], [-2]]}, "prompt[1]", "non-negative"),
     ({"prompt": [1.5]}, "prompt[0]", "Expected"),
     ({"prompt": "a", "suffix": "b"}, "suffix", "not supported"),
+    ({"prompt": "a", "best_of": 3}, "best_of", "send n alone"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ({"prompt": "a", "logit_bias": {"5": -100.5}}, "logit_bias", "[-100, 100]"),
     ({"prompt": "a", "logprobs": 30}, "logprobs", "logprobs must be in [0, 20]"),
     ({"prompt": "a", "max_tokens": -4}, "max_tokens", "max_tokens must be >= 0"),
     ({}, "prompt", "missing required field"),
@@ -263,6 +266,25 @@ def test_completion_errors(body: dict[str, Any], param: str, fragment: str) -> N
     with pytest.raises(ApiError) as e:
         p.completion_sampling_params(p.decode_completion_request(json.dumps(body)))
     assert e.value.status == 400 and e.value.param == param and fragment in e.value.message
+
+
+@pytest.mark.parametrize(("extra", "param", "fragment"), [
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions", "send tools"),
+    ({"function_call": "auto"}, "function_call", "tool_choice"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "text only"),
+    ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+])
+def test_chat_fields_this_server_cannot_honour_are_refused(extra: dict[str, Any], param: str, fragment: str) -> None:
+    with pytest.raises(ApiError) as e:
+        p.decode_chat_request(_msgs(**extra))
+    assert e.value.status == 400 and e.value.param == param and fragment in e.value.message
+    harmless = p.decode_chat_request(_msgs(functions=None, modalities=["text"], prediction={"type": "content"}))
+    assert harmless.modalities == ["text"]
+    assert p.completion_sampling_params(p.decode_completion_request(json.dumps(
+        {"prompt": "a", "best_of": 1}))).max_new_tokens == 16  # best_of = n: what every choice is anyway
+    biased = p.completion_sampling_params(p.decode_completion_request(json.dumps(
+        {"prompt": "a", "logit_bias": {"17": -100, "3": 2.5}})))
+    assert biased.logit_bias == {17: -100.0, 3: 2.5}
 
 
 def test_completion_through_the_openai_client() -> None:
