@@ -117,6 +117,11 @@ def rank_layout(
                  "so that every rank gets an equal share", tp, model.num_attention_heads, padded.num_attention_heads,
                  model.intermediate_size, padded.intermediate_size, model.moe_intermediate_size,
                  padded.moe_intermediate_size)  # fmt: skip
+        per_rank = padded.num_attention_heads // (tp // dp)
+        if padded.num_attention_heads - model.num_attention_heads >= per_rank:
+            log.warning("--tp %d: some ranks hold only zero-padded attention heads (%d real heads, %d a rank): their "
+                        "attention work is wasted; a --tp that divides the heads, or fewer ranks, serves faster",
+                        tp, model.num_attention_heads, per_rank)  # fmt: skip
     return parallel
 
 

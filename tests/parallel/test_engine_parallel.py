@@ -189,7 +189,7 @@ def test_missing_node_is_a_clear_timeout(model_path: str, caplog: pytest.LogCapt
     [
         (dict(tp_size=2, dp_size=2), "without --enable-dp-attention"),
         (dict(tp_size=3, nnodes=2), "multiple of --nnodes"),
-        (dict(tp_size=8), "4 attention heads cannot be split over 8"),
+        (dict(tp_size=3, ep_size=3), "16 routed experts cannot be split over --ep-size 3"),
         (dict(tp_size=2, nnodes=2), "needs --dist-init-addr"),
         (dict(tp_size=2, ep_size=4), "must divide --tp"),
         (dict(tp_size=2, nnodes=2, node_rank=1, dist_init_addr="h:1"), "start that node with run_node"),
