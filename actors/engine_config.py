@@ -227,6 +227,40 @@ def _attention_backend(config: EngineConfig, model_config: ModelConfig, cuda: bo
     return "torch", True
 
 
+def available_memory_bytes() -> int | None:
+    """This host's MemAvailable (/proc/meminfo), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_host_memory(model_path: str, dtype: str, nnodes: int) -> None:
+    """CPU serving: refuse, before any rank loads, weights this node cannot hold in `dtype` (a CPU rank keeps dense
+    weights, FP8 checkpoints dequantized: DeepSeek-V3 in float32 is ~2.7 TB), naming --dtype bfloat16 when that fits."""
+    from baleen.model.loader import CHECKPOINT_FILES, Checkpoint
+
+    available = available_memory_bytes()
+    if available is None or not any(Path(model_path, f).exists() for f in CHECKPOINT_FILES):
+        return  # no checkpoint files: the rank's loader says so
+    ckpt = Checkpoint(model_path)
+    try:
+        params = ckpt.num_elements()
+    finally:
+        ckpt.close()
+    need = params * DTYPES[dtype].itemsize // nnodes  # this node's ranks hold its share of every weight
+    if need <= available:
+        return
+    half = params * 2 // nnodes
+    hint = f"; --dtype bfloat16 needs ~{half / 2**30:.1f} GiB" if DTYPES[dtype].itemsize > 2 else ""
+    raise ValueError(f"the model's {params / 1e9:.1f}B weights need ~{need / 2**30:.1f} GiB of this node's memory in "
+                     f"{dtype} (a CPU rank holds them dense), and {available / 2**30:.1f} GiB are available{hint}")
+
+
 def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfig) -> StartupPlan:
     if model_config.is_nextn_export:
         raise ValueError(f"{model_path} holds an MTP (NextN) layer alone, not a model to serve: give it as "
@@ -262,6 +296,8 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         model_config, tp_size=config.tp_size, dp_size=config.dp_size, ep_size=config.ep_size, nnodes=config.nnodes,
         node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention, pad_uneven=not cuda,
     )  # fmt: skip
+    if not cuda and config.load_format != "dummy":
+        _check_host_memory(model_path, dtype, config.nnodes)
     if cuda and parallel.tp_size // config.nnodes > 1:
         import torch
 

@@ -66,13 +66,15 @@ class LoadedModel:
     mtp: DeepseekMTP | None
 
 
+CHECKPOINT_FILES = ("model.safetensors.index.json", "model.safetensors")  # what `Checkpoint` reads, one of
+
+
 class Checkpoint:
     """The tensors of a checkpoint directory: one `model.safetensors` or the shards of its index, mmap'd."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
-        index = path / "model.safetensors.index.json"
-        single = path / "model.safetensors"
+        index, single = (path / name for name in CHECKPOINT_FILES)
         self.files: dict[str, Path] = {}  # tensor name -> file
         if index.exists():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -110,6 +112,10 @@ class Checkpoint:
 
     def close(self) -> None:
         self._open.clear()
+
+    def num_elements(self) -> int:
+        """Elements of all its tensors (FP8 weights' scales included), from the safetensors headers alone."""
+        return sum(math.prod(self._file(name).get_slice(name).get_shape()) for name in self.files)
 
     def weights(
         self,

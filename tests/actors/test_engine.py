@@ -376,6 +376,33 @@ def test_fp8_tiled_weights_setting_reaches_the_worker(model_path: str, setting: 
               ModelConfig.from_hf(model_path))
 
 
+def test_cpu_weights_that_do_not_fit_the_host_are_refused_before_any_rank_loads(
+        model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A CPU rank holds dense weights: a model this host cannot hold in the dtype asked is refused at start-up with
+    the sizes, naming --dtype bfloat16 when that would fit (DeepSeek-V3 in float32 is ~2.7 TB)."""
+    from baleen.actors import engine_config
+    from baleen.model.config import ModelConfig
+    from baleen.model.loader import Checkpoint
+
+    ckpt = Checkpoint(model_path)
+    params = ckpt.num_elements()
+    ckpt.close()
+    assert params > 1_000_000  # the tiny model's tensors, counted from the headers
+    real = engine_config.available_memory_bytes()
+    assert real is None or real > params * 4  # this machine: /proc/meminfo read, and the tiny model fits
+    config = ModelConfig.from_hf(model_path)
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: params * 3)  # bf16 fits, float32 does not
+    with pytest.raises(ValueError, match=r"in float32 .* --dtype bfloat16 needs"):
+        engine_config.plan_startup(EngineConfig(model_path=model_path, device="cpu"), model_path, config)
+    bf16 = EngineConfig(model_path=model_path, device="cpu", dtype="bfloat16")
+    assert engine_config.plan_startup(bf16, model_path, config).worker.dtype == "bfloat16"
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: params)
+    with pytest.raises(ValueError, match=r"GiB are available$"):  # nothing to suggest in bf16 either
+        engine_config.plan_startup(bf16, model_path, config)
+    dummy = EngineConfig(model_path=model_path, device="cpu", load_format="dummy")
+    assert engine_config.plan_startup(dummy, model_path, config).worker.load_format == "dummy"  # no weights read
+
+
 def test_schedule_conservativeness_scales_the_decode_reserve(model_path: str) -> None:
     from baleen.actors.engine_config import plan_startup
     from baleen.model.config import ModelConfig
