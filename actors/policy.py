@@ -26,9 +26,9 @@ first commits is known when its result arrives, after the second was planned. Th
 reserved for the most the first may commit, and `kv_len` stays that upper bound until the results settle it
 (`results.settle_lengths`). A second row is planned while the first may still leave the request tokens to
 generate; it waits for the first's result only at the end of the page table. A request with a custom logit processor
-decodes one token a row (the worker drafts nothing for it: a processor sees each token before the next) and
-overlaps as without speculation; a grammar's request speculates (the worker masks each verify row by the matcher
-walked over the drafts before it).
+gets verify rows too (a step of verify rows only keeps the worker's captured graphs), of which the worker commits one
+token each (a processor sees each token before the next; the worker syncs before its steps); a grammar's request
+speculates (the worker masks each verify row by the matcher walked over the drafts before it).
 
 NOTE: workers execute plans strictly in order. That is what makes two things safe while up to two plans
 are in flight (overlap scheduling): (1) pages freed after plan N was sent may be handed out in plan N+1 —
@@ -110,11 +110,10 @@ class Scheduler:
         stop_ids = frozenset(req.sampling.stop_token_ids)
         if not req.sampling.ignore_eos:
             stop_ids |= self._eos
-        # NOTE: the worker verifies no drafts for a request with a custom processor (it needs each token before the
-        # next): it decodes one token a row, overlapped as without speculation.
-        sp = req.sampling
-        state = Req(rid=req.rid, sampling=sp, prompt=prompt, max_len=max_len, stop_ids=stop_ids, warmup=req.warmup,
-                    max_drafts=0 if sp.custom_logit_processor is not None else self.config.speculative_num_steps)
+        # NOTE: a request with a custom processor gets verify rows like any other (so a step keeps the captured graphs'
+        # shape), but the worker commits one token of each: its processor must see each token before the next.
+        state = Req(rid=req.rid, sampling=req.sampling, prompt=prompt, max_len=max_len, stop_ids=stop_ids,
+                    warmup=req.warmup, max_drafts=self.config.speculative_num_steps)
         self._requests[req.rid] = state
         self.waiting.append(state)
 
@@ -159,8 +158,8 @@ class Scheduler:
         return plan
 
     def verify_kind(self, plan: StepPlan) -> tuple[bool, bool]:
-        """Of `plan`, the last this scheduler made: whether it is verify rows of the full k drafts only (requests with a
-        custom processor carry none), and whether one of them is a grammar's. Under DP attention every rank replays
+        """Of `plan`, the last this scheduler made: whether it is verify rows of the full k drafts only, and whether one
+        of them is a grammar's. Under DP attention every rank replays
         the captured verify step when each rank's plan is the first (`StepPlan.dp_all_verify`), drafting eagerly
         when some rank's holds the second (`StepPlan.dp_grammar_drafts`)."""
         step = self._inflight[-1]
@@ -402,7 +401,8 @@ class Scheduler:
         for i, req in enumerate(reqs):
             first, end = end, end + counts[i]  # the row's committed tokens are got.tokens[first:end]
             self._settled(req, step.drafts[i])
-            if step.drafts[i] and not req.warmup and i not in errors:
+            # the drafter's accept ratios: not over a processor's rows, whose drafts the worker never accepts
+            if step.drafts[i] and not req.warmup and i not in errors and req.sampling.custom_logit_processor is None:
                 self.stats.count_verify_row(step.drafts[i], counts[i])
             if req.finished:
                 continue  # finished or aborted after this plan was sent: the row is dropped

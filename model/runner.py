@@ -412,9 +412,8 @@ class ModelRunner:
 
         if self.spec_graphs is not None:
             rows = self.spec_graphs.step_rows_of(plan, self._pinned)
-            graphed = self._launch_spec_graphed(plan, started, rows, self.spec_graphs, drafter) if rows is not None else None
-            if graphed is not None:
-                return graphed
+            if rows is not None:
+                return self._launch_spec_graphed(plan, started, rows, self.spec_graphs, drafter)
         plan = drafter.resolve(plan)  # NOTE: a row behind a verify row in flight waits for it here (eager only)
         grammar_drafts, walked = self._draft(plan, drafter)
         batch, sample_slots, sampled_slots = self.build_batch(plan)
@@ -434,10 +433,6 @@ class ModelRunner:
             drafter.extend(batch, hidden, empty, empty, empty, self.kv_cache, self.attn)
             self._record(step)
             return step
-        drafted = {r.slot for r in plan.rows if not r.input_ids and r.extend_len > 1}
-        if drafted & self.slot_procs.keys():
-            raise ValueError("a verify row of a request with a custom logit processor: those requests decode "
-                             "without drafts")
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         layout = verify_layout(plan, drafter.tokens, self.device)
         # each sampled row's latents before its first logits row's token: its end less its logits rows
@@ -470,15 +465,22 @@ class ModelRunner:
                 masks = walked.get(sampled_slots[j], [])
                 known.append(masks[at] if at < len(masks) else None)
         mask = self._token_mask(step.grammar_rows, step.errors, drafts, known) if step.grammar_rows else None
+        first_rows: set[int] | None = None
+        if self.slot_procs:
+            # A custom processor sees each token before the next: it runs on its verify row's first logits row only,
+            # and none of that row's drafts is accepted (-1 is no token: the first row's sample always misses).
+            first_rows = {int(j) for j in layout.starts if sampled_slots[j] in self.slot_procs}
+            if first_rows:
+                procs = torch.tensor([s in self.slot_procs for s in sampled_slots], device=self.device)
+                layout.next_draft.masked_fill_(procs, -1)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, step.host, step.errors, mask,
-                                          layout.ahead)  # fmt: skip
+                                          layout.ahead, first_rows)  # fmt: skip
         last = self._commit_accepted(tokens, sample_slots, flags, layout, step.host, base)
         return tokens, last
 
     def _launch_spec_graphed(self, plan: StepPlan, started: float, rows: torch.Tensor, g: SpecGraphs,
-                             drafter: MtpDrafter) -> PendingStep | None:  # fmt: skip
-        """`_launch_speculative` on the captured graphs (every row a verify row of k drafts, `rows` its host rows);
-        None for a step the eager path must run (a row of a request with a custom processor: it never has drafts).
+                             drafter: MtpDrafter) -> PendingStep:  # fmt: skip
+        """`_launch_speculative` on the captured graphs (every row a verify row of k drafts, `rows` its host rows).
 
         A step with a grammar's rows (under DP attention: on any rank, `dp_grammar_drafts`) drafts eagerly under the
         grammars' masks (`_draft`), replays the verify graph over those drafts, samples under the masks walked over
@@ -486,11 +488,7 @@ class ModelRunner:
         from baleen.model.speculative import verify_layout
 
         slots = [r.slot for r in plan.rows]
-        if self.slot_procs.keys() & set(slots):
-            if plan.dp_num_tokens:  # every other rank replays now: running this one eagerly would hang them
-                raise RuntimeError(f"step {plan.step_id}: the DP router planned a graphed verify step over a row of a "
-                                   "request with a custom logit processor")
-            return None
+        procs = bool(self.slot_procs.keys() & set(slots))
         grammar = self.grammars is not None and bool(self.grammars.rows(slots))
         draft_eagerly = plan.dp_grammar_drafts if plan.dp_num_tokens else grammar
         if grammar and not draft_eagerly:
@@ -508,7 +506,7 @@ class ModelRunner:
             logits = g.verify(rows, n)
         else:
             logits = g.draft_and_verify(rows, n)
-        if flags.plain_greedy and not grammar:
+        if flags.plain_greedy and not grammar and not procs:
             tokens, keep, num_tokens = g.greedy_tail(bs, n)  # counted and kept in the slots already
             step.host["token_ids"] = to_host(tokens)
             step.host["keep"] = to_host(keep)
@@ -660,17 +658,18 @@ class ModelRunner:
     def _sample(
         self, logits: torch.Tensor, sample_slots: torch.Tensor, sampled_slots: list[int], flags: BatchFlags,
         host: dict[str, torch.Tensor], errors: list[tuple[int, str]], mask: TokenMask | None = None,
-        ahead: Ahead | None = None,
+        ahead: Ahead | None = None, proc_rows: set[int] | None = None,
     ) -> tuple[int, torch.Tensor]:  # fmt: skip
         """Sample `logits` [n, vocab] eagerly, keep the tokens in their slots, start the copies to the host.
 
         Returns the k of the top-logprob tables (0 when none was asked) and the tokens [n] (device). With `ahead`
-        (verify rows) the tokens are neither kept in the slots nor counted: the caller commits the accepted."""
+        (verify rows) the tokens are neither kept in the slots nor counted: the caller commits the accepted.
+        `proc_rows`: the only rows custom processors run on (default: every row of their slots)."""
         procs: list[tuple[int, LogitProcessor, list[int]]] = (
             [
                 (j, GuardedProcessor(j, self.slot_procs[s][0], errors), self.slot_procs[s][1])
                 for j, s in enumerate(sampled_slots)
-                if s in self.slot_procs
+                if s in self.slot_procs and (proc_rows is None or j in proc_rows)
             ]
             if self.slot_procs
             else []

@@ -22,9 +22,10 @@ token entry belong to no request), so they write nothing a request owns. Every o
 
 Under DP attention (`dp_size` > 1) the target's and the MTP layer's MoE exchange tokens between the DP ranks inside
 the graphs, so every rank must replay the same size at once: each size is captured as a step of bs rows on every
-rank, and a step replays when the DP router says every rank's plan is verify rows of k drafts without a grammar, or
-empty (`StepPlan.dp_all_verify`), at the size of the largest rank's rows (`dp_size_of`); an idle rank replays
-padding rows only. Otherwise every rank runs the step eagerly.
+rank, and a step replays when the DP router says every rank's plan is verify rows of k drafts, or empty
+(`StepPlan.dp_all_verify`), at the size of the largest rank's rows (`dp_size_of`); an idle rank replays padding rows
+only. When some rank holds a grammar's rows (`StepPlan.dp_grammar_drafts`) every rank runs the draft loop eagerly (its
+MTP steps exchange `dp_draft_rows` tokens) before the verify graph. Otherwise every rank runs the step eagerly.
 
 Each graph's body is a plain method over the static buffers (`_draft_body`, `_verify_body`, `_tail_body`,
 `_extend_body`). `eager=True` runs them without capturing, planning the attention backend with each step's real

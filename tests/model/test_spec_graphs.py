@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 from array import array
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -134,6 +135,39 @@ def test_grammar_steps_draft_eagerly_and_replay_the_verify(temperature: float) -
     got, per_step = decode_steps(graphed, prompts, params, 24, 3, device_prefix=True)
     assert got == want and max(per_step) > 1
     assert len(verified) >= 3 and not g.replayed  # type: ignore[attr-defined]
+
+
+class NoRepeat:
+    """A custom logit processor that reads the history: never the previous token again."""
+
+    def __init__(self, params: Any, tokenizer: Any) -> None:
+        pass
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if output_ids:
+            logits[output_ids[-1]] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("sizes", [None, [4]], ids=["eager", "graphed"])
+def test_a_custom_processor_request_keeps_the_verify_shape_and_commits_one_token_a_step(
+        sizes: list[int] | None) -> None:  # fmt: skip
+    """A request with a custom processor carries drafts like the others (the step keeps the graphs' shape), but commits
+    one token a row, its processor run on that row's first logits row with every earlier token: the tokens are plain
+    decoding's with the same processor, beside greedy and sampled requests that speculate."""
+    path, prompts = _default_prompts()
+    procs = ("no_repeat=test_spec_graphs:NoRepeat",)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=24, custom_logit_processor="no_repeat"),
+              SamplingParams(temperature=0.0, max_new_tokens=24),
+              SamplingParams(temperature=0.8, seed=4, max_new_tokens=24, custom_logit_processor="no_repeat")]
+    want = _decode(_runner(0, model_path=str(path), custom_logit_processors=procs), prompts, params, 24, 0)
+    assert all(a != b for out in (want[0], want[2]) for a, b in pairwise(out))  # the processor did its work
+    runner = _runner(3, sizes, model_path=str(path), custom_logit_processors=procs)
+    got, per_step = decode_steps(runner, prompts, params, 24, 3)
+    assert got == want
+    assert max(per_step) > 1  # the plain request's drafts were accepted
+    if sizes is not None:
+        assert len(runner.spec_graphs.replayed) >= 3  # type: ignore[union-attr]
 
 
 def test_one_draft_step_and_mixed_greedy_sampled_rows() -> None:

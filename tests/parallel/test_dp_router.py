@@ -166,5 +166,5 @@ def test_every_dp_rank_learns_whether_all_plans_are_verify_steps() -> None:
     assert [step(r) for _ in range(3)] == [prefill, (True, True), (True, True)]  # a grammar's verify row on rank 1
     r = router(2, speculative_num_steps=2, page_size=4)
     r.add_request(new("a", 4))
-    r.add_request(new("p", 4, custom_logit_processor="x"))  # decodes one token a row: no drafts
-    assert [step(r) for _ in range(3)] == [prefill, prefill, prefill]
+    r.add_request(new("p", 4, custom_logit_processor="x"))  # verify rows too (the worker commits one token each)
+    assert [step(r) for _ in range(3)] == [prefill, plain, plain]
