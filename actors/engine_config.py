@@ -239,14 +239,15 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _check_host_memory(model_path: str, dtype: str, nnodes: int) -> None:
-    """CPU serving: refuse, before any rank loads, weights this node cannot hold in `dtype` (a CPU rank keeps dense
-    weights, FP8 checkpoints dequantized: DeepSeek-V3 in float32 is ~2.7 TB), naming --dtype bfloat16 when that fits."""
+def _host_memory_dtype(model_path: str, dtype: str, nnodes: int, auto: bool) -> str:
+    """CPU serving: the dtype the weights are held in. A CPU rank keeps them dense (FP8 checkpoints dequantized:
+    DeepSeek-V3 in float32 is ~2.7 TB). Weights this node cannot hold in `dtype` are refused before any rank loads,
+    naming --dtype bfloat16 when that fits; with --dtype auto (float32 on CPU) they are held in bfloat16 instead."""
     from baleen.model.loader import CHECKPOINT_FILES, Checkpoint
 
     available = available_memory_bytes()
     if available is None or not any(Path(model_path, f).exists() for f in CHECKPOINT_FILES):
-        return  # no checkpoint files: the rank's loader says so
+        return dtype  # no checkpoint files: the rank's loader says so
     ckpt = Checkpoint(model_path)
     try:
         params = ckpt.num_elements()
@@ -254,8 +255,13 @@ def _check_host_memory(model_path: str, dtype: str, nnodes: int) -> None:
         ckpt.close()
     need = params * DTYPES[dtype].itemsize // nnodes  # this node's ranks hold its share of every weight
     if need <= available:
-        return
+        return dtype
     half = params * 2 // nnodes
+    if auto and half <= available:
+        log.warning("--dtype auto: the model's %.1fB weights need ~%.1f GiB of this node's memory in %s, %.1f GiB are "
+                    "available: serving in bfloat16 (~%.1f GiB)", params / 1e9, need / 2**30, dtype, available / 2**30,
+                    half / 2**30)  # fmt: skip
+        return "bfloat16"
     hint = f"; --dtype bfloat16 needs ~{half / 2**30:.1f} GiB" if DTYPES[dtype].itemsize > 2 else ""
     raise ValueError(f"the model's {params / 1e9:.1f}B weights need ~{need / 2**30:.1f} GiB of this node's memory in "
                      f"{dtype} (a CPU rank holds them dense), and {available / 2**30:.1f} GiB are available{hint}")
@@ -297,7 +303,7 @@ def plan_startup(config: EngineConfig, model_path: str, model_config: ModelConfi
         node_rank=config.node_rank, enable_dp_attention=config.enable_dp_attention, pad_uneven=not cuda,
     )  # fmt: skip
     if not cuda and config.load_format != "dummy":
-        _check_host_memory(model_path, dtype, config.nnodes)
+        dtype = _host_memory_dtype(model_path, dtype, config.nnodes, auto=config.dtype == "auto")
     if cuda and parallel.tp_size // config.nnodes > 1:
         import torch
 

@@ -379,7 +379,8 @@ def test_fp8_tiled_weights_setting_reaches_the_worker(model_path: str, setting: 
 def test_cpu_weights_that_do_not_fit_the_host_are_refused_before_any_rank_loads(
         model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A CPU rank holds dense weights: a model this host cannot hold in the dtype asked is refused at start-up with
-    the sizes, naming --dtype bfloat16 when that would fit (DeepSeek-V3 in float32 is ~2.7 TB)."""
+    the sizes, naming --dtype bfloat16 when that would fit (DeepSeek-V3 in float32 is ~2.7 TB); --dtype auto takes
+    bfloat16 then."""
     from baleen.actors import engine_config
     from baleen.model.config import ModelConfig
     from baleen.model.loader import Checkpoint
@@ -393,7 +394,10 @@ def test_cpu_weights_that_do_not_fit_the_host_are_refused_before_any_rank_loads(
     config = ModelConfig.from_hf(model_path)
     monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: params * 3)  # bf16 fits, float32 does not
     with pytest.raises(ValueError, match=r"in float32 .* --dtype bfloat16 needs"):
-        engine_config.plan_startup(EngineConfig(model_path=model_path, device="cpu"), model_path, config)
+        engine_config.plan_startup(EngineConfig(model_path=model_path, device="cpu", dtype="float32"), model_path,
+                                   config)  # fmt: skip
+    auto = EngineConfig(model_path=model_path, device="cpu")  # --dtype auto: float32 on CPU, unless it cannot fit
+    assert engine_config.plan_startup(auto, model_path, config).worker.dtype == "bfloat16"
     bf16 = EngineConfig(model_path=model_path, device="cpu", dtype="bfloat16")
     assert engine_config.plan_startup(bf16, model_path, config).worker.dtype == "bfloat16"
     monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: params)
