@@ -386,9 +386,12 @@ class Engine:
         Leaving the loop early (or the task being cancelled) aborts the request and frees its pages.
         """
         sampling = sampling or SamplingParams()
-        prompt_ids = tokenize(self.tokenizer, prompt)
+        prompt_ids: Sequence[int] = tokenize(self.tokenizer, prompt)
+        with contextlib.suppress(OverflowError):  # ids past int32 stay a list: the check names them
+            prompt_ids = array("i", prompt_ids)  # once: the check reads it in C, the message takes its bytes
         check_request(prompt_ids, sampling, self.limits)
-        msg = NewRequest(rid=rid or uuid.uuid4().hex, input_ids=array("i", prompt_ids).tobytes(), sampling=sampling)
+        ids = prompt_ids if isinstance(prompt_ids, array) else array("i", prompt_ids)
+        msg = NewRequest(rid=rid or uuid.uuid4().hex, input_ids=ids.tobytes(), sampling=sampling)
         async for out in self._stream(msg):
             yield out
 

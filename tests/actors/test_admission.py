@@ -3,6 +3,7 @@ most tokens. Pure: no engine, no tokenizer."""
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pytest
@@ -23,6 +24,9 @@ def params(**kwargs: Any) -> SamplingParams:
     ([], params(), FRONTEND, None, "prompt", "empty"),
     ([1, 100, 7], params(), FRONTEND, None, "prompt", "[100] are outside the model's vocabulary [0, 100)"),
     ([-1], params(), FRONTEND, HTTP, "messages", "[-1]"),
+    (array("i", [3, 250, -4, 9]), params(), FRONTEND, None, "prompt", "[250, -4] are outside"),  # read in C
+    ([5, 2**40], params(), FRONTEND, None, "prompt", f"[{2**40}] are outside"),  # past int32: no array
+    ([1], params(logit_bias={100: 1.0}), FRONTEND, None, "logit_bias", "names token ids [100] outside"),
     ([1] * 60, params(max_new_tokens=10), FRONTEND, None, "max_new_tokens",
      "60 tokens and max_new_tokens is 10: 70 exceeds this model's maximum context length of 64"),
     ([1] * 60, params(max_new_tokens=10), FRONTEND, HTTP, "max_tokens", "lower max_tokens"),
