@@ -471,8 +471,9 @@ class ModelRunner:
             # and none of that row's drafts is accepted (-1 is no token: the first row's sample always misses).
             first_rows = {int(j) for j in layout.starts if sampled_slots[j] in self.slot_procs}
             if first_rows:
-                procs = torch.tensor([s in self.slot_procs for s in sampled_slots], device=self.device)
-                layout.next_draft.masked_fill_(procs, -1)
+                procs = self._to_device(np.fromiter((s in self.slot_procs for s in sampled_slots), dtype=np.int64,
+                                                    count=len(sampled_slots)))  # fmt: skip
+                layout.next_draft.masked_fill_(procs.bool(), -1)
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, step.host, step.errors, mask,
                                           layout.ahead, first_rows)  # fmt: skip
         last = self._commit_accepted(tokens, sample_slots, flags, layout, step.host, base)
