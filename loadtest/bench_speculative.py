@@ -146,6 +146,12 @@ async def one_batch(engine: Engine, batch: list[list[int]], max_new: int) -> tup
     return max(lasts) - min(firsts), sum(c - 1 for c in counts), accept
 
 
+async def _step_counts(engine: Engine) -> tuple[int, int]:
+    """The engine's (steps run, steps that replayed CUDA graphs) so far, after its next metrics report."""
+    await asyncio.sleep(0.3)
+    return int(engine.metrics.get("num_steps", 0)), int(engine.metrics.get("num_graphed_steps", 0))
+
+
 async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_sizes: list[int]) -> list[dict[str, Any]]:
     config = EngineConfig(
         model_path=str(path), device=args.device, dtype=args.dtype, context_length=args.context_length,
@@ -159,14 +165,17 @@ async def measure(args: argparse.Namespace, path: Path, spec: SpecConfig, batch_
         for bs in batch_sizes:
             batch = prompts(args, path, bs)
             await one_batch(engine, batch, args.max_new_tokens)  # warm: first-use compiles of this shape
+            steps_before = await _step_counts(engine)
             runs = [await one_batch(engine, batch, args.max_new_tokens) for _ in range(args.repeats)]
+            steps, graphed = (after - before for after, before in zip(await _step_counts(engine), steps_before))
             # the median run (a batch of one request is a few tens of ms: one run alone moved 1.06-1.60x between
             # H100 sessions), with the spread of all
             speeds = sorted(tokens / seconds for seconds, tokens, _ in runs)
             accept = [a for _, _, acc in runs for a in acc]
             rows.append({"config": spec.label, "batch_size": bs, "tokens_per_s": statistics.median(speeds),
                          "min_tokens_per_s": speeds[0], "max_tokens_per_s": speeds[-1],
-                         "accept_length": statistics.fmean(accept) if accept else 1.0})  # fmt: skip
+                         "accept_length": statistics.fmean(accept) if accept else 1.0,
+                         "graphed": graphed / max(steps, 1)})  # fmt: skip
             print(f"{spec.label:>8}  bs {bs:>4}: {rows[-1]['tokens_per_s']:9.1f} tok/s (median of {len(speeds)}, "
                   f"{speeds[0]:.1f}-{speeds[-1]:.1f}), accept length {rows[-1]['accept_length']:.2f}", flush=True)
     return rows
@@ -347,12 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     base = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["config"] == "off"}
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n# bench_speculative — {args.preset or 'trained default model'} on {device}, {date.today().isoformat()}")
-    print("| steps/topk/draft tokens | batch | tokens/s (median) | min-max | accept length | speed-up |\n"
-          "|---|---|---|---|---|---|")
+    print("| steps/topk/draft tokens | batch | tokens/s (median) | min-max | accept length | speed-up | steps graphed |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base[r["batch_size"]]
         print(f"| {r['config']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['min_tokens_per_s']:.0f}-"
-              f"{r['max_tokens_per_s']:.0f} | {r['accept_length']:.2f} | {r['speedup']:.2f}x |")
+              f"{r['max_tokens_per_s']:.0f} | {r['accept_length']:.2f} | {r['speedup']:.2f}x | {r['graphed']:.0%} |")
     if args.out is not None:
         args.out.write_text(json.dumps({"device": device, "date": date.today().isoformat(), "rows": rows}, indent=1))
     return 0
