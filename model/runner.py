@@ -405,9 +405,9 @@ class ModelRunner:
 
         A step whose every row is a verify row of k drafts replays the captured graphs (`_launch_spec_graphed`); any
         other runs eagerly here. NOTE: sampled at once (no deferred sampling yet). A row with a custom logit
-        processor commits one token (`_sample_verify`); a grammar row's drafts are taken under its grammar (`_draft`), and its masks
-        wait for the previous step's tokens here, and for its drafts (each verify row is masked as its matcher stands
-        after the drafts before it; the draft loop filled all but each request's last, `_draft`)."""
+        processor commits one token (`_sample_verify`); a grammar row's drafts are taken under its grammar (`_draft`),
+        and its masks wait for the previous step's tokens here, and for its drafts (each verify row is masked as its
+        matcher stands after the drafts before it; the draft loop filled all but each request's last, `_draft`)."""
         from baleen.model.speculative import verify_layout
 
         if self.spec_graphs is not None:
