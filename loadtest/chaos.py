@@ -20,6 +20,8 @@ prefix cache may evict do not count), /health answers and a plain request still 
 
     python -P loadtest/chaos.py --base-url http://127.0.0.1:30000 --seconds 60 --concurrency 8
     python -P loadtest/chaos.py --seconds 60 --serve -- --speculative-algorithm EAGLE --enable-mixed-chunk
+    python -P loadtest/chaos.py --seconds 60 --serve -- --speculative-algorithm EAGLE --debug-eager-graphs \
+        --cuda-graph-bs 1 2 4 8 --max-running-requests 8    # on CPU: the CUDA-graph paths, their bodies run eagerly
 
 With `--serve` it starts `python -P -m baleen.launch_server` (bench_ttft's `server_process`) with the flags after
 `--` (the embedded default model unless they name one) and stops it at the end. The exit status is 1 when any check failed.
