@@ -8,10 +8,12 @@ speculation, per (num_steps, eagle_topk, num_draft_tokens) and batch size, on th
     python loadtest/bench_speculative.py --grammar --steps 1 2 3           # accept length under grammars
 
 Each configuration starts its own engine (as SGLang's script starts a server per configuration), warms it with one
-batch, then times `--repeats` batches (the median is reported, with the spread) of B concurrent greedy requests (the default model: two questions through its chat
-template for each free-text start, `QUESTIONS` / `TEXTS`; random ids for a preset), each generating `--max-new-tokens` tokens with ignore_eos. Decode
-tokens/s counts every generated token after each request's first over the wall time from the batch's first to its
-last token; accept length is completion tokens / verify steps (SGLang's spec_verify_ct), averaged over requests.
+batch, then times `--repeats` batches (the median is reported, with the spread) of B concurrent greedy requests (the
+default model: two questions through its chat template for each free-text start, `QUESTIONS` / `TEXTS`; random ids
+for a preset), each generating `--max-new-tokens` tokens with ignore_eos. Decode tokens/s counts every generated
+token after each request's first over the wall time from the batch's first to its last token; accept length is
+completion tokens / verify steps (SGLang's spec_verify_ct), averaged over requests; "steps graphed" is the share of
+the engine's steps over the timed batches that replayed CUDA graphs.
 
 `--step-costs` (CUDA) times the captured graphs themselves on one runner with dummy weights (`--preset`, default
 v3-shape): the plain decode step (model/cuda_graph.py) against the speculative one's parts (model/spec_graphs.py:
@@ -210,9 +212,9 @@ async def grammar_run(args: argparse.Namespace, path: Path,
             again = await asyncio.gather(*(one(p, sp) for p, sp in GRAMMAR_CASES))
             tokens += sum(t for _, t, _ in again)
         seconds = time.perf_counter() - started
-        await asyncio.sleep(0.3)  # the scheduler's last metrics report
-        graphed = engine.metrics.get("num_graphed_steps", 0) / max(engine.metrics.get("num_steps", 0), 1)
-    return [ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs), tokens / seconds, graphed
+        steps, graphed = await _step_counts(engine)
+    return ([ids for ids, _, _ in outs], sum(t for _, t, _ in outs), sum(v for _, _, v in outs), tokens / seconds,
+            graphed / max(steps, 1))  # fmt: skip
 
 
 def grammar_accept(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -434,7 +434,7 @@ class ModelRunner:
             self._record(step)
             return step
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        layout = verify_layout(plan, drafter.tokens, self.device)
+        layout = verify_layout(plan, drafter.tokens, self.device, self.slot_procs.keys())
         # each sampled row's latents before its first logits row's token: its end less its logits rows
         base = np.fromiter((r.prefix_len + r.extend_len for r in plan.rows if r.sample), dtype=np.int64) - layout.counts
         tokens, last = self._sample_verify(step, layout, logits, sample_slots, self.sampler.state.flags(sampled_slots),
@@ -449,7 +449,7 @@ class ModelRunner:
                        flags: BatchFlags, grammar_drafts: dict[int, list[int]], walked: dict[int, list[torch.Tensor]],
                        base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Sample a speculative step's every logits row (grammar rows under their masks, walked over the drafts before
-        each: `_draft`'s drafts and masks), accept, commit (`_commit_accepted`; `base` each sampled row's latents
+        each: `_draft`'s drafts and masks; a custom processor on its rows' first logits rows), accept, commit (`_commit_accepted`; `base` each sampled row's latents
         before its first logits row). Returns (the samples [num_logits_rows], each row's last committed logits row);
         the step's grammar rows, top-k width, host copies and errors are set on `step`."""
         sampled_slots = step.sampled_slots
@@ -465,15 +465,9 @@ class ModelRunner:
                 masks = walked.get(sampled_slots[j], [])
                 known.append(masks[at] if at < len(masks) else None)
         mask = self._token_mask(step.grammar_rows, step.errors, drafts, known) if step.grammar_rows else None
-        first_rows: set[int] | None = None
-        if self.slot_procs:
-            # A custom processor sees each token before the next: it runs on its verify row's first logits row only,
-            # and none of that row's drafts is accepted (-1 is no token: the first row's sample always misses).
-            first_rows = {int(j) for j in layout.starts if sampled_slots[j] in self.slot_procs}
-            if first_rows:
-                procs = self._to_device(np.fromiter((s in self.slot_procs for s in sampled_slots), dtype=np.int64,
-                                                    count=len(sampled_slots)))  # fmt: skip
-                layout.next_draft.masked_fill_(procs.bool(), -1)
+        # A custom processor sees each token before the next: it runs on its verify row's first logits row only (the
+        # layout checks none of that row's drafts: `verify_layout`'s never_accept)
+        first_rows = {int(j) for j in layout.starts if sampled_slots[j] in self.slot_procs} if self.slot_procs else None
         step.top_k, tokens = self._sample(logits, sample_slots, sampled_slots, flags, step.host, step.errors, mask,
                                           layout.ahead, first_rows)  # fmt: skip
         last = self._commit_accepted(tokens, sample_slots, flags, layout, step.host, base)
@@ -489,7 +483,7 @@ class ModelRunner:
         from baleen.model.speculative import verify_layout
 
         slots = [r.slot for r in plan.rows]
-        procs = bool(self.slot_procs.keys() & set(slots))
+        procs = bool(self.slot_procs) and not self.slot_procs.keys().isdisjoint(slots)
         grammar = self.grammars is not None and bool(self.grammars.rows(slots))
         draft_eagerly = plan.dp_grammar_drafts if plan.dp_num_tokens else grammar
         if grammar and not draft_eagerly:
@@ -516,8 +510,9 @@ class ModelRunner:
             self._record(step)
             return step
         sample_slots = g.step_rows[:n, :1].expand(n, q).reshape(-1)
-        tokens, last = self._sample_verify(step, verify_layout(plan, drafter.tokens, self.device), logits,
-                                           sample_slots, flags, grammar_drafts, walked, g.step_rows[:n, 1])  # fmt: skip
+        layout = verify_layout(plan, drafter.tokens, self.device, self.slot_procs.keys())
+        tokens, last = self._sample_verify(step, layout, logits, sample_slots, flags, grammar_drafts, walked,
+                                           g.step_rows[:n, 1])  # fmt: skip
         g.extend(bs, tokens.to(torch.int64), last)
         self._record(step)
         if step.grammar_rows:

@@ -35,6 +35,7 @@ prefix-cache hits carry whatever MTP latents their pages got). A stale drafter l
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -71,10 +72,15 @@ class VerifyLayout:
         return bool((self.counts > 1).any())
 
 
-def verify_layout(plan: StepPlan, drafts: torch.Tensor, device: torch.device) -> VerifyLayout:
-    """The logits rows of the plan's sampled rows; `drafts` [num_slots + 1, k] the slots' draft tokens."""
+def verify_layout(plan: StepPlan, drafts: torch.Tensor, device: torch.device,
+                  never_accept: Container[int] = ()) -> VerifyLayout:  # fmt: skip
+    """The logits rows of the plan's sampled rows; `drafts` [num_slots + 1, k] the slots' draft tokens. The verify rows
+    of the slots in `never_accept` (a custom processor's: it sees each token before the next) check no draft, so
+    they commit their first token only."""
     sampled = [r for r in plan.rows if r.sample]
     counts = np.fromiter((r.extend_len if not r.input_ids else 1 for r in sampled), dtype=np.int64, count=len(sampled))
+    checked = np.fromiter((0 if r.slot in never_accept else c for r, c in zip(sampled, counts)), dtype=np.int64,
+                          count=len(sampled)) if never_accept else counts  # fmt: skip
     starts = np.zeros(len(sampled), dtype=np.int64)
     if len(sampled) > 1:
         np.cumsum(counts[:-1], out=starts[1:])
@@ -83,14 +89,14 @@ def verify_layout(plan: StepPlan, drafts: torch.Tensor, device: torch.device) ->
     j = np.arange(total, dtype=np.int64) - starts[segment]  # row j of its verify row: after j drafts
     slots = np.fromiter((r.slot for r in sampled), dtype=np.int64, count=len(sampled))[segment]
     kmax = int(counts.max(initial=1)) - 1
-    host = torch.from_numpy(np.concatenate([j, slots, segment, counts[segment], starts]))
-    j_d, slots_d, seg_d, cnt_d, starts_d = host.to(device, non_blocking=True).split([total] * 4 + [len(starts)])
+    host = torch.from_numpy(np.concatenate([j, slots, segment, checked[segment], starts]))
+    j_d, slots_d, seg_d, checked_d, starts_d = host.to(device, non_blocking=True).split([total] * 4 + [len(starts)])
     cols = torch.arange(kmax, device=device)
     ahead_tokens = drafts[slots_d, :kmax] if kmax else torch.zeros(total, 0, dtype=torch.int64, device=device)
     ahead_tokens = ahead_tokens.masked_fill(cols[None, :] >= j_d[:, None], -1)
     # row j checks draft d_{j+1} (column j); the row after the last draft checks none
     nxt = drafts[slots_d, j_d.clamp(max=max(kmax - 1, 0))] if kmax else torch.full_like(j_d, -1)
-    next_draft = torch.where(j_d + 1 < cnt_d, nxt, -1)
+    next_draft = torch.where(j_d + 1 < checked_d, nxt, -1)
     return VerifyLayout(starts, counts, Ahead(j_d, ahead_tokens), next_draft, seg_d, starts_d)
 
 
